@@ -1,0 +1,217 @@
+"""The fused ops: typed wrappers over ``torch.ops.ibmd.*``.
+
+One schema (``csrc/ops.cpp``), three implementations: the C++ CPU kernels, the
+CUDA kernels, and ``ibmd_fast.reference`` (pure PyTorch). The compiled
+extension is used when it imports; otherwise this module warns once and uses
+the reference. ``IBMD_FAST_DISABLE_EXT=1`` forces the reference.
+
+The ops are registered with ``register_fake`` and ``register_autograd`` (each
+backward is an op of its own), so they work under autograd,
+``torch.compile(fullgraph=True)`` and ``torch.export``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional, Union
+
+import torch
+
+from ibmd_fast import reference
+from ibmd_fast.reference import NO_NOISE_SEED, opmath_dtype
+
+Coef = Union[float, torch.Tensor]
+
+__all__ = ["bridge_step", "bridge_loss", "ibmd_loss", "backend", "has_cuda_kernels", "draw_seed"]
+
+_ext = None
+_ext_error: Optional[str] = None
+if os.environ.get("IBMD_FAST_DISABLE_EXT", "0") not in ("", "0"):
+    _ext_error = "disabled by IBMD_FAST_DISABLE_EXT"
+else:
+    try:
+        from ibmd_fast import _C as _ext  # noqa: F401  (loading it registers torch.ops.ibmd.*)
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        _ext_error = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            "ibmd_fast: the compiled extension ibmd_fast._C is not available "
+            f"({_ext_error}); using the pure-PyTorch reference ops, which are slower. "
+            "Install with `pip install --no-build-isolation .` to build it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def backend() -> str:
+    """Which implementation the ops use: ``"compiled-cpu"``, ``"compiled-cpu+cuda"`` or ``"reference"``."""
+    if _ext is None:
+        return "reference"
+    return "compiled-cpu+cuda" if has_cuda_kernels() else "compiled-cpu"
+
+
+def has_cuda_kernels() -> bool:
+    """True when the extension was built with its CUDA kernels."""
+    return _ext is not None and bool(getattr(_ext, "BUILT_WITH_CUDA", 0))
+
+
+def draw_seed() -> int:
+    """A 62-bit seed drawn from torch's default generator (so ``torch.manual_seed`` fixes it)."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+def _coef(value: Coef, batch: int, like: torch.Tensor, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != (batch,):
+        raise ValueError(f"{name} must be a scalar or have shape [{batch}] (the batch), got {list(value.shape)}")
+    return reference.per_sample(value, batch, like)
+
+
+def _batch(x: torch.Tensor, name: str) -> int:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension, got a 0-d tensor")
+    return x.shape[0]
+
+
+# ----------------------------------------------------------------------------
+# Public wrappers
+
+
+def bridge_step(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    coef_a: Coef,
+    coef_b: Coef,
+    std: Coef,
+    noise: Optional[torch.Tensor] = None,
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """``coef_a * a + coef_b * b + std * eps`` (MATH.md 2 and 3), one fused pass.
+
+    Coefficients are Python scalars or tensors of shape ``[B]``. ``eps`` is ``noise``
+    when given; otherwise the kernel makes it from Philox4x32-10 keyed by ``seed`` (drawn
+    from torch's default generator when None), so one seed gives one noise on CPU and
+    CUDA. Differentiable in ``a`` and ``b``.
+    """
+    batch = _batch(a, "a")
+    ca = _coef(coef_a, batch, a, "coef_a")
+    cb = _coef(coef_b, batch, a, "coef_b")
+    if noise is None and not isinstance(std, torch.Tensor) and float(std) == 0.0:
+        seed = NO_NOISE_SEED  # deterministic step: no noise to make
+    elif noise is None and seed is None:
+        seed = draw_seed()
+    elif noise is not None:
+        seed = NO_NOISE_SEED
+    elif not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    s = _coef(std, batch, a, "std")
+    if _ext is None:
+        return reference.bridge_step(a, b, ca, cb, s, noise=noise, seed=int(seed))
+    return torch.ops.ibmd.bridge_step.default(a, b, ca, cb, s, noise, int(seed))
+
+
+def bridge_loss(pred: torch.Tensor, target: torch.Tensor, weight: Coef) -> torch.Tensor:
+    """Per-sample bridge-matching loss ``w_b * mean_i (pred - target)^2`` (MATH.md 6), shape ``[B]``.
+
+    Accumulates in float32 (float64 for float64 inputs) and returns that dtype.
+    Differentiable in ``pred`` and ``target``.
+    """
+    w = _coef(weight, _batch(pred, "pred"), pred, "weight")
+    if _ext is None:
+        return reference.bridge_loss(pred, target, w)
+    return torch.ops.ibmd.bridge_loss.default(pred, target, w)
+
+
+def ibmd_loss(teacher_pred: torch.Tensor, fake_pred: torch.Tensor, x0: torch.Tensor, weight: Coef) -> torch.Tensor:
+    """Per-sample IBMD generator loss ``w_b * mean_i [(t - x)^2 - (f - x)^2]`` (MATH.md 5, 6).
+
+    ``t`` the teacher's prediction, ``f`` the fake model's, ``x`` the generator's output.
+    Differentiable in all three.
+    """
+    w = _coef(weight, _batch(x0, "x0"), x0, "weight")
+    if _ext is None:
+        return reference.ibmd_loss(teacher_pred, fake_pred, x0, w)
+    return torch.ops.ibmd.ibmd_loss.default(teacher_pred, fake_pred, x0, w)
+
+
+# ----------------------------------------------------------------------------
+# Registration of fake (meta) kernels and autograd for the compiled ops
+
+
+def _register() -> None:
+    def _same(x, y, what):
+        torch._check(x.shape == y.shape, lambda: f"{what}: shapes differ, {list(x.shape)} vs {list(y.shape)}")
+        torch._check(x.dtype == y.dtype, lambda: f"{what}: dtypes differ, {x.dtype} vs {y.dtype}")
+
+    def _coef_ok(c, x, name):
+        torch._check(c.dim() == 1 and c.shape[0] == x.shape[0], lambda: f"{name} must have shape [B]")
+
+    @torch.library.register_fake("ibmd::bridge_step")
+    def _(a, b, coef_a, coef_b, std, noise, seed):
+        _same(a, b, "bridge_step(a, b)")
+        if noise is not None:
+            _same(a, noise, "bridge_step(a, noise)")
+        for c, n in ((coef_a, "coef_a"), (coef_b, "coef_b"), (std, "std")):
+            _coef_ok(c, a, n)
+        return torch.empty_like(a)
+
+    @torch.library.register_fake("ibmd::bridge_step_backward")
+    def _(grad, coef_a, coef_b):
+        return torch.empty_like(grad), torch.empty_like(grad)
+
+    @torch.library.register_fake("ibmd::bridge_loss")
+    def _(pred, target, weight):
+        _same(pred, target, "bridge_loss(pred, target)")
+        _coef_ok(weight, pred, "weight")
+        return pred.new_empty((pred.shape[0],), dtype=opmath_dtype(pred.dtype))
+
+    @torch.library.register_fake("ibmd::bridge_loss_backward")
+    def _(grad, pred, target, weight):
+        return torch.empty_like(pred), torch.empty_like(target)
+
+    @torch.library.register_fake("ibmd::ibmd_loss")
+    def _(teacher_pred, fake_pred, x0, weight):
+        _same(teacher_pred, x0, "ibmd_loss(teacher_pred, x0)")
+        _same(fake_pred, x0, "ibmd_loss(fake_pred, x0)")
+        _coef_ok(weight, x0, "weight")
+        return x0.new_empty((x0.shape[0],), dtype=opmath_dtype(x0.dtype))
+
+    @torch.library.register_fake("ibmd::ibmd_loss_backward")
+    def _(grad, teacher_pred, fake_pred, x0, weight):
+        return torch.empty_like(teacher_pred), torch.empty_like(fake_pred), torch.empty_like(x0)
+
+    # -- autograd: each backward calls the backward op
+    def _step_setup(ctx, inputs, output):
+        _, _, coef_a, coef_b, _, _, _ = inputs
+        ctx.save_for_backward(coef_a, coef_b)
+
+    def _step_backward(ctx, grad):
+        coef_a, coef_b = ctx.saved_tensors
+        grad_a, grad_b = torch.ops.ibmd.bridge_step_backward.default(grad, coef_a, coef_b)
+        return grad_a, grad_b, None, None, None, None, None
+
+    torch.library.register_autograd("ibmd::bridge_step", _step_backward, setup_context=_step_setup)
+
+    def _bridge_loss_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _bridge_loss_backward(ctx, grad):
+        pred, target, weight = ctx.saved_tensors
+        g_pred, g_target = torch.ops.ibmd.bridge_loss_backward.default(grad, pred, target, weight)
+        return g_pred, g_target, None
+
+    torch.library.register_autograd("ibmd::bridge_loss", _bridge_loss_backward, setup_context=_bridge_loss_setup)
+
+    def _ibmd_loss_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _ibmd_loss_backward(ctx, grad):
+        teacher_pred, fake_pred, x0, weight = ctx.saved_tensors
+        grads = torch.ops.ibmd.ibmd_loss_backward.default(grad, teacher_pred, fake_pred, x0, weight)
+        return (*grads, None)
+
+    torch.library.register_autograd("ibmd::ibmd_loss", _ibmd_loss_backward, setup_context=_ibmd_loss_setup)
+
+
+if _ext is not None:
+    _register()
