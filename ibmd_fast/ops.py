@@ -192,6 +192,24 @@ def _register() -> None:
 
     torch.library.register_autograd("ibmd::bridge_step", _step_backward, setup_context=_step_setup)
 
+    # The backward is linear in grad: (coef_a g, coef_b g). Its own backward is
+    # coef_a gg_a + coef_b gg_b, a noiseless bridge step (double backward).
+    def _step_backward_setup(ctx, inputs, output):
+        grad, coef_a, coef_b = inputs
+        ctx.save_for_backward(grad, coef_a, coef_b)
+
+    def _step_double_backward(ctx, gg_a, gg_b):
+        grad, coef_a, coef_b = ctx.saved_tensors
+        gg_a = torch.zeros_like(grad) if gg_a is None else gg_a
+        gg_b = torch.zeros_like(grad) if gg_b is None else gg_b
+        gg = torch.ops.ibmd.bridge_step.default(gg_a, gg_b, coef_a, coef_b, torch.zeros_like(coef_a), None,
+                                                NO_NOISE_SEED)
+        return gg, None, None
+
+    torch.library.register_autograd(
+        "ibmd::bridge_step_backward", _step_double_backward, setup_context=_step_backward_setup
+    )
+
     def _bridge_loss_setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 

@@ -1,0 +1,110 @@
+// Input checks shared by the CPU and CUDA kernels: one message per problem,
+// naming the op and the tensor.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace ibmd {
+
+inline void check_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()) && t.scalar_type() != at::kFloat8_e4m3fn,
+              op, ": ", name, " must be float64, float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+inline void check_like(const at::Tensor& ref, const char* ref_name, const at::Tensor& t, const char* op,
+                       const char* name) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " must have the shape of ", ref_name, " ", ref.sizes(),
+              ", got ", t.sizes());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+              ref_name, " has ", ref.scalar_type());
+}
+
+inline at::ScalarType opmath_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A per-sample coefficient: 1-D of length B, arithmetic dtype, same device.
+inline void check_coef(const at::Tensor& coef, const at::Tensor& ref, const char* op, const char* name) {
+  const int64_t batch = ref.size(0);
+  TORCH_CHECK(coef.dim() == 1 && coef.size(0) == batch, op, ": ", name, " must have shape [", batch,
+              "] (one value per sample), got ", coef.sizes());
+  TORCH_CHECK(coef.device() == ref.device(), op, ": ", name, " is on ", coef.device(), " but the inputs are on ",
+              ref.device());
+  TORCH_CHECK(coef.scalar_type() == opmath_type(ref.scalar_type()), op, ": ", name, " must be ",
+              opmath_type(ref.scalar_type()), " for ", ref.scalar_type(), " inputs, got ", coef.scalar_type());
+}
+
+inline void check_batched(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have a batch dimension, got a 0-d tensor");
+  check_float(t, op, name);
+}
+
+// How the kernels walk a set of same-shaped tensors.
+enum class Layout { kContiguous, kChannelsLast, kOther };
+
+// Per-sample kernels need every sample to be one dense block of memory with
+// the same element order in all inputs: contiguous or channels_last.
+inline at::MemoryFormat memory_format_of(Layout layout) {
+  return layout == Layout::kChannelsLast ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+}  // namespace ibmd
+
+namespace ibmd {
+
+// The inputs of an elementwise or per-sample kernel, in one common layout.
+struct Prepared {
+  std::vector<at::Tensor> inputs;  // same shape, dtype, device; contiguous or channels_last
+  Layout layout;
+  int64_t batch;
+  int64_t per_sample;  // elements per sample, D
+  at::MemoryFormat requested;  // the first input's layout, which outputs keep
+};
+
+// Checks that the tensors match the first one, picks a common memory layout
+// (copying to contiguous when they disagree or are strided otherwise).
+inline Prepared prepare(std::initializer_list<std::pair<const at::Tensor*, const char*>> named, const char* op,
+                        bool need_quads = false) {
+  auto first = *named.begin();
+  check_batched(*first.first, op, first.second);
+  for (auto& [t, name] : named) check_like(*first.first, first.second, *t, op, name);
+  std::vector<const at::Tensor*> ptrs;
+  for (auto& nt : named) ptrs.push_back(nt.first);
+  Layout layout = Layout::kContiguous;
+  {
+    bool contiguous = true, channels_last = true;
+    for (const at::Tensor* t : ptrs) {
+      contiguous = contiguous && t->is_contiguous();
+      channels_last = channels_last && t->dim() == 4 && t->is_contiguous(at::MemoryFormat::ChannelsLast);
+    }
+    // channels_last noise generation walks quads of 4 along W
+    if (channels_last && need_quads && first.first->size(3) % 4 != 0) channels_last = false;
+    layout = contiguous ? Layout::kContiguous : (channels_last ? Layout::kChannelsLast : Layout::kOther);
+  }
+  Prepared p;
+  for (const at::Tensor* t : ptrs) p.inputs.push_back(layout == Layout::kOther ? t->contiguous() : *t);
+  p.layout = layout == Layout::kOther ? Layout::kContiguous : layout;
+  p.batch = first.first->size(0);
+  p.per_sample = p.batch == 0 ? 0 : first.first->numel() / p.batch;
+  p.requested = first.first->suggest_memory_format();
+  return p;
+}
+
+inline at::Tensor empty_in_layout(const Prepared& p) {
+  return at::empty(p.inputs[0].sizes(), p.inputs[0].options().memory_format(memory_format_of(p.layout)));
+}
+
+// Outputs computed in a fallback layout go back to the first input's layout.
+inline at::Tensor in_requested_layout(const Prepared& p, const at::Tensor& out) {
+  return out.is_contiguous(p.requested) ? out : out.contiguous(p.requested);
+}
+
+inline void check_seed(int64_t seed, const char* op) {
+  TORCH_CHECK(seed >= -1, op, ": seed must be in [0, 2^63) (or -1 for no noise), got ", seed);
+}
+
+}  // namespace ibmd
