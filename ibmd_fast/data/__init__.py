@@ -1,0 +1,40 @@
+"""Data: image sources, degradations, and the pair / corrupted-only pipelines.
+
+Images are float32 tensors ``[C, H, W]`` in [-1, 1], C = 1 or 3.
+
+Sources (torch Datasets): ``ImageFolder``, ``PairedFolders``,
+``CorruptedFolder``, ``SkimagePhotos`` (the embedded default),
+``FashionMNIST``. Degradations: ``get_degradation(name)`` for the names in
+``DEGRADATIONS``. Pipelines: ``BridgePairs`` (x0, xT pairs), ``CorruptedOnly``
+(xT only, for distillation), ``make_source`` / ``make_dataset`` (CLI specs),
+``collate``. Nothing here downloads anything.
+"""
+from ibmd_fast.data.degradations import (
+    DEGRADATIONS,
+    JPEG,
+    CenterInpainting,
+    Degradation,
+    Sketch,
+    SuperResolution,
+    get_degradation,
+)
+from ibmd_fast.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FashionMNIST, read_idx
+from ibmd_fast.data.folders import (
+    CorruptedFolder,
+    ImageFolder,
+    PairedFolders,
+    UnreadableImageWarning,
+    list_images,
+)
+from ibmd_fast.data.images import IMAGE_EXTENSIONS, pil_to_tensor, tensor_to_uint8, to_channels, uint8_to_tensor
+from ibmd_fast.data.pipeline import SPEC_HELP, BridgePairs, CorruptedOnly, collate, make_dataset, make_source
+from ibmd_fast.data.skimage_photos import SKIMAGE_PHOTOS, SkimagePhotos, load_skimage_photo
+
+__all__ = [
+    "DEGRADATIONS", "Degradation", "SuperResolution", "JPEG", "CenterInpainting", "Sketch", "get_degradation",
+    "ImageFolder", "PairedFolders", "CorruptedFolder", "UnreadableImageWarning", "list_images",
+    "SkimagePhotos", "SKIMAGE_PHOTOS", "load_skimage_photo",
+    "FashionMNIST", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "read_idx",
+    "BridgePairs", "CorruptedOnly", "make_source", "make_dataset", "collate", "SPEC_HELP",
+    "IMAGE_EXTENSIONS", "pil_to_tensor", "tensor_to_uint8", "to_channels", "uint8_to_tensor",
+]

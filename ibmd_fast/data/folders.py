@@ -1,0 +1,370 @@
+"""Image folders: clean images, clean/corrupted pairs, corrupted images only.
+
+Files are found recursively by extension (png, jpg/jpeg, webp, bmp, tif/tiff,
+any case), in sorted order; hidden files and folders (names starting with
+".") are ignored.
+
+Unreadable files: by default (``check="load"``) every file is decoded once
+when the dataset is built, on a few threads, and the ones that fail (truncated,
+not really an image, unsupported) are dropped and reported in ONE
+``UnreadableImageWarning`` giving their number and the first few names. That
+costs one decode per file, up front; for very large folders pass
+``check="open"`` (reads headers only: catches non-images, not truncation) or
+``check="none"``. Whatever the check, ``__getitem__`` never crashes on a file
+that fails later: it falls back to the next readable index and warns once per
+dataset (per DataLoader worker).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ibmd_fast.data.degradations import Degradation, get_degradation
+from ibmd_fast.data.images import (
+    IMAGE_EXTENSIONS,
+    Size,
+    as_hw,
+    check_channels,
+    load_image,
+    pil_to_tensor,
+    resize_and_crop,
+)
+
+__all__ = ["ImageFolder", "PairedFolders", "CorruptedFolder", "UnreadableImageWarning", "list_images"]
+
+PathLike = Union[str, os.PathLike]
+_CHECKS = ("load", "open", "none")
+_SHOW = 5  # how many unreadable files a warning names
+
+
+class UnreadableImageWarning(UserWarning):
+    """Some image files could not be decoded and were skipped."""
+
+
+def list_images(root: PathLike) -> List[str]:
+    """Relative POSIX paths of the image files under ``root``, sorted.
+
+    Raises FileNotFoundError when ``root`` does not exist or is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"image folder {str(root)!r} {what}")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(Path(dirpath, name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def _probe(path: Path, check: str) -> Optional[str]:
+    """None if ``path`` passes ``check``, else the reason it failed."""
+    try:
+        if check == "load":
+            load_image(path)
+        elif check == "open":
+            with Image.open(path):
+                pass
+    except Exception as exc:  # PIL raises OSError, UnidentifiedImageError, ValueError, SyntaxError...
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _scan(root: Path, relpaths: Sequence[str], check: str) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Split ``relpaths`` into readable ones and ``(relpath, reason)`` failures."""
+    if check not in _CHECKS:
+        raise ValueError(f"check must be one of {_CHECKS}, got {check!r}")
+    if check == "none" or not relpaths:
+        return list(relpaths), []
+    workers = min(8, os.cpu_count() or 1, len(relpaths))
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decoders release the GIL
+        reasons = list(pool.map(lambda rel: _probe(root / rel, check), relpaths))
+    good = [rel for rel, why in zip(relpaths, reasons) if why is None]
+    bad = [(rel, why) for rel, why in zip(relpaths, reasons) if why is not None]
+    return good, bad
+
+
+def _describe_bad(bad: Sequence[Tuple[str, str]]) -> str:
+    shown = ", ".join(f"{rel} ({why})" for rel, why in bad[:_SHOW])
+    more = f" and {len(bad) - _SHOW} more" if len(bad) > _SHOW else ""
+    return shown + more
+
+
+def _warn_unreadable(owner: str, bad: Sequence[Tuple[str, str]], total: int) -> None:
+    if bad:
+        warnings.warn(
+            f"{owner}: skipped {len(bad)} unreadable image file(s) of {total}: {_describe_bad(bad)}",
+            UnreadableImageWarning,
+            stacklevel=3,
+        )
+
+
+def _require_some(owner: str, root: Path, good: Sequence[str], bad: Sequence[Tuple[str, str]]) -> None:
+    if good:
+        return
+    if bad:
+        raise ValueError(
+            f"{owner}: no readable images in folder {str(root)!r}; "
+            f"all {len(bad)} failed to decode: {_describe_bad(bad)}"
+        )
+    raise ValueError(
+        f"{owner}: folder {str(root)!r} contains no images "
+        f"(looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
+    )
+
+
+class _FolderBase(Dataset):
+    """Shared reading logic: decode, resize/crop, flip, fall back on failure."""
+
+    def _setup(self, size: Size, channels: int, crop: str, flip: bool) -> None:
+        if crop not in ("center", "random"):
+            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        self.size = as_hw(size)
+        self.channels = check_channels(channels)
+        self.crop = crop
+        self.flip = bool(flip)
+        self.runtime_skipped: Dict[int, str] = {}  # index -> reason, for files that failed after the scan
+        self._warned_runtime = False
+
+    def _read_item(self, index: int):
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {type(self).__name__} of length {n}")
+        index %= n
+        # Fall back to the next index, so one bad file never kills an epoch.
+        for offset in range(n):
+            i = (index + offset) % n
+            if i in self.runtime_skipped:
+                continue
+            try:
+                return self._read_item(i)
+            except Exception as exc:
+                self.runtime_skipped[i] = f"{type(exc).__name__}: {exc}"
+                if not self._warned_runtime:
+                    self._warned_runtime = True
+                    warnings.warn(
+                        f"{type(self).__name__}: item {i} could not be read "
+                        f"({self.runtime_skipped[i]}); using the next readable item instead. "
+                        "Further failures are counted in .runtime_skipped without warning.",
+                        UnreadableImageWarning,
+                        stacklevel=2,
+                    )
+        raise RuntimeError(f"{type(self).__name__}: none of the {n} items could be read")
+
+    def _flip_now(self) -> bool:
+        return self.flip and bool(torch.rand(()) < 0.5)
+
+
+class ImageFolder(_FolderBase):
+    """Every image under ``root`` (recursively) as a ``[channels, H, W]`` tensor in [-1, 1].
+
+    ``size`` (int or (height, width)): resize so the image covers it (aspect
+    kept, antialiased bicubic), then crop ``"center"`` or ``"random"``. None
+    keeps each image's own size (batch with batch_size=1 or equal-size files).
+    ``flip``: random horizontal flip. ``check``: see the module docstring.
+    Random crops and flips use torch's default generator (seeded per worker by
+    DataLoader).
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        size: Size = None,
+        channels: int = 3,
+        crop: str = "center",
+        flip: bool = False,
+        check: str = "load",
+    ):
+        self._setup(size, channels, crop, flip)
+        self.root = Path(root)
+        relpaths = list_images(self.root)
+        good, bad = _scan(self.root, relpaths, check)
+        _require_some("ImageFolder", self.root, good, bad)
+        _warn_unreadable(f"ImageFolder({str(self.root)!r})", bad, len(relpaths))
+        self.files: List[str] = good
+        self.skipped: List[Tuple[str, str]] = bad
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _read_item(self, index: int) -> torch.Tensor:
+        image = load_image(self.root / self.files[index])
+        image, _ = resize_and_crop(image, self.size, self.crop)
+        x = pil_to_tensor(image, self.channels)
+        return x.flip(-1) if self._flip_now() else x
+
+    def __repr__(self) -> str:
+        return (f"ImageFolder(root={str(self.root)!r}, n={len(self)}, size={self.size}, "
+                f"channels={self.channels}, crop={self.crop!r}, flip={self.flip}, skipped={len(self.skipped)})")
+
+
+def _hole_mask_for(degradation, owner: str, crop: str) -> Optional[Degradation]:
+    """The inpainting degradation whose fixed mask items carry, or None."""
+    if degradation is None:
+        return None
+    degradation = get_degradation(degradation)
+    if not degradation.is_inpainting:
+        return None
+    if crop != "center":
+        raise ValueError(
+            f"{owner}: inpainting ({degradation.name}) uses a mask fixed in the image frame, "
+            "so crop must be 'center' (a random crop would move the hole)"
+        )
+    return degradation
+
+
+def _stem(relpath: str) -> str:
+    return relpath.rsplit(".", 1)[0]
+
+
+class PairedFolders(_FolderBase):
+    """Clean/corrupted pairs matched by relative path without extension.
+
+    ``clean_root/a/b.png`` pairs with ``corrupted_root/a/b.jpg``. Items are
+    ``{"x0": clean, "xT": corrupted}`` plus ``"mask"`` (float ``[1, H, W]``,
+    1 in the hole, hole of ``xT`` set to 0) when ``degradation`` names an
+    inpainting degradation. A corrupted image of another size (e.g. a
+    low-resolution input) is resized (bicubic) to its clean partner's size
+    first; both then get the same crop and flip. Files present on one side
+    only raise a ValueError with the counts, unless ``allow_unmatched=True``
+    (then they are dropped with a warning).
+    """
+
+    yields_pairs = True  # BridgePairs needs no degradation for it
+
+    def __init__(
+        self,
+        clean_root: PathLike,
+        corrupted_root: PathLike,
+        size: Size = None,
+        channels: int = 3,
+        crop: str = "center",
+        flip: bool = False,
+        check: str = "load",
+        degradation=None,
+        allow_unmatched: bool = False,
+    ):
+        self._setup(size, channels, crop, flip)
+        self.clean_root, self.corrupted_root = Path(clean_root), Path(corrupted_root)
+        self.hole = _hole_mask_for(degradation, "PairedFolders", crop)
+        sides = {}
+        for label, root in (("clean", self.clean_root), ("corrupted", self.corrupted_root)):
+            relpaths = list_images(root)
+            if not relpaths:
+                _require_some(f"PairedFolders ({label} side)", root, [], [])
+            by_stem: Dict[str, str] = {}
+            for rel in relpaths:
+                stem = _stem(rel)
+                if stem in by_stem:
+                    raise ValueError(
+                        f"PairedFolders: {label} folder {str(root)!r} has two files for one pair key "
+                        f"{stem!r}: {by_stem[stem]} and {rel}"
+                    )
+                by_stem[stem] = rel
+            sides[label] = by_stem
+        clean, corrupted = sides["clean"], sides["corrupted"]
+        only_clean = sorted(set(clean) - set(corrupted))
+        only_corrupted = sorted(set(corrupted) - set(clean))
+        if only_clean or only_corrupted:
+            message = (
+                f"PairedFolders: {len(only_clean)} clean file(s) in {str(self.clean_root)!r} have no "
+                f"corrupted partner (e.g. {[clean[s] for s in only_clean[:_SHOW]]}) and "
+                f"{len(only_corrupted)} corrupted file(s) in {str(self.corrupted_root)!r} have no clean "
+                f"partner (e.g. {[corrupted[s] for s in only_corrupted[:_SHOW]]}); pairs are matched by "
+                "relative path without extension"
+            )
+            if not allow_unmatched:
+                raise ValueError(message)
+            warnings.warn(message + "; dropping them (allow_unmatched=True)", UserWarning, stacklevel=2)
+        stems = sorted(set(clean) & set(corrupted))
+        if not stems:
+            raise ValueError(
+                f"PairedFolders: no pairs between {str(self.clean_root)!r} and {str(self.corrupted_root)!r}"
+            )
+        good_clean, bad_clean = _scan(self.clean_root, [clean[s] for s in stems], check)
+        good_corrupted, bad_corrupted = _scan(self.corrupted_root, [corrupted[s] for s in stems], check)
+        readable = {_stem(r) for r in good_clean} & {_stem(r) for r in good_corrupted}
+        bad = [(f"clean/{r}", why) for r, why in bad_clean] + [(f"corrupted/{r}", why) for r, why in bad_corrupted]
+        self.pairs: List[Tuple[str, str]] = [(clean[s], corrupted[s]) for s in stems if s in readable]
+        if not self.pairs:
+            raise ValueError(f"PairedFolders: no pair is readable on both sides: {_describe_bad(bad)}")
+        _warn_unreadable(f"PairedFolders({str(self.clean_root)!r}, {str(self.corrupted_root)!r})",
+                         bad, 2 * len(stems))
+        self.skipped: List[Tuple[str, str]] = bad
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _read_item(self, index: int) -> Dict[str, torch.Tensor]:
+        clean_rel, corrupted_rel = self.pairs[index]
+        clean = load_image(self.clean_root / clean_rel)
+        corrupted = load_image(self.corrupted_root / corrupted_rel)
+        if corrupted.size != clean.size:
+            corrupted = corrupted.resize(clean.size, Image.BICUBIC)
+        clean, box = resize_and_crop(clean, self.size, self.crop)
+        corrupted, _ = resize_and_crop(corrupted, self.size, self.crop, box=box)
+        x0 = pil_to_tensor(clean, self.channels)
+        xT = pil_to_tensor(corrupted, self.channels)
+        if self._flip_now():
+            x0, xT = x0.flip(-1), xT.flip(-1)
+        item = {"x0": x0, "xT": xT}
+        if self.hole is not None:
+            mask = self.hole.hole_mask(*xT.shape[-2:])
+            item["xT"] = xT * (1.0 - mask)
+            item["mask"] = mask
+        return item
+
+    def __repr__(self) -> str:
+        return (f"PairedFolders(clean_root={str(self.clean_root)!r}, corrupted_root={str(self.corrupted_root)!r}, "
+                f"n={len(self)}, size={self.size}, channels={self.channels}, skipped={len(self.skipped)})")
+
+
+class CorruptedFolder(Dataset):
+    """Corrupted images only: items are ``{"xT": ...}`` (plus ``"mask"`` for inpainting).
+
+    Reads nothing but the images under ``root``; this is what distillation on
+    real data uses (IBMD never needs clean images). ``degradation``, when it is
+    an inpainting one, gives the fixed hole mask (e.g. the centered square of
+    ``inpaint-center``); the hole of ``xT`` is set to 0, as in the synthetic
+    corruption, so both sources agree. Other arguments as in ImageFolder.
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        size: Size = None,
+        channels: int = 3,
+        degradation=None,
+        crop: str = "center",
+        flip: bool = False,
+        check: str = "load",
+    ):
+        self.hole = _hole_mask_for(degradation, "CorruptedFolder", crop)
+        self.degradation_name = None if degradation is None else get_degradation(degradation).name
+        self.images = ImageFolder(root, size=size, channels=channels, crop=crop, flip=flip, check=check)
+        self.root = self.images.root
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        xT = self.images[index]
+        if self.hole is None:
+            return {"xT": xT}
+        mask = self.hole.hole_mask(*xT.shape[-2:])
+        return {"xT": xT * (1.0 - mask), "mask": mask}
+
+    def __repr__(self) -> str:
+        return f"CorruptedFolder(root={str(self.root)!r}, n={len(self)}, degradation={self.degradation_name!r})"
