@@ -1,0 +1,412 @@
+"""Diffusion bridges: marginals, posteriors, time grids and loss weights.
+
+Two bridge families (MATH.md section 2), with one interface:
+
+- ``I2SBBridge``: the discrete I2SB bridge (MATH.md 2a); time is a LongTensor of
+  step indices in ``[0, n_steps - 1]``.
+- ``VPBridge``: the continuous DDBM VP bridge (MATH.md 2b); time is a float tensor
+  in ``[t_min, t_max]``.
+
+Each has ``marginal(t)`` (``q(x_t | x0, xT)``, MATH.md 2), ``posterior(s, t)`` (the
+sampling step, MATH.md 3), ``q_sample`` and ``posterior_step`` (both through the
+fused ``ops.bridge_step``), ``sample_t`` and ``loss_weight`` (bridge matching,
+MATH.md 4), ``sampling_grid(nfe)``, ``net_time(t)`` (what the network is fed) and
+``config()``. All schedule arithmetic is float64; coefficients are float64 tensors
+of shape ``[B]`` on the device of ``t``, and ``ops.bridge_step`` casts them to the
+arithmetic dtype of the images.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ibmd_fast import ops
+
+__all__ = ["Bridge", "I2SBBridge", "VPBridge", "bridge_from_config", "space_indices"]
+
+Coefs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def space_indices(num_steps: int, count: int) -> list[int]:
+    """``count`` ascending step indices from 0 to ``num_steps - 1``: ``round(i (N-1)/(count-1))`` (MATH.md 3).
+
+    ``round`` is Python's (half to even). The released I2SB code accumulates the stride
+    instead, which lands one index away at some exact ties (e.g. N=1000, count=21); we follow
+    MATH.md.
+    """
+    if not 2 <= count <= num_steps:
+        raise ValueError(f"count must be in [2, num_steps={num_steps}], got {count}")
+    return [round(i * (num_steps - 1) / (count - 1)) for i in range(count)]
+
+
+def gaussian_product(var1: torch.Tensor, var2: torch.Tensor) -> Coefs:
+    """Product of ``N(x0, var1)`` and ``N(xT, var2)``: ``(coef_x0, coef_xT, var)`` (MATH.md 2a, I2SB eq. 11)."""
+    denom = var1 + var2
+    return var2 / denom, var1 / denom, var1 * var2 / denom
+
+
+def alpha_rho_posterior(
+    alpha_s: torch.Tensor, rho2_s: torch.Tensor, alpha_t: torch.Tensor, rho2_t: torch.Tensor
+) -> Coefs:
+    """Posterior step s < t from ``alpha`` and ``rho^2`` at both times: ``(coef_x0, coef_xt, std)`` (MATH.md 3).
+
+    ``coef_xt = alpha_s rho_s^2 / (alpha_t rho_t^2)``, ``coef_x0 = alpha_s (1 - rho_s^2/rho_t^2)``,
+    ``std = alpha_s rho_s sqrt(1 - rho_s^2/rho_t^2)``. The I2SB bridge is ``alpha = 1``,
+    ``rho = std_fwd``.
+    """
+    ratio = rho2_s / rho2_t
+    coef_xt = alpha_s * ratio / alpha_t
+    coef_x0 = alpha_s * (1.0 - ratio)
+    std = alpha_s * torch.sqrt((rho2_s * (1.0 - ratio)).clamp_min(0.0))
+    return coef_x0, coef_xt, std
+
+
+def _draw_device(generator: Optional[torch.Generator], device: Optional[torch.device]) -> torch.device:
+    """Random draws happen on the generator's device (torch requires it), else on ``device``."""
+    if generator is not None:
+        return generator.device
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+class Bridge:
+    """What both bridges share: the two fused sampling maps (MATH.md 2 and 3).
+
+    Subclasses define ``marginal(t)`` and ``posterior(s, t)``; ``q_sample`` and
+    ``posterior_step`` are the same elementwise map ``coef_a * a + coef_b * b + std * eps``
+    and both go through ``ops.bridge_step``.
+    """
+
+    is_discrete: bool
+    T: float | int
+
+    def marginal(self, t: torch.Tensor) -> Coefs:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def posterior(self, s: torch.Tensor, t: torch.Tensor) -> Coefs:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def config(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def q_sample(
+        self,
+        x0: torch.Tensor,
+        xT: torch.Tensor,
+        t: torch.Tensor,
+        noise: Optional[torch.Tensor] = None,
+        seed: Optional[int] = None,
+    ) -> torch.Tensor:
+        """``x_t = coef_x0 x0 + coef_xT xT + std eps`` (MATH.md 2; I2SB eq. 11).
+
+        ``eps`` is ``noise`` when given, else the op's Philox noise of ``seed``. Differentiable
+        in ``x0`` and ``xT`` (IBMD's generator step backpropagates through it, MATH.md 5).
+        """
+        coef_x0, coef_xT, std = self.marginal(t)
+        return ops.bridge_step(x0, xT, *_on(x0.device, coef_x0, coef_xT, std), noise=noise, seed=seed)
+
+    def posterior_step(
+        self,
+        x_t: torch.Tensor,
+        x0_hat: torch.Tensor,
+        s: torch.Tensor,
+        t: torch.Tensor,
+        noise: Optional[torch.Tensor] = None,
+        seed: Optional[int] = None,
+    ) -> torch.Tensor:
+        """``x_s = coef_xt x_t + coef_x0 x0_hat + std eps`` for s < t (MATH.md 3; I2SB eq. 4)."""
+        coef_x0, coef_xt, std = self.posterior(s, t)
+        return ops.bridge_step(x_t, x0_hat, *_on(x_t.device, coef_xt, coef_x0, std), noise=noise, seed=seed)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")
+        return f"{type(self).__name__}({args})"
+
+
+def _on(device: torch.device, *coefs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(c.to(device) for c in coefs)
+
+
+# ----------------------------------------------------------------------------
+# I2SB (MATH.md 2a)
+
+
+def i2sb_betas(n_steps: int, beta_max: float) -> torch.Tensor:
+    """I2SB's symmetric beta schedule in float64 (MATH.md 2a).
+
+    ``beta = linspace(sqrt(1e-4), sqrt(beta_max / N), N)^2``, then its first half followed
+    by that half reversed. For odd N the middle step appears once (the released code assumes
+    an even N, where this is the same).
+    """
+    betas = torch.linspace(1e-4**0.5, (beta_max / n_steps) ** 0.5, n_steps, dtype=torch.float64) ** 2
+    return torch.cat([betas[: (n_steps + 1) // 2], torch.flip(betas[: n_steps // 2], dims=(0,))])
+
+
+class I2SBBridge(Bridge):
+    """The discrete I2SB bridge (MATH.md 2a; Liu et al. 2023). Times are step indices.
+
+    Attributes (float64 CPU tensors of shape ``[n_steps]``): ``betas``, ``std_fwd``
+    (``sqrt(cumsum beta)``), ``std_bwd`` (``sqrt`` of the reverse cumsum), ``std_sb`` (the
+    Schrödinger-bridge marginal std; ``marginal`` returns 0 instead for OT-ODE) and
+    ``noise_levels`` (the network's time input). ``T = n_steps - 1`` indexes the corrupted end.
+    """
+
+    is_discrete = True
+
+    def __init__(self, n_steps: int = 1000, beta_max: float = 0.3, ot_ode: bool = False):
+        if int(n_steps) < 2:
+            raise ValueError(f"n_steps must be at least 2, got {n_steps}")
+        if not beta_max > 0:
+            raise ValueError(f"beta_max must be positive, got {beta_max}")
+        self.n_steps = int(n_steps)
+        self.beta_max = float(beta_max)
+        self.ot_ode = bool(ot_ode)
+        self.T = self.n_steps - 1
+
+        self.betas = i2sb_betas(self.n_steps, self.beta_max)
+        self.std_fwd = torch.sqrt(torch.cumsum(self.betas, dim=0))
+        self.std_bwd = torch.sqrt(torch.flip(torch.cumsum(torch.flip(self.betas, dims=(0,)), dim=0), dims=(0,)))
+        coef_x0, coef_xT, var = gaussian_product(self.std_fwd**2, self.std_bwd**2)
+        self.std_sb = torch.sqrt(var)
+        self.noise_levels = torch.linspace(1e-4, 1.0, self.n_steps, dtype=torch.float64) * self.n_steps
+
+        self._cpu = {
+            "coef_x0": coef_x0,
+            "coef_xT": coef_xT,
+            "std_sb": self.std_sb,
+            "var_fwd": self.std_fwd**2,
+            "noise_levels": self.noise_levels,
+        }
+        self._tables: dict[torch.device, dict[str, torch.Tensor]] = {torch.device("cpu"): self._cpu}
+
+    def _table(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``table[t]`` from a per-device copy, so no host sync happens inside a training step."""
+        if not isinstance(t, torch.Tensor):
+            t = torch.as_tensor(t)
+        if t.is_floating_point() or t.is_complex():
+            raise TypeError(f"I2SBBridge times are integer step indices, got a {t.dtype} tensor")
+        tables = self._tables.get(t.device)
+        if tables is None:
+            tables = self._tables[t.device] = {k: v.to(t.device) for k, v in self._cpu.items()}
+        return tables[name][t.long()]
+
+    def marginal(self, t: torch.Tensor) -> Coefs:
+        """``q(x_t | x0, xT)``: ``(coef_x0, coef_xT, std)`` (MATH.md 2a; I2SB eq. 11). OT-ODE: std = 0."""
+        std = self._table("std_sb", t)
+        if self.ot_ode:
+            std = torch.zeros_like(std)
+        return self._table("coef_x0", t), self._table("coef_xT", t), std
+
+    def posterior(self, s: torch.Tensor, t: torch.Tensor) -> Coefs:
+        """Step n = t to n' = s < t: ``(coef_x0, coef_xt, std)`` (MATH.md 3, I2SB eq. 4).
+
+        ``coef_xt = std_fwd[s]^2/std_fwd[t]^2``, ``coef_x0 = 1 - coef_xt``; no noise when
+        ``s == 0`` (the I2SB sampler's last step) or for OT-ODE.
+        """
+        one = torch.ones((), dtype=torch.float64, device=t.device)
+        coef_x0, coef_xt, std = alpha_rho_posterior(one, self._table("var_fwd", s), one, self._table("var_fwd", t))
+        if self.ot_ode:
+            std = torch.zeros_like(std)
+        else:
+            std = torch.where(torch.as_tensor(s, device=std.device) == 0, torch.zeros_like(std), std)
+        return coef_x0, coef_xt, std
+
+    def sample_t(
+        self, batch: int, generator: Optional[torch.Generator] = None, device: Optional[torch.device] = None
+    ) -> torch.Tensor:
+        """Step indices uniform over ``[0, n_steps - 1]`` (MATH.md 4), a LongTensor ``[batch]``."""
+        t = torch.randint(0, self.n_steps, (batch,), generator=generator, device=_draw_device(generator, device))
+        return t.to(device) if device is not None else t
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """``lambda(t) = 1 / std_fwd[t]^2`` (MATH.md 2a, 4), float64 ``[B]``.
+
+        I2SB trains an eps-like output with label ``(x_t - x0)/std_fwd[t]`` and
+        ``x0_hat = x_t - std_fwd[t] * net``, so its loss ``||net - label||^2`` equals
+        ``||x0_hat - x0||^2 / std_fwd[t]^2``: with this weight the x0-space loss is I2SB's loss.
+        """
+        return 1.0 / self._table("var_fwd", t)
+
+    def sampling_grid(self, nfe: int) -> torch.Tensor:
+        """``space_indices(n_steps, nfe + 1)`` as an ascending LongTensor from 0 to ``n_steps - 1``
+        (MATH.md 3); a sampler with ``nfe`` network calls visits it in reverse."""
+        if not 1 <= nfe <= self.n_steps - 1:
+            raise ValueError(f"nfe must be in [1, {self.n_steps - 1}] for {self.n_steps} steps, got {nfe}")
+        return torch.tensor(space_indices(self.n_steps, nfe + 1), dtype=torch.long)
+
+    def net_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The network's time input ``noise_levels[t]`` (MATH.md 2a), float32 on t's device."""
+        return self._table("noise_levels", t).float()
+
+    def config(self) -> dict:
+        return {"type": "i2sb", "n_steps": self.n_steps, "beta_max": self.beta_max, "ot_ode": self.ot_ode}
+
+
+# ----------------------------------------------------------------------------
+# DDBM VP (MATH.md 2b)
+
+
+class VPBridge(Bridge):
+    """The DDBM VP bridge (MATH.md 2b; Zhou et al. 2024). Times are floats in ``[t_min, t_max]``.
+
+    ``alpha_t = exp(-beta_min t/2 - beta_d t^2/4)``, ``rho_t^2 = exp(beta_min t + beta_d t^2/2) - 1``;
+    every coefficient below is built from these two. ``T = t_max``.
+    """
+
+    is_discrete = False
+    sigma_data = 0.5  # DDBM's sigma_d for the preconditioning (MATH.md 2b)
+
+    def __init__(self, beta_min: float = 0.1, beta_d: float = 2.0, t_min: float = 1e-4, t_max: float = 1.0):
+        if not 0 < t_min < t_max:
+            raise ValueError(f"need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
+        if beta_min < 0 or beta_d < 0 or beta_min + beta_d <= 0:
+            raise ValueError(f"need beta_min, beta_d >= 0 and not both 0, got {beta_min}, {beta_d}")
+        self.beta_min = float(beta_min)
+        self.beta_d = float(beta_d)
+        self.t_min = float(t_min)
+        self.t_max = float(t_max)
+        self.T = self.t_max
+        self._rho2_T = float(self.rho2(self.t_max))  # a Python float: no host-to-device copy per call
+
+    @staticmethod
+    def _t(t) -> torch.Tensor:
+        if isinstance(t, torch.Tensor):
+            return t.to(torch.float64)
+        return torch.as_tensor(t, dtype=torch.float64)
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """``alpha_t = exp(-beta_min t/2 - beta_d t^2/4)`` (MATH.md 2b), float64."""
+        t = self._t(t)
+        return torch.exp(-0.5 * self.beta_min * t - 0.25 * self.beta_d * t**2)
+
+    def rho2(self, t: torch.Tensor) -> torch.Tensor:
+        """``rho_t^2 = exp(beta_min t + beta_d t^2/2) - 1`` (MATH.md 2b), float64 (expm1: exact near 0)."""
+        t = self._t(t)
+        return torch.expm1(self.beta_min * t + 0.5 * self.beta_d * t**2)
+
+    def _beta(self, t: torch.Tensor) -> torch.Tensor:
+        """``beta(t) = beta_min + beta_d t = d/dt log(1 + rho_t^2) = -2 d/dt log(alpha_t)``."""
+        return self.beta_min + self.beta_d * self._t(t)
+
+    def _ends(self, t):
+        """``t``, ``alpha_t``, ``rho_t^2``, ``alphabar_t = alpha_t/alpha_T`` and ``u = rho_t^2/rho_T^2``.
+
+        Both ratios are exactly 1 at t = t_max on every device: ``alphabar_t`` is one ``exp`` of the
+        exponent difference, and ``u`` is pinned there (a CUDA ``expm1`` may differ by an ulp).
+        """
+        t = self._t(t)
+        alpha_t, rho2_t = self.alpha(t), self.rho2(t)
+        alphabar_t = torch.exp(0.5 * self.beta_min * (self.t_max - t) + 0.25 * self.beta_d * (self.t_max**2 - t**2))
+        frac = torch.where(t >= self.t_max, torch.ones_like(t), (rho2_t / self._rho2_T).clamp(0.0, 1.0))
+        return t, alpha_t, rho2_t, alphabar_t, frac
+
+    def marginal(self, t: torch.Tensor) -> Coefs:
+        """``q(x_t | x0, xT)``: ``(b_t, a_t, c_t)`` as ``(coef_x0, coef_xT, std)`` (MATH.md 2b).
+
+        ``a_t = (alpha_t/alpha_T) rho_t^2/rho_T^2``, ``b_t = alpha_t (1 - rho_t^2/rho_T^2)``,
+        ``c_t = alpha_t rho_t sqrt(1 - rho_t^2/rho_T^2)``.
+        """
+        _, alpha_t, rho2_t, alphabar_t, frac = self._ends(t)
+        coef_xT = alphabar_t * frac
+        coef_x0 = alpha_t * (1.0 - frac)
+        std = alpha_t * torch.sqrt(rho2_t * (1.0 - frac))
+        return coef_x0, coef_xT, std
+
+    def marginal_dt(self, t: torch.Tensor) -> Coefs:
+        """Time derivatives ``(db_t/dt, da_t/dt, dc_t/dt)`` of the marginal coefficients (MATH.md 2b).
+
+        With ``beta = beta_min + beta_d t``, ``u = rho_t^2/rho_T^2``: ``alpha' = -alpha beta/2``,
+        ``(rho^2)' = (1 + rho^2) beta``, ``u' = (rho^2)'/rho_T^2``;
+        ``a' = (alpha/alpha_T)(u' - beta u/2)``, ``b' = -alpha (beta (1-u)/2 + u')``,
+        ``c' = -beta c/2 + alpha v'/(2 sqrt v)`` with ``v = rho^2 (1-u)``, ``v' = (rho^2)' (1 - 2u)``.
+        ``c'`` is infinite where ``c = 0`` (t = t_max); callers evaluate it inside the interval.
+        """
+        t, alpha_t, rho2_t, alphabar_t, frac = self._ends(t)
+        beta = self._beta(t)
+        drho2 = (1.0 + rho2_t) * beta
+        dfrac = drho2 / self._rho2_T
+        dcoef_xT = alphabar_t * (dfrac - 0.5 * beta * frac)
+        dcoef_x0 = -alpha_t * (0.5 * beta * (1.0 - frac) + dfrac)
+        v = rho2_t * (1.0 - frac)
+        dstd = -0.5 * beta * alpha_t * torch.sqrt(v) + alpha_t * drho2 * (1.0 - 2.0 * frac) / (2.0 * torch.sqrt(v))
+        return dcoef_x0, dcoef_xT, dstd
+
+    def posterior(self, s: torch.Tensor, t: torch.Tensor) -> Coefs:
+        """Step t to s < t: ``(coef_x0, coef_xt, std)`` from ``alpha`` and ``rho`` (MATH.md 3)."""
+        s, t = self._t(s), self._t(t)
+        return alpha_rho_posterior(self.alpha(s), self.rho2(s), self.alpha(t), self.rho2(t))
+
+    def precond(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DDBM preconditioning ``(c_skip, c_out, c_in, c_noise)`` (MATH.md 2b; sigma_d = 0.5, cov_xy = 0).
+
+        ``A = (a^2 + b^2) sigma_d^2 + c^2``, ``c_in = A^-1/2``, ``c_skip = b sigma_d^2 / A``,
+        ``c_out = sqrt(a^2 sigma_d^4 + sigma_d^2 c^2) c_in``; the denoiser is
+        ``x0_hat = c_skip x_t + c_out F(c_in x_t, c_noise)``. ``c_noise`` is ``net_time(t)``.
+        """
+        coef_x0, coef_xT, std = self.marginal(t)
+        sd2 = self.sigma_data**2
+        A = (coef_xT**2 + coef_x0**2) * sd2 + std**2
+        c_in = torch.rsqrt(A)
+        c_skip = coef_x0 * sd2 / A
+        c_out = torch.sqrt(coef_xT**2 * sd2**2 + sd2 * std**2) * c_in
+        return c_skip, c_out, c_in, self.net_time(t)
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """``lambda(t) = 1 / c_out^2`` (MATH.md 2b, 4), float64 ``[B]``: unit weight on the raw network output."""
+        return 1.0 / self.precond(t)[1] ** 2
+
+    def net_time(self, t: torch.Tensor) -> torch.Tensor:
+        """DDBM's ``c_noise = 1000 * 0.25 * log(t + 1e-44)`` (MATH.md 2b), float32 on t's device."""
+        return (250.0 * torch.log(self._t(t) + 1e-44)).float()
+
+    def sample_t(
+        self, batch: int, generator: Optional[torch.Generator] = None, device: Optional[torch.device] = None
+    ) -> torch.Tensor:
+        """Times uniform in ``[t_min, t_max]`` (MATH.md 4), float64 ``[batch]``."""
+        u = torch.rand((batch,), generator=generator, dtype=torch.float64, device=_draw_device(generator, device))
+        t = self.t_min + (self.t_max - self.t_min) * u
+        return t.to(device) if device is not None else t
+
+    def sampling_grid(self, nfe: int, spacing: str = "uniform", karras_rho: float = 7.0) -> torch.Tensor:
+        """Ascending float64 grid of ``nfe + 1`` times from ``t_min`` to ``t_max`` (both exact).
+
+        ``spacing="uniform"`` (default) is uniform in t, DBIM's choice for the VP bridge: unlike
+        a diffusion from noise, the bridge's hard part is not concentrated near t = 0, and with
+        few steps uniform spacing keeps the first (largest) steps short. ``"karras"`` is the
+        ``(t_max^(1/rho) + i/n (t_min^(1/rho) - t_max^(1/rho)))^rho`` spacing DDBM's Heun
+        sampler uses. Samplers call the network at the last ``nfe`` points, from t_max down, and
+        return the last prediction; ``t_min`` is where they end.
+        """
+        if nfe < 1:
+            raise ValueError(f"nfe must be at least 1, got {nfe}")
+        ramp = torch.linspace(0.0, 1.0, nfe + 1, dtype=torch.float64)
+        if spacing == "uniform":
+            grid = self.t_min + (self.t_max - self.t_min) * ramp
+        elif spacing == "karras":
+            lo, hi = self.t_min ** (1.0 / karras_rho), self.t_max ** (1.0 / karras_rho)
+            grid = (lo + ramp * (hi - lo)) ** karras_rho
+        else:
+            raise ValueError(f"spacing must be 'uniform' or 'karras', got {spacing!r}")
+        grid[0], grid[-1] = self.t_min, self.t_max
+        return grid
+
+    def config(self) -> dict:
+        return {
+            "type": "vp",
+            "beta_min": self.beta_min,
+            "beta_d": self.beta_d,
+            "t_min": self.t_min,
+            "t_max": self.t_max,
+        }
+
+
+_BRIDGES = {"i2sb": I2SBBridge, "vp": VPBridge}
+
+
+def bridge_from_config(config: dict) -> Bridge:
+    """Rebuild a bridge from its ``config()`` (e.g. read from checkpoint metadata)."""
+    kwargs = dict(config)
+    kind = kwargs.pop("type", None)
+    if kind not in _BRIDGES:
+        raise ValueError(f"unknown bridge type {kind!r}; expected one of {sorted(_BRIDGES)}")
+    return _BRIDGES[kind](**kwargs)
