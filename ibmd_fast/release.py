@@ -1,0 +1,119 @@
+"""Release files: model weights as safetensors with their config as JSON metadata.
+
+A release is everything `sample`, `eval` and `export` need, and nothing is
+unpickled. Metadata keys (all strings, as safetensors requires):
+
+    format    "ibmd_fast.teacher" | "ibmd_fast.generator"
+    config    JSON: the model config (`Generator.config()`, or for a teacher
+              {"unet": ..., "conditional": ..., "bridge": ...}) plus
+              "nfe" (student steps; teacher: default sampling NFE),
+              "degradation" (name), "normalization" ("[-1,1]"),
+              "image_size" (the training size), "version"
+    extra     optional JSON (training step, metrics, ...)
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, safe_open, save_file
+
+from ibmd_fast import __version__
+
+TEACHER_FORMAT = "ibmd_fast.teacher"
+GENERATOR_FORMAT = "ibmd_fast.generator"
+NORMALIZATION = "[-1,1]"
+
+
+class ReleaseError(ValueError):
+    """A release file that is missing, corrupt, or of the wrong kind."""
+
+
+def atomic_write(path: str, write_fn) -> None:
+    """Call ``write_fn(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_release(path: str, net: torch.nn.Module, fmt: str, config: dict[str, Any], extra: dict | None = None):
+    """Write the U-Net's ``state_dict()`` (guided-diffusion keys; float32, CPU) and the config, atomically.
+
+    Both teachers and generators store their network (``teacher.net``, ``generator.net``).
+    """
+    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in net.state_dict().items()}
+    config = {"normalization": NORMALIZATION, "version": __version__, **config}
+    metadata = {"format": fmt, "config": json.dumps(config)}
+    if extra is not None:
+        metadata["extra"] = json.dumps(extra)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def read_release(path: str, expect: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
+    """Return ``(state_dict, config, extra)`` of a release; one clear error for a bad file."""
+    if not os.path.exists(path):
+        raise ReleaseError(f"release file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        state = load_file(path)
+    except (SafetensorsError, OSError, ValueError) as exc:
+        raise ReleaseError(f"{path} is not a readable safetensors file ({exc})") from None
+    fmt = metadata.get("format")
+    if fmt not in (TEACHER_FORMAT, GENERATOR_FORMAT):
+        raise ReleaseError(f"{path} is not an ibmd-fast release (format={fmt!r})")
+    if expect is not None and fmt != expect:
+        want = "generator" if expect == GENERATOR_FORMAT else "teacher"
+        raise ReleaseError(f"{path} holds a {fmt.split('.')[-1]}, not a {want}")
+    try:
+        config = json.loads(metadata["config"])
+        extra = json.loads(metadata.get("extra", "{}"))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ReleaseError(f"{path}: damaged release metadata ({exc})") from None
+    return state, config, extra
+
+
+def load_teacher(path: str, device="cpu"):
+    """Rebuild a `Teacher` from a teacher release. Returns ``(teacher, config)``."""
+    from ibmd_fast.bridges import bridge_from_config
+    from ibmd_fast.models import UNet, load_state_dict_checked
+    from ibmd_fast.models.wrappers import Teacher
+
+    state, config, _ = read_release(path, expect=TEACHER_FORMAT)
+    try:
+        net = UNet(**config["unet"])
+        load_state_dict_checked(net, state)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ReleaseError(f"{path}: weights do not match the config they carry: {exc}") from None
+    teacher = Teacher(net, bridge_from_config(config["bridge"]), conditional=config.get("conditional", False))
+    return teacher.to(device).eval(), config
+
+
+def load_generator(path: str, device="cpu"):
+    """Rebuild a `Generator` from a generator release. Returns ``(generator, config)``."""
+    from ibmd_fast.bridges import bridge_from_config
+    from ibmd_fast.models.wrappers import Generator
+
+    from ibmd_fast.models import load_state_dict_checked
+
+    state, config, _ = read_release(path, expect=GENERATOR_FORMAT)
+    try:
+        generator = Generator.from_config(config, bridge_from_config(config["bridge"]))
+        load_state_dict_checked(generator.net, state)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ReleaseError(f"{path}: weights do not match the config they carry: {exc}") from None
+    return generator.to(device).eval(), config
