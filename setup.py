@@ -56,11 +56,15 @@ def _cuda_include_dirs() -> list[str]:
     return dirs
 
 
+# -fopenmp: at::parallel_for is a header template that runs serially unless the
+# extension itself is compiled with OpenMP (as libtorch is).
 def _extension():
     cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++20", "-DIBMD_PYTHON_MODULE", "-fno-math-errno", "-ffp-contract=off"]
+    cxx_flags = ["-O3", "-std=c++20", "-DIBMD_PYTHON_MODULE", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
     if not _want_cuda():
-        return CppExtension("ibmd_fast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
+        return CppExtension(
+            "ibmd_fast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+        )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc_flags = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", "-DIBMD_PYTHON_MODULE"]
@@ -70,6 +74,7 @@ def _extension():
         include_dirs=_cuda_include_dirs(),
         define_macros=[("IBMD_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
     )
 
 

@@ -24,7 +24,10 @@ constexpr int64_t kGrain = 32768;      // elements per parallel task
 // contraction, so both give the same bits).
 template <int kMaxGroups>
 __attribute__((always_inline)) inline void fill_normals_impl(int64_t start, int64_t n, uint32_t k0, uint32_t k1, float* buf) {
-  const int groups = static_cast<int>((n + 3) / 4);
+  // Always a whole block: a constant trip count vectorizes best (the tail of
+  // the last block is computed and ignored).
+  (void)n;
+  constexpr int groups = kMaxGroups;
   const uint64_t g0 = static_cast<uint64_t>(start) / 4;
   alignas(64) uint32_t w[4][kMaxGroups];
   for (int g = 0; g < groups; ++g) {

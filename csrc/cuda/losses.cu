@@ -111,7 +111,7 @@ at::Tensor per_sample_loss(const Prepared& p, const at::Tensor& weight, const ch
   if (B == 0) return loss;
   at::Tensor partial = at::empty({B, chunks}, weight.options());
   const at::Tensor w = weight.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.inputs[0].scalar_type(), name, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.inputs[0].scalar_type(), "per_sample_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in0 = p.inputs[0].const_data_ptr<scalar_t>();
     const scalar_t* in1 = p.inputs[1].const_data_ptr<scalar_t>();
@@ -186,7 +186,7 @@ void launch_backward(const Prepared& p, std::vector<at::Tensor>& outs, const at:
   const int64_t B = p.batch, D = p.per_sample;
   if (B == 0 || D == 0) return;
   const at::Tensor g = grad.contiguous().to(weight.scalar_type()), w = weight.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.inputs[0].scalar_type(), name, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.inputs[0].scalar_type(), "loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in0 = p.inputs[0].const_data_ptr<scalar_t>();
     const scalar_t* in1 = p.inputs[1].const_data_ptr<scalar_t>();
