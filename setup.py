@@ -56,18 +56,20 @@ def _cuda_include_dirs() -> list[str]:
     return dirs
 
 
+# The C++ standard is left to torch.utils.cpp_extension, which picks the one its
+# torch was built with (an extension built with another can crash when it throws).
 # -fopenmp: at::parallel_for is a header template that runs serially unless the
 # extension itself is compiled with OpenMP (as libtorch is).
 def _extension():
     cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++20", "-DIBMD_PYTHON_MODULE", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+    cxx_flags = ["-O3", "-DIBMD_PYTHON_MODULE", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
     if not _want_cuda():
         return CppExtension(
             "ibmd_fast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    nvcc_flags = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", "-DIBMD_PYTHON_MODULE"]
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DIBMD_PYTHON_MODULE"]
     return CUDAExtension(
         "ibmd_fast._C",
         cpu_sources + cuda_sources,

@@ -11,7 +11,10 @@ by a large device-to-device copy) is measured in the same run.
     python benchmarks/bench_ops.py                      # CPU (and CUDA when present)
     python benchmarks/bench_ops.py --device cuda --machine h100
 
-Prints a table and writes benchmarks/results/ops-<machine>.json.
+On CUDA the table shows device time: each variant is captured in a CUDA graph
+and its replays are timed (the JSON also has the plain per-call times, which
+include Python and launch overhead). Prints a table and writes
+benchmarks/results/ops-<machine>.json.
 """
 from __future__ import annotations
 
@@ -62,6 +65,21 @@ def timer(fn, device: str, warmup: int, repeats: int) -> float:
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def graph_timer(fn, warmup: int, repeats: int) -> float:
+    """Median seconds per replay of ``fn`` captured in a CUDA graph: device time without
+    Python and launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timer(graph.replay, "cuda", warmup, repeats)
 
 
 def copy_bandwidth(device: str) -> float | None:
@@ -152,10 +170,14 @@ def bench_device(device, dtypes, shapes, warmup, repeats, use_compile):
                             fn = (lambda c_, a_: lambda: c_(*a_))(compiled, args)
                     sec = timer(fn, device, warmup, repeats)
                     result[f"{variant}_ms"] = sec * 1e3
+                    if device == "cuda":  # device time: replay of a CUDA graph of the same call
+                        sec = graph_timer(fn, warmup, repeats)
+                        result[f"{variant}_graph_ms"] = sec * 1e3
                     result[f"{variant}_GBps"] = floor_bytes / sec / 1e9
-                result["speedup_vs_eager"] = result["eager_ms"] / result["fused_ms"]
-                if "compile_ms" in result:
-                    result["speedup_vs_compile"] = result["compile_ms"] / result["fused_ms"]
+                key = "graph_ms" if device == "cuda" else "ms"
+                result["speedup_vs_eager"] = result[f"eager_{key}"] / result[f"fused_{key}"]
+                if f"compile_{key}" in result:
+                    result["speedup_vs_compile"] = result[f"compile_{key}"] / result[f"fused_{key}"]
                 if bw:
                     result["fused_pct_of_copy_bw"] = 100 * result["fused_GBps"] * 1e9 / bw
                 rows.append(result)
@@ -164,11 +186,12 @@ def bench_device(device, dtypes, shapes, warmup, repeats, use_compile):
 
 
 def print_row(r):
-    cmp = f"{r['compile_ms']:9.3f}" if "compile_ms" in r else "        -"
+    key = "graph_ms" if "fused_graph_ms" in r else "ms"
+    cmp = f"{r['compile_' + key]:9.3f}" if "compile_" + key in r else "        -"
     vs_c = f"{r['speedup_vs_compile']:6.2f}x" if "speedup_vs_compile" in r else "      -"
     pct = f"{r['fused_pct_of_copy_bw']:5.1f}%" if "fused_pct_of_copy_bw" in r else "    -"
     shape = "x".join(map(str, r["shape"]))
-    print(f"{r['device']:5s} {r['dtype']:9s} {shape:15s} {r['op']:20s} {r['fused_ms']:9.3f} {r['eager_ms']:9.3f} "
+    print(f"{r['device']:5s} {r['dtype']:9s} {shape:15s} {r['op']:20s} {r['fused_' + key]:9.3f} {r['eager_' + key]:9.3f} "
           f"{cmp} {r['speedup_vs_eager']:6.2f}x {vs_c} {r['fused_GBps']:8.1f} {pct}", flush=True)
 
 

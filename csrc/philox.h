@@ -69,8 +69,8 @@ IBMD_HD float uniform_open01(uint32_t w) {
 }
 
 // -2 log(u) for u in (0, 1): u = m 2^e with m in [sqrt(1/2), sqrt(2)),
-// log(m) = 2 atanh(f), f = (m - 1) / (m + 1), odd series in f (|f| < 0.1716,
-// truncation below 1e-9 after f^9... we keep to f^13).
+// log(m) = x - x^2/2 + x^3 P(x) with x = m - 1 (Cephes logf's minimax
+// polynomial, about 1 ulp), no division; e ln 2 added in two parts.
 IBMD_HD float minus_two_log(float u) {
 #if defined(__CUDA_ARCH__)
   const uint32_t bits = __float_as_uint(u);
@@ -85,19 +85,22 @@ IBMD_HD float minus_two_log(float u) {
   const float m1 = __builtin_bit_cast(float, mant);
 #endif
   const int big = static_cast<int>(m1 > 1.41421356f);  // then use m/2 and e+1
-  const float m = m1 * (1.0f - 0.5f * static_cast<float>(big));
-  const int e = static_cast<int>((bits >> 23) & 0xffu) - 127 + big;
-  const float f = (m - 1.0f) / (m + 1.0f);
-  const float f2 = f * f;
-  // 2 atanh(f) = 2 (f + f^3/3 + f^5/5 + ...)
-  float p = 1.0f / 13.0f;
-  p = p * f2 + 1.0f / 11.0f;
-  p = p * f2 + 1.0f / 9.0f;
-  p = p * f2 + 1.0f / 7.0f;
-  p = p * f2 + 1.0f / 5.0f;
-  p = p * f2 + 1.0f / 3.0f;
-  const float log_m = 2.0f * f + 2.0f * f * f2 * p;
-  const float log_u = static_cast<float>(e) * 0.693147180559945309f + log_m;
+  const float x = m1 * (1.0f - 0.5f * static_cast<float>(big)) - 1.0f;
+  const float e = static_cast<float>(static_cast<int>((bits >> 23) & 0xffu) - 127 + big);
+  const float z = x * x;
+  float p = 7.0376836292e-2f;
+  p = p * x - 1.1514610310e-1f;
+  p = p * x + 1.1676998740e-1f;
+  p = p * x - 1.2420140846e-1f;
+  p = p * x + 1.4249322787e-1f;
+  p = p * x - 1.6668057665e-1f;
+  p = p * x + 2.0000714765e-1f;
+  p = p * x - 2.4999993993e-1f;
+  p = p * x + 3.3333331174e-1f;
+  float y = x * z * p;
+  y += e * -2.12194440e-4f;  // ln 2 = 0.693359375 - 2.12194440e-4
+  y += -0.5f * z;
+  const float log_u = x + y + e * 0.693359375f;
   return -2.0f * log_u;
 }
 
