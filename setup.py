@@ -6,6 +6,7 @@ toolkit (nvcc) and a CUDA build of torch are both present. Switches:
     IBMD_FAST_CUDA=auto|1|0   auto (default): build CUDA kernels when possible;
                               1: require them (fail if impossible); 0: CPU only
     TORCH_CUDA_ARCH_LIST      e.g. "9.0" or "8.0;9.0+PTX" (default "8.0;9.0+PTX")
+    IBMD_FAST_OPENMP=1|0      build the CPU kernels with OpenMP (default 1)
     MAX_JOBS                  parallel compile jobs (ninja)
 
 Install with `pip install --no-build-isolation .` after torch: build isolation
@@ -62,10 +63,12 @@ def _cuda_include_dirs() -> list[str]:
 # extension itself is compiled with OpenMP (as libtorch is).
 def _extension():
     cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-DIBMD_PYTHON_MODULE", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+    openmp = os.environ.get("IBMD_FAST_OPENMP", "1") not in ("0", "false", "no", "off")
+    cxx_flags = ["-O3", "-DIBMD_PYTHON_MODULE", "-fno-math-errno", "-ffp-contract=off"] + (["-fopenmp"] if openmp else [])
+    link_flags = ["-fopenmp"] if openmp else []
     if not _want_cuda():
         return CppExtension(
-            "ibmd_fast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+            "ibmd_fast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
@@ -76,7 +79,7 @@ def _extension():
         include_dirs=_cuda_include_dirs(),
         define_macros=[("IBMD_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
     )
 
 

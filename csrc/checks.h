@@ -8,19 +8,32 @@
 
 namespace ibmd {
 
+// Shapes and dtypes are formatted here rather than by streaming an IntArrayRef
+// into TORCH_CHECK: with torch 2.11 built by one GCC and the extension by GCC
+// 13, streaming an ArrayRef crashed (segfault) instead of raising.
+inline std::string shape_str(const at::Tensor& t) {
+  std::string out = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
+  return out + "]";
+}
+
+inline const char* dtype_str(const at::Tensor& t) { return c10::toString(t.scalar_type()); }
+
+inline std::string device_str(const at::Tensor& t) { return t.device().str(); }
+
 inline void check_float(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()) && t.scalar_type() != at::kFloat8_e4m3fn,
-              op, ": ", name, " must be float64, float32, float16 or bfloat16, got ", t.scalar_type());
+              op, ": ", name, " must be float64, float32, float16 or bfloat16, got ", dtype_str(t));
 }
 
 inline void check_like(const at::Tensor& ref, const char* ref_name, const at::Tensor& t, const char* op,
                        const char* name) {
-  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " must have the shape of ", ref_name, " ", ref.sizes(),
-              ", got ", t.sizes());
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
-              ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
-              ref_name, " has ", ref.scalar_type());
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " must have the shape of ", ref_name, " ", shape_str(ref),
+              ", got ", shape_str(t));
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", device_str(t), " but ", ref_name, " is on ",
+              device_str(ref));
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", dtype_str(t), " but ", ref_name,
+              " has ", dtype_str(ref));
 }
 
 inline at::ScalarType opmath_type(at::ScalarType t) {
@@ -31,11 +44,11 @@ inline at::ScalarType opmath_type(at::ScalarType t) {
 inline void check_coef(const at::Tensor& coef, const at::Tensor& ref, const char* op, const char* name) {
   const int64_t batch = ref.size(0);
   TORCH_CHECK(coef.dim() == 1 && coef.size(0) == batch, op, ": ", name, " must have shape [", batch,
-              "] (one value per sample), got ", coef.sizes());
-  TORCH_CHECK(coef.device() == ref.device(), op, ": ", name, " is on ", coef.device(), " but the inputs are on ",
-              ref.device());
+              "] (one value per sample), got ", shape_str(coef));
+  TORCH_CHECK(coef.device() == ref.device(), op, ": ", name, " is on ", device_str(coef), " but the inputs are on ",
+              device_str(ref));
   TORCH_CHECK(coef.scalar_type() == opmath_type(ref.scalar_type()), op, ": ", name, " must be ",
-              opmath_type(ref.scalar_type()), " for ", ref.scalar_type(), " inputs, got ", coef.scalar_type());
+              c10::toString(opmath_type(ref.scalar_type())), " for ", dtype_str(ref), " inputs, got ", dtype_str(coef));
 }
 
 inline void check_batched(const at::Tensor& t, const char* op, const char* name) {
@@ -101,6 +114,14 @@ inline at::Tensor empty_in_layout(const Prepared& p) {
 // Outputs computed in a fallback layout go back to the first input's layout.
 inline at::Tensor in_requested_layout(const Prepared& p, const at::Tensor& out) {
   return out.is_contiguous(p.requested) ? out : out.contiguous(p.requested);
+}
+
+// The upstream gradient of a per-sample loss: [B], on the inputs' device.
+inline void check_loss_grad(const at::Tensor& grad, const Prepared& p, const at::Tensor& weight, const char* op) {
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == p.batch, op, ": grad must have shape [", p.batch, "], got ",
+              shape_str(grad));
+  TORCH_CHECK(grad.device() == weight.device(), op, ": grad is on ", device_str(grad), " but the inputs are on ",
+              device_str(weight));
 }
 
 inline void check_seed(int64_t seed, const char* op) {

@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> bridge_step_backward_cpu(const at::Tensor& gr
 
 at::Tensor philox_cpu(const at::Tensor& groups, int64_t seed) {
   TORCH_CHECK(groups.scalar_type() == at::kLong && groups.dim() == 1,
-              "ibmd::philox: groups must be a 1-D int64 tensor, got ", groups.scalar_type(), " ", groups.sizes());
+              "ibmd::philox: groups must be a 1-D int64 tensor, got ", dtype_str(groups), " ", shape_str(groups));
   check_seed(seed, "ibmd::philox");
   const at::Tensor g = groups.contiguous();
   at::Tensor out = at::empty({g.size(0), 4}, g.options());

@@ -80,13 +80,6 @@ void for_each_segment(int64_t numel, int64_t D, const Body& body) {
   });
 }
 
-void check_grad(const at::Tensor& grad, const Prepared& p, const at::Tensor& weight, const char* op) {
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == p.batch, op, ": grad must have shape [", p.batch, "], got ",
-              grad.sizes());
-  TORCH_CHECK(grad.device() == weight.device(), op, ": grad is on ", grad.device(), " but the inputs are on ",
-              weight.device());
-}
-
 at::Tensor bridge_loss_cpu(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& weight) {
   constexpr const char* op = "ibmd::bridge_loss";
   Prepared p = prepare({{&pred, "pred"}, {&target, "target"}}, op);
@@ -109,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> bridge_loss_backward_cpu(const at::Tensor& gr
   constexpr const char* op = "ibmd::bridge_loss_backward";
   Prepared p = prepare({{&pred, "pred"}, {&target, "target"}}, op);
   check_coef(weight, pred, op, "weight");
-  check_grad(grad, p, weight, op);
+  check_loss_grad(grad, p, weight, op);
   at::Tensor grad_pred = empty_in_layout(p), grad_target = empty_in_layout(p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "bridge_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -157,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ibmd_loss_backward_cpu(const at::
   constexpr const char* op = "ibmd::ibmd_loss_backward";
   Prepared p = prepare({{&x0, "x0"}, {&teacher_pred, "teacher_pred"}, {&fake_pred, "fake_pred"}}, op);
   check_coef(weight, x0, op, "weight");
-  check_grad(grad, p, weight, op);
+  check_loss_grad(grad, p, weight, op);
   at::Tensor grad_t = empty_in_layout(p), grad_f = empty_in_layout(p), grad_x = empty_in_layout(p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "ibmd_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

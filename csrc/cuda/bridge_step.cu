@@ -274,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor> bridge_step_backward_cuda(const at::Tensor& g
 
 at::Tensor philox_cuda(const at::Tensor& groups, int64_t seed) {
   TORCH_CHECK(groups.scalar_type() == at::kLong && groups.dim() == 1,
-              "ibmd::philox: groups must be a 1-D int64 tensor, got ", groups.scalar_type(), " ", groups.sizes());
+              "ibmd::philox: groups must be a 1-D int64 tensor, got ", dtype_str(groups), " ", shape_str(groups));
   check_seed(seed, "ibmd::philox");
   const c10::cuda::CUDAGuard guard(groups.device());
   const at::Tensor g = groups.contiguous();

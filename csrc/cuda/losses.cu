@@ -204,13 +204,6 @@ void launch_backward(const Prepared& p, std::vector<at::Tensor>& outs, const at:
   });
 }
 
-void check_grad(const at::Tensor& grad, const Prepared& p, const at::Tensor& weight, const char* op) {
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == p.batch, op, ": grad must have shape [", p.batch, "], got ",
-              grad.sizes());
-  TORCH_CHECK(grad.device() == weight.device(), op, ": grad is on ", grad.device(), " but the inputs are on ",
-              weight.device());
-}
-
 at::Tensor bridge_loss_cuda(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& weight) {
   constexpr const char* op = "ibmd::bridge_loss";
   Prepared p = prepare({{&pred, "pred"}, {&target, "target"}}, op);
@@ -223,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor> bridge_loss_backward_cuda(const at::Tensor& g
   constexpr const char* op = "ibmd::bridge_loss_backward";
   Prepared p = prepare({{&pred, "pred"}, {&target, "target"}}, op);
   check_coef(weight, pred, op, "weight");
-  check_grad(grad, p, weight, op);
+  check_loss_grad(grad, p, weight, op);
   std::vector<at::Tensor> outs = {empty_in_layout(p), empty_in_layout(p)};
   launch_backward<false>(p, outs, grad, weight, op);
   return {in_requested_layout(p, outs[0]), in_requested_layout(p, outs[1])};
@@ -245,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ibmd_loss_backward_cuda(const at:
   constexpr const char* op = "ibmd::ibmd_loss_backward";
   Prepared p = prepare({{&x0, "x0"}, {&teacher_pred, "teacher_pred"}, {&fake_pred, "fake_pred"}}, op);
   check_coef(weight, x0, op, "weight");
-  check_grad(grad, p, weight, op);
+  check_loss_grad(grad, p, weight, op);
   std::vector<at::Tensor> outs = {empty_in_layout(p), empty_in_layout(p), empty_in_layout(p)};
   launch_backward<true>(p, outs, grad, weight, op);
   return {in_requested_layout(p, outs[0]), in_requested_layout(p, outs[1]), in_requested_layout(p, outs[2])};
