@@ -19,7 +19,7 @@ import tempfile
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ibmd_fast import __version__
@@ -39,6 +39,9 @@ def atomic_write(path: str, write_fn) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     try:
         write_fn(tmp)
         with open(tmp, "rb") as fh:
@@ -71,7 +74,7 @@ def read_release(path: str, expect: str | None = None) -> tuple[dict[str, torch.
         with safe_open(path, framework="pt") as fh:
             metadata = fh.metadata() or {}
         state = load_file(path)
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise ReleaseError(f"{path} is not a readable safetensors file ({exc})") from None
     fmt = metadata.get("format")
     if fmt not in (TEACHER_FORMAT, GENERATOR_FORMAT):
