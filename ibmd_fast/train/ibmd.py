@@ -1,0 +1,472 @@
+"""Inverse Bridge Matching Distillation (MATH.md 5, Algorithm 1 of arXiv 2502.01362).
+
+    min_theta { E lambda(t) || x0_hat*(x_t, t) - x0 ||^2  -  min_phi E lambda(t) || x0_hat_phi(x_t, t) - x0 ||^2 }
+    x0 = G_theta(xT, z),  t ~ U,  x_t ~ q(x_t | x0, xT)
+
+The teacher ``x0_hat*`` is frozen. The fake bridge model ``phi`` and the generator ``G``
+both start as copies of the teacher (``make_fake_model``; ``Generator`` with a zero-init
+noise input, so at step 0 ``G(xT, z)`` is the teacher's one-step prediction at T).
+For k = 1..K (``IBMD.fake_step`` and ``IBMD.generator_step``):
+
+1. L times: fresh xT, z; ``x0 = G(xT, z)`` without gradient; t; ``x_t = q_sample(x0, xT, t)``;
+   ``loss_phi = mean lambda(t) ||x0_hat_phi(x_t, t) - x0||^2`` (``ops.bridge_loss``); step phi.
+2. Once: fresh xT, z, t; ``x0 = G(xT, z)`` WITH gradient; ``x_t = q_sample(x0, xT, t)`` (the
+   fused bridge step is differentiable in x0); ``loss_theta = mean lambda(t)
+   (||x0_hat*(x_t,t) - x0||^2 - ||x0_hat_phi(x_t,t) - x0||^2)`` (``ops.ibmd_loss``); step theta.
+   The gradient reaches theta through x0 directly and through x_t via both networks, whose
+   parameters are frozen for this step (the fake model's are toggled off, so it gets no
+   gradient and DDP never sees it).
+
+Only corrupted images are read: the training data is ``make_dataset(..., corrupted_only=True)``.
+Conditional teachers see ``xT`` (teacher, fake model and generator alike). Inpainting
+students predict the hole only (``Generator(mask=...)``); ``xT``'s hole is noise-filled.
+
+Multi-step students (``nfe = k > 1``, MATH.md 5): on the grid ``t_1 < ... < t_k = T``
+(``samplers.student_grid``), each draw picks ``n`` uniformly in 1..k (one per batch) and builds
+the student's input ``x_{t_n}`` by running the student's OWN chain from ``xT`` without gradient
+(``x0~ = G(x_{t_m}, z, t_m)``, posterior step to ``t_{m-1}``, for m = k..n+1), exactly as at
+inference; then ``x0 = G(x_{t_n}, z, t_n)`` (with gradient in step 2). This trains every grid
+point on the states the sampler actually visits.
+
+At the end: the EMA generator is released as ``generator.safetensors`` and, with
+``eval_items > 0``, compared with the teacher on held-out clean/corrupted pairs (PSNR,
+SSIM, seconds per image; ``comparison.json`` and ``comparison.png``).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import ibmd_fast
+from ibmd_fast import ops
+from ibmd_fast.data import get_degradation, make_dataset
+from ibmd_fast.models import Generator, make_fake_model
+from ibmd_fast.release import GENERATOR_FORMAT, ReleaseError, load_teacher, save_release
+from ibmd_fast.samplers import fill_hole, student_grid
+from ibmd_fast.train import distributed
+from ibmd_fast.train.checkpoint import CheckpointIO
+from ibmd_fast.train.common import (
+    BatchStream,
+    Meter,
+    OptimizerStep,
+    Precision,
+    RunLog,
+    TrainingDivergedError,
+    capture_rng,
+    check_compatible,
+    check_kind,
+    config_dict,
+    derive_seed,
+    draw_seed,
+    first_items,
+    progress_bar,
+    save_grid,
+    seed_everything,
+    to_device,
+    write_text,
+)
+from ibmd_fast.train.ema import EMA
+from ibmd_fast.train.evaluation import compare, sample_student
+from ibmd_fast.train.teacher import _as_config, _find_checkpoint, _fmt, _restore_rank_rng, _set_lr
+
+__all__ = ["DistillConfig", "distill", "IBMD", "DEFAULT_TEACHER"]
+
+DEFAULT_TEACHER = os.path.join(os.path.dirname(ibmd_fast.__file__), "assets", "teacher-sr4x.safetensors")
+GRID_ITEMS = 8
+
+
+@dataclass
+class DistillConfig:
+    """Every setting of ``distill``, with its default."""
+
+    run_dir: str = "runs/distill"       # config.json, stats.jsonl, log.txt, samples, checkpoints, release
+    teacher: str = ""                   # teacher release (.safetensors); "" = ibmd_fast/assets/teacher-sr4x.safetensors
+    data: str = ""                      # data spec (corrupted:dir suffices); "" = the one in the teacher release
+    degradation: str = ""               # "" = from the teacher release
+    image_size: int = 0                 # 0 = from the teacher release
+    nfe: int = 1                        # student steps (1 = one-step generator)
+    inner_steps: int = 5                # L: fake-model steps per generator step
+    steps: int = 300                    # K: generator steps
+    batch_size: int = 16                # global batch (split over ranks)
+    lr: float = 5e-5                    # generator learning rate (AdamW, constant)
+    fake_lr: float = 5e-5               # fake-model learning rate
+    ema_decay: float = 0.99             # EMA of the generator (with a (1+n)/(10+n) warm-up); the release is the EMA
+    grad_clip: float = 1.0              # max gradient norm for both networks; 0 = off
+    precision: str = "fp32"             # "fp32" | "bf16" | "fp16" (autocast on CUDA only; fp16 with GradScaler)
+    channels_last: bool = False         # NHWC memory format
+    compile: bool = False               # torch.compile the three networks
+    seed: int = 0                       # seeds the data order and each rank's noise (from seed, rank)
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    workers: int = 0                    # DataLoader workers per rank
+    log_every: int = 10                 # generator steps between stats.jsonl lines / log lines
+    ckpt_every: int = 100               # generator steps between checkpoints (one is always written at the end)
+    keep_ckpts: int = 3                 # newest checkpoints kept
+    sample_every: int = 0               # write a PNG grid every N generator steps (0: only at the end)
+    resume: str = "auto"                # "auto" (newest complete checkpoint in run_dir) | "none" | path to a checkpoint
+    progress: bool = True               # tqdm (auto-quiet when stderr is not a TTY)
+    eval_items: int = 16                # held-out items for the end-of-run comparison (0 = skip)
+    eval_teacher_nfe: tuple = (1, 10, 100)  # teacher NFEs in that comparison
+
+    def validate(self) -> None:
+        for name in ("nfe", "inner_steps", "batch_size", "log_every", "ckpt_every", "keep_ckpts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("steps", "sample_every", "eval_items", "workers", "image_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and self.fake_lr > 0):
+            raise ValueError(f"lr and fake_lr must be positive, got {self.lr}, {self.fake_lr}")
+        if self.degradation:
+            get_degradation(self.degradation)
+
+
+# Settings a checkpoint must share with the run that resumes it.
+_MODEL_KEYS = ("teacher_unet", "bridge", "conditional", "nfe", "image_size", "channels", "degradation")
+
+
+def _full(bridge, value, batch: int, device) -> torch.Tensor:
+    """A grid time as the ``[B]`` tensor the bridge and the networks take."""
+    if bridge.is_discrete:
+        return torch.full((batch,), int(value), dtype=torch.long, device=device)
+    return torch.full((batch,), float(value), dtype=torch.float64, device=device)
+
+
+def _noise_like(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Standard normal noise of ``x``'s shape from the fused op's Philox stream (same on CPU and CUDA)."""
+    return ops.bridge_step(x, x, 0.0, 0.0, 1.0, seed=seed)
+
+
+class IBMD:
+    """The three networks, their optimizers and the two phases of Algorithm 1 (MATH.md 5).
+
+    ``teacher`` is frozen here. ``fake`` (phi) and ``generator`` (G_theta) are built from it.
+    ``fake_step(batch)`` is phase 1 (run it L times), ``generator_step(batch)`` phase 2; each
+    returns ``(loss, grad_norm, stepped)``. ``noise`` is this rank's generator of t, z and the
+    bridge noise seeds.
+    """
+
+    def __init__(self, teacher, cfg: DistillConfig, env: distributed.DistEnv, precision: Precision,
+                 inpainting: bool = False):
+        self.cfg = cfg
+        self.env = env
+        self.device = env.device
+        self.precision = precision
+        self.inpainting = inpainting
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.bridge = teacher.bridge
+        self.conditional = bool(teacher.conditional)
+        self.nfe = int(cfg.nfe)
+        self.grid = student_grid(self.bridge, self.nfe).tolist()  # t_1 < ... < t_k = T
+
+        self.fake = make_fake_model(self.teacher).to(self.device).train()
+        self.generator = Generator(self.teacher, multistep=self.nfe > 1).to(self.device).train()
+        if cfg.channels_last:
+            for m in (self.teacher, self.fake, self.generator):
+                m.to(memory_format=torch.channels_last)
+        self.ema = EMA(self.generator, cfg.ema_decay)
+        self.gen_opt = torch.optim.AdamW(self.generator.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.fake_opt = torch.optim.AdamW(self.fake.parameters(), lr=cfg.fake_lr, weight_decay=0.0)
+        self.gen_scaler = precision.scaler()
+        self.fake_scaler = precision.scaler()
+        self.gen_guard = OptimizerStep("generator", self.gen_opt, list(self.generator.parameters()),
+                                       self.gen_scaler, cfg.grad_clip, env, "--lr")
+        self.fake_guard = OptimizerStep("fake-model", self.fake_opt, list(self.fake.parameters()),
+                                        self.fake_scaler, cfg.grad_clip, env, "--fake-lr")
+        self.noise = torch.Generator().manual_seed(derive_seed(cfg.seed, env.rank, 1))
+        self.gen_ddp = self.generator
+        self.fake_ddp = self.fake
+
+    def prepare(self) -> None:
+        """Compile and DDP-wrap (after any checkpoint is loaded into the plain modules)."""
+        if self.cfg.compile:
+            for m in (self.teacher, self.fake, self.generator):
+                m.net.compile()
+        self.gen_ddp = distributed.wrap_ddp(self.generator, self.env)
+        self.fake_ddp = distributed.wrap_ddp(self.fake, self.env)
+
+    def state_objects(self) -> dict:
+        return {"generator": self.generator, "fake": self.fake, "ema": self.ema,
+                "gen_optimizer": self.gen_opt, "fake_optimizer": self.fake_opt,
+                "gen_scaler": self.gen_scaler, "fake_scaler": self.fake_scaler,
+                "gen_guard": self.gen_guard, "fake_guard": self.fake_guard}
+
+    # -- pieces of Algorithm 1
+
+    def corrupted(self, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """xT (hole noise-filled for inpainting) and the mask, on the device."""
+        batch = to_device(batch, self.device, self.cfg.channels_last)
+        xT, mask = batch["xT"], batch.get("mask")
+        if self.inpainting and mask is not None:
+            xT = fill_hole(xT, mask, draw_seed(self.noise))
+        return xT, (mask if self.inpainting else None)
+
+    def generate(self, xT: torch.Tensor, z: torch.Tensor, mask: Optional[torch.Tensor], grad: bool) -> torch.Tensor:
+        """x0 from the student: ``G(xT, z)``, or for k > 1 ``G(x_{t_n}, z, t_n)`` after its own chain.
+
+        Only the last call carries a gradient (with ``grad``), through the DDP wrapper.
+        """
+        batch = xT.shape[0]
+        n = 1 if self.nfe == 1 else int(torch.randint(1, self.nfe + 1, (), generator=self.noise))
+        x = xT
+        with torch.no_grad(), self.precision.autocast():
+            for m in range(self.nfe, n, -1):  # t_m from T down to t_{n+1}
+                t = _full(self.bridge, self.grid[m - 1], batch, self.device)
+                s = _full(self.bridge, self.grid[m - 2], batch, self.device)
+                x0 = self.generator(xT, z, t=t, x_t=x, mask=mask).float()
+                x = self.bridge.posterior_step(x, x0, s, t, seed=draw_seed(self.noise))
+        t_n = _full(self.bridge, self.grid[n - 1], batch, self.device)
+        model = self.gen_ddp if grad else self.generator
+        with (contextlib.nullcontext() if grad else torch.no_grad()), self.precision.autocast():
+            return model(xT, z, t=t_n, x_t=x, mask=mask).float()
+
+    def fake_step(self, batch: dict) -> tuple[float, float, bool]:
+        """Algorithm 1, step 1 (one of the L): bridge matching of phi on the generator's samples."""
+        xT, mask = self.corrupted(batch)
+        z = _noise_like(xT, draw_seed(self.noise))
+        x0 = self.generate(xT, z, mask, grad=False)
+        t = self.bridge.sample_t(xT.shape[0], generator=self.noise).to(self.device)
+        x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.noise))
+        with self.precision.autocast():
+            x0_fake = self.fake_ddp(x_t, t, xT if self.conditional else None)
+        loss = ops.bridge_loss(x0_fake.float(), x0, self.bridge.loss_weight(t)).mean()
+        return self.fake_guard(loss)
+
+    def generator_step(self, batch: dict) -> tuple[float, float, bool]:
+        """Algorithm 1, step 2: the IBMD loss, backpropagated through x_t into the generator."""
+        xT, mask = self.corrupted(batch)
+        z = _noise_like(xT, draw_seed(self.noise))
+        cond = xT if self.conditional else None
+        self.fake.requires_grad_(False)  # phi is a fixed function in this step
+        try:
+            x0 = self.generate(xT, z, mask, grad=True)
+            t = self.bridge.sample_t(xT.shape[0], generator=self.noise).to(self.device)
+            x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.noise))  # differentiable in x0
+            with self.precision.autocast():
+                x0_teacher = self.teacher.predict_x0(x_t, t, cond)
+                x0_fake = self.fake.predict_x0(x_t, t, cond)  # the plain module: no DDP hooks
+            loss = ops.ibmd_loss(x0_teacher.float(), x0_fake.float(), x0, self.bridge.loss_weight(t)).mean()
+            result = self.gen_guard(loss)
+        finally:
+            self.fake.requires_grad_(True)
+        if result[2]:
+            self.ema.update(self.generator)
+        return result
+
+
+def _resolve(cfg: DistillConfig) -> tuple[DistillConfig, dict]:
+    """Fill the empty settings from the teacher release; returns the config and the release's."""
+    path = cfg.teacher or DEFAULT_TEACHER
+    if not os.path.exists(path):
+        if not cfg.teacher:
+            raise FileNotFoundError(
+                f"no teacher given and the embedded default {DEFAULT_TEACHER} is not installed; "
+                "train one with `ibmd-fast train-teacher` and pass its teacher.safetensors")
+        raise FileNotFoundError(f"teacher release not found: {path}")
+    from ibmd_fast.release import read_release
+
+    _, tconf, _ = read_release(path, expect="ibmd_fast.teacher")
+    values = {"teacher": path}
+    for name, key in (("data", "data"), ("degradation", "degradation"), ("image_size", "image_size")):
+        if not getattr(cfg, name):
+            if key not in tconf:
+                raise ReleaseError(f"the teacher release {path} records no {key!r}; pass {name} explicitly")
+            values[name] = tconf[key]
+    resolved = DistillConfig(**{**config_dict(cfg), **values})
+    resolved.eval_teacher_nfe = tuple(resolved.eval_teacher_nfe)
+    resolved.validate()
+    return resolved, tconf
+
+
+def distill(cfg: Optional[DistillConfig] = None, **overrides) -> dict:
+    """Distill a teacher release into a generator (MATH.md 5, Algorithm 1).
+
+    ``cfg`` fields may also be given as keywords. Returns ``{"run_dir", "release", "steps",
+    "loss_theta", "loss_phi", "skipped", "skipped_fake", "seconds", "comparison"}``, where
+    ``comparison`` is a list of ``{"model", "nfe", "psnr", "ssim", "sec_per_image"}`` (empty when
+    skipped). Under torchrun every rank calls it; rank 0 writes the files.
+    """
+    cfg = _as_config(DistillConfig, cfg, overrides)
+    cfg.validate()
+    cfg, tconf = _resolve(cfg)
+    env = distributed.init(cfg.device)
+    return _distill(cfg, tconf, env)
+
+
+def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
+    t_start = time.perf_counter()
+    device = env.device
+    log = RunLog(cfg.run_dir, env)
+    local_batch = distributed.local_batch_size(cfg.batch_size, env)
+    precision = Precision(cfg.precision, device, log)
+    teacher, _ = load_teacher(cfg.teacher, device=device)
+    channels = int(tconf.get("channels", teacher.image_channels))
+    degradation = get_degradation(cfg.degradation)
+    inpainting = degradation.is_inpainting
+    if env.is_main:
+        log(f"distill: teacher {cfg.teacher} ({teacher.bridge_type}, "
+            f"{'conditional' if teacher.conditional else 'unconditional'}), {degradation.name}, "
+            f"data {cfg.data!r}, {cfg.image_size}px, NFE {cfg.nfe}, L={cfg.inner_steps}, K={cfg.steps}, "
+            f"{env.world_size} process(es) on {device}, precision {precision.name}")
+
+    # Corrupted images only (MATH.md 5): distillation never reads x0.
+    dataset = make_dataset(cfg.data, degradation, size=cfg.image_size, channels=channels, split="train",
+                           corrupted_only=True, seed=cfg.seed)
+    grid_batch = first_items(dataset, GRID_ITEMS) if env.is_main else None
+
+    ibmd = IBMD(teacher, cfg, env, precision, inpainting)
+    seed_everything(cfg.seed + env.rank)
+
+    ckpt = CheckpointIO(os.path.join(cfg.run_dir, "checkpoints"), cfg.keep_ckpts, **ibmd.state_objects())
+    run_config = config_dict(cfg)
+    model_config = {"teacher_unet": teacher.net.config, "bridge": teacher.bridge.config(),
+                    "conditional": teacher.conditional, "nfe": cfg.nfe, "image_size": cfg.image_size,
+                    "channels": channels, "degradation": degradation.name}
+    start_step, seconds_before, position = 0, 0.0, 0
+    found = _find_checkpoint(cfg.resume, ckpt, log, env)
+    if found is not None:
+        path, payload = found
+        check_kind(payload, "distill", path)
+        check_compatible(payload["model"], model_config, _MODEL_KEYS, path)
+        ckpt.load(payload, path)
+        _set_lr(ibmd.gen_opt, cfg.lr)  # the run's settings win over those saved with the optimizers
+        _set_lr(ibmd.fake_opt, cfg.fake_lr)
+        start_step = int(payload["step"])
+        seconds_before = float(payload.get("seconds", 0.0))
+        position = int(payload["data_position"])
+        _restore_rank_rng(payload, ibmd.noise, env, log)
+        log(f"resumed from {path} at step {start_step}")
+    log.truncate_stats(start_step)
+    log.write_config({**run_config, "world_size": env.world_size, "teacher_config": tconf})
+    ibmd.prepare()
+    stream = BatchStream(dataset, local_batch, env, cfg.seed, cfg.workers, start=position)
+
+    meter = Meter()
+    last = {"loss_theta": None, "loss_phi": None}
+    step = start_step
+    last_saved = start_step if found is not None else -1
+    bar = progress_bar(cfg.steps, start_step, cfg.progress and env.is_main, "distill")
+
+    def save_checkpoint():
+        nonlocal last_saved
+        states = env.gather(capture_rng(ibmd.noise))
+        if env.is_main:
+            ckpt.save(step, kind="distill", config=run_config, model=model_config, rng=states,
+                      data_position=stream.position, seconds=seconds_before + time.perf_counter() - t_start)
+        last_saved = step
+        env.barrier()
+
+    try:
+        while step < cfg.steps:
+            # Algorithm 1, step 1: L fake-model steps on fresh generator samples.
+            for _ in range(cfg.inner_steps):
+                loss_phi, fake_norm, _ = ibmd.fake_step(stream.next())
+                meter.add(loss_phi=loss_phi, fake_grad_norm=fake_norm)
+            # Algorithm 1, step 2: one generator step.
+            loss_theta, grad_norm, _ = ibmd.generator_step(stream.next())
+            meter.add(loss_theta=loss_theta, grad_norm=grad_norm)
+            meter.steps += 1
+            step += 1
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                means = meter.means(env)
+                elapsed = time.perf_counter() - meter.t0
+                row = {"step": step, "loss_theta": means.get("loss_theta"), "loss_phi": means.get("loss_phi"),
+                       "grad_norm": means.get("grad_norm"), "fake_grad_norm": means.get("fake_grad_norm"),
+                       "lr": ibmd.gen_opt.param_groups[0]["lr"], "fake_lr": ibmd.fake_opt.param_groups[0]["lr"],
+                       "it_per_s": meter.steps / max(elapsed, 1e-9),
+                       "skipped": ibmd.gen_guard.skipped, "skipped_fake": ibmd.fake_guard.skipped,
+                       "seconds": round(seconds_before + time.perf_counter() - t_start, 3)}
+                log.stats(row)
+                last = {"loss_theta": row["loss_theta"], "loss_phi": row["loss_phi"]}
+                log(f"step {step:6d}  loss_theta {_fmt(row['loss_theta'])}  loss_phi {_fmt(row['loss_phi'])}  "
+                    f"grad {_fmt(row['grad_norm'])}  {row['it_per_s']:.2f} it/s  "
+                    f"skipped {ibmd.gen_guard.skipped}/{ibmd.fake_guard.skipped}")
+                meter.reset()
+            if step % cfg.ckpt_every == 0 and step < cfg.steps:
+                if ibmd.gen_guard.consecutive or ibmd.fake_guard.consecutive:
+                    log(f"step {step}: no checkpoint while steps are being skipped")
+                else:
+                    save_checkpoint()
+            if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and env.is_main:
+                _write_samples(cfg, ibmd, grid_batch, step)
+    except TrainingDivergedError as exc:
+        log(f"error at step {step + 1}: {exc}")
+        raise
+    finally:
+        bar.close()
+
+    if last_saved != step:
+        save_checkpoint()
+    release = os.path.join(cfg.run_dir, "generator.safetensors")
+    comparison: list[dict] = []
+    if env.is_main:
+        _write_samples(cfg, ibmd, grid_batch, step)
+        student = ibmd.ema.module
+        save_release(release, student.net, GENERATOR_FORMAT, {
+            **student.config(),
+            "nfe": cfg.nfe,
+            "degradation": degradation.name,
+            "image_size": cfg.image_size,
+            "channels": channels,
+            "data": cfg.data,
+            "inpainting": inpainting,
+        }, extra={"step": step, "teacher": os.path.abspath(cfg.teacher), **last})
+        log(f"generator release: {release}")
+        if cfg.eval_items > 0:
+            comparison = _evaluate(cfg, ibmd, channels, degradation, log)
+    comparison = env.broadcast(comparison)
+    env.barrier()
+    seconds = seconds_before + time.perf_counter() - t_start
+    return {"run_dir": cfg.run_dir, "release": release, "steps": step, **last,
+            "skipped": ibmd.gen_guard.skipped, "skipped_fake": ibmd.fake_guard.skipped,
+            "seconds": seconds, "comparison": comparison}
+
+
+def _write_samples(cfg: DistillConfig, ibmd: IBMD, batch: Optional[dict], step: int) -> None:
+    """Rows: corrupted | student (EMA). Distillation has no clean images to show."""
+    if batch is None:
+        return
+    xT = batch["xT"].to(ibmd.device)
+    mask = batch.get("mask") if ibmd.inpainting else None
+    mask = None if mask is None else mask.to(ibmd.device)
+    out = sample_student(ibmd.ema.module, xT, cfg.nfe, mask, seed=cfg.seed, autocast=ibmd.precision.autocast)
+    save_grid(os.path.join(cfg.run_dir, f"samples-{step}.png"), [xT, out])
+
+
+def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -> list[dict]:
+    """Teacher at each NFE vs the student on held-out pairs (the test split, never used in training)."""
+    try:
+        test = make_dataset(cfg.data, degradation, size=cfg.image_size, channels=channels, split="test",
+                            seed=cfg.seed)
+    except (ValueError, FileNotFoundError) as exc:
+        log(f"note: no clean held-out images for the comparison ({exc}); skipped")
+        return []
+    n = min(cfg.eval_items, len(test))
+    per_batch = max(1, min(cfg.batch_size, n))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        items = [test[i] for i in range(n)]
+    from ibmd_fast.data import collate
+
+    batches = [collate(items[i:i + per_batch]) for i in range(0, n, per_batch)]
+    if not ibmd.inpainting:
+        batches = [{k: v for k, v in b.items() if k != "mask"} for b in batches]
+    log(f"comparison on {n} held-out item(s):")
+    rows, pictures = compare(ibmd.teacher, ibmd.ema.module, cfg.nfe, batches, cfg.eval_teacher_nfe,
+                             ibmd.device, seed=cfg.seed, autocast=ibmd.precision.autocast, log=log)
+    write_text(os.path.join(cfg.run_dir, "comparison.json"), json.dumps(rows, indent=2) + "\n")
+    teacher_rows = [r for r in rows if r["model"] == "teacher"]
+    first = batches[0]
+    grid = [first["xT"]]
+    if teacher_rows:
+        grid.append(pictures[f"teacher-{teacher_rows[-1]['nfe']}"])
+    grid += [pictures[f"student-{cfg.nfe}"], first["x0"]]
+    save_grid(os.path.join(cfg.run_dir, "comparison.png"), grid)
+    return rows

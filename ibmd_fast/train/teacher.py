@@ -1,0 +1,368 @@
+"""Teacher training by bridge matching (MATH.md 4).
+
+    min_theta  E_{(x0, xT), t, x_t} lambda(t) || x0_hat_theta(x_t, t [, xT]) - x0 ||^2
+
+with ``t ~ bridge.sample_t``, ``x_t = bridge.q_sample(x0, xT, t)`` (the fused bridge step)
+and ``lambda = bridge.loss_weight``, through the fused ``ops.bridge_loss``.
+
+Loss scale. The weights are used as they are, not normalized: for I2SB,
+``lambda(t) = 1/std_fwd[t]^2`` turns the x0-space error into exactly I2SB's eps-loss
+``|| net - (x_t - x0)/std_fwd[t] ||^2`` (MATH.md 2a), and for the VP bridge
+``1/c_out^2`` is a unit weight on the raw network output (MATH.md 2b). Either way the loss
+and its gradient are O(1) per element at every t, so the learning rates of the released
+I2SB / DDBM code (1e-4 .. 5e-5) and ours carry over. (Dividing by the mean weight over
+the schedule would instead shrink the I2SB loss by ~1e2 and the effective learning rate
+with it.)
+
+Inpainting: the hole of ``xT`` is filled with Gaussian noise (``samplers.fill_hole``) in
+training as in sampling, and the loss is taken over the whole image (the known pixels
+are easy and keep the network's output consistent across the mask border).
+
+Outputs in ``run_dir``: ``config.json``, ``stats.jsonl``, ``log.txt``,
+``samples-<step>.png`` (rows: corrupted | teacher | clean, from the held-out split),
+``checkpoints/ckpt-<step>.pt`` and, at the end, the release ``teacher.safetensors`` (EMA
+weights).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+from ibmd_fast import ops
+from ibmd_fast.bridges import I2SBBridge, VPBridge
+from ibmd_fast.data import get_degradation, make_dataset
+from ibmd_fast.models import Teacher, build_unet
+from ibmd_fast.release import TEACHER_FORMAT, save_release
+from ibmd_fast.samplers import fill_hole
+from ibmd_fast.train import distributed
+from ibmd_fast.train.checkpoint import CheckpointIO
+from ibmd_fast.train.common import (
+    BatchStream,
+    Meter,
+    OptimizerStep,
+    Precision,
+    RunLog,
+    TrainingDivergedError,
+    capture_rng,
+    check_compatible,
+    check_kind,
+    config_dict,
+    derive_seed,
+    draw_seed,
+    first_items,
+    progress_bar,
+    restore_rng,
+    save_grid,
+    seed_everything,
+    to_device,
+)
+from ibmd_fast.train.ema import EMA
+from ibmd_fast.train.evaluation import default_teacher_nfe, sample_teacher
+
+__all__ = ["TeacherConfig", "train_teacher", "make_bridge"]
+
+GRID_ITEMS = 8  # pictures per sample grid
+
+
+@dataclass
+class TeacherConfig:
+    """Every setting of ``train_teacher``, with its default."""
+
+    run_dir: str = "runs/teacher"       # config.json, stats.jsonl, log.txt, samples, checkpoints, release
+    data: str = "skimage"               # data spec (make_dataset): skimage, fashion-mnist[:dir], folder:dir, paired:a,b
+    degradation: str = "sr4x-bicubic"   # how xT is made from x0 (ibmd_fast.data.DEGRADATIONS)
+    image_size: int = 32                # training resolution
+    channels: int = 3                   # 1 (grayscale) or 3 (RGB)
+    bridge: str = "i2sb"                # "i2sb" | "vp"
+    beta_max: float = 0.3               # I2SB: 0.3 for super-resolution and JPEG, 1.0 for inpainting
+    n_steps: int = 1000                 # I2SB: discrete steps of the bridge
+    conditional: bool = False           # feed xT to the network (channel concat)
+    arch: str = "tiny"                  # U-Net configuration name (ibmd_fast.models.CONFIGS)
+    batch_size: int = 16                # global batch (split over ranks)
+    lr: float = 2e-4                    # AdamW learning rate (constant)
+    steps: int = 2000                   # optimizer steps
+    ema_decay: float = 0.999            # EMA of the weights (with a (1+n)/(10+n) warm-up); the release is the EMA
+    grad_clip: float = 1.0              # max global gradient norm; 0 = off
+    precision: str = "fp32"             # "fp32" | "bf16" | "fp16" (autocast on CUDA only; fp16 with GradScaler)
+    channels_last: bool = False         # NHWC memory format (faster convolutions on recent GPUs)
+    compile: bool = False               # torch.compile the network
+    seed: int = 0                       # seeds the weights, the data order and each rank's noise (from seed, rank)
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    workers: int = 0                    # DataLoader workers per rank
+    log_every: int = 50                 # steps between stats.jsonl lines / log lines
+    ckpt_every: int = 500               # steps between checkpoints (one is always written at the end)
+    keep_ckpts: int = 3                 # newest checkpoints kept
+    sample_every: int = 0               # write a PNG grid every N steps (0: only at the end)
+    sample_nfe: int = 0                 # NFE of the sample grids and of the release (0: 100, at most n_steps - 1)
+    resume: str = "auto"                # "auto" (newest complete checkpoint in run_dir) | "none" | path to a checkpoint
+    progress: bool = True               # tqdm (auto-quiet when stderr is not a TTY)
+
+    def validate(self) -> None:
+        if self.bridge not in ("i2sb", "vp"):
+            raise ValueError(f"bridge must be 'i2sb' or 'vp', got {self.bridge!r}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        for name in ("image_size", "batch_size", "log_every", "ckpt_every", "keep_ckpts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("steps", "sample_every", "sample_nfe", "workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        get_degradation(self.degradation)  # raises for unknown names
+
+
+# Settings a checkpoint must share with the run that resumes it (the rest may change, e.g. steps, lr).
+_MODEL_KEYS = ("arch", "image_size", "channels", "bridge", "beta_max", "n_steps", "conditional", "degradation")
+
+
+def make_bridge(cfg: TeacherConfig):
+    """The bridge of MATH.md 2a (I2SB) or 2b (VP) that ``cfg`` names."""
+    if cfg.bridge == "i2sb":
+        return I2SBBridge(n_steps=cfg.n_steps, beta_max=cfg.beta_max)
+    return VPBridge()
+
+
+def _as_config(cls, cfg, overrides):
+    if cfg is None:
+        cfg = cls()
+    elif isinstance(cfg, dict):
+        cfg = cls(**cfg)
+    if overrides:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} setting(s): {unknown}")
+        cfg = cls(**{**config_dict(cfg), **overrides})
+    return cfg
+
+
+def train_teacher(cfg: Optional[TeacherConfig] = None, **overrides) -> dict:
+    """Train a bridge teacher (MATH.md 4). ``cfg`` fields may also be given as keywords.
+
+    Returns ``{"run_dir", "release", "steps", "loss", "skipped", "seconds"}``. Under torchrun,
+    every rank calls it; rank 0 writes the files.
+    """
+    cfg = _as_config(TeacherConfig, cfg, overrides)
+    cfg.validate()
+    env = distributed.init(cfg.device)
+    return _train_teacher(cfg, env)
+
+
+def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
+    t_start = time.perf_counter()
+    device = env.device
+    log = RunLog(cfg.run_dir, env)
+    local_batch = distributed.local_batch_size(cfg.batch_size, env)
+    precision = Precision(cfg.precision, device, log)
+    if env.is_main:
+        log(f"train-teacher: {cfg.bridge} bridge, {cfg.degradation}, data {cfg.data!r}, {cfg.image_size}px, "
+            f"arch {cfg.arch}, {env.world_size} process(es) on {device}, precision {precision.name}")
+
+    # Data: (x0, xT[, mask]) pairs; the held-out split only feeds the sample grids.
+    dataset = make_dataset(cfg.data, cfg.degradation, size=cfg.image_size, channels=cfg.channels,
+                           split="train", seed=cfg.seed)
+    inpainting = get_degradation(cfg.degradation).is_inpainting
+
+    # Model: the same initial weights on every rank.
+    bridge = make_bridge(cfg)
+    torch.manual_seed(cfg.seed)
+    in_channels = cfg.channels * (2 if cfg.conditional else 1)
+    net = build_unet(cfg.arch, cfg.image_size, in_channels, cfg.channels)
+    teacher = Teacher(net, bridge, conditional=cfg.conditional).to(device).train()
+    if cfg.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    ema = EMA(teacher, cfg.ema_decay)
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, weight_decay=0.0)
+    scaler = precision.scaler()
+    step_fn = OptimizerStep("teacher", optimizer, list(teacher.parameters()), scaler, cfg.grad_clip, env)
+    sample_nfe = cfg.sample_nfe or default_teacher_nfe(bridge)
+    grid_batch = _grid_batch(cfg, env) if env.is_main else None
+
+    # Noise: this rank's generator (t, bridge noise seeds, hole fill) and the global generators
+    # (dropout, if any), seeded after everything above so a resumed run restores them exactly.
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, env.rank, 1))
+    seed_everything(cfg.seed + env.rank)
+
+    # Resume.
+    ckpt = CheckpointIO(os.path.join(cfg.run_dir, "checkpoints"), cfg.keep_ckpts,
+                        teacher=teacher, ema=ema, optimizer=optimizer, scaler=scaler, guard=step_fn)
+    run_config = config_dict(cfg)
+    start_step, seconds_before, position = 0, 0.0, 0
+    found = _find_checkpoint(cfg.resume, ckpt, log, env)
+    if found is not None:
+        path, payload = found
+        check_kind(payload, "teacher", path)
+        check_compatible(payload["config"], run_config, _MODEL_KEYS, path)
+        ckpt.load(payload, path)
+        _set_lr(optimizer, cfg.lr)  # the run's setting wins over the one saved with the optimizer
+        start_step = int(payload["step"])
+        seconds_before = float(payload.get("seconds", 0.0))
+        position = int(payload["data_position"])
+        _restore_rank_rng(payload, gen, env, log)
+        log(f"resumed from {path} at step {start_step}")
+    log.truncate_stats(start_step)
+    log.write_config({**run_config, "world_size": env.world_size})
+
+    if cfg.compile:
+        teacher.net.compile()
+    model = distributed.wrap_ddp(teacher, env)
+    stream = BatchStream(dataset, local_batch, env, cfg.seed, cfg.workers, start=position)
+
+    meter = Meter()
+    last_loss = None
+    step = start_step
+    last_saved = start_step if found is not None else -1
+    bar = progress_bar(cfg.steps, start_step, cfg.progress and env.is_main, "teacher")
+
+    def save_checkpoint():
+        nonlocal last_saved
+        states = env.gather(capture_rng(gen))
+        if env.is_main:
+            ckpt.save(step, kind="teacher", config=run_config, rng=states, data_position=stream.position,
+                      seconds=seconds_before + time.perf_counter() - t_start)
+        last_saved = step
+        env.barrier()
+
+    try:
+        while step < cfg.steps:
+            batch = to_device(stream.next(), device, cfg.channels_last)
+            x0, xT, mask = batch["x0"], batch["xT"], batch.get("mask")
+            if inpainting:
+                xT = fill_hole(xT, mask, draw_seed(gen))
+            # Bridge matching (MATH.md 4): t, x_t ~ q(x_t | x0, xT), weighted x0 regression.
+            t = bridge.sample_t(x0.shape[0], generator=gen).to(device)
+            x_t = bridge.q_sample(x0, xT, t, seed=draw_seed(gen))
+            with precision.autocast():
+                x0_hat = model(x_t, t, xT if cfg.conditional else None)
+            loss = ops.bridge_loss(x0_hat.float(), x0.float(), bridge.loss_weight(t)).mean()
+            loss_value, grad_norm, stepped = step_fn(loss)
+            if stepped:
+                ema.update(teacher)
+            step += 1
+            bar.update(1)
+            meter.add(loss=loss_value, grad_norm=grad_norm)
+            meter.steps += 1
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                means = meter.means(env)
+                elapsed = time.perf_counter() - meter.t0
+                row = {"step": step, "loss": means.get("loss"), "lr": optimizer.param_groups[0]["lr"],
+                       "grad_norm": means.get("grad_norm"), "it_per_s": meter.steps / max(elapsed, 1e-9),
+                       "skipped": step_fn.skipped,
+                       "seconds": round(seconds_before + time.perf_counter() - t_start, 3)}
+                log.stats(row)
+                last_loss = row["loss"]
+                log(f"step {step:7d}  loss {_fmt(row['loss'])}  grad {_fmt(row['grad_norm'])}  "
+                    f"{row['it_per_s']:.2f} it/s  skipped {step_fn.skipped}")
+                meter.reset()
+            if step % cfg.ckpt_every == 0 and step < cfg.steps:
+                if step_fn.consecutive:
+                    log(f"step {step}: no checkpoint while steps are being skipped")
+                else:
+                    save_checkpoint()
+            if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and env.is_main:
+                _write_samples(cfg, ema.module, grid_batch, step, sample_nfe, precision, device)
+    except TrainingDivergedError as exc:
+        log(f"error at step {step + 1}: {exc}")
+        raise
+    finally:
+        bar.close()
+
+    if last_saved != step:
+        save_checkpoint()
+    release = os.path.join(cfg.run_dir, "teacher.safetensors")
+    if env.is_main:
+        _write_samples(cfg, ema.module, grid_batch, step, sample_nfe, precision, device)
+        save_release(release, ema.module.net, TEACHER_FORMAT, {
+            "unet": ema.module.net.config,
+            "conditional": cfg.conditional,
+            "bridge": bridge.config(),
+            "nfe": sample_nfe,
+            "degradation": get_degradation(cfg.degradation).name,
+            "image_size": cfg.image_size,
+            "channels": cfg.channels,
+            "data": cfg.data,
+        }, extra={"step": step, "loss": last_loss})
+        log(f"teacher release: {release}")
+    env.barrier()
+    seconds = seconds_before + time.perf_counter() - t_start
+    return {"run_dir": cfg.run_dir, "release": release, "steps": step, "loss": last_loss,
+            "skipped": step_fn.skipped, "seconds": seconds}
+
+
+# ----------------------------------------------------------------------------
+# helpers shared with the distiller
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _find_checkpoint(resume: str, ckpt: CheckpointIO, log: RunLog, env) -> Optional[tuple[str, dict]]:
+    """The checkpoint to resume from: ``auto`` the newest readable one, a path that file, ``none`` nothing.
+
+    Every rank reads the file itself (no broadcast of tensors); rank 0 alone cleans up.
+    """
+    resume = str(resume).strip()
+    if env.is_main:
+        ckpt.remove_stale_temporaries()
+    env.barrier()
+    if resume.lower() == "none":
+        if env.is_main:
+            old = ckpt.checkpoints()
+            if old:
+                log(f"warning: resume='none': deleting {len(old)} old checkpoint(s) in {ckpt.directory}")
+                for _, path in old:
+                    os.remove(path)
+        env.barrier()
+        return None
+    if resume.lower() == "auto":
+        found = ckpt.find_latest(log=log if env.is_main else None)
+        paths = env.gather(None if found is None else found[0])
+        if len(set(paths)) > 1:
+            raise RuntimeError(f"ranks found different checkpoints to resume from: {paths}")
+        return found
+    return resume, CheckpointIO.read(resume)
+
+
+def _restore_rank_rng(payload: dict, gen: torch.Generator, env, log) -> None:
+    states = payload["rng"]
+    if len(states) == env.world_size:
+        restore_rng(states[env.rank], gen)
+    else:
+        # Another number of processes: the run goes on, with fresh noise streams.
+        log(f"note: checkpoint written by {len(states)} process(es), resuming with {env.world_size}: "
+            "noise streams are re-seeded (the run is not bit-identical to an uninterrupted one)")
+        gen.manual_seed(derive_seed(int(payload["step"]), env.rank, 2))
+        seed_everything(derive_seed(int(payload["step"]), env.rank, 3) % 2**31)
+
+
+def _grid_batch(cfg: TeacherConfig, env) -> Optional[dict]:
+    """Fixed pictures for the sample grids: the first items of the held-out split."""
+    try:
+        data = make_dataset(cfg.data, cfg.degradation, size=cfg.image_size, channels=cfg.channels,
+                            split="test", seed=cfg.seed)
+    except (ValueError, FileNotFoundError):
+        return None
+    return first_items(data, GRID_ITEMS)
+
+
+def _write_samples(cfg, teacher, batch, step, nfe, precision, device) -> None:
+    if batch is None:
+        return
+    xT = batch["xT"].to(device)
+    mask = batch.get("mask")
+    mask = None if mask is None else mask.to(device)
+    out = sample_teacher(teacher, xT, nfe, mask, seed=cfg.seed, autocast=precision.autocast)
+    save_grid(os.path.join(cfg.run_dir, f"samples-{step}.png"), [xT, out, batch["x0"]])
