@@ -1,0 +1,650 @@
+"""The ``ibmd-fast`` command line: train-teacher, distill, sample, eval, train-classifier, export.
+
+A thin layer: options are parsed and checked here (click types with ranges, metavars and
+defaults shown, in the manner of NVlabs/edm ``train.py``); the work is done by
+``ibmd_fast.train``, ``ibmd_fast.evaluate`` and ``ibmd_fast.onnx``.
+
+- Training commands take every field of their config dataclass as an option; the defaults are
+  read from the dataclass (one source). Precedence: dataclass < ``--config FILE`` (YAML/JSON)
+  < options given on the command line. ``--dry-run`` prints the resolved config and exits.
+- Expected errors (missing paths, bad releases, bad images, divergence, ...) end in one line
+  ``Error: ...`` on stderr and a non-zero exit code; set ``IBMD_FAST_DEBUG=1`` for tracebacks.
+- Progress bars (tqdm) go to stderr and are on only when stderr is a terminal, unless
+  ``--progress`` / ``--no-progress`` says otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+from click.core import ParameterSource
+
+from ibmd_fast import __version__
+from ibmd_fast.config_io import dump_config, resolve_config
+from ibmd_fast.evaluate import DEFAULT_GENERATOR, DEFAULT_TEACHER
+
+try:
+    from ibmd_fast.train import DistillConfig, TeacherConfig
+    _TRAIN_IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as _exc:  # the trainers are a separate module; the other commands work without them
+    TeacherConfig = DistillConfig = None  # type: ignore[assignment]
+    _TRAIN_IMPORT_ERROR = _exc
+
+try:
+    from ibmd_fast.onnx import MIN_OPSET as _MIN_OPSET
+except ImportError:  # the exporter's own dependencies are missing: `export` will say so
+    _MIN_OPSET = 17
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+DEFAULT_SAMPLE_DIR = os.path.join("runs", "sample")
+DEFAULT_EVAL_DIR = os.path.join("runs", "eval")
+DEFAULT_CLASSIFIER = os.path.join("runs", "classifier.safetensors")
+
+
+# ----------------------------------------------------------------------------
+# Errors: one line, non-zero exit, no traceback for what the user can fix
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input or a failed run, not a bug: shown as one line."""
+    import torch
+
+    # OSError: missing or unwritable paths, a full disk; ValueError: bad values, files and releases
+    # (ReleaseError and ConfigError are ValueErrors).
+    types: list[type[BaseException]] = [ValueError, OSError, MemoryError, torch.cuda.OutOfMemoryError]
+    # Errors the trainers and the exporter define (divergence, bad checkpoint, parity, ...).
+    prefixes = ("ibmd_fast.train", "ibmd_fast.onnx")
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(prefixes):
+            continue
+        for value in list(vars(module).values()):
+            if (isinstance(value, type) and issubclass(value, Exception)
+                    and getattr(value, "__module__", "").startswith(prefixes)):
+                types.append(value)
+    return tuple(types)
+
+
+def _message(exc: BaseException) -> str:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "out of GPU memory; lower --batch-size (or use --precision bf16 where the command has it)"
+    if isinstance(exc, MemoryError):
+        return "out of memory; lower --batch-size"
+    text = _one_line(exc) or type(exc).__name__
+    if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    return text
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn expected exceptions into ``click.ClickException`` (one ``Error:`` line, exit code 1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if os.environ.get("IBMD_FAST_DEBUG"):
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except click.exceptions.ClickException:
+            raise
+        except _expected_errors() as exc:
+            raise click.ClickException(_message(exc)) from None
+
+    return wrapper
+
+
+def _auto_progress(value: Optional[bool]) -> bool:
+    """``--progress`` / ``--no-progress``, or on when stderr is a terminal."""
+    return sys.stderr.isatty() if value is None else bool(value)
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+# ----------------------------------------------------------------------------
+# Config dataclasses -> options
+
+
+def _default(cls, name: str):
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                return f.default_factory()  # type: ignore[misc]
+            return None
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+class IntList(click.ParamType):
+    """Comma-separated positive integers ("1,10,100"), or a list of them; gives a tuple."""
+
+    name = "N[,N...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            items = [value]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [v for v in str(value).replace(" ", "").split(",") if v]
+        try:
+            numbers = tuple(int(v) for v in items)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if not numbers or min(numbers) < 1:
+            self.fail(f"{value!r}: give one or more integers >= 1", param, ctx)
+        return numbers
+
+
+def _show(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+# Option specs: field name -> (click.option keyword arguments). Flags use "flag": "--x/--no-x".
+_SHARED_TRAIN_OPTIONS: list[tuple[str, dict]] = [
+    ("batch_size", dict(type=click.IntRange(min=1), metavar="N", help="Images per training step.")),
+    ("ema_decay", dict(type=click.FloatRange(0.0, 1.0), metavar="FLOAT", help="EMA decay of the released weights.")),
+    ("grad_clip", dict(type=click.FloatRange(min=0.0), metavar="NORM", help="Gradient-norm clip; 0 turns it off.")),
+    ("precision", dict(type=click.Choice(["fp32", "bf16", "fp16"]), help="Arithmetic precision (autocast).")),
+    ("channels_last", dict(flag="--channels-last/--no-channels-last", help="Channels-last memory format.")),
+    ("compile", dict(flag="--compile/--no-compile", help="torch.compile the networks.")),
+    ("seed", dict(type=click.IntRange(min=0), metavar="INT", help="Random seed.")),
+    ("device", dict(type=str, metavar="DEV", help="auto, cpu, cuda or cuda:N.")),
+    ("workers", dict(type=click.IntRange(min=0), metavar="N", help="DataLoader worker processes.")),
+    ("log_every", dict(type=click.IntRange(min=1), metavar="STEPS", help="Steps between log lines / stats.jsonl.")),
+    ("ckpt_every", dict(type=click.IntRange(min=1), metavar="STEPS",
+                        help="Steps between checkpoints (one is always written at the end).")),
+    ("keep_ckpts", dict(type=click.IntRange(min=1), metavar="N", help="Checkpoints kept (newest).")),
+    ("sample_every", dict(type=click.IntRange(min=0), metavar="STEPS",
+                          help="Steps between PNG sample grids; 0: at the end only.")),
+    ("sample_nfe", dict(type=click.IntRange(min=0), metavar="N",
+                        help="Teacher NFE of sample grids and the release's default NFE; 0: 100 (capped by "
+                             "n_steps - 1).")),
+    ("resume", dict(type=str, metavar="auto|none|PATH",
+                    help="Resume from the newest checkpoint in the run dir (auto), start fresh (none), "
+                         "or from a checkpoint file.")),
+    ("progress", dict(flag="--progress/--no-progress", show_default=False,
+                      help="Progress bar (default: on when stderr is a terminal).")),
+]
+
+
+def _teacher_options() -> list[tuple[str, dict]]:
+    from ibmd_fast.data import DEGRADATIONS, SPEC_HELP
+    from ibmd_fast.models import CONFIGS
+
+    return [
+        ("run_dir", dict(type=str, metavar="DIR", help="Output folder (config.json, stats.jsonl, checkpoints/, "
+                                                      "teacher.safetensors).")),
+        ("data", dict(type=str, metavar="SPEC", help=f"Training data; {SPEC_HELP}")),
+        ("degradation", dict(type=str, metavar="NAME",
+                             help=f"Corruption x0 -> xT: {', '.join(DEGRADATIONS)} (also srKx-*, jpeg-Q).")),
+        ("image_size", dict(type=click.IntRange(min=4), metavar="PX", help="Training crop size.")),
+        ("channels", dict(type=click.Choice([1, 3]), help="Image channels (1 gray, 3 RGB).")),
+        ("bridge", dict(type=click.Choice(["i2sb", "vp"]), help="Bridge: I2SB (discrete) or DDBM VP.")),
+        ("beta_max", dict(type=click.FloatRange(min=0.0, min_open=True), metavar="FLOAT",
+                          help="I2SB beta_max (0.3 SR/JPEG, 1.0 inpainting).")),
+        ("n_steps", dict(type=click.IntRange(min=2), metavar="N", help="I2SB discretization steps.")),
+        ("conditional", dict(flag="--conditional/--unconditional", help="Feed xT to the network too.")),
+        ("arch", dict(type=click.Choice(sorted(CONFIGS)), help="U-Net configuration.")),
+        ("lr", dict(type=click.FloatRange(min=0.0, min_open=True), metavar="LR", help="Learning rate.")),
+        ("steps", dict(type=click.IntRange(min=0), metavar="N", help="Optimizer steps.")),
+    ] + _SHARED_TRAIN_OPTIONS
+
+
+def _distill_options() -> list[tuple[str, dict]]:
+    from ibmd_fast.data import SPEC_HELP
+
+    return [
+        ("run_dir", dict(type=str, metavar="DIR", help="Output folder (config.json, stats.jsonl, checkpoints/, "
+                                                      "generator.safetensors).")),
+        ("teacher", dict(type=str, metavar="PATH",
+                         help="Teacher release; empty: the embedded ibmd_fast/assets/teacher-sr4x.safetensors.")),
+        ("data", dict(type=str, metavar="SPEC",
+                      help=f"Corrupted images to distill on; empty: the teacher's data set. {SPEC_HELP}")),
+        ("degradation", dict(type=str, metavar="NAME", help="Empty: the teacher's degradation.")),
+        ("image_size", dict(type=click.IntRange(min=0), metavar="PX", help="0: the teacher's training size.")),
+        ("nfe", dict(type=click.IntRange(min=1), metavar="N", help="Student steps (1 = one-step generator).")),
+        ("inner_steps", dict(type=click.IntRange(min=1), metavar="L",
+                             help="Fake-model steps per generator step (Algorithm 1).")),
+        ("steps", dict(type=click.IntRange(min=0), metavar="K", help="Generator steps.")),
+        ("lr", dict(type=click.FloatRange(min=0.0, min_open=True), metavar="LR", help="Generator learning rate.")),
+        ("fake_lr", dict(type=click.FloatRange(min=0.0, min_open=True), metavar="LR",
+                         help="Fake-model learning rate.")),
+        ("eval_items", dict(type=click.IntRange(min=0), metavar="N",
+                            help="Held-out images for the final teacher/student comparison; 0: none.")),
+        ("eval_teacher_nfe", dict(type=IntList(), help="Teacher NFEs in the final comparison.")),
+    ] + _SHARED_TRAIN_OPTIONS
+
+
+def _fallback_spec(cls, name: str) -> dict:
+    """An option for a config field without a spec here (a field the trainer added later)."""
+    default = _default(cls, name)
+    text = f"{cls.__name__}.{name} (see its docstring)."
+    if isinstance(default, bool):
+        dashed = name.replace("_", "-")
+        return dict(flag=f"--{dashed}/--no-{dashed}", help=text)
+    if isinstance(default, int):
+        return dict(type=int, metavar="INT", help=text)
+    if isinstance(default, float):
+        return dict(type=float, metavar="FLOAT", help=text)
+    if isinstance(default, (tuple, list)):
+        return dict(type=IntList(), help=text)
+    return dict(type=str, metavar="TEXT", help=text)
+
+
+def _config_options(cls, specs: list[tuple[str, dict]]):
+    """Decorator adding one option per field of ``cls`` (in field order), default read from ``cls``.
+
+    ``specs`` give each option its type, range, metavar and help; a field without a spec still
+    gets a plain option (``_fallback_spec``), and a spec without a field is dropped.
+    """
+    by_name = dict(specs)
+
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            name = f.name
+            spec = dict(by_name[name]) if name in by_name else _fallback_spec(cls, name)
+            default = _default(cls, name)
+            decls = [spec.pop("flag")] if "flag" in spec else ["--" + name.replace("_", "-")]
+            show = spec.pop("show_default", True)
+            if show is True and (default == "" or isinstance(default, (tuple, list))):
+                show = _show(default) or "empty"
+            fn = click.option(*decls, name, default=default, show_default=show, **spec)(fn)
+        return fn
+
+    return decorate
+
+
+def _common_config_options(fn):
+    fn = click.option("--dry-run", is_flag=True, help="Print the resolved config (JSON) and exit.")(fn)
+    fn = click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
+                      help="YAML or JSON file of config keys; options given here override it.")(fn)
+    return fn
+
+
+def _resolve(ctx: click.Context, cls, options: dict, config_file: Optional[str]):
+    """The config: dataclass defaults < config file < options given on the command line."""
+    params = {p.name: p for p in ctx.command.params}
+    given = {name for name in options
+             if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    options = dict(options)
+    if "progress" in options and "progress" not in given:
+        options["progress"] = bool(options["progress"]) and sys.stderr.isatty()
+
+    def convert(name: str, value):
+        param = params.get(name)
+        if param is None or value is None:
+            return value
+        try:
+            return param.type.convert(value, param, ctx)
+        except click.exceptions.BadParameter as exc:
+            raise ValueError(exc.message) from None
+
+    cfg = resolve_config(cls, options, given, config_file, convert)
+    if hasattr(cfg, "validate"):
+        cfg.validate()  # cheap checks the trainer would make first; --dry-run shows them too
+    return cfg
+
+
+def _print_summary(summary: dict) -> None:
+    """The trainer's summary: the comparison table (if any), then the scalar entries."""
+    from ibmd_fast.evaluate import format_table
+
+    comparison = summary.get("comparison")
+    if comparison:
+        click.echo(format_table(comparison))
+    for key, value in summary.items():
+        if key == "comparison" or isinstance(value, (dict, list)):
+            continue
+        click.echo(f"{key}: {value}")
+
+
+# ----------------------------------------------------------------------------
+# The group
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="ibmd-fast")
+def cli():
+    """Inverse Bridge Matching Distillation: diffusion bridge models -> one-step generators.
+
+    \b
+    ibmd-fast train-teacher ...   bridge matching on a data set
+    ibmd-fast distill             IBMD: the embedded teacher -> runs/distill/generator.safetensors
+    ibmd-fast sample              restore images (default: held-out crops of scikit-image photos)
+    ibmd-fast eval                PSNR, SSIM, FID, CA and time per image, teacher vs student
+    ibmd-fast export --onnx       generator -> model.onnx, checked against PyTorch
+    """
+
+
+def _train_unavailable(name: str, what: str):
+    @cli.command(name, context_settings={**CONTEXT, "ignore_unknown_options": True, "allow_extra_args": True},
+                 help=f"{what} (unavailable: ibmd_fast.train did not import).", add_help_option=False)
+    def command():
+        raise click.ClickException(f"{name} needs ibmd_fast.train, which failed to import: "
+                                   f"{_one_line(_TRAIN_IMPORT_ERROR)}")
+
+    return command
+
+
+if TeacherConfig is not None:
+
+    @cli.command("train-teacher", context_settings=CONTEXT)
+    @_common_config_options
+    @_config_options(TeacherConfig, _teacher_options())
+    @click.pass_context
+    @friendly_errors
+    def train_teacher_cmd(ctx, config_file, dry_run, **options):
+        """Train a bridge-matching teacher (I2SB or DDBM VP) and release it as RUN_DIR/teacher.safetensors.
+
+        Every option also reads from --config FILE; options given here win over the file.
+        """
+        cfg = _resolve(ctx, TeacherConfig, options, config_file)
+        if dry_run:
+            click.echo(dump_config(cfg))
+            return
+        from ibmd_fast.train import train_teacher
+
+        with contextlib.redirect_stdout(sys.stderr):  # the trainer's log lines; stdout carries the result
+            summary = train_teacher(cfg)
+        _print_summary(summary)
+
+    @cli.command("distill", context_settings=CONTEXT)
+    @_common_config_options
+    @_config_options(DistillConfig, _distill_options())
+    @click.pass_context
+    @friendly_errors
+    def distill_cmd(ctx, config_file, dry_run, **options):
+        """IBMD: distill a teacher into a one-step (or --nfe step) generator, RUN_DIR/generator.safetensors.
+
+        With no options: the embedded teacher, on the scikit-image photos, into runs/distill; then the
+        teacher (NFE 1, 10, 100) vs student (NFE 1) table of PSNR, SSIM and seconds per image.
+        """
+        cfg = _resolve(ctx, DistillConfig, options, config_file)
+        if dry_run:
+            click.echo(dump_config(cfg))
+            return
+        from ibmd_fast.train import distill
+
+        with contextlib.redirect_stdout(sys.stderr):  # the trainer's log lines; stdout carries the result
+            summary = distill(cfg)
+        _print_summary(summary)
+
+else:
+    _train_unavailable("train-teacher", "Train a bridge-matching teacher")
+    _train_unavailable("distill", "IBMD distillation")
+
+
+# ----------------------------------------------------------------------------
+# sample
+
+
+def _check_release_exists(path: str, option: str, hint: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{option} {path} does not exist{hint}")
+
+
+_DEFAULT_GENERATOR_HINT = " (it is what a plain `ibmd-fast distill` writes; run that first, or pass {opt})"
+
+
+@cli.command("sample", context_settings=CONTEXT)
+@click.option("--model", type=str, metavar="PATH", default=DEFAULT_GENERATOR, show_default=True,
+              help="Teacher or generator release.")
+@click.option("--input", "input_path", type=str, metavar="PATH", default=None,
+              show_default="held-out scikit-image crops",
+              help="Corrupted image or folder of them (at the target size; see --upsample). Default: a few "
+                   "held-out crops of the bundled photos, degraded like the release's training data and "
+                   "written to OUTPUT/inputs/ (clean ones to OUTPUT/clean/).")
+@click.option("--output", type=click.Path(file_okay=False), metavar="DIR", default=DEFAULT_SAMPLE_DIR,
+              show_default=True, help="Where restored PNGs go, with the inputs' relative names.")
+@click.option("--nfe", type=click.IntRange(min=1), metavar="N", default=None, show_default="the release's",
+              help="Network calls per image (teachers only).")
+@click.option("--sampler", type=click.Choice(["i2sb", "dbim", "heun"]), default=None,
+              show_default="i2sb for I2SB, dbim for VP", help="Teacher sampler (teachers only).")
+@click.option("--upsample", type=click.IntRange(min=2), metavar="K", default=None,
+              help="Inputs are low-resolution: upsample them K times (bicubic, or the release's srKx "
+                   "upsampling) first.")
+@click.option("--mask", "mask_path", type=str, metavar="PATH", default=None,
+              show_default="the degradation's fixed mask",
+              help="Inpainting releases: mask image, white = hole (resized to each input).")
+@click.option("--num-images", type=click.IntRange(1, 64), metavar="N", default=4, show_default=True,
+              help="How many default crops (without --input).")
+@click.option("--seed", type=click.IntRange(min=0), metavar="INT", default=0, show_default=True, help="Noise seed.")
+@click.option("--batch-size", type=click.IntRange(min=1), metavar="N", default=8, show_default=True,
+              help="Images per network call.")
+@click.option("--device", type=str, metavar="DEV", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@friendly_errors
+def sample_cmd(model, input_path, output, nfe, sampler, upsample, mask_path, num_images, seed, batch_size,
+               device, progress):
+    """Restore corrupted images with a teacher or generator release; writes PNGs to OUTPUT."""
+    from ibmd_fast.evaluate import restore_files
+
+    if model == DEFAULT_GENERATOR:
+        _check_release_exists(model, "--model", _DEFAULT_GENERATOR_HINT.format(opt="--model"))
+    summary = restore_files(model=model, inputs=input_path, output=output, nfe=nfe, sampler=sampler, seed=seed,
+                            batch_size=batch_size, device=device, upsample=upsample, mask=mask_path,
+                            num_default=num_images, progress=_auto_progress(progress), log=_log)
+    how = f"{summary['kind']}, NFE {summary['nfe']}" + (f", {summary['sampler']}" if summary["sampler"] else "")
+    click.echo(f"restored {summary['restored']} image(s) with {summary['model']} ({how}) -> {summary['output']}")
+    if summary["skipped"]:
+        click.echo(f"skipped {len(summary['skipped'])} unreadable input(s)")
+
+
+# ----------------------------------------------------------------------------
+# eval
+
+
+def _none_or_path(value: Optional[str]) -> Optional[str]:
+    return None if value is None or value.strip().lower() in ("", "none") else value
+
+
+@cli.command("eval", context_settings=CONTEXT)
+@click.option("--teacher", type=str, metavar="PATH|none", default=None,
+              show_default="the embedded teacher-sr4x", help="Teacher release; 'none' leaves the teacher out.")
+@click.option("--teacher-nfe", type=IntList(), default="1,10,100", show_default=True,
+              help="Teacher NFEs to measure.")
+@click.option("--sampler", type=click.Choice(["i2sb", "dbim", "heun"]), default=None,
+              show_default="i2sb for I2SB, dbim for VP", help="Teacher sampler.")
+@click.option("--student", type=str, metavar="PATH|none", default=None,
+              show_default="runs/distill/generator.safetensors",
+              help="Generator release; 'none' leaves the student out.")
+@click.option("--data", type=str, metavar="SPEC", default=None, show_default="the release's data, else skimage",
+              help="Test data (test split): skimage, fashion-mnist[:DIR], folder:DIR (with --degradation), "
+                   "or paired:CLEAN_DIR,CORRUPTED_DIR.")
+@click.option("--degradation", type=str, metavar="NAME", default=None, show_default="the release's",
+              help="Corruption applied to clean test images.")
+@click.option("--image-size", type=click.IntRange(min=4), metavar="PX", default=None,
+              show_default="the release's", help="Test crop size.")
+@click.option("--num-images", type=click.IntRange(min=2), metavar="N", default=64, show_default=True,
+              help="Test images (the first N of the test split).")
+@click.option("--classifier", type=str, metavar="PATH", default=None,
+              show_default="train one, cached in RUN_DIR",
+              help="Feature classifier from `ibmd-fast train-classifier` (for FID and CA).")
+@click.option("--classifier-task", type=click.Choice(["labels", "rotation"]), default=None,
+              show_default="labels when the data has them", help="Task of a classifier trained here.")
+@click.option("--classifier-epochs", type=click.IntRange(min=1), metavar="N", default=5, show_default=True,
+              help="Epochs of a classifier trained here.")
+@click.option("--classifier-items", type=click.IntRange(min=2), metavar="N", default=8192, show_default=True,
+              help="Clean training images for a classifier trained here.")
+@click.option("--run-dir", type=click.Path(file_okay=False), metavar="DIR", default=DEFAULT_EVAL_DIR,
+              show_default=True, help="Where eval.json, eval-grid.png and the cached classifier go.")
+@click.option("--seed", type=click.IntRange(min=0), metavar="INT", default=0, show_default=True, help="Noise seed.")
+@click.option("--batch-size", type=click.IntRange(min=1), metavar="N", default=16, show_default=True,
+              help="Images per network call.")
+@click.option("--device", type=str, metavar="DEV", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@friendly_errors
+def eval_cmd(teacher, teacher_nfe, sampler, student, data, degradation, image_size, num_images, classifier,
+             classifier_task, classifier_epochs, classifier_items, run_dir, seed, batch_size, device, progress):
+    """Teacher (at each --teacher-nfe) vs student on test data: PSNR, SSIM, FID, CA, seconds per image.
+
+    Prints a table and writes RUN_DIR/eval.json and RUN_DIR/eval-grid.png (columns: corrupted | teacher
+    at its largest NFE | student | clean).
+    """
+    from ibmd_fast.evaluate import evaluate, format_table
+
+    teacher_path = DEFAULT_TEACHER if teacher is None else _none_or_path(teacher)
+    student_path = DEFAULT_GENERATOR if student is None else _none_or_path(student)
+    if teacher is None:
+        _check_release_exists(teacher_path, "the embedded teacher",
+                              " (this installation lacks it; pass --teacher PATH or --teacher none)")
+    if student is None:
+        _check_release_exists(student_path, "--student", _DEFAULT_GENERATOR_HINT.format(opt="--student PATH "
+                                                                                           "or --student none"))
+    if classifier is not None and not os.path.isfile(classifier):
+        raise click.ClickException(f"classifier file not found: {classifier}")
+    result = evaluate(teacher=teacher_path, student=student_path, data=data, degradation=degradation,
+                      image_size=image_size, teacher_nfe=teacher_nfe, sampler=sampler, classifier=classifier,
+                      classifier_task=classifier_task, classifier_epochs=classifier_epochs,
+                      classifier_items=classifier_items, num_images=num_images, batch_size=batch_size, seed=seed,
+                      device=device, run_dir=run_dir, progress=_auto_progress(progress), log=_log)
+    click.echo(f"{result['num_images']} test images of {result['data']} ({result['degradation']}, "
+               f"{result['image_size']}px), classifier task {result['classifier']['task']}")
+    click.echo(format_table(result["results"]))
+    click.echo(f"wrote {os.path.join(run_dir, 'eval.json')} and {result['grid']}")
+
+
+# ----------------------------------------------------------------------------
+# train-classifier
+
+
+@cli.command("train-classifier", context_settings=CONTEXT)
+@click.option("--data", type=str, metavar="SPEC", default="skimage", show_default=True,
+              help="Clean training images (training split): skimage, fashion-mnist[:DIR], folder:DIR, "
+                   "paired:CLEAN_DIR,CORRUPTED_DIR.")
+@click.option("--output", type=str, metavar="PATH.safetensors", default=DEFAULT_CLASSIFIER, show_default=True,
+              help="Where the classifier goes (safetensors with its config).")
+@click.option("--image-size", type=click.IntRange(min=4), metavar="PX", default=32, show_default=True,
+              help="Image size; the same as the images it will measure.")
+@click.option("--channels", type=click.Choice([1, 3]), default=3, show_default=True, help="Image channels.")
+@click.option("--epochs", type=click.IntRange(min=1), metavar="N", default=10, show_default=True,
+              help="Training epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), metavar="N", default=128, show_default=True,
+              help="Images per step.")
+@click.option("--max-items", type=click.IntRange(min=2), metavar="N", default=8192, show_default=True,
+              help="Training images read from the data set (the first N).")
+@click.option("--task", type=click.Choice(["labels", "rotation"]), default=None,
+              show_default="labels when the data has them",
+              help="labels: supervised; rotation: self-supervised 4-way rotation (unlabeled data).")
+@click.option("--seed", type=click.IntRange(min=0), metavar="INT", default=0, show_default=True, help="Random seed.")
+@click.option("--device", type=str, metavar="DEV", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@friendly_errors
+def train_classifier_cmd(data, output, image_size, channels, epochs, batch_size, max_items, task, seed, device,
+                         progress):
+    """Train the feature classifier that `eval` measures FID and CA with."""
+    from ibmd_fast.evaluate import fit_classifier, save_classifier_atomic
+
+    if os.path.isdir(output):
+        raise click.ClickException(f"--output {output} is a folder; give a file name such as classifier.safetensors")
+    model = fit_classifier(data, image_size=image_size, channels=channels, task=task, epochs=epochs,
+                           batch_size=batch_size, max_items=max_items, seed=seed, device=device,
+                           progress=_auto_progress(progress), log=_log)
+    save_classifier_atomic(model, output)
+    click.echo(f"wrote {output} (task {model.task}, {model.num_classes} classes, "
+               f"{model.config['in_channels']}x{model.config['image_size']}px)")
+
+
+# ----------------------------------------------------------------------------
+# export
+
+
+@cli.command("export", context_settings=CONTEXT)
+@click.option("--onnx", "to_onnx", is_flag=True, help="Export to ONNX (the only format for now; required).")
+@click.option("--model", type=str, metavar="PATH", default=DEFAULT_GENERATOR, show_default=True,
+              help="Generator release to export.")
+@click.option("--output", type=str, metavar="PATH.onnx", default=None, show_default="next to the release",
+              help="Where the ONNX model goes.")
+@click.option("--fp16", is_flag=True, help="Export half-precision weights and arithmetic.")
+@click.option("--opset", type=click.IntRange(min=_MIN_OPSET), metavar="N", default=18, show_default=True,
+              help="ONNX opset version.")
+@click.option("--no-check", is_flag=True, help="Skip the onnxruntime vs PyTorch parity check.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@friendly_errors
+def export_cmd(to_onnx, model, output, fp16, opset, no_check, progress):
+    """Export a generator release to ONNX and check it against PyTorch (exit code 1 when parity fails)."""
+    if not to_onnx:
+        raise click.UsageError("choose the export format: --onnx (the only one for now)")
+    if model == DEFAULT_GENERATOR:
+        _check_release_exists(model, "--model", _DEFAULT_GENERATOR_HINT.format(opt="--model"))
+    elif not os.path.exists(model):
+        raise FileNotFoundError(f"release file not found: {model}")
+    if output is None:
+        output = str(Path(model).with_suffix(".onnx"))
+    if os.path.isdir(output):
+        raise click.ClickException(f"--output {output} is a folder; give a file name such as model.onnx")
+    from ibmd_fast.onnx import OnnxParityError, export_onnx
+
+    try:
+        report = export_onnx(model, output, fp16=fp16, opset=opset, check=not no_check,
+                             progress=_auto_progress(progress))
+    except OnnxParityError as exc:
+        message = _one_line(exc)
+        if "parity" not in message.lower():
+            message = f"ONNX parity check failed: {message}"
+        raise click.ClickException(message) from None
+    _print_export_report(report)
+
+
+def _print_export_report(report: Any) -> None:
+    """The export report: where, how, and the parity numbers (the full report is the return value)."""
+    if not isinstance(report, dict):
+        click.echo(str(report))
+        return
+    click.echo(f"wrote {report.get('onnx')}")
+    for key, label in (("release", "release"), ("precision", "precision"), ("opset", "opset"),
+                       ("nfe", "student NFE"), ("inputs", "inputs"), ("seconds", "seconds")):
+        if key in report:
+            value = report[key]
+            click.echo(f"{label}: {', '.join(map(str, value)) if isinstance(value, list) else value}")
+    exporter = report.get("exporter")
+    if report.get("fallback_reason"):
+        exporter = f"{exporter} (fallback: {report['fallback_reason']})"
+    click.echo(f"exporter: {exporter}")
+    parity = report.get("parity") or []
+    if not parity:
+        click.echo("parity: not checked (--no-check)")
+    for row in parity:
+        shape = "x".join(str(d) for d in row.get("shape", []))
+        status = "ok" if row.get("ok") else "FAILED"
+        click.echo(f"parity [{shape}]: max abs error {row.get('max_abs_err', float('nan')):.3g} "
+                   f"(tolerance {row.get('tolerance', float('nan')):.3g}) {status}")
+
+
+# ----------------------------------------------------------------------------
+# Entry points
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"Warning: {_one_line(message)}\n"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point ``ibmd-fast`` (and ``python -m ibmd_fast``)."""
+    warnings.formatwarning = _format_warning  # one line per warning, no source excerpt
+    cli.main(args=argv, prog_name="ibmd-fast")
+
+
+__all__ = ["cli", "main", "friendly_errors", "IntList"]
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
