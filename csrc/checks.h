@@ -128,4 +128,20 @@ inline void check_seed(int64_t seed, const char* op) {
   TORCH_CHECK(seed >= -1, op, ": seed must be in [0, 2^63) (or -1 for no noise), got ", seed);
 }
 
+// The checks of ibmd::bridge_step, shared by its CPU and CUDA kernels: Philox
+// noise in channels_last needs W % 4 == 0 (quads along W), else a copy.
+inline Prepared prepare_bridge_step(const at::Tensor& a, const at::Tensor& b, const at::Tensor& coef_a,
+                                    const at::Tensor& coef_b, const at::Tensor& std,
+                                    const std::optional<at::Tensor>& noise, int64_t seed) {
+  constexpr const char* op = "ibmd::bridge_step";
+  check_seed(seed, op);
+  const bool philox = !noise.has_value() && seed >= 0;
+  Prepared p = noise.has_value() ? prepare({{&a, "a"}, {&b, "b"}, {&*noise, "noise"}}, op)
+                                 : prepare({{&a, "a"}, {&b, "b"}}, op, /*need_quads=*/philox);
+  check_coef(coef_a, a, op, "coef_a");
+  check_coef(coef_b, a, op, "coef_b");
+  check_coef(std, a, op, "std");
+  return p;
+}
+
 }  // namespace ibmd

@@ -140,14 +140,8 @@ void step_channels_last_philox(const scalar_t* a, const scalar_t* b, scalar_t* o
 at::Tensor bridge_step_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& coef_a,
                            const at::Tensor& coef_b, const at::Tensor& std, const std::optional<at::Tensor>& noise,
                            int64_t seed) {
-  constexpr const char* op = "ibmd::bridge_step";
-  check_seed(seed, op);
   const bool philox = !noise.has_value() && seed >= 0;
-  Prepared p = noise.has_value() ? prepare({{&a, "a"}, {&b, "b"}, {&*noise, "noise"}}, op)
-                                 : prepare({{&a, "a"}, {&b, "b"}}, op, /*need_quads=*/philox);
-  check_coef(coef_a, a, op, "coef_a");
-  check_coef(coef_b, a, op, "coef_b");
-  check_coef(std, a, op, "std");
+  Prepared p = prepare_bridge_step(a, b, coef_a, coef_b, std, noise, seed);
   at::Tensor out = empty_in_layout(p);
   if (out.numel() == 0) return out;
   const at::Tensor ca = coef_a.contiguous(), cb = coef_b.contiguous(), sd = std.contiguous();

@@ -179,14 +179,8 @@ void launch_flat(const Prepared& p, const scalar_t* pn, at::Tensor& out, const a
 at::Tensor bridge_step_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& coef_a,
                             const at::Tensor& coef_b, const at::Tensor& std, const std::optional<at::Tensor>& noise,
                             int64_t seed) {
-  constexpr const char* op = "ibmd::bridge_step";
-  check_seed(seed, op);
   const bool philox = !noise.has_value() && seed >= 0;
-  Prepared p = noise.has_value() ? prepare({{&a, "a"}, {&b, "b"}, {&*noise, "noise"}}, op)
-                                 : prepare({{&a, "a"}, {&b, "b"}}, op, /*need_quads=*/philox);
-  check_coef(coef_a, a, op, "coef_a");
-  check_coef(coef_b, a, op, "coef_b");
-  check_coef(std, a, op, "std");
+  Prepared p = prepare_bridge_step(a, b, coef_a, coef_b, std, noise, seed);
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor out = empty_in_layout(p);
   const int64_t numel = out.numel();
