@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ibmd_fast import ops
 from ibmd_fast.release import GENERATOR_FORMAT, TEACHER_FORMAT, ReleaseError, atomic_write, read_release
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
     "save_grid",
     "restore_files",
     "save_image",
-    "write_atomic",
 ]
 
 DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "teacher-sr4x.safetensors")
@@ -194,19 +194,6 @@ def check_image_size(model: LoadedModel, height: int, width: int, what: str = "i
 # Restoration
 
 
-def write_atomic(path: str, write_fn) -> None:
-    """``release.atomic_write``, then the permissions a plain ``open()`` would give (umask), since the
-    temporary file it renames is created private (0600)."""
-    atomic_write(path, write_fn)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def _draw_seed(gen: torch.Generator) -> int:
-    return int(torch.randint(0, 2**62, (), generator=gen).item())
-
-
 def _mask_batch(mask: Optional[torch.Tensor], start: int, stop: int, total: int) -> Optional[torch.Tensor]:
     """The rows of ``mask`` for images ``start:stop``; a mask without a batch (or of batch 1) is shared."""
     if mask is None:
@@ -269,7 +256,7 @@ def restore_with_teacher(
         m = _mask_batch(mask, start, stop, xT.shape[0])
         if m is not None:
             m = m.to(device, torch.float32)
-            x = fill_hole(x, m, _draw_seed(gen))
+            x = fill_hole(x, m, ops.draw_seed(gen))
         cond = x if teacher.conditional else None
 
         def predict_x0(x_t, t, cond=cond):
@@ -317,7 +304,7 @@ def restore_with_generator(
         m = _mask_batch(mask, start, stop, xT.shape[0])
         if m is not None:
             m = m.to(device, torch.float32)
-            x = fill_hole(x, m, _draw_seed(gen))
+            x = fill_hole(x, m, ops.draw_seed(gen))
         z = None
         if z_channels not in (0, x.shape[1]):
             z = torch.randn((x.shape[0], z_channels, *x.shape[2:]), generator=gen).to(device)
@@ -467,7 +454,7 @@ def fit_classifier(data, image_size=None, channels: int = 3, task: Optional[str]
 def save_classifier_atomic(model, path: str) -> None:
     from ibmd_fast.metrics import save_classifier
 
-    write_atomic(path, lambda tmp: save_classifier(model, tmp))
+    atomic_write(path, lambda tmp: save_classifier(model, tmp))
 
 
 def _check_classifier(model, path: str, image_size: int, channels: int) -> None:
@@ -526,7 +513,7 @@ def get_classifier(classifier, run_dir: Optional[str], data, image_size: int, ch
     model = fit_classifier(data, image_size, channels, task, epochs, batch_size, max_items, seed, dev, progress, log)
     if cache is not None:
         save_classifier_atomic(model, cache)
-        write_atomic(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(key, indent=2) + "\n"))
+        atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(key, indent=2) + "\n"))
     return model
 
 
@@ -571,7 +558,7 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def _save_png(pixels: np.ndarray, path: str) -> None:
     image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, "L" if pixels.shape[2] == 1 else "RGB")
-    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_image(x: torch.Tensor, path: str) -> None:
@@ -594,7 +581,7 @@ def save_grid(columns: Sequence[torch.Tensor], path: str, pad: int = 2) -> None:
 
 def _write_json(path: str, payload: dict) -> None:
     text = json.dumps(payload, indent=2, default=str) + "\n"
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------

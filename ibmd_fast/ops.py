@@ -54,9 +54,11 @@ def has_cuda_kernels() -> bool:
     return _ext is not None and bool(getattr(_ext, "BUILT_WITH_CUDA", 0))
 
 
-def draw_seed() -> int:
-    """A 62-bit seed drawn from torch's default generator (so ``torch.manual_seed`` fixes it)."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+def draw_seed(generator: Optional[torch.Generator] = None) -> int:
+    """A 62-bit seed for the in-kernel noise, drawn from ``generator`` (default: torch's default
+    generator, so ``torch.manual_seed`` fixes it)."""
+    device = generator.device if generator is not None else None
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=generator, device=device).item())
 
 
 def _coef(value: Coef, batch: int, like: torch.Tensor, name: str) -> torch.Tensor:

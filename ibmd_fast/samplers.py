@@ -64,11 +64,6 @@ def make_generator(seed: Optional[int] = None, generator: Optional[torch.Generat
     return gen
 
 
-def _draw_seed(gen: torch.Generator) -> int:
-    """One 62-bit seed for the op's in-kernel Philox noise."""
-    return int(torch.randint(0, 2**62, (), generator=gen, device=gen.device).item())
-
-
 def _times(bridge: Bridge, value, batch: int, device: torch.device) -> torch.Tensor:
     """A grid time as the ``[B]`` tensor ``predict_x0`` and the bridge take."""
     if bridge.is_discrete:
@@ -141,7 +136,7 @@ def i2sb_sample(
     if mask is not None:
         mask = mask.to(device=device, dtype=xT.dtype)
         if noise_fill:
-            xT = fill_hole(xT, mask, _draw_seed(gen))
+            xT = fill_hole(xT, mask, ops.draw_seed(gen))
 
     x = xT
     for i in _steps(nfe, progress, "i2sb"):
@@ -149,11 +144,11 @@ def i2sb_sample(
         s = _times(bridge, grid[nfe - i - 1], batch, device)
         x0_hat = predict_x0(x, t).to(x.dtype)
         # Posterior step n -> n' (MATH.md 3).
-        x = bridge.posterior_step(x, x0_hat, s, t, seed=_draw_seed(gen))
+        x = bridge.posterior_step(x, x0_hat, s, t, seed=ops.draw_seed(gen))
         std = bridge.posterior(s, t)[2]
         if mask is not None:
             # Known pixels are those of the bridge marginal at n' around the known xT.
-            known = ops.bridge_step(xT, xT, 1.0, 0.0, bridge.marginal(s)[2].to(device), seed=_draw_seed(gen))
+            known = ops.bridge_step(xT, xT, 1.0, 0.0, bridge.marginal(s)[2].to(device), seed=ops.draw_seed(gen))
             x = _impose_known(x, known, mask)
         _report(callback, step=i, t=t, s=s, x=x, x0_hat=x0_hat, std=std, nfe=i + 1)
 
@@ -227,7 +222,7 @@ def dbim_sample(
         t = _times(bridge, grid[nfe - i], batch, device)
         s = _times(bridge, grid[nfe - i - 1], batch, device)
         x0_hat = predict_x0(x, t).to(x.dtype)
-        step_seed = _draw_seed(gen)
+        step_seed = ops.draw_seed(gen)
         if i == 0 or eta == 1.0:
             # Booting step, or eta = 1: the posterior step itself (MATH.md 3).
             x = bridge.posterior_step(x, x0_hat, s, t, seed=step_seed)
@@ -341,7 +336,7 @@ def heun_sample(
 
         # 1. Stochastic step t -> t_hat.
         x0_hat = predict_x0(x, t).to(x.dtype)
-        x = bridge.posterior_step(x, x0_hat, t_hat, t, seed=_draw_seed(gen))
+        x = bridge.posterior_step(x, x0_hat, t_hat, t, seed=ops.draw_seed(gen))
         std = bridge.posterior(t_hat, t)[2]
 
         # 2. Euler ODE step t_hat -> t_next ...
@@ -399,7 +394,7 @@ def student_sample(
     if mask is not None:
         mask = mask.to(device=device, dtype=xT.dtype)
         if noise_fill:
-            xT = fill_hole(xT, mask, _draw_seed(gen))
+            xT = fill_hole(xT, mask, ops.draw_seed(gen))
     if z is None:
         # Drawn on the generator (CPU unless given), then moved: the same z on every device.
         z = torch.randn(xT.shape, generator=gen, dtype=torch.float32, device=gen.device)
@@ -414,7 +409,7 @@ def student_sample(
             x0 = _impose_known(x0, xT, mask)  # the student predicts only the hole
         if n > 1:
             s = _times(bridge, grid[n - 2], batch, device)
-            x = bridge.posterior_step(x, x0, s, t, seed=_draw_seed(gen))
+            x = bridge.posterior_step(x, x0, s, t, seed=ops.draw_seed(gen))
             _report(callback, step=i, t=t, s=s, x=x, x0_hat=x0, std=bridge.posterior(s, t)[2], nfe=i + 1)
         else:
             _report(callback, step=i, t=t, s=None, x=x, x0_hat=x0, std=None, nfe=i + 1)

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ibmd_fast.data import collate
 from ibmd_fast.data.images import tensor_to_uint8
+from ibmd_fast.ops import draw_seed  # noqa: F401  (re-exported for the trainers)
 from ibmd_fast.release import atomic_write
 from ibmd_fast.train.distributed import DistEnv
 
@@ -76,11 +77,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-
-
-def draw_seed(gen: torch.Generator) -> int:
-    """A 62-bit seed for the fused op's in-kernel Philox noise, from the trainer's generator."""
-    return int(torch.randint(0, 2**62, (), generator=gen).item())
 
 
 def capture_rng(gen: torch.Generator) -> dict:
