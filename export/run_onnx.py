@@ -1,0 +1,460 @@
+#!/usr/bin/env python
+"""Restore images with an ibmd-fast generator exported to ONNX. Needs onnxruntime (or
+onnxruntime-gpu), numpy and Pillow only: no torch, no ibmd_fast.
+
+    python export/run_onnx.py --model model.onnx --input IMAGE_OR_FOLDER --output OUT_DIR \\
+        [--batch 8] [--seed 0] [--provider auto|cuda|cpu] [--upsample K] [--mask MASK] [--threads N]
+
+Inputs. A file, or a folder searched recursively (sorted; names starting with "." skipped) for
+images (.png .jpg .jpeg .webp .bmp .tif .tiff) and tensors (.npy: float32 [C, H, W] in [-1, 1]).
+Images are read with Pillow, EXIF orientation applied, converted to the model's channel count
+(grayscale "L" for 1, "RGB" for 3) and mapped to [-1, 1] by ``x / 127.5 - 1``. They must already
+be what the network was trained on: the CORRUPTED image at the target size (for super-resolution,
+the low-resolution image brought back to full size). Low-resolution inputs can be brought to size
+here with ``--upsample K``: the same K-fold upsampling as ibmd_fast's degradation (torch's bicubic,
+a = -0.75, align_corners=False, clamped to [-1, 1]; nearest for "-pool" degradations), done in
+numpy. Heights and widths must be multiples of the model's downsampling factor (metadata).
+
+Inpainting models also take a mask (1 = the hole to fill): ``--mask`` names one mask image for all
+inputs, or a folder with a mask of the same relative name (any image extension) per input; pixels
+>= 128 are the hole. Without ``--mask`` the degradation's own mask is used when it has a fixed one
+(``inpaint-center``: the centered square of half the side). The hole of the input is set to 0,
+as ibmd_fast's CorruptedFolder does.
+
+Noise. The model is deterministic given its noise inputs, which are drawn here from ONE
+``numpy.random.default_rng(seed)``, image by image in the sorted order of the inputs, and for
+each image in the order of the model's ``noise_inputs`` metadata (``z``, then ``hole_noise`` for
+inpainting, then ``noise_1 .. noise_{k-1}`` for k-step students), each as
+``rng.standard_normal((channels, H, W), dtype=numpy.float32)``. So an image's result does not
+depend on ``--batch``, and ``draw_noises`` below reproduces it anywhere.
+
+Outputs. ``OUT_DIR/<relative name>.png`` (uint8 ``round((x + 1) * 127.5)`` clipped to [0, 255]);
+a .npy input also gets ``<relative name>.npy``, the float32 output [C, H, W].
+
+Execution. ``--provider auto`` uses CUDAExecutionProvider when onnxruntime offers it, else the CPU;
+inputs and outputs go through IO binding on the device (OrtValues), batches of ``--batch``
+consecutive images of one size. Errors print one line (``run_onnx: error: ...``) and exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "ibmd_fast.generator.onnx"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+TENSOR_EXTENSIONS = (".npy",)
+BICUBIC_A = -0.75  # torch's (and OpenCV's) cubic convolution coefficient
+
+
+class RunnerError(Exception):
+    """A problem with the user's model, inputs or options: reported in one line."""
+
+
+# ----------------------------------------------------------------------------
+# The model
+
+
+class Model:
+    """An onnxruntime session of an ibmd-fast generator and what its metadata says."""
+
+    def __init__(self, path: str, provider: str = "auto", threads: int = 0):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise RunnerError("onnxruntime is not installed: pip install onnxruntime-gpu (or onnxruntime)") from None
+        self.ort = ort
+        if not os.path.isfile(path):
+            raise RunnerError(f"model file not found: {path}")
+        available = ort.get_available_providers()
+        if provider == "cuda" and "CUDAExecutionProvider" not in available:
+            raise RunnerError("--provider cuda: this onnxruntime has no CUDAExecutionProvider "
+                              f"(available: {', '.join(available)}); install onnxruntime-gpu")
+        use_cuda = provider == "cuda" or (provider == "auto" and "CUDAExecutionProvider" in available)
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # warnings about fp16 constant folding etc. are not the user's business
+        if threads > 0:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(path, options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise RunnerError(f"cannot load {path} as an ONNX model: {_first_line(exc)}") from None
+        if provider == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise RunnerError("--provider cuda: onnxruntime could not start CUDA (check the CUDA and cuDNN "
+                              "libraries onnxruntime-gpu needs)")
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.metadata = self._read_metadata(path)
+
+    def _read_metadata(self, path: str) -> dict:
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("format") != FORMAT:
+            raise RunnerError(f"{path} is not an ibmd-fast generator (its metadata has no format={FORMAT!r}); "
+                              "export one with `ibmd-fast export --onnx`")
+        try:
+            info = {
+                "inputs": json.loads(meta["inputs"]),
+                "input_channels": json.loads(meta["input_channels"]),
+                "noise_inputs": json.loads(meta["noise_inputs"]),
+                "image_channels": int(json.loads(meta["image_channels"])),
+                "factor": int(json.loads(meta["downsampling_factor"])),
+                "inpainting": bool(json.loads(meta["inpainting"])),
+                "nfe": int(json.loads(meta["nfe"])),
+                "degradation": meta.get("degradation", ""),
+                "precision": meta.get("precision", "float32"),
+            }
+        except (KeyError, ValueError, TypeError) as exc:
+            raise RunnerError(f"{path}: damaged ibmd-fast metadata ({type(exc).__name__}: {exc})") from None
+        graph_inputs = [i.name for i in self.session.get_inputs()]
+        if graph_inputs != info["inputs"]:
+            raise RunnerError(f"{path}: the graph's inputs {graph_inputs} differ from its metadata {info['inputs']}")
+        return info
+
+    def run(self, feed: dict) -> np.ndarray:
+        """One batch through IO binding: inputs as OrtValues on the device, x0 bound there too."""
+        binding = self.session.io_binding()
+        for name, array in feed.items():
+            value = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, dtype=np.float32),
+                                                          self.device, 0)
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("x0", self.device, 0)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:  # onnxruntime's own error types (out of memory, ...)
+            shape = "x".join(str(d) for d in feed["xT"].shape)
+            raise RunnerError(f"onnxruntime failed on a batch of shape {shape}: {_first_line(exc)}") from None
+        return binding.copy_outputs_to_cpu()[0]
+
+
+# ----------------------------------------------------------------------------
+# Noise, masks, upsampling (numpy)
+
+
+def draw_noises(rng: np.random.Generator, noise_inputs: list, height: int, width: int) -> dict:
+    """One image's noise inputs, in metadata order: ``rng.standard_normal((C, H, W), float32)`` each."""
+    return {item["name"]: rng.standard_normal((int(item["channels"]), height, width), dtype=np.float32)
+            for item in noise_inputs}
+
+
+def center_mask(height: int, width: int) -> np.ndarray:
+    """``inpaint-center``'s hole: the centered square of half the side, [1, H, W], 1 in the hole."""
+    mask = np.zeros((1, height, width), np.float32)
+    side_h, side_w = height // 2, width // 2
+    top, left = (height - side_h) // 2, (width - side_w) // 2
+    mask[:, top:top + side_h, left:left + side_w] = 1.0
+    return mask
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """Cubic-convolution weights of the taps at -1, 0, 1, 2 for fractional offsets t in [0, 1)."""
+    a = BICUBIC_A
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def _bicubic_axis(x: np.ndarray, factor: int, axis: int) -> np.ndarray:
+    """torch.nn.functional.interpolate(mode="bicubic", align_corners=False) along one axis."""
+    size = x.shape[axis]
+    src = (np.arange(size * factor, dtype=np.float64) + 0.5) / factor - 0.5
+    base = np.floor(src)
+    weights = _cubic_weights(src - base).astype(np.float32)  # [out, 4]
+    taps = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3)[None, :], 0, size - 1)
+    x = np.moveaxis(x, axis, -1)
+    out = (x[..., taps] * weights).sum(axis=-1, dtype=np.float32)
+    return np.moveaxis(out, -1, axis)
+
+
+def upsample(x: np.ndarray, factor: int, mode: str) -> np.ndarray:
+    """[C, H, W] -> [C, kH, kW] as ibmd_fast's SuperResolution.upsample: bicubic (clamped) or nearest."""
+    if factor == 1:
+        return x
+    if mode == "nearest":
+        return np.repeat(np.repeat(x, factor, axis=1), factor, axis=2)
+    out = _bicubic_axis(_bicubic_axis(x, factor, 1), factor, 2)
+    return np.clip(out, -1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------
+# Inputs and outputs
+
+
+def list_inputs(root: str) -> list:
+    """``[(relative name, path)]`` of the images and tensors under ``root`` (or ``root`` itself), sorted."""
+    path = Path(root)
+    if not path.exists():
+        raise RunnerError(f"input not found: {root}")
+    wanted = IMAGE_EXTENSIONS + TENSOR_EXTENSIONS
+    if path.is_file():
+        if path.suffix.lower() not in wanted:
+            raise RunnerError(f"{root}: not an image or .npy file (extensions: {', '.join(wanted)})")
+        return [(path.name, path)]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in wanted:
+                full = Path(dirpath) / name
+                found.append((full.relative_to(path).as_posix(), full))
+    if not found:
+        raise RunnerError(f"no images or .npy files under {root}")
+    found.sort()
+    outputs: dict = {}
+    for relname, _ in found:
+        target = Path(relname).with_suffix(".png").as_posix()
+        if target in outputs:
+            raise RunnerError(f"{outputs[target]} and {relname} would both be written to {target}; rename one")
+        outputs[target] = relname
+    return found
+
+
+def _open_image(path: Path):
+    from PIL import Image
+
+    try:
+        return Image.open(path)
+    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, ...
+        raise RunnerError(f"{path}: cannot read the image ({_first_line(exc)})") from None
+
+
+def _image_size(path: Path) -> tuple:
+    """(H, W) after EXIF orientation, from the header only."""
+    with _open_image(path) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
+            width, height = height, width
+    return height, width
+
+
+def _load_uint8(path: Path, channels: int) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    with _open_image(path) as image:
+        try:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+        except Exception as exc:
+            raise RunnerError(f"{path}: cannot decode the image ({_first_line(exc)})") from None
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # high bit depth: scale, don't clip
+            a = np.asarray(image, dtype=np.float64)
+            peak = 1.0 if image.mode == "F" and a.max() <= 1.0 else (
+                65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0)
+            image = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def load_input(path: Path, channels: int) -> np.ndarray:
+    """An input as float32 [C, H, W] in [-1, 1]."""
+    if path.suffix.lower() in TENSOR_EXTENSIONS:
+        return np.load(path).astype(np.float32)
+    array = _load_uint8(path, channels)
+    return np.ascontiguousarray(array.transpose(2, 0, 1)).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def _tensor_shape(path: Path, channels: int) -> tuple:
+    try:
+        array = np.load(path, mmap_mode="r")
+    except Exception as exc:
+        raise RunnerError(f"{path}: cannot read the .npy file ({_first_line(exc)})") from None
+    if array.ndim != 3:
+        raise RunnerError(f"{path}: a tensor input must be [C, H, W], got shape {list(array.shape)}")
+    if array.shape[0] != channels:
+        raise RunnerError(f"{path}: has {array.shape[0]} channels, the model takes {channels} "
+                          f"(a tensor input is float32 [C, H, W] in [-1, 1])")
+    return array.shape[1], array.shape[2]
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """float [C, H, W] in [-1, 1] -> uint8 [H, W, C] (rounded, clipped), as ibmd_fast writes images."""
+    return np.clip(np.round((x.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def save_png(x: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    pixels = to_uint8(x)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, "L" if pixels.shape[2] == 1 else "RGB") \
+        .save(path)
+
+
+def _size_hint(height: int, width: int, factor: int) -> str:
+    def near(n):
+        lo, hi = n // factor * factor, -(-n // factor) * factor
+        return f"{lo} or {hi}" if lo else str(hi)
+
+    hints = [f"{what} {near(n)}" for what, n in (("height", height), ("width", width)) if n % factor]
+    return ", ".join(hints)
+
+
+class MaskSource:
+    """The inpainting mask of each input: one file, a folder of per-input masks, or the degradation's."""
+
+    def __init__(self, mask: str | None, degradation: str):
+        self.file = self.folder = None
+        self.degradation = degradation
+        if mask is not None:
+            path = Path(mask)
+            if not path.exists():
+                raise RunnerError(f"mask not found: {mask}")
+            if path.is_dir():
+                self.folder = path
+            else:
+                self.file = path
+        elif degradation != "inpaint-center":
+            raise RunnerError(f"this inpainting model ({degradation or 'no degradation named'}) has no fixed mask: "
+                              "pass --mask MASK_IMAGE_OR_FOLDER (white = the hole to fill)")
+
+    def path_for(self, relname: str) -> Path | None:
+        if self.file is not None:
+            return self.file
+        if self.folder is None:
+            return None
+        stem = Path(relname).with_suffix("")
+        for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
+            candidate = self.folder / (stem.as_posix() + ext)
+            if candidate.is_file():
+                return candidate
+        raise RunnerError(f"no mask for {relname} in {self.folder} (expected {stem.as_posix()}.png or similar)")
+
+    def mask(self, relname: str, height: int, width: int) -> np.ndarray:
+        path = self.path_for(relname)
+        if path is None:
+            return center_mask(height, width)
+        pixels = _load_uint8(path, 1)[:, :, 0]
+        if pixels.shape != (height, width):
+            raise RunnerError(f"mask {path} is {pixels.shape[0]}x{pixels.shape[1]}, "
+                              f"the image {relname} is {height}x{width}")
+        return (pixels >= 128).astype(np.float32)[None]
+
+
+# ----------------------------------------------------------------------------
+# Main
+
+
+def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int = 0, upsample_factor: int = 1,
+            mask: str | None = None, log=None) -> int:
+    """Run every input through the model; returns the number of images written."""
+    info = model.metadata
+    channels, factor = info["image_channels"], info["factor"]
+    mode = "nearest" if info["degradation"].endswith("-pool") else "bicubic"
+    masks = MaskSource(mask, info["degradation"]) if info["inpainting"] else None
+
+    # Check every input before running anything, so a bad file fails fast.
+    sizes = []
+    for relname, path in items:
+        if path.suffix.lower() in TENSOR_EXTENSIONS:
+            height, width = _tensor_shape(path, channels)
+        else:
+            height, width = _image_size(path)
+        height, width = height * upsample_factor, width * upsample_factor
+        if height % factor or width % factor:
+            after = f" after --upsample {upsample_factor}" if upsample_factor > 1 else ""
+            raise RunnerError(f"{relname}: size {height}x{width}{after} does not fit the network, which takes "
+                              f"heights and widths that are multiples of {factor} "
+                              f"(nearest: {_size_hint(height, width, factor)})")
+        if masks is not None:
+            masks.path_for(relname)
+        sizes.append((height, width))
+    if log:
+        log(f"{info['nfe']}-step {info['degradation'] or 'generator'}, {info['precision']}, on {model.device} "
+            f"({', '.join(model.session.get_providers())}); {len(items)} inputs")
+
+    rng = np.random.default_rng(seed)
+    out_root = Path(out_dir)
+    written = 0
+    pending: list = []
+
+    def flush():
+        nonlocal written
+        if not pending:
+            return
+        feed = {name: np.stack([p[2][name] for p in pending]) for name in info["inputs"]}
+        x0 = model.run(feed)
+        for (relname, path, _), out in zip(pending, x0):
+            target = out_root / Path(relname).with_suffix(".png")
+            save_png(out, target)
+            if path.suffix.lower() in TENSOR_EXTENSIONS:
+                np.save(target.with_suffix(".npy"), out.astype(np.float32))
+            written += 1
+        if log:
+            log(f"{written}/{len(items)} images")
+        pending.clear()
+
+    for index, ((relname, path), (height, width)) in enumerate(zip(items, sizes)):
+        if pending and (len(pending) >= batch or sizes[index - 1] != (height, width)):
+            flush()  # a batch holds consecutive inputs of one size
+        xT = upsample(load_input(path, channels), upsample_factor, mode)
+        inputs = {"xT": xT}
+        if masks is not None:
+            hole = masks.mask(relname, height, width)
+            inputs["mask"] = hole
+            inputs["xT"] = xT * (1.0 - hole)  # the hole carries no information (CorruptedFolder's convention)
+        inputs.update(draw_noises(rng, info["noise_inputs"], height, width))
+        missing = [n for n in info["inputs"] if n not in inputs]
+        if missing:
+            raise RunnerError(f"the model takes inputs this runner does not know how to make: {missing}")
+        pending.append((relname, path, inputs))
+    flush()
+    return written
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="run_onnx.py",
+        description="Restore images with an ibmd-fast ONNX generator (onnxruntime only; no torch).")
+    parser.add_argument("--model", required=True, metavar="MODEL.onnx", help="the exported generator")
+    parser.add_argument("--input", required=True, metavar="PATH", help="an image, a .npy tensor, or a folder of them")
+    parser.add_argument("--output", required=True, metavar="DIR", help="where the PNGs go (same relative names)")
+    parser.add_argument("--batch", type=_positive, default=8, metavar="N", help="images per run (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise inputs (default 0)")
+    parser.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="onnxruntime execution provider (default auto: CUDA when available)")
+    parser.add_argument("--upsample", type=_positive, default=1, metavar="K",
+                        help="upsample the inputs K times first (low-resolution inputs of an sr<K>x model)")
+    parser.add_argument("--mask", metavar="PATH", help="inpainting: a mask image, or a folder of per-input masks")
+    parser.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads (default: onnxruntime's)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    args = parser.parse_args(argv)
+    log = None if args.quiet else (lambda message: print(f"run_onnx: {message}", file=sys.stderr, flush=True))
+    try:
+        items = list_inputs(args.input)
+        model = Model(args.model, args.provider, args.threads)
+        started = time.perf_counter()
+        count = restore(model, items, args.output, batch=args.batch, seed=args.seed,
+                        upsample_factor=args.upsample, mask=args.mask, log=log)
+        if log:
+            seconds = time.perf_counter() - started
+            per_image = seconds / max(count, 1) * 1e3
+            log(f"wrote {count} images to {args.output} in {seconds:.2f} s ({per_image:.1f} ms/image)")
+    except RunnerError as exc:
+        print(f"run_onnx: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

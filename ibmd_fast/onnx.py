@@ -1,0 +1,613 @@
+"""ONNX export of a generator release, checked against PyTorch (used by `ibmd-fast export --onnx`).
+
+`export_onnx(release, "model.onnx")` writes ONE graph that is the whole student
+sampler, `samplers.student_sample` (MATH.md 5) with every random draw made an
+input, so the model is deterministic and the deployment side
+(`export/run_onnx.py`) needs nothing but onnxruntime and numpy.
+
+Graph inputs, in this order (float32, ``[B, ., H, W]``; B, H, W dynamic, H and W
+multiples of the U-Net's downsampling factor ``2**(len(channel_mult) - 1)``):
+
+    xT          [B, C, H, W]   the corrupted image in [-1, 1]
+    z           [B, Cz, H, W]  the generator's noise (absent when z_channels == 0)
+    mask        [B, 1, H, W]   inpainting students only: 1 in the hole, 0 on known pixels
+    hole_noise  [B, C, H, W]   inpainting students only: the Gaussian noise that fills the hole of
+                               xT before sampling (`samplers.fill_hole`, MATH.md 3)
+    noise_1 ... noise_{k-1}    multi-step students (nfe = k > 1): noise_n, [B, C, H, W], is the fresh
+                               noise of the posterior step after the n-th generator call
+
+Output ``x0`` [B, C, H, W] float32: the last generator prediction, known pixels
+copied from xT for inpainting students (as `student_sample` returns). The
+posterior steps between calls are plain arithmetic (``reference.bridge_step``)
+with their coefficients computed by the bridge in float64 and baked in as
+float32 constants, the network's time inputs (t, preconditioning) are constants
+the exporter folds, and no ``torch.ops.ibmd.*`` op enters the graph: the model
+holds standard ONNX operators only (domain "" = ai.onnx), opset >= 17.
+
+Model metadata (``metadata_props``; strings, JSON where not plain text): see
+`onnx_metadata`, and export/README.md for what each key means.
+
+Float16 (``fp16=True``): the U-Net's convolutions, activations and skip paths
+run in float16; GroupNorm (statistics and affine), the timestep-embedding MLPs
+and attention (scores, softmax) stay float32, as do the inputs, the outputs,
+the x0 parametrization and the posterior steps. Checked against a float64
+PyTorch run: ``err(ORT fp16) <= 3 * err(PyTorch fp16) + 2**-10`` (max abs
+errors; 2**-10 is one float16 ulp at 1.0), the low-precision rule of
+flash-attention's tests. PyTorch fp16 is the same float16 module run eagerly.
+
+Parity (``check=True``, the default): onnxruntime (CPUExecutionProvider) against
+PyTorch on fresh random inputs at two shapes that differ from the export's
+example in batch, height and width; float32 models must agree within 1e-4
+(max abs), or `OnnxParityError` is raised with the numbers and nothing is
+written. The PyTorch side is `samplers.student_sample` itself (with the given
+noises in place of its seeded ones), so the check also holds the exported loop
+to the sampler.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ibmd_fast import __version__, reference
+from ibmd_fast.models.unet import AttentionBlock, ResBlock
+from ibmd_fast.models.wrappers import Generator
+from ibmd_fast.release import ReleaseError, load_generator
+from ibmd_fast.samplers import _impose_known, student_grid, student_sample
+
+__all__ = [
+    "ONNX_FORMAT",
+    "FP32_TOLERANCE",
+    "FP16_ERROR_RATIO",
+    "FP16_SLACK",
+    "OnnxExportError",
+    "OnnxParityError",
+    "StudentProgram",
+    "export_onnx",
+    "downsampling_factor",
+    "input_names",
+    "onnx_metadata",
+    "reference_sample",
+    "precision_copy",
+]
+
+ONNX_FORMAT = "ibmd_fast.generator.onnx"
+MIN_OPSET = 17
+FP32_TOLERANCE = 1e-4  # max |ORT - PyTorch| for float32 models
+FP16_ERROR_RATIO = 3.0  # err(ORT fp16 vs fp64) <= ratio * err(PyTorch fp16 vs fp64) + slack
+FP16_SLACK = 2.0**-10  # one float16 ulp at 1.0 (images are in [-1, 1])
+STANDARD_DOMAINS = ("", "ai.onnx")
+EXAMPLE_BATCH = 2
+
+log = logging.getLogger(__name__)
+
+
+class OnnxExportError(RuntimeError):
+    """The export itself failed (both exporters, or a graph that is not plain ONNX)."""
+
+
+class OnnxParityError(OnnxExportError):
+    """onnxruntime and PyTorch disagree beyond the tolerance; the message has the numbers."""
+
+    def __init__(self, message: str, results: list[dict]):
+        super().__init__(message)
+        self.results = results
+
+
+# ----------------------------------------------------------------------------
+# What the graph computes
+
+
+def downsampling_factor(generator: Generator) -> int:
+    """Heights and widths the U-Net takes are multiples of this: ``2**(len(channel_mult) - 1)``."""
+    return 2 ** (len(generator.net.config["channel_mult"]) - 1)
+
+
+def input_names(z_channels: int, inpainting: bool, nfe: int) -> list[str]:
+    """The graph's inputs in order (see the module docstring)."""
+    names = ["xT"]
+    if z_channels:
+        names.append("z")
+    if inpainting:
+        names += ["mask", "hole_noise"]
+    names += [f"noise_{n}" for n in range(1, nfe)]
+    return names
+
+
+def _input_channels(name: str, image_channels: int, z_channels: int) -> int:
+    return {"z": z_channels, "mask": 1}.get(name, image_channels)
+
+
+class StudentProgram(nn.Module):
+    """`samplers.student_sample` with its random draws as inputs: the module that is exported.
+
+    ``forward(*inputs)`` takes the tensors named by ``self.input_names`` in that order and
+    returns x0. Generator calls see ``t`` as a ``[1]`` tensor (a constant the exporter folds;
+    it broadcasts over the batch exactly as a ``[B]`` one). Posterior steps go through
+    ``reference.bridge_step``, i.e. plain arithmetic, with float64 coefficients from
+    ``bridge.posterior`` rounded to float32 (what ``ops.bridge_step`` does with them).
+    """
+
+    def __init__(self, generator: Generator, nfe: int = 1, inpainting: bool = False):
+        super().__init__()
+        if nfe < 1:
+            raise ValueError(f"nfe must be at least 1, got {nfe}")
+        self.generator = generator
+        self.nfe = int(nfe)
+        self.inpainting = bool(inpainting)
+        self.input_names = input_names(generator.z_channels, self.inpainting, self.nfe)
+        bridge = generator.bridge
+        grid = student_grid(bridge, self.nfe).tolist()  # t_1 < ... < t_k = T
+        self.call_times = grid[::-1]  # the generator is called at t_k, ..., t_1
+        self.step_coefs: list[tuple[float, float, float]] = []
+        for t, s in zip(self.call_times[:-1], self.call_times[1:]):
+            coef_x0, coef_xt, std = bridge.posterior(self._time(s), self._time(t))
+            self.step_coefs.append((float(coef_xt), float(coef_x0), float(std)))
+
+    def _time(self, value) -> torch.Tensor:
+        if self.generator.bridge.is_discrete:
+            return torch.full((1,), int(value), dtype=torch.long)
+        return torch.full((1,), float(value), dtype=torch.float64)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"expected {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
+        named = dict(zip(self.input_names, inputs))
+        xT, z, mask = named["xT"], named.get("z"), named.get("mask")
+        if mask is not None:
+            xT = _impose_known(named["hole_noise"], xT, mask)  # fill_hole: noise in the hole (MATH.md 3)
+        x = xT
+        for i, t in enumerate(self.call_times):
+            x0 = self.generator(xT, z, t=self._time(t).to(xT.device), x_t=x).to(x.dtype)
+            if mask is not None:
+                x0 = _impose_known(x0, xT, mask)  # the student predicts only the hole
+            if i < len(self.step_coefs):
+                # posterior step t_n -> t_{n-1} (MATH.md 3), plain arithmetic
+                coef_xt, coef_x0, std = self.step_coefs[i]
+                x = reference.bridge_step(x, x0, coef_xt, coef_x0, std, noise=named[f"noise_{i + 1}"])
+        return x0
+
+
+class _ExplicitNoiseBridge:
+    """A bridge whose posterior steps take the given noises, in order, instead of their seeds' noise.
+
+    Lets `reference_sample` run `student_sample` itself with the noises the ONNX model takes.
+    """
+
+    def __init__(self, bridge, noises: Sequence[torch.Tensor]):
+        self._bridge = bridge
+        self._noises = list(noises)
+
+    def __getattr__(self, name):
+        return getattr(self._bridge, name)
+
+    def posterior_step(self, x_t, x0_hat, s, t, noise=None, seed=None):
+        return self._bridge.posterior_step(x_t, x0_hat, s, t, noise=self._noises.pop(0))
+
+
+@torch.no_grad()
+def reference_sample(generator: Generator, inputs: dict[str, torch.Tensor], nfe: int) -> torch.Tensor:
+    """PyTorch's answer to the ONNX model's inputs: `student_sample` with the given z and noises.
+
+    ``inputs`` are named as the graph's (`input_names`); their dtype is the computation's
+    (float64 for a float64 copy of the generator, see `precision_copy`).
+    """
+    xT, z, mask = inputs["xT"], inputs.get("z"), inputs.get("mask")
+    if mask is not None:
+        xT = _impose_known(inputs["hole_noise"], xT, mask)  # the fill of samplers.fill_hole
+    if z is None:
+        z = torch.zeros_like(xT)  # ignored by a generator without z channels
+    noises = [inputs[f"noise_{n}"] for n in range(1, nfe)]
+    bridge = _ExplicitNoiseBridge(generator.bridge, noises)
+
+    def generator_fn(x, z_, t):
+        return generator(xT, z_, t=t, x_t=x)
+
+    return student_sample(generator_fn, bridge, xT, nfe, z=z, mask=mask, noise_fill=False,
+                          generator=torch.Generator().manual_seed(0))
+
+
+class _Float32(nn.Module):
+    """Runs the wrapped module in float32 and returns the input dtype (attention in a float16 net)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.float()).to(x.dtype)
+
+
+def precision_copy(generator: Generator, dtype: torch.dtype) -> Generator:
+    """A copy of the generator whose U-Net computes in ``dtype`` (float16 or float64).
+
+    float16: convolutions and activations in half; GroupNorm (statistics, affine), the
+    time-embedding MLPs and attention stay float32; the network takes and returns float32, so
+    the x0 parametrization and everything around it stay float32. float64: everything in
+    float64 but the sinusoidal time features (float32 in every variant), the reference for
+    float16 tolerances; the inputs must be float64 too.
+    """
+    if dtype not in (torch.float16, torch.float64):
+        raise ValueError(f"dtype must be torch.float16 or torch.float64, got {dtype}")
+    gen = copy.deepcopy(generator).eval()
+    net = gen.net.to(dtype)
+    if dtype == torch.float64:
+        # timestep_embedding makes float32 sinusoids; the MLP takes them in its own dtype
+        net.time_embed.register_forward_pre_hook(lambda module, args: (args[0].to(dtype),) + args[1:])
+        for module in net.modules():
+            if isinstance(module, nn.GroupNorm):
+                module.__class__ = nn.GroupNorm  # GroupNorm32 would compute in float32
+        return gen
+    net.time_embed.float()
+    for module in net.modules():
+        if isinstance(module, nn.GroupNorm):
+            module.float()  # GroupNorm32 computes in float32 and returns the input dtype
+        elif isinstance(module, ResBlock):
+            module.emb_layers.float()  # its output is cast to the activations' dtype
+        elif isinstance(module, AttentionBlock):
+            module.attention = _Float32(module.attention)  # q k^T and softmax in float32
+    net.register_forward_pre_hook(lambda module, args: (args[0].to(torch.float16),) + args[1:])
+    net.register_forward_hook(lambda module, args, output: output.float())
+    return gen
+
+
+# ----------------------------------------------------------------------------
+# Metadata
+
+
+def onnx_metadata(generator: Generator, config: dict[str, Any], nfe: int, inpainting: bool,
+                  precision: str) -> dict[str, str]:
+    """The model's ``metadata_props``: plain strings for names, JSON for everything else."""
+    names = input_names(generator.z_channels, inpainting, nfe)
+    channels = {n: _input_channels(n, generator.image_channels, generator.z_channels) for n in names}
+    noise_inputs = [{"name": n, "channels": channels[n]} for n in names if n not in ("xT", "mask")]
+    return {
+        "format": ONNX_FORMAT,
+        "version": __version__,
+        "bridge": json.dumps(generator.bridge.config()),
+        "nfe": json.dumps(int(nfe)),
+        "student_times": json.dumps(student_grid(generator.bridge, nfe).tolist()[::-1]),
+        "normalization": str(config.get("normalization", "[-1,1]")),
+        "image_channels": json.dumps(int(generator.image_channels)),
+        "z_channels": json.dumps(int(generator.z_channels)),
+        "inpainting": json.dumps(bool(inpainting)),
+        "conditional": json.dumps(bool(generator.conditional)),
+        "downsampling_factor": json.dumps(downsampling_factor(generator)),
+        "image_size": json.dumps(config.get("image_size")),
+        "degradation": str(config.get("degradation", "")),
+        "precision": precision,
+        "inputs": json.dumps(names),
+        "input_channels": json.dumps(channels),
+        "noise_inputs": json.dumps(noise_inputs),
+        "outputs": json.dumps(["x0"]),
+    }
+
+
+# ----------------------------------------------------------------------------
+# Export
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(f"[ibmd-fast export] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporters' chatter (missing torchvision ops, pytree deprecations, axis renames) is noise here."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        for pattern in (r".*LeafSpec.*", r".*axis name.*", r".*TorchScript-based ONNX export.*",
+                        r".*torch\.onnx\.dynamo_export.*", r".*legacy TorchScript.*"):
+            warnings.filterwarnings("ignore", message=pattern)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*feature will be removed.*", category=DeprecationWarning)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+def _example_inputs(names: list[str], channels: dict[str, int], batch: int, height: int, width: int,
+                    seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Random inputs as the ONNX model takes them: xT uniform in [-1, 1], a centered square hole, normals."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in names:
+        shape = (batch, channels[name], height, width)
+        if name == "xT":
+            out[name] = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1
+        elif name == "mask":
+            mask = torch.zeros(shape, dtype=torch.float64)
+            mask[..., height // 4: height // 4 + max(1, height // 2), width // 4: width // 4 + max(1, width // 2)] = 1
+            out[name] = mask
+        else:
+            out[name] = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return {k: v.to(dtype) for k, v in out.items()}
+
+
+def _export_dynamo(program: StudentProgram, args: tuple, names: list[str], factor: int, opset: int,
+                   path: str, progress: bool) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    if factor > 1:
+        h, w = torch.export.Dim("h", min=1), torch.export.Dim("w", min=1)
+        height, width = factor * h, factor * w
+    else:
+        height, width = torch.export.Dim("height", min=1), torch.export.Dim("width", min=1)
+    spec = {0: batch, 2: height, 3: width}
+    onnx_program = torch.onnx.export(
+        program, args, dynamo=True, opset_version=opset, input_names=names, output_names=["x0"],
+        dynamic_shapes={"inputs": tuple(spec for _ in names)}, optimize=True, verbose=progress,
+    )
+    onnx_program.save(path)
+
+
+def _export_torchscript(program: StudentProgram, args: tuple, names: list[str], opset: int, path: str) -> None:
+    axes = {0: "batch", 2: "height", 3: "width"}
+    torch.onnx.export(
+        program, args, path, dynamo=False, opset_version=opset, input_names=names, output_names=["x0"],
+        dynamic_axes={n: axes for n in names + ["x0"]}, do_constant_folding=True,
+    )
+
+
+def _nonstandard_nodes(model) -> list[str]:
+    """``domain::op`` of every node (graph, subgraphs, functions) outside the standard ONNX domain."""
+    import onnx
+
+    found = []
+
+    def visit(nodes):
+        for node in nodes:
+            if node.domain not in STANDARD_DOMAINS:
+                found.append(f"{node.domain}::{node.op_type}")
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g.node)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        visit(g.node)
+
+    visit(model.graph.node)
+    for function in model.functions:
+        visit(function.node)
+    return sorted(set(found))
+
+
+def _finish_model(path: str, metadata: dict[str, str]) -> None:
+    """Name the dynamic axes batch/height/width, inline local functions, check the ops, add metadata."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    if model.functions:
+        model = onnx.inliner.inline_local_functions(model)
+    bad = _nonstandard_nodes(model)
+    if bad:
+        raise OnnxExportError(f"the exported graph uses non-standard operators: {', '.join(bad)}")
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    rename = {dims[i].dim_param: new for i, new in ((0, "batch"), (2, "height"), (3, "width"))
+              if dims[i].dim_param}
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name, model.producer_version = "ibmd_fast", __version__
+    onnx.save(model, path)
+
+
+def _ort_session(path: str):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _parity_shapes(height: int, width: int, factor: int) -> list[tuple[int, int, int]]:
+    """Two (batch, H, W) unlike the example (batch 2, height, width) in batch, height and width."""
+    smaller_h = height - factor if height > factor else height + 3 * factor
+    return [(1, height + factor, width + 2 * factor), (3, smaller_h, width + factor)]
+
+
+def _check_parity(session, generator: Generator, generator16: Optional[Generator], names: list[str],
+                  channels: dict[str, int], shapes, nfe: int, progress: bool) -> list[dict]:
+    results, failures = [], []
+    generator64 = precision_copy(generator, torch.float64) if generator16 is not None else None
+    for i, (batch, height, width) in enumerate(shapes):
+        inputs = _example_inputs(names, channels, batch, height, width, seed=1000 + i)
+        feed = {k: v.numpy() for k, v in inputs.items()}
+        ort_out = session.run(["x0"], feed)[0].astype(np.float64)
+        shape = [batch, channels["xT"], height, width]
+        if generator16 is None:
+            torch_out = reference_sample(generator, inputs, nfe).double().numpy()
+            err = float(np.abs(ort_out - torch_out).max())
+            ok = err <= FP32_TOLERANCE
+            res = {"shape": shape, "max_abs_err": err, "tolerance": FP32_TOLERANCE, "ok": ok}
+            _say(progress, f"parity at {shape}: max |ORT - PyTorch| = {err:.3g} (tolerance {FP32_TOLERANCE:g})")
+        else:
+            ref64 = reference_sample(generator64, {k: v.double() for k, v in inputs.items()}, nfe).numpy()
+            torch16 = reference_sample(generator16, inputs, nfe).double().numpy()
+            err_ort = float(np.abs(ort_out - ref64).max())
+            err_torch = float(np.abs(torch16 - ref64).max())
+            bound = FP16_ERROR_RATIO * err_torch + FP16_SLACK
+            ok = err_ort <= bound
+            res = {"shape": shape, "max_abs_err": err_ort, "torch_fp16_max_abs_err": err_torch,
+                   "ort_vs_torch_fp16_max_abs_err": float(np.abs(ort_out - torch16).max()),
+                   "tolerance": bound, "ok": ok}
+            _say(progress, f"fp16 parity at {shape}: max |ORT - fp64| = {err_ort:.3g}, "
+                           f"max |PyTorch fp16 - fp64| = {err_torch:.3g}, bound {bound:.3g}")
+        results.append(res)
+        if not ok:
+            failures.append(res)
+    if failures:
+        what = "|ORT fp16 - PyTorch fp64|" if generator16 is not None else "|ORT - PyTorch|"
+        detail = "; ".join(f"max {what} = {r['max_abs_err']:.3g} > {r['tolerance']:.3g} at shape {r['shape']}"
+                           for r in failures)
+        raise OnnxParityError(f"ONNX parity check failed: {detail}", results)
+    return results
+
+
+def export_onnx(
+    release_path: str,
+    out_path: str,
+    fp16: bool = False,
+    opset: int = 18,
+    example_size: Union[int, tuple[int, int], None] = None,
+    check: bool = True,
+    progress: bool = True,
+    *,
+    exporter: str = "auto",
+) -> dict[str, Any]:
+    """Export a generator release to ``out_path`` (model.onnx) and check it; return a report.
+
+    - ``fp16``: a float16 model with float32 inputs and outputs (module docstring).
+    - ``opset``: ONNX opset, at least 17.
+    - ``example_size``: H (or (H, W)) of the example the exporter traces; default the release's
+      image_size. Must be a multiple of the downsampling factor. The batch of the example is 2.
+    - ``check``: run onnxruntime against PyTorch at two other shapes (module docstring);
+      `OnnxParityError` when they disagree, and then nothing is written.
+    - ``exporter``: "auto" (torch.export-based "dynamo" exporter, falling back to the TorchScript
+      one with a logged reason), "dynamo" or "torchscript".
+
+    Raises `ReleaseError` for a missing or non-generator file, `OnnxExportError` when the
+    export fails, `OnnxParityError` when the check fails. The report holds the paths, the
+    exporter used (and the fallback reason), the opset, the inputs and the parity numbers.
+    """
+    started = time.perf_counter()
+    if int(opset) < MIN_OPSET:
+        raise ValueError(f"opset must be at least {MIN_OPSET}, got {opset}")
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ValueError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
+    try:
+        generator, config = load_generator(release_path)
+    except ReleaseError as exc:
+        raise ReleaseError(f"{exc} (export --onnx takes a generator release, as written by `ibmd-fast distill`)") \
+            from None
+    nfe = int(config.get("nfe", 1))
+    inpainting = bool(config.get("inpainting", str(config.get("degradation", "")).startswith("inpaint")))
+    factor = downsampling_factor(generator)
+    if example_size is None:
+        size = int(config.get("image_size") or generator.net.config["image_size"])
+        size = -(-size // factor) * factor  # round up to a multiple of the factor
+        example_size = (size, size)
+    elif isinstance(example_size, int):
+        example_size = (example_size, example_size)
+    height, width = (int(s) for s in example_size)
+    if height % factor or width % factor or min(height, width) < factor:
+        raise ValueError(f"example_size {height}x{width} must be positive multiples of the U-Net's "
+                         f"downsampling factor {factor}")
+
+    precision = "float16" if fp16 else "float32"
+    generator16 = precision_copy(generator, torch.float16) if fp16 else None
+    program = StudentProgram(generator16 if fp16 else generator, nfe=nfe, inpainting=inpainting).eval()
+    names = program.input_names
+    channels = {n: _input_channels(n, generator.image_channels, generator.z_channels) for n in names}
+    example = _example_inputs(names, channels, EXAMPLE_BATCH, height, width, seed=0)
+    args = tuple(example[n] for n in names)
+    metadata = onnx_metadata(generator, config, nfe, inpainting, precision)
+
+    out_path = os.path.abspath(out_path)
+    out_dir = os.path.dirname(out_path)
+    os.makedirs(out_dir, exist_ok=True)
+    # Exported and checked in a scratch folder beside the target; moved into place only when it passes.
+    scratch = tempfile.mkdtemp(prefix=".onnx-export-", dir=out_dir)
+    try:
+        tmp_path = os.path.join(scratch, os.path.basename(out_path))
+        used, fallback_reason = _export(program, args, names, factor, int(opset), tmp_path, exporter, metadata,
+                                        progress)
+        _say(progress, f"exported with the {used} exporter, opset {opset}, {precision}; onnx.checker passed")
+
+        parity: list[dict] = []
+        if check:
+            session = _ort_session(tmp_path)
+            parity = _check_parity(session, generator, generator16, names, channels,
+                                   _parity_shapes(height, width, factor), nfe, progress)
+        files = []
+        for name in sorted(os.listdir(scratch), key=lambda n: n == os.path.basename(out_path)):
+            os.replace(os.path.join(scratch, name), os.path.join(out_dir, name))  # the model last
+            files.append(os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    return {
+        "onnx": out_path,
+        "files": files,
+        "release": os.path.abspath(release_path),
+        "exporter": used,
+        "fallback_reason": fallback_reason,
+        "opset": int(opset),
+        "precision": precision,
+        "nfe": nfe,
+        "inpainting": inpainting,
+        "inputs": names,
+        "outputs": ["x0"],
+        "downsampling_factor": factor,
+        "example_shape": [EXAMPLE_BATCH, generator.image_channels, height, width],
+        "parity": parity,
+        "metadata": metadata,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _export(program, args, names, factor, opset, path, exporter, metadata, progress) -> tuple[str, Optional[str]]:
+    """Run the chosen exporter, finish the model (`_finish_model`) and pass it through onnx.checker.
+
+    Returns (exporter used, why the dynamo exporter was given up, or None). Under "auto" a
+    failure of the dynamo exporter, or a dynamo model the checker rejects (e.g. its opset-17
+    conversion), falls back to the TorchScript exporter with a logged reason.
+    """
+    import onnx
+
+    def attempt(run):
+        with torch.no_grad(), _quiet_exporter():
+            run()
+        _finish_model(path, metadata)
+        onnx.checker.check_model(path, full_check=True)
+
+    errors = []
+    if exporter in ("auto", "dynamo"):
+        _say(progress, "exporting with torch.onnx.export(dynamo=True) ...")
+        try:
+            attempt(lambda: _export_dynamo(program, args, names, factor, opset, path, progress))
+            return "dynamo", None
+        except Exception as exc:  # the exporters raise many types; all mean "this exporter failed"
+            reason = f"{type(exc).__name__}: {_first_line(exc)}"
+            if exporter == "dynamo":
+                raise OnnxExportError(f"the dynamo ONNX exporter failed: {reason}") from exc
+            errors.append(reason)
+            log.warning("the dynamo ONNX exporter failed (%s); falling back to the TorchScript exporter", reason)
+            folder = os.path.dirname(path)
+            for name in os.listdir(folder):
+                os.remove(os.path.join(folder, name))
+    _say(progress, "exporting with torch.onnx.export(dynamo=False) (TorchScript) ...")
+    try:
+        attempt(lambda: _export_torchscript(program, args, names, opset, path))
+        return "torchscript", errors[0] if errors else None
+    except Exception as exc:
+        errors.append(f"{type(exc).__name__}: {_first_line(exc)}")
+        tried = ("dynamo", "torchscript")[-len(errors):]
+        raise OnnxExportError("ONNX export failed: " + "; ".join(f"{n}: {e}" for n, e in zip(tried, errors))) from exc
+
+
+def _first_line(exc: BaseException, limit: int = 400) -> str:
+    text = str(exc).strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # the dynamo exporter colours its messages
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    return line[:limit]
