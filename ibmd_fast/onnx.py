@@ -66,7 +66,7 @@ from ibmd_fast import __version__, reference
 from ibmd_fast.models.unet import AttentionBlock, ResBlock
 from ibmd_fast.models.wrappers import Generator
 from ibmd_fast.release import ReleaseError, load_generator
-from ibmd_fast.samplers import _impose_known, student_grid, student_sample
+from ibmd_fast.samplers import impose_known, student_grid, student_sample
 
 __all__ = [
     "ONNX_FORMAT",
@@ -168,12 +168,12 @@ class StudentProgram(nn.Module):
         named = dict(zip(self.input_names, inputs))
         xT, z, mask = named["xT"], named.get("z"), named.get("mask")
         if mask is not None:
-            xT = _impose_known(named["hole_noise"], xT, mask)  # fill_hole: noise in the hole (MATH.md 3)
+            xT = impose_known(named["hole_noise"], xT, mask)  # fill_hole: noise in the hole (MATH.md 3)
         x = xT
         for i, t in enumerate(self.call_times):
             x0 = self.generator(xT, z, t=self._time(t).to(xT.device), x_t=x).to(x.dtype)
             if mask is not None:
-                x0 = _impose_known(x0, xT, mask)  # the student predicts only the hole
+                x0 = impose_known(x0, xT, mask)  # the student predicts only the hole
             if i < len(self.step_coefs):
                 # posterior step t_n -> t_{n-1} (MATH.md 3), plain arithmetic
                 coef_xt, coef_x0, std = self.step_coefs[i]
@@ -207,7 +207,7 @@ def reference_sample(generator: Generator, inputs: dict[str, torch.Tensor], nfe:
     """
     xT, z, mask = inputs["xT"], inputs.get("z"), inputs.get("mask")
     if mask is not None:
-        xT = _impose_known(inputs["hole_noise"], xT, mask)  # the fill of samplers.fill_hole
+        xT = impose_known(inputs["hole_noise"], xT, mask)  # the fill of samplers.fill_hole
     if z is None:
         z = torch.zeros_like(xT)  # ignored by a generator without z channels
     noises = [inputs[f"noise_{n}"] for n in range(1, nfe)]

@@ -41,6 +41,7 @@ __all__ = [
     "student_sample",
     "student_grid",
     "fill_hole",
+    "impose_known",
     "make_generator",
 ]
 
@@ -90,7 +91,7 @@ def fill_hole(xT: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor:
     return xT + mask * (eps - xT)
 
 
-def _impose_known(x: torch.Tensor, known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def impose_known(x: torch.Tensor, known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``(1 - m) known + m x``: known pixels (m = 0) from ``known``, the hole from ``x``."""
     return known + mask * (x - known)
 
@@ -149,11 +150,11 @@ def i2sb_sample(
         if mask is not None:
             # Known pixels are those of the bridge marginal at n' around the known xT.
             known = ops.bridge_step(xT, xT, 1.0, 0.0, bridge.marginal(s)[2].to(device), seed=ops.draw_seed(gen))
-            x = _impose_known(x, known, mask)
+            x = impose_known(x, known, mask)
         _report(callback, step=i, t=t, s=s, x=x, x0_hat=x0_hat, std=std, nfe=i + 1)
 
     if mask is not None:
-        x0_hat = _impose_known(x0_hat, xT, mask)
+        x0_hat = impose_known(x0_hat, xT, mask)
     return x0_hat
 
 
@@ -406,7 +407,7 @@ def student_sample(
         t = _times(bridge, grid[n - 1], batch, device)
         x0 = generator_fn(x, z, t).to(x.dtype)
         if mask is not None:
-            x0 = _impose_known(x0, xT, mask)  # the student predicts only the hole
+            x0 = impose_known(x0, xT, mask)  # the student predicts only the hole
         if n > 1:
             s = _times(bridge, grid[n - 2], batch, device)
             x = bridge.posterior_step(x, x0, s, t, seed=ops.draw_seed(gen))
