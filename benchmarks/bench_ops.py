@@ -29,20 +29,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine_name  # noqa: E402
 from ibmd_fast import ops  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def machine_name(device: str) -> str:
-    if device == "cuda" and torch.cuda.is_available():
-        name = torch.cuda.get_device_name().lower()
-        for key in ("h200", "h100", "a100", "l40", "a10", "t4"):
-            if key in name:
-                return key
-        return name.replace(" ", "-")
-    return f"cpu-{os.cpu_count()}core"
 
 
 def timer(fn, device: str, warmup: int, repeats: int) -> float:

@@ -18,8 +18,8 @@ machine=$(python3 -c "import torch; n=torch.cuda.get_device_name().lower(); prin
 timeout 400 python3 benchmarks/bench_ops.py --device cuda --dtypes float32,bfloat16,float16 --machine "$machine" \
   --out "$OUT/ops-$machine.json" 2>&1 | grep -v Warning | tee "$OUT/bench_ops.log"
 if [ "$what" = all ]; then
-  for script in bench_inference bench_distill; do
-    [ -f "benchmarks/$script.py" ] && timeout 300 python3 "benchmarks/$script.py" --machine "$machine" \
-      --out "$OUT/${script#bench_}-$machine.json" 2>&1 | tee "$OUT/$script.log" | tail -20
-  done
+  timeout 300 python3 benchmarks/bench_inference.py --machine "$machine" --out-dir "$OUT" 2>&1 | tee "$OUT/bench_inference.log" | tail -20
+  timeout 300 python3 benchmarks/bench_distill.py --machine "$machine" --out "$OUT/distill-$machine.json" 2>&1 \
+    | tee "$OUT/bench_distill.log" | tail -20
+  timeout 480 python3 benchmarks/paper_table.py --scale gpu --out-dir "$OUT" 2>&1 | tee "$OUT/paper_table.log" | tail -30
 fi

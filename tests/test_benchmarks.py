@@ -1,0 +1,154 @@
+"""The benchmark scripts, run as a user runs them: paper_table at its smoke scale, bench_distill for 2 steps.
+
+Each script runs in a subprocess with one thread, writing into a temporary folder (never into
+benchmarks/results). Together they take well under a minute on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import ibmd_fast
+from ibmd_fast.data import FASHION_MNIST_DIR, FashionMNIST
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+# the subprocesses import the very ibmd_fast this process imported (a checkout or an install)
+PACKAGE_ROOT = Path(ibmd_fast.__file__).resolve().parent.parent
+TASKS = ("sr4x-pool", "jpeg-10", "inpaint-center")
+ROW_KEYS = {"model", "nfe", "fid", "ca", "psnr", "ssim", "sec_per_image", "speedup_vs_teacher_100"}
+
+
+def _fashion_mnist_missing() -> bool:
+    try:
+        FashionMNIST(split="test")
+    except (FileNotFoundError, ValueError):
+        return True
+    return False
+
+
+needs_fashion_mnist = pytest.mark.skipif(_fashion_mnist_missing(),
+                                         reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR}")
+
+
+def _run(script: str, *args, timeout: float = 150) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@needs_fashion_mnist
+def test_paper_table_smoke(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ("--scale", "smoke", "--out-dir", out, "--work-dir", work, "--machine", "test")
+    proc = _run("paper_table.py", *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stem = out / "paper_table-smoke-test"
+    report = json.loads(Path(f"{stem}.json").read_text())
+
+    assert report["scale"] == "smoke" and set(report["tasks"]) == set(TASKS)
+    assert report["teacher_nfe_run"] == [19, 10, 4, 1]  # NFE 1000 and 100 capped at the 20-step bridge's 19
+    assert 0.0 <= report["classifier"]["clean_test_accuracy"] <= 100.0
+    assert report["environment"]["OMP_NUM_THREADS"] == "1"
+    for name, task in report["tasks"].items():
+        rows = task["rows"]
+        assert all(set(r) == ROW_KEYS for r in rows), rows
+        assert [(r["model"], r["nfe"]) for r in rows] == (
+            [("corrupted", 0)] + [("teacher", n) for n in (19, 10, 4, 1)]
+            + [("student", n) for n in ((1, 4) if name == "inpaint-center" else (1,))])
+        for r in rows:
+            assert math.isfinite(r["fid"]) and r["fid"] >= 0
+            assert 0.0 <= r["ca"] <= 100.0 and -1.0 <= r["ssim"] <= 1.0 and math.isfinite(r["psnr"])
+            if r["model"] != "corrupted":
+                assert r["sec_per_image"] > 0 and r["speedup_vs_teacher_100"] > 0
+        assert next(r for r in rows if r["model"] == "teacher" and r["nfe"] == 19)["speedup_vs_teacher_100"] == 1.0
+        assert task["reading"], "a line per student saying how it compares"
+        with Image.open(task["grid_png"]) as grid:
+            columns = 2 + len(task["student_nfe"]) + 1
+            assert task["grid_columns"][0] == "corrupted" and task["grid_columns"][-1] == "clean"
+            size = report["preset"]["image_size"]
+            scale = max(1, 128 // size)  # enlarged to about 128 px per picture, 2 px padding
+            assert len(task["grid_columns"]) == columns and grid.width == scale * (2 + columns * (size + 2))
+
+    markdown = Path(f"{stem}.md").read_text()
+    header = "| model | NFE | FID | CA % | PSNR dB | SSIM | s/img | speedup vs teacher-100 |"
+    assert markdown.count(header) == 3
+    for name in TASKS:
+        assert f"## {name}" in markdown
+    with Image.open(f"{stem}-fid-vs-time.png") as plot:
+        assert plot.width >= 3 * 300 and plot.height >= 200
+        assert len(plot.convert("RGB").getcolors(1 << 16) or []) > 2  # more than a blank canvas
+
+    # A second run finds every stage done and only rewrites the outputs.
+    again = _run("paper_table.py", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped") == len(report["stages"]) and "starting" not in again.stdout
+    rerun = json.loads(Path(f"{stem}.json").read_text())
+    assert rerun["tasks"]["jpeg-10"]["rows"] == report["tasks"]["jpeg-10"]["rows"]
+
+
+def test_paper_table_without_data(tmp_path):
+    proc = _run("paper_table.py", "--scale", "smoke", "--data-dir", tmp_path / "nothing-here",
+                "--out-dir", tmp_path / "out", "--work-dir", tmp_path / "work")
+    assert proc.returncode == 1
+    assert "apt-get install dataset-fashion-mnist" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@needs_fashion_mnist
+def test_paper_table_dry_run():
+    proc = _run("paper_table.py", "--scale", "cpu", "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(proc.stdout)
+    assert plan["teacher_nfe_run"] == [999, 100, 10, 4, 1]
+    assert plan["tasks"]["inpaint-center"]["student_nfe"] == [1, 4]
+    assert plan["tasks"]["sr4x-pool"]["beta_max"] == 0.3 and plan["tasks"]["inpaint-center"]["beta_max"] == 1.0
+
+
+def test_pil_plot(tmp_path, monkeypatch):
+    """The PIL fallback draws whatever the rows hold: one point, equal times, a missing FID."""
+    spec = importlib.util.spec_from_file_location("paper_table", BENCH / "paper_table.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "paper_table", module)  # dataclasses look their module up there
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ on it
+    spec.loader.exec_module(module)
+    rows = {
+        "a": [{"model": "corrupted", "nfe": 0, "fid": 3.0, "sec_per_image": 0.0},
+              {"model": "teacher", "nfe": 999, "fid": 1.0, "sec_per_image": 9.5},
+              {"model": "teacher", "nfe": 1, "fid": 2.5, "sec_per_image": 0.01},
+              {"model": "student", "nfe": 1, "fid": 1.2, "sec_per_image": 0.009}],
+        "b": [{"model": "teacher", "nfe": 4, "fid": 0.5, "sec_per_image": 0.2},
+              {"model": "student", "nfe": 4, "fid": None, "sec_per_image": 0.2}],
+        "c": [],
+    }
+    path = tmp_path / "plot.png"
+    module._plot_pil(rows, str(path), "title")
+    with Image.open(path) as image:
+        assert image.size[0] == 3 * 440
+    assert module._nice_ticks(0.0, 0.93) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+
+
+def test_bench_distill_two_steps(tmp_path):
+    out = tmp_path / "distill.json"
+    proc = _run("bench_distill.py", "--steps", 2, "--warmup", 1, "--rounds", 1, "--device", "cpu",
+                "--image-size", 16, "--batch-size", 2, "--inner-steps", 2, "--machine", "test", "--out", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert set(rows) == {"fused", "reference"}
+    assert rows["reference"]["backend"] == "reference"
+    for row in rows.values():
+        assert row["it_per_s"] > 0 and row["fake_step_ms"] > 0 and row["generator_step_ms"] > 0
+        assert row["torch_threads"] == 1
+    assert report["settings"]["steps"] == 2 and report["settings"]["inner_steps"] == 2
+    assert report["ratio_fused_over_reference"]["fp32"] > 0
+    assert report["OMP_NUM_THREADS"] == "1" and report["machine"] == "test"
