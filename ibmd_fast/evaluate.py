@@ -205,6 +205,18 @@ def _mask_batch(mask: Optional[torch.Tensor], start: int, stop: int, total: int)
     return mask.expand(stop - start, *mask.shape[1:])
 
 
+def _batch_inputs(xT, mask, start: int, stop: int, device, gen: torch.Generator):
+    """Images ``start:stop`` on ``device`` and their mask; for inpainting the hole is filled with noise."""
+    from ibmd_fast.samplers import fill_hole
+
+    x = xT[start:stop].to(device, torch.float32)
+    m = _mask_batch(mask, start, stop, xT.shape[0])
+    if m is not None:
+        m = m.to(device, torch.float32)
+        x = fill_hole(x, m, ops.draw_seed(gen))
+    return x, m
+
+
 def _batches(total: int, batch_size: int, progress: bool, desc: str):
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -236,7 +248,7 @@ def restore_with_teacher(
     what a conditional teacher sees), the i2sb sampler re-imposes the known pixels at every step,
     and every sampler returns them unchanged. Returns float32 images in [-1, 1] on the CPU.
     """
-    from ibmd_fast.samplers import dbim_sample, fill_hole, heun_sample, i2sb_sample, make_generator
+    from ibmd_fast.samplers import dbim_sample, heun_sample, i2sb_sample, make_generator
 
     sampler = sampler or natural_sampler(teacher.bridge_type)
     if sampler not in SAMPLERS:
@@ -252,11 +264,7 @@ def restore_with_teacher(
     out = []
     for start in _batches(xT.shape[0], batch_size, progress, f"teacher {sampler} nfe={nfe}"):
         stop = min(start + batch_size, xT.shape[0])
-        x = xT[start:stop].to(device, torch.float32)
-        m = _mask_batch(mask, start, stop, xT.shape[0])
-        if m is not None:
-            m = m.to(device, torch.float32)
-            x = fill_hole(x, m, ops.draw_seed(gen))
+        x, m = _batch_inputs(xT, mask, start, stop, device, gen)
         cond = x if teacher.conditional else None
 
         def predict_x0(x_t, t, cond=cond):
@@ -288,7 +296,7 @@ def restore_with_generator(
     (the NFE it was distilled for; MATH.md 5). ``mask`` as in ``restore_with_teacher``: the hole is
     filled with noise first and the known pixels are copied from ``xT``. Returns float32 images in
     [-1, 1] on the CPU."""
-    from ibmd_fast.samplers import fill_hole, make_generator, student_sample
+    from ibmd_fast.samplers import make_generator, student_sample
 
     if nfe < 1:
         raise ValueError(f"nfe must be at least 1, got {nfe}")
@@ -300,11 +308,7 @@ def restore_with_generator(
     out = []
     for start in _batches(xT.shape[0], batch_size, progress, f"student nfe={nfe}"):
         stop = min(start + batch_size, xT.shape[0])
-        x = xT[start:stop].to(device, torch.float32)
-        m = _mask_batch(mask, start, stop, xT.shape[0])
-        if m is not None:
-            m = m.to(device, torch.float32)
-            x = fill_hole(x, m, ops.draw_seed(gen))
+        x, m = _batch_inputs(xT, mask, start, stop, device, gen)
         z = None
         if z_channels not in (0, x.shape[1]):
             z = torch.randn((x.shape[0], z_channels, *x.shape[2:]), generator=gen).to(device)
