@@ -144,4 +144,14 @@ inline Prepared prepare_bridge_step(const at::Tensor& a, const at::Tensor& b, co
   return p;
 }
 
+// The checks of ibmd::bridge_step_backward, shared by its CPU and CUDA kernels.
+inline Prepared prepare_bridge_step_backward(const at::Tensor& grad, const at::Tensor& coef_a,
+                                             const at::Tensor& coef_b) {
+  constexpr const char* op = "ibmd::bridge_step_backward";
+  Prepared p = prepare({{&grad, "grad"}}, op);
+  check_coef(coef_a, grad, op, "coef_a");
+  check_coef(coef_b, grad, op, "coef_b");
+  return p;
+}
+
 }  // namespace ibmd

@@ -239,10 +239,7 @@ at::Tensor bridge_step_cuda(const at::Tensor& a, const at::Tensor& b, const at::
 
 std::tuple<at::Tensor, at::Tensor> bridge_step_backward_cuda(const at::Tensor& grad, const at::Tensor& coef_a,
                                                              const at::Tensor& coef_b) {
-  constexpr const char* op = "ibmd::bridge_step_backward";
-  Prepared p = prepare({{&grad, "grad"}}, op);
-  check_coef(coef_a, grad, op, "coef_a");
-  check_coef(coef_b, grad, op, "coef_b");
+  Prepared p = prepare_bridge_step_backward(grad, coef_a, coef_b);
   const c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor grad_a = empty_in_layout(p), grad_b = empty_in_layout(p);
   const int64_t numel = grad.numel();
