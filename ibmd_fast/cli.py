@@ -304,6 +304,20 @@ def _resolve(ctx: click.Context, cls, options: dict, config_file: Optional[str])
     return cfg
 
 
+def _run_trainer(ctx, config_cls, fn_name: str, options: dict, config_file, dry_run: bool) -> None:
+    """Resolve the config (defaults < file < options), print it for --dry-run, else run
+    ``ibmd_fast.train.<fn_name>`` with its log on stderr and the summary on stdout."""
+    cfg = _resolve(ctx, config_cls, options, config_file)
+    if dry_run:
+        click.echo(dump_config(cfg))
+        return
+    import ibmd_fast.train
+
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer's log lines; stdout carries the result
+        summary = getattr(ibmd_fast.train, fn_name)(cfg)
+    _print_summary(summary)
+
+
 def _print_summary(summary: dict) -> None:
     """The trainer's summary: the comparison table (if any), then the scalar entries."""
     from ibmd_fast.evaluate import format_table
@@ -357,15 +371,7 @@ if TeacherConfig is not None:
 
         Every option also reads from --config FILE; options given here win over the file.
         """
-        cfg = _resolve(ctx, TeacherConfig, options, config_file)
-        if dry_run:
-            click.echo(dump_config(cfg))
-            return
-        from ibmd_fast.train import train_teacher
-
-        with contextlib.redirect_stdout(sys.stderr):  # the trainer's log lines; stdout carries the result
-            summary = train_teacher(cfg)
-        _print_summary(summary)
+        _run_trainer(ctx, TeacherConfig, "train_teacher", options, config_file, dry_run)
 
     @cli.command("distill", context_settings=CONTEXT)
     @_common_config_options
@@ -378,15 +384,7 @@ if TeacherConfig is not None:
         With no options: the embedded teacher, on the scikit-image photos, into runs/distill; then the
         teacher (NFE 1, 10, 100) vs student (NFE 1) table of PSNR, SSIM and seconds per image.
         """
-        cfg = _resolve(ctx, DistillConfig, options, config_file)
-        if dry_run:
-            click.echo(dump_config(cfg))
-            return
-        from ibmd_fast.train import distill
-
-        with contextlib.redirect_stdout(sys.stderr):  # the trainer's log lines; stdout carries the result
-            summary = distill(cfg)
-        _print_summary(summary)
+        _run_trainer(ctx, DistillConfig, "distill", options, config_file, dry_run)
 
 else:
     _train_unavailable("train-teacher", "Train a bridge-matching teacher")
