@@ -447,30 +447,56 @@ def run_task(stages: Stages, preset: Preset, task: Task, data: str, work: str, d
             "rows": rows, "grid": grid, "reading": reading(rows)}
 
 
+# The issue's quality target per student, against the teacher at REFERENCE_NFE (the paper's claim at
+# full scale): FID no higher, classifier accuracy within CA_POINTS points, time per image MIN_SPEEDUP x lower.
+CA_POINTS = 1.0
+MIN_SPEEDUP = 50.0
+
+
+def targets(student: dict, ref: Optional[dict]) -> Optional[dict]:
+    """The target checks of one student row against the reference teacher row (None without one)."""
+    if ref is None or student.get("fid") is None or ref.get("fid") is None:
+        return None
+    speed = student.get("speedup_vs_teacher_100")
+    checks = {"fid_at_most_teacher": student["fid"] <= ref["fid"],
+              "ca_within_points": (student.get("ca") is not None and ref.get("ca") is not None
+                                   and student["ca"] >= ref["ca"] - CA_POINTS),
+              "speedup_at_least": speed is not None and speed >= MIN_SPEEDUP}
+    return {"reference_nfe": ref["nfe"], "ca_points": CA_POINTS, "min_speedup": MIN_SPEEDUP, **checks,
+            "met": all(checks.values())}
+
+
 def reading(rows: list[dict]) -> list[str]:
-    """What the numbers say, one line per student, derived from the rows only."""
+    """What the numbers say, one line per student, derived from the rows only; each student row also
+    gets its ``targets`` (see targets())."""
     teachers = sorted((r for r in rows if r["model"] == "teacher"), key=lambda r: r["nfe"])
-    if not teachers:
+    ref = reference_row(rows)
+    if not teachers or ref is None:
         return []
     top, one = teachers[-1], teachers[0]
     lines = []
     for s in (r for r in rows if r["model"] == "student"):
-        if s.get("fid") is None or top.get("fid") is None:
+        s["targets"] = check = targets(s, ref)
+        if check is None:
             continue
-        if s["fid"] <= top["fid"]:
-            verdict = (f"matches or beats the teacher at NFE {top['nfe']} on FID (what the paper reports at full "
-                       "scale)")
-        elif one.get("fid") is not None and s["fid"] < one["fid"]:
-            verdict = (f"improves on the teacher's own {one['nfe']}-NFE prediction but stays short of the "
-                       f"teacher at NFE {top['nfe']}")
-        else:
-            verdict = f"is no better than the teacher at NFE {one['nfe']} on FID at this budget"
-        speed = s.get("speedup_vs_teacher_100")
-        speed_text = f", {speed:.1f}x faster per image than teacher-100" if speed else ""
-        if s.get("sec_per_image") and top.get("sec_per_image") and top is not reference_row(rows):
-            speed_text += f" and {top['sec_per_image'] / s['sec_per_image']:.0f}x faster than teacher-{top['nfe']}"
-        lines.append(f"student NFE {s['nfe']}: FID {s['fid']:.3g} vs teacher NFE {top['nfe']} {top['fid']:.3g} "
-                     f"and NFE {one['nfe']} {one['fid']:.3g}: it {verdict}{speed_text}.")
+        misses = [what for what, ok in (
+            (f"FID {s['fid']:.3g} > {ref['fid']:.3g}", check["fid_at_most_teacher"]),
+            (f"CA {s['ca']:.1f}% more than {CA_POINTS:g} point below {ref['ca']:.1f}%", check["ca_within_points"]),
+            (f"speedup {s.get('speedup_vs_teacher_100') or 0:.0f}x < {MIN_SPEEDUP:.0f}x", check["speedup_at_least"]),
+        ) if not ok]
+        verdict = ("meets the target" if check["met"] else "misses the target: " + "; ".join(misses))
+        text = (f"student NFE {s['nfe']}: FID {s['fid']:.3g}, CA {s['ca']:.1f}% vs teacher NFE {ref['nfe']} "
+                f"FID {ref['fid']:.3g}, CA {ref['ca']:.1f}%, {s.get('speedup_vs_teacher_100') or 0:.1f}x faster per "
+                f"image: it {verdict} (FID <= teacher-{ref['nfe']}, CA within {CA_POINTS:g} point, "
+                f">= {MIN_SPEEDUP:.0f}x faster).")
+        others = [t for t in (top, one) if t is not ref and t.get("fid") is not None]
+        if others:
+            text += " Other teacher NFEs: " + ", ".join(
+                f"NFE {t['nfe']} FID {t['fid']:.3g}" + (f" ({t['sec_per_image'] / s['sec_per_image']:.0f}x the "
+                                                         f"student's time)" if t["nfe"] > ref["nfe"] and
+                                                        s.get("sec_per_image") else "")
+                for t in others) + "."
+        lines.append(text)
     return lines
 
 
@@ -511,6 +537,19 @@ def markdown(report: dict) -> str:
         f"NFE {report['reference_nfe']}",
         "",
     ]
+    checked = [(name, s) for name, task in report["tasks"].items() for s in task["rows"]
+               if s["model"] == "student" and s.get("targets")]
+    if checked:
+        mark = {True: "yes", False: "**no**"}
+        ref_nfe = report["reference_nfe"]
+        lines += [f"Targets (the paper's claim, checked per student against the teacher at NFE {ref_nfe}): FID no "
+                  f"higher, CA within {CA_POINTS:g} point, time per image at least {MIN_SPEEDUP:.0f}x lower.", "",
+                  f"| task | student NFE | FID <= teacher-{ref_nfe} | CA within {CA_POINTS:g} pt | "
+                  f">= {MIN_SPEEDUP:.0f}x faster | all met |", "|---|---:|---|---|---|---|"]
+        lines += [f"| {name} | {s['nfe']} | {mark[s['targets']['fid_at_most_teacher']]} | "
+                  f"{mark[s['targets']['ca_within_points']]} | {mark[s['targets']['speedup_at_least']]} | "
+                  f"{mark[s['targets']['met']]} |" for name, s in checked]
+        lines.append("")
     for name, task in report["tasks"].items():
         lines += [f"## {name}", "",
                   "| model | NFE | FID | CA % | PSNR dB | SSIM | s/img | speedup vs teacher-100 |",

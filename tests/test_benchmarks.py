@@ -61,7 +61,11 @@ def test_paper_table_smoke(tmp_path):
     assert report["environment"]["OMP_NUM_THREADS"] == "1"
     for name, task in report["tasks"].items():
         rows = task["rows"]
-        assert all(set(r) == ROW_KEYS for r in rows), rows
+        assert all(set(r) == ROW_KEYS | ({"targets"} if r["model"] == "student" else set()) for r in rows), rows
+        for r in rows[-len(task["student_nfe"]):]:
+            t = r["targets"]
+            assert t["reference_nfe"] == 19 and t["met"] == (
+                t["fid_at_most_teacher"] and t["ca_within_points"] and t["speedup_at_least"])
         assert [(r["model"], r["nfe"]) for r in rows] == (
             [("corrupted", 0)] + [("teacher", n) for n in (19, 10, 4, 1)]
             + [("student", n) for n in ((1, 4) if name == "inpaint-center" else (1,))])
@@ -82,6 +86,7 @@ def test_paper_table_smoke(tmp_path):
     markdown = Path(f"{stem}.md").read_text()
     header = "| model | NFE | FID | CA % | PSNR dB | SSIM | s/img | speedup vs teacher-100 |"
     assert markdown.count(header) == 3
+    assert "| task | student NFE | FID <= teacher-19 |" in markdown  # the target summary, one row per student
     for name in TASKS:
         assert f"## {name}" in markdown
     with Image.open(f"{stem}-fid-vs-time.png") as plot:
@@ -114,13 +119,42 @@ def test_paper_table_dry_run():
     assert plan["tasks"]["sr4x-pool"]["beta_max"] == 0.3 and plan["tasks"]["inpaint-center"]["beta_max"] == 1.0
 
 
-def test_pil_plot(tmp_path, monkeypatch):
-    """The PIL fallback draws whatever the rows hold: one point, equal times, a missing FID."""
+@pytest.fixture
+def paper_table(monkeypatch):
+    """benchmarks/paper_table.py imported as a module."""
     spec = importlib.util.spec_from_file_location("paper_table", BENCH / "paper_table.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "paper_table", module)  # dataclasses look their module up there
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ on it
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("student, met, missed", [
+    ({"fid": 0.9, "ca": 69.5, "sec_per_image": 0.01}, True, None),                    # 100x faster, all met
+    ({"fid": 1.1, "ca": 70.0, "sec_per_image": 0.01}, False, "fid_at_most_teacher"),  # FID above teacher-100
+    ({"fid": 0.9, "ca": 68.5, "sec_per_image": 0.01}, False, "ca_within_points"),     # 1.5 points below
+    ({"fid": 0.9, "ca": 70.0, "sec_per_image": 0.05}, False, "speedup_at_least"),     # only 20x faster
+])
+def test_paper_table_targets(paper_table, student, met, missed):
+    """Each of the issue's three targets (against the teacher at NFE 100, not the top NFE) fails on its own."""
+    rows = [{"model": "corrupted", "nfe": 0, "fid": 9.0, "ca": 40.0, "sec_per_image": 0.0},
+            {"model": "teacher", "nfe": 999, "fid": 0.5, "ca": 72.0, "sec_per_image": 10.0},
+            {"model": "teacher", "nfe": 100, "fid": 1.0, "ca": 70.0, "sec_per_image": 1.0},
+            {"model": "teacher", "nfe": 1, "fid": 3.0, "ca": 60.0, "sec_per_image": 0.01},
+            {"model": "student", "nfe": 1, **student}]
+    rows = paper_table.add_speedups(rows)
+    lines = paper_table.reading(rows)
+    t = rows[-1]["targets"]
+    assert t["reference_nfe"] == 100 and t["met"] is met
+    assert [k for k in ("fid_at_most_teacher", "ca_within_points", "speedup_at_least") if not t[k]] == (
+        [missed] if missed else [])
+    assert len(lines) == 1 and ("meets the target" in lines[0]) is met and "NFE 999 FID 0.5" in lines[0]
+
+
+def test_pil_plot(tmp_path, paper_table):
+    """The PIL fallback draws whatever the rows hold: one point, equal times, a missing FID."""
+    module = paper_table
     rows = {
         "a": [{"model": "corrupted", "nfe": 0, "fid": 3.0, "sec_per_image": 0.0},
               {"model": "teacher", "nfe": 999, "fid": 1.0, "sec_per_image": 9.5},

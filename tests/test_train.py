@@ -448,3 +448,34 @@ def test_torchrun_two_processes_teacher_and_distill(tmp_path):
     ckpt = _ckpt(tmp_path / "t", 3)
     assert len(ckpt["rng"]) == 2  # one noise state per rank
     assert not torch.equal(ckpt["rng"][0]["trainer"], ckpt["rng"][1]["trainer"])
+
+
+# ----------------------------------------------------------------------------
+# CUDA: the settings of the gpu preset of benchmarks/paper_table.py (runs where a GPU is present)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_low_precision_channels_last_teacher_and_distill(tmp_path, image_dir, precision):
+    """Autocast (and fp16's GradScaler), NHWC and DataLoader workers on CUDA: finite losses, fp32 releases
+    whose networks restore images on the GPU, and a student that starts at the teacher's one-step
+    prediction up to the precision's rounding."""
+    cuda = dict(device="cuda", precision=precision, channels_last=True, workers=2)
+    teacher = train_teacher(**teacher_kwargs(tmp_path / "t", image_dir, steps=4, ckpt_every=4, **cuda))
+    assert teacher["steps"] == 4 and math.isfinite(teacher["loss"])
+    assert f"precision {precision}" in (tmp_path / "t" / "log.txt").read_text()
+    student = distill(**distill_kwargs(tmp_path / "d", teacher["release"], steps=2, **cuda))
+    assert student["steps"] == 2 and math.isfinite(student["loss_theta"]) and math.isfinite(student["loss_phi"])
+    assert all(math.isfinite(s["loss_theta"]) and math.isfinite(s["loss_phi"]) for s in _stats(tmp_path / "d"))
+
+    t_model, _ = load_teacher(teacher["release"])
+    g_model, _ = load_generator(student["release"])
+    assert all(p.dtype == torch.float32 for p in g_model.parameters())
+    t_model, g_model = t_model.cuda(), g_model.cuda()
+    xT = torch.rand(4, 3, 16, 16, device="cuda") * 2 - 1
+    with torch.no_grad():
+        one_step = t_model.predict_x0(xT, t_model.full_time(4, "cuda"))
+        out = g_model(xT, torch.randn_like(xT))
+    assert out.shape == xT.shape and torch.isfinite(out).all()
+    # two generator steps at lr 1e-4 move the student by little from its initialisation
+    assert (out - one_step).abs().mean().item() < 0.1
