@@ -18,7 +18,7 @@ Evaluation reuses ``ibmd_fast.evaluate`` (``evaluate``, ``get_classifier``, ``re
 and whose outputs exist is skipped, and an interrupted training stage resumes from its newest
 checkpoint, so a killed run continues where it stopped.
 
-    python benchmarks/paper_table.py --scale cpu        # about 45 min on 2 CPU cores (estimated; PRESETS)
+    python benchmarks/paper_table.py --scale cpu        # about 52 min on 2 CPU cores (PRESETS)
     python benchmarks/paper_table.py --scale gpu        # aimed at 8 min on one H100 / H200 (not yet timed)
     python benchmarks/paper_table.py --scale smoke      # seconds: the test's check of the pipeline
     python benchmarks/paper_table.py --scale cpu --dry-run            # settings and approximate work
@@ -104,41 +104,46 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # 2 CPU cores, < 60 min: about 45 min estimated (see --dry-run's work counts). Two thirds of it
-    # is the teacher at NFE 999 on the evaluation images (1114 network calls per image over the
-    # five teacher NFEs, about 10 ms each for the tiny U-Net at 32 px), hence 48 images.
+    # 2 CPU cores, < 60 min: about 52 min measured stage by stage (the JSON's "stages"). A third of it
+    # is the teacher at NFE 999 on the evaluation images (1114 network calls per image over the five
+    # teacher NFEs, about 8 ms each for the tiny U-Net at 32 px), hence 32 images; half is distillation.
+    # 300 generator steps are what the sr4x-pool student needs here to reach the teacher at NFE 100
+    # (FID on the 32 images: 1.23 after 80 steps, 0.69 after 200, 0.48 after 300; teacher-100 0.57).
     "cpu": Preset(
         image_size=32, arch="tiny", bridge_steps=1000,
         teacher_steps=500, teacher_batch=16, teacher_lr=2e-4, teacher_ema=0.999,
-        distill_steps=80, inner_steps=5, distill_batch=8, distill_lr=1e-4, distill_ema=0.99,
+        distill_steps=300, inner_steps=5, distill_batch=8, distill_lr=1e-4, distill_ema=0.99,
         precision="fp32", channels_last=False, workers=0, log_every=50,
-        teacher_ckpt_every=100, distill_ckpt_every=10,
+        teacher_ckpt_every=100, distill_ckpt_every=25,
         classifier_items=8192, classifier_epochs=2, classifier_test_images=0,
-        eval_images=48, eval_batch=48, teacher_nfe=(1000, 100, 10, 4, 1), grid_images=8,
-        note=("CPU scale: `tiny` U-Nets (0.8M parameters) trained for 500 bridge-matching steps at batch 16, "
-              "students distilled for 80 IBMD steps (L = 5) at batch 8 with lr 1e-4 (the paper: ADM U-Nets of "
-              "hundreds of millions of parameters, thousands of steps at batch 256, lr 5e-5). Teachers this "
-              "small and short-trained are far from converged, so absolute FID and PSNR are poor and the "
-              "students move only a little from their initialisation (the teacher's one-step prediction). "
-              "All rows use the first {eval_images} test images, because the teacher at NFE 999 costs about 10 s per "
-              "image on 2 CPU cores (the whole test set would take over a day): FID of {eval_images} images on "
-              "128-dimensional features is biased upwards and noisy; compare rows within a task, never with "
-              "the paper's Inception FIDs."),
+        eval_images=32, eval_batch=32, teacher_nfe=(1000, 100, 10, 4, 1), grid_images=8,
+        note=("CPU scale: `{arch}` U-Nets (0.8M parameters) trained for {teacher_steps} bridge-matching steps at "
+              "batch {teacher_batch}, students distilled for {distill_steps} IBMD steps (L = {inner_steps}) at batch "
+              "{distill_batch} with lr {distill_lr:g} (the paper: ADM U-Nets of hundreds of millions of parameters, "
+              "thousands of steps at batch 256, lr 5e-5). Teachers this small and short-trained are far from "
+              "converged, so absolute FID and PSNR are poor; what the table can show is how a student compares "
+              "with its own teacher. All rows use the first {eval_images} test images, because the teacher at "
+              "NFE 999 costs about 8 s per image on 2 CPU cores (the whole test set would take a day): FID of "
+              "{eval_images} images on 128-dimensional features is biased upwards and noisy (one image is 3 "
+              "points of CA); compare rows within a task, never with the paper's Inception FIDs."),
     ),
-    # One H100 / H200, about 8 min (estimated from the CPU runs' work counts, not yet timed on a GPU).
+    # One H100 / H200, aimed at 8 min: not yet timed on a GPU. From the work counts (--dry-run: about
+    # 5.8M image-network calls of the `small` U-Net, 3.4 GFLOP each at 32 px, so 20 PFLOP with the
+    # backward passes) it needs ~40 TFLOP/s sustained over the mixed bf16 training and fp32 evaluation.
     "gpu": Preset(
         image_size=32, arch="small", bridge_steps=1000,
         teacher_steps=1500, teacher_batch=128, teacher_lr=2e-4, teacher_ema=0.999,
-        distill_steps=150, inner_steps=5, distill_batch=64, distill_lr=5e-5, distill_ema=0.99,
+        distill_steps=300, inner_steps=5, distill_batch=64, distill_lr=1e-4, distill_ema=0.99,
         precision="bf16", channels_last=True, workers=4, log_every=100,
-        teacher_ckpt_every=500, distill_ckpt_every=50,
+        teacher_ckpt_every=500, distill_ckpt_every=100,
         classifier_items=60000, classifier_epochs=5, classifier_test_images=0,
         eval_images=512, eval_batch=256, teacher_nfe=(1000, 100, 10, 4, 1), grid_images=8,
-        note=("GPU scale: `small` U-Nets (11M parameters) trained for 1500 steps at batch 128 in bf16, students "
-              "distilled for 150 IBMD steps (L = 5) at batch 64 with the paper's lr 5e-5: still far less "
-              "compute than the paper (thousands of steps at batch 256 from converged ADM teachers). Rows use "
-              "the first {eval_images} test images; FID is on the project's classifier features (128-d), not "
-              "Inception's, so only the rows of one task compare with each other."),
+        note=("GPU scale: `{arch}` U-Nets (11M parameters) trained for {teacher_steps} steps at batch "
+              "{teacher_batch} in {precision}, students distilled for {distill_steps} IBMD steps (L = "
+              "{inner_steps}) at batch {distill_batch} with lr {distill_lr:g}: still far less compute than the "
+              "paper (thousands of steps at batch 256 from converged ADM teachers). Rows use the first "
+              "{eval_images} test images; FID is on the project's classifier features (128-d), not Inception's, "
+              "so only the rows of one task compare with each other."),
     ),
     # Seconds: exercises every stage and output for the test (16 px, a 20-step bridge, 8 images).
     "smoke": Preset(
