@@ -8,9 +8,11 @@
 #   OUT=/some/dir bash benchmarks/gpu_check.sh paper   # paper_table.py --scale gpu (aimed at 8 min)
 #   OUT=/some/dir bash benchmarks/gpu_check.sh all     # the three in a row (a longer allowance only)
 #
-# The paper part needs Fashion-MNIST's idx files: carry a folder holding them and point
-# FASHION_MNIST at it (default /usr/share/datasets/fashion-mnist). Copy $OUT's JSON/MD/PNG files
-# into benchmarks/results/ and commit them with the card's name.
+# The paper part needs Fashion-MNIST's idx files (about 30 MB), which the device machine lacks:
+#   here:  mkdir -p .carry/fashion-mnist && cp /usr/share/datasets/fashion-mnist/* .carry/fashion-mnist/
+#   run:   carry [".carry"], command: FASHION_MNIST=.carry/fashion-mnist OUT=$OUT bash benchmarks/gpu_check.sh paper
+# (FASHION_MNIST defaults to /usr/share/datasets/fashion-mnist.) Copy $OUT's JSON/MD/PNG files into
+# benchmarks/results/ and commit them with the card's name.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
