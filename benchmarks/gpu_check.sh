@@ -8,15 +8,19 @@
 #   OUT=/some/dir bash benchmarks/gpu_check.sh paper   # paper_table.py --scale gpu (aimed at 8 min)
 #   OUT=/some/dir bash benchmarks/gpu_check.sh all     # the three in a row (a longer allowance only)
 #
-# The paper part needs Fashion-MNIST's idx files (about 30 MB), which the device machine lacks:
+# The paper part (and the ops part's CUDA smoke of it) needs Fashion-MNIST's idx files (about
+# 30 MB), which the device machine lacks:
 #   here:  mkdir -p .carry/fashion-mnist && cp /usr/share/datasets/fashion-mnist/* .carry/fashion-mnist/
-#   run:   carry [".carry"], command: FASHION_MNIST=.carry/fashion-mnist OUT=$OUT bash benchmarks/gpu_check.sh paper
-# (FASHION_MNIST defaults to /usr/share/datasets/fashion-mnist.) Copy $OUT's JSON/MD/PNG files into
-# benchmarks/results/ and commit them with the card's name.
+#   run:   carry [".carry"], command: OUT=$OUT bash benchmarks/gpu_check.sh paper
+# (.carry/fashion-mnist is used when present; IBMD_FAST_FASHION_MNIST names another folder.) Copy
+# $OUT's JSON/MD/PNG files into benchmarks/results/ and commit them with the card's name.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} IBMD_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
+if [ -z "${IBMD_FAST_FASHION_MNIST:-}" ] && [ -d .carry/fashion-mnist ]; then
+  export IBMD_FAST_FASHION_MNIST=$PWD/.carry/fashion-mnist
+fi
 what=${1:-ops}
 case "$what" in ops|speed|paper|all) ;; *) echo "usage: OUT=dir bash $0 ops|speed|paper|all" >&2; exit 2 ;; esac
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
@@ -30,9 +34,9 @@ status=0
 
 if [ "$what" = ops ] || [ "$what" = all ]; then
   # every CUDA case of the suite: the ops (numerics, gradients, opcheck, compile, noise, layouts, bad
-  # inputs, graph capture) and the trainers in bf16/fp16 with channels_last
-  timeout 360 python3 -m pytest tests/test_ops.py tests/test_train.py -q -rs -p no:cacheprovider \
-    -k "not cmake and (cuda or test_ops)" 2>&1 | tee "$OUT/tests_cuda.log" | tail -8
+  # inputs, graph capture), the trainers in bf16/fp16 with channels_last, the paper table's stages
+  timeout 360 python3 -m pytest tests/test_ops.py tests/test_train.py tests/test_benchmarks.py -q -rs \
+    -p no:cacheprovider -k "not cmake and (cuda or test_ops)" 2>&1 | tee "$OUT/tests_cuda.log" | tail -8
   status=$(( status | ${PIPESTATUS[0]} ))
   timeout 240 python3 benchmarks/bench_ops.py --device cuda --dtypes float32,bfloat16,float16 --machine "$machine" \
     --out "$OUT/ops-$machine.json" 2>&1 | grep -v Warning | tee "$OUT/bench_ops.log"
@@ -45,7 +49,7 @@ if [ "$what" = speed ] || [ "$what" = all ]; then
 fi
 if [ "$what" = paper ] || [ "$what" = all ]; then
   timeout 540 python3 benchmarks/paper_table.py --scale gpu --device cuda --machine "$machine" \
-    --data-dir "${FASHION_MNIST:-/usr/share/datasets/fashion-mnist}" --out-dir "$OUT" 2>&1 \
+    --out-dir "$OUT" 2>&1 \
     | tee "$OUT/paper_table.log" | tail -40
   status=$(( status | ${PIPESTATUS[0]} ))
   # the run folders stay in runs/paper_table/gpu (git-ignored, kept on a warm machine): a call cut

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import ibmd_fast
@@ -44,6 +45,23 @@ def _run(script: str, *args, timeout: float = 150) -> subprocess.CompletedProces
            "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@needs_fashion_mnist
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_paper_table_smoke_cuda(tmp_path):
+    """The gpu preset's path at smoke size: every stage on CUDA (classifier, teacher, 1- and 4-NFE
+    students, evaluation) in the smoke preset's fp32; tests/test_train.py's CUDA test covers bf16/fp16
+    and channels_last."""
+    out = tmp_path / "out"
+    proc = _run("paper_table.py", "--scale", "smoke", "--device", "cuda", "--tasks", "inpaint-center",
+                "--out-dir", out, "--work-dir", tmp_path / "work", "--machine", "test", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "paper_table-smoke-test.json").read_text())
+    assert report["environment"]["device"].startswith("cuda")
+    rows = report["tasks"]["inpaint-center"]["rows"]
+    assert [r["model"] for r in rows].count("student") == 2
+    assert all(math.isfinite(r["fid"]) and (r["model"] == "corrupted" or r["sec_per_image"] > 0) for r in rows)
 
 
 @needs_fashion_mnist

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+import ibmd_fast
 from ibmd_fast.data import (
     DEGRADATIONS,
     FASHION_MNIST_DIR,
@@ -270,6 +274,23 @@ def test_fashion_mnist_reads_idx_files(tmp_path: Path, gz: bool):
 def test_fashion_mnist_missing_folder_names_it_and_the_package(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=r"nowhere.*dataset-fashion-mnist"):
         FashionMNIST(tmp_path / "nowhere")
+
+
+def test_fashion_mnist_default_folder_from_the_environment(tmp_path: Path):
+    """IBMD_FAST_FASHION_MNIST moves the default folder (a copy carried to another machine, say)."""
+    images = np.random.default_rng(1).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images, True)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([4, 5, 6], np.uint8), True)
+    code = ("from ibmd_fast.data import FASHION_MNIST_DIR, FashionMNIST; ds = FashionMNIST(split='test'); "
+            "print(FASHION_MNIST_DIR, len(ds), ds[1][1])")
+    env = {**os.environ, "IBMD_FAST_FASHION_MNIST": str(tmp_path),
+           "PYTHONPATH": str(Path(ibmd_fast.__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(tmp_path), "3", "5"]
+    env["IBMD_FAST_FASHION_MNIST"] = str(tmp_path / "gone")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "gone" in out.stderr and "IBMD_FAST_FASHION_MNIST" in out.stderr
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),

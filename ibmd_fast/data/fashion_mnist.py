@@ -1,7 +1,8 @@
 """Fashion-MNIST from local idx files (never downloaded).
 
-Looks in ``root`` or, by default, ``/usr/share/datasets/fashion-mnist`` (where
-the Debian package ``dataset-fashion-mnist`` installs it) for
+Looks in ``root`` or, by default, ``$IBMD_FAST_FASHION_MNIST`` when set, else
+``/usr/share/datasets/fashion-mnist`` (where the Debian package
+``dataset-fashion-mnist`` installs it), for
 ``{train,t10k}-{images-idx3,labels-idx1}-ubyte`` with or without ``.gz``.
 Images are padded 28 -> 32 with black (-1), so the 4x and 2x downsamplings of
 the degradations and the U-Net divide evenly.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import os
 from pathlib import Path
 from typing import Tuple
 
@@ -22,7 +24,8 @@ from ibmd_fast.data.images import Size, as_hw, check_channels, to_channels
 
 __all__ = ["FashionMNIST", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "read_idx"]
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = Path(os.environ.get("IBMD_FAST_FASHION_MNIST") or DEBIAN_FASHION_MNIST_DIR)
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -59,8 +62,8 @@ def _find(root: Path, stem: str) -> Path:
             return candidate
     raise FileNotFoundError(
         f"Fashion-MNIST file {stem}[.gz] not found in folder {str(root)!r}. "
-        f"Install the Debian package `dataset-fashion-mnist` (it puts the files in {FASHION_MNIST_DIR}) "
-        "or pass the folder that holds the idx files."
+        f"Install the Debian package `dataset-fashion-mnist` (it puts the files in {DEBIAN_FASHION_MNIST_DIR}) "
+        "or pass (or set IBMD_FAST_FASHION_MNIST to) the folder that holds the idx files."
     )
 
 
@@ -90,8 +93,8 @@ class FashionMNIST(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(
                 f"Fashion-MNIST folder {str(self.root)!r} does not exist. Install the Debian package "
-                f"`dataset-fashion-mnist` (it puts the idx files in {FASHION_MNIST_DIR}) "
-                "or pass the folder that holds them."
+                f"`dataset-fashion-mnist` (it puts the idx files in {DEBIAN_FASHION_MNIST_DIR}) "
+                "or pass (or set IBMD_FAST_FASHION_MNIST to) the folder that holds them."
             )
         self.split = split
         self.size = as_hw(size) or (28 + 2 * _PAD, 28 + 2 * _PAD)
