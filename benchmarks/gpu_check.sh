@@ -35,10 +35,10 @@ status=0
 if [ "$what" = ops ] || [ "$what" = all ]; then
   # every CUDA case of the suite: the ops (numerics, gradients, opcheck, compile, noise, layouts, bad
   # inputs, graph capture), the trainers in bf16/fp16 with channels_last, the paper table's stages
-  timeout 360 python3 -m pytest tests/test_ops.py tests/test_train.py tests/test_benchmarks.py -q -rs \
+  timeout 270 python3 -m pytest tests/test_ops.py tests/test_train.py tests/test_benchmarks.py -q -rs \
     -p no:cacheprovider -k "not cmake and (cuda or test_ops)" 2>&1 | tee "$OUT/tests_cuda.log" | tail -8
   status=$(( status | ${PIPESTATUS[0]} ))
-  timeout 240 python3 benchmarks/bench_ops.py --device cuda --dtypes float32,bfloat16,float16 --machine "$machine" \
+  timeout 220 python3 benchmarks/bench_ops.py --device cuda --dtypes float32,bfloat16,float16 --machine "$machine" \
     --out "$OUT/ops-$machine.json" 2>&1 | grep -v Warning | tee "$OUT/bench_ops.log"
 fi
 if [ "$what" = speed ] || [ "$what" = all ]; then

@@ -204,3 +204,13 @@ def test_bench_distill_two_steps(tmp_path):
     assert report["settings"]["steps"] == 2 and report["settings"]["inner_steps"] == 2
     assert report["ratio_fused_over_reference"]["fp32"] > 0
     assert report["OMP_NUM_THREADS"] == "1" and report["machine"] == "test"
+
+
+def test_gpu_check_script_parses_and_names_its_parts(tmp_path):
+    """benchmarks/gpu_check.sh (run only on a lent GPU machine) at least parses, and refuses an unknown part
+    before it touches the GPU or builds anything."""
+    script = BENCH / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    proc = subprocess.run(["bash", str(script), "everything"], cwd=str(tmp_path), env={**os.environ, "OUT": str(tmp_path)},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "ops|speed|paper|all" in proc.stderr
