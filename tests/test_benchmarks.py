@@ -211,6 +211,6 @@ def test_gpu_check_script_parses_and_names_its_parts(tmp_path):
     before it touches the GPU or builds anything."""
     script = BENCH / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    proc = subprocess.run(["bash", str(script), "everything"], cwd=str(tmp_path), env={**os.environ, "OUT": str(tmp_path)},
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(["bash", str(script), "everything"], cwd=str(tmp_path),
+                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "ops|speed|paper|all" in proc.stderr
