@@ -18,7 +18,7 @@ Evaluation reuses ``ibmd_fast.evaluate`` (``evaluate``, ``get_classifier``, ``re
 and whose outputs exist is skipped, and an interrupted training stage resumes from its newest
 checkpoint, so a killed run continues where it stopped.
 
-    python benchmarks/paper_table.py --scale cpu        # about 52 min on 2 CPU cores (PRESETS)
+    python benchmarks/paper_table.py --scale cpu        # about 51 min on 2 CPU cores (PRESETS)
     python benchmarks/paper_table.py --scale gpu        # aimed at 8 min on one H100 / H200 (not yet timed)
     python benchmarks/paper_table.py --scale smoke      # seconds: the test's check of the pipeline
     python benchmarks/paper_table.py --scale cpu --dry-run            # settings and approximate work
@@ -104,7 +104,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # 2 CPU cores, < 60 min: about 52 min measured stage by stage (the JSON's "stages"). A third of it
+    # 2 CPU cores, < 60 min: 51 min measured stage by stage (the JSON's "stages"). A third of it
     # is the teacher at NFE 999 on the evaluation images (1114 network calls per image over the five
     # teacher NFEs, about 8 ms each for the tiny U-Net at 32 px), hence 32 images; half is distillation.
     # 300 generator steps are what the sr4x-pool student needs here to reach the teacher at NFE 100
@@ -471,6 +471,10 @@ def targets(student: dict, ref: Optional[dict]) -> Optional[dict]:
             "met": all(checks.values())}
 
 
+def _ca(row: dict) -> str:
+    return "-" if row.get("ca") is None else f"{row['ca']:.1f}%"
+
+
 def reading(rows: list[dict]) -> list[str]:
     """What the numbers say, one line per student, derived from the rows only; each student row also
     gets its ``targets`` (see targets())."""
@@ -486,12 +490,12 @@ def reading(rows: list[dict]) -> list[str]:
             continue
         misses = [what for what, ok in (
             (f"FID {s['fid']:.3g} > {ref['fid']:.3g}", check["fid_at_most_teacher"]),
-            (f"CA {s['ca']:.1f}% more than {CA_POINTS:g} point below {ref['ca']:.1f}%", check["ca_within_points"]),
+            (f"CA {_ca(s)} more than {CA_POINTS:g} point below {_ca(ref)}", check["ca_within_points"]),
             (f"speedup {s.get('speedup_vs_teacher_100') or 0:.0f}x < {MIN_SPEEDUP:.0f}x", check["speedup_at_least"]),
         ) if not ok]
         verdict = ("meets the target" if check["met"] else "misses the target: " + "; ".join(misses))
-        text = (f"student NFE {s['nfe']}: FID {s['fid']:.3g}, CA {s['ca']:.1f}% vs teacher NFE {ref['nfe']} "
-                f"FID {ref['fid']:.3g}, CA {ref['ca']:.1f}%, {s.get('speedup_vs_teacher_100') or 0:.1f}x faster per "
+        text = (f"student NFE {s['nfe']}: FID {s['fid']:.3g}, CA {_ca(s)} vs teacher NFE {ref['nfe']} "
+                f"FID {ref['fid']:.3g}, CA {_ca(ref)}, {s.get('speedup_vs_teacher_100') or 0:.1f}x faster per "
                 f"image: it {verdict} (FID <= teacher-{ref['nfe']}, CA within {CA_POINTS:g} point, "
                 f">= {MIN_SPEEDUP:.0f}x faster).")
         others = [t for t in (top, one) if t is not ref and t.get("fid") is not None]

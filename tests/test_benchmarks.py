@@ -169,6 +169,9 @@ def test_paper_table_targets(paper_table, student, met, missed):
         [missed] if missed else [])
     assert len(lines) == 1 and ("meets the target" in lines[0]) is met and "NFE 999 FID 0.5" in lines[0]
 
+    del rows[-1]["ca"]  # a row without CA fails that check and still reads
+    assert paper_table.reading(rows) and rows[-1]["targets"]["ca_within_points"] is False
+
 
 def test_pil_plot(tmp_path, paper_table):
     """The PIL fallback draws whatever the rows hold: one point, equal times, a missing FID."""
