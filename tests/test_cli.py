@@ -63,13 +63,8 @@ needs_train = pytest.mark.skipif(train_module is None, reason=TRAIN_MISSING or "
 needs_onnx = pytest.mark.skipif(onnx_module is None, reason=ONNX_MISSING or "onnx present")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny networks on shared cores: threads cost more than they give
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny networks on shared cores: one thread per module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------

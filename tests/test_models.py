@@ -21,13 +21,8 @@ from ibmd_fast.models.unet import CONFIGS, QKVAttention, QKVAttentionLegacy
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions: thread start-up and contention on shared cores cost more than they give
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny convolutions on shared cores: one thread per module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # guided-diffusion 256x256_diffusion_uncond.pt (learn_sigma: 6 output channels)

@@ -33,13 +33,8 @@ RUNNER = ROOT / "export" / "run_onnx.py"
 SIZE = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions on shared cores: threads cost more than they give
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny convolutions on shared cores: one thread per module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _make_release(path, bridge, nfe=1, inpainting=False, seed=0):

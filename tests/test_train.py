@@ -53,13 +53,9 @@ def _subprocess_env() -> dict:
             "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions on shared cores; and the bit-identity checks compare with 1-thread workers
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny convolutions on shared cores, and the bit-identity checks compare with 1-thread workers
+# (tests/_train_worker.py): one thread for the module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
