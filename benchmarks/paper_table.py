@@ -396,7 +396,7 @@ def evaluate_task(stages: Stages, preset: Preset, task: Task, data: str, work: s
                             [os.path.join(directory, "eval.json")], run)
         rows += [r for r in result["rows"] if r["model"] == "student"]
         print(format_table(rows[-1:]), flush=True)
-    return add_speedups(rows)
+    return add_comparisons(rows)
 
 
 def reference_row(rows: list[dict]) -> Optional[dict]:
@@ -407,11 +407,15 @@ def reference_row(rows: list[dict]) -> Optional[dict]:
     return min(teachers, key=lambda r: (abs(r["nfe"] - REFERENCE_NFE), -r["nfe"]))
 
 
-def add_speedups(rows: list[dict]) -> list[dict]:
+def add_comparisons(rows: list[dict]) -> list[dict]:
+    """Each row's speedup over the reference teacher, and each student's ``targets`` (see targets())."""
     ref = reference_row(rows)
     for row in rows:
         fast = row["model"] != "corrupted" and ref is not None and row["sec_per_image"]
         row["speedup_vs_teacher_100"] = ref["sec_per_image"] / row["sec_per_image"] if fast else None
+    for row in rows:
+        if row["model"] == "student":
+            row["targets"] = targets(row, ref)
     return rows
 
 
@@ -476,8 +480,7 @@ def _ca(row: dict) -> str:
 
 
 def reading(rows: list[dict]) -> list[str]:
-    """What the numbers say, one line per student, derived from the rows only; each student row also
-    gets its ``targets`` (see targets())."""
+    """What the numbers say, one line per student, derived from the rows (add_comparisons' fields) only."""
     teachers = sorted((r for r in rows if r["model"] == "teacher"), key=lambda r: r["nfe"])
     ref = reference_row(rows)
     if not teachers or ref is None:
@@ -485,7 +488,7 @@ def reading(rows: list[dict]) -> list[str]:
     top, one = teachers[-1], teachers[0]
     lines = []
     for s in (r for r in rows if r["model"] == "student"):
-        s["targets"] = check = targets(s, ref)
+        check = s.get("targets")
         if check is None:
             continue
         misses = [what for what, ok in (
