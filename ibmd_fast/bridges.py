@@ -1,11 +1,14 @@
 """Diffusion bridges: marginals, posteriors, time grids and loss weights.
 
-Two bridge families (MATH.md section 2), with one interface:
+Three bridges (MATH.md section 2), with one interface:
 
 - ``I2SBBridge``: the discrete I2SB bridge (MATH.md 2a); time is a LongTensor of
   step indices in ``[0, n_steps - 1]``.
 - ``VPBridge``: the continuous DDBM VP bridge (MATH.md 2b); time is a float tensor
   in ``[t_min, t_max]``.
+- ``VEBridge``: DDBM's VE bridge (alpha = 1, rho_t = t); time is a float tensor in
+  ``[sigma_min, sigma_max]``. It shares ``VPBridge``'s continuous-time machinery and
+  overrides the schedule.
 
 Each has ``marginal(t)`` (``q(x_t | x0, xT)``, MATH.md 2), ``posterior(s, t)`` (the
 sampling step, MATH.md 3), ``q_sample`` and ``posterior_step`` (both through the
@@ -23,7 +26,7 @@ import torch
 
 from ibmd_fast import ops
 
-__all__ = ["Bridge", "I2SBBridge", "VPBridge", "bridge_from_config", "space_indices"]
+__all__ = ["Bridge", "I2SBBridge", "VPBridge", "VEBridge", "bridge_from_config", "space_indices"]
 
 Coefs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -148,12 +151,16 @@ class I2SBBridge(Bridge):
     Attributes (float64 CPU tensors of shape ``[n_steps]``): ``betas``, ``std_fwd``
     (``sqrt(cumsum beta)``), ``std_bwd`` (``sqrt`` of the reverse cumsum), ``std_sb`` (the
     Schrödinger-bridge marginal std; ``marginal`` returns 0 instead for OT-ODE) and
-    ``noise_levels`` (the network's time input). ``T = n_steps - 1`` indexes the corrupted end.
+    ``noise_levels`` (the network's time input, ``linspace(t0, T, N) * N``; I2SB's ``--t0``
+    and ``--T``). ``T = n_steps - 1`` indexes the corrupted end. ``float32_levels`` computes
+    the noise levels as the released I2SB and DBIM code does (a float32 linspace times N, up to
+    an ulp away from the float64 values), which imported teachers need to be exact.
     """
 
     is_discrete = True
 
-    def __init__(self, n_steps: int = 1000, beta_max: float = 0.3, ot_ode: bool = False):
+    def __init__(self, n_steps: int = 1000, beta_max: float = 0.3, ot_ode: bool = False,
+                 t0: float = 1e-4, T: float = 1.0, float32_levels: bool = False):
         if int(n_steps) < 2:
             raise ValueError(f"n_steps must be at least 2, got {n_steps}")
         if not beta_max > 0:
@@ -161,6 +168,9 @@ class I2SBBridge(Bridge):
         self.n_steps = int(n_steps)
         self.beta_max = float(beta_max)
         self.ot_ode = bool(ot_ode)
+        if not 0 <= t0 < T:
+            raise ValueError(f"need 0 <= t0 < T for the noise levels, got t0={t0}, T={T}")
+        self.t0, self.time_T, self.float32_levels = float(t0), float(T), bool(float32_levels)
         self.T = self.n_steps - 1
 
         self.betas = i2sb_betas(self.n_steps, self.beta_max)
@@ -168,7 +178,9 @@ class I2SBBridge(Bridge):
         self.std_bwd = torch.sqrt(torch.flip(torch.cumsum(torch.flip(self.betas, dims=(0,)), dim=0), dims=(0,)))
         coef_x0, coef_xT, var = gaussian_product(self.std_fwd**2, self.std_bwd**2)
         self.std_sb = torch.sqrt(var)
-        self.noise_levels = torch.linspace(1e-4, 1.0, self.n_steps, dtype=torch.float64) * self.n_steps
+        levels_dtype = torch.float32 if self.float32_levels else torch.float64
+        levels = torch.linspace(self.t0, self.time_T, self.n_steps, dtype=levels_dtype) * self.n_steps
+        self.noise_levels = levels.to(torch.float64)
 
         self._cpu = {
             "coef_x0": coef_x0,
@@ -239,7 +251,11 @@ class I2SBBridge(Bridge):
         return self._table("noise_levels", t).float()
 
     def config(self) -> dict:
-        return {"type": "i2sb", "n_steps": self.n_steps, "beta_max": self.beta_max, "ot_ode": self.ot_ode}
+        config = {"type": "i2sb", "n_steps": self.n_steps, "beta_max": self.beta_max, "ot_ode": self.ot_ode}
+        # the network-time settings only where they differ from the defaults (older configs stay valid)
+        if (self.t0, self.time_T, self.float32_levels) != (1e-4, 1.0, False):
+            config.update(t0=self.t0, T=self.time_T, float32_levels=self.float32_levels)
+        return config
 
 
 # ----------------------------------------------------------------------------
@@ -251,12 +267,15 @@ class VPBridge(Bridge):
 
     ``alpha_t = exp(-beta_min t/2 - beta_d t^2/4)``, ``rho_t^2 = exp(beta_min t + beta_d t^2/2) - 1``;
     every coefficient below is built from these two. ``T = t_max``.
+
+    ``sigma_data`` and ``cov_xy`` are DDBM's preconditioning constants (``precond``).
     """
 
     is_discrete = False
-    sigma_data = 0.5  # DDBM's sigma_d for the preconditioning (MATH.md 2b)
 
-    def __init__(self, beta_min: float = 0.1, beta_d: float = 2.0, t_min: float = 1e-4, t_max: float = 1.0):
+    def __init__(self, beta_min: float = 0.1, beta_d: float = 2.0, t_min: float = 1e-4, t_max: float = 1.0,
+                 sigma_data: float = 0.5, cov_xy: float = 0.0):
+        self._set_precond(sigma_data, cov_xy)
         if not 0 < t_min < t_max:
             raise ValueError(f"need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
         if beta_min < 0 or beta_d < 0 or beta_min + beta_d <= 0:
@@ -267,6 +286,19 @@ class VPBridge(Bridge):
         self.t_max = float(t_max)
         self.T = self.t_max
         self._rho2_T = float(self.rho2(self.t_max))  # a Python float: no host-to-device copy per call
+
+    def _set_precond(self, sigma_data: float, cov_xy: float) -> None:
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
+        if not cov_xy**2 <= sigma_data**4:
+            raise ValueError(f"need |cov_xy| <= sigma_data^2, got cov_xy={cov_xy}, sigma_data={sigma_data}")
+        self.sigma_data, self.cov_xy = float(sigma_data), float(cov_xy)
+
+    def _precond_config(self) -> dict:
+        """``sigma_data`` / ``cov_xy`` only where they differ from DDBM's defaults (older configs stay valid)."""
+        if (self.sigma_data, self.cov_xy) == (0.5, 0.0):
+            return {}
+        return {"sigma_data": self.sigma_data, "cov_xy": self.cov_xy}
 
     @staticmethod
     def _t(t) -> torch.Tensor:
@@ -337,18 +369,20 @@ class VPBridge(Bridge):
         return alpha_rho_posterior(self.alpha(s), self.rho2(s), self.alpha(t), self.rho2(t))
 
     def precond(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """DDBM preconditioning ``(c_skip, c_out, c_in, c_noise)`` (MATH.md 2b; sigma_d = 0.5, cov_xy = 0).
+        """DDBM preconditioning ``(c_skip, c_out, c_in, c_noise)`` (MATH.md 2b; DDBM/DBIM
+        ``get_scalings_and_weightings``), with ``sigma_d = sigma_data`` at both ends and ``cov_xy``.
 
-        ``A = (a^2 + b^2) sigma_d^2 + c^2``, ``c_in = A^-1/2``, ``c_skip = b sigma_d^2 / A``,
-        ``c_out = sqrt(a^2 sigma_d^4 + sigma_d^2 c^2) c_in``; the denoiser is
+        ``A = a^2 sigma_d^2 + b^2 sigma_d^2 + 2 a b cov_xy + c^2``, ``c_in = A^-1/2``,
+        ``c_skip = (b sigma_d^2 + a cov_xy) / A``,
+        ``c_out = sqrt(a^2 (sigma_d^4 - cov_xy^2) + sigma_d^2 c^2) c_in``; the denoiser is
         ``x0_hat = c_skip x_t + c_out F(c_in x_t, c_noise)``. ``c_noise`` is ``net_time(t)``.
         """
         coef_x0, coef_xT, std = self.marginal(t)
-        sd2 = self.sigma_data**2
-        A = (coef_xT**2 + coef_x0**2) * sd2 + std**2
+        sd2, cov = self.sigma_data**2, self.cov_xy
+        A = coef_xT**2 * sd2 + coef_x0**2 * sd2 + 2.0 * coef_xT * coef_x0 * cov + std**2
         c_in = torch.rsqrt(A)
-        c_skip = coef_x0 * sd2 / A
-        c_out = torch.sqrt(coef_xT**2 * sd2**2 + sd2 * std**2) * c_in
+        c_skip = (coef_x0 * sd2 + coef_xT * cov) / A
+        c_out = torch.sqrt(coef_xT**2 * (sd2 * sd2 - cov**2) + sd2 * std**2) * c_in
         return c_skip, c_out, c_in, self.net_time(t)
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
@@ -397,10 +431,63 @@ class VPBridge(Bridge):
             "beta_d": self.beta_d,
             "t_min": self.t_min,
             "t_max": self.t_max,
+            **self._precond_config(),
         }
 
 
-_BRIDGES = {"i2sb": I2SBBridge, "vp": VPBridge}
+# ----------------------------------------------------------------------------
+# DDBM VE (MATH.md 2, alpha = 1, rho_t = t)
+
+
+class VEBridge(VPBridge):
+    """DDBM's VE bridge (Zhou et al. 2024): ``alpha_t = 1``, ``rho_t = t``, t in ``[sigma_min, sigma_max]``.
+
+    Marginal (MATH.md 2 with alpha = 1): ``a_t = t^2/T^2``, ``b_t = 1 - t^2/T^2``,
+    ``c_t = t sqrt(1 - t^2/T^2)`` with ``T = sigma_max``; posterior (MATH.md 3) with
+    ``rho_s^2/rho_t^2 = s^2/t^2``. Everything built from ``alpha`` and ``rho^2`` (posterior,
+    DDBM preconditioning, loss weight, ``c_noise = 250 log t``, grids, the probability-flow ODE)
+    is ``VPBridge``'s; only the schedule differs. ``t_min``/``t_max`` are the sigma range.
+    """
+
+    def __init__(self, sigma_max: float = 80.0, sigma_min: float = 0.002, sigma_data: float = 0.5,
+                 cov_xy: float = 0.0):
+        self._set_precond(sigma_data, cov_xy)
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        self.sigma_max, self.sigma_min = float(sigma_max), float(sigma_min)
+        self.t_min, self.t_max = self.sigma_min, self.sigma_max
+        self.T = self.t_max
+        self._rho2_T = self.sigma_max**2
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """``alpha_t = 1`` (float64)."""
+        return torch.ones_like(self._t(t))
+
+    def rho2(self, t: torch.Tensor) -> torch.Tensor:
+        """``rho_t^2 = t^2`` (float64)."""
+        return self._t(t) ** 2
+
+    def _ends(self, t):
+        """``t``, ``alpha_t = 1``, ``rho_t^2 = t^2``, ``alphabar_t = 1`` and ``u = t^2/T^2`` (exactly 1 at T)."""
+        t = self._t(t)
+        one = torch.ones_like(t)
+        frac = torch.where(t >= self.t_max, one, (t**2 / self._rho2_T).clamp(0.0, 1.0))
+        return t, one, t**2, one, frac
+
+    def marginal_dt(self, t: torch.Tensor) -> Coefs:
+        """``(db/dt, da/dt, dc/dt)``: ``a' = 2t/T^2``, ``b' = -2t/T^2``, ``c' = (1 - 2u)/sqrt(1 - u)``, u = t^2/T^2.
+
+        ``c'`` is infinite at t = T; callers evaluate it inside the interval.
+        """
+        t, _, _, _, frac = self._ends(t)
+        da = 2.0 * t / self._rho2_T
+        return -da, da, (1.0 - 2.0 * frac) / torch.sqrt(1.0 - frac)
+
+    def config(self) -> dict:
+        return {"type": "ve", "sigma_max": self.sigma_max, "sigma_min": self.sigma_min, **self._precond_config()}
+
+
+_BRIDGES = {"i2sb": I2SBBridge, "vp": VPBridge, "ve": VEBridge}
 
 
 def bridge_from_config(config: dict) -> Bridge:

@@ -198,7 +198,7 @@ def _teacher_options() -> list[tuple[str, dict]]:
                              help=f"Corruption x0 -> xT: {', '.join(DEGRADATIONS)} (also srKx-*, jpeg-Q).")),
         ("image_size", dict(type=click.IntRange(min=4), metavar="PX", help="Training crop size.")),
         ("channels", dict(type=click.Choice([1, 3]), help="Image channels (1 gray, 3 RGB).")),
-        ("bridge", dict(type=click.Choice(["i2sb", "vp"]), help="Bridge: I2SB (discrete) or DDBM VP.")),
+        ("bridge", dict(type=click.Choice(["i2sb", "vp", "ve"]), help="Bridge: I2SB (discrete), DDBM VP or VE.")),
         ("beta_max", dict(type=click.FloatRange(min=0.0, min_open=True), metavar="FLOAT",
                           help="I2SB beta_max (0.3 SR/JPEG, 1.0 inpainting).")),
         ("n_steps", dict(type=click.IntRange(min=2), metavar="N", help="I2SB discretization steps.")),
@@ -630,6 +630,49 @@ def _print_export_report(report: Any) -> None:
 
 # ----------------------------------------------------------------------------
 # Entry points
+
+
+@cli.command("import-teacher", context_settings=CONTEXT)
+@click.argument("source", type=click.Path(exists=True), metavar="SOURCE")
+@click.option("--format", "fmt", type=click.Choice(["i2sb", "ddbm"]), required=True,
+              help="i2sb: an I2SB run folder (latest.pt + options.pkl); ddbm: a DDBM/DBIM state-dict .pt.")
+@click.option("--out", type=str, metavar="PATH", required=True, help="The teacher release to write (.safetensors).")
+@click.option("--model-kwargs", type=click.Path(exists=True, dir_okay=False), metavar="FILE", default=None,
+              help="Architecture: create_model keywords (.pkl of plain data, JSON or YAML).")
+@click.option("--preset", type=click.Choice(["e2h", "diode", "imagenet-inpaint"]), default=None,
+              help="DDBM/DBIM: the released checkpoints' settings (DiffusionBridge scripts/args.sh).")
+@click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True,
+              help="I2SB: the EMA weights or the raw net.")
+@click.option("--degradation", type=str, metavar="NAME", default=None, help="Corruption the teacher undoes.")
+@click.option("--image-size", type=click.IntRange(min=8), metavar="PX", default=None,
+              help="Image size (default: from the options / model keywords).")
+@click.option("--label", type=click.IntRange(min=0), metavar="N", default=None,
+              help="Class-conditional teachers: the class label to sample with.")
+@click.option("--nfe", type=click.IntRange(min=1), metavar="N", default=None, help="Default teacher sampling NFE.")
+@click.option("--noise-schedule", type=click.Choice(["vp", "ve", "i2sb_cond"]), default=None,
+              help="DDBM/DBIM: override the schedule.")
+@click.option("--beta-max", type=float, metavar="F", default=None, help="I2SB / i2sb_cond: beta_max.")
+@click.option("--beta-min", type=float, metavar="F", default=None, help="DDBM VP / i2sb_cond: beta_min.")
+@click.option("--beta-d", type=float, metavar="F", default=None, help="DDBM VP: beta_d.")
+@click.option("--sigma-min", type=float, metavar="F", default=None, help="DDBM: t_min (VP) / sigma_min (VE).")
+@click.option("--sigma-max", type=float, metavar="F", default=None, help="DDBM: sigma_max (VE; VP needs 1).")
+@click.option("--sigma-data", type=float, metavar="F", default=None, help="DDBM preconditioning sigma_data.")
+@click.option("--cov-xy", type=float, metavar="F", default=None, help="DDBM preconditioning cov_xy.")
+@click.option("--interval", type=click.IntRange(min=2), metavar="N", default=None, help="I2SB: steps.")
+@click.option("--t0", type=float, metavar="F", default=None, help="I2SB: network time start.")
+@click.option("--T", "T", type=float, metavar="F", default=None, help="I2SB: network time end.")
+@friendly_errors
+def import_teacher_cmd(source, fmt, out, model_kwargs, preset, weights, degradation, image_size, label, nfe,
+                       **overrides):
+    """Import a released I2SB, DDBM or DBIM checkpoint as a teacher release for distill / sample / eval."""
+    from ibmd_fast.teachers import import_teacher
+
+    config = import_teacher(source, fmt, out, model_kwargs=model_kwargs, weights=weights, degradation=degradation,
+                            image_size=image_size, preset=preset, label=label, nfe=nfe, **overrides)
+    src = config["source"]
+    click.echo(f"teacher release: {out} ({config['bridge']['type']} bridge, "
+               f"{'conditional' if config['conditional'] else 'unconditional'}, {config['image_size']}px; "
+               f"from {src['file']} sha256 {src['sha256'][:12]})")
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

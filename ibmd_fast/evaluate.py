@@ -255,8 +255,9 @@ def restore_with_teacher(
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
     if sampler == "i2sb" and teacher.bridge_type != "i2sb":
         raise ValueError("the i2sb sampler needs an I2SB teacher; this one has a VP (DDBM) bridge: use dbim or heun")
-    if sampler == "heun" and teacher.bridge_type != "vp":
-        raise ValueError("the heun sampler needs a VP (DDBM) teacher; this one has an I2SB bridge: use i2sb or dbim")
+    if sampler == "heun" and teacher.bridge_type not in ("vp", "ve"):
+        raise ValueError("the heun sampler needs a VP or VE (DDBM) teacher; this one has an I2SB bridge: "
+                         "use i2sb or dbim")
     if nfe < 1:
         raise ValueError(f"nfe must be at least 1, got {nfe}")
     device = _model_device(teacher)

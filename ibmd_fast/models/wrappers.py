@@ -8,7 +8,12 @@
 - `make_fake_model(teacher)`: the fake bridge model phi, a trainable copy.
 
 The bridge object (ibmd_fast.bridges) is used through `config()["type"]`,
-`T`, `net_time(t)`, and `std_fwd` (I2SB) or `precond(t)` (VP).
+`T`, `net_time(t)`, and `std_fwd` (I2SB) or `precond(t)` (VP, VE; DDBM's
+preconditioning with the bridge's own `sigma_data` and `cov_xy`).
+
+Class-conditional networks (`net.num_classes`, e.g. DBIM's ImageNet inpainting
+teacher) take labels `y` [B]; without `y` the model's `class_label` (one label
+for every image, set from the release) is used.
 """
 from __future__ import annotations
 
@@ -31,8 +36,8 @@ def _per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _bridge_type(bridge) -> str:
     kind = bridge.config()["type"]
-    if kind not in ("i2sb", "vp"):
-        raise ValueError(f"unsupported bridge type {kind!r}; expected 'i2sb' or 'vp'")
+    if kind not in ("i2sb", "vp", "ve"):
+        raise ValueError(f"unsupported bridge type {kind!r}; expected 'i2sb', 'vp' or 've'")
     return kind
 
 
@@ -40,7 +45,7 @@ class BridgeModel(nn.Module):
     """A bridge model: network + x0 parametrization. `forward = predict_x0`.
 
     I2SB (eps-like output, MATH.md 2a): `x0_hat = x_t - std_fwd[t] * net(x_t [, xT], net_time(t))`.
-    VP (DDBM preconditioning, MATH.md 2b):
+    VP and VE (DDBM preconditioning, MATH.md 2b):
     `x0_hat = c_skip x_t + c_out * net(c_in x_t [, xT], c_noise)`.
     Conditional bridges concatenate `xT` to the network input on channels.
     """
@@ -51,6 +56,7 @@ class BridgeModel(nn.Module):
         self.bridge = bridge
         self.conditional = bool(conditional)
         self.bridge_type = _bridge_type(bridge)
+        self.class_label: int | None = None  # the label used when a class-conditional net gets no y
         if self.bridge_type == "i2sb":
             # non-persistent: follows .to(device) without entering the state dict
             std_fwd = torch.as_tensor(bridge.std_fwd, dtype=torch.float64).detach().cpu()
@@ -77,10 +83,13 @@ class BridgeModel(nn.Module):
         t: torch.Tensor,
         xT: torch.Tensor | None = None,
         extra: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x0_hat(x_t, t [, xT]). `extra`: channels appended last to the network input (the generator's z)."""
+        """x0_hat(x_t, t [, xT]). `extra`: channels appended last to the network input (the generator's z);
+        `y`: class labels [B] of a class-conditional network (default: `class_label`)."""
         if self.conditional and xT is None:
             raise ValueError("a conditional bridge model needs xT")
+        y = self._labels(y, x_t)
         if self.bridge_type == "i2sb":
             inp = x_t
             c_noise = self.bridge.net_time(t)
@@ -93,11 +102,28 @@ class BridgeModel(nn.Module):
         if extra is not None:
             parts.append(extra.to(inp.dtype))
         inp = torch.cat(parts, dim=1) if len(parts) > 1 else inp
-        out = self.net(inp, c_noise.to(x_t.device))
+        out = self.net(inp, c_noise.to(x_t.device)) if y is None else self.net(inp, c_noise.to(x_t.device), y)
         if self.bridge_type == "i2sb":
             std = self.std_fwd.to(x_t.device)[t.to(x_t.device)]
             return x_t - _per_sample(std, out) * out
         return _per_sample(c_skip, out) * x_t + _per_sample(c_out, out) * out
+
+    def _labels(self, y: torch.Tensor | None, x_t: torch.Tensor) -> torch.Tensor | None:
+        num_classes = getattr(self.net, "num_classes", None)
+        if num_classes is None:
+            if y is not None:
+                raise ValueError("class labels given to a network that is not class-conditional")
+            return None
+        if y is None:
+            if self.class_label is None:
+                raise ValueError(
+                    f"this teacher is class-conditional ({num_classes} classes) and needs a class label: "
+                    "import it with --label N (or set model.class_label)")
+            y = torch.full((x_t.shape[0],), int(self.class_label), dtype=torch.long)
+        y = torch.as_tensor(y, dtype=torch.long, device=x_t.device).reshape(-1)
+        if y.shape[0] != x_t.shape[0] or bool(((y < 0) | (y >= num_classes)).any()):
+            raise ValueError(f"need one class label in [0, {num_classes}) per image, got {y.tolist()[:8]}")
+        return y
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, xT: torch.Tensor | None = None) -> torch.Tensor:
         return self.predict_x0(x_t, t, xT)

@@ -306,6 +306,9 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
     local_batch = distributed.local_batch_size(cfg.batch_size, env)
     precision = Precision(cfg.precision, device, log)
     teacher, _ = load_teacher(cfg.teacher, device=device)
+    if getattr(teacher.net, "num_classes", None) is not None:  # e.g. DBIM's ImageNet inpainting teacher
+        raise ValueError(f"the teacher {cfg.teacher} is class-conditional ({teacher.net.num_classes} classes): "
+                         f"distilling it needs a class label per image, which the data {cfg.data!r} does not carry")
     channels = int(tconf.get("channels", teacher.image_channels))
     degradation = get_degradation(cfg.degradation)
     inpainting = degradation.is_inpainting

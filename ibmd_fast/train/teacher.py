@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from ibmd_fast import ops
-from ibmd_fast.bridges import I2SBBridge, VPBridge
+from ibmd_fast.bridges import I2SBBridge, VEBridge, VPBridge
 from ibmd_fast.data import get_degradation, make_dataset
 from ibmd_fast.models import Teacher, build_unet
 from ibmd_fast.release import TEACHER_FORMAT, save_release
@@ -77,7 +77,7 @@ class TeacherConfig:
     degradation: str = "sr4x-bicubic"   # how xT is made from x0 (ibmd_fast.data.DEGRADATIONS)
     image_size: int = 32                # training resolution
     channels: int = 3                   # 1 (grayscale) or 3 (RGB)
-    bridge: str = "i2sb"                # "i2sb" | "vp"
+    bridge: str = "i2sb"                # "i2sb" | "vp" | "ve" (DDBM's VE bridge, sigma in [0.002, 80])
     beta_max: float = 0.3               # I2SB: 0.3 for super-resolution and JPEG, 1.0 for inpainting
     n_steps: int = 1000                 # I2SB: discrete steps of the bridge
     conditional: bool = False           # feed xT to the network (channel concat)
@@ -102,8 +102,8 @@ class TeacherConfig:
     progress: bool = True               # tqdm (auto-quiet when stderr is not a TTY)
 
     def validate(self) -> None:
-        if self.bridge not in ("i2sb", "vp"):
-            raise ValueError(f"bridge must be 'i2sb' or 'vp', got {self.bridge!r}")
+        if self.bridge not in ("i2sb", "vp", "ve"):
+            raise ValueError(f"bridge must be 'i2sb', 'vp' or 've', got {self.bridge!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         for name in ("image_size", "batch_size", "log_every", "ckpt_every", "keep_ckpts"):
@@ -122,10 +122,10 @@ _MODEL_KEYS = ("arch", "image_size", "channels", "bridge", "beta_max", "n_steps"
 
 
 def make_bridge(cfg: TeacherConfig):
-    """The bridge of MATH.md 2a (I2SB) or 2b (VP) that ``cfg`` names."""
+    """The bridge of MATH.md 2a (I2SB), 2b (VP) or DDBM's VE that ``cfg`` names."""
     if cfg.bridge == "i2sb":
         return I2SBBridge(n_steps=cfg.n_steps, beta_max=cfg.beta_max)
-    return VPBridge()
+    return VEBridge() if cfg.bridge == "ve" else VPBridge()
 
 
 def _as_config(cls, cfg, overrides):

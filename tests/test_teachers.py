@@ -1,0 +1,501 @@
+"""Importing released I2SB / DDBM / DBIM checkpoints (ibmd_fast.teachers) and DDBM's VE bridge.
+
+The exactness tests compare the imported teacher's ``predict_x0`` with transcriptions, written
+here from the released code, of
+
+- I2SB (NVlabs/I2SB ``i2sb/runner.py``, ``network.py``, ``diffusion.py``):
+  ``compute_pred_x0(step, xt, net(xt, step, cond))`` with ``noise_levels = linspace(t0, T,
+  interval) * interval`` (float32) and ``std_fwd = sqrt(cumsum(betas))`` (numpy float64 -> float32);
+- DDBM / DBIM (alexzhou907/DDBM and thu-ml/DiffusionBridge ``ddbm/karras_diffusion.py``):
+  ``denoise(model, x_t, t, xT=xT)[1]`` with ``get_scalings_and_weightings`` in float64.
+
+Checkpoints are synthetic, in each source's exact layout (``diffusion_model.`` prefixes, the
+torch_ema shadow list, options.pkl as a pickled Namespace with Paths, DDBM's 2-d attention convs,
+DBIM's squeezed ones), with small configs and every weight random (ADM zero-inits its output
+convolutions, which would make the network output 0 and the test vacuous).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+from pathlib import Path, PosixPath
+
+import numpy as np
+import pytest
+import torch
+
+from ibmd_fast.bridges import I2SBBridge, VEBridge, bridge_from_config
+from ibmd_fast.models import UNet
+from ibmd_fast.release import GENERATOR_FORMAT, load_teacher, read_release, save_release
+from ibmd_fast.samplers import dbim_sample, heun_sample, probability_flow_coefficients
+from ibmd_fast.teachers import TeacherImportError, UnsafePickleError, import_teacher, restricted_load
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZE = 16
+# guided-diffusion create_model keywords of a small ADM (attention at 8 px, both orders tested)
+GD_KWARGS = dict(image_size=SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,2", learn_sigma=False,
+                 class_cond=False, attention_resolutions="8", num_heads=2, num_head_channels=-1,
+                 num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0, resblock_updown=True,
+                 use_fp16=False, use_new_attention_order=False)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def random_unet(seed: int, **kwargs) -> UNet:
+    """Our UNet (guided-diffusion's layout) with every parameter random, zero-inits included."""
+    torch.manual_seed(seed)
+    net = UNet(**kwargs)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 0.1))
+    return net.eval()
+
+
+def small_unet_kwargs(in_channels: int, out_channels: int = 3, new_order=False, classes=None) -> dict:
+    return dict(image_size=SIZE, in_channels=in_channels, model_channels=32, out_channels=out_channels,
+                num_res_blocks=1, attention_resolutions=[2], channel_mult=(1, 2), num_heads=2,
+                use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=new_order,
+                num_classes=classes)
+
+
+# ----------------------------------------------------------------------------
+# I2SB: checkpoint layout and transcription
+
+
+def write_i2sb_run(folder: Path, cond: bool, interval=1000, beta_max=0.3, t0=1e-4, T=1.0, seed=0,
+                   kwargs_in_folder=True):
+    """An I2SB run folder: latest.pt (net with diffusion_model. keys, torch_ema state, optimizer,
+    sched), options.pkl (a Namespace holding Paths) and the architecture pickle."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = random_unet(seed, **small_unet_kwargs(6 if cond else 3))
+    ema = random_unet(seed + 100, **small_unet_kwargs(6 if cond else 3))  # differs from raw everywhere
+    torch.save({
+        "net": {f"diffusion_model.{k}": v for k, v in raw.state_dict().items()},
+        "ema": {"decay": 0.99, "num_updates": 7, "shadow_params": [p.detach().clone() for p in ema.parameters()],
+                "collected_params": None},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 5e-5, "params": list(range(5))}]},
+        "sched": None,
+    }, folder / "latest.pt")
+    opt = argparse.Namespace(
+        seed=0, name="test", image_size=SIZE, corrupt="sr4x-pool", t0=t0, T=T, interval=interval,
+        beta_max=beta_max, ot_ode=False, clip_denoise=False, cond_x1=cond, add_x1_noise=False, batch_size=256,
+        microbatch=2, lr=5e-5, ema=0.99, dataset_dir=PosixPath("/dataset"), log_dir=Path(".log"),
+        ckpt_path=Path("results") / "test", load=None, device="cuda", distributed=False, use_fp16=False)
+    with open(folder / "options.pkl", "wb") as fh:
+        pickle.dump(opt, fh)
+    kw = dict(GD_KWARGS, in_channels=6) if cond else dict(GD_KWARGS)
+    if cond:  # I2SB's cond pickle also carries the diffusion keywords; create_model ignores them
+        kw.update(diffusion_steps=1000, noise_schedule="linear", timestep_respacing="250")
+    name = f"256x256_diffusion_{'cond' if cond else 'uncond'}_fixedsigma.pkl"
+    with open((folder if kwargs_in_folder else folder.parent) / name, "wb") as fh:
+        pickle.dump(kw, fh)
+    return raw, ema
+
+
+def i2sb_reference_pred_x0(net_weights: UNet, opts: dict, xt, step, cond):
+    """I2SB: ``Runner.compute_pred_x0(step, xt, Image256Net(xt, step, cond))``, transcribed."""
+    interval = opts["interval"]
+    # runner.make_beta_schedule + the symmetric concatenation (numpy float64)
+    betas = np.linspace(1e-4**0.5, (opts["beta_max"] / interval) ** 0.5, interval, dtype=np.float64) ** 2
+    betas = np.concatenate([betas[: interval // 2], np.flip(betas[: interval // 2])])
+    std_fwd = torch.tensor(np.sqrt(np.cumsum(betas)), dtype=torch.float32)  # Diffusion: to_torch float32
+    noise_levels = torch.linspace(opts["t0"], opts["T"], interval) * interval  # float32, as the Runner
+    t = noise_levels[step]  # Image256Net.forward
+    x = torch.cat([xt, cond], dim=1) if opts["cond_x1"] else xt
+    net_out = net_weights(x, t)
+    return xt - std_fwd[step].view(-1, 1, 1, 1) * net_out  # compute_pred_x0 (eq. 12 inverted)
+
+
+@pytest.mark.parametrize("cond", [False, True])
+def test_i2sb_import_is_exact(tmp_path, cond):
+    opts = dict(interval=1000, beta_max=0.3, t0=1e-4, T=1.0, cond_x1=cond)
+    raw, ema = write_i2sb_run(tmp_path / "run", cond)
+    out = tmp_path / "teacher.safetensors"
+    config = import_teacher(tmp_path / "run", "i2sb", out)
+    assert config["conditional"] is cond and config["degradation"] == "sr4x-pool"
+    src = config["source"]
+    assert src["format"] == "i2sb" and src["file"] == "latest.pt" and len(src["sha256"]) == 64
+    assert src["options"]["ckpt_path"] == "results/test" and src["options"]["interval"] == 1000
+    teacher, _ = load_teacher(str(out))
+    gen = torch.Generator().manual_seed(1)
+    xt = torch.randn(4, 3, SIZE, SIZE, generator=gen)
+    xT = torch.randn(4, 3, SIZE, SIZE, generator=gen)
+    for n in (0, 1, 250, 500, 998, 999):
+        step = torch.full((4,), n, dtype=torch.long)
+        with torch.no_grad():
+            ours = teacher.predict_x0(xt, step, xT if cond else None)
+            ref = i2sb_reference_pred_x0(ema, opts, xt, step, xT)
+            other = i2sb_reference_pred_x0(raw, opts, xt, step, xT)
+        assert rel_err(ours, ref) <= 1e-5, n
+        assert rel_err(ours - xt, other - xt) > 1e-2  # the EMA weights, not the raw ones, were imported
+
+
+def test_i2sb_raw_weights_and_options(tmp_path):
+    """--weights raw, a non-default interval / t0 / T / beta_max, and JSON model keywords."""
+    opts = dict(interval=200, beta_max=1.0, t0=1e-3, T=0.9, cond_x1=False)
+    raw, _ = write_i2sb_run(tmp_path / "run", False, interval=200, beta_max=1.0, t0=1e-3, T=0.9,
+                            kwargs_in_folder=False)
+    (tmp_path / "kw.json").write_text(json.dumps(GD_KWARGS))
+    out = tmp_path / "t.safetensors"
+    import_teacher(tmp_path / "run" / "latest.pt", "i2sb", out, weights="raw", model_kwargs=str(tmp_path / "kw.json"))
+    teacher, config = load_teacher(str(out))
+    assert config["bridge"] == {"type": "i2sb", "n_steps": 200, "beta_max": 1.0, "ot_ode": False, "t0": 1e-3,
+                                "T": 0.9, "float32_levels": True}
+    xt = torch.randn(2, 3, SIZE, SIZE)
+    for n in (0, 77, 199):
+        step = torch.full((2,), n, dtype=torch.long)
+        with torch.no_grad():
+            assert rel_err(teacher.predict_x0(xt, step), i2sb_reference_pred_x0(raw, opts, xt, step, None)) <= 1e-5
+
+
+def test_i2sb_default_architecture_is_adm256():
+    from ibmd_fast.models import count_parameters
+    from ibmd_fast.teachers import _meta_net, i2sb_default_kwargs, unet_kwargs
+
+    net = _meta_net(unet_kwargs(i2sb_default_kwargs(False), 3, 3))
+    assert net.config["attention_resolutions"] == [8, 16, 32] and net.config["channel_mult"] == [1, 1, 2, 2, 4, 4]
+    assert count_parameters(net) == 552_807_171  # guided-diffusion 256x256 uncond ADM with 3 output channels
+
+
+# ----------------------------------------------------------------------------
+# DDBM / DBIM: checkpoint layout and transcription
+
+
+def dbim_abc(schedule: str, t: torch.Tensor, kw: dict):
+    """DiffusionBridge ``NoiseSchedule.get_abc`` (float64), transcribed for vp, ve and i2sb."""
+    t = t.double()
+    if schedule == "vp":
+        bd, bm = kw["beta_d"], kw["beta_min"]
+        alpha_fn = lambda s: np.e ** (-0.5 * bm * s - 0.25 * bd * s**2)  # noqa: E731
+        rho_fn = lambda s: (np.e ** (bm * s + 0.5 * bd * s**2) - 1).sqrt()  # noqa: E731
+        alpha_T, rho_T = alpha_fn(1), rho_fn(torch.DoubleTensor([1])).item()
+        alpha_t, rho_t = alpha_fn(t), rho_fn(t)
+        alpha_bar, rho_bar = alpha_t / alpha_T, (rho_T**2 - rho_t**2).sqrt()
+    elif schedule == "ve":
+        rho_T = kw["sigma_max"]
+        alpha_t, alpha_bar, rho_t = torch.ones_like(t), torch.ones_like(t), t
+        rho_bar = (rho_T**2 - rho_t**2).sqrt()
+    else:
+        raise AssertionError(schedule)
+    a = alpha_bar * rho_t**2 / rho_T**2
+    b = alpha_t * rho_bar**2 / rho_T**2
+    c = alpha_t * rho_bar * rho_t / rho_T
+    return a, b, c
+
+
+def dbim_i2sb_tables(beta_max=1.0, beta_min=0.1, n=1000):
+    """DiffusionBridge ``I2SBNoiseSchedule`` / ``I2SBPreCond`` tables (std_fwd float64, levels float32)."""
+    betas = torch.linspace((beta_min / n) ** 0.5, (beta_max / n) ** 0.5, n, dtype=torch.float64) ** 2
+    betas = torch.cat([betas[: n // 2], torch.flip(betas[: n // 2], dims=(0,))])
+    std_fwd = torch.sqrt(torch.cumsum(betas, dim=0))
+    noise_levels = torch.linspace(1e-4, 1.0, n) * n
+    return std_fwd, noise_levels
+
+
+def ddbm_reference_denoise(net: UNet, kw: dict, x_t, t, xT, y=None):
+    """``KarrasDenoiser.denoise(model, x_t, t, xT=xT)[1]`` with ``get_scalings_and_weightings``, transcribed."""
+    schedule = kw["noise_schedule"]
+    if schedule.startswith("i2sb"):
+        std_fwd, levels = dbim_i2sb_tables(kw["beta_max"], kw["beta_min"])
+        index = (999 * t).round().long()
+        c_skip, c_in, c_out = torch.ones_like(t), torch.ones_like(t), -std_fwd[index]
+        c_noise = levels[index]
+    else:
+        a, b, c = dbim_abc(schedule, t, kw)
+        sd = sd_end = kw["sigma_data"]
+        cov = kw["cov_xy"]
+        A = a**2 * sd_end**2 + b**2 * sd**2 + 2 * a * b * cov + c**2
+        c_in = 1 / A**0.5
+        c_skip = (b * sd**2 + a * cov) / A
+        c_out = (a**2 * (sd_end**2 * sd**2 - cov**2) + sd**2 * c**2) ** 0.5 * c_in
+        c_noise = 1000 * 0.25 * torch.log(t + 1e-44)
+    c_skip, c_in, c_out = (v.view(-1, 1, 1, 1) for v in (c_skip, c_in, c_out))
+    # UNetModel.forward: concat condition, timesteps and input cast to the model dtype
+    h = torch.cat([c_in * x_t, xT], dim=1).float()
+    out = net(h, c_noise.float()) if y is None else net(h, c_noise.float(), y)
+    return c_out * out + c_skip * x_t  # float64, as their code promotes
+
+
+def _attention_keys(state: dict) -> list[str]:
+    return [k for k in state if (".qkv." in k or ".proj_out." in k) and k.endswith("weight")]
+
+
+def write_ddbm_ckpt(path: Path, net: UNet, layout: str) -> None:
+    """``layout``: "ddbm" (alexzhou907/DDBM: 2-d attention convs [O, I, 1, 1]), "adapted" (DBIM's
+    ``*_adapted.pt``: [O, I, 1]) or "squeezed" (fully squeezed [O, I])."""
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    for key in _attention_keys(state):
+        if layout == "ddbm":
+            state[key] = state[key].unsqueeze(-1)
+        elif layout == "squeezed":
+            state[key] = state[key].squeeze(-1)
+    torch.save(state, path)
+
+
+DDBM_CASES = {
+    # name: (kwargs for the import, kwargs of the transcription, checkpoint layout, times)
+    "vp": (dict(noise_schedule="vp", beta_d=2.0, beta_min=0.1, sigma_max=1.0, sigma_min=1e-4),
+           "ddbm", [1e-4, 0.05, 0.5, 0.9, 1.0]),
+    "ve": (dict(noise_schedule="ve", sigma_max=80.0, sigma_min=0.002, sigma_data=0.6, cov_xy=0.1),
+           "squeezed", [0.002, 0.3, 10.0, 79.0, 80.0]),
+    "i2sb_cond": (dict(noise_schedule="i2sb_cond", beta_max=1.0, beta_min=0.1, sigma_max=1.0, sigma_min=1e-4),
+                  "adapted", [1e-4, 0.25, 0.5, 0.777, 1.0]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DDBM_CASES))
+def test_ddbm_import_is_exact(tmp_path, case):
+    schedule_kw, layout, times = DDBM_CASES[case]
+    kw = dict(image_size=SIZE, in_channels=3, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+              attention_resolutions="8", num_heads=2, num_head_channels=-1, use_new_attention_order=(case != "vp"),
+              condition_mode="concat", sigma_data=0.5, cov_xy=0.0)
+    kw.update(schedule_kw)
+    net = random_unet(3, **small_unet_kwargs(6, new_order=kw["use_new_attention_order"]))
+    ckpt = tmp_path / "e2h_ema_0.9999_420000.pt"
+    write_ddbm_ckpt(ckpt, net, layout)
+    (tmp_path / "kw.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in kw.items()))
+    out = tmp_path / "teacher.safetensors"
+    config = import_teacher(ckpt, "ddbm", out, model_kwargs=str(tmp_path / "kw.yaml"))
+    assert config["source"]["file"] == ckpt.name and config["conditional"] is True
+    teacher, _ = load_teacher(str(out))
+    gen = torch.Generator().manual_seed(2)
+    x_t = torch.randn(3, 3, SIZE, SIZE, generator=gen)
+    xT = torch.randn(3, 3, SIZE, SIZE, generator=gen)
+    for value in times:
+        t = torch.full((3,), value, dtype=torch.float64)
+        with torch.no_grad():
+            ref = ddbm_reference_denoise(net, kw, x_t, t, xT)
+            t_ours = (999 * t).round().long() if case == "i2sb_cond" else t  # DBIM's t -> I2SB step
+            ours = teacher.predict_x0(x_t, t_ours, xT)
+        assert rel_err(ours, ref) <= 1e-5, value
+
+
+def test_class_conditional_teacher_samples_with_a_label(tmp_path):
+    """DBIM's ImageNet inpainting preset: labels reach the U-Net; distilling it is refused in one message."""
+    from ibmd_fast.teachers import PRESETS
+
+    kw = dict(PRESETS["imagenet-inpaint"], image_size=SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+              attention_resolutions="8", num_heads=2, num_head_channels=-1, sigma_data=0.5, cov_xy=0.0)
+    net = random_unet(4, **small_unet_kwargs(6, classes=1000))
+    ckpt = tmp_path / "imagenet256_inpaint_ema_0.9999_400000.pt"
+    write_ddbm_ckpt(ckpt, net, "adapted")
+    out = tmp_path / "t.safetensors"
+    import_teacher(ckpt, "ddbm", out, preset="imagenet-inpaint", image_size=SIZE, label=207, num_channels=32,
+                   num_res_blocks=1, channel_mult="1,2", attention_resolutions="8", num_heads=2, num_head_channels=-1)
+    teacher, config = load_teacher(str(out))
+    assert config["class_label"] == 207 and config["degradation"] == "inpaint-center"
+    x_t, xT = torch.randn(2, 3, SIZE, SIZE), torch.randn(2, 3, SIZE, SIZE)
+    t = torch.full((2,), 0.5, dtype=torch.float64)
+    y = torch.tensor([207, 3])
+    with torch.no_grad():
+        ref = ddbm_reference_denoise(net, kw, x_t, t, xT, y)
+        step = (999 * t).round().long()
+        assert rel_err(teacher.predict_x0(x_t, step, xT, y=y), ref) <= 1e-5
+        default = teacher.predict_x0(x_t, step, xT)  # class_label for every image
+        assert rel_err(default[:1], ref[:1]) <= 1e-5 and rel_err(default[1:], ref[1:]) > 1e-3
+        x0 = dbim_sample(lambda x, s: teacher.predict_x0(x, s, xT), teacher.bridge, xT, 2, seed=0)
+    assert torch.isfinite(x0).all()
+    teacher.class_label = None
+    with pytest.raises(ValueError, match="class-conditional .* needs a class label"):
+        teacher.predict_x0(x_t, step, xT)
+
+    from ibmd_fast.train import distill
+
+    with pytest.raises(ValueError, match="class-conditional .* class label per image"):
+        distill(run_dir=str(tmp_path / "d"), teacher=str(out), data="skimage", steps=1, device="cpu",
+                progress=False, eval_items=0)
+
+
+# ----------------------------------------------------------------------------
+# Safety and bad input
+
+
+class _Evil:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    target = tmp_path / "pwned"
+    write_i2sb_run(tmp_path / "run", False)
+    for payload in (argparse.Namespace(interval=1000, evil=_Evil(target)), _Evil(target)):
+        with open(tmp_path / "run" / "options.pkl", "wb") as fh:
+            pickle.dump(payload, fh)
+        with pytest.raises(UnsafePickleError, match="refusing to unpickle .*system"):
+            import_teacher(tmp_path / "run", "i2sb", tmp_path / "out.safetensors")
+        assert not target.exists() and not (tmp_path / "out.safetensors").exists()
+    # the same file really would create it under plain pickle: the test is not vacuous
+    pickle.loads(pickle.dumps(_Evil(target)))
+    assert target.exists()
+
+
+def test_restricted_load_allows_plain_options(tmp_path):
+    value = argparse.Namespace(p=Path("a/b"), s={1, 2}, f=frozenset(), c=1j, b=b"x", l=[1, (2, 3)], n=None)
+    for protocol in (0, 2, pickle.HIGHEST_PROTOCOL):
+        (tmp_path / "o.pkl").write_bytes(pickle.dumps(value, protocol=protocol))
+        loaded = restricted_load(tmp_path / "o.pkl")
+        assert vars(loaded) == vars(value), protocol
+
+
+def test_bad_inputs_one_clear_message_each(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TeacherImportError, match="has no latest.pt"):
+        import_teacher(empty, "i2sb", tmp_path / "o.safetensors")
+    write_i2sb_run(tmp_path / "run", False)
+    os.remove(tmp_path / "run" / "options.pkl")
+    with pytest.raises(TeacherImportError, match="no options.pkl"):
+        import_teacher(tmp_path / "run", "i2sb", tmp_path / "o.safetensors")
+
+    net = random_unet(0, **small_unet_kwargs(6))
+    ckpt = tmp_path / "model_100000.pt"
+    write_ddbm_ckpt(ckpt, net, "adapted")
+    base = dict(image_size=SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
+                num_heads=2, num_head_channels=-1, condition_mode="concat", noise_schedule="vp", sigma_max=1.0)
+    (tmp_path / "kw.json").write_text(json.dumps({**base, "num_channels": 64}))
+    with pytest.raises(TeacherImportError, match=r"first mismatched key 'time_embed.0.weight': "
+                                                 r"checkpoint \(128, 32\) vs model \(256, 64\)"):
+        import_teacher(ckpt, "ddbm", tmp_path / "o.safetensors", model_kwargs=str(tmp_path / "kw.json"))
+    (tmp_path / "kw.json").write_text(json.dumps({**base, "noise_schedule": "cosine"}))
+    with pytest.raises(TeacherImportError, match="unknown noise_schedule 'cosine'"):
+        import_teacher(ckpt, "ddbm", tmp_path / "o.safetensors", model_kwargs=str(tmp_path / "kw.json"))
+    with pytest.raises(TeacherImportError, match="pass --model-kwargs FILE or --preset"):
+        import_teacher(ckpt, "ddbm", tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+    generator = tmp_path / "generator.safetensors"
+    save_release(str(generator), net, GENERATOR_FORMAT, {"unet": net.config})
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"\x08\x07onnx")
+    for source, fmt, what in ((generator, "ddbm", "generator release"), (generator, "i2sb", "generator release"),
+                              (onnx_file, "ddbm", "ONNX model")):
+        with pytest.raises(TeacherImportError, match=what):
+            import_teacher(source, fmt, tmp_path / "o.safetensors", preset="e2h")
+
+
+def test_cli_import_teacher(tmp_path):
+    from tests.test_cli import assert_one_error_line, invoke
+
+    write_i2sb_run(tmp_path / "run", True)
+    result = invoke("import-teacher", tmp_path / "run", "--format", "i2sb", "--out", tmp_path / "t.safetensors",
+                    "--beta-max", "0.5")
+    assert result.exit_code == 0, result.output
+    assert "teacher release" in result.stdout and read_release(str(tmp_path / "t.safetensors"))[1]["conditional"]
+    assert read_release(str(tmp_path / "t.safetensors"))[1]["bridge"]["beta_max"] == 0.5
+    result = invoke("import-teacher", tmp_path / "run", "--format", "i2sb", "--out", tmp_path / "u.safetensors",
+                    "--sigma-data", "0.3")
+    assert_one_error_line(result, "unknown I2SB setting", "sigma_data")
+    os.remove(tmp_path / "run" / "latest.pt")
+    result = invoke("import-teacher", tmp_path / "run", "--format", "i2sb", "--out", tmp_path / "u.safetensors")
+    assert_one_error_line(result, "has no latest.pt")
+
+
+# ----------------------------------------------------------------------------
+# The VE bridge (DDBM, alpha = 1, rho_t = t)
+
+
+def test_ve_marginal_matches_ddbm_float64():
+    bridge = VEBridge(sigma_max=80.0, sigma_min=0.002)
+    t = torch.tensor([0.002, 0.1, 1.0, 20.0, 56.5, 79.99, 80.0], dtype=torch.float64)
+    coef_x0, coef_xT, std = bridge.marginal(t)
+    # DDBM training_bridge_losses, pred_mode 've'
+    mu_xT, mu_x0 = t**2 / 80.0**2, 1 - t**2 / 80.0**2
+    std_t = t * torch.sqrt(1 - t**2 / 80.0**2)
+    torch.testing.assert_close(coef_xT, mu_xT, rtol=1e-14, atol=0)
+    torch.testing.assert_close(coef_x0, mu_x0, rtol=1e-14, atol=1e-17)
+    torch.testing.assert_close(std, std_t, rtol=1e-14, atol=0)
+    assert bridge_from_config(bridge.config()).config() == bridge.config() == {
+        "type": "ve", "sigma_max": 80.0, "sigma_min": 0.002}
+    # loss weight: DDBM's 'bridge_karras' weighting for ve is 1 / c_out^2
+    A = t**4 / 80**4 * 0.25 + (1 - t**2 / 80**2) ** 2 * 0.25 + t**2 * (1 - t**2 / 80**2)
+    weight = A / ((t / 80) ** 4 * 0.25**2 + 0.25 * t**2 * (1 - t**2 / 80**2))
+    torch.testing.assert_close(bridge.loss_weight(t[:-1]), weight[:-1], rtol=1e-12, atol=0)
+
+
+def test_ve_posterior_composes_to_the_marginal():
+    """Marginal at t, then the posterior t -> s with the true x0, is the marginal at s (mean and variance)."""
+    bridge = VEBridge()
+    s = torch.tensor([0.002, 1.0, 30.0, 50.0], dtype=torch.float64)
+    t = torch.tensor([0.5, 40.0, 60.0, 80.0], dtype=torch.float64)
+    k0, kt, sigma = bridge.posterior(s, t)
+    b_t, a_t, c_t = bridge.marginal(t)
+    b_s, a_s, c_s = bridge.marginal(s)
+    torch.testing.assert_close(kt * b_t + k0, b_s, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(kt * a_t, a_s, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(kt**2 * c_t**2 + sigma**2, c_s**2, rtol=1e-12, atol=1e-15)
+    # the Gaussian conditioning of a Brownian path with variance t^2: x_s | x_t, x0
+    torch.testing.assert_close(kt, s**2 / t**2, rtol=1e-14, atol=0)
+    torch.testing.assert_close(sigma, s * torch.sqrt(1 - s**2 / t**2), rtol=1e-14, atol=0)
+
+
+def test_ve_marginal_dt_matches_finite_differences():
+    bridge = VEBridge()
+    t = torch.tensor([0.01, 1.0, 20.0, 70.0], dtype=torch.float64)
+    h = 1e-6 * t
+    numeric = [(p - m) / (2 * h) for p, m in zip(bridge.marginal(t + h), bridge.marginal(t - h))]
+    for got, want in zip(bridge.marginal_dt(t), numeric):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    assert probability_flow_coefficients(bridge, t)[0].isfinite().all()
+
+
+def test_ve_sampler_steps():
+    """A DBIM step (eta = 1) is the posterior step; Heun and DBIM with an oracle for a point mass
+    end at that point."""
+    bridge = VEBridge()
+    x0 = torch.full((2, 3, 4, 4), 0.3, dtype=torch.float64)
+    xT = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    states = []
+    out = dbim_sample(lambda x, t: x0, bridge, xT, 1, eta=1.0, seed=5, callback=states.append)
+    s, t = torch.full((2,), bridge.t_min, dtype=torch.float64), torch.full((2,), bridge.T, dtype=torch.float64)
+    k0, kt, sigma = bridge.posterior(s, t)
+    noise = (states[0]["x"] - kt.view(-1, 1, 1, 1) * xT - k0.view(-1, 1, 1, 1) * x0) / sigma.view(-1, 1, 1, 1)
+    assert abs(float(noise.std()) - 1.0) < 0.3 and torch.equal(out, x0)  # the rest is unit Gaussian noise
+    for sampler in (lambda f: heun_sample(f, bridge, xT, 8, seed=0, callback=states.append),
+                    lambda f: dbim_sample(f, bridge, xT, 8, eta=0.0, seed=0, callback=states.append)):
+        states.clear()
+        sampler(lambda x, t: x0)
+        final = states[-1]["x"]  # the state at t_min = 0.002: within a few c_{t_min} of x0
+        assert float((final - x0).abs().max()) < 0.02
+
+
+# ----------------------------------------------------------------------------
+# End to end: import -> distill -> sample -> export
+
+
+def test_end_to_end_import_distill_sample_export(tmp_path):
+    from ibmd_fast.evaluate import load_model, restore_with_generator
+    from ibmd_fast.onnx import export_onnx
+    from ibmd_fast.train import distill
+
+    write_i2sb_run(tmp_path / "i2sb", False, interval=50)
+    net = random_unet(5, **small_unet_kwargs(6, new_order=True))
+    ckpt = tmp_path / "e2h_ema_0.9999_420000.pt"
+    write_ddbm_ckpt(ckpt, net, "ddbm")
+    small = dict(image_size=SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
+                 num_heads=2, num_head_channels=-1)
+    releases = {
+        "i2sb": import_teacher(tmp_path / "i2sb", "i2sb", tmp_path / "i2sb.safetensors", nfe=4),
+        "ddbm": import_teacher(ckpt, "ddbm", tmp_path / "ddbm.safetensors", preset="e2h", nfe=4,
+                               degradation="sr4x-bicubic", **small),
+    }
+    assert releases["ddbm"]["bridge"]["type"] == "vp"
+    for name in releases:
+        summary = distill(run_dir=str(tmp_path / f"run-{name}"), teacher=str(tmp_path / f"{name}.safetensors"),
+                          data="skimage", image_size=SIZE, batch_size=2, steps=2, inner_steps=1, log_every=1,
+                          ckpt_every=2, eval_items=0, device="cpu", progress=False, lr=1e-6, fake_lr=1e-6)
+        assert np.isfinite(summary["loss_theta"]) and np.isfinite(summary["loss_phi"])
+        student = load_model(summary["release"], expect="generator")
+        xT = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
+        restored = restore_with_generator(student.model, xT, seed=0)
+        assert restored.shape == xT.shape and torch.isfinite(restored).all()
+        report = export_onnx(summary["release"], str(tmp_path / f"{name}.onnx"), progress=False)
+        assert os.path.exists(tmp_path / f"{name}.onnx") and report
