@@ -497,5 +497,7 @@ def test_end_to_end_import_distill_sample_export(tmp_path):
         xT = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
         restored = restore_with_generator(student.model, xT, seed=0)
         assert restored.shape == xT.shape and torch.isfinite(restored).all()
-        report = export_onnx(summary["release"], str(tmp_path / f"{name}.onnx"), progress=False)
-        assert os.path.exists(tmp_path / f"{name}.onnx") and report
+        # the TorchScript exporter: ~10x faster here than the dynamo one, which tests/test_onnx.py covers
+        report = export_onnx(summary["release"], str(tmp_path / f"{name}.onnx"), progress=False,
+                             exporter="torchscript")
+        assert os.path.exists(tmp_path / f"{name}.onnx") and report["exporter"] == "torchscript"
