@@ -23,10 +23,8 @@ format, file name, SHA-256, the options read).
   preconditioning's ``sigma_data`` and ``cov_xy``) / ``I2SBBridge`` (DBIM's time ``t`` is step
   ``round((N - 1) t)``), so ``predict_x0`` is their ``KarrasDenoiser.denoise(...)[1]``.
 
-Nothing is unpickled beyond plain data: tensors come through ``torch.load(weights_only=True)``
-(memory-mapped, so a 552M-parameter teacher imports in about twice its size), the ``.pkl``
-files through ``restricted_load`` (argparse.Namespace, pathlib paths and builtin
-containers/scalars only).
+Nothing but plain data is unpickled: tensors via ``torch.load(weights_only=True)`` (memory-mapped:
+a 552M-parameter teacher imports in about twice its size), ``.pkl`` files via ``restricted_load``.
 """
 from __future__ import annotations
 
@@ -287,7 +285,7 @@ def _torch_load(path: str) -> Any:
 
 
 def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _strip(sd: dict[str, Any], prefixes=("module.", "_orig_mod.", "diffusion_model.")) -> dict[str, Any]:
@@ -321,16 +319,12 @@ def _fit(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: s
     return out
 
 
-def _meta_net(kwargs: dict[str, Any]) -> UNet:
-    with torch.device("meta"):
-        return UNet(**kwargs)
-
-
 def _load_net(kwargs: dict[str, Any], sd: dict[str, torch.Tensor], what: str,
               shadow: Optional[list] = None) -> UNet:
     """The U-Net holding ``sd`` (optionally with ``shadow`` laid over its parameters by position)
     without a second copy: built on the meta device, the (memory-mapped) tensors assigned."""
-    net = _meta_net(kwargs)
+    with torch.device("meta"):
+        net = UNet(**kwargs)
     expected = net.state_dict()
     sd = _fit(_strip(dict(sd)), expected, what)
     if shadow is not None:
@@ -378,6 +372,8 @@ def _read_i2sb(source: str, model_kwargs: Optional[str], weights: str, overrides
     options = _plain(restricted_load(options_path))
     if not isinstance(options, dict):
         raise TeacherImportError(f"{options_path} holds a {type(options).__name__}, not I2SB's options Namespace")
+    overrides = dict(overrides)
+    size = overrides.pop("image_size", None)
     known = ("interval", "beta_max", "t0", "T", "ot_ode", "cond_x1")
     unknown = sorted(set(overrides) - set(known))
     if unknown:
@@ -388,9 +384,9 @@ def _read_i2sb(source: str, model_kwargs: Optional[str], weights: str, overrides
     pkl = os.path.join(folder, f"256x256_diffusion_{'cond' if cond else 'uncond'}_fixedsigma.pkl")
     kw_source = model_kwargs or (pkl if os.path.isfile(pkl) else None)
     kw = _read_kwargs(kw_source) if kw_source else i2sb_default_kwargs(cond)
-    kw = {**kw, "image_size": int(overrides.get("image_size") or kw.get("image_size") or options.get("image_size", 256))}
-    if kw.get("learn_sigma"):
-        raise TeacherImportError("learn_sigma=True: an I2SB network outputs 3 channels (I2SB sets learn_sigma False)")
+    kw = {**kw, "image_size": int(size or kw.get("image_size") or options.get("image_size", 256))}
+    if kw.get("learn_sigma"):  # I2SB's released pickles set it False
+        raise TeacherImportError("learn_sigma=True: an I2SB network outputs 3 channels")
     in_channels = int(kw.get("in_channels", 3))
     if in_channels != (6 if cond else 3):
         raise TeacherImportError(f"options say cond_x1={cond} but the network takes {in_channels} input channels")
@@ -408,7 +404,7 @@ def _read_i2sb(source: str, model_kwargs: Optional[str], weights: str, overrides
     net = _load_net(unet_kwargs(kw, in_channels, 3), checkpoint["net"], ckpt, shadow)
     info = dict(options=options, model_kwargs=_plain(kw), model_kwargs_file=kw_source and os.path.basename(kw_source))
     degradation = options.get("corrupt")
-    return ckpt, net, bridge, cond, degradation, int(options.get("image_size", kw["image_size"])), info
+    return ckpt, net, bridge, cond, degradation, int(size or options.get("image_size", kw["image_size"])), info
 
 
 def _read_ddbm(source: str, model_kwargs: Optional[str], preset: Optional[str], overrides: dict[str, Any]):

@@ -156,9 +156,10 @@ def test_i2sb_raw_weights_and_options(tmp_path):
 
 def test_i2sb_default_architecture_is_adm256():
     from ibmd_fast.models import count_parameters
-    from ibmd_fast.teachers import _meta_net, i2sb_default_kwargs, unet_kwargs
+    from ibmd_fast.teachers import i2sb_default_kwargs, unet_kwargs
 
-    net = _meta_net(unet_kwargs(i2sb_default_kwargs(False), 3, 3))
+    with torch.device("meta"):
+        net = UNet(**unet_kwargs(i2sb_default_kwargs(False), 3, 3))
     assert net.config["attention_resolutions"] == [8, 16, 32] and net.config["channel_mult"] == [1, 1, 2, 2, 4, 4]
     assert count_parameters(net) == 552_807_171  # guided-diffusion 256x256 uncond ADM with 3 output channels
 
@@ -276,6 +277,29 @@ def test_ddbm_import_is_exact(tmp_path, case):
         assert rel_err(ours, ref) <= 1e-5, value
 
 
+def test_presets_build_the_released_architectures():
+    from ibmd_fast.teachers import PRESETS, ddbm_bridge, ddbm_kwargs, unet_kwargs
+
+    expect = {  # DiffusionBridge scripts/args.sh on its model_and_diffusion_defaults()
+        "e2h": (64, 192, 3, [2, 4, 8], [1, 2, 3, 4], True, None, 0.1, "vp"),
+        "diode": (256, 256, 2, [8, 16, 32], [1, 1, 2, 2, 4, 4], True, None, 0.1, "vp"),
+        "imagenet-inpaint": (256, 256, 2, [8, 16, 32], [1, 1, 2, 2, 4, 4], False, 1000, 0.0, "i2sb"),
+    }
+    for name, (size, ch, blocks, rates, mult, new_order, classes, dropout, bridge) in expect.items():
+        kw = ddbm_kwargs(name, None, {})
+        unet = unet_kwargs(kw, 6, 3)
+        assert (unet["image_size"], unet["model_channels"], unet["num_res_blocks"], unet["attention_resolutions"],
+                list(unet["channel_mult"]), unet["use_new_attention_order"], unet["num_classes"], unet["dropout"]) \
+            == (size, ch, blocks, rates, mult, new_order, classes, dropout), name
+        assert unet["num_heads"] == 4 and unet["num_head_channels"] == 64 and unet["resblock_updown"]
+        assert unet["use_scale_shift_norm"] and kw["condition_mode"] == "concat"
+        assert ddbm_bridge(kw).config()["type"] == bridge
+    assert ddbm_bridge(ddbm_kwargs("e2h", None, {})).config() == {"type": "vp", "beta_min": 0.1, "beta_d": 2.0,
+                                                                   "t_min": 1e-4, "t_max": 1.0}
+    assert ddbm_bridge(ddbm_kwargs("imagenet-inpaint", None, {})).config()["beta_max"] == 1.0
+    assert set(PRESETS) == set(expect)
+
+
 def test_class_conditional_teacher_samples_with_a_label(tmp_path):
     """DBIM's ImageNet inpainting preset: labels reach the U-Net; distilling it is refused in one message."""
     from ibmd_fast.teachers import PRESETS
@@ -387,10 +411,11 @@ def test_cli_import_teacher(tmp_path):
 
     write_i2sb_run(tmp_path / "run", True)
     result = invoke("import-teacher", tmp_path / "run", "--format", "i2sb", "--out", tmp_path / "t.safetensors",
-                    "--beta-max", "0.5")
+                    "--beta-max", "0.5", "--image-size", str(SIZE))
     assert result.exit_code == 0, result.output
     assert "teacher release" in result.stdout and read_release(str(tmp_path / "t.safetensors"))[1]["conditional"]
-    assert read_release(str(tmp_path / "t.safetensors"))[1]["bridge"]["beta_max"] == 0.5
+    config = read_release(str(tmp_path / "t.safetensors"))[1]
+    assert config["bridge"]["beta_max"] == 0.5 and config["image_size"] == SIZE == config["unet"]["image_size"]
     result = invoke("import-teacher", tmp_path / "run", "--format", "i2sb", "--out", tmp_path / "u.safetensors",
                     "--sigma-data", "0.3")
     assert_one_error_line(result, "unknown I2SB setting", "sigma_data")
@@ -486,8 +511,10 @@ def test_end_to_end_import_distill_sample_export(tmp_path):
         "i2sb": import_teacher(tmp_path / "i2sb", "i2sb", tmp_path / "i2sb.safetensors", nfe=4),
         "ddbm": import_teacher(ckpt, "ddbm", tmp_path / "ddbm.safetensors", preset="e2h", nfe=4,
                                degradation="sr4x-bicubic", **small),
+        "ve": import_teacher(ckpt, "ddbm", tmp_path / "ve.safetensors", preset="e2h", nfe=4, noise_schedule="ve",
+                             sigma_max=80.0, sigma_min=0.002, degradation="jpeg-10", **small),
     }
-    assert releases["ddbm"]["bridge"]["type"] == "vp"
+    assert releases["ddbm"]["bridge"]["type"] == "vp" and releases["ve"]["bridge"]["type"] == "ve"
     for name in releases:
         summary = distill(run_dir=str(tmp_path / f"run-{name}"), teacher=str(tmp_path / f"{name}.safetensors"),
                           data="skimage", image_size=SIZE, batch_size=2, steps=2, inner_steps=1, log_every=1,
@@ -501,3 +528,71 @@ def test_end_to_end_import_distill_sample_export(tmp_path):
         report = export_onnx(summary["release"], str(tmp_path / f"{name}.onnx"), progress=False,
                              exporter="torchscript")
         assert os.path.exists(tmp_path / f"{name}.onnx") and report["exporter"] == "torchscript"
+
+
+# ----------------------------------------------------------------------------
+# Full size (slow: excluded by default, run with `python -m pytest -m slow tests/test_teachers.py`)
+
+_MEASURE = """
+import json, resource, sys, time
+started = time.perf_counter()
+{body}
+print("MEASURED " + json.dumps({{"seconds": time.perf_counter() - started,
+      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+"""
+
+
+def _measured(body: str, cwd) -> dict:
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", _MEASURE.format(body=body)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("MEASURED ")][-1]
+    return json.loads(line[len("MEASURED "):])
+
+
+@pytest.mark.slow
+def test_adm256_import_memory_and_sample(tmp_path):
+    """A 552M-parameter I2SB ADM-256 run folder imports with peak memory under 3x its weights,
+    and ``ibmd-fast sample`` runs the teacher at NFE 1 on a 256x256 image."""
+    from PIL import Image
+
+    from ibmd_fast.models import count_parameters
+    from ibmd_fast.teachers import i2sb_default_kwargs, unet_kwargs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    net = UNet(**unet_kwargs(i2sb_default_kwargs(False), 3, 3))
+    params = count_parameters(net)
+    assert params == 552_807_171
+    weight_bytes = 4 * params
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.02)
+        shadow = [p.detach() * 0.999 for p in net.parameters()]
+    torch.save({"net": {f"diffusion_model.{k}": v for k, v in net.state_dict().items()},
+                "ema": {"decay": 0.99, "num_updates": 1, "shadow_params": shadow}, "optimizer": {}, "sched": None},
+               run / "latest.pt")
+    del net, shadow
+    with open(run / "options.pkl", "wb") as fh:
+        pickle.dump(argparse.Namespace(interval=1000, beta_max=0.3, t0=1e-4, T=1.0, ot_ode=False, cond_x1=False,
+                                       corrupt="sr4x-pool", image_size=256, ckpt_path=Path("results/sr4x")), fh)
+    imported = _measured(f"from ibmd_fast.teachers import import_teacher\n"
+                         f"import_teacher({str(run)!r}, 'i2sb', {str(tmp_path / 't.safetensors')!r})", tmp_path)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    sampled = _measured(
+        "from ibmd_fast.cli import main\n"
+        "try:\n"
+        f"    main(['sample', '--model', {str(tmp_path / 't.safetensors')!r}, '--input', "
+        f"{str(tmp_path / 'in.png')!r}, '--output', {str(tmp_path / 'out')!r}, '--nfe', '1', '--device', 'cpu'])\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code", tmp_path)
+    print(f"\nADM-256 ({params} parameters, {weight_bytes / 2**30:.2f} GiB): import {imported['seconds']:.1f} s, "
+          f"peak RSS {imported['peak_rss_bytes'] / 2**30:.2f} GiB ({imported['peak_rss_bytes'] / weight_bytes:.2f}x); "
+          f"sample NFE 1 at 256x256 {sampled['seconds']:.1f} s, peak RSS {sampled['peak_rss_bytes'] / 2**30:.2f} GiB")
+    assert imported["peak_rss_bytes"] < 3 * weight_bytes
+    assert list((tmp_path / "out").glob("*.png"))
