@@ -68,11 +68,11 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     # Windows paths cannot be instantiated on POSIX; their pure form keeps the text
     **{(m, n): pathlib.PureWindowsPath for m in ("pathlib", "pathlib._local")
        for n in ("WindowsPath", "PureWindowsPath")},
-    **{("builtins", n): getattr(builtins, n) for n in ("set", "frozenset", "complex", "bytearray", "slice", "object")},
+    **{("builtins", n): getattr(builtins, n) for n in ("set", "frozenset", "complex", "object")},
     ("collections", "OrderedDict"): collections.OrderedDict,
     # protocol 0/1 objects: object.__new__ of a class that itself went through this table
     ("copyreg", "_reconstructor"): copyreg._reconstructor,
-    ("_codecs", "encode"): codecs.encode,  # protocol 2 writes bytes as encode(text, "latin1")
+    ("_codecs", "encode"): lambda text, encoding="latin1": codecs.encode(text, "latin1"),  # protocol 2 bytes
 }
 
 

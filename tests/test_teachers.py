@@ -223,6 +223,51 @@ def ddbm_reference_denoise(net: UNet, kw: dict, x_t, t, xT, y=None):
     return c_out * out + c_skip * x_t  # float64, as their code promotes
 
 
+def ddbm_original_scalings(schedule: str, t: torch.Tensor, kw: dict):
+    """alexzhou907/DDBM ``KarrasDenoiser.get_bridge_scalings`` (pred_mode ve / vp), transcribed: ``(c_skip, c_out, c_in)``."""
+    sd = sd_end = kw["sigma_data"]
+    cov, c, t = kw["cov_xy"], 1.0, t.double()
+    if schedule == "ve":
+        T = kw["sigma_max"]
+        A = (t**4 / T**4 * sd_end**2 + (1 - t**2 / T**2) ** 2 * sd**2 + 2 * t**2 / T**2 * (1 - t**2 / T**2) * cov
+             + c**2 * t**2 * (1 - t**2 / T**2))
+        c_in = 1 / A**0.5
+        c_skip = ((1 - t**2 / T**2) * sd**2 + t**2 / T**2 * cov) / A
+        c_out = ((t / T) ** 4 * (sd_end**2 * sd**2 - cov**2) + sd**2 * c**2 * t**2 * (1 - t**2 / T**2)) ** 0.5 * c_in
+        return c_skip, c_out, c_in
+    bd, bm = kw["beta_d"], kw["beta_min"]
+    vp_logsnr = lambda s: -torch.log(torch.exp(0.5 * bd * torch.as_tensor(s) ** 2 + bm * torch.as_tensor(s)) - 1)  # noqa
+    vp_logs = lambda s: -0.25 * torch.as_tensor(s) ** 2 * bd - 0.5 * torch.as_tensor(s) * bm  # noqa: E731
+    logsnr_t, logsnr_T, logs_t, logs_T = vp_logsnr(t), vp_logsnr(1.0), vp_logs(t), vp_logs(1.0)
+    a_t = (logsnr_T - logsnr_t + logs_t - logs_T).exp()
+    b_t = -torch.expm1(logsnr_T - logsnr_t) * logs_t.exp()
+    c_t = -torch.expm1(logsnr_T - logsnr_t) * (2 * logs_t - logsnr_t).exp()
+    A = a_t**2 * sd_end**2 + b_t**2 * sd**2 + 2 * a_t * b_t * cov + c**2 * c_t
+    c_in = 1 / A**0.5
+    c_skip = (b_t * sd**2 + a_t * cov) / A
+    c_out = (a_t**2 * (sd_end**2 * sd**2 - cov**2) + sd**2 * c**2 * c_t) ** 0.5 * c_in
+    return c_skip, c_out, c_in
+
+
+def test_ddbm_and_dbim_scalings_agree():
+    """DDBM's own get_bridge_scalings and DBIM's get_abc-based ones are the same functions (both transcribed)."""
+    for schedule, kw, times in (("vp", dict(beta_d=2.0, beta_min=0.1), [1e-4, 0.3, 0.99]),
+                                ("ve", dict(sigma_max=80.0), [0.002, 5.0, 79.9])):
+        kw = dict(kw, sigma_data=0.6, cov_xy=0.1)
+        t = torch.tensor(times, dtype=torch.float64)
+        a, b, c = dbim_abc(schedule, t, kw)
+        A = a**2 * 0.36 + b**2 * 0.36 + 2 * a * b * 0.1 + c**2
+        dbim = ((b * 0.36 + a * 0.1) / A, (a**2 * (0.36**2 - 0.01) + 0.36 * c**2) ** 0.5 / A**0.5, 1 / A**0.5)
+        for ddbm, theirs in zip(ddbm_original_scalings(schedule, t, kw), dbim):
+            # DDBM evaluates its VP logsnr_T = vp_logsnr(1, ...) on th.as_tensor(1): in float32
+            torch.testing.assert_close(ddbm, theirs, rtol=1e-10 if schedule == "ve" else 1e-6, atol=0)
+        bridge = VEBridge(sigma_data=0.6, cov_xy=0.1) if schedule == "ve" else \
+            bridge_from_config({"type": "vp", "sigma_data": 0.6, "cov_xy": 0.1})
+        c_skip, c_out, c_in, _ = bridge.precond(t)
+        for ours, theirs in zip((c_skip, c_out, c_in), dbim):
+            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=0)
+
+
 def _attention_keys(state: dict) -> list[str]:
     return [k for k in state if (".qkv." in k or ".proj_out." in k) and k.endswith("weight")]
 
