@@ -30,17 +30,8 @@ from ibmd_fast import __version__
 from ibmd_fast.config_io import dump_config, resolve_config
 from ibmd_fast.evaluate import DEFAULT_GENERATOR, DEFAULT_TEACHER
 
-try:
-    from ibmd_fast.train import DistillConfig, TeacherConfig
-    _TRAIN_IMPORT_ERROR: Optional[BaseException] = None
-except ImportError as _exc:  # the trainers are a separate module; the other commands work without them
-    TeacherConfig = DistillConfig = None  # type: ignore[assignment]
-    _TRAIN_IMPORT_ERROR = _exc
-
-try:
-    from ibmd_fast.onnx import MIN_OPSET as _MIN_OPSET
-except ImportError:  # the exporter's own dependencies are missing: `export` will say so
-    _MIN_OPSET = 17
+from ibmd_fast.onnx import MIN_OPSET as _MIN_OPSET  # onnx itself is imported by `export` only
+from ibmd_fast.train import DistillConfig, TeacherConfig
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULT_SAMPLE_DIR = os.path.join("runs", "sample")
@@ -349,46 +340,31 @@ def cli():
     """
 
 
-def _train_unavailable(name: str, what: str):
-    @cli.command(name, context_settings={**CONTEXT, "ignore_unknown_options": True, "allow_extra_args": True},
-                 help=f"{what} (unavailable: ibmd_fast.train did not import).", add_help_option=False)
-    def command():
-        raise click.ClickException(f"{name} needs ibmd_fast.train, which failed to import: "
-                                   f"{_one_line(_TRAIN_IMPORT_ERROR)}")
+@cli.command("train-teacher", context_settings=CONTEXT)
+@_common_config_options
+@_config_options(TeacherConfig, _teacher_options())
+@click.pass_context
+@friendly_errors
+def train_teacher_cmd(ctx, config_file, dry_run, **options):
+    """Train a bridge-matching teacher (I2SB or DDBM VP) and release it as RUN_DIR/teacher.safetensors.
 
-    return command
+    Every option also reads from --config FILE; options given here win over the file.
+    """
+    _run_trainer(ctx, TeacherConfig, "train_teacher", options, config_file, dry_run)
 
 
-if TeacherConfig is not None:
+@cli.command("distill", context_settings=CONTEXT)
+@_common_config_options
+@_config_options(DistillConfig, _distill_options())
+@click.pass_context
+@friendly_errors
+def distill_cmd(ctx, config_file, dry_run, **options):
+    """IBMD: distill a teacher into a one-step (or --nfe step) generator, RUN_DIR/generator.safetensors.
 
-    @cli.command("train-teacher", context_settings=CONTEXT)
-    @_common_config_options
-    @_config_options(TeacherConfig, _teacher_options())
-    @click.pass_context
-    @friendly_errors
-    def train_teacher_cmd(ctx, config_file, dry_run, **options):
-        """Train a bridge-matching teacher (I2SB or DDBM VP) and release it as RUN_DIR/teacher.safetensors.
-
-        Every option also reads from --config FILE; options given here win over the file.
-        """
-        _run_trainer(ctx, TeacherConfig, "train_teacher", options, config_file, dry_run)
-
-    @cli.command("distill", context_settings=CONTEXT)
-    @_common_config_options
-    @_config_options(DistillConfig, _distill_options())
-    @click.pass_context
-    @friendly_errors
-    def distill_cmd(ctx, config_file, dry_run, **options):
-        """IBMD: distill a teacher into a one-step (or --nfe step) generator, RUN_DIR/generator.safetensors.
-
-        With no options: the embedded teacher, on the scikit-image photos, into runs/distill; then the
-        teacher (NFE 1, 10, 100) vs student (NFE 1) table of PSNR, SSIM and seconds per image.
-        """
-        _run_trainer(ctx, DistillConfig, "distill", options, config_file, dry_run)
-
-else:
-    _train_unavailable("train-teacher", "Train a bridge-matching teacher")
-    _train_unavailable("distill", "IBMD distillation")
+    With no options: the embedded teacher, on the scikit-image photos, into runs/distill; then the
+    teacher (NFE 1, 10, 100) vs student (NFE 1) table of PSNR, SSIM and seconds per image.
+    """
+    _run_trainer(ctx, DistillConfig, "distill", options, config_file, dry_run)
 
 
 # ----------------------------------------------------------------------------
@@ -417,6 +393,8 @@ _DEFAULT_GENERATOR_HINT = " (it is what a plain `ibmd-fast distill` writes; run 
               help="Network calls per image (teachers only).")
 @click.option("--sampler", type=click.Choice(["i2sb", "dbim", "heun"]), default=None,
               show_default="i2sb for I2SB, dbim for VP", help="Teacher sampler (teachers only).")
+@click.option("--eta", type=click.FloatRange(0.0, 1.0), metavar="ETA", default=None, show_default="1.0 (DBIM's)",
+              help="DBIM noise level: 1 = the posterior sampler, 0 = deterministic (dbim sampler only).")
 @click.option("--upsample", type=click.IntRange(min=2), metavar="K", default=None,
               help="Inputs are low-resolution: upsample them K times (bicubic, or the release's srKx "
                    "upsampling) first.")
@@ -431,14 +409,14 @@ _DEFAULT_GENERATOR_HINT = " (it is what a plain `ibmd-fast distill` writes; run 
 @click.option("--device", type=str, metavar="DEV", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @friendly_errors
-def sample_cmd(model, input_path, output, nfe, sampler, upsample, mask_path, num_images, seed, batch_size,
+def sample_cmd(model, input_path, output, nfe, sampler, eta, upsample, mask_path, num_images, seed, batch_size,
                device, progress):
     """Restore corrupted images with a teacher or generator release; writes PNGs to OUTPUT."""
     from ibmd_fast.evaluate import restore_files
 
     if model == DEFAULT_GENERATOR:
         _check_release_exists(model, "--model", _DEFAULT_GENERATOR_HINT.format(opt="--model"))
-    summary = restore_files(model=model, inputs=input_path, output=output, nfe=nfe, sampler=sampler, seed=seed,
+    summary = restore_files(model=model, inputs=input_path, output=output, nfe=nfe, sampler=sampler, eta=eta, seed=seed,
                             batch_size=batch_size, device=device, upsample=upsample, mask=mask_path,
                             num_default=num_images, progress=_auto_progress(progress), log=_log)
     how = f"{summary['kind']}, NFE {summary['nfe']}" + (f", {summary['sampler']}" if summary["sampler"] else "")
@@ -462,6 +440,8 @@ def _none_or_path(value: Optional[str]) -> Optional[str]:
               help="Teacher NFEs to measure.")
 @click.option("--sampler", type=click.Choice(["i2sb", "dbim", "heun"]), default=None,
               show_default="i2sb for I2SB, dbim for VP", help="Teacher sampler.")
+@click.option("--eta", type=click.FloatRange(0.0, 1.0), metavar="ETA", default=None, show_default="1.0 (DBIM's)",
+              help="DBIM noise level: 1 = the posterior sampler, 0 = deterministic (dbim sampler only).")
 @click.option("--student", type=str, metavar="PATH|none", default=None,
               show_default="runs/distill/generator.safetensors",
               help="Generator release; 'none' leaves the student out.")
@@ -491,7 +471,7 @@ def _none_or_path(value: Optional[str]) -> Optional[str]:
 @click.option("--device", type=str, metavar="DEV", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @friendly_errors
-def eval_cmd(teacher, teacher_nfe, sampler, student, data, degradation, image_size, num_images, classifier,
+def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, image_size, num_images, classifier,
              classifier_task, classifier_epochs, classifier_items, run_dir, seed, batch_size, device, progress):
     """Teacher (at each --teacher-nfe) vs student on test data: PSNR, SSIM, FID, CA, seconds per image.
 
@@ -511,7 +491,7 @@ def eval_cmd(teacher, teacher_nfe, sampler, student, data, degradation, image_si
     if classifier is not None and not os.path.isfile(classifier):
         raise click.ClickException(f"classifier file not found: {classifier}")
     result = evaluate(teacher=teacher_path, student=student_path, data=data, degradation=degradation,
-                      image_size=image_size, teacher_nfe=teacher_nfe, sampler=sampler, classifier=classifier,
+                      image_size=image_size, teacher_nfe=teacher_nfe, sampler=sampler, eta=eta, classifier=classifier,
                       classifier_task=classifier_task, classifier_epochs=classifier_epochs,
                       classifier_items=classifier_items, num_images=num_images, batch_size=batch_size, seed=seed,
                       device=device, run_dir=run_dir, progress=_auto_progress(progress), log=_log)

@@ -167,10 +167,33 @@ def _release_format(path: str) -> Optional[str]:
         return None
 
 
+# DBIM's eta when none is given: the default of thu-ml/DiffusionBridge's sample_dbim and of its
+# sample.py (--eta 1.0; its scripts pass eta, and its paper's tables mostly use eta = 0).
+DBIM_ETA = 1.0
+
+
+def _check_eta(eta: Optional[float], sampler: str) -> float:
+    """The eta a teacher sampler runs with; an explicit eta for another sampler is an error."""
+    if eta is None:
+        return DBIM_ETA
+    if sampler != "dbim":
+        raise ValueError(f"--eta applies to the dbim sampler only; this teacher samples with {sampler}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"--eta must be in [0, 1], got {eta}")
+    return float(eta)
+
+
 def natural_sampler(bridge_type: str) -> str:
     """The default teacher sampler: I2SB's posterior sampler for I2SB, DBIM for the VP (DDBM) bridge
     (as ``ibmd_fast.train`` samples teachers, so eval and distill's comparison agree)."""
     return "i2sb" if bridge_type == "i2sb" else "dbim"
+
+
+def _used_eta(teacher: Optional["LoadedModel"], sampler: Optional[str], eta: Optional[float]) -> Optional[float]:
+    """The eta recorded with a teacher's results: the DBIM one, None for the other samplers."""
+    if teacher is None or (sampler or natural_sampler(teacher.bridge_type)) != "dbim":
+        return None
+    return DBIM_ETA if eta is None else float(eta)
 
 
 def size_multiple(config: dict) -> int:
@@ -238,12 +261,13 @@ def restore_with_teacher(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = False,
-    eta: float = 1.0,
+    eta: Optional[float] = None,
 ) -> torch.Tensor:
     """Restore ``xT`` [N, C, H, W] with a teacher (``Teacher``) in ``nfe`` network calls per image.
 
     ``sampler``: "i2sb" (I2SB bridge only), "dbim" (both bridges; ``eta``) or "heun" (VP bridge
-    only); None picks ``natural_sampler``. ``mask`` (1 in the hole; [N or 1, 1, H, W]) for
+    only); None picks ``natural_sampler``. ``eta``: DBIM's noise level in [0, 1] (dbim only; None:
+    ``DBIM_ETA``, DBIM's default; 0 is deterministic). ``mask`` (1 in the hole; [N or 1, 1, H, W]) for
     inpainting: the hole of ``xT`` is filled with noise before sampling (the filled image is also
     what a conditional teacher sees), the i2sb sampler re-imposes the known pixels at every step,
     and every sampler returns them unchanged. Returns float32 images in [-1, 1] on the CPU.
@@ -260,6 +284,7 @@ def restore_with_teacher(
                          "use i2sb or dbim")
     if nfe < 1:
         raise ValueError(f"nfe must be at least 1, got {nfe}")
+    eta = _check_eta(eta, sampler)
     device = _model_device(teacher)
     gen = make_generator(seed)
     out = []
@@ -323,12 +348,15 @@ def restore_with_generator(
     return torch.cat(out)
 
 
-def _restore(loaded: LoadedModel, xT, nfe=None, sampler=None, mask=None, seed=0, batch_size=16, progress=False):
-    """Dispatch on the release kind. Generators refuse an NFE other than their own, and samplers."""
+def _restore(loaded: LoadedModel, xT, nfe=None, sampler=None, mask=None, seed=0, batch_size=16, progress=False,
+             eta=None):
+    """Dispatch on the release kind. Generators refuse an NFE other than their own, samplers and eta."""
     if loaded.kind == "teacher":
-        return restore_with_teacher(loaded.model, xT, nfe or loaded.nfe, sampler, mask, seed, batch_size, progress)
-    if sampler is not None:
-        raise ValueError(f"{loaded.path} is a distilled generator; --sampler applies to teachers only")
+        return restore_with_teacher(loaded.model, xT, nfe or loaded.nfe, sampler, mask, seed, batch_size, progress,
+                                    eta)
+    if sampler is not None or eta is not None:
+        raise ValueError(f"{loaded.path} is a distilled generator; --{'sampler' if sampler else 'eta'} applies "
+                         "to teachers only")
     if nfe is not None and nfe != loaded.nfe:
         raise ValueError(f"{loaded.path} is a generator distilled for {loaded.nfe} step(s); it samples with "
                          f"nfe={loaded.nfe} only (--nfe applies to teachers)")
@@ -340,15 +368,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_restore(loaded: LoadedModel, xT, nfe, sampler, mask, seed, batch_size, progress, warmup=True):
+def _timed_restore(loaded: LoadedModel, xT, nfe, sampler, mask, seed, batch_size, progress, warmup=True, eta=None):
     """(restored, seconds per image). A one-image warm-up call first keeps one-time costs out."""
     device = _model_device(loaded.model)
     if warmup:
         _restore(loaded, xT[:1], 1 if loaded.kind == "teacher" else None, sampler,
-                 None if mask is None else _mask_batch(mask, 0, 1, xT.shape[0]), seed, 1, False)
+                 None if mask is None else _mask_batch(mask, 0, 1, xT.shape[0]), seed, 1, False, eta)
     _sync(device)
     begin = time.perf_counter()
-    restored = _restore(loaded, xT, nfe, sampler, mask, seed, batch_size, progress)
+    restored = _restore(loaded, xT, nfe, sampler, mask, seed, batch_size, progress, eta)
     _sync(device)
     return restored, (time.perf_counter() - begin) / xT.shape[0]
 
@@ -612,6 +640,7 @@ def evaluate(
     image_size: Optional[int] = None,
     teacher_nfe: Sequence[int] = (1, 10, 100),
     sampler: Optional[str] = None,
+    eta: Optional[float] = None,
     classifier=None,
     classifier_task: Optional[str] = None,
     classifier_epochs: int = 5,
@@ -645,6 +674,8 @@ def evaluate(
     if t_model is None and s_model is None:
         raise ValueError("nothing to evaluate: give a teacher, a student or both")
     _release_check(t_model, s_model)
+    if t_model is not None:
+        _check_eta(eta, sampler or natural_sampler(t_model.bridge_type))  # before the classifier is trained
     ref = t_model or s_model
     channels = ref.image_channels
     if degradation is None:
@@ -690,7 +721,7 @@ def evaluate(
     restored_by_row = {}
     for nfe in teacher_nfe:
         _say(log, f"teacher, NFE {nfe} ...")
-        restored, seconds = _timed_restore(t_model, xT, nfe, sampler, mask, seed, batch_size, progress)
+        restored, seconds = _timed_restore(t_model, xT, nfe, sampler, mask, seed, batch_size, progress, eta=eta)
         rows.append({"model": "teacher", "nfe": nfe, **measure(restored), "sec_per_image": seconds})
         restored_by_row[("teacher", nfe)] = restored
     if s_model is not None:
@@ -712,6 +743,7 @@ def evaluate(
         "teacher": None if t_model is None else t_model.path,
         "student": None if s_model is None else s_model.path,
         "sampler": (sampler or natural_sampler(t_model.bridge_type)) if t_model is not None else None,
+        "eta": _used_eta(t_model, sampler, eta),
         "classifier": {"path": _classifier_path(classifier, run_dir, data), "task": clf.task,
                        "config": getattr(clf, "config", None)},
         "device": str(dev),
@@ -821,6 +853,7 @@ def restore_files(
     sampler: Optional[str] = None,
     seed: int = 0,
     batch_size: int = 8,
+    eta: Optional[float] = None,
     device="auto",
     upsample: Optional[int] = None,
     mask: Optional[str] = None,
@@ -838,17 +871,21 @@ def restore_files(
                own upsampling when it is an srKx degradation, else bicubic).
     mask    -- inpainting releases: a mask image (white = hole), resized to each input; default:
                the degradation's fixed mask. The hole of each input is cleared, as in training.
-    nfe, sampler -- teachers only (defaults: the release's NFE, the bridge's natural sampler).
+    nfe, sampler, eta -- teachers only (defaults: the release's NFE, the bridge's natural sampler,
+               ``DBIM_ETA``; eta for the dbim sampler only).
     Everything is checked before anything is written. Returns a summary dict.
     """
     from ibmd_fast.data import get_degradation
 
     dev = resolve_device(device)
     loaded = load_model(model, dev)
-    if loaded.kind == "generator" and (sampler is not None or (nfe is not None and nfe != loaded.nfe)):
-        _restore(loaded, torch.zeros(0), nfe, sampler)  # raises the explanatory error
+    if loaded.kind == "generator" and (sampler is not None or eta is not None
+                                       or (nfe is not None and nfe != loaded.nfe)):
+        _restore(loaded, torch.zeros(0), nfe, sampler, eta=eta)  # raises the explanatory error
     if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    if loaded.kind == "teacher":
+        _check_eta(eta, sampler or natural_sampler(loaded.bridge_type))  # before anything is written
     degradation = get_degradation(loaded.degradation) if loaded.degradation else None
     inpainting = degradation is not None and degradation.is_inpainting
     if mask is not None and not inpainting:
@@ -907,7 +944,7 @@ def restore_files(
                 m = None if masks[0] is None else torch.stack(masks)
                 if m is not None:
                     xT = xT * (1.0 - m)  # the hole carries no information, as in training
-                restored = _restore(loaded, xT, nfe, sampler, m, seed + len(results), batch_size, False)
+                restored = _restore(loaded, xT, nfe, sampler, m, seed + len(results), batch_size, False, eta)
                 results.extend((out_rel, restored[i]) for i, (_, out_rel, _) in enumerate(chunk))
                 bar.update(len(chunk))
     finally:
@@ -921,6 +958,7 @@ def restore_files(
         "kind": loaded.kind,
         "nfe": nfe or loaded.nfe,
         "sampler": (sampler or natural_sampler(loaded.bridge_type)) if loaded.kind == "teacher" else None,
+        "eta": _used_eta(loaded if loaded.kind == "teacher" else None, sampler, eta),
         "output": str(out_root),
         "restored": len(results),
         "written": written,

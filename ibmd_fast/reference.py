@@ -157,40 +157,54 @@ def bridge_step_backward(grad, coef_a, coef_b):
     return (_expand(ca, grad) * g).to(grad.dtype), (_expand(cb, grad) * g).to(grad.dtype)
 
 
-def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
+def _per_sample_mean(x: torch.Tensor, mask=None) -> torch.Tensor:
+    """``sum_i m_i x_i / D`` per sample, D all elements of the sample (``m = 1`` without a mask)."""
+    if mask is not None:
+        x = x * mask.to(x.dtype)
     return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
-def bridge_loss(pred, target, weight) -> torch.Tensor:
-    """Per-sample ``w_b * mean_i (pred_bi - target_bi)^2`` (MATH.md 6)."""
+def _mask_factor(mask, like: torch.Tensor, dtype: torch.dtype):
+    """The mask broadcast to ``like`` in ``dtype`` (1 without a mask)."""
+    return 1.0 if mask is None else mask.to(device=like.device, dtype=dtype).expand_as(like)
+
+
+def bridge_loss(pred, target, weight, mask=None) -> torch.Tensor:
+    """Per-sample ``w_b * sum_i m_bi (pred_bi - target_bi)^2 / D`` (MATH.md 6).
+
+    ``mask`` (broadcastable to ``pred``; None: all ones) keeps only the elements it covers, but D
+    stays all elements of the sample, as in I2SB and DDBM's inpainting losses.
+    """
     dtype = opmath_dtype(pred.dtype)
     w = per_sample(weight, pred.shape[0], pred)
     diff = pred.to(dtype) - target.to(dtype)
-    return w * _per_sample_mean(diff * diff)
+    return w * _per_sample_mean(diff * diff * _mask_factor(mask, pred, dtype))
 
 
-def bridge_loss_backward(grad, pred, target, weight):
-    """``dL/dpred = 2 w g (pred - target) / D`` and ``dL/dtarget = -dL/dpred``."""
+def bridge_loss_backward(grad, pred, target, weight, mask=None):
+    """``dL/dpred = 2 w g m (pred - target) / D`` and ``dL/dtarget = -dL/dpred``."""
     dtype = opmath_dtype(pred.dtype)
     d = pred[0].numel()
     scale = per_sample(weight, pred.shape[0], pred) * grad.to(dtype) * (2.0 / d)
-    g_pred = _expand(scale, pred) * (pred.to(dtype) - target.to(dtype))
+    g_pred = _expand(scale, pred) * (pred.to(dtype) - target.to(dtype)) * _mask_factor(mask, pred, dtype)
     return g_pred.to(pred.dtype), (-g_pred).to(target.dtype)
 
 
-def ibmd_loss(teacher_pred, fake_pred, x0, weight) -> torch.Tensor:
-    """Per-sample ``w_b * mean_i [(t - x)^2 - (f - x)^2]`` (MATH.md 5, 6)."""
+def ibmd_loss(teacher_pred, fake_pred, x0, weight, mask=None) -> torch.Tensor:
+    """Per-sample ``w_b * sum_i m_bi [(t - x)^2 - (f - x)^2]_bi / D`` (MATH.md 5, 6)."""
     dtype = opmath_dtype(x0.dtype)
     w = per_sample(weight, x0.shape[0], x0)
     t, f, x = teacher_pred.to(dtype), fake_pred.to(dtype), x0.to(dtype)
-    return w * _per_sample_mean((t - x) ** 2 - (f - x) ** 2)
+    return w * _per_sample_mean(((t - x) ** 2 - (f - x) ** 2) * _mask_factor(mask, x0, dtype))
 
 
-def ibmd_loss_backward(grad, teacher_pred, fake_pred, x0, weight):
-    """Gradients w.r.t. teacher prediction, fake prediction and generator output (MATH.md 6)."""
+def ibmd_loss_backward(grad, teacher_pred, fake_pred, x0, weight, mask=None):
+    """Gradients w.r.t. teacher prediction, fake prediction and generator output (MATH.md 6), each
+    times the mask."""
     dtype = opmath_dtype(x0.dtype)
     d = x0[0].numel()
     scale = _expand(per_sample(weight, x0.shape[0], x0) * grad.to(dtype) * (2.0 / d), x0)
+    scale = scale * _mask_factor(mask, x0, dtype)
     t, f, x = teacher_pred.to(dtype), fake_pred.to(dtype), x0.to(dtype)
     g_t = scale * (t - x)
     g_f = -scale * (f - x)

@@ -1,4 +1,6 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, and the expected-backend check."""
+import os
+
 import pytest
 import torch
 
@@ -12,3 +14,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    """``IBMD_FAST_EXPECT_BACKEND=compiled-cpu`` (set by .ci/run): stop before collecting anything when the
+    ops run on another backend, so that tests comparing the kernels with the reference cannot pass by
+    comparing the reference with itself after the extension failed to build or import."""
+    expected = os.environ.get("IBMD_FAST_EXPECT_BACKEND", "")
+    if not expected:
+        return
+    from ibmd_fast import ops
+
+    if ops.backend() != expected:
+        reason = f" ({ops._ext_error})" if ops._ext_error else ""
+        raise pytest.UsageError(f"IBMD_FAST_EXPECT_BACKEND={expected} but ibmd_fast.ops.backend() is "
+                                f"{ops.backend()!r}{reason}")

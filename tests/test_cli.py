@@ -20,6 +20,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 import ibmd_fast.cli as cli_module
+import ibmd_fast.onnx as onnx_module
+import ibmd_fast.train as train_module
 from ibmd_fast.bridges import I2SBBridge, VPBridge
 from ibmd_fast.data import FASHION_MNIST_DIR
 from ibmd_fast.cli import IntList, cli
@@ -38,29 +40,11 @@ from ibmd_fast.evaluate import (
 from ibmd_fast.metrics import Classifier, load_classifier
 from ibmd_fast.models import Generator, build_unet
 from ibmd_fast.release import GENERATOR_FORMAT, TEACHER_FORMAT, save_release
+from ibmd_fast.train import DistillConfig, TeacherConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
 
-try:
-    import ibmd_fast.train as train_module
-    from ibmd_fast.train import DistillConfig, TeacherConfig
-except ImportError as exc:  # written by another hand; the tests that need it say so
-    train_module = None
-    TRAIN_MISSING = f"ibmd_fast.train is not importable ({exc})"
-else:
-    TRAIN_MISSING = ""
-
-try:
-    import ibmd_fast.onnx as onnx_module
-except ImportError as exc:
-    onnx_module = None
-    ONNX_MISSING = f"ibmd_fast.onnx is not importable ({exc})"
-else:
-    ONNX_MISSING = ""
-
-needs_train = pytest.mark.skipif(train_module is None, reason=TRAIN_MISSING or "train present")
-needs_onnx = pytest.mark.skipif(onnx_module is None, reason=ONNX_MISSING or "onnx present")
 
 
 # tiny networks on shared cores: one thread per module (tests/conftest.py)
@@ -172,8 +156,6 @@ def test_help_of_every_command():
         assert name in result.output
     for name in COMMANDS:
         result = invoke(name, "--help")
-        if name in ("train-teacher", "distill") and train_module is None:
-            continue  # placeholder command; its run says why
         assert result.exit_code == 0, (name, result.output)
         assert "Usage: " in result.output and "--help" in result.output
 
@@ -233,7 +215,6 @@ def test_int_list_type():
         IntList().convert("1,x", None, None)
 
 
-@needs_train
 @pytest.mark.parametrize("command,cls", [("train-teacher", "TeacherConfig"), ("distill", "DistillConfig")])
 def test_every_config_field_is_an_option_with_the_dataclass_default(command, cls):
     cls = {"TeacherConfig": TeacherConfig, "DistillConfig": DistillConfig}[cls]
@@ -245,7 +226,6 @@ def test_every_config_field_is_an_option_with_the_dataclass_default(command, cls
             f"{command}: {f.name} has only a generic option; give it an explicit one in cli.py"
 
 
-@needs_train
 def test_dry_run_precedence(tmp_path):
     result = invoke("train-teacher", "--dry-run")
     assert result.exit_code == 0, result.output
@@ -274,7 +254,6 @@ def test_dry_run_precedence(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-@needs_train
 def test_config_file_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr: 0.001\nbogus: 1\nalso_bad: 2\n")
@@ -368,6 +347,30 @@ def test_sample_vp_teacher_samplers(releases, tmp_path):
         assert ("heun" if "heun" in args else "dbim") in result.stdout
     assert_one_error_line(invoke("sample", "--model", releases["vp"], "--sampler", "i2sb", "--output", tmp_path),
                           "i2sb sampler needs an I2SB teacher")
+
+
+def test_sample_eta_reaches_dbim_and_is_refused_elsewhere(releases, tmp_path):
+    image = _png(tmp_path / "x.png")
+    pixels = {}
+    for eta in (None, "1", "0"):
+        out = tmp_path / f"out-{eta}"
+        result = invoke("sample", "--model", releases["vp"], "--input", image, "--output", out, "--nfe", 3,
+                        *(() if eta is None else ("--eta", eta)))
+        assert result.exit_code == 0, result.output
+        pixels[eta] = _pixels(out / "x.png")
+    assert np.array_equal(pixels[None], pixels["1"])  # the default is DBIM's, eta = 1
+    assert not np.array_equal(pixels["0"], pixels["1"])
+    out = tmp_path / "refused"
+    assert_one_error_line(invoke("sample", "--model", releases["vp"], "--sampler", "heun", "--eta", 0,
+                                 "--output", out), "--eta applies to the dbim sampler only")
+    assert_one_error_line(invoke("sample", "--model", releases["teacher"], "--eta", 0, "--output", out),
+                          "--eta applies to the dbim sampler only", "i2sb")
+    assert_one_error_line(invoke("sample", "--model", releases["generator"], "--eta", 0, "--output", out),
+                          "--eta applies to teachers only")
+    assert_one_error_line(invoke("sample", "--model", releases["vp"], "--eta", 1.5, "--output", out), "1.5")
+    assert_one_error_line(invoke("eval", "--teacher", releases["teacher"], "--student", "none", "--eta", 0.5,
+                                 "--run-dir", out), "--eta applies to the dbim sampler only")
+    assert not out.exists()
 
 
 def test_restore_functions_are_seeded_and_batch_independent_in_shape(releases):
@@ -471,7 +474,6 @@ def test_eval_with_mismatched_releases(releases, tmp_path):
     assert_one_error_line(result, "inpaint-center", "sr4x-bicubic")
 
 
-@needs_train
 def test_training_errors_are_one_line(releases, tmp_path, monkeypatch):
     from ibmd_fast.train import TrainingDivergedError
 
@@ -510,6 +512,7 @@ def test_eval_writes_json_table_and_grid(releases, tmp_path):
             assert isinstance(row[key], float), (row, key)
         assert "ca" not in row  # rotation classifier: no class labels
     assert payload["classifier"]["task"] == "rotation" and payload["num_images"] == 4
+    assert payload["sampler"] == "i2sb" and payload["eta"] is None  # eta is DBIM's only
     assert payload["grid_columns"] == ["corrupted", "teacher", "student", "clean"]
     with Image.open(run_dir / "eval-grid.png") as grid:
         assert grid.size == (4 * SIZE + 5 * 2, 4 * SIZE + 5 * 2)
@@ -625,13 +628,11 @@ def test_format_table():
 # train-teacher, distill, export: the real modules, a few steps
 
 
-@needs_train
 def test_defaults_point_at_the_same_files():
     assert os.path.abspath(DEFAULT_TEACHER) == os.path.abspath(train_module.DEFAULT_TEACHER)
     assert DEFAULT_GENERATOR == os.path.join(DistillConfig.run_dir, "generator.safetensors")
 
 
-@needs_train
 def test_train_teacher_then_distill_then_sample(tmp_path):
     teacher_dir, distill_dir = tmp_path / "teacher", tmp_path / "distill"
     result = invoke("train-teacher", "--run-dir", teacher_dir, "--image-size", SIZE, "--steps", 2,
@@ -656,7 +657,6 @@ def test_train_teacher_then_distill_then_sample(tmp_path):
     assert len(list(out.glob("*.png"))) == 2
 
 
-@needs_onnx
 def test_export_onnx(releases, tmp_path, monkeypatch):
     out = tmp_path / "model.onnx"
     result = invoke("export", "--onnx", "--model", releases["generator"], "--output", out)

@@ -386,12 +386,20 @@ def test_distill_sigkill_and_resume_is_bit_identical(tmp_path, teacher_release, 
     _assert_identical(ref_state, read_release(summary["release"])[0])
 
 
-def test_distill_vp_conditional_inpainting_multistep_student(tmp_path, image_dir):
+def test_distill_vp_conditional_inpainting_multistep_student(tmp_path, image_dir, monkeypatch):
     """The other branches: VP bridge, conditional teacher, inpainting (hole only), NFE-2 student, comparison."""
+    masks = {"bridge_loss": [], "ibmd_loss": []}  # every training loss covers the hole only
+    for name in masks:
+        def spy(*args, _op=getattr(ops, name), _seen=masks[name], mask=None):
+            _seen.append(None if mask is None else tuple(mask.shape))
+            return _op(*args, mask=mask)
+        monkeypatch.setattr(ops, name, spy)
     teacher = train_teacher(**teacher_kwargs(tmp_path / "teacher", image_dir, bridge="vp", conditional=True,
                                              degradation="inpaint-center", steps=2, ckpt_every=2))
     summary = distill(**distill_kwargs(tmp_path / "student", teacher["release"], nfe=2, inner_steps=1,
                                        steps=2, eval_items=4, eval_teacher_nfe=(1, 2)))
+    # 2 teacher steps, 2 x 1 fake-model steps; 2 generator steps; masks [B, 1, H, W]
+    assert masks == {"bridge_loss": [(4, 1, 16, 16)] * 4, "ibmd_loss": [(4, 1, 16, 16)] * 2}, masks
     rows = summary["comparison"]
     assert [(r["model"], r["nfe"]) for r in rows] == [("teacher", 1), ("teacher", 2), ("student", 2)]
     for row in rows:

@@ -1,5 +1,9 @@
 // CPU kernels of the fused noise-conditioned losses (MATH.md 6) and their backward.
 //
+// An optional mask (same shape as the inputs: the wrapper in ibmd_fast/ops.py
+// broadcasts it) weights every element: L_b = w_b * sum_i m_bi * term_bi / D,
+// D all elements of the sample (I2SB and DDBM's normalisation for inpainting).
+//
 // Forward: per-sample sums over fixed chunks of kChunk elements (float32
 // accumulators, float64 for float64 inputs), then the chunk sums of a sample
 // added in order: the result does not depend on the number of threads.
@@ -9,6 +13,10 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <optional>
+#include <type_traits>
+#include <vector>
 
 #include "../checks.h"
 
@@ -68,6 +76,26 @@ std::vector<acc_t> grad_scale(const at::Tensor& grad, const at::Tensor& weight, 
   return scale;
 }
 
+// f(std::true_type) when masked, else f(std::false_type): the mask multiply is
+// compiled in only where there is a mask.
+template <typename F>
+inline void with_mask(bool masked, const F& f) {
+  if (masked)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
+// The inputs, then the mask when there is one (checked like the inputs).
+inline Prepared prepare_loss(std::initializer_list<std::pair<const at::Tensor*, const char*>> named,
+                             const std::optional<at::Tensor>& mask, const char* op) {
+  if (!mask.has_value()) return prepare(named, op);
+  std::vector<std::pair<const at::Tensor*, const char*>> all(named);
+  all.push_back({&*mask, "mask"});
+  if (all.size() == 3) return prepare({all[0], all[1], all[2]}, op);
+  return prepare({all[0], all[1], all[2], all[3]}, op);
+}
+
 // body(s, begin, end) over sample segments of [0, numel) in parallel.
 template <typename Body>
 void for_each_segment(int64_t numel, int64_t D, const Body& body) {
@@ -80,27 +108,34 @@ void for_each_segment(int64_t numel, int64_t D, const Body& body) {
   });
 }
 
-at::Tensor bridge_loss_cpu(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& weight) {
+at::Tensor bridge_loss_cpu(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& mask) {
   constexpr const char* op = "ibmd::bridge_loss";
-  Prepared p = prepare({{&pred, "pred"}, {&target, "target"}}, op);
+  Prepared p = prepare_loss({{&pred, "pred"}, {&target, "target"}}, mask, op);
   check_coef(weight, pred, op, "weight");
   at::Tensor loss;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "bridge_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = p.inputs[0].const_data_ptr<scalar_t>();
     const scalar_t* y = p.inputs[1].const_data_ptr<scalar_t>();
-    loss = per_sample_loss<acc_t>(p, weight, [=](int64_t i) {
-      const acc_t d = static_cast<acc_t>(x[i]) - static_cast<acc_t>(y[i]);
-      return d * d;
+    const scalar_t* m = mask.has_value() ? p.inputs[2].const_data_ptr<scalar_t>() : nullptr;
+    with_mask(mask.has_value(), [&](auto masked) {
+      constexpr bool kMasked = decltype(masked)::value;
+      loss = per_sample_loss<acc_t>(p, weight, [=](int64_t i) {
+        const acc_t d = static_cast<acc_t>(x[i]) - static_cast<acc_t>(y[i]);
+        if constexpr (kMasked) return static_cast<acc_t>(m[i]) * (d * d);
+        else return d * d;
+      });
     });
   });
   return loss;
 }
 
 std::tuple<at::Tensor, at::Tensor> bridge_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& pred,
-                                                            const at::Tensor& target, const at::Tensor& weight) {
+                                                            const at::Tensor& target, const at::Tensor& weight,
+                                                            const std::optional<at::Tensor>& mask) {
   constexpr const char* op = "ibmd::bridge_loss_backward";
-  Prepared p = prepare({{&pred, "pred"}, {&target, "target"}}, op);
+  Prepared p = prepare_loss({{&pred, "pred"}, {&target, "target"}}, mask, op);
   check_coef(weight, pred, op, "weight");
   check_loss_grad(grad, p, weight, op);
   at::Tensor grad_pred = empty_in_layout(p), grad_target = empty_in_layout(p);
@@ -109,24 +144,29 @@ std::tuple<at::Tensor, at::Tensor> bridge_loss_backward_cpu(const at::Tensor& gr
     const std::vector<acc_t> scale = grad_scale<acc_t>(grad, weight, p.per_sample);
     const scalar_t* x = p.inputs[0].const_data_ptr<scalar_t>();
     const scalar_t* y = p.inputs[1].const_data_ptr<scalar_t>();
+    const scalar_t* m = mask.has_value() ? p.inputs[2].const_data_ptr<scalar_t>() : nullptr;
     scalar_t* gx = grad_pred.mutable_data_ptr<scalar_t>();
     scalar_t* gy = grad_target.mutable_data_ptr<scalar_t>();
-    for_each_segment(pred.numel(), p.per_sample, [&](int64_t s, int64_t begin, int64_t end) {
-      const acc_t k = scale[s];
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t g = k * (static_cast<acc_t>(x[i]) - static_cast<acc_t>(y[i]));
-        gx[i] = static_cast<scalar_t>(g);
-        gy[i] = static_cast<scalar_t>(-g);
-      }
+    with_mask(mask.has_value(), [&](auto masked) {
+      constexpr bool kMasked = decltype(masked)::value;
+      for_each_segment(pred.numel(), p.per_sample, [&](int64_t s, int64_t begin, int64_t end) {
+        const acc_t k = scale[s];
+        for (int64_t i = begin; i < end; ++i) {
+          acc_t g = k * (static_cast<acc_t>(x[i]) - static_cast<acc_t>(y[i]));
+          if constexpr (kMasked) g *= static_cast<acc_t>(m[i]);
+          gx[i] = static_cast<scalar_t>(g);
+          gy[i] = static_cast<scalar_t>(-g);
+        }
+      });
     });
   });
   return {in_requested_layout(p, grad_pred), in_requested_layout(p, grad_target)};
 }
 
 at::Tensor ibmd_loss_cpu(const at::Tensor& teacher_pred, const at::Tensor& fake_pred, const at::Tensor& x0,
-                         const at::Tensor& weight) {
+                         const at::Tensor& weight, const std::optional<at::Tensor>& mask) {
   constexpr const char* op = "ibmd::ibmd_loss";
-  Prepared p = prepare({{&x0, "x0"}, {&teacher_pred, "teacher_pred"}, {&fake_pred, "fake_pred"}}, op);
+  Prepared p = prepare_loss({{&x0, "x0"}, {&teacher_pred, "teacher_pred"}, {&fake_pred, "fake_pred"}}, mask, op);
   check_coef(weight, x0, op, "weight");
   at::Tensor loss;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "ibmd_loss_cpu", [&] {
@@ -134,10 +174,15 @@ at::Tensor ibmd_loss_cpu(const at::Tensor& teacher_pred, const at::Tensor& fake_
     const scalar_t* x = p.inputs[0].const_data_ptr<scalar_t>();
     const scalar_t* t = p.inputs[1].const_data_ptr<scalar_t>();
     const scalar_t* f = p.inputs[2].const_data_ptr<scalar_t>();
-    loss = per_sample_loss<acc_t>(p, weight, [=](int64_t i) {
-      const acc_t xi = static_cast<acc_t>(x[i]);
-      const acc_t dt = static_cast<acc_t>(t[i]) - xi, df = static_cast<acc_t>(f[i]) - xi;
-      return dt * dt - df * df;
+    const scalar_t* m = mask.has_value() ? p.inputs[3].const_data_ptr<scalar_t>() : nullptr;
+    with_mask(mask.has_value(), [&](auto masked) {
+      constexpr bool kMasked = decltype(masked)::value;
+      loss = per_sample_loss<acc_t>(p, weight, [=](int64_t i) {
+        const acc_t xi = static_cast<acc_t>(x[i]);
+        const acc_t dt = static_cast<acc_t>(t[i]) - xi, df = static_cast<acc_t>(f[i]) - xi;
+        if constexpr (kMasked) return static_cast<acc_t>(m[i]) * (dt * dt - df * df);
+        else return dt * dt - df * df;
+      });
     });
   });
   return loss;
@@ -146,9 +191,10 @@ at::Tensor ibmd_loss_cpu(const at::Tensor& teacher_pred, const at::Tensor& fake_
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ibmd_loss_backward_cpu(const at::Tensor& grad,
                                                                       const at::Tensor& teacher_pred,
                                                                       const at::Tensor& fake_pred,
-                                                                      const at::Tensor& x0, const at::Tensor& weight) {
+                                                                      const at::Tensor& x0, const at::Tensor& weight,
+                                                                      const std::optional<at::Tensor>& mask) {
   constexpr const char* op = "ibmd::ibmd_loss_backward";
-  Prepared p = prepare({{&x0, "x0"}, {&teacher_pred, "teacher_pred"}, {&fake_pred, "fake_pred"}}, op);
+  Prepared p = prepare_loss({{&x0, "x0"}, {&teacher_pred, "teacher_pred"}, {&fake_pred, "fake_pred"}}, mask, op);
   check_coef(weight, x0, op, "weight");
   check_loss_grad(grad, p, weight, op);
   at::Tensor grad_t = empty_in_layout(p), grad_f = empty_in_layout(p), grad_x = empty_in_layout(p);
@@ -161,14 +207,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ibmd_loss_backward_cpu(const at::
     scalar_t* gt = grad_t.mutable_data_ptr<scalar_t>();
     scalar_t* gf = grad_f.mutable_data_ptr<scalar_t>();
     scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
-    for_each_segment(x0.numel(), p.per_sample, [&](int64_t s, int64_t begin, int64_t end) {
-      const acc_t k = scale[s];
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t xi = static_cast<acc_t>(x[i]), ti = static_cast<acc_t>(t[i]), fi = static_cast<acc_t>(f[i]);
-        gt[i] = static_cast<scalar_t>(k * (ti - xi));
-        gf[i] = static_cast<scalar_t>(k * (xi - fi));
-        gx[i] = static_cast<scalar_t>(k * (fi - ti));
-      }
+    const scalar_t* m = mask.has_value() ? p.inputs[3].const_data_ptr<scalar_t>() : nullptr;
+    with_mask(mask.has_value(), [&](auto masked) {
+      constexpr bool kMasked = decltype(masked)::value;
+      for_each_segment(x0.numel(), p.per_sample, [&](int64_t s, int64_t begin, int64_t end) {
+        const acc_t k0 = scale[s];
+        for (int64_t i = begin; i < end; ++i) {
+          acc_t k = k0;
+          if constexpr (kMasked) k *= static_cast<acc_t>(m[i]);
+          const acc_t xi = static_cast<acc_t>(x[i]), ti = static_cast<acc_t>(t[i]), fi = static_cast<acc_t>(f[i]);
+          gt[i] = static_cast<scalar_t>(k * (ti - xi));
+          gf[i] = static_cast<scalar_t>(k * (xi - fi));
+          gx[i] = static_cast<scalar_t>(k * (fi - ti));
+        }
+      });
     });
   });
   return {in_requested_layout(p, grad_t), in_requested_layout(p, grad_f), in_requested_layout(p, grad_x)};

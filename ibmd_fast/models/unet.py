@@ -492,7 +492,8 @@ class UNet(nn.Module):
         """x [N, in_channels, *spatial], timesteps [N] (float or int), y [N] labels -> [N, out_channels, *spatial]."""
         if (y is None) != (self.num_classes is None):
             raise ValueError("pass y (class labels) if and only if the model is class-conditional")
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        # float32 embedding; a float64 network (the gradient tests) takes it in float64
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
         if y is not None:
             emb = emb + self.label_emb(y)
 

@@ -19,7 +19,14 @@ For k = 1..K (``IBMD.fake_step`` and ``IBMD.generator_step``):
 
 Only corrupted images are read: the training data is ``make_dataset(..., corrupted_only=True)``.
 Conditional teachers see ``xT`` (teacher, fake model and generator alike). Inpainting
-students predict the hole only (``Generator(mask=...)``); ``xT``'s hole is noise-filled.
+students predict the hole only (``Generator(mask=...)``); ``xT``'s hole is noise-filled, and
+both losses are taken over the hole only (the ``mask`` of ``ops.bridge_loss`` / ``ops.ibmd_loss``,
+normalised by all D elements as I2SB and DDBM do): a released inpainting teacher was never trained
+on the known pixels, so its errors there would send noise into the hole through x_t.
+
+In step 2 both frozen networks, teacher and fake model, are evaluated the same way, in
+``eval()`` mode (dropout off; DDBM teachers use dropout 0.1), so the loss difference compares
+the two bridge models, not two dropout draws; the fake model trains in ``train()`` mode in step 1.
 
 Multi-step students (``nfe = k > 1``, MATH.md 5): on the grid ``t_1 < ... < t_k = T``
 (``samplers.student_grid``), each draw picks ``n`` uniformly in 1..k (one per batch) and builds
@@ -138,6 +145,11 @@ def _full(bridge, value, batch: int, device) -> torch.Tensor:
     return torch.full((batch,), float(value), dtype=torch.float64, device=device)
 
 
+def _opmath(x: torch.Tensor) -> torch.Tensor:
+    """Network outputs in the losses' arithmetic dtype: float32 (from autocast's half), float64 kept."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _noise_like(x: torch.Tensor, seed: int) -> torch.Tensor:
     """Standard normal noise of ``x``'s shape from the fused op's Philox stream (same on CPU and CUDA)."""
     return ops.bridge_step(x, x, 0.0, 0.0, 1.0, seed=seed)
@@ -210,7 +222,13 @@ class IBMD:
     def generate(self, xT: torch.Tensor, z: torch.Tensor, mask: Optional[torch.Tensor], grad: bool) -> torch.Tensor:
         """x0 from the student: ``G(xT, z)``, or for k > 1 ``G(x_{t_n}, z, t_n)`` after its own chain.
 
-        Only the last call carries a gradient (with ``grad``), through the DDP wrapper.
+        In MATH.md 5 terms, with the grid ``t_1 < ... < t_k = T`` and ``n ~ U{1..k}``:
+        ``x_{t_k} = xT``; for m = k..n+1, ``x0~ = G_theta(x_{t_m}, z, t_m)`` and ``x_{t_{m-1}}`` is
+        the posterior step (MATH.md 3) from ``x_{t_m}`` with ``x0~``; then ``x0 = G_theta(x_{t_n}, z,
+        t_n)``. The chain runs WITHOUT gradient: ``x_{t_n}`` is a sample of the student's own
+        inference distribution at ``t_n``, treated as data (stop-gradient), so ``d loss/d theta``
+        is taken through the last call only, as if ``x_{t_n}`` had come from a data loader. Only
+        that call carries a gradient (with ``grad``), through the DDP wrapper.
         """
         batch = xT.shape[0]
         n = 1 if self.nfe == 1 else int(torch.randint(1, self.nfe + 1, (), generator=self.noise))
@@ -219,12 +237,12 @@ class IBMD:
             for m in range(self.nfe, n, -1):  # t_m from T down to t_{n+1}
                 t = _full(self.bridge, self.grid[m - 1], batch, self.device)
                 s = _full(self.bridge, self.grid[m - 2], batch, self.device)
-                x0 = self.generator(xT, z, t=t, x_t=x, mask=mask).float()
+                x0 = _opmath(self.generator(xT, z, t=t, x_t=x, mask=mask))
                 x = self.bridge.posterior_step(x, x0, s, t, seed=draw_seed(self.noise))
         t_n = _full(self.bridge, self.grid[n - 1], batch, self.device)
         model = self.gen_ddp if grad else self.generator
         with (contextlib.nullcontext() if grad else torch.no_grad()), self.precision.autocast():
-            return model(xT, z, t=t_n, x_t=x, mask=mask).float()
+            return _opmath(model(xT, z, t=t_n, x_t=x, mask=mask))
 
     def fake_step(self, batch: dict) -> tuple[float, float, bool]:
         """Algorithm 1, step 1 (one of the L): bridge matching of phi on the generator's samples."""
@@ -235,7 +253,7 @@ class IBMD:
         x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.noise))
         with self.precision.autocast():
             x0_fake = self.fake_ddp(x_t, t, xT if self.conditional else None)
-        loss = ops.bridge_loss(x0_fake.float(), x0, self.bridge.loss_weight(t)).mean()
+        loss = ops.bridge_loss(_opmath(x0_fake), x0, self.bridge.loss_weight(t), mask=mask).mean()
         return self.fake_guard(loss)
 
     def generator_step(self, batch: dict) -> tuple[float, float, bool]:
@@ -243,7 +261,8 @@ class IBMD:
         xT, mask = self.corrupted(batch)
         z = _noise_like(xT, draw_seed(self.noise))
         cond = xT if self.conditional else None
-        self.fake.requires_grad_(False)  # phi is a fixed function in this step
+        self.fake.requires_grad_(False)  # phi is a fixed function in this step,
+        self.fake.eval()  # evaluated as the teacher is (dropout off)
         try:
             x0 = self.generate(xT, z, mask, grad=True)
             t = self.bridge.sample_t(xT.shape[0], generator=self.noise).to(self.device)
@@ -251,10 +270,12 @@ class IBMD:
             with self.precision.autocast():
                 x0_teacher = self.teacher.predict_x0(x_t, t, cond)
                 x0_fake = self.fake.predict_x0(x_t, t, cond)  # the plain module: no DDP hooks
-            loss = ops.ibmd_loss(x0_teacher.float(), x0_fake.float(), x0, self.bridge.loss_weight(t)).mean()
+            loss = ops.ibmd_loss(_opmath(x0_teacher), _opmath(x0_fake), x0, self.bridge.loss_weight(t),
+                                 mask=mask).mean()
             result = self.gen_guard(loss)
         finally:
             self.fake.requires_grad_(True)
+            self.fake.train()
         if result[2]:
             self.ema.update(self.generator)
         return result

@@ -15,8 +15,10 @@ the schedule would instead shrink the I2SB loss by ~1e2 and the effective learni
 with it.)
 
 Inpainting: the hole of ``xT`` is filled with Gaussian noise (``samplers.fill_hole``) in
-training as in sampling, and the loss is taken over the whole image (the known pixels
-are easy and keep the network's output consistent across the mask border).
+training as in sampling, and the loss is taken over the hole only, as I2SB (prediction and
+label times the mask) and DDBM (``training_bridge_losses``: squared error times the mask) do:
+``w_b * sum_i m_bi (x0_hat - x0)_bi^2 / D`` with D all elements (``ops.bridge_loss(mask=...)``),
+so their learning rates carry over. The known pixels are copied from ``xT`` at sampling time.
 
 Outputs in ``run_dir``: ``config.json``, ``stats.jsonl``, ``log.txt``,
 ``samples-<step>.png`` (rows: corrupted | teacher | clean, from the held-out split),
@@ -240,7 +242,8 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
             x_t = bridge.q_sample(x0, xT, t, seed=draw_seed(gen))
             with precision.autocast():
                 x0_hat = model(x_t, t, xT if cfg.conditional else None)
-            loss = ops.bridge_loss(x0_hat.float(), x0.float(), bridge.loss_weight(t)).mean()
+            loss = ops.bridge_loss(x0_hat.float(), x0.float(), bridge.loss_weight(t),
+                                   mask=mask if inpainting else None).mean()
             loss_value, grad_norm, stepped = step_fn(loss)
             if stepped:
                 ema.update(teacher)
