@@ -95,12 +95,12 @@ def run_task(stages: Stages, preset, name: str, data: str, device: str, seed: in
             values = load_npz(r["npz"])
             features[r["row"]["name"]] = values["features"]
             grids[r["row"]["name"]] = torch.from_numpy(values["grid"])
-    add_intervals(rows, features, clean["features"], preset.bootstrap_resamples, seed)
+    add_intervals(rows, features, clean["features"], preset.bootstrap_resamples, seed, device)
     ref = next(r for r in rows if r["name"] == reference_name(rows))
     add_speedups(rows, ref)
-    add_student_diffs(rows, features, clean["features"], preset.bootstrap_resamples, seed)
+    add_student_diffs(rows, features, clean["features"], preset.bootstrap_resamples, seed, device)
     summary = summarize(name, task, rows, features, clean["features"], reference_nfe(preset),
-                        preset.bootstrap_resamples, seed)
+                        preset.bootstrap_resamples, seed, device)
 
     g = preset.grid_images
     first_seed = {}

@@ -40,14 +40,14 @@ def targets(fid_diff_ci: Optional[list], teacher_fid: Optional[float], ca_studen
 
 
 def add_intervals(rows: list[dict], features: dict[str, np.ndarray], clean: np.ndarray, resamples: int,
-                  seed: int) -> None:
+                  seed: int, device=None) -> None:
     """FID (bootstrap interval over test images, metrics.bootstrap_fid) and CA (Wilson interval) of every row, in place."""
     for row in rows:
         if row.get("unavailable"):
             continue
         f = features[row["name"]]
         n = f.shape[0]
-        boot = bootstrap_fid(f, clean[:n], num_resamples=resamples, seed=seed)
+        boot = bootstrap_fid(f, clean[:n], num_resamples=resamples, seed=seed, device=device)
         row["fid"], row["fid_ci"] = boot["fid"], boot["ci"]
         correct = sum(row["per_image"]["correct"])
         row["ca_ci"] = [100.0 * v for v in wilson_interval(correct, n)]
@@ -60,7 +60,7 @@ def add_speedups(rows: list[dict], ref: dict) -> None:
 
 
 def summarize(name: str, task, rows: list[dict], features: dict[str, np.ndarray], clean: np.ndarray,
-              reference_nfe: int, resamples: int, seed: int) -> list[dict]:
+              reference_nfe: int, resamples: int, seed: int, device=None) -> list[dict]:
     """One entry per student NFE of the task: per-seed numbers, their mean, the paired interval of
     mean FID(student) - FID(reference teacher), CA, speedup, targets."""
     ref = rows_by_name(rows)[reference_name(rows)]
@@ -71,7 +71,8 @@ def summarize(name: str, task, rows: list[dict], features: dict[str, np.ndarray]
         if not students:
             continue
         group = [features[s["name"]] for s in students]
-        diff = paired_bootstrap_fid_diff(group, features[ref["name"]], clean[:n], num_resamples=resamples, seed=seed)
+        diff = paired_bootstrap_fid_diff(group, features[ref["name"]], clean[:n], num_resamples=resamples, seed=seed,
+                                         device=device)
         seconds = float(np.mean([s["sec_per_image"] for s in students]))
         entry = {
             "task": name, "degradation": task.degradation, "bridge": task.bridge, "conditional": task.conditional,
@@ -98,14 +99,15 @@ def summarize(name: str, task, rows: list[dict], features: dict[str, np.ndarray]
 
 
 def add_student_diffs(rows: list[dict], features: dict[str, np.ndarray], clean: np.ndarray, resamples: int,
-                      seed: int) -> None:
+                      seed: int, device=None) -> None:
     """Each student row's own paired interval of FID(student) - FID(reference teacher), in place."""
     ref = rows_by_name(rows)[reference_name(rows)]
     n = features[ref["name"]].shape[0]
     for row in rows:
         if row["model"] == "student":
             row["fid_diff_vs_reference"] = paired_bootstrap_fid_diff(
-                features[row["name"]], features[ref["name"]], clean[:n], num_resamples=resamples, seed=seed)
+                features[row["name"]], features[ref["name"]], clean[:n], num_resamples=resamples, seed=seed,
+                device=device)
 
 
 def rows_by_name(rows: list[dict]) -> dict[str, dict]:
