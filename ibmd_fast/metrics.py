@@ -28,6 +28,8 @@ from ibmd_fast.classifier import (  # noqa: F401  (re-exported: the classifier l
     CLASSIFIER_FORMAT,
     TASKS,
     Classifier,
+    _augment,
+    _rotation_batch,
     load_classifier,
     save_classifier,
     train_classifier,

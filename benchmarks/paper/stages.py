@@ -11,7 +11,7 @@ import torch
 
 from _common import write_json
 from ibmd_fast.data import FASHION_MNIST_DIR, FashionMNIST
-from ibmd_fast.metrics import classifier_accuracy, compute_features, save_classifier, train_classifier
+from ibmd_fast.metrics import classifier_accuracy, save_classifier, train_classifier
 from ibmd_fast.release import atomic_write
 from ibmd_fast.train import DistillConfig, TeacherConfig, distill, train_teacher
 from paper.config import CHANNELS, Preset, Task, reference_nfe
@@ -178,7 +178,3 @@ def classifier_stage(stages: Stages, preset: Preset, data: str, data_dir: str, w
                 "width": preset.classifier_width, "feature_dim": int(clf.feature_dim)}
 
     return stages.run("classifier", directory, key, [path], run)
-
-
-def clean_features(clf, x0: torch.Tensor) -> torch.Tensor:
-    return compute_features(clf, x0).float()
