@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     print(f"paper_table: scale {args.scale} on {machine} ({device}, {torch.get_num_threads()} threads), "
           f"tasks {', '.join(runnable)}, work dir {work}", flush=True)
     for s in skipped:
-        print(f"note: task {s['task']} skipped: {s['why']}", flush=True)
+        print(f"note: task {s['task']} not run: {s['why']}", flush=True)
     print(f"note: {preset.describe()}", flush=True)
     start = time.perf_counter()
     stages = Stages(work)

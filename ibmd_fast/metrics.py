@@ -311,19 +311,44 @@ def _weighted_gaussians(features: torch.Tensor, counts: torch.Tensor) -> tuple[t
     return mean, cov
 
 
-def _frechet_batched(mu1, cov1, mu2, cov2) -> torch.Tensor:
+def _sqrt_psd(cov: torch.Tensor) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(cov)
+    return evecs @ (evals.clamp_min(0).sqrt()[..., None] * evecs.transpose(-1, -2))
+
+
+def _frechet_batched(mu1, cov1, mu2, cov2, root2) -> torch.Tensor:
     """Frechet distances [R] in float64: |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), with
-    tr (S1 S2)^(1/2) = sum of sqrt(eigenvalues of S1^(1/2) S2 S1^(1/2)), a symmetric PSD matrix with
-    the same spectrum as S1 S2 (so no general matrix square root is needed; negative round-off
-    eigenvalues are clipped to 0)."""
-    evals, evecs = torch.linalg.eigh(cov1)
-    root1 = evecs @ (evals.clamp_min(0).sqrt()[..., None] * evecs.transpose(-1, -2))
-    middle = root1 @ cov2 @ root1
+    tr (S1 S2)^(1/2) = sum of sqrt(eigenvalues of S2^(1/2) S1 S2^(1/2)) (``root2`` = S2^(1/2)), a
+    symmetric PSD matrix with the same spectrum as S1 S2, so no general matrix square root is
+    needed; negative round-off eigenvalues are clipped to 0."""
+    middle = root2 @ cov1 @ root2
     middle = 0.5 * (middle + middle.transpose(-1, -2))
     trace_root = torch.linalg.eigvalsh(middle).clamp_min(0).sqrt().sum(dim=-1)
     diff = mu1 - mu2
     return (diff * diff).sum(-1) + cov1.diagonal(dim1=-2, dim2=-1).sum(-1) \
         + cov2.diagonal(dim1=-2, dim2=-1).sum(-1) - 2.0 * trace_root
+
+
+# The clean reference's resampled fits (means, covariances, square roots) are the same for every model
+# compared with it on the same resamples: kept for the last few (reference, resamples) pairs.
+_REFERENCE_CACHE: dict = {}
+
+
+def _reference_fits(reference: torch.Tensor, counts: torch.Tensor, chunk: int, device) -> list:
+    import hashlib
+
+    key = (hashlib.sha1(reference.numpy().tobytes()).hexdigest(), hashlib.sha1(counts.numpy().tobytes()).hexdigest(),
+           chunk, str(device))
+    if key not in _REFERENCE_CACHE:
+        if len(_REFERENCE_CACHE) >= 4:
+            _REFERENCE_CACHE.pop(next(iter(_REFERENCE_CACHE)))
+        ref = reference.to(device)
+        fits = []
+        for start in range(0, counts.shape[0], chunk):
+            mu, cov = _weighted_gaussians(ref, counts[start:start + chunk].to(device))
+            fits.append((mu, cov, _sqrt_psd(cov)))
+        _REFERENCE_CACHE[key] = fits
+    return _REFERENCE_CACHE[key]
 
 
 def _resampled_fids(features: torch.Tensor, reference: torch.Tensor, counts: torch.Tensor,
@@ -332,11 +357,12 @@ def _resampled_fids(features: torch.Tensor, reference: torch.Tensor, counts: tor
     chunks of resamples that keep the [chunk, F, N] product near 200 MB."""
     n, f = features.shape
     chunk = int(max(1, min(100, 2.5e7 // (n * f))))
-    features, reference = features.to(device), reference.to(device)
+    fits = _reference_fits(reference, counts, chunk, device)
+    features = features.to(device)
     out = []
-    for start in range(0, counts.shape[0], chunk):
-        c = counts[start:start + chunk].to(device)
-        out.append(_frechet_batched(*_weighted_gaussians(features, c), *_weighted_gaussians(reference, c)).cpu())
+    for i, start in enumerate(range(0, counts.shape[0], chunk)):
+        mu, cov = _weighted_gaussians(features, counts[start:start + chunk].to(device))
+        out.append(_frechet_batched(mu, cov, *fits[i]).cpu())
     return torch.cat(out)
 
 

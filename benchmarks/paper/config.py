@@ -52,18 +52,18 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # 2 idle CPU cores, <= 120 min. The estimate (python benchmarks/paper_table.py --scale cpu --dry-run
-    # prints it: about 117 min) multiplies this preset's network calls per stage family (workload())
-    # by the seconds per image-network call that timed stages of the `tiny` U-Net at 32 px measured on
-    # 2 idle cores (COST_PER_CALL below): the paper_table cpu run of commit 7976de7 (teacher 157 s per
-    # 500 steps at batch 16, a 1-NFE distillation 405 s per 300 steps, the teacher at NFE 100 30.5 s on
-    # 32 images) and the smoke preset's stages of this version, scaled by pixels. Where it goes: ~45%
-    # distillation (16 students: 7 I2SB, 9 DDBM, 150 steps each), ~35% evaluation (256 images per row,
-    # 16 for NFE 999), ~15% teachers, ~5% the classifier (60,000 images, 3 epochs, 64-d features).
+    # 2 idle CPU cores, <= 120 min: estimated 117 min (`--dry-run` prints it per stage family: evaluation
+    # 61, distillation 39, teachers 12.5, classifier 3, bootstrap intervals 2). The estimate multiplies
+    # this preset's network calls per stage family (workload()) by the seconds per image-network call of
+    # timed stages of the `tiny` U-Net at 32 px on these 2 cores when idle (COST_PER_CALL: the cpu run of commit 7976de7).
+    # This version's smoke stages were timed too, but under a load average of 11 (other engineers' jobs),
+    # so they only confirm that every stage runs. Evaluation dominates: 256 images for every row at NFE
+    # <= 100 (DDBM: 315 teacher calls per image over its six rows), 16 images for NFE 999; hence only
+    # 100 IBMD steps per student (16 students) and 400 teacher steps. A cut run resumes stage by stage.
     "cpu": Preset(
         image_size=32, arch="tiny", bridge_steps=1000,
         teacher_steps=400, teacher_batch=16, teacher_lr=2e-4, teacher_ema=0.999,
-        distill_steps=110, inner_steps=5, distill_batch=8, distill_lr=1e-4, distill_ema=0.99,
+        distill_steps=100, inner_steps=5, distill_batch=8, distill_lr=1e-4, distill_ema=0.99,
         paper_seeds=2, comparison_seeds=1,
         precision="fp32", channels_last=False, workers=0, log_every=50,
         teacher_ckpt_every=100, distill_ckpt_every=25,
@@ -202,7 +202,23 @@ def student_seeds(preset: Preset, task: Task, nfe: int, base_seed: int) -> list[
 # training 157 s / (500 steps x 16 x 3); distillation 405 s / (300 x 8 x 29); evaluation 30.5 s /
 # (32 images x 100 NFE), batch 32. Conditional networks (xT concatenated) cost about the same.
 COST_PER_CALL = {"teachers": 6.5e-3, "distillation": 5.8e-3, "evaluation": 9.5e-3}
-CLASSIFIER_SECONDS_PER_IMAGE_EPOCH = 1.0e-3  # width 16 at 32 px: 60,000 images x 3 epochs ~ 3 min
+# The classifier: width 32 took 50 s for 8192 images x 2 epochs there (3 ms per image-epoch, reading the
+# data and the 10,000-image test included); width 16 measured 3.8x cheaper per step -> about 1 ms.
+CLASSIFIER_SECONDS_PER_IMAGE_EPOCH = 1.0e-3
+# One bootstrap FID over 1000 resamples of 256 images with 64-d features, the clean fits cached: 2.5 s
+# measured on one thread under a load average of 11; 1 s assumed on idle cores.
+INTERVAL_SECONDS = 1.0
+
+
+def bootstrap_sets(preset: Preset, tasks: list[str]) -> int:
+    """Resampled FID computations of a run: each row, each student's paired difference (student and
+    reference), each summary entry (its seeds and the reference)."""
+    total = 0
+    for name in tasks:
+        task = TASKS[name]
+        seeds = [len(student_seeds(preset, task, k, 0)) for k in task.student_nfe]
+        total += 1 + len(teacher_rows(preset, task)) + sum(seeds) + 2 * sum(seeds) + sum(s + 1 for s in seeds)
+    return total
 
 
 def workload(preset: Preset, tasks: list[str]) -> dict:
@@ -230,5 +246,6 @@ def estimate_minutes(preset: Preset, tasks: list[str]) -> dict:
     minutes = {k: calls[k] * COST_PER_CALL[k] * scale / 60 for k in calls}
     items = preset.classifier_items or 60000
     minutes["classifier"] = items * preset.classifier_epochs * CLASSIFIER_SECONDS_PER_IMAGE_EPOCH * scale / 60
+    minutes["intervals"] = bootstrap_sets(preset, tasks) * INTERVAL_SECONDS * (preset.bootstrap_resamples / 1000) / 60
     minutes["total"] = sum(minutes.values())
     return {k: math.ceil(v * 10) / 10 for k, v in minutes.items()}

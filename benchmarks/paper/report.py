@@ -138,7 +138,7 @@ def plot_fid_vs_time(tasks: dict[str, list[dict]], path: str, title: str) -> Non
             err = [[max(0.0, r["fid"] - r["fid_ci"][0]) for r in members],
                    [max(0.0, r["fid_ci"][1] - r["fid"]) for r in members]]
             student = label == "student"
-            ax.errorbar(xs, ys, yerr=err, fmt="D" if student else "o-", color="tab:red" if student else
+            ax.errorbar(xs, ys, yerr=err, fmt="D" if student else "o", color="tab:red" if student else
                         colors.get(label, "tab:gray"), capsize=3, markersize=5, linewidth=1,
                         linestyle="none" if student else "-", label="IBMD student" if student else f"teacher {label}")
             for r in members:
