@@ -76,7 +76,8 @@ def markdown(report: dict) -> str:
                          f"{r['ssim']:.4f} | {sec} | {_cell(r.get('speedup_vs_reference'), '{:.1f}x')} |")
         lines += ["", f"- grid: `{os.path.basename(task['grid_png'])}` (columns: {' | '.join(task['grid_columns'])})",
                   ""]
-    lines += [f"FID against seconds per image (bars: 95% intervals): `{os.path.basename(report['plot'])}`.", "",
+    plot = f"`{os.path.basename(report['plot'])}`" if report["plot"] else "not drawn (no matplotlib)"
+    lines += [f"FID against seconds per image (bars: 95% intervals): {plot}.", "",
               f"Stages ({report['total_stage_seconds']:.0f} s of compute in all, {report['wall_seconds']:.0f} s "
               "in this invocation):", ""]
     lines += [f"- {s['stage']}: {s['seconds']:.1f} s{' (earlier run)' if s['skipped'] else ''}"
