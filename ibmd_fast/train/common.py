@@ -183,6 +183,12 @@ class RunLog:
         with open(self.log_path, "a", encoding="utf-8") as fh:
             fh.write(message + "\n")
 
+    def record(self, message: str) -> None:
+        """Append ``message`` to ``log.txt`` without printing it (it reaches the screen another way)."""
+        if self.active:
+            with open(self.log_path, "a", encoding="utf-8") as fh:
+                fh.write(message + "\n")
+
     def write_config(self, config: dict) -> None:
         if self.active:
             write_text(os.path.join(self.run_dir, "config.json"), json.dumps(config, indent=2) + "\n")

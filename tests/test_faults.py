@@ -1,0 +1,219 @@
+"""Faults a user meets: nothing written is lost, and every user error is one clear line.
+
+Data loss: the run-dir lock (two real processes), pruning and resuming around unreadable
+checkpoints (a truncated high-step file), ``--resume none`` keeping the old checkpoints until a
+new one exists, finished runs left as they are, the ONNX runner's output folder. Then one line,
+not a traceback, for the errors of issue 15.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ibmd_fast
+from ibmd_fast.train import CheckpointError, CheckpointIO, CheckpointWarning, train_teacher
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = REPO / "tests" / "_train_worker.py"
+PACKAGE_ROOT = Path(ibmd_fast.__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        small = rng.integers(0, 256, (5, 6, 3)).astype(np.uint8)
+        Image.fromarray(small).resize((24, 20), Image.BICUBIC).save(root / f"{i:02d}.png")
+    return root
+
+
+def teacher_kwargs(run_dir, image_dir, **overrides) -> dict:
+    kwargs = dict(run_dir=str(run_dir), data=f"folder:{image_dir}", image_size=16, batch_size=4, n_steps=50,
+                  steps=4, lr=1e-3, log_every=1, ckpt_every=2, sample_nfe=2, device="cpu", progress=False)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def _cli_args(kwargs: dict) -> list[str]:
+    args = []
+    for key, value in kwargs.items():
+        if isinstance(value, bool):
+            args.append(f"--{key.replace('_', '-')}" if value else f"--no-{key.replace('_', '-')}")
+        else:
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ibmd_fast", *map(str, args)], cwd=str(REPO), env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def _steps(run_dir) -> list[int]:
+    return [s for s, _ in CheckpointIO(Path(run_dir) / "checkpoints").checkpoints()]
+
+
+# ----------------------------------------------------------------------------
+# 1. one run per run dir
+
+
+def test_a_second_run_on_a_locked_run_dir_refuses_naming_the_pid(tmp_path, image_dir):
+    run_dir = tmp_path / "run"
+    kwargs = teacher_kwargs(run_dir, image_dir, steps=40, ckpt_every=1000, log_every=1)
+    first = subprocess.Popen([sys.executable, str(WORKER), "teacher", json.dumps(kwargs), "--slow", "0.5"],
+                             cwd=str(REPO), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        stats = run_dir / "stats.jsonl"
+        deadline = time.monotonic() + 120
+        while not (stats.exists() and stats.read_text().strip()):
+            assert first.poll() is None, first.stdout.read()
+            assert time.monotonic() < deadline, "the first run wrote no stats line"
+            time.sleep(0.05)
+        config_before = (run_dir / "config.json").read_text()
+        second = run_cli("train-teacher", *_cli_args({**kwargs, "steps": 2}))
+        assert_one_line(second, str(run_dir), f"pid {first.pid}")
+        assert (run_dir / "config.json").read_text() == config_before
+        assert first.poll() is None  # the first run goes on
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    # kill -9 released the lock: a new run takes the directory
+    summary = train_teacher(**teacher_kwargs(run_dir, image_dir, steps=2, resume="none"))
+    assert summary["steps"] == 2
+
+
+def test_run_lock_in_process(tmp_path):
+    from ibmd_fast.train.rundir import RunDirInUseError, RunLock
+
+    with RunLock(str(tmp_path)):
+        with pytest.raises(RunDirInUseError, match=f"pid {os.getpid()}"):
+            with RunLock(str(tmp_path)):
+                pass
+    with RunLock(str(tmp_path)):  # released on exit
+        pass
+
+
+# ----------------------------------------------------------------------------
+# 2. pruning and resuming around unreadable checkpoints
+
+
+def _truncated_copy(src: Path, dst: Path) -> None:
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])
+
+
+def test_pruning_keeps_readable_checkpoints_and_moves_a_truncated_one_aside(tmp_path, image_dir):
+    kwargs = teacher_kwargs(tmp_path, image_dir, steps=2, ckpt_every=2, keep_ckpts=1)
+    train_teacher(**kwargs)
+    ckpt_dir = tmp_path / "checkpoints"
+    _truncated_copy(ckpt_dir / "ckpt-2.pt", ckpt_dir / "ckpt-999.pt")  # a damaged high-step file
+
+    with pytest.warns(CheckpointWarning, match="ckpt-999.pt"):
+        train_teacher(**{**kwargs, "steps": 6})
+    assert _steps(tmp_path) == [6]  # the newest readable one, kept=1
+    assert (ckpt_dir / "ckpt-999.pt.corrupt").exists()
+    CheckpointIO.read(str(ckpt_dir / "ckpt-6.pt"))
+    # the next auto resume continues from 6, it does not restart
+    summary = train_teacher(**{**kwargs, "steps": 8})
+    assert summary["steps"] == 8
+    assert f"resumed from {ckpt_dir / 'ckpt-6.pt'} at step 6" in (tmp_path / "log.txt").read_text()
+
+
+def test_prune_never_deletes_the_last_readable_checkpoint(tmp_path):
+    io = CheckpointIO(str(tmp_path), keep=1, net=torch.nn.Linear(2, 2))
+    io.save(1)
+    good = Path(io.path(1))
+    for step in (5, 9):
+        _truncated_copy(good, Path(io.path(step)))
+    with pytest.warns(CheckpointWarning):
+        io.prune()
+    assert [s for s, _ in io.checkpoints()] == [1]
+    assert sorted(p.name for p in tmp_path.glob("*.corrupt")) == ["ckpt-5.pt.corrupt", "ckpt-9.pt.corrupt"]
+
+
+def test_resume_auto_with_only_unreadable_checkpoints_stops_and_keeps_stats(tmp_path, image_dir):
+    kwargs = teacher_kwargs(tmp_path, image_dir, steps=2, ckpt_every=2, keep_ckpts=1)
+    train_teacher(**kwargs)
+    ckpt = tmp_path / "checkpoints" / "ckpt-2.pt"
+    _truncated_copy(ckpt, ckpt)
+    stats_before = (tmp_path / "stats.jsonl").read_text()
+    assert stats_before
+    for _ in range(2):  # the second time the damaged file has been moved aside already
+        with pytest.raises(CheckpointError, match="--resume none"):
+            train_teacher(**{**kwargs, "steps": 4})
+        assert (tmp_path / "stats.jsonl").read_text() == stats_before
+    # through the command line: one line
+    proc = run_cli("train-teacher", *_cli_args({**kwargs, "steps": 4}))
+    assert_one_line(proc, "unreadable", "--resume none")
+    assert (tmp_path / "stats.jsonl").read_text() == stats_before
+
+
+# ----------------------------------------------------------------------------
+# 3. --resume none keeps the old checkpoints until a new one is written
+
+
+def test_resume_none_keeps_old_checkpoints_until_the_first_new_one(tmp_path, image_dir, monkeypatch):
+    kwargs = teacher_kwargs(tmp_path, image_dir, steps=4, ckpt_every=2, keep_ckpts=3)
+    train_teacher(**kwargs)
+    assert _steps(tmp_path) == [2, 4]
+    from ibmd_fast.train import teacher as teacher_module
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("the new run fails before its first checkpoint")
+
+    with monkeypatch.context() as m:
+        m.setattr(teacher_module.OptimizerStep, "__call__", boom)
+        with pytest.raises(RuntimeError, match="fails before"):
+            train_teacher(**{**kwargs, "resume": "none"})
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").rglob("ckpt-*.pt"))
+    assert kept == ["ckpt-2.pt", "ckpt-4.pt"]  # still there (perhaps moved into previous-*/)
+    # a new run that writes its first checkpoint then clears them away, and resumes from its own
+    train_teacher(**{**kwargs, "resume": "none", "steps": 2})
+    assert _steps(tmp_path) == [2]
+    assert not list((tmp_path / "checkpoints").glob("previous-*"))
+
+
+# ----------------------------------------------------------------------------
+# 5. a finished run is left as it is
+
+
+def test_rerunning_a_finished_run_leaves_the_release(tmp_path, image_dir):
+    kwargs = teacher_kwargs(tmp_path, image_dir, steps=2, ckpt_every=2)
+    first = train_teacher(**kwargs)
+    release = Path(first["release"])
+    before = release.read_bytes()
+    stats_before = (tmp_path / "stats.jsonl").read_text()
+    again = train_teacher(**kwargs)
+    assert release.read_bytes() == before
+    assert (tmp_path / "stats.jsonl").read_text() == stats_before
+    assert again["steps"] == 2 and again["loss"] == first["loss"]
+    assert "finished" in (tmp_path / "log.txt").read_text().splitlines()[-1]
+    # more steps: it continues
+    more = train_teacher(**{**kwargs, "steps": 3})
+    assert more["steps"] == 3 and release.read_bytes() != before
