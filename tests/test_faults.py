@@ -217,3 +217,134 @@ def test_rerunning_a_finished_run_leaves_the_release(tmp_path, image_dir):
     # more steps: it continues
     more = train_teacher(**{**kwargs, "steps": 3})
     assert more["steps"] == 3 and release.read_bytes() != before
+
+
+# ----------------------------------------------------------------------------
+# 4. the ONNX runner: output folders, unreadable inputs, options that do not fit the model
+
+RUNNER = REPO / "export" / "run_onnx.py"
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory):
+    from ibmd_fast.bridges import I2SBBridge
+    from ibmd_fast.models import Generator, Teacher, build_unet
+    from ibmd_fast.onnx import export_onnx
+    from ibmd_fast.release import GENERATOR_FORMAT, save_release
+
+    root = tmp_path_factory.mktemp("onnx")
+    torch.manual_seed(0)
+    generator = Generator(Teacher(build_unet("tiny", 16, 3, 3), I2SBBridge()))
+    config = {**generator.config(), "nfe": 1, "degradation": "sr4x-bicubic", "image_size": 16, "channels": 3,
+              "inpainting": False}
+    save_release(str(root / "g.safetensors"), generator.net, GENERATOR_FORMAT, config)
+    return export_onnx(str(root / "g.safetensors"), str(root / "model.onnx"), check=False, progress=False,
+                       exporter="torchscript")["onnx"]  # the quicker exporter: the runner is under test
+
+
+def run_runner(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env=_env())
+
+
+def assert_runner_error(proc, *fragments) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("run_onnx: error:"), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def _images(root: Path, names, size=(16, 16)) -> dict:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / name)
+    return {name: (root / name).read_bytes() for name in names}
+
+
+def test_runner_refuses_to_write_over_its_inputs(onnx_model, tmp_path):
+    before = _images(tmp_path / "in", ["a.png", "b.png"])
+    proc = run_runner("--model", onnx_model, "--input", tmp_path / "in", "--output", tmp_path / "in")
+    assert_runner_error(proc, "input folder", "overwrite")
+    proc = run_runner("--model", onnx_model, "--input", tmp_path / "in" / "a.png", "--output", tmp_path / "in")
+    assert_runner_error(proc, "folder of the input", "overwrite")
+    assert {n: (tmp_path / "in" / n).read_bytes() for n in before} == before
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["a.png", "b.png"]
+
+
+def test_runner_skips_unreadable_images_as_sample_does(onnx_model, tmp_path):
+    _images(tmp_path / "in", ["a.png", "c.png"])
+    (tmp_path / "in" / "b.png").write_bytes(b"not a png")
+    proc = run_runner("--model", onnx_model, "--input", tmp_path / "in", "--output", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    warnings_ = [line for line in proc.stderr.splitlines() if "warning:" in line]
+    assert len(warnings_) == 1 and "skipped 1 unreadable input image(s): b.png" in warnings_[0], proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png"]
+    (tmp_path / "in" / "a.png").write_bytes(b"")
+    (tmp_path / "in" / "c.png").write_bytes(b"x")
+    proc = run_runner("--model", onnx_model, "--input", tmp_path / "in", "--output", tmp_path / "out2")
+    assert_runner_error(proc, "no readable input image")
+
+
+def test_runner_refuses_options_the_model_does_not_take(onnx_model, tmp_path):
+    _images(tmp_path / "in", ["a.png"], size=(4, 4))
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(mask)
+    proc = run_runner("--model", onnx_model, "--input", tmp_path / "in", "--output", tmp_path / "o", "--mask", mask)
+    assert_runner_error(proc, "--mask", "inpainting")
+    proc = run_runner("--model", onnx_model, "--input", tmp_path / "in", "--output", tmp_path / "o", "--upsample", 2)
+    assert_runner_error(proc, "--upsample 2", "4")
+    proc = run_runner("--model", onnx_model, "--input", tmp_path / "in", "--output", tmp_path / "o", "--upsample", 4)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_runner_output_that_cannot_be_written(onnx_model, tmp_path, monkeypatch, capsys):
+    _images(tmp_path / "in", ["a.png"])
+    (tmp_path / "file").write_text("a file")
+    proc = run_runner("--model", onnx_model, "--input", tmp_path / "in", "--output", tmp_path / "file" / "out")
+    assert_runner_error(proc, "is a file")
+    # a folder this process may not write (root may write anywhere: simulate the refusal)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_onnx_faults", RUNNER)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro"))
+
+    monkeypatch.setattr(runner.tempfile, "mkstemp", refuse)
+    assert runner.main(["--model", onnx_model, "--input", str(tmp_path / "in"), "--output",
+                        str(tmp_path / "ro")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run_onnx: error:" in err[0] and "cannot write" in err[0], err
+
+
+def test_runner_inputs_vanishing_mid_run(onnx_model, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    _images(tmp_path / "in", ["a.png", "b.png"])
+    spec = importlib.util.spec_from_file_location("run_onnx_vanish", RUNNER)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    checked = runner.list_inputs
+
+    def list_then_delete(root):
+        items = checked(root)
+        real_size = runner._image_size
+
+        def size_then_delete(path):
+            out = real_size(path)
+            os.remove(path)  # gone after the check, before the run
+            return out
+
+        monkeypatch.setattr(runner, "_image_size", size_then_delete)
+        return items
+
+    monkeypatch.setattr(runner, "list_inputs", list_then_delete)
+    assert runner.main(["--model", onnx_model, "--input", str(tmp_path / "in"), "--output",
+                        str(tmp_path / "out")]) == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
+    assert len(err) == 1 and "no readable input image" in err[0], err
