@@ -237,7 +237,7 @@ def test_int_list_type():
 @pytest.mark.parametrize("command,cls", [("train-teacher", "TeacherConfig"), ("distill", "DistillConfig")])
 def test_every_config_field_is_an_option_with_the_dataclass_default(command, cls):
     cls = {"TeacherConfig": TeacherConfig, "DistillConfig": DistillConfig}[cls]
-    params = {p.name: p for p in cli.commands[command].params}
+    params = {p.name: p for p in cli.get_command(None, command).params}  # built on first use
     for f in dataclasses.fields(cls):
         assert f.name in params, f"{command} has no option for {cls.__name__}.{f.name}"
         assert params[f.name].default == getattr(cls(), f.name), f.name

@@ -348,3 +348,154 @@ def test_runner_inputs_vanishing_mid_run(onnx_model, tmp_path, monkeypatch, caps
                         str(tmp_path / "out")]) == 1
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
     assert len(err) == 1 and "no readable input image" in err[0], err
+
+
+# ----------------------------------------------------------------------------
+# One clear line, not a traceback
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from ibmd_fast.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+
+
+def assert_cli_error(result, *fragments) -> str:
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_export_opset_outside_the_exporter_is_refused_before_exporting(tmp_path):
+    import onnx
+
+    top = onnx.defs.onnx_opset_version()
+    result = invoke("export", "--onnx", "--model", tmp_path / "missing.safetensors", "--opset", top + 1)
+    assert_cli_error(result, f"--opset {top + 1}", f"17..{top}")
+    result = invoke("export", "--onnx", "--model", tmp_path / "missing.safetensors", "--opset", 12)
+    assert_cli_error(result, "--opset")
+
+
+def test_export_without_onnxruntime_says_what_to_install(tmp_path, monkeypatch):
+    import ibmd_fast.onnx as ionnx
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    with pytest.raises(ionnx.OnnxExportError, match="pip install onnxruntime"):
+        ionnx.require_runtime()
+
+
+def test_output_whose_parent_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = invoke("sample", "--model", tmp_path / "none.safetensors", "--output", tmp_path / "file" / "out")
+    assert_cli_error(result, "is a file")
+    result = invoke("train-teacher", "--run-dir", tmp_path / "file" / "run", "--device", "cpu", "--steps", 1)
+    assert_cli_error(result, "is a file")
+    result = invoke("export", "--onnx", "--model", tmp_path / "file", "--output", tmp_path / "file" / "m.onnx")
+    assert_cli_error(result, "is a file")
+
+
+def test_device_cuda_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")  # the message is for machines without it
+    for command in ("train-teacher", "distill"):
+        result = invoke(command, "--run-dir", tmp_path / command, "--device", "cuda", "--steps", 1)
+        assert_cli_error(result, "--device cuda", "no CUDA")
+
+
+def test_image_size_the_unet_cannot_take(tmp_path):
+    result = invoke("train-teacher", "--run-dir", tmp_path, "--arch", "small", "--image-size", 30, "--dry-run")
+    assert_cli_error(result, "--image-size 30", "multiple of 8", "24 or 32")
+
+
+def test_out_of_memory_says_lower_batch_size_with_the_sizes(tmp_path, monkeypatch):
+    import ibmd_fast.train
+
+    for exc in (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1234 bytes."),
+                torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")):
+        def boom(cfg, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(ibmd_fast.train, "train_teacher", boom)
+        result = invoke("train-teacher", "--run-dir", tmp_path, "--batch-size", 64, "--image-size", 32)
+        assert_cli_error(result, "out of", "memory", "--batch-size 64", "32px", "lower --batch-size")
+
+
+def test_config_nulls_and_wrong_types_are_refused(tmp_path):
+    cases = {"steps: null": "steps", "run_dir: null": "run_dir", "steps: true": "integer",
+             "steps: 2.7": "integer", "lr: yes": "number", "conditional: 1": "true or false",
+             "data: 3": "text"}
+    for text, fragment in cases.items():
+        path = tmp_path / "c.yaml"
+        path.write_text(text + "\n")
+        result = invoke("train-teacher", "--config", path, "--dry-run")
+        assert_cli_error(result, str(path), fragment)
+    path.write_text("steps: 5\nlr: 1\nconditional: true\n")  # an int is a fine float
+    result = invoke("train-teacher", "--config", path, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 5
+
+
+def test_malicious_checkpoint_message(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "ckpt-1.pt"
+    torch.save({"format": "ibmd_fast.checkpoint/1", "state": {}, "x": Evil()}, path)
+    with pytest.raises(CheckpointError) as info:
+        CheckpointIO.read(str(path))
+    message = str(info.value)
+    assert "weights_only" not in message and "arbitrary code" not in message, message
+    assert "Python objects" in message and "\n" not in message
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_messages_name_the_options(tmp_path, image_dir):
+    from ibmd_fast.train import CheckpointMismatchError
+
+    kwargs = teacher_kwargs(tmp_path, image_dir, steps=1, ckpt_every=1)
+    train_teacher(**kwargs)
+    with pytest.raises(CheckpointMismatchError) as info:
+        train_teacher(**{**kwargs, "arch": "small", "steps": 2})
+    assert "--resume none" in str(info.value) and "resume='none'" not in str(info.value)
+
+
+def test_steps_zero_and_one_pixel_images_warn(tmp_path):
+    from ibmd_fast.train.preflight import check_settings
+
+    with pytest.warns(UserWarning, match="--steps 0"):
+        check_settings(steps=0)
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(tiny / f"{i}.png")
+    with pytest.warns(UserWarning, match="1x1"):
+        check_settings(steps=5, data=f"folder:{tiny}", image_size=16)
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from ibmd_fast.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "NO-TORCH", proc.stdout + proc.stderr
+    assert "train-teacher" in proc.stdout and "export" in proc.stdout
+
+
+def test_log_lines_do_not_print_over_the_progress_bar(tmp_path, monkeypatch):
+    from tqdm import tqdm
+
+    from ibmd_fast.train.common import RunLog
+    from ibmd_fast.train.distributed import DistEnv
+
+    written = []
+    monkeypatch.setattr(tqdm, "write", classmethod(lambda cls, s, file=None, end="\n", nolock=False:
+                                                   written.append(s)))
+    RunLog(str(tmp_path), DistEnv())("a line")
+    assert written == ["a line"]

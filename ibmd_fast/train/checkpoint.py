@@ -221,7 +221,7 @@ class CheckpointIO:
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise CheckpointMismatchError(
                     f"checkpoint {path} does not fit this run ({name}): {exc}\n"
-                    "It was written for another model; use another run_dir or resume='none'."
+                    "It was written for another model; use another --run-dir or --resume none."
                 ) from None
         return payload
 
@@ -229,11 +229,12 @@ class CheckpointIO:
 def _reason(exc: BaseException) -> str:
     """The cause of a failed ``torch.load`` in one line, without torch's advice to unpickle the file."""
     text = " ".join(str(exc).split())
-    if "weights_only" in text and ("Unsupported global" in text or "WeightsUnpickler" in text):
+    if text.startswith("Weights only load failed") or "Unsupported global" in text:
         import re as _re
 
-        found = _re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        found = _re.search(r"GLOBAL ([\w.]+)", text)
         what = f" ({found.group(1)})" if found else ""
-        return f"it holds Python objects{what} that are not loaded from checkpoints (only tensors and plain values are)"
+        return (f"it holds Python objects{what} that are never loaded from checkpoints "
+                "(only tensors and plain values are)")
     first = text.split(". ")[0]  # torch's zip errors go on for lines about possible causes
     return f"{type(exc).__name__}: {first[:300]}"

@@ -132,7 +132,7 @@ def check_kind(payload: dict, kind: str, path: str) -> None:
 
     if payload.get("kind") != kind:
         raise CheckpointMismatchError(f"checkpoint {path} was written by a {payload.get('kind', 'unknown')!r} run, "
-                                      f"not a {kind!r} one; use another run_dir or resume='none'")
+                                      f"not a {kind!r} one; use another --run-dir or --resume none")
 
 
 def check_compatible(saved: dict, current: dict, keys: Iterable[str], path: str) -> None:
@@ -145,7 +145,7 @@ def check_compatible(saved: dict, current: dict, keys: Iterable[str], path: str)
     if diffs:
         raise CheckpointMismatchError(
             f"checkpoint {path} was written for another model or task:\n  " + "\n  ".join(diffs)
-            + "\nUse another run_dir, or resume='none' to start over."
+            + "\nUse another --run-dir, or --resume none to start over."
         )
 
 
@@ -179,7 +179,10 @@ class RunLog:
         if not self.active:
             return
         if not self.quiet:
-            print(message, flush=True)
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stdout)  # clears and redraws a progress bar instead of overwriting it
+            sys.stdout.flush()
         with open(self.log_path, "a", encoding="utf-8") as fh:
             fh.write(message + "\n")
 

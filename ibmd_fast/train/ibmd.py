@@ -73,6 +73,7 @@ from ibmd_fast.train.common import (
 )
 from ibmd_fast.train.ema import EMA
 from ibmd_fast.train.evaluation import compare, sample_student
+from ibmd_fast.train.preflight import check_device, check_image_size, check_settings
 from ibmd_fast.train.rundir import finished, run_lock
 from ibmd_fast.train.teacher import _as_config, _find_checkpoint, _finished_summary, _fmt, _restore_rank_rng, _set_lr
 
@@ -282,6 +283,8 @@ def _resolve(cfg: DistillConfig) -> tuple[DistillConfig, dict]:
     resolved = DistillConfig(**{**config_dict(cfg), **values})
     resolved.eval_teacher_nfe = tuple(resolved.eval_teacher_nfe)
     resolved.validate()
+    if "channel_mult" in tconf.get("unet", {}):
+        check_image_size(resolved.image_size, tconf["unet"]["channel_mult"], "the teacher's U-Net")
     return resolved, tconf
 
 
@@ -295,7 +298,9 @@ def distill(cfg: Optional[DistillConfig] = None, **overrides) -> dict:
     """
     cfg = _as_config(DistillConfig, cfg, overrides)
     cfg.validate()
+    check_device(cfg.device)
     cfg, tconf = _resolve(cfg)
+    check_settings(steps=cfg.steps, data=cfg.data, image_size=cfg.image_size)
     env = distributed.init(cfg.device)
     with run_lock(cfg.run_dir, env):
         return _distill(cfg, tconf, env)

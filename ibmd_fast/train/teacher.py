@@ -35,7 +35,7 @@ import torch
 from ibmd_fast import ops
 from ibmd_fast.bridges import I2SBBridge, VPBridge
 from ibmd_fast.data import get_degradation, make_dataset
-from ibmd_fast.models import Teacher, build_unet
+from ibmd_fast.models import CONFIGS, Teacher, build_unet
 from ibmd_fast.release import TEACHER_FORMAT, save_release
 from ibmd_fast.samplers import fill_hole
 from ibmd_fast.train import distributed
@@ -61,6 +61,7 @@ from ibmd_fast.train.common import (
     to_device,
 )
 from ibmd_fast.train.ema import EMA
+from ibmd_fast.train.preflight import check_device, check_image_size, check_settings
 from ibmd_fast.train.rundir import find_resume, finished, run_lock
 from ibmd_fast.train.evaluation import default_teacher_nfe, sample_teacher
 
@@ -116,6 +117,8 @@ class TeacherConfig:
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         get_degradation(self.degradation)  # raises for unknown names
+        if self.arch in CONFIGS:
+            check_image_size(self.image_size, CONFIGS[self.arch]["channel_mult"], f"the {self.arch} U-Net")
 
 
 # Settings a checkpoint must share with the run that resumes it (the rest may change, e.g. steps, lr).
@@ -151,6 +154,8 @@ def train_teacher(cfg: Optional[TeacherConfig] = None, **overrides) -> dict:
     """
     cfg = _as_config(TeacherConfig, cfg, overrides)
     cfg.validate()
+    check_device(cfg.device)
+    check_settings(steps=cfg.steps, data=cfg.data, image_size=cfg.image_size)
     env = distributed.init(cfg.device)
     with run_lock(cfg.run_dir, env):
         return _train_teacher(cfg, env)
