@@ -502,6 +502,8 @@ def test_eval_writes_json_table_and_grid(releases, tmp_path):
                     "--classifier-items", 16, "--run-dir", run_dir, "--batch-size", 4)
     assert result.exit_code == 0, result.output
     assert "PSNR" in result.stdout and "FID" in result.stdout and "student" in result.stdout
+    for line in ("teacher, NFE 1: PSNR", "teacher, NFE 2: PSNR", "student, NFE 1: PSNR"):
+        assert line in result.stderr, result.stderr  # a line per evaluated NFE, terminal or not
     payload = json.loads((run_dir / "eval.json").read_text())
     rows = {(r["model"], r["nfe"]): r for r in payload["results"]}
     assert set(rows) == {("corrupted", 0), ("teacher", 1), ("teacher", 2), ("student", 1)}
