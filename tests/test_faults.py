@@ -499,3 +499,25 @@ def test_log_lines_do_not_print_over_the_progress_bar(tmp_path, monkeypatch):
                                                    written.append(s)))
     RunLog(str(tmp_path), DistEnv())("a line")
     assert written == ["a line"]
+
+
+def test_training_images_vanishing_mid_run(tmp_path, image_dir, monkeypatch):
+    import shutil
+
+    from ibmd_fast.train import teacher as teacher_module
+
+    images = tmp_path / "images"
+    shutil.copytree(image_dir, images)
+    step = teacher_module.OptimizerStep.__call__
+
+    def step_then_delete(self, loss):
+        out = step(self, loss)
+        for path in images.glob("*.png"):
+            path.unlink()
+        return out
+
+    monkeypatch.setattr(teacher_module.OptimizerStep, "__call__", step_then_delete)
+    kwargs = teacher_kwargs(tmp_path / "run", images, steps=4, ckpt_every=1)
+    result = invoke("train-teacher", *_cli_args(kwargs))
+    assert_cli_error(result, "can no longer be read", str(images))
+    assert _steps(tmp_path / "run") == [1]  # what was written stays

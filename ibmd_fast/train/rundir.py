@@ -1,5 +1,7 @@
 """One run per run dir, and what a run finds there when it starts.
 
+- ``RunLog``: ``log.txt`` (what was printed), ``stats.jsonl`` (a JSON line per log step),
+  ``config.json``; rank 0 only.
 - ``RunLock``: an exclusive OS lock (``fcntl.flock``) on ``<run_dir>/.lock`` for the whole run.
   The kernel drops it when the process ends, however it ends (kill -9 included), so a lock is
   never stale; a second run on the directory refuses with one line naming the holder's pid.
@@ -12,9 +14,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import sys
 from typing import Optional
 
+from ibmd_fast.release import atomic_write
 from ibmd_fast.train.checkpoint import CheckpointError, CheckpointIO
 
 try:
@@ -22,9 +27,72 @@ try:
 except ImportError:  # Windows: no flock; runs are not locked there
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["RunLock", "RunDirInUseError", "run_lock", "find_resume", "finished"]
+__all__ = ["RunLog", "write_text", "RunLock", "RunDirInUseError", "run_lock", "find_resume", "finished"]
 
 LOCK_NAME = ".lock"
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a text file atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    atomic_write(path, write)
+
+
+class RunLog:
+    """``log.txt``, ``stats.jsonl`` and ``config.json`` of a run; silent on ranks other than 0."""
+
+    def __init__(self, run_dir: str, env: "DistEnv", quiet: bool = False):
+        self.run_dir = run_dir
+        self.active = env.is_main
+        self.quiet = quiet
+        self.stats_path = os.path.join(run_dir, "stats.jsonl")
+        self.log_path = os.path.join(run_dir, "log.txt")
+        if self.active:
+            os.makedirs(run_dir, exist_ok=True)
+
+    def __call__(self, message: str) -> None:
+        """Print ``message`` and append it to ``log.txt``."""
+        if not self.active:
+            return
+        if not self.quiet:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stdout)  # clears and redraws a progress bar instead of overwriting it
+            sys.stdout.flush()
+        with open(self.log_path, "a", encoding="utf-8") as fh:
+            fh.write(message + "\n")
+
+    def record(self, message: str) -> None:
+        """Append ``message`` to ``log.txt`` without printing it (it reaches the screen another way)."""
+        if self.active:
+            with open(self.log_path, "a", encoding="utf-8") as fh:
+                fh.write(message + "\n")
+
+    def write_config(self, config: dict) -> None:
+        if self.active:
+            write_text(os.path.join(self.run_dir, "config.json"), json.dumps(config, indent=2) + "\n")
+
+    def truncate_stats(self, step: int) -> None:
+        """Keep the stats lines of steps <= ``step`` (a resumed run rewrites what came after)."""
+        if not self.active or not os.path.exists(self.stats_path):
+            return
+        kept = []
+        with open(self.stats_path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a kill
+        write_text(self.stats_path, "".join(kept))
+
+    def stats(self, row: dict) -> None:
+        if self.active:
+            with open(self.stats_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row, allow_nan=True) + "\n")
 
 
 class RunDirInUseError(RuntimeError):
