@@ -119,12 +119,12 @@ class DistillConfig:
     def validate(self) -> None:
         for name in ("nfe", "inner_steps", "batch_size", "log_every", "ckpt_every", "keep_ckpts"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("steps", "sample_every", "eval_items", "workers", "image_size"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and self.fake_lr > 0):
-            raise ValueError(f"lr and fake_lr must be positive, got {self.lr}, {self.fake_lr}")
+            raise ValueError(f"--lr and --fake-lr must be positive, got {self.lr}, {self.fake_lr}")
         if self.degradation:
             get_degradation(self.degradation)
 

@@ -105,17 +105,17 @@ class TeacherConfig:
 
     def validate(self) -> None:
         if self.bridge not in ("i2sb", "vp"):
-            raise ValueError(f"bridge must be 'i2sb' or 'vp', got {self.bridge!r}")
+            raise ValueError(f"--bridge must be i2sb or vp, got {self.bridge}")
         if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+            raise ValueError(f"--channels must be 1 or 3, got {self.channels}")
         for name in ("image_size", "batch_size", "log_every", "ckpt_every", "keep_ckpts"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("steps", "sample_every", "sample_nfe", "workers"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ValueError(f"--lr must be positive, got {self.lr}")
         get_degradation(self.degradation)  # raises for unknown names
         if self.arch in CONFIGS:
             check_image_size(self.image_size, CONFIGS[self.arch]["channel_mult"], f"the {self.arch} U-Net")
