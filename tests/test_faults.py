@@ -475,8 +475,9 @@ def test_steps_zero_and_one_pixel_images_warn(tmp_path):
     tiny.mkdir()
     for i in range(3):
         Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(tiny / f"{i}.png")
-    with pytest.warns(UserWarning, match="1x1"):
-        check_settings(steps=5, data=f"folder:{tiny}", image_size=16)
+    for spec in (f"folder:{tiny}", f"corrupted:{tiny}", f"paired:{tiny},{tiny}"):
+        with pytest.warns(UserWarning, match="1x1"):
+            check_settings(steps=5, data=spec, image_size=16)
 
 
 def test_help_does_not_import_torch():

@@ -56,12 +56,21 @@ def check_settings(steps: Optional[int] = None, data: Optional[str] = None, imag
     if steps == 0:
         warnings.warn("--steps 0: no training step is taken; the release holds the initial weights",
                       UserWarning, stacklevel=2)
-    if data and data.startswith("folder:"):
-        small = _small_images(data[len("folder:"):], sample)
+    folder = _folder_of(data)
+    if folder:
+        small = _small_images(folder, sample)
         if small:
             name, (w, h) = small
             warnings.warn(f"training images as small as {w}x{h} ({name}) in {data}: they are upscaled to "
                           f"--image-size {image_size} and hold almost no detail", UserWarning, stacklevel=2)
+
+
+def _folder_of(data: Optional[str]) -> Optional[str]:
+    """The image folder a data spec reads (folder:, corrupted:, the first of paired:), else None."""
+    for prefix in ("folder:", "corrupted:", "paired:"):
+        if data and data.startswith(prefix):
+            return data[len(prefix):].split(",")[0]
+    return None
 
 
 def _small_images(root: str, sample: int):
