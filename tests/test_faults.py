@@ -522,3 +522,24 @@ def test_training_images_vanishing_mid_run(tmp_path, image_dir, monkeypatch):
     result = invoke("train-teacher", *_cli_args(kwargs))
     assert_cli_error(result, "can no longer be read", str(images))
     assert _steps(tmp_path / "run") == [1]  # what was written stays
+
+
+def test_divergence_and_warnings_print_once(tmp_path, image_dir, monkeypatch):
+    from ibmd_fast.train import teacher as teacher_module
+
+    real_loss = teacher_module.ops.bridge_loss
+    monkeypatch.setattr(teacher_module.ops, "bridge_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    kwargs = teacher_kwargs(tmp_path / "nan", image_dir, steps=30, ckpt_every=100, log_every=100)
+    result = invoke("train-teacher", *_cli_args(kwargs))
+    assert_cli_error(result, "training diverged")
+    assert result.output.count("training diverged") == 1, result.output
+    assert "training diverged" in (tmp_path / "nan" / "log.txt").read_text()  # the log file keeps it
+    monkeypatch.undo()
+
+    # a damaged checkpoint: one warning line on the screen (a real process: pytest does not capture it)
+    kwargs = teacher_kwargs(tmp_path / "run", image_dir, steps=2, ckpt_every=2)
+    train_teacher(**kwargs)
+    _truncated_copy(tmp_path / "run" / "checkpoints" / "ckpt-2.pt", tmp_path / "run" / "checkpoints" / "ckpt-7.pt")
+    proc = run_cli("train-teacher", *_cli_args({**kwargs, "steps": 3}))
+    assert proc.returncode == 0, proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if "ckpt-7.pt" in line]) == 1, proc.stderr
