@@ -102,7 +102,11 @@ class OnnxExportError(RuntimeError):
 
 def max_opset(exporter: str = "auto") -> int:
     """The newest opset the installed onnx knows (the TorchScript exporter stops earlier)."""
-    import onnx
+    try:
+        import onnx
+    except ImportError:
+        raise OnnxExportError("ibmd-fast export needs the onnx package, which is not installed: "
+                              "pip install onnx onnxscript") from None
 
     top = int(onnx.defs.onnx_opset_version())
     if exporter == "torchscript":
