@@ -13,7 +13,11 @@ be what the network was trained on: the CORRUPTED image at the target size (for 
 the low-resolution image brought back to full size). Low-resolution inputs can be brought to size
 here with ``--upsample K``: the same K-fold upsampling as ibmd_fast's degradation (torch's bicubic,
 a = -0.75, align_corners=False, clamped to [-1, 1]; nearest for "-pool" degradations), done in
-numpy. Heights and widths must be multiples of the model's downsampling factor (metadata).
+numpy; K must be the model's own factor (``sr4x-*``: 4). Heights and widths must be multiples of the
+model's downsampling factor (metadata). Unreadable files (damaged, or gone by the time they are read)
+are skipped with one warning, in the words of ``ibmd-fast sample``; none readable is an error.
+``--output`` may not be the input folder (or the folder of a single input file): the results would
+overwrite the inputs.
 
 Inpainting models also take a mask (1 = the hole to fill): ``--mask`` names one mask image for all
 inputs, or a folder with a mask of the same relative name (any image extension) per input; pixels

@@ -543,3 +543,16 @@ def test_divergence_and_warnings_print_once(tmp_path, image_dir, monkeypatch):
     proc = run_cli("train-teacher", *_cli_args({**kwargs, "steps": 3}))
     assert proc.returncode == 0, proc.stderr
     assert len([line for line in proc.stderr.splitlines() if "ckpt-7.pt" in line]) == 1, proc.stderr
+
+
+def test_rerunning_a_finished_distillation_leaves_the_release(tmp_path, image_dir):
+    from ibmd_fast.train import distill
+
+    teacher = train_teacher(**teacher_kwargs(tmp_path / "t", image_dir, steps=1, ckpt_every=1))["release"]
+    kwargs = dict(run_dir=str(tmp_path / "d"), teacher=teacher, batch_size=4, steps=1, inner_steps=1,
+                  log_every=1, ckpt_every=1, eval_items=0, device="cpu", progress=False)
+    first = distill(**kwargs)
+    before = Path(first["release"]).read_bytes()
+    again = distill(**kwargs)
+    assert Path(first["release"]).read_bytes() == before
+    assert again["steps"] == 1 and again["loss_theta"] == first["loss_theta"] and again["comparison"] == []
