@@ -13,7 +13,11 @@ be what the network was trained on: the CORRUPTED image at the target size (for 
 the low-resolution image brought back to full size). Low-resolution inputs can be brought to size
 here with ``--upsample K``: the same K-fold upsampling as ibmd_fast's degradation (torch's bicubic,
 a = -0.75, align_corners=False, clamped to [-1, 1]; nearest for "-pool" degradations), done in
-numpy. Heights and widths must be multiples of the model's downsampling factor (metadata).
+numpy; K must be the model's own factor (``sr4x-*``: 4). Heights and widths must be multiples of the
+model's downsampling factor (metadata). Unreadable files (damaged, or gone by the time they are read)
+are skipped with one warning, in the words of ``ibmd-fast sample``; none readable is an error.
+``--output`` may not be the input folder (or the folder of a single input file): the results would
+overwrite the inputs.
 
 Inpainting models also take a mask (1 = the hole to fill): ``--mask`` names one mask image for all
 inputs, or a folder with a mask of the same relative name (any image extension) per input; pixels
@@ -22,7 +26,7 @@ inputs, or a folder with a mask of the same relative name (any image extension) 
 as ibmd_fast's CorruptedFolder does.
 
 Noise. The model is deterministic given its noise inputs, which are drawn here from ONE
-``numpy.random.default_rng(seed)``, image by image in the sorted order of the inputs, and for
+``numpy.random.default_rng(seed)``, image by image in the sorted order of the (readable) inputs, and for
 each image in the order of the model's ``noise_inputs`` metadata (``z``, then ``hole_noise`` for
 inpainting, then ``noise_1 .. noise_{k-1}`` for k-step students), each as
 ``rng.standard_normal((channels, H, W), dtype=numpy.float32)``. So an image's result does not
@@ -40,7 +44,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +60,14 @@ BICUBIC_A = -0.75  # torch's (and OpenCV's) cubic convolution coefficient
 
 class RunnerError(Exception):
     """A problem with the user's model, inputs or options: reported in one line."""
+
+
+class UnreadableInput(RunnerError):
+    """An input file that cannot be read (skipped, as ``ibmd-fast sample`` skips it)."""
+
+    def __init__(self, path, exc: BaseException, what: str = "the image"):
+        self.reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        super().__init__(f"{path}: cannot read {what} ({_first_line(exc)})")
 
 
 # ----------------------------------------------------------------------------
@@ -224,7 +238,7 @@ def _open_image(path: Path):
     try:
         return Image.open(path)
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, ...
-        raise RunnerError(f"{path}: cannot read the image ({_first_line(exc)})") from None
+        raise UnreadableInput(path, exc) from None
 
 
 def _image_size(path: Path) -> tuple:
@@ -244,7 +258,7 @@ def _load_uint8(path: Path, channels: int) -> np.ndarray:
             image.load()
             image = ImageOps.exif_transpose(image)
         except Exception as exc:
-            raise RunnerError(f"{path}: cannot decode the image ({_first_line(exc)})") from None
+            raise UnreadableInput(path, exc) from None
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # high bit depth: scale, don't clip
             a = np.asarray(image, dtype=np.float64)
             peak = 1.0 if image.mode == "F" and a.max() <= 1.0 else (
@@ -257,7 +271,10 @@ def _load_uint8(path: Path, channels: int) -> np.ndarray:
 def load_input(path: Path, channels: int) -> np.ndarray:
     """An input as float32 [C, H, W] in [-1, 1]."""
     if path.suffix.lower() in TENSOR_EXTENSIONS:
-        return np.load(path).astype(np.float32)
+        try:
+            return np.load(path).astype(np.float32)
+        except Exception as exc:  # gone, cut short, not a .npy file
+            raise UnreadableInput(path, exc, "the .npy file") from None
     array = _load_uint8(path, channels)
     return np.ascontiguousarray(array.transpose(2, 0, 1)).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
@@ -266,7 +283,7 @@ def _tensor_shape(path: Path, channels: int) -> tuple:
     try:
         array = np.load(path, mmap_mode="r")
     except Exception as exc:
-        raise RunnerError(f"{path}: cannot read the .npy file ({_first_line(exc)})") from None
+        raise UnreadableInput(path, exc, "the .npy file") from None
     if array.ndim != 3:
         raise RunnerError(f"{path}: a tensor input must be [C, H, W], got shape {list(array.shape)}")
     if array.shape[0] != channels:
@@ -284,9 +301,46 @@ def save_png(x: np.ndarray, path: Path) -> None:
     from PIL import Image
 
     pixels = to_uint8(x)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, "L" if pixels.shape[2] == 1 else "RGB") \
-        .save(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels,
+                        "L" if pixels.shape[2] == 1 else "RGB").save(path)
+    except OSError as exc:
+        raise RunnerError(f"cannot write {path}: {exc.strerror or _first_line(exc)}") from None
+
+
+def check_output(out_dir: str, input_root: str) -> None:
+    """Refuse an --output that is the input folder (or a single input's folder); make sure it can be written."""
+    out, root = Path(out_dir).expanduser(), Path(input_root).expanduser()
+    if out.resolve() == root.resolve():
+        raise RunnerError(f"--output {out_dir} is the input folder; results would overwrite the inputs")
+    if root.is_file() and out.resolve() == root.resolve().parent:
+        raise RunnerError(f"--output {out_dir} is the folder of the input {root.name}; results would overwrite "
+                          "the inputs")
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunnerError(f"--output {out_dir}: {parent} is a file, not a folder")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".run_onnx-", dir=out)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise RunnerError(f"cannot write to --output {out_dir}: {exc.strerror or _first_line(exc)}") from None
+
+
+def model_upsample_factor(degradation: str):
+    """K of an ``srKx-*`` degradation, else None."""
+    match = re.match(r"^sr(\d+)x", degradation or "")
+    return int(match.group(1)) if match else None
+
+
+def _skipped_message(bad: list) -> str:
+    """The words of ``ibmd-fast sample`` for skipped inputs."""
+    shown = "; ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return f"skipped {len(bad)} unreadable input image(s): {shown}"
 
 
 def _size_hint(height: int, width: int, factor: int) -> str:
@@ -344,20 +398,38 @@ class MaskSource:
 
 
 def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int = 0, upsample_factor: int = 1,
-            mask: str | None = None, log=None) -> int:
-    """Run every input through the model; returns the number of images written."""
+            mask: str | None = None, log=None, warn=None, input_root: str | None = None) -> int:
+    """Run every input through the model; returns the number of images written.
+
+    Unreadable inputs (found in the check, or gone by the time they are read) are skipped with one
+    warning through ``warn``; when none is left, ``RunnerError``.
+    """
     info = model.metadata
     channels, factor = info["image_channels"], info["factor"]
     mode = "nearest" if info["degradation"].endswith("-pool") else "bicubic"
+    if mask is not None and not info["inpainting"]:
+        raise RunnerError(f"--mask is for inpainting models; this one restores {info['degradation'] or 'images'}")
+    if upsample_factor > 1 and info["degradation"]:
+        k = model_upsample_factor(info["degradation"])
+        if k is None:
+            raise RunnerError(f"--upsample {upsample_factor}: this model restores {info['degradation']}, not "
+                              "super-resolution; give its inputs at full size")
+        if k != upsample_factor:
+            raise RunnerError(f"--upsample {upsample_factor}: this model was trained on {info['degradation']}; "
+                              f"use --upsample {k} for low-resolution inputs, or none for inputs at full size")
     masks = MaskSource(mask, info["degradation"]) if info["inpainting"] else None
 
     # Check every input before running anything, so a bad file fails fast.
-    sizes = []
+    sizes, bad, readable = [], [], []
     for relname, path in items:
-        if path.suffix.lower() in TENSOR_EXTENSIONS:
-            height, width = _tensor_shape(path, channels)
-        else:
-            height, width = _image_size(path)
+        try:
+            if path.suffix.lower() in TENSOR_EXTENSIONS:
+                height, width = _tensor_shape(path, channels)
+            else:
+                height, width = _image_size(path)
+        except UnreadableInput as exc:
+            bad.append(f"{relname} ({exc.reason})")
+            continue
         height, width = height * upsample_factor, width * upsample_factor
         if height % factor or width % factor:
             after = f" after --upsample {upsample_factor}" if upsample_factor > 1 else ""
@@ -367,6 +439,12 @@ def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int =
         if masks is not None:
             masks.path_for(relname)
         sizes.append((height, width))
+        readable.append((relname, path))
+    if not readable:
+        raise RunnerError(f"no readable input image: {'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+    items = readable
+    if input_root is not None:
+        check_output(out_dir, input_root)
     if log:
         log(f"{info['nfe']}-step {info['degradation'] or 'generator'}, {info['precision']}, on {model.device} "
             f"({', '.join(model.session.get_providers())}); {len(items)} inputs")
@@ -386,16 +464,25 @@ def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int =
             target = out_root / Path(relname).with_suffix(".png")
             save_png(out, target)
             if path.suffix.lower() in TENSOR_EXTENSIONS:
-                np.save(target.with_suffix(".npy"), out.astype(np.float32))
+                try:
+                    np.save(target.with_suffix(".npy"), out.astype(np.float32))
+                except OSError as exc:
+                    raise RunnerError(f"cannot write {target.with_suffix('.npy')}: {exc.strerror}") from None
             written += 1
         if log:
             log(f"{written}/{len(items)} images")
         pending.clear()
 
-    for index, ((relname, path), (height, width)) in enumerate(zip(items, sizes)):
-        if pending and (len(pending) >= batch or sizes[index - 1] != (height, width)):
+    previous = None
+    for (relname, path), (height, width) in zip(items, sizes):
+        if pending and (len(pending) >= batch or previous != (height, width)):
             flush()  # a batch holds consecutive inputs of one size
-        xT = upsample(load_input(path, channels), upsample_factor, mode)
+        try:
+            xT = upsample(load_input(path, channels), upsample_factor, mode)
+        except UnreadableInput as exc:  # gone or damaged since the check
+            bad.append(f"{relname} ({exc.reason})")
+            continue
+        previous = (height, width)
         inputs = {"xT": xT}
         if masks is not None:
             hole = masks.mask(relname, height, width)
@@ -407,6 +494,10 @@ def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int =
             raise RunnerError(f"the model takes inputs this runner does not know how to make: {missing}")
         pending.append((relname, path, inputs))
     flush()
+    if not written:
+        raise RunnerError(f"no readable input image: {'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+    if bad and warn:
+        warn(_skipped_message(bad))
     return written
 
 
@@ -437,15 +528,19 @@ def main(argv=None) -> int:
                         help="upsample the inputs K times first (low-resolution inputs of an sr<K>x model)")
     parser.add_argument("--mask", metavar="PATH", help="inpainting: a mask image, or a folder of per-input masks")
     parser.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads (default: onnxruntime's)")
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
     args = parser.parse_args(argv)
     log = None if args.quiet else (lambda message: print(f"run_onnx: {message}", file=sys.stderr, flush=True))
+
+    def warn(message):
+        print(f"run_onnx: warning: {message}", file=sys.stderr, flush=True)
+
     try:
         items = list_inputs(args.input)
         model = Model(args.model, args.provider, args.threads)
         started = time.perf_counter()
         count = restore(model, items, args.output, batch=args.batch, seed=args.seed,
-                        upsample_factor=args.upsample, mask=args.mask, log=log)
+                        upsample_factor=args.upsample, mask=args.mask, log=log, warn=warn, input_root=args.input)
         if log:
             seconds = time.perf_counter() - started
             per_image = seconds / max(count, 1) * 1e3

@@ -28,10 +28,12 @@ from click.core import ParameterSource
 
 from ibmd_fast import __version__
 from ibmd_fast.config_io import dump_config, resolve_config
-from ibmd_fast.evaluate import DEFAULT_GENERATOR, DEFAULT_TEACHER
 
-from ibmd_fast.onnx import MIN_OPSET as _MIN_OPSET  # onnx itself is imported by `export` only
-from ibmd_fast.train import DistillConfig, TeacherConfig
+# Kept free of torch so that `ibmd-fast --help` answers at once: the commands import what they
+# need when they run (the training commands are built on first use, see _LazyGroup).
+DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "teacher-sr4x.safetensors")
+DEFAULT_GENERATOR = os.path.join("runs", "distill", "generator.safetensors")  # = ibmd_fast.evaluate's
+_MIN_OPSET = 17  # ibmd_fast.onnx.MIN_OPSET; export_onnx checks the whole range again (check_opset)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULT_SAMPLE_DIR = os.path.join("runs", "sample")
@@ -66,13 +68,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-def _message(exc: BaseException) -> str:
-    import torch
+def _message(exc: BaseException, sizes: Optional[dict] = None) -> str:
+    from ibmd_fast.train.preflight import oom_message, out_of_memory
 
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return "out of GPU memory; lower --batch-size (or use --precision bf16 where the command has it)"
-    if isinstance(exc, MemoryError):
-        return "out of memory; lower --batch-size"
+    if out_of_memory(exc):
+        sizes = sizes or {}
+        return oom_message(exc, sizes.get("batch_size"), sizes.get("image_size"))
     text = _one_line(exc) or type(exc).__name__
     if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
         text = f"{text}: {exc.filename}"
@@ -91,7 +92,13 @@ def friendly_errors(fn: Callable) -> Callable:
         except click.exceptions.ClickException:
             raise
         except _expected_errors() as exc:
-            raise click.ClickException(_message(exc)) from None
+            raise click.ClickException(_message(exc, kwargs)) from None
+        except RuntimeError as exc:  # the allocator's out-of-memory error is a plain RuntimeError
+            from ibmd_fast.train.preflight import out_of_memory
+
+            if not out_of_memory(exc):
+                raise
+            raise click.ClickException(_message(exc, kwargs)) from None
 
     return wrapper
 
@@ -102,7 +109,19 @@ def _auto_progress(value: Optional[bool]) -> bool:
 
 
 def _log(message: str) -> None:
-    click.echo(message, err=True)
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)  # above a progress bar, not over it
+
+
+def _check_output_parent(path: str, option: str, is_file: bool = False) -> None:
+    """An output path below a file: say so (``os.makedirs`` would say ``[Errno 17] File exists``)."""
+    folders = list(Path(path).parents) if is_file else [Path(path), *Path(path).parents]
+    for parent in folders:
+        if parent.exists():
+            if not parent.is_dir():
+                raise click.ClickException(f"{option} {path}: {parent} is a file, not a folder")
+            return
 
 
 # ----------------------------------------------------------------------------
@@ -303,9 +322,16 @@ def _run_trainer(ctx, config_cls, fn_name: str, options: dict, config_file, dry_
         click.echo(dump_config(cfg))
         return
     import ibmd_fast.train
+    from ibmd_fast.train.preflight import oom_message, out_of_memory
 
-    with contextlib.redirect_stdout(sys.stderr):  # the trainer's log lines; stdout carries the result
-        summary = getattr(ibmd_fast.train, fn_name)(cfg)
+    _check_output_parent(cfg.run_dir, "--run-dir")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # the trainer's log lines; stdout carries the result
+            summary = getattr(ibmd_fast.train, fn_name)(cfg)
+    except (RuntimeError, MemoryError) as exc:
+        if not out_of_memory(exc):
+            raise
+        raise click.ClickException(oom_message(exc, cfg.batch_size, cfg.image_size or None)) from None
     _print_summary(summary)
 
 
@@ -326,7 +352,39 @@ def _print_summary(summary: dict) -> None:
 # The group
 
 
-@click.group(context_settings=CONTEXT)
+# Commands built on first use (they need torch and the config dataclasses): name -> short help.
+_LAZY_COMMANDS = {
+    "train-teacher": "Train a bridge-matching teacher (I2SB or DDBM VP).",
+    "distill": "IBMD: distill a teacher into a one-step (or --nfe step) generator.",
+}
+
+
+class _LazyGroup(click.Group):
+    """A group whose training commands are built when asked for, so `ibmd-fast --help` needs no torch."""
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(_LAZY_COMMANDS))
+
+    def get_command(self, ctx, name):
+        if name in _LAZY_COMMANDS and name not in self.commands:
+            _add_train_commands()
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(n) for n in names)
+        rows = []
+        for name in names:
+            command = self.commands.get(name)
+            if command is None:
+                rows.append((name, _LAZY_COMMANDS[name]))
+            elif not command.hidden:
+                rows.append((name, command.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=_LazyGroup, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="ibmd-fast")
 def cli():
     """Inverse Bridge Matching Distillation: diffusion bridge models -> one-step generators.
@@ -340,31 +398,50 @@ def cli():
     """
 
 
-@cli.command("train-teacher", context_settings=CONTEXT)
-@_common_config_options
-@_config_options(TeacherConfig, _teacher_options())
-@click.pass_context
-@friendly_errors
-def train_teacher_cmd(ctx, config_file, dry_run, **options):
-    """Train a bridge-matching teacher (I2SB or DDBM VP) and release it as RUN_DIR/teacher.safetensors.
+def _train_unavailable(name: str, what: str, error: BaseException):
+    @cli.command(name, context_settings={**CONTEXT, "ignore_unknown_options": True, "allow_extra_args": True},
+                 help=f"{what} (unavailable: ibmd_fast.train did not import).", add_help_option=False)
+    def command():
+        raise click.ClickException(f"{name} needs ibmd_fast.train, which failed to import: {_one_line(error)}")
 
     Every option also reads from --config FILE; options given here win over the file.
     """
     _run_trainer(ctx, TeacherConfig, "train_teacher", options, config_file, dry_run)
 
 
-@cli.command("distill", context_settings=CONTEXT)
-@_common_config_options
-@_config_options(DistillConfig, _distill_options())
-@click.pass_context
-@friendly_errors
-def distill_cmd(ctx, config_file, dry_run, **options):
-    """IBMD: distill a teacher into a one-step (or --nfe step) generator, RUN_DIR/generator.safetensors.
+def _add_train_commands() -> None:
+    """Build train-teacher and distill from their config dataclasses (imports torch)."""
+    try:
+        from ibmd_fast.train import DistillConfig, TeacherConfig
+    except ImportError as exc:  # the trainers are a separate module; the other commands work without them
+        _train_unavailable("train-teacher", "Train a bridge-matching teacher", exc)
+        _train_unavailable("distill", "IBMD distillation", exc)
+        return
 
-    With no options: the embedded teacher, on the scikit-image photos, into runs/distill; then the
-    teacher (NFE 1, 10, 100) vs student (NFE 1) table of PSNR, SSIM and seconds per image.
-    """
-    _run_trainer(ctx, DistillConfig, "distill", options, config_file, dry_run)
+    @cli.command("train-teacher", context_settings=CONTEXT)
+    @_common_config_options
+    @_config_options(TeacherConfig, _teacher_options())
+    @click.pass_context
+    @friendly_errors
+    def train_teacher_cmd(ctx, config_file, dry_run, **options):
+        """Train a bridge-matching teacher (I2SB or DDBM VP) and release it as RUN_DIR/teacher.safetensors.
+
+        Every option also reads from --config FILE; options given here win over the file.
+        """
+        _run_trainer(ctx, TeacherConfig, "train_teacher", options, config_file, dry_run)
+
+    @cli.command("distill", context_settings=CONTEXT)
+    @_common_config_options
+    @_config_options(DistillConfig, _distill_options())
+    @click.pass_context
+    @friendly_errors
+    def distill_cmd(ctx, config_file, dry_run, **options):
+        """IBMD: distill a teacher into a one-step (or --nfe step) generator, RUN_DIR/generator.safetensors.
+
+        With no options: the embedded teacher, on the scikit-image photos, into runs/distill; then the
+        teacher (NFE 1, 10, 100) vs student (NFE 1) table of PSNR, SSIM and seconds per image.
+        """
+        _run_trainer(ctx, DistillConfig, "distill", options, config_file, dry_run)
 
 
 # ----------------------------------------------------------------------------
@@ -414,6 +491,7 @@ def sample_cmd(model, input_path, output, nfe, sampler, eta, upsample, mask_path
     """Restore corrupted images with a teacher or generator release; writes PNGs to OUTPUT."""
     from ibmd_fast.evaluate import restore_files
 
+    _check_output_parent(output, "--output")
     if model == DEFAULT_GENERATOR:
         _check_release_exists(model, "--model", _DEFAULT_GENERATOR_HINT.format(opt="--model"))
     summary = restore_files(model=model, inputs=input_path, output=output, nfe=nfe, sampler=sampler, eta=eta, seed=seed,
@@ -490,6 +568,7 @@ def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, ima
                                                                                            "or --student none"))
     if classifier is not None and not os.path.isfile(classifier):
         raise click.ClickException(f"classifier file not found: {classifier}")
+    _check_output_parent(run_dir, "--run-dir")
     result = evaluate(teacher=teacher_path, student=student_path, data=data, degradation=degradation,
                       image_size=image_size, teacher_nfe=teacher_nfe, sampler=sampler, eta=eta, classifier=classifier,
                       classifier_task=classifier_task, classifier_epochs=classifier_epochs,
@@ -534,6 +613,7 @@ def train_classifier_cmd(data, output, image_size, channels, epochs, batch_size,
 
     if os.path.isdir(output):
         raise click.ClickException(f"--output {output} is a folder; give a file name such as classifier.safetensors")
+    _check_output_parent(output, "--output", is_file=True)
     model = fit_classifier(data, image_size=image_size, channels=channels, task=task, epochs=epochs,
                            batch_size=batch_size, max_items=max_items, seed=seed, device=device,
                            progress=_auto_progress(progress), log=_log)
@@ -562,6 +642,11 @@ def export_cmd(to_onnx, model, output, fp16, opset, no_check, progress):
     """Export a generator release to ONNX and check it against PyTorch (exit code 1 when parity fails)."""
     if not to_onnx:
         raise click.UsageError("choose the export format: --onnx (the only one for now)")
+    from ibmd_fast.onnx import check_opset
+
+    check_opset(opset)  # before anything is loaded or exported
+    if output is not None:
+        _check_output_parent(output, "--output", is_file=True)
     if model == DEFAULT_GENERATOR:
         _check_release_exists(model, "--model", _DEFAULT_GENERATOR_HINT.format(opt="--model"))
     elif not os.path.exists(model):

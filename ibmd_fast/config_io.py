@@ -17,6 +17,7 @@ __all__ = [
     "ConfigError",
     "load_config_file",
     "check_keys",
+    "check_type",
     "resolve_config",
     "config_to_dict",
     "dump_config",
@@ -80,6 +81,40 @@ def check_keys(cls, values: Mapping[str, Any], source: str) -> None:
                           f"known keys: {', '.join(names)}")
 
 
+def _describe(value: Any) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "text", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+    return f"{json.dumps(value) if isinstance(value, (bool, int, float, str)) else value!r} ({kind})"
+
+
+def check_type(cls, name: str, value: Any) -> None:
+    """Refuse a file value whose type differs from the field's (no coercion: ``steps: 2.7`` is an error).
+
+    A field's type is read from its default: bool, int (not bool), float (int or float), str,
+    tuple/list (a list, or a comma-separated string). ``null`` is refused unless the default is None.
+    """
+    default = next((f.default for f in dataclasses.fields(cls) if f.name == name), dataclasses.MISSING)
+    if default is dataclasses.MISSING or default is None:
+        return
+    if value is None:
+        shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else json.dumps(default)
+        raise ValueError(f"null is not a value; remove the key to keep the default ({shown or 'empty'})")
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, str), "text"
+    elif isinstance(default, (tuple, list)):
+        ok, want = isinstance(value, (list, str, int)) and not isinstance(value, bool), "a list"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"expected {want}, got {_describe(value)}")
+
+
 def resolve_config(
     cls,
     options: Mapping[str, Any],
@@ -103,6 +138,10 @@ def resolve_config(
         check_keys(cls, file_values, f"config file {os.fspath(config_file)}")
         for key, value in file_values.items():
             name = key.replace("-", "_")
+            try:
+                check_type(cls, name, value)
+            except ValueError as exc:
+                raise ConfigError(f"config file {os.fspath(config_file)}: {name}: {exc}") from None
             if convert is not None:
                 try:
                     value = convert(name, value)

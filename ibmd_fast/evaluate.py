@@ -66,6 +66,13 @@ SAMPLERS = ("i2sb", "dbim", "heun")
 Log = Optional[Callable[[str], None]]
 
 
+def _done_line(row: dict) -> str:
+    """One line per evaluated NFE, so a long evaluation shows its progress in a log file too."""
+    numbers = ", ".join(f"{k.upper()} {row[k]:.4g}" for k in ("psnr", "ssim", "fid", "ca")
+                        if isinstance(row.get(k), float))
+    return f"{row['model']}, NFE {row['nfe']}: {numbers}, {row['sec_per_image']:.3g} s/image"
+
+
 def _say(log: Log, message: str) -> None:
     if log is not None:
         log(message)
@@ -723,11 +730,13 @@ def evaluate(
         _say(log, f"teacher, NFE {nfe} ...")
         restored, seconds = _timed_restore(t_model, xT, nfe, sampler, mask, seed, batch_size, progress, eta=eta)
         rows.append({"model": "teacher", "nfe": nfe, **measure(restored), "sec_per_image": seconds})
+        _say(log, _done_line(rows[-1]))
         restored_by_row[("teacher", nfe)] = restored
     if s_model is not None:
         _say(log, f"student, NFE {s_model.nfe} ...")
         restored, seconds = _timed_restore(s_model, xT, None, None, mask, seed, batch_size, progress)
         rows.append({"model": "student", "nfe": s_model.nfe, **measure(restored), "sec_per_image": seconds})
+        _say(log, _done_line(rows[-1]))
         restored_by_row[("student", s_model.nfe)] = restored
     for row in rows:
         for key, value in list(row.items()):

@@ -56,6 +56,7 @@ import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -97,6 +98,38 @@ log = logging.getLogger(__name__)
 
 class OnnxExportError(RuntimeError):
     """The export itself failed (both exporters, or a graph that is not plain ONNX)."""
+
+
+def max_opset(exporter: str = "auto") -> int:
+    """The newest opset the installed onnx knows (the TorchScript exporter stops earlier)."""
+    try:
+        import onnx
+    except ImportError:
+        raise OnnxExportError("ibmd-fast export needs the onnx package, which is not installed: "
+                              "pip install onnx onnxscript") from None
+
+    top = int(onnx.defs.onnx_opset_version())
+    if exporter == "torchscript":
+        from torch.onnx import _constants
+
+        top = min(top, int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", top)))
+    return top
+
+
+def check_opset(opset: int, exporter: str = "auto") -> None:
+    """``ValueError`` naming the supported range, before anything is exported."""
+    top = max_opset(exporter)
+    if not MIN_OPSET <= int(opset) <= top:
+        raise ValueError(f"--opset {opset} is outside what the exporter supports ({MIN_OPSET}..{top})")
+
+
+def require_runtime() -> None:
+    """The parity check needs onnxruntime: say what to install when it is missing."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise OnnxExportError("the parity check needs onnxruntime, which is not installed: pip install onnxruntime "
+                              "(onnxruntime-gpu on CUDA machines), or pass --no-check") from None
 
 
 class OnnxParityError(OnnxExportError):
@@ -491,10 +524,11 @@ def export_onnx(
     exporter used (and the fallback reason), the opset, the inputs and the parity numbers.
     """
     started = time.perf_counter()
-    if int(opset) < MIN_OPSET:
-        raise ValueError(f"opset must be at least {MIN_OPSET}, got {opset}")
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ValueError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
+    check_opset(opset, exporter)
+    if check:
+        require_runtime()
     try:
         generator, config = load_generator(release_path)
     except ReleaseError as exc:
@@ -525,6 +559,11 @@ def export_onnx(
 
     out_path = os.path.abspath(out_path)
     out_dir = os.path.dirname(out_path)
+    for parent in [out_dir, *map(str, Path(out_dir).parents)]:
+        if os.path.exists(parent):
+            if not os.path.isdir(parent):
+                raise ValueError(f"--output {out_path}: {parent} is a file, not a folder")
+            break
     os.makedirs(out_dir, exist_ok=True)
     # Exported and checked in a scratch folder beside the target; moved into place only when it passes.
     scratch = tempfile.mkdtemp(prefix=".onnx-export-", dir=out_dir)

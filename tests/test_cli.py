@@ -218,7 +218,7 @@ def test_int_list_type():
 @pytest.mark.parametrize("command,cls", [("train-teacher", "TeacherConfig"), ("distill", "DistillConfig")])
 def test_every_config_field_is_an_option_with_the_dataclass_default(command, cls):
     cls = {"TeacherConfig": TeacherConfig, "DistillConfig": DistillConfig}[cls]
-    params = {p.name: p for p in cli.commands[command].params}
+    params = {p.name: p for p in cli.get_command(None, command).params}  # built on first use
     for f in dataclasses.fields(cls):
         assert f.name in params, f"{command} has no option for {cls.__name__}.{f.name}"
         assert params[f.name].default == getattr(cls(), f.name), f.name
@@ -504,6 +504,8 @@ def test_eval_writes_json_table_and_grid(releases, tmp_path):
                     "--classifier-items", 16, "--run-dir", run_dir, "--batch-size", 4)
     assert result.exit_code == 0, result.output
     assert "PSNR" in result.stdout and "FID" in result.stdout and "student" in result.stdout
+    for line in ("teacher, NFE 1: PSNR", "teacher, NFE 2: PSNR", "student, NFE 1: PSNR"):
+        assert line in result.stderr, result.stderr  # a line per evaluated NFE, terminal or not
     payload = json.loads((run_dir / "eval.json").read_text())
     rows = {(r["model"], r["nfe"]): r for r in payload["results"]}
     assert set(rows) == {("corrupted", 0), ("teacher", 1), ("teacher", 2), ("student", 1)}

@@ -52,6 +52,9 @@ class CheckpointIO:
         self.directory = str(directory)
         self.keep = int(keep)
         self.objects = dict(objects)
+        self.log = None  # a RunLog's ``record``: warnings also go to log.txt
+        self._readable: set = set()  # (path, size, mtime) of files that loaded
+        self._stale: list[str] = []  # old checkpoints that --resume none removes after the first save
 
     # -- files
 
@@ -92,13 +95,27 @@ class CheckpointIO:
         }
         path = self.path(step)
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        self._remove_stale(path)
         self.prune()
         return path
 
     def prune(self) -> list[str]:
-        """Delete all but the newest ``keep`` checkpoints; returns the deleted paths."""
-        removed = []
-        for _, path in self.checkpoints()[: -self.keep]:
+        """Keep the newest ``keep`` checkpoints that load; returns the deleted paths.
+
+        A file that does not load is not counted: it is moved aside as ``<name>.corrupt`` with a
+        ``CheckpointWarning`` (never deleted), so a damaged high-step file cannot push good ones
+        out, and the last readable checkpoint is never deleted.
+        """
+        removed, kept = [], 0
+        for _, path in reversed(self.checkpoints()):
+            try:
+                self.check(path)
+            except CheckpointError as exc:
+                self.quarantine(path, exc)
+                continue
+            kept += 1
+            if kept <= self.keep:
+                continue
             try:
                 os.remove(path)
                 removed.append(path)
@@ -106,34 +123,85 @@ class CheckpointIO:
                 pass
         return removed
 
+    def check(self, path: str) -> None:
+        """Raise ``CheckpointError`` unless ``path`` loads (memory-mapped: the tensors are not read)."""
+        stat = os.stat(path)
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        if key in self._readable:
+            return
+        self.read(path, mmap=True)
+        self._readable.add(key)
+
+    def quarantine(self, path: str, reason: Any = None) -> Optional[str]:
+        """Move an unreadable checkpoint aside as ``<path>.corrupt`` (warning once); returns the new path."""
+        target = path + ".corrupt"
+        n = 1
+        while os.path.exists(target):
+            n += 1
+            target = f"{path}.{n}.corrupt"
+        try:
+            os.replace(path, target)
+        except OSError:
+            target = None
+        where = f"; moved aside to {os.path.basename(target)}" if target else ""
+        self._warn(f"skipping damaged checkpoint: {reason or path}{where}")
+        return target
+
+    def corrupt(self) -> list[str]:
+        """Checkpoints moved aside by ``quarantine`` (sorted names)."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(os.path.join(self.directory, n) for n in os.listdir(self.directory)
+                      if n.startswith("ckpt-") and n.endswith(".corrupt"))
+
+    def set_aside(self) -> list[str]:
+        """``--resume none``: the old checkpoints stay on disk until this run's first ``save``, then go."""
+        self._stale = [p for _, p in self.checkpoints()]
+        return list(self._stale)
+
+    def _remove_stale(self, written: str) -> None:
+        for path in self._stale:
+            if path != written:
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
+        self._stale = []
+
+    def _warn(self, message: str) -> None:
+        warnings.warn(message, CheckpointWarning, stacklevel=3)
+        if self.log is not None:
+            self.log(f"warning: {message}")
+
     # -- load
 
     @staticmethod
-    def read(path: str) -> dict:
+    def read(path: str, mmap: bool = False) -> dict:
         """The payload of one checkpoint; ``CheckpointError`` if it cannot be read."""
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint not found: {path}")
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as exc:  # truncated zip, bad pickle, refused type, ...
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+            raise CheckpointError(f"cannot read checkpoint {path}: {_reason(exc)}") from None
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT or "state" not in payload:
             raise CheckpointError(f"{path} is not an ibmd-fast training checkpoint")
         return payload
 
-    def find_latest(self, log=None) -> Optional[tuple[str, dict]]:
+    def find_latest(self, quarantine: bool = True) -> Optional[tuple[str, dict]]:
         """``(path, payload)`` of the newest checkpoint that reads cleanly, or None.
 
-        Damaged files are skipped with a ``CheckpointWarning`` (and a line through ``log``).
+        Damaged files are skipped with a ``CheckpointWarning`` and, with ``quarantine``, moved aside
+        as ``*.corrupt`` (only one process of a run should do that).
         """
         for _, path in reversed(self.checkpoints()):
             try:
                 return path, self.read(path)
             except CheckpointError as exc:
-                message = f"skipping damaged checkpoint: {exc}"
-                warnings.warn(message, CheckpointWarning, stacklevel=2)
-                if log is not None:
-                    log(f"warning: {message}")
+                if quarantine:
+                    self.quarantine(path, exc)
+                else:
+                    self._warn(f"skipping damaged checkpoint: {exc}")
         return None
 
     def load(self, payload: dict, path: str = "<checkpoint>") -> dict:
@@ -153,6 +221,20 @@ class CheckpointIO:
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise CheckpointMismatchError(
                     f"checkpoint {path} does not fit this run ({name}): {exc}\n"
-                    "It was written for another model; use another run_dir or resume='none'."
+                    "It was written for another model; use another --run-dir or --resume none."
                 ) from None
         return payload
+
+
+def _reason(exc: BaseException) -> str:
+    """The cause of a failed ``torch.load`` in one line, without torch's advice to unpickle the file."""
+    text = " ".join(str(exc).split())
+    if text.startswith("Weights only load failed") or "Unsupported global" in text:
+        import re as _re
+
+        found = _re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"it holds Python objects{what} that are never loaded from checkpoints "
+                "(only tensors and plain values are)")
+    first = text.split(". ")[0]  # torch's zip errors go on for lines about possible causes
+    return f"{type(exc).__name__}: {first[:300]}"

@@ -1,7 +1,6 @@
 """What the teacher trainer and the IBMD distiller share.
 
-- ``RunLog``: ``log.txt`` (what was printed), ``stats.jsonl`` (a JSON line per log step),
-  ``config.json``; rank 0 only.
+- ``RunLog`` (in ``rundir``, re-exported): ``log.txt``, ``stats.jsonl``, ``config.json``.
 - ``BatchStream``: an endless, exactly resumable stream of batches. The order is a function of
   (seed, epoch) only (``DistributedSampler``), every item is built under a torch seed of its
   own (seed, epoch, index), so a run resumed at batch ``n`` sees the very batches an
@@ -35,6 +34,7 @@ from ibmd_fast.data.images import tensor_to_uint8
 from ibmd_fast.ops import draw_seed  # noqa: F401  (re-exported for the trainers)
 from ibmd_fast.release import atomic_write
 from ibmd_fast.train.distributed import DistEnv
+from ibmd_fast.train.rundir import RunLog, write_text  # noqa: F401  (re-exported: they lived here)
 
 __all__ = [
     "RunLog",
@@ -132,7 +132,7 @@ def check_kind(payload: dict, kind: str, path: str) -> None:
 
     if payload.get("kind") != kind:
         raise CheckpointMismatchError(f"checkpoint {path} was written by a {payload.get('kind', 'unknown')!r} run, "
-                                      f"not a {kind!r} one; use another run_dir or resume='none'")
+                                      f"not a {kind!r} one; use another --run-dir or --resume none")
 
 
 def check_compatible(saved: dict, current: dict, keys: Iterable[str], path: str) -> None:
@@ -145,66 +145,12 @@ def check_compatible(saved: dict, current: dict, keys: Iterable[str], path: str)
     if diffs:
         raise CheckpointMismatchError(
             f"checkpoint {path} was written for another model or task:\n  " + "\n  ".join(diffs)
-            + "\nUse another run_dir, or resume='none' to start over."
+            + "\nUse another --run-dir, or --resume none to start over."
         )
 
 
 # ----------------------------------------------------------------------------
 # Output files
-
-
-def write_text(path: str, text: str) -> None:
-    """Write a text file atomically."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    atomic_write(path, write)
-
-
-class RunLog:
-    """``log.txt``, ``stats.jsonl`` and ``config.json`` of a run; silent on ranks other than 0."""
-
-    def __init__(self, run_dir: str, env: DistEnv, quiet: bool = False):
-        self.run_dir = run_dir
-        self.active = env.is_main
-        self.quiet = quiet
-        self.stats_path = os.path.join(run_dir, "stats.jsonl")
-        self.log_path = os.path.join(run_dir, "log.txt")
-        if self.active:
-            os.makedirs(run_dir, exist_ok=True)
-
-    def __call__(self, message: str) -> None:
-        """Print ``message`` and append it to ``log.txt``."""
-        if not self.active:
-            return
-        if not self.quiet:
-            print(message, flush=True)
-        with open(self.log_path, "a", encoding="utf-8") as fh:
-            fh.write(message + "\n")
-
-    def write_config(self, config: dict) -> None:
-        if self.active:
-            write_text(os.path.join(self.run_dir, "config.json"), json.dumps(config, indent=2) + "\n")
-
-    def truncate_stats(self, step: int) -> None:
-        """Keep the stats lines of steps <= ``step`` (a resumed run rewrites what came after)."""
-        if not self.active or not os.path.exists(self.stats_path):
-            return
-        kept = []
-        with open(self.stats_path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    if json.loads(line)["step"] <= step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut short by a kill
-        write_text(self.stats_path, "".join(kept))
-
-    def stats(self, row: dict) -> None:
-        if self.active:
-            with open(self.stats_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row, allow_nan=True) + "\n")
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str):
@@ -337,9 +283,34 @@ class BatchStream:
     def next(self) -> dict:
         if self._iter is None:
             self._iter = iter(self.loader)
-        batch = next(self._iter)
+        try:
+            batch = next(self._iter)
+        except RuntimeError as exc:  # the folder data sets' "none of the N items could be read"
+            if "could be read" not in str(exc):
+                raise
+            raise DataUnreadableError(f"the training images can no longer be read{_data_root(self.dataset)} "
+                                      "(moved or deleted during the run?); the checkpoints written so far are "
+                                      "kept: restore the images and rerun to resume") from None
         self.position += 1
         return batch
+
+
+class DataUnreadableError(OSError):
+    """Every training item failed to load mid-run (the files were moved or deleted)."""
+
+
+def _data_root(dataset, depth: int = 0) -> str:
+    """`` in ROOT`` of the folder a data set reads (through wrappers), or ""."""
+    if dataset is None or depth > 8:
+        return ""
+    root = getattr(dataset, "root", None)
+    if root is not None:
+        return f" in {root}"
+    for attr in ("source", "images", "dataset"):
+        found = _data_root(getattr(dataset, attr, None), depth + 1)
+        if found:
+            return found
+    return ""
 
 
 def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:

@@ -80,7 +80,9 @@ from ibmd_fast.train.common import (
 )
 from ibmd_fast.train.ema import EMA
 from ibmd_fast.train.evaluation import compare, sample_student
-from ibmd_fast.train.teacher import _as_config, _find_checkpoint, _fmt, _restore_rank_rng, _set_lr
+from ibmd_fast.train.preflight import check_device, check_image_size, check_settings
+from ibmd_fast.train.rundir import finished, run_lock
+from ibmd_fast.train.teacher import _as_config, _find_checkpoint, _finished_summary, _fmt, _restore_rank_rng, _set_lr
 
 __all__ = ["DistillConfig", "distill", "IBMD", "DEFAULT_TEACHER"]
 
@@ -124,12 +126,12 @@ class DistillConfig:
     def validate(self) -> None:
         for name in ("nfe", "inner_steps", "batch_size", "log_every", "ckpt_every", "keep_ckpts"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("steps", "sample_every", "eval_items", "workers", "image_size"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and self.fake_lr > 0):
-            raise ValueError(f"lr and fake_lr must be positive, got {self.lr}, {self.fake_lr}")
+            raise ValueError(f"--lr and --fake-lr must be positive, got {self.lr}, {self.fake_lr}")
         if self.degradation:
             get_degradation(self.degradation)
 
@@ -302,6 +304,8 @@ def _resolve(cfg: DistillConfig) -> tuple[DistillConfig, dict]:
     resolved = DistillConfig(**{**config_dict(cfg), **values})
     resolved.eval_teacher_nfe = tuple(resolved.eval_teacher_nfe)
     resolved.validate()
+    if "channel_mult" in tconf.get("unet", {}):
+        check_image_size(resolved.image_size, tconf["unet"]["channel_mult"], "the teacher's U-Net")
     return resolved, tconf
 
 
@@ -315,9 +319,12 @@ def distill(cfg: Optional[DistillConfig] = None, **overrides) -> dict:
     """
     cfg = _as_config(DistillConfig, cfg, overrides)
     cfg.validate()
+    check_device(cfg.device)
     cfg, tconf = _resolve(cfg)
+    check_settings(steps=cfg.steps, data=cfg.data, image_size=cfg.image_size)
     env = distributed.init(cfg.device)
-    return _distill(cfg, tconf, env)
+    with run_lock(cfg.run_dir, env):
+        return _distill(cfg, tconf, env)
 
 
 def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
@@ -358,6 +365,10 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
         path, payload = found
         check_kind(payload, "distill", path)
         check_compatible(payload["model"], model_config, _MODEL_KEYS, path)
+        release = os.path.join(cfg.run_dir, "generator.safetensors")
+        if finished(payload, cfg.steps, release):
+            return {**_finished_summary(cfg.run_dir, release, payload, log, cfg.steps),
+                    "comparison": _read_comparison(cfg.run_dir)}
         ckpt.load(payload, path)
         _set_lr(ibmd.gen_opt, cfg.lr)  # the run's settings win over those saved with the optimizers
         _set_lr(ibmd.fake_opt, cfg.fake_lr)
@@ -422,7 +433,7 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and env.is_main:
                 _write_samples(cfg, ibmd, grid_batch, step)
     except TrainingDivergedError as exc:
-        log(f"error at step {step + 1}: {exc}")
+        log.record(f"error at step {step + 1}: {exc}")  # the caller shows it (once)
         raise
     finally:
         bar.close()
@@ -452,6 +463,16 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
     return {"run_dir": cfg.run_dir, "release": release, "steps": step, **last,
             "skipped": ibmd.gen_guard.skipped, "skipped_fake": ibmd.fake_guard.skipped,
             "seconds": seconds, "comparison": comparison}
+
+
+def _read_comparison(run_dir: str) -> list[dict]:
+    """The comparison a finished run wrote (empty when it wrote none)."""
+    try:
+        with open(os.path.join(run_dir, "comparison.json"), encoding="utf-8") as fh:
+            rows = json.load(fh)
+    except (OSError, ValueError):
+        return []
+    return rows if isinstance(rows, list) else []
 
 
 def _write_samples(cfg: DistillConfig, ibmd: IBMD, batch: Optional[dict], step: int) -> None:

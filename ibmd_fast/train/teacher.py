@@ -37,7 +37,7 @@ import torch
 from ibmd_fast import ops
 from ibmd_fast.bridges import I2SBBridge, VEBridge, VPBridge
 from ibmd_fast.data import get_degradation, make_dataset
-from ibmd_fast.models import Teacher, build_unet
+from ibmd_fast.models import CONFIGS, Teacher, build_unet
 from ibmd_fast.release import TEACHER_FORMAT, save_release
 from ibmd_fast.samplers import fill_hole
 from ibmd_fast.train import distributed
@@ -63,6 +63,8 @@ from ibmd_fast.train.common import (
     to_device,
 )
 from ibmd_fast.train.ema import EMA
+from ibmd_fast.train.preflight import check_device, check_image_size, check_settings
+from ibmd_fast.train.rundir import find_resume, finished, run_lock
 from ibmd_fast.train.evaluation import default_teacher_nfe, sample_teacher
 
 __all__ = ["TeacherConfig", "train_teacher", "make_bridge"]
@@ -105,18 +107,20 @@ class TeacherConfig:
 
     def validate(self) -> None:
         if self.bridge not in ("i2sb", "vp", "ve"):
-            raise ValueError(f"bridge must be 'i2sb', 'vp' or 've', got {self.bridge!r}")
+            raise ValueError(f"--bridge must be i2sb, vp or ve, got {self.bridge}")
         if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+            raise ValueError(f"--channels must be 1 or 3, got {self.channels}")
         for name in ("image_size", "batch_size", "log_every", "ckpt_every", "keep_ckpts"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("steps", "sample_every", "sample_nfe", "workers"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ValueError(f"--lr must be positive, got {self.lr}")
         get_degradation(self.degradation)  # raises for unknown names
+        if self.arch in CONFIGS:
+            check_image_size(self.image_size, CONFIGS[self.arch]["channel_mult"], f"the {self.arch} U-Net")
 
 
 # Settings a checkpoint must share with the run that resumes it (the rest may change, e.g. steps, lr).
@@ -152,8 +156,11 @@ def train_teacher(cfg: Optional[TeacherConfig] = None, **overrides) -> dict:
     """
     cfg = _as_config(TeacherConfig, cfg, overrides)
     cfg.validate()
+    check_device(cfg.device)
+    check_settings(steps=cfg.steps, data=cfg.data, image_size=cfg.image_size)
     env = distributed.init(cfg.device)
-    return _train_teacher(cfg, env)
+    with run_lock(cfg.run_dir, env):
+        return _train_teacher(cfg, env)
 
 
 def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
@@ -201,6 +208,9 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
         path, payload = found
         check_kind(payload, "teacher", path)
         check_compatible(payload["config"], run_config, _MODEL_KEYS, path)
+        release = os.path.join(cfg.run_dir, "teacher.safetensors")
+        if finished(payload, cfg.steps, release):
+            return _finished_summary(cfg.run_dir, release, payload, log, cfg.steps)
         ckpt.load(payload, path)
         _set_lr(optimizer, cfg.lr)  # the run's setting wins over the one saved with the optimizer
         start_step = int(payload["step"])
@@ -272,7 +282,7 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and env.is_main:
                 _write_samples(cfg, ema.module, grid_batch, step, sample_nfe, precision, device)
     except TrainingDivergedError as exc:
-        log(f"error at step {step + 1}: {exc}")
+        log.record(f"error at step {step + 1}: {exc}")  # the caller shows it (once)
         raise
     finally:
         bar.close()
@@ -313,30 +323,22 @@ def _fmt(value) -> str:
 
 
 def _find_checkpoint(resume: str, ckpt: CheckpointIO, log: RunLog, env) -> Optional[tuple[str, dict]]:
-    """The checkpoint to resume from: ``auto`` the newest readable one, a path that file, ``none`` nothing.
+    """The checkpoint to resume from (``rundir.find_resume``); warnings also go to log.txt."""
+    ckpt.log = log.record
+    return find_resume(resume, ckpt, env)
 
-    Every rank reads the file itself (no broadcast of tensors); rank 0 alone cleans up.
-    """
-    resume = str(resume).strip()
-    if env.is_main:
-        ckpt.remove_stale_temporaries()
-    env.barrier()
-    if resume.lower() == "none":
-        if env.is_main:
-            old = ckpt.checkpoints()
-            if old:
-                log(f"warning: resume='none': deleting {len(old)} old checkpoint(s) in {ckpt.directory}")
-                for _, path in old:
-                    os.remove(path)
-        env.barrier()
-        return None
-    if resume.lower() == "auto":
-        found = ckpt.find_latest(log=log if env.is_main else None)
-        paths = env.gather(None if found is None else found[0])
-        if len(set(paths)) > 1:
-            raise RuntimeError(f"ranks found different checkpoints to resume from: {paths}")
-        return found
-    return resume, CheckpointIO.read(resume)
+
+def _finished_summary(run_dir: str, release: str, payload: dict, log: RunLog, steps: int) -> dict:
+    """A rerun of a finished run: say so, leave the release as it is, return its summary."""
+    from ibmd_fast.release import read_release
+
+    _, _, extra = read_release(release)
+    step = int(payload["step"])
+    log(f"the run in {run_dir} is finished (step {step}, --steps {steps}); {release} is left as it is. "
+        "Give a larger --steps to train on, or --resume none to start over")
+    return {"run_dir": run_dir, "release": release, "steps": step, "finished": True,
+            "seconds": float(payload.get("seconds", 0.0)),
+            **{k: v for k, v in extra.items() if k not in ("step", "teacher")}}
 
 
 def _restore_rank_rng(payload: dict, gen: torch.Generator, env, log) -> None:

@@ -1,0 +1,195 @@
+"""One run per run dir, and what a run finds there when it starts.
+
+- ``RunLog``: ``log.txt`` (what was printed), ``stats.jsonl`` (a JSON line per log step),
+  ``config.json``; rank 0 only.
+- ``RunLock``: an exclusive OS lock (``fcntl.flock``) on ``<run_dir>/.lock`` for the whole run.
+  The kernel drops it when the process ends, however it ends (kill -9 included), so a lock is
+  never stale; a second run on the directory refuses with one line naming the holder's pid.
+  ``run_lock`` takes it on rank 0 only and tells every rank the outcome.
+- ``find_resume``: the checkpoint a run resumes from (``--resume auto|none|PATH``), refusing to
+  start over silently when the directory holds checkpoints but none of them loads.
+- ``finished``: whether the checkpoint found already reaches ``--steps`` and the release exists,
+  so that rerunning a finished run leaves the release as it is.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from typing import Optional
+
+from ibmd_fast.release import atomic_write
+from ibmd_fast.train.checkpoint import CheckpointError, CheckpointIO
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs are not locked there
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["RunLog", "write_text", "RunLock", "RunDirInUseError", "run_lock", "find_resume", "finished"]
+
+LOCK_NAME = ".lock"
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a text file atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    atomic_write(path, write)
+
+
+class RunLog:
+    """``log.txt``, ``stats.jsonl`` and ``config.json`` of a run; silent on ranks other than 0."""
+
+    def __init__(self, run_dir: str, env: "DistEnv", quiet: bool = False):
+        self.run_dir = run_dir
+        self.active = env.is_main
+        self.quiet = quiet
+        self.stats_path = os.path.join(run_dir, "stats.jsonl")
+        self.log_path = os.path.join(run_dir, "log.txt")
+        if self.active:
+            os.makedirs(run_dir, exist_ok=True)
+
+    def __call__(self, message: str) -> None:
+        """Print ``message`` and append it to ``log.txt``."""
+        if not self.active:
+            return
+        if not self.quiet:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stdout)  # clears and redraws a progress bar instead of overwriting it
+            sys.stdout.flush()
+        with open(self.log_path, "a", encoding="utf-8") as fh:
+            fh.write(message + "\n")
+
+    def record(self, message: str) -> None:
+        """Append ``message`` to ``log.txt`` without printing it (it reaches the screen another way)."""
+        if self.active:
+            with open(self.log_path, "a", encoding="utf-8") as fh:
+                fh.write(message + "\n")
+
+    def write_config(self, config: dict) -> None:
+        if self.active:
+            write_text(os.path.join(self.run_dir, "config.json"), json.dumps(config, indent=2) + "\n")
+
+    def truncate_stats(self, step: int) -> None:
+        """Keep the stats lines of steps <= ``step`` (a resumed run rewrites what came after)."""
+        if not self.active or not os.path.exists(self.stats_path):
+            return
+        kept = []
+        with open(self.stats_path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a kill
+        write_text(self.stats_path, "".join(kept))
+
+    def stats(self, row: dict) -> None:
+        if self.active:
+            with open(self.stats_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row, allow_nan=True) + "\n")
+
+
+class RunDirInUseError(RuntimeError):
+    """Another process holds the run dir's lock."""
+
+
+class RunLock:
+    """``with RunLock(run_dir):`` holds an exclusive lock on ``run_dir/.lock`` (the file holds the pid)."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = str(run_dir)
+        self.path = os.path.join(self.run_dir, LOCK_NAME)
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        if fcntl is None:
+            return
+        os.makedirs(self.run_dir, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirInUseError(f"run dir {self.run_dir} is in use by another run (pid {holder}); wait for it "
+                                   "to end or give another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str, env):
+    """``RunLock`` on rank 0; every rank raises the same ``RunDirInUseError`` when it is taken."""
+    lock = RunLock(run_dir)
+    problem = None
+    if env.is_main:
+        try:
+            lock.acquire()
+        except RunDirInUseError as exc:
+            problem = str(exc)
+    problem = env.broadcast(problem)
+    if problem:
+        raise RunDirInUseError(problem)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def find_resume(resume: str, ckpt: CheckpointIO, env) -> Optional[tuple[str, dict]]:
+    """The checkpoint to resume from: ``auto`` the newest readable one, a path that file, ``none`` nothing.
+
+    ``none`` keeps the old checkpoints until this run writes its first one (``CheckpointIO.set_aside``).
+    ``auto`` moves unreadable files aside as ``*.corrupt`` and, when that leaves nothing to resume
+    from, stops instead of starting over. Every rank reads the file itself; rank 0 alone cleans up.
+    """
+    resume = str(resume).strip()
+    if env.is_main:
+        ckpt.remove_stale_temporaries()
+    env.barrier()
+    if resume.lower() == "none":
+        old = ckpt.set_aside()
+        if old and env.is_main and ckpt.log is not None:
+            ckpt.log(f"note: --resume none: the {len(old)} old checkpoint(s) in {ckpt.directory} are removed "
+                     "once this run has written its first one")
+        return None
+    if resume.lower() == "auto":
+        found = ckpt.find_latest(quarantine=env.is_main)
+        env.barrier()
+        if found is None:
+            corrupt = ckpt.corrupt()
+            if corrupt:
+                names = ", ".join(os.path.basename(p) for p in corrupt[-3:])
+                raise CheckpointError(
+                    f"{ckpt.directory} holds only unreadable checkpoints ({names}); nothing to resume from. "
+                    "Pass --resume none to start over (the damaged files are kept) or --resume PATH")
+        paths = env.gather(None if found is None else found[0])
+        if len(set(paths)) > 1:
+            raise RuntimeError(f"ranks found different checkpoints to resume from: {paths}")
+        return found
+    return resume, CheckpointIO.read(resume)
+
+
+def finished(payload: Optional[dict], steps: int, release: str) -> bool:
+    """True when the resumed checkpoint is at (or past) ``steps`` and the release was written."""
+    return payload is not None and int(payload["step"]) >= steps and os.path.isfile(release)
