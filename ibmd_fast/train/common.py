@@ -12,6 +12,8 @@
 - ``OptimizerStep``: gradient clipping and the non-finite guard, with one decision for
   every rank.
 - ``save_grid``: PNG grids, one row per kind of image.
+- ``as_config``, ``find_checkpoint``, ``restore_rank_rng``, ``set_lr``, ``fmt_value``: the
+  config, resume and logging steps every trainer takes.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import os
 import random
 import sys
 import time
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -35,6 +37,9 @@ from ibmd_fast.data.images import tensor_to_uint8
 from ibmd_fast.ops import draw_seed  # noqa: F401  (re-exported for the trainers)
 from ibmd_fast.release import atomic_write
 from ibmd_fast.train.distributed import DistEnv
+
+if TYPE_CHECKING:  # checkpoint.py is imported where it is used (it may import this module)
+    from ibmd_fast.train.checkpoint import CheckpointIO
 
 __all__ = [
     "RunLog",
@@ -58,6 +63,11 @@ __all__ = [
     "first_items",
     "set_dataset_epoch",
     "MAX_CONSECUTIVE_SKIPS",
+    "as_config",
+    "set_lr",
+    "fmt_value",
+    "find_checkpoint",
+    "restore_rank_rng",
 ]
 
 MAX_CONSECUTIVE_SKIPS = 20  # non-finite steps in a row before a run is declared diverged
@@ -147,6 +157,74 @@ def check_compatible(saved: dict, current: dict, keys: Iterable[str], path: str)
             f"checkpoint {path} was written for another model or task:\n  " + "\n  ".join(diffs)
             + "\nUse another run_dir, or resume='none' to start over."
         )
+
+
+def as_config(cls, cfg, overrides):
+    if cfg is None:
+        cfg = cls()
+    elif isinstance(cfg, dict):
+        cfg = cls(**cfg)
+    if overrides:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} setting(s): {unknown}")
+        cfg = cls(**{**config_dict(cfg), **overrides})
+    return cfg
+
+
+# ----------------------------------------------------------------------------
+# Run machinery both trainers use (resume, learning rate, log formatting)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def fmt_value(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def find_checkpoint(resume: str, ckpt: CheckpointIO, log: RunLog, env) -> Optional[tuple[str, dict]]:
+    """The checkpoint to resume from: ``auto`` the newest readable one, a path that file, ``none`` nothing.
+
+    Every rank reads the file itself (no broadcast of tensors); rank 0 alone cleans up.
+    """
+    resume = str(resume).strip()
+    if env.is_main:
+        ckpt.remove_stale_temporaries()
+    env.barrier()
+    if resume.lower() == "none":
+        if env.is_main:
+            old = ckpt.checkpoints()
+            if old:
+                log(f"warning: resume='none': deleting {len(old)} old checkpoint(s) in {ckpt.directory}")
+                for _, path in old:
+                    os.remove(path)
+        env.barrier()
+        return None
+    if resume.lower() == "auto":
+        found = ckpt.find_latest(log=log if env.is_main else None)
+        paths = env.gather(None if found is None else found[0])
+        if len(set(paths)) > 1:
+            raise RuntimeError(f"ranks found different checkpoints to resume from: {paths}")
+        return found
+    from ibmd_fast.train.checkpoint import CheckpointIO
+
+    return resume, CheckpointIO.read(resume)
+
+
+def restore_rank_rng(payload: dict, gen: torch.Generator, env, log) -> None:
+    states = payload["rng"]
+    if len(states) == env.world_size:
+        restore_rng(states[env.rank], gen)
+    else:
+        # Another number of processes: the run goes on, with fresh noise streams.
+        log(f"note: checkpoint written by {len(states)} process(es), resuming with {env.world_size}: "
+            "noise streams are re-seeded (the run is not bit-identical to an uninterrupted one)")
+        gen.manual_seed(derive_seed(int(payload["step"]), env.rank, 2))
+        seed_everything(derive_seed(int(payload["step"]), env.rank, 3) % 2**31)
 
 
 # ----------------------------------------------------------------------------

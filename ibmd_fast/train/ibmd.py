@@ -58,22 +58,26 @@ from ibmd_fast.train.common import (
     Precision,
     RunLog,
     TrainingDivergedError,
+    as_config,
     capture_rng,
     check_compatible,
     check_kind,
     config_dict,
     derive_seed,
     draw_seed,
+    find_checkpoint,
     first_items,
+    fmt_value,
     progress_bar,
+    restore_rank_rng,
     save_grid,
     seed_everything,
+    set_lr,
     to_device,
     write_text,
 )
 from ibmd_fast.train.ema import EMA
 from ibmd_fast.train.evaluation import compare, sample_student
-from ibmd_fast.train.teacher import _as_config, _find_checkpoint, _fmt, _restore_rank_rng, _set_lr
 
 __all__ = ["DistillConfig", "distill", "IBMD", "DEFAULT_TEACHER"]
 
@@ -292,7 +296,7 @@ def distill(cfg: Optional[DistillConfig] = None, **overrides) -> dict:
     ``comparison`` is a list of ``{"model", "nfe", "psnr", "ssim", "sec_per_image"}`` (empty when
     skipped). Under torchrun every rank calls it; rank 0 writes the files.
     """
-    cfg = _as_config(DistillConfig, cfg, overrides)
+    cfg = as_config(DistillConfig, cfg, overrides)
     cfg.validate()
     cfg, tconf = _resolve(cfg)
     env = distributed.init(cfg.device)
@@ -329,18 +333,18 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
                     "conditional": teacher.conditional, "nfe": cfg.nfe, "image_size": cfg.image_size,
                     "channels": channels, "degradation": degradation.name}
     start_step, seconds_before, position = 0, 0.0, 0
-    found = _find_checkpoint(cfg.resume, ckpt, log, env)
+    found = find_checkpoint(cfg.resume, ckpt, log, env)
     if found is not None:
         path, payload = found
         check_kind(payload, "distill", path)
         check_compatible(payload["model"], model_config, _MODEL_KEYS, path)
         ckpt.load(payload, path)
-        _set_lr(ibmd.gen_opt, cfg.lr)  # the run's settings win over those saved with the optimizers
-        _set_lr(ibmd.fake_opt, cfg.fake_lr)
+        set_lr(ibmd.gen_opt, cfg.lr)  # the run's settings win over those saved with the optimizers
+        set_lr(ibmd.fake_opt, cfg.fake_lr)
         start_step = int(payload["step"])
         seconds_before = float(payload.get("seconds", 0.0))
         position = int(payload["data_position"])
-        _restore_rank_rng(payload, ibmd.noise, env, log)
+        restore_rank_rng(payload, ibmd.noise, env, log)
         log(f"resumed from {path} at step {start_step}")
     log.truncate_stats(start_step)
     log.write_config({**run_config, "world_size": env.world_size, "teacher_config": tconf})
@@ -386,8 +390,8 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
                        "seconds": round(seconds_before + time.perf_counter() - t_start, 3)}
                 log.stats(row)
                 last = {"loss_theta": row["loss_theta"], "loss_phi": row["loss_phi"]}
-                log(f"step {step:6d}  loss_theta {_fmt(row['loss_theta'])}  loss_phi {_fmt(row['loss_phi'])}  "
-                    f"grad {_fmt(row['grad_norm'])}  {row['it_per_s']:.2f} it/s  "
+                log(f"step {step:6d}  loss_theta {fmt_value(row['loss_theta'])}  loss_phi {fmt_value(row['loss_phi'])}  "
+                    f"grad {fmt_value(row['grad_norm'])}  {row['it_per_s']:.2f} it/s  "
                     f"skipped {ibmd.gen_guard.skipped}/{ibmd.fake_guard.skipped}")
                 meter.reset()
             if step % cfg.ckpt_every == 0 and step < cfg.steps:

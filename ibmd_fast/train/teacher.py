@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -47,17 +47,21 @@ from ibmd_fast.train.common import (
     Precision,
     RunLog,
     TrainingDivergedError,
+    as_config,
     capture_rng,
     check_compatible,
     check_kind,
     config_dict,
     derive_seed,
     draw_seed,
+    find_checkpoint,
     first_items,
+    fmt_value,
     progress_bar,
-    restore_rng,
+    restore_rank_rng,
     save_grid,
     seed_everything,
+    set_lr,
     to_device,
 )
 from ibmd_fast.train.ema import EMA
@@ -128,27 +132,13 @@ def make_bridge(cfg: TeacherConfig):
     return VPBridge()
 
 
-def _as_config(cls, cfg, overrides):
-    if cfg is None:
-        cfg = cls()
-    elif isinstance(cfg, dict):
-        cfg = cls(**cfg)
-    if overrides:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"unknown {cls.__name__} setting(s): {unknown}")
-        cfg = cls(**{**config_dict(cfg), **overrides})
-    return cfg
-
-
 def train_teacher(cfg: Optional[TeacherConfig] = None, **overrides) -> dict:
     """Train a bridge teacher (MATH.md 4). ``cfg`` fields may also be given as keywords.
 
     Returns ``{"run_dir", "release", "steps", "loss", "skipped", "seconds"}``. Under torchrun,
     every rank calls it; rank 0 writes the files.
     """
-    cfg = _as_config(TeacherConfig, cfg, overrides)
+    cfg = as_config(TeacherConfig, cfg, overrides)
     cfg.validate()
     env = distributed.init(cfg.device)
     return _train_teacher(cfg, env)
@@ -194,17 +184,17 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
                         teacher=teacher, ema=ema, optimizer=optimizer, scaler=scaler, guard=step_fn)
     run_config = config_dict(cfg)
     start_step, seconds_before, position = 0, 0.0, 0
-    found = _find_checkpoint(cfg.resume, ckpt, log, env)
+    found = find_checkpoint(cfg.resume, ckpt, log, env)
     if found is not None:
         path, payload = found
         check_kind(payload, "teacher", path)
         check_compatible(payload["config"], run_config, _MODEL_KEYS, path)
         ckpt.load(payload, path)
-        _set_lr(optimizer, cfg.lr)  # the run's setting wins over the one saved with the optimizer
+        set_lr(optimizer, cfg.lr)  # the run's setting wins over the one saved with the optimizer
         start_step = int(payload["step"])
         seconds_before = float(payload.get("seconds", 0.0))
         position = int(payload["data_position"])
-        _restore_rank_rng(payload, gen, env, log)
+        restore_rank_rng(payload, gen, env, log)
         log(f"resumed from {path} at step {start_step}")
     log.truncate_stats(start_step)
     log.write_config({**run_config, "world_size": env.world_size})
@@ -258,7 +248,7 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
                        "seconds": round(seconds_before + time.perf_counter() - t_start, 3)}
                 log.stats(row)
                 last_loss = row["loss"]
-                log(f"step {step:7d}  loss {_fmt(row['loss'])}  grad {_fmt(row['grad_norm'])}  "
+                log(f"step {step:7d}  loss {fmt_value(row['loss'])}  grad {fmt_value(row['grad_norm'])}  "
                     f"{row['it_per_s']:.2f} it/s  skipped {step_fn.skipped}")
                 meter.reset()
             if step % cfg.ckpt_every == 0 and step < cfg.steps:
@@ -294,58 +284,6 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
     seconds = seconds_before + time.perf_counter() - t_start
     return {"run_dir": cfg.run_dir, "release": release, "steps": step, "loss": last_loss,
             "skipped": step_fn.skipped, "seconds": seconds}
-
-
-# ----------------------------------------------------------------------------
-# helpers shared with the distiller
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
-
-
-def _find_checkpoint(resume: str, ckpt: CheckpointIO, log: RunLog, env) -> Optional[tuple[str, dict]]:
-    """The checkpoint to resume from: ``auto`` the newest readable one, a path that file, ``none`` nothing.
-
-    Every rank reads the file itself (no broadcast of tensors); rank 0 alone cleans up.
-    """
-    resume = str(resume).strip()
-    if env.is_main:
-        ckpt.remove_stale_temporaries()
-    env.barrier()
-    if resume.lower() == "none":
-        if env.is_main:
-            old = ckpt.checkpoints()
-            if old:
-                log(f"warning: resume='none': deleting {len(old)} old checkpoint(s) in {ckpt.directory}")
-                for _, path in old:
-                    os.remove(path)
-        env.barrier()
-        return None
-    if resume.lower() == "auto":
-        found = ckpt.find_latest(log=log if env.is_main else None)
-        paths = env.gather(None if found is None else found[0])
-        if len(set(paths)) > 1:
-            raise RuntimeError(f"ranks found different checkpoints to resume from: {paths}")
-        return found
-    return resume, CheckpointIO.read(resume)
-
-
-def _restore_rank_rng(payload: dict, gen: torch.Generator, env, log) -> None:
-    states = payload["rng"]
-    if len(states) == env.world_size:
-        restore_rng(states[env.rank], gen)
-    else:
-        # Another number of processes: the run goes on, with fresh noise streams.
-        log(f"note: checkpoint written by {len(states)} process(es), resuming with {env.world_size}: "
-            "noise streams are re-seeded (the run is not bit-identical to an uninterrupted one)")
-        gen.manual_seed(derive_seed(int(payload["step"]), env.rank, 2))
-        seed_everything(derive_seed(int(payload["step"]), env.rank, 3) % 2**31)
 
 
 def _grid_batch(cfg: TeacherConfig, env) -> Optional[dict]:
