@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from ibmd_fast import __version__, reference
-from ibmd_fast.models.unet import AttentionBlock, ResBlock
+from ibmd_fast.models.blocks import AttentionBlock, ResBlock
 from ibmd_fast.models.wrappers import Generator
 from ibmd_fast.release import ReleaseError, load_generator
 from ibmd_fast.samplers import impose_known, student_grid, student_sample
