@@ -158,9 +158,7 @@ class StudentProgram(nn.Module):
             self.step_coefs.append((float(coef_xt), float(coef_x0), float(std)))
 
     def _time(self, value) -> torch.Tensor:
-        if self.generator.bridge.is_discrete:
-            return torch.full((1,), int(value), dtype=torch.long)
-        return torch.full((1,), float(value), dtype=torch.float64)
+        return self.generator.bridge.times(value, 1)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self.input_names):

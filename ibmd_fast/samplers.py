@@ -65,13 +65,6 @@ def make_generator(seed: Optional[int] = None, generator: Optional[torch.Generat
     return gen
 
 
-def _times(bridge: Bridge, value, batch: int, device: torch.device) -> torch.Tensor:
-    """A grid time as the ``[B]`` tensor ``predict_x0`` and the bridge take."""
-    if bridge.is_discrete:
-        return torch.full((batch,), int(value), dtype=torch.long, device=device)
-    return torch.full((batch,), float(value), dtype=torch.float64, device=device)
-
-
 def _per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return coef.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
@@ -141,8 +134,8 @@ def i2sb_sample(
 
     x = xT
     for i in _steps(nfe, progress, "i2sb"):
-        t = _times(bridge, grid[nfe - i], batch, device)
-        s = _times(bridge, grid[nfe - i - 1], batch, device)
+        t = bridge.times(grid[nfe - i], batch, device)
+        s = bridge.times(grid[nfe - i - 1], batch, device)
         x0_hat = predict_x0(x, t).to(x.dtype)
         # Posterior step n -> n' (MATH.md 3).
         x = bridge.posterior_step(x, x0_hat, s, t, seed=ops.draw_seed(gen))
@@ -220,8 +213,8 @@ def dbim_sample(
 
     x = xT
     for i in _steps(nfe, progress, "dbim"):
-        t = _times(bridge, grid[nfe - i], batch, device)
-        s = _times(bridge, grid[nfe - i - 1], batch, device)
+        t = bridge.times(grid[nfe - i], batch, device)
+        s = bridge.times(grid[nfe - i - 1], batch, device)
         x0_hat = predict_x0(x, t).to(x.dtype)
         step_seed = ops.draw_seed(gen)
         if i == 0 or eta == 1.0:
@@ -323,8 +316,8 @@ def heun_sample(
     batch, device = xT.shape[0], xT.device
     n_steps, n_heun = heun_schedule(nfe)
     if n_steps == 0:
-        x0_hat = predict_x0(xT, _times(bridge, bridge.T, batch, device)).to(xT.dtype)
-        _report(callback, step=0, t=_times(bridge, bridge.T, batch, device), s=None, x=xT, x0_hat=x0_hat,
+        x0_hat = predict_x0(xT, bridge.times(bridge.T, batch, device)).to(xT.dtype)
+        _report(callback, step=0, t=bridge.times(bridge.T, batch, device), s=None, x=xT, x0_hat=x0_hat,
                 std=torch.zeros(batch, dtype=torch.float64), nfe=1)
         return x0_hat
     grid = bridge.sampling_grid(n_steps, spacing=spacing).tolist()
@@ -333,7 +326,7 @@ def heun_sample(
     for i in _steps(n_steps, progress, "heun"):
         t_cur, t_next = grid[n_steps - i], grid[n_steps - i - 1]
         t_hat_value = t_cur + churn * (t_next - t_cur)
-        t, t_hat, s = (_times(bridge, v, batch, device) for v in (t_cur, t_hat_value, t_next))
+        t, t_hat, s = (bridge.times(v, batch, device) for v in (t_cur, t_hat_value, t_next))
 
         # 1. Stochastic step t -> t_hat.
         x0_hat = predict_x0(x, t).to(x.dtype)
@@ -404,12 +397,12 @@ def student_sample(
     x = xT
     for i in range(nfe):
         n = nfe - i  # grid[n - 1] is t_n
-        t = _times(bridge, grid[n - 1], batch, device)
+        t = bridge.times(grid[n - 1], batch, device)
         x0 = generator_fn(x, z, t).to(x.dtype)
         if mask is not None:
             x0 = impose_known(x0, xT, mask)  # the student predicts only the hole
         if n > 1:
-            s = _times(bridge, grid[n - 2], batch, device)
+            s = bridge.times(grid[n - 2], batch, device)
             x = bridge.posterior_step(x, x0, s, t, seed=ops.draw_seed(gen))
             _report(callback, step=i, t=t, s=s, x=x, x0_hat=x0, std=bridge.posterior(s, t)[2], nfe=i + 1)
         else:

@@ -66,10 +66,8 @@ class BridgeModel(nn.Module):
         return int(self.net.out_channels)
 
     def full_time(self, batch: int, device: torch.device | str) -> torch.Tensor:
-        """t = T for every sample: LongTensor for I2SB, float64 for VP (as the bridge samples times)."""
-        if self.bridge_type == "i2sb":
-            return torch.full((batch,), int(self.T), dtype=torch.long, device=device)
-        return torch.full((batch,), float(self.T), dtype=torch.float64, device=device)
+        """t = T for every sample, as the bridge takes times (``Bridge.times``)."""
+        return self.bridge.times(self.T, batch, device)
 
     def predict_x0(
         self,

@@ -135,13 +135,6 @@ class DistillConfig:
 _MODEL_KEYS = ("teacher_unet", "bridge", "conditional", "nfe", "image_size", "channels", "degradation")
 
 
-def _full(bridge, value, batch: int, device) -> torch.Tensor:
-    """A grid time as the ``[B]`` tensor the bridge and the networks take."""
-    if bridge.is_discrete:
-        return torch.full((batch,), int(value), dtype=torch.long, device=device)
-    return torch.full((batch,), float(value), dtype=torch.float64, device=device)
-
-
 def _noise_like(x: torch.Tensor, seed: int) -> torch.Tensor:
     """Standard normal noise of ``x``'s shape from the fused op's Philox stream (same on CPU and CUDA)."""
     return ops.bridge_step(x, x, 0.0, 0.0, 1.0, seed=seed)
@@ -221,11 +214,11 @@ class IBMD:
         x = xT
         with torch.no_grad(), self.precision.autocast():
             for m in range(self.nfe, n, -1):  # t_m from T down to t_{n+1}
-                t = _full(self.bridge, self.grid[m - 1], batch, self.device)
-                s = _full(self.bridge, self.grid[m - 2], batch, self.device)
+                t = self.bridge.times(self.grid[m - 1], batch, self.device)
+                s = self.bridge.times(self.grid[m - 2], batch, self.device)
                 x0 = self.generator(xT, z, t=t, x_t=x, mask=mask).float()
                 x = self.bridge.posterior_step(x, x0, s, t, seed=draw_seed(self.noise))
-        t_n = _full(self.bridge, self.grid[n - 1], batch, self.device)
+        t_n = self.bridge.times(self.grid[n - 1], batch, self.device)
         model = self.gen_ddp if grad else self.generator
         with (contextlib.nullcontext() if grad else torch.no_grad()), self.precision.autocast():
             return model(xT, z, t=t_n, x_t=x, mask=mask).float()
