@@ -1,7 +1,7 @@
 """ONNX export of a generator release, checked against PyTorch (used by `ibmd-fast export --onnx`).
 
 `export_onnx(release, "model.onnx")` writes ONE graph that is the whole student
-sampler, `samplers.student_sample` (MATH.md 5) with every random draw made an
+sampler, `restore.student_sample` (MATH.md 5) with every random draw made an
 input, so the model is deterministic and the deployment side
 (`export/run_onnx.py`) needs nothing but onnxruntime and numpy.
 
@@ -12,7 +12,7 @@ multiples of the U-Net's downsampling factor ``2**(len(channel_mult) - 1)``):
     z           [B, Cz, H, W]  the generator's noise (absent when z_channels == 0)
     mask        [B, 1, H, W]   inpainting students only: 1 in the hole, 0 on known pixels
     hole_noise  [B, C, H, W]   inpainting students only: the Gaussian noise that fills the hole of
-                               xT before sampling (`samplers.fill_hole`, MATH.md 3)
+                               xT before sampling (`restore.fill_hole`, MATH.md 3)
     noise_1 ... noise_{k-1}    multi-step students (nfe = k > 1): noise_n, [B, C, H, W], is the fresh
                                noise of the posterior step after the n-th generator call
 
@@ -39,7 +39,7 @@ Parity (``check=True``, the default): onnxruntime (CPUExecutionProvider) against
 PyTorch on fresh random inputs at two shapes that differ from the export's
 example in batch, height and width; float32 models must agree within 1e-4
 (max abs), or `OnnxParityError` is raised with the numbers and nothing is
-written. The PyTorch side is `samplers.student_sample` itself (with the given
+written. The PyTorch side is `restore.student_sample` itself (with the given
 noises in place of its seeded ones), so the check also holds the exported loop
 to the sampler.
 """
@@ -56,17 +56,17 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from ibmd_fast import __version__, reference
+from ibmd_fast import __version__
 from ibmd_fast.models.blocks import AttentionBlock, ResBlock
 from ibmd_fast.models.wrappers import Generator
 from ibmd_fast.release import ReleaseError, load_generator
-from ibmd_fast.samplers import impose_known, student_grid, student_sample
+from ibmd_fast.restore import GivenNoise, impose_known, student_grid, student_sample
 
 __all__ = [
     "ONNX_FORMAT",
@@ -132,13 +132,14 @@ def _input_channels(name: str, image_channels: int, z_channels: int) -> int:
 
 
 class StudentProgram(nn.Module):
-    """`samplers.student_sample` with its random draws as inputs: the module that is exported.
+    """`restore.student_sample` with its random draws as inputs: the module that is exported.
 
     ``forward(*inputs)`` takes the tensors named by ``self.input_names`` in that order and
-    returns x0. Generator calls see ``t`` as a ``[1]`` tensor (a constant the exporter folds;
-    it broadcasts over the batch exactly as a ``[B]`` one). Posterior steps go through
-    ``reference.bridge_step``, i.e. plain arithmetic, with float64 coefficients from
-    ``bridge.posterior`` rounded to float32 (what ``ops.bridge_step`` does with them).
+    returns x0: the very chain inference and the distiller run, traced. Generator calls see
+    ``t`` as a ``[1]`` tensor (``time_batch=1``: a constant the exporter folds; it broadcasts
+    over the batch exactly as a ``[B]`` one). Posterior steps are ``GivenNoise``'s plain
+    arithmetic (``reference.bridge_step``) with the coefficients of ``bridge.posterior``
+    computed here once, as Python floats.
     """
 
     def __init__(self, generator: Generator, nfe: int = 1, inpainting: bool = False):
@@ -150,72 +151,41 @@ class StudentProgram(nn.Module):
         self.inpainting = bool(inpainting)
         self.input_names = input_names(generator.z_channels, self.inpainting, self.nfe)
         bridge = generator.bridge
-        grid = student_grid(bridge, self.nfe).tolist()  # t_1 < ... < t_k = T
-        self.call_times = grid[::-1]  # the generator is called at t_k, ..., t_1
+        self.grid = student_grid(bridge, self.nfe).tolist()  # t_1 < ... < t_k = T
+        call_times = self.grid[::-1]  # the generator is called at t_k, ..., t_1
         self.step_coefs: list[tuple[float, float, float]] = []
-        for t, s in zip(self.call_times[:-1], self.call_times[1:]):
-            coef_x0, coef_xt, std = bridge.posterior(self._time(s), self._time(t))
+        for t, s in zip(call_times[:-1], call_times[1:]):
+            coef_x0, coef_xt, std = bridge.posterior(bridge.times(s, 1), bridge.times(t, 1))
             self.step_coefs.append((float(coef_xt), float(coef_x0), float(std)))
-
-    def _time(self, value) -> torch.Tensor:
-        return self.generator.bridge.times(value, 1)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self.input_names):
             raise ValueError(f"expected {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
         named = dict(zip(self.input_names, inputs))
-        xT, z, mask = named["xT"], named.get("z"), named.get("mask")
-        if mask is not None:
-            xT = impose_known(named["hole_noise"], xT, mask)  # fill_hole: noise in the hole (MATH.md 3)
-        x = xT
-        for i, t in enumerate(self.call_times):
-            x0 = self.generator(xT, z, t=self._time(t).to(xT.device), x_t=x).to(x.dtype)
-            if mask is not None:
-                x0 = impose_known(x0, xT, mask)  # the student predicts only the hole
-            if i < len(self.step_coefs):
-                # posterior step t_n -> t_{n-1} (MATH.md 3), plain arithmetic
-                coef_xt, coef_x0, std = self.step_coefs[i]
-                x = reference.bridge_step(x, x0, coef_xt, coef_x0, std, noise=named[f"noise_{i + 1}"])
-        return x0
+        noises = [named[f"noise_{n}"] for n in range(1, self.nfe)]
+        return _chain(self.generator, named, self.nfe, GivenNoise(noises, self.step_coefs), self.grid, time_batch=1)
 
 
-class _ExplicitNoiseBridge:
-    """A bridge whose posterior steps take the given noises, in order, instead of their seeds' noise.
-
-    Lets `reference_sample` run `student_sample` itself with the noises the ONNX model takes.
-    """
-
-    def __init__(self, bridge, noises: Sequence[torch.Tensor]):
-        self._bridge = bridge
-        self._noises = list(noises)
-
-    def __getattr__(self, name):
-        return getattr(self._bridge, name)
-
-    def posterior_step(self, x_t, x0_hat, s, t, noise=None, seed=None):
-        return self._bridge.posterior_step(x_t, x0_hat, s, t, noise=self._noises.pop(0))
+def _chain(generator: Generator, named: dict[str, torch.Tensor], nfe: int, noise: GivenNoise,
+           grid=None, time_batch=None) -> torch.Tensor:
+    """`restore.student_sample` on the graph's inputs: the hole of xT filled with ``hole_noise``
+    (`restore.fill_hole`'s fill, MATH.md 3), then the chain with the given noises."""
+    xT, z, mask = named["xT"], named.get("z"), named.get("mask")
+    if mask is not None:
+        xT = impose_known(named["hole_noise"], xT, mask)
+    return student_sample(generator, xT, z, nfe, mask=mask, noise=noise, grid=grid, time_batch=time_batch)
 
 
 @torch.no_grad()
 def reference_sample(generator: Generator, inputs: dict[str, torch.Tensor], nfe: int) -> torch.Tensor:
-    """PyTorch's answer to the ONNX model's inputs: `student_sample` with the given z and noises.
+    """PyTorch's answer to the ONNX model's inputs: `restore.student_sample` with the given z and noises.
 
     ``inputs`` are named as the graph's (`input_names`); their dtype is the computation's
-    (float64 for a float64 copy of the generator, see `precision_copy`).
+    (float64 for a float64 copy of the generator, see `precision_copy`). Unlike the exported
+    program, the posterior coefficients come from the bridge at run time and the times have
+    the batch's size.
     """
-    xT, z, mask = inputs["xT"], inputs.get("z"), inputs.get("mask")
-    if mask is not None:
-        xT = impose_known(inputs["hole_noise"], xT, mask)  # the fill of samplers.fill_hole
-    if z is None:
-        z = torch.zeros_like(xT)  # ignored by a generator without z channels
-    noises = [inputs[f"noise_{n}"] for n in range(1, nfe)]
-    bridge = _ExplicitNoiseBridge(generator.bridge, noises)
-
-    def generator_fn(x, z_, t):
-        return generator(xT, z_, t=t, x_t=x)
-
-    return student_sample(generator_fn, bridge, xT, nfe, z=z, mask=mask, noise_fill=False,
-                          generator=torch.Generator().manual_seed(0))
+    return _chain(generator, inputs, nfe, GivenNoise([inputs[f"noise_{n}"] for n in range(1, nfe)]))
 
 
 class _Float32(nn.Module):

@@ -8,7 +8,8 @@
 - `make_fake_model(teacher)`: the fake bridge model phi, a trainable copy.
 
 The bridge object (ibmd_fast.bridges) is used through `config()["type"]`,
-`T`, `net_time(t)`, and `std_fwd` (I2SB) or `precond(t)` (VP).
+`T`, `times(value, batch, device)`, `net_time(t)`, and `std_fwd` (I2SB) or
+`precond(t)` (VP).
 """
 from __future__ import annotations
 
@@ -156,13 +157,12 @@ class Generator(BridgeModel):
         z: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
         x_t: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x0 = G(xT, z) at t = T (x_t = xT), or G(x_t, z, t) when `t` is given.
 
-        With `mask` (1 inside the hole, broadcastable to xT) the known pixels
-        are copied from xT: `mask * x0 + (1 - mask) * xT`. Filling the hole of
-        xT with noise beforehand (I2SB) is the caller's job. With
+        The network's prediction over the whole image: inpainting (known pixels
+        from xT, the hole of xT filled with noise beforehand) is the chain's job,
+        `restore.impose_known` in `restore.student_sample`. With
         `z_channels == 0`, `z` is ignored.
         """
         if t is None:
@@ -172,11 +172,7 @@ class Generator(BridgeModel):
             raise ValueError("a multi-step generator call with t needs x_t")
         if self.z_channels and z is None:
             raise ValueError(f"the generator takes noise z with {self.z_channels} channels")
-        x0 = self.predict_x0(x_t, t, xT, extra=z if self.z_channels else None)
-        if mask is not None:
-            mask = mask.to(x0.dtype)
-            x0 = mask * x0 + (1 - mask) * xT.to(x0.dtype)
-        return x0
+        return self.predict_x0(x_t, t, xT, extra=z if self.z_channels else None)
 
 
 def _widen_first_conv(net: nn.Module, extra_channels: int) -> None:

@@ -11,7 +11,6 @@
 - ``Precision``: autocast (bf16/fp16, CUDA only) and the fp16 GradScaler.
 - ``OptimizerStep``: gradient clipping and the non-finite guard, with one decision for
   every rank.
-- ``save_grid``: PNG grids, one row per kind of image.
 - ``as_config``, ``find_checkpoint``, ``restore_rank_rng``, ``set_lr``, ``fmt_value``: the
   config, resume and logging steps every trainer takes.
 """
@@ -29,11 +28,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ibmd_fast.data import collate
-from ibmd_fast.data.images import tensor_to_uint8
 from ibmd_fast.ops import draw_seed  # noqa: F401  (re-exported for the trainers)
 from ibmd_fast.release import atomic_write
 from ibmd_fast.train.distributed import DistEnv
@@ -51,7 +48,6 @@ __all__ = [
     "Precision",
     "OptimizerStep",
     "TrainingDivergedError",
-    "save_grid",
     "config_dict",
     "check_compatible",
     "check_kind",
@@ -291,24 +287,6 @@ def progress_bar(total: int, initial: int, enabled: bool, desc: str):
 
     on = enabled and sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, disable=not on, dynamic_ncols=True, leave=False)
-
-
-def save_grid(path: str, rows: list[torch.Tensor], max_cols: int = 8, pad: int = 2) -> None:
-    """A PNG with one row per tensor ``[B, C, H, W]`` in [-1, 1] (first ``max_cols`` images each)."""
-    rows = [r[:max_cols].detach().float().cpu() for r in rows]
-    cols = max(r.shape[0] for r in rows)
-    c = max(r.shape[1] for r in rows)
-    h, w = rows[0].shape[-2:]
-    canvas = torch.ones(c, pad + len(rows) * (h + pad), pad + cols * (w + pad))
-    for i, row in enumerate(rows):
-        if row.shape[1] != c:
-            row = row.expand(-1, c, -1, -1)
-        for j in range(row.shape[0]):
-            top, left = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[:, top:top + h, left:left + w] = row[j].clamp(-1, 1)
-    pixels = tensor_to_uint8(canvas)
-    image = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels, "L" if c == 1 else "RGB")
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 # ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ Conditional teachers see ``xT`` (teacher, fake model and generator alike). Inpai
 students predict the hole only (``Generator(mask=...)``); ``xT``'s hole is noise-filled.
 
 Multi-step students (``nfe = k > 1``, MATH.md 5): on the grid ``t_1 < ... < t_k = T``
-(``samplers.student_grid``), each draw picks ``n`` uniformly in 1..k (one per batch) and builds
+(``restore.student_grid``), each draw picks ``n`` uniformly in 1..k (one per batch) and builds
 the student's input ``x_{t_n}`` by running the student's OWN chain from ``xT`` without gradient
 (``x0~ = G(x_{t_m}, z, t_m)``, posterior step to ``t_{m-1}``, for m = k..n+1), exactly as at
 inference; then ``x0 = G(x_{t_n}, z, t_n)`` (with gradient in step 2). This trains every grid
@@ -43,12 +43,12 @@ from typing import Optional
 
 import torch
 
-import ibmd_fast
 from ibmd_fast import ops
 from ibmd_fast.data import get_degradation, make_dataset
+from ibmd_fast.imageio import save_grid
 from ibmd_fast.models import Generator, make_fake_model
-from ibmd_fast.release import GENERATOR_FORMAT, ReleaseError, load_teacher, save_release
-from ibmd_fast.samplers import fill_hole, student_grid
+from ibmd_fast.release import DEFAULT_TEACHER, GENERATOR_FORMAT, ReleaseError, load_teacher, save_release
+from ibmd_fast.restore import SeededNoise, compare, fill_hole, noise_like, sample_student, student_grid, student_sample
 from ibmd_fast.train import distributed
 from ibmd_fast.train.checkpoint import CheckpointIO
 from ibmd_fast.train.common import (
@@ -70,18 +70,15 @@ from ibmd_fast.train.common import (
     fmt_value,
     progress_bar,
     restore_rank_rng,
-    save_grid,
     seed_everything,
     set_lr,
     to_device,
     write_text,
 )
 from ibmd_fast.train.ema import EMA
-from ibmd_fast.train.evaluation import compare, sample_student
 
 __all__ = ["DistillConfig", "distill", "IBMD", "DEFAULT_TEACHER"]
 
-DEFAULT_TEACHER = os.path.join(os.path.dirname(ibmd_fast.__file__), "assets", "teacher-sr4x.safetensors")
 GRID_ITEMS = 8
 
 
@@ -133,11 +130,6 @@ class DistillConfig:
 
 # Settings a checkpoint must share with the run that resumes it.
 _MODEL_KEYS = ("teacher_unet", "bridge", "conditional", "nfe", "image_size", "channels", "degradation")
-
-
-def _noise_like(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """Standard normal noise of ``x``'s shape from the fused op's Philox stream (same on CPU and CUDA)."""
-    return ops.bridge_step(x, x, 0.0, 0.0, 1.0, seed=seed)
 
 
 class IBMD:
@@ -207,26 +199,19 @@ class IBMD:
     def generate(self, xT: torch.Tensor, z: torch.Tensor, mask: Optional[torch.Tensor], grad: bool) -> torch.Tensor:
         """x0 from the student: ``G(xT, z)``, or for k > 1 ``G(x_{t_n}, z, t_n)`` after its own chain.
 
-        Only the last call carries a gradient (with ``grad``), through the DDP wrapper.
+        The chain is inference's (``restore.student_sample``) cut at the drawn ``n``; only its last
+        call carries a gradient (with ``grad``), through the DDP wrapper.
         """
-        batch = xT.shape[0]
         n = 1 if self.nfe == 1 else int(torch.randint(1, self.nfe + 1, (), generator=self.noise))
-        x = xT
-        with torch.no_grad(), self.precision.autocast():
-            for m in range(self.nfe, n, -1):  # t_m from T down to t_{n+1}
-                t = self.bridge.times(self.grid[m - 1], batch, self.device)
-                s = self.bridge.times(self.grid[m - 2], batch, self.device)
-                x0 = self.generator(xT, z, t=t, x_t=x, mask=mask).float()
-                x = self.bridge.posterior_step(x, x0, s, t, seed=draw_seed(self.noise))
-        t_n = self.bridge.times(self.grid[n - 1], batch, self.device)
         model = self.gen_ddp if grad else self.generator
-        with (contextlib.nullcontext() if grad else torch.no_grad()), self.precision.autocast():
-            return model(xT, z, t=t_n, x_t=x, mask=mask).float()
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            return student_sample(self.generator, xT, z, self.nfe, mask=mask, noise=SeededNoise(self.noise),
+                                  stop=n, last_call=model, autocast=self.precision.autocast, grid=self.grid)
 
     def fake_step(self, batch: dict) -> tuple[float, float, bool]:
         """Algorithm 1, step 1 (one of the L): bridge matching of phi on the generator's samples."""
         xT, mask = self.corrupted(batch)
-        z = _noise_like(xT, draw_seed(self.noise))
+        z = noise_like(xT, draw_seed(self.noise))
         x0 = self.generate(xT, z, mask, grad=False)
         t = self.bridge.sample_t(xT.shape[0], generator=self.noise).to(self.device)
         x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.noise))
@@ -238,7 +223,7 @@ class IBMD:
     def generator_step(self, batch: dict) -> tuple[float, float, bool]:
         """Algorithm 1, step 2: the IBMD loss, backpropagated through x_t into the generator."""
         xT, mask = self.corrupted(batch)
-        z = _noise_like(xT, draw_seed(self.noise))
+        z = noise_like(xT, draw_seed(self.noise))
         cond = xT if self.conditional else None
         self.fake.requires_grad_(False)  # phi is a fixed function in this step
         try:
@@ -428,14 +413,14 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
 
 
 def _write_samples(cfg: DistillConfig, ibmd: IBMD, batch: Optional[dict], step: int) -> None:
-    """Rows: corrupted | student (EMA). Distillation has no clean images to show."""
+    """Columns: corrupted | student (EMA). Distillation has no clean images to show."""
     if batch is None:
         return
     xT = batch["xT"].to(ibmd.device)
     mask = batch.get("mask") if ibmd.inpainting else None
     mask = None if mask is None else mask.to(ibmd.device)
     out = sample_student(ibmd.ema.module, xT, cfg.nfe, mask, seed=cfg.seed, autocast=ibmd.precision.autocast)
-    save_grid(os.path.join(cfg.run_dir, f"samples-{step}.png"), [xT, out])
+    save_grid([xT, out], os.path.join(cfg.run_dir, f"samples-{step}.png"))
 
 
 def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -> list[dict]:
@@ -466,5 +451,5 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
     if teacher_rows:
         grid.append(pictures[f"teacher-{teacher_rows[-1]['nfe']}"])
     grid += [pictures[f"student-{cfg.nfe}"], first["x0"]]
-    save_grid(os.path.join(cfg.run_dir, "comparison.png"), grid)
+    save_grid(grid, os.path.join(cfg.run_dir, "comparison.png"))
     return rows

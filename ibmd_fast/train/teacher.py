@@ -14,12 +14,12 @@ I2SB / DDBM code (1e-4 .. 5e-5) and ours carry over. (Dividing by the mean weigh
 the schedule would instead shrink the I2SB loss by ~1e2 and the effective learning rate
 with it.)
 
-Inpainting: the hole of ``xT`` is filled with Gaussian noise (``samplers.fill_hole``) in
+Inpainting: the hole of ``xT`` is filled with Gaussian noise (``restore.fill_hole``) in
 training as in sampling, and the loss is taken over the whole image (the known pixels
 are easy and keep the network's output consistent across the mask border).
 
 Outputs in ``run_dir``: ``config.json``, ``stats.jsonl``, ``log.txt``,
-``samples-<step>.png`` (rows: corrupted | teacher | clean, from the held-out split),
+``samples-<step>.png`` (columns: corrupted | teacher | clean, from the held-out split),
 ``checkpoints/ckpt-<step>.pt`` and, at the end, the release ``teacher.safetensors`` (EMA
 weights).
 """
@@ -35,9 +35,10 @@ import torch
 from ibmd_fast import ops
 from ibmd_fast.bridges import I2SBBridge, VPBridge
 from ibmd_fast.data import get_degradation, make_dataset
+from ibmd_fast.imageio import save_grid
 from ibmd_fast.models import Teacher, build_unet
 from ibmd_fast.release import TEACHER_FORMAT, save_release
-from ibmd_fast.samplers import fill_hole
+from ibmd_fast.restore import default_teacher_nfe, fill_hole, sample_teacher
 from ibmd_fast.train import distributed
 from ibmd_fast.train.checkpoint import CheckpointIO
 from ibmd_fast.train.common import (
@@ -59,13 +60,11 @@ from ibmd_fast.train.common import (
     fmt_value,
     progress_bar,
     restore_rank_rng,
-    save_grid,
     seed_everything,
     set_lr,
     to_device,
 )
 from ibmd_fast.train.ema import EMA
-from ibmd_fast.train.evaluation import default_teacher_nfe, sample_teacher
 
 __all__ = ["TeacherConfig", "train_teacher", "make_bridge"]
 
@@ -303,4 +302,4 @@ def _write_samples(cfg, teacher, batch, step, nfe, precision, device) -> None:
     mask = batch.get("mask")
     mask = None if mask is None else mask.to(device)
     out = sample_teacher(teacher, xT, nfe, mask, seed=cfg.seed, autocast=precision.autocast)
-    save_grid(os.path.join(cfg.run_dir, f"samples-{step}.png"), [xT, out, batch["x0"]])
+    save_grid([xT, out, batch["x0"]], os.path.join(cfg.run_dir, f"samples-{step}.png"))
