@@ -50,9 +50,9 @@ from ibmd_fast.models import Generator, make_fake_model
 from ibmd_fast.release import DEFAULT_TEACHER, GENERATOR_FORMAT, ReleaseError, load_teacher, save_release
 from ibmd_fast.restore import SeededNoise, compare, fill_hole, noise_like, sample_student, student_grid, student_sample
 from ibmd_fast.train import distributed
+from ibmd_fast.train.batches import BatchStream, first_items, to_device
 from ibmd_fast.train.checkpoint import CheckpointIO
 from ibmd_fast.train.common import (
-    BatchStream,
     Meter,
     OptimizerStep,
     Precision,
@@ -66,13 +66,11 @@ from ibmd_fast.train.common import (
     derive_seed,
     draw_seed,
     find_checkpoint,
-    first_items,
     fmt_value,
     progress_bar,
     restore_rank_rng,
     seed_everything,
     set_lr,
-    to_device,
     write_text,
 )
 from ibmd_fast.train.ema import EMA

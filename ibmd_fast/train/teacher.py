@@ -40,9 +40,9 @@ from ibmd_fast.models import Teacher, build_unet
 from ibmd_fast.release import TEACHER_FORMAT, save_release
 from ibmd_fast.restore import default_teacher_nfe, fill_hole, sample_teacher
 from ibmd_fast.train import distributed
+from ibmd_fast.train.batches import BatchStream, first_items, to_device
 from ibmd_fast.train.checkpoint import CheckpointIO
 from ibmd_fast.train.common import (
-    BatchStream,
     Meter,
     OptimizerStep,
     Precision,
@@ -56,13 +56,11 @@ from ibmd_fast.train.common import (
     derive_seed,
     draw_seed,
     find_checkpoint,
-    first_items,
     fmt_value,
     progress_bar,
     restore_rank_rng,
     seed_everything,
     set_lr,
-    to_device,
 )
 from ibmd_fast.train.ema import EMA
 
