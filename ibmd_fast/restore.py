@@ -305,6 +305,13 @@ def sample_teacher(teacher, xT: torch.Tensor, nfe: int, mask: Optional[torch.Ten
     return restore(teacher, xT, None, nfe, mask=mask, seed=seed, autocast=autocast)
 
 
+def _check_student_nfe(generator, nfe: int) -> None:
+    if nfe < 1:
+        raise ValueError(f"nfe must be at least 1, got {nfe}")
+    if nfe > 1 and not getattr(generator, "multistep", False):
+        raise ValueError(f"this generator is a one-step student; it cannot sample with nfe={nfe}")
+
+
 @torch.no_grad()
 def sample_student(generator, xT: torch.Tensor, nfe: int = 1, mask: Optional[torch.Tensor] = None,
                    seed: Optional[int] = 0, rng: Optional[torch.Generator] = None,
@@ -314,10 +321,7 @@ def sample_student(generator, xT: torch.Tensor, nfe: int = 1, mask: Optional[tor
     From one noise source (``seed`` or ``rng``), in order: the hole fill (inpainting), ``z``
     (``draw_z``), then one seed per posterior step. Returns ``xT``'s dtype, unclamped.
     """
-    if nfe < 1:
-        raise ValueError(f"nfe must be at least 1, got {nfe}")
-    if nfe > 1 and not getattr(generator, "multistep", False):
-        raise ValueError(f"this generator is a one-step student; it cannot sample with nfe={nfe}")
+    _check_student_nfe(generator, nfe)
     gen = samplers.make_generator(seed, rng)
     if mask is not None:
         mask = mask.to(device=xT.device, dtype=xT.dtype)
@@ -362,9 +366,7 @@ def restore_with_teacher(teacher, xT: torch.Tensor, nfe: int, sampler: Optional[
     """Restore ``xT`` [N, C, H, W] with a teacher in ``nfe`` network calls per image (``restore``),
     in batches drawing from one noise source seeded with ``seed``. ``mask``: [N or 1, 1, H, W].
     Returns float32 images in [-1, 1] on the CPU."""
-    sampler = _check_sampler(sampler, teacher.bridge_type)
-    if nfe < 1:
-        raise ValueError(f"nfe must be at least 1, got {nfe}")
+    sampler = _check_sampler(sampler, teacher.bridge_type)  # before any batch (restore checks nfe)
     gen = samplers.make_generator(seed)
     out = [restore(teacher, x, sampler, nfe, eta, mask=m, rng=gen).float().clamp(-1.0, 1.0).cpu()
            for x, m in _batches(xT, mask, batch_size, _model_device(teacher), progress,
@@ -377,10 +379,7 @@ def restore_with_generator(generator, xT: torch.Tensor, nfe: int = 1, mask: Opti
     """Restore ``xT`` [N, C, H, W] with an IBMD student in ``nfe`` calls per image (the NFE it was
     distilled for; ``sample_student``), in batches drawing from one noise source seeded with
     ``seed``. ``mask`` as in ``restore_with_teacher``. Returns float32 images in [-1, 1] on the CPU."""
-    if nfe < 1:
-        raise ValueError(f"nfe must be at least 1, got {nfe}")
-    if nfe > 1 and not getattr(generator, "multistep", False):
-        raise ValueError(f"this generator is a one-step student; it cannot sample with nfe={nfe}")
+    _check_student_nfe(generator, nfe)
     gen = samplers.make_generator(seed)
     out = [sample_student(generator, x, nfe, m, seed=None, rng=gen).float().clamp(-1.0, 1.0).cpu()
            for x, m in _batches(xT, mask, batch_size, _model_device(generator), progress, f"student nfe={nfe}")]

@@ -9,8 +9,8 @@
 - ``Precision``: autocast (bf16/fp16, CUDA only) and the fp16 GradScaler.
 - ``OptimizerStep``: gradient clipping and the non-finite guard, with one decision for
   every rank.
-- ``as_config``, ``find_checkpoint``, ``restore_rank_rng``, ``set_lr``, ``fmt_value``: the
-  config, resume and logging steps every trainer takes.
+- ``as_config``, ``find_checkpoint``, ``restore_rank_rng``, ``RunCheckpoints``, ``set_lr``,
+  ``fmt_value``: the config, resume, checkpoint and logging steps every trainer takes.
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ __all__ = [
     "fmt_value",
     "find_checkpoint",
     "restore_rank_rng",
+    "RunCheckpoints",
 ]
 
 _MOVED = ("BatchStream", "to_device", "first_items", "set_dataset_epoch")
@@ -213,6 +214,45 @@ def find_checkpoint(resume: str, ckpt: CheckpointIO, log: RunLog, env) -> Option
     from ibmd_fast.train.checkpoint import CheckpointIO
 
     return resume, CheckpointIO.read(resume)
+
+
+class RunCheckpoints:
+    """A run's checkpoints, written the same way by both trainers.
+
+    ``save(step, data_position)``: every rank's random states are gathered and rank 0 writes
+    ``ckpt.save`` with ``fields`` (kind, config, ...), the data position and the run's seconds so
+    far; then all ranks meet. ``periodic``: the checkpoint of every ``ckpt_every`` steps, held back
+    (with a log line) while steps are being skipped. ``final``: the last one, unless that step was
+    just saved. ``saved_at`` starts at the resumed step (or -1).
+    """
+
+    def __init__(self, ckpt: "CheckpointIO", env, noise: torch.Generator, started: float, seconds_before: float,
+                 saved_at: int, **fields):
+        self.ckpt, self.env, self.noise = ckpt, env, noise
+        self.started, self.seconds_before = started, seconds_before
+        self.saved_at = saved_at
+        self.fields = fields
+
+    def seconds(self) -> float:
+        """Training seconds of the whole run, resumed parts included."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def save(self, step: int, data_position: int) -> None:
+        states = self.env.gather(capture_rng(self.noise))
+        if self.env.is_main:
+            self.ckpt.save(step, **self.fields, rng=states, data_position=data_position, seconds=self.seconds())
+        self.saved_at = step
+        self.env.barrier()
+
+    def periodic(self, step: int, data_position: int, skipping: bool, log) -> None:
+        if skipping:
+            log(f"step {step}: no checkpoint while steps are being skipped")
+        else:
+            self.save(step, data_position)
+
+    def final(self, step: int, data_position: int) -> None:
+        if self.saved_at != step:
+            self.save(step, data_position)
 
 
 def restore_rank_rng(payload: dict, gen: torch.Generator, env, log) -> None:

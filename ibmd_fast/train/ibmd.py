@@ -57,9 +57,9 @@ from ibmd_fast.train.common import (
     OptimizerStep,
     Precision,
     RunLog,
+    RunCheckpoints,
     TrainingDivergedError,
     as_config,
-    capture_rng,
     check_compatible,
     check_kind,
     config_dict,
@@ -330,17 +330,10 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
     meter = Meter()
     last = {"loss_theta": None, "loss_phi": None}
     step = start_step
-    last_saved = start_step if found is not None else -1
+    checkpoints = RunCheckpoints(ckpt, env, ibmd.noise, t_start, seconds_before,
+                                 start_step if found is not None else -1,
+                                 kind="distill", config=run_config, model=model_config)
     bar = progress_bar(cfg.steps, start_step, cfg.progress and env.is_main, "distill")
-
-    def save_checkpoint():
-        nonlocal last_saved
-        states = env.gather(capture_rng(ibmd.noise))
-        if env.is_main:
-            ckpt.save(step, kind="distill", config=run_config, model=model_config, rng=states,
-                      data_position=stream.position, seconds=seconds_before + time.perf_counter() - t_start)
-        last_saved = step
-        env.barrier()
 
     try:
         while step < cfg.steps:
@@ -371,10 +364,8 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
                     f"skipped {ibmd.gen_guard.skipped}/{ibmd.fake_guard.skipped}")
                 meter.reset()
             if step % cfg.ckpt_every == 0 and step < cfg.steps:
-                if ibmd.gen_guard.consecutive or ibmd.fake_guard.consecutive:
-                    log(f"step {step}: no checkpoint while steps are being skipped")
-                else:
-                    save_checkpoint()
+                skipping = bool(ibmd.gen_guard.consecutive or ibmd.fake_guard.consecutive)
+                checkpoints.periodic(step, stream.position, skipping=skipping, log=log)
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and env.is_main:
                 _write_samples(cfg, ibmd, grid_batch, step)
     except TrainingDivergedError as exc:
@@ -383,8 +374,7 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
     finally:
         bar.close()
 
-    if last_saved != step:
-        save_checkpoint()
+    checkpoints.final(step, stream.position)
     release = os.path.join(cfg.run_dir, "generator.safetensors")
     comparison: list[dict] = []
     if env.is_main:

@@ -47,9 +47,9 @@ from ibmd_fast.train.common import (
     OptimizerStep,
     Precision,
     RunLog,
+    RunCheckpoints,
     TrainingDivergedError,
     as_config,
-    capture_rng,
     check_compatible,
     check_kind,
     config_dict,
@@ -204,17 +204,9 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
     meter = Meter()
     last_loss = None
     step = start_step
-    last_saved = start_step if found is not None else -1
+    checkpoints = RunCheckpoints(ckpt, env, gen, t_start, seconds_before, start_step if found is not None else -1,
+                                 kind="teacher", config=run_config)
     bar = progress_bar(cfg.steps, start_step, cfg.progress and env.is_main, "teacher")
-
-    def save_checkpoint():
-        nonlocal last_saved
-        states = env.gather(capture_rng(gen))
-        if env.is_main:
-            ckpt.save(step, kind="teacher", config=run_config, rng=states, data_position=stream.position,
-                      seconds=seconds_before + time.perf_counter() - t_start)
-        last_saved = step
-        env.barrier()
 
     try:
         while step < cfg.steps:
@@ -249,10 +241,7 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
                     f"{row['it_per_s']:.2f} it/s  skipped {step_fn.skipped}")
                 meter.reset()
             if step % cfg.ckpt_every == 0 and step < cfg.steps:
-                if step_fn.consecutive:
-                    log(f"step {step}: no checkpoint while steps are being skipped")
-                else:
-                    save_checkpoint()
+                checkpoints.periodic(step, stream.position, skipping=bool(step_fn.consecutive), log=log)
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and env.is_main:
                 _write_samples(cfg, ema.module, grid_batch, step, sample_nfe, precision, device)
     except TrainingDivergedError as exc:
@@ -261,8 +250,7 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
     finally:
         bar.close()
 
-    if last_saved != step:
-        save_checkpoint()
+    checkpoints.final(step, stream.position)
     release = os.path.join(cfg.run_dir, "teacher.safetensors")
     if env.is_main:
         _write_samples(cfg, ema.module, grid_batch, step, sample_nfe, precision, device)
