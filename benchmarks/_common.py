@@ -32,10 +32,10 @@ def machine_name(device: str) -> str:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else unchanged."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    """``ibmd_fast.device.resolve_device`` as a string (``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``)."""
+    from ibmd_fast.device import resolve_device as resolve
+
+    return str(resolve(device))
 
 
 def synchronize(device: str) -> None:

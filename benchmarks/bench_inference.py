@@ -2,8 +2,8 @@
 
 Rows, each at batch 1 and 16 (``--batches``):
 
-- teacher, I2SB posterior sampler (``samplers.i2sb_sample``; DBIM with eta = 1, the same
-  posterior step, for a VP teacher) at NFE 100 and 10 (``--teacher-nfe``);
+- teacher, its natural sampler through ``restore.restore`` (I2SB: the posterior sampler
+  ``samplers.i2sb_sample``; a VP teacher: DBIM with eta = 1, the same posterior step) at NFE 100 and 10 (``--teacher-nfe``);
 - student (its own NFE, usually 1) via PyTorch eager, via ``torch.compile`` (inductor with
   ``freezing``, its inference setting) and via onnxruntime
   (the model ``ibmd_fast.onnx.export_onnx`` writes, CPUExecutionProvider; also
@@ -51,12 +51,10 @@ from _common import machine_name  # noqa: E402
 from ibmd_fast.bridges import I2SBBridge  # noqa: E402
 from ibmd_fast.models import Generator, Teacher, build_unet  # noqa: E402
 from ibmd_fast.release import GENERATOR_FORMAT, TEACHER_FORMAT, load_generator, load_teacher, save_release  # noqa: E402
-from ibmd_fast.samplers import dbim_sample, i2sb_sample, student_sample  # noqa: E402
+from ibmd_fast.release import DEFAULT_GENERATOR, DEFAULT_TEACHER  # noqa: E402
+from ibmd_fast.restore import natural_sampler, restore, sample_student  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.abspath(ibmd_fast.__file__)), "assets",
-                               "teacher-sr4x.safetensors")
-DEFAULT_GENERATOR = os.path.join("runs", "distill", "generator.safetensors")
 
 
 def synthetic_releases(folder: str, size: int, channels: int = 3) -> tuple[str, str]:
@@ -172,22 +170,21 @@ def main(argv=None) -> int:
         return mask
 
     # -- teacher
-    sampler = i2sb_sample if isinstance(teacher.bridge, I2SBBridge) else dbim_sample
+    sampler = natural_sampler(teacher.bridge_type)
     for batch in batches:
         xT = images(batch)
         for teacher_nfe in teacher_nfes:
             def run_teacher(n=teacher_nfe):
                 with torch.inference_mode():
-                    return sampler(lambda x, t: teacher(x, t, xT), teacher.bridge, xT, n, seed=0)
+                    return restore(teacher, xT, sampler, n, seed=0)
             seconds, runs = measure(run_teacher, device, args.warmup, args.repeats, args.budget,
                                     warm=lambda: run_teacher(1))
-            add(f"teacher ({sampler.__name__})", teacher_nfe, batch, seconds, runs)
+            add(f"teacher ({sampler}_sample)", teacher_nfe, batch, seconds, runs)
 
     # -- student in PyTorch: eager and compiled
     def student(model, xT, mask):
         with torch.no_grad():  # not inference_mode: inductor's freezing wants plain no_grad
-            return student_sample(lambda x, z, t: model(xT, z, t=t, x_t=x), generator.bridge, xT, nfe,
-                                  mask=mask, seed=0)
+            return sample_student(model, xT, nfe, mask, seed=0)
 
     variants = [("student eager (PyTorch)", generator)]
     compile_error = None

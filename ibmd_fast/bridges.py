@@ -13,8 +13,8 @@ Three bridges (MATH.md section 2), with one interface:
 Each has ``marginal(t)`` (``q(x_t | x0, xT)``, MATH.md 2), ``posterior(s, t)`` (the
 sampling step, MATH.md 3), ``q_sample`` and ``posterior_step`` (both through the
 fused ``ops.bridge_step``), ``sample_t`` and ``loss_weight`` (bridge matching,
-MATH.md 4), ``sampling_grid(nfe)``, ``net_time(t)`` (what the network is fed) and
-``config()``. All schedule arithmetic is float64; coefficients are float64 tensors
+MATH.md 4), ``sampling_grid(nfe)``, ``times(value, batch, device)`` (a grid value as the
+``[B]`` time tensor), ``net_time(t)`` (what the network is fed) and ``config()``. All schedule arithmetic is float64; coefficients are float64 tensors
 of shape ``[B]`` on the device of ``t``, and ``ops.bridge_step`` casts them to the
 arithmetic dtype of the images.
 """
@@ -91,6 +91,16 @@ class Bridge:
 
     def config(self) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def times(self, value, batch: int, device: Optional[torch.device | str] = None) -> torch.Tensor:
+        """A time value (a grid point, ``T``) as the ``[batch]`` tensor the bridge and the networks take.
+
+        The one place a time changes type: int64 step indices for a discrete bridge (I2SB),
+        float64 otherwise (VP, VE), as ``sample_t`` draws them.
+        """
+        if self.is_discrete:
+            return torch.full((batch,), int(value), dtype=torch.long, device=device)
+        return torch.full((batch,), float(value), dtype=torch.float64, device=device)
 
     def q_sample(
         self,

@@ -1,7 +1,7 @@
 """ONNX export of a generator release, checked against PyTorch (used by `ibmd-fast export --onnx`).
 
 `export_onnx(release, "model.onnx")` writes ONE graph that is the whole student
-sampler, `samplers.student_sample` (MATH.md 5) with every random draw made an
+sampler, `restore.student_sample` (MATH.md 5) with every random draw made an
 input, so the model is deterministic and the deployment side
 (`export/run_onnx.py`) needs nothing but onnxruntime and numpy.
 
@@ -12,7 +12,7 @@ multiples of the U-Net's downsampling factor ``2**(len(channel_mult) - 1)``):
     z           [B, Cz, H, W]  the generator's noise (absent when z_channels == 0)
     mask        [B, 1, H, W]   inpainting students only: 1 in the hole, 0 on known pixels
     hole_noise  [B, C, H, W]   inpainting students only: the Gaussian noise that fills the hole of
-                               xT before sampling (`samplers.fill_hole`, MATH.md 3)
+                               xT before sampling (`restore.fill_hole`, MATH.md 3)
     noise_1 ... noise_{k-1}    multi-step students (nfe = k > 1): noise_n, [B, C, H, W], is the fresh
                                noise of the posterior step after the n-th generator call
 
@@ -25,7 +25,9 @@ the exporter folds, and no ``torch.ops.ibmd.*`` op enters the graph: the model
 holds standard ONNX operators only (domain "" = ai.onnx), opset >= 17.
 
 Model metadata (``metadata_props``; strings, JSON where not plain text): see
-`onnx_metadata`, and export/README.md for what each key means.
+`onnx_metadata`, and export/README.md for what each key means. What the graph computes
+(`StudentProgram`, `reference_sample`, `precision_copy`, the input names and metadata) is
+`ibmd_fast.onnx_program`; this module exports it and checks it, and re-exports those names.
 
 Float16 (``fp16=True``): the U-Net's convolutions, activations and skip paths
 run in float16; GroupNorm (statistics and affine), the timestep-embedding MLPs
@@ -39,15 +41,13 @@ Parity (``check=True``, the default): onnxruntime (CPUExecutionProvider) against
 PyTorch on fresh random inputs at two shapes that differ from the export's
 example in batch, height and width; float32 models must agree within 1e-4
 (max abs), or `OnnxParityError` is raised with the numbers and nothing is
-written. The PyTorch side is `samplers.student_sample` itself (with the given
+written. The PyTorch side is `restore.student_sample` itself (with the given
 noises in place of its seeded ones), so the check also holds the exported loop
 to the sampler.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import logging
 import os
 import re
@@ -57,17 +57,24 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from torch import nn
 
-from ibmd_fast import __version__, reference
-from ibmd_fast.models.unet import AttentionBlock, ResBlock
+from ibmd_fast import __version__
 from ibmd_fast.models.wrappers import Generator
+from ibmd_fast.onnx_program import (  # noqa: F401  (re-exported: what the graph computes)
+    ONNX_FORMAT,
+    StudentProgram,
+    downsampling_factor,
+    input_names,
+    input_channels,
+    onnx_metadata,
+    precision_copy,
+    reference_sample,
+)
 from ibmd_fast.release import ReleaseError, load_generator
-from ibmd_fast.samplers import impose_known, student_grid, student_sample
 
 __all__ = [
     "ONNX_FORMAT",
@@ -85,7 +92,6 @@ __all__ = [
     "precision_copy",
 ]
 
-ONNX_FORMAT = "ibmd_fast.generator.onnx"
 MIN_OPSET = 17
 FP32_TOLERANCE = 1e-4  # max |ORT - PyTorch| for float32 models
 FP16_ERROR_RATIO = 3.0  # err(ORT fp16 vs fp64) <= ratio * err(PyTorch fp16 vs fp64) + slack
@@ -138,195 +144,6 @@ class OnnxParityError(OnnxExportError):
     def __init__(self, message: str, results: list[dict]):
         super().__init__(message)
         self.results = results
-
-
-# ----------------------------------------------------------------------------
-# What the graph computes
-
-
-def downsampling_factor(generator: Generator) -> int:
-    """Heights and widths the U-Net takes are multiples of this: ``2**(len(channel_mult) - 1)``."""
-    return 2 ** (len(generator.net.config["channel_mult"]) - 1)
-
-
-def input_names(z_channels: int, inpainting: bool, nfe: int) -> list[str]:
-    """The graph's inputs in order (see the module docstring)."""
-    names = ["xT"]
-    if z_channels:
-        names.append("z")
-    if inpainting:
-        names += ["mask", "hole_noise"]
-    names += [f"noise_{n}" for n in range(1, nfe)]
-    return names
-
-
-def _input_channels(name: str, image_channels: int, z_channels: int) -> int:
-    return {"z": z_channels, "mask": 1}.get(name, image_channels)
-
-
-class StudentProgram(nn.Module):
-    """`samplers.student_sample` with its random draws as inputs: the module that is exported.
-
-    ``forward(*inputs)`` takes the tensors named by ``self.input_names`` in that order and
-    returns x0. Generator calls see ``t`` as a ``[1]`` tensor (a constant the exporter folds;
-    it broadcasts over the batch exactly as a ``[B]`` one). Posterior steps go through
-    ``reference.bridge_step``, i.e. plain arithmetic, with float64 coefficients from
-    ``bridge.posterior`` rounded to float32 (what ``ops.bridge_step`` does with them).
-    """
-
-    def __init__(self, generator: Generator, nfe: int = 1, inpainting: bool = False):
-        super().__init__()
-        if nfe < 1:
-            raise ValueError(f"nfe must be at least 1, got {nfe}")
-        self.generator = generator
-        self.nfe = int(nfe)
-        self.inpainting = bool(inpainting)
-        self.input_names = input_names(generator.z_channels, self.inpainting, self.nfe)
-        bridge = generator.bridge
-        grid = student_grid(bridge, self.nfe).tolist()  # t_1 < ... < t_k = T
-        self.call_times = grid[::-1]  # the generator is called at t_k, ..., t_1
-        self.step_coefs: list[tuple[float, float, float]] = []
-        for t, s in zip(self.call_times[:-1], self.call_times[1:]):
-            coef_x0, coef_xt, std = bridge.posterior(self._time(s), self._time(t))
-            self.step_coefs.append((float(coef_xt), float(coef_x0), float(std)))
-
-    def _time(self, value) -> torch.Tensor:
-        if self.generator.bridge.is_discrete:
-            return torch.full((1,), int(value), dtype=torch.long)
-        return torch.full((1,), float(value), dtype=torch.float64)
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if len(inputs) != len(self.input_names):
-            raise ValueError(f"expected {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
-        named = dict(zip(self.input_names, inputs))
-        xT, z, mask = named["xT"], named.get("z"), named.get("mask")
-        if mask is not None:
-            xT = impose_known(named["hole_noise"], xT, mask)  # fill_hole: noise in the hole (MATH.md 3)
-        x = xT
-        for i, t in enumerate(self.call_times):
-            x0 = self.generator(xT, z, t=self._time(t).to(xT.device), x_t=x).to(x.dtype)
-            if mask is not None:
-                x0 = impose_known(x0, xT, mask)  # the student predicts only the hole
-            if i < len(self.step_coefs):
-                # posterior step t_n -> t_{n-1} (MATH.md 3), plain arithmetic
-                coef_xt, coef_x0, std = self.step_coefs[i]
-                x = reference.bridge_step(x, x0, coef_xt, coef_x0, std, noise=named[f"noise_{i + 1}"])
-        return x0
-
-
-class _ExplicitNoiseBridge:
-    """A bridge whose posterior steps take the given noises, in order, instead of their seeds' noise.
-
-    Lets `reference_sample` run `student_sample` itself with the noises the ONNX model takes.
-    """
-
-    def __init__(self, bridge, noises: Sequence[torch.Tensor]):
-        self._bridge = bridge
-        self._noises = list(noises)
-
-    def __getattr__(self, name):
-        return getattr(self._bridge, name)
-
-    def posterior_step(self, x_t, x0_hat, s, t, noise=None, seed=None):
-        return self._bridge.posterior_step(x_t, x0_hat, s, t, noise=self._noises.pop(0))
-
-
-@torch.no_grad()
-def reference_sample(generator: Generator, inputs: dict[str, torch.Tensor], nfe: int) -> torch.Tensor:
-    """PyTorch's answer to the ONNX model's inputs: `student_sample` with the given z and noises.
-
-    ``inputs`` are named as the graph's (`input_names`); their dtype is the computation's
-    (float64 for a float64 copy of the generator, see `precision_copy`).
-    """
-    xT, z, mask = inputs["xT"], inputs.get("z"), inputs.get("mask")
-    if mask is not None:
-        xT = impose_known(inputs["hole_noise"], xT, mask)  # the fill of samplers.fill_hole
-    if z is None:
-        z = torch.zeros_like(xT)  # ignored by a generator without z channels
-    noises = [inputs[f"noise_{n}"] for n in range(1, nfe)]
-    bridge = _ExplicitNoiseBridge(generator.bridge, noises)
-
-    def generator_fn(x, z_, t):
-        return generator(xT, z_, t=t, x_t=x)
-
-    return student_sample(generator_fn, bridge, xT, nfe, z=z, mask=mask, noise_fill=False,
-                          generator=torch.Generator().manual_seed(0))
-
-
-class _Float32(nn.Module):
-    """Runs the wrapped module in float32 and returns the input dtype (attention in a float16 net)."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.float()).to(x.dtype)
-
-
-def precision_copy(generator: Generator, dtype: torch.dtype) -> Generator:
-    """A copy of the generator whose U-Net computes in ``dtype`` (float16 or float64).
-
-    float16: convolutions and activations in half; GroupNorm (statistics, affine), the
-    time-embedding MLPs and attention stay float32; the network takes and returns float32, so
-    the x0 parametrization and everything around it stay float32. float64: everything in
-    float64 but the sinusoidal time features (float32 in every variant), the reference for
-    float16 tolerances; the inputs must be float64 too.
-    """
-    if dtype not in (torch.float16, torch.float64):
-        raise ValueError(f"dtype must be torch.float16 or torch.float64, got {dtype}")
-    gen = copy.deepcopy(generator).eval()
-    net = gen.net.to(dtype)
-    if dtype == torch.float64:
-        # timestep_embedding makes float32 sinusoids; the MLP takes them in its own dtype
-        net.time_embed.register_forward_pre_hook(lambda module, args: (args[0].to(dtype),) + args[1:])
-        for module in net.modules():
-            if isinstance(module, nn.GroupNorm):
-                module.__class__ = nn.GroupNorm  # GroupNorm32 would compute in float32
-        return gen
-    net.time_embed.float()
-    for module in net.modules():
-        if isinstance(module, nn.GroupNorm):
-            module.float()  # GroupNorm32 computes in float32 and returns the input dtype
-        elif isinstance(module, ResBlock):
-            module.emb_layers.float()  # its output is cast to the activations' dtype
-        elif isinstance(module, AttentionBlock):
-            module.attention = _Float32(module.attention)  # q k^T and softmax in float32
-    net.register_forward_pre_hook(lambda module, args: (args[0].to(torch.float16),) + args[1:])
-    net.register_forward_hook(lambda module, args, output: output.float())
-    return gen
-
-
-# ----------------------------------------------------------------------------
-# Metadata
-
-
-def onnx_metadata(generator: Generator, config: dict[str, Any], nfe: int, inpainting: bool,
-                  precision: str) -> dict[str, str]:
-    """The model's ``metadata_props``: plain strings for names, JSON for everything else."""
-    names = input_names(generator.z_channels, inpainting, nfe)
-    channels = {n: _input_channels(n, generator.image_channels, generator.z_channels) for n in names}
-    noise_inputs = [{"name": n, "channels": channels[n]} for n in names if n not in ("xT", "mask")]
-    return {
-        "format": ONNX_FORMAT,
-        "version": __version__,
-        "bridge": json.dumps(generator.bridge.config()),
-        "nfe": json.dumps(int(nfe)),
-        "student_times": json.dumps(student_grid(generator.bridge, nfe).tolist()[::-1]),
-        "normalization": str(config.get("normalization", "[-1,1]")),
-        "image_channels": json.dumps(int(generator.image_channels)),
-        "z_channels": json.dumps(int(generator.z_channels)),
-        "inpainting": json.dumps(bool(inpainting)),
-        "conditional": json.dumps(bool(generator.conditional)),
-        "downsampling_factor": json.dumps(downsampling_factor(generator)),
-        "image_size": json.dumps(config.get("image_size")),
-        "degradation": str(config.get("degradation", "")),
-        "precision": precision,
-        "inputs": json.dumps(names),
-        "input_channels": json.dumps(channels),
-        "noise_inputs": json.dumps(noise_inputs),
-        "outputs": json.dumps(["x0"]),
-    }
 
 
 # ----------------------------------------------------------------------------
@@ -552,7 +369,7 @@ def export_onnx(
     generator16 = precision_copy(generator, torch.float16) if fp16 else None
     program = StudentProgram(generator16 if fp16 else generator, nfe=nfe, inpainting=inpainting).eval()
     names = program.input_names
-    channels = {n: _input_channels(n, generator.image_channels, generator.z_channels) for n in names}
+    channels = {n: input_channels(n, generator.image_channels, generator.z_channels) for n in names}
     example = _example_inputs(names, channels, EXAMPLE_BATCH, height, width, seed=0)
     args = tuple(example[n] for n in names)
     metadata = onnx_metadata(generator, config, nfe, inpainting, precision)

@@ -10,13 +10,18 @@ unpickled. Metadata keys (all strings, as safetensors requires):
               "degradation" (name), "normalization" ("[-1,1]"),
               "image_size" (the training size), "version"
     extra     optional JSON (training step, metrics, ...)
+
+`load_teacher` / `load_generator` rebuild the models; `load_model` loads either kind for
+inference as a `LoadedModel` (with what `sample`, `eval` and `export` need to know about it).
+`DEFAULT_TEACHER` is the embedded default teacher release.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -27,6 +32,10 @@ from ibmd_fast import __version__
 TEACHER_FORMAT = "ibmd_fast.teacher"
 GENERATOR_FORMAT = "ibmd_fast.generator"
 NORMALIZATION = "[-1,1]"
+
+# The embedded default teacher (ibmd_fast/assets/README.md), and where `distill` writes its generator.
+DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "teacher-sr4x.safetensors")
+DEFAULT_GENERATOR = os.path.join("runs", "distill", "generator.safetensors")
 
 
 class ReleaseError(ValueError):
@@ -122,3 +131,98 @@ def load_generator(path: str, device="cpu"):
     except (KeyError, TypeError, ValueError) as exc:
         raise ReleaseError(f"{path}: weights do not match the config they carry: {exc}") from None
     return generator.to(device).eval(), config
+
+
+# ----------------------------------------------------------------------------
+# A release loaded for inference
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A release loaded for inference: ``model`` is a ``Teacher`` or a ``Generator`` in eval mode."""
+
+    path: str
+    kind: str  # "teacher" | "generator"
+    model: torch.nn.Module
+    config: dict
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.model.image_channels)
+
+    @property
+    def image_size(self) -> Optional[int]:
+        size = self.config.get("image_size")
+        return None if size is None else int(size)
+
+    @property
+    def degradation(self) -> Optional[str]:
+        return self.config.get("degradation")
+
+    @property
+    def nfe(self) -> int:
+        return int(self.config.get("nfe") or 1)
+
+    @property
+    def bridge_type(self) -> str:
+        return self.model.bridge_type
+
+    @property
+    def size_multiple(self) -> int:
+        return size_multiple(self.config)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               expect: Optional[str] = None) -> LoadedModel:
+    """Load a teacher or generator release; ``expect`` ("teacher" / "generator") refuses the other kind.
+
+    Raises ReleaseError (missing file, not a safetensors file, not a release, wrong kind, weights
+    that do not fit their config).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ReleaseError(f"{path} is a folder, not a release file")
+    want = {None: None, "teacher": TEACHER_FORMAT, "generator": GENERATOR_FORMAT}[expect]
+    fmt = _release_format(path)
+    if fmt not in (TEACHER_FORMAT, GENERATOR_FORMAT) or (want is not None and fmt != want):
+        read_release(path, expect=want)  # raises the precise error (missing, unreadable, wrong kind)
+        raise ReleaseError(f"{path} is not a usable release")
+    try:
+        if fmt == TEACHER_FORMAT:
+            model, config = load_teacher(path, device=device)
+        else:
+            model, config = load_generator(path, device=device)
+    except (KeyError, TypeError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ReleaseError(f"{path}: damaged release config ({detail})") from None
+    model.requires_grad_(False)
+    return LoadedModel(path=path, kind="teacher" if fmt == TEACHER_FORMAT else "generator", model=model,
+                       config=config)
+
+
+def _release_format(path: str) -> Optional[str]:
+    """The ``format`` metadata of a safetensors file (header only), or None when it cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as fh:
+            return (fh.metadata() or {}).get("format")
+    except Exception:  # missing, not safetensors, ...: read_release words the error
+        return None
+
+
+def size_multiple(config: dict) -> int:
+    """Heights and widths the release's U-Net takes are multiples of this (2 per downsampling)."""
+    unet = config.get("unet") or {}
+    levels = len(unet.get("channel_mult") or (1,))
+    return 2 ** max(0, levels - 1)
+
+
+def check_image_size(model: LoadedModel, height: int, width: int, what: str = "image") -> None:
+    """ValueError when the network cannot take an ``height x width`` image, saying which sizes it can."""
+    m = model.size_multiple
+    if height % m or width % m or height < m or width < m:
+        near = f"{max(1, round(width / m)) * m}x{max(1, round(height / m)) * m}"
+        trained = f"; it was trained at {model.image_size}x{model.image_size}" if model.image_size else ""
+        raise ValueError(f"{what} is {width}x{height} (width x height), but the network of {model.path} takes "
+                         f"widths and heights that are multiples of {m}, e.g. {near}{trained}")

@@ -1,4 +1,4 @@
-"""Teacher samplers (I2SB posterior/DDPM, DBIM, DDBM Heun) and multi-step student sampling.
+"""Teacher samplers: I2SB posterior/DDPM, DBIM, DDBM Heun (the student's chain is ``restore.student_sample``).
 
 Flat functions in the manner of EDM's ``edm_sampler``. Each takes
 
@@ -8,9 +8,8 @@ Flat functions in the manner of EDM's ``edm_sampler``. Each takes
 - the bridge, the corrupted images ``xT`` and the number of network calls ``nfe``;
 - ``seed`` (an int) or ``generator`` (a ``torch.Generator``): the only noise source. A CPU
   generator seeded from it draws one 62-bit seed per noisy operation, and the noise itself is
-  the Philox noise of ``ops.bridge_step``, so a seed gives the same images on CPU and CUDA
-  (the student's ``z`` is drawn by the generator itself). With neither, the seed is drawn from
-  torch's default generator (``torch.manual_seed`` fixes it).
+  the Philox noise of ``ops.bridge_step``, so a seed gives the same images on CPU and CUDA.
+  With neither, the seed is drawn from torch's default generator (``torch.manual_seed`` fixes it).
 - ``callback(info: dict)``, called once per step with ``step``, ``t``, ``s`` (the time
   stepped to), ``x`` (the state at ``s``), ``x0_hat``, ``std`` (the fresh-noise std of the step,
   ``[B]``) and ``nfe`` (network calls so far); and ``progress`` (a tqdm bar).
@@ -38,12 +37,18 @@ __all__ = [
     "heun_sample",
     "heun_schedule",
     "probability_flow_coefficients",
-    "student_sample",
-    "student_grid",
-    "fill_hole",
-    "impose_known",
     "make_generator",
 ]
+
+
+def __getattr__(name: str):
+    """``fill_hole``, ``impose_known`` and ``student_grid`` moved to ``ibmd_fast.restore``; importable
+    from here for one release."""
+    if name in ("fill_hole", "impose_known", "student_grid"):
+        from ibmd_fast import restore
+
+        return getattr(restore, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 PredictX0 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Optional[Callable[[dict], None]]
@@ -65,35 +70,12 @@ def make_generator(seed: Optional[int] = None, generator: Optional[torch.Generat
     return gen
 
 
-def _times(bridge: Bridge, value, batch: int, device: torch.device) -> torch.Tensor:
-    """A grid time as the ``[B]`` tensor ``predict_x0`` and the bridge take."""
-    if bridge.is_discrete:
-        return torch.full((batch,), int(value), dtype=torch.long, device=device)
-    return torch.full((batch,), float(value), dtype=torch.float64, device=device)
-
-
 def _per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return coef.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
 def _steps(n: int, progress: bool, desc: str):
     return tqdm(range(n), desc=desc, disable=not progress, leave=False)
-
-
-def fill_hole(xT: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor:
-    """``(1 - m) xT + m eps``: the inpainting hole (``m = 1``) filled with Gaussian noise (MATH.md 3).
-
-    ``eps`` is the op's Philox noise of ``seed``. Conditional teachers that feed ``xT`` to the
-    network should see this filled image; fill it yourself and pass ``noise_fill=False``.
-    """
-    mask = mask.to(device=xT.device, dtype=xT.dtype)
-    eps = ops.bridge_step(xT, xT, 0.0, 0.0, 1.0, seed=seed)  # coef 0 on both: eps alone
-    return xT + mask * (eps - xT)
-
-
-def impose_known(x: torch.Tensor, known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(1 - m) known + m x``: known pixels (m = 0) from ``known``, the hole from ``x``."""
-    return known + mask * (x - known)
 
 
 def _report(callback: Callback, **info) -> None:
@@ -127,6 +109,8 @@ def i2sb_sample(
     ``x = (1 - m)(xT + std_sb[n'] eps) + m x``; the returned ``x0_hat`` takes its known pixels
     from ``xT``. Returns the last ``x0_hat`` (see the module docstring).
     """
+    from ibmd_fast.restore import fill_hole, impose_known  # known pixels: one definition, in restore.py
+
     if not isinstance(bridge, I2SBBridge):
         raise TypeError(f"i2sb_sample needs an I2SBBridge, got {type(bridge).__name__}")
     gen = make_generator(seed, generator)
@@ -141,8 +125,8 @@ def i2sb_sample(
 
     x = xT
     for i in _steps(nfe, progress, "i2sb"):
-        t = _times(bridge, grid[nfe - i], batch, device)
-        s = _times(bridge, grid[nfe - i - 1], batch, device)
+        t = bridge.times(grid[nfe - i], batch, device)
+        s = bridge.times(grid[nfe - i - 1], batch, device)
         x0_hat = predict_x0(x, t).to(x.dtype)
         # Posterior step n -> n' (MATH.md 3).
         x = bridge.posterior_step(x, x0_hat, s, t, seed=ops.draw_seed(gen))
@@ -220,8 +204,8 @@ def dbim_sample(
 
     x = xT
     for i in _steps(nfe, progress, "dbim"):
-        t = _times(bridge, grid[nfe - i], batch, device)
-        s = _times(bridge, grid[nfe - i - 1], batch, device)
+        t = bridge.times(grid[nfe - i], batch, device)
+        s = bridge.times(grid[nfe - i - 1], batch, device)
         x0_hat = predict_x0(x, t).to(x.dtype)
         step_seed = ops.draw_seed(gen)
         if i == 0 or eta == 1.0:
@@ -323,8 +307,8 @@ def heun_sample(
     batch, device = xT.shape[0], xT.device
     n_steps, n_heun = heun_schedule(nfe)
     if n_steps == 0:
-        x0_hat = predict_x0(xT, _times(bridge, bridge.T, batch, device)).to(xT.dtype)
-        _report(callback, step=0, t=_times(bridge, bridge.T, batch, device), s=None, x=xT, x0_hat=x0_hat,
+        x0_hat = predict_x0(xT, bridge.times(bridge.T, batch, device)).to(xT.dtype)
+        _report(callback, step=0, t=bridge.times(bridge.T, batch, device), s=None, x=xT, x0_hat=x0_hat,
                 std=torch.zeros(batch, dtype=torch.float64), nfe=1)
         return x0_hat
     grid = bridge.sampling_grid(n_steps, spacing=spacing).tolist()
@@ -333,7 +317,7 @@ def heun_sample(
     for i in _steps(n_steps, progress, "heun"):
         t_cur, t_next = grid[n_steps - i], grid[n_steps - i - 1]
         t_hat_value = t_cur + churn * (t_next - t_cur)
-        t, t_hat, s = (_times(bridge, v, batch, device) for v in (t_cur, t_hat_value, t_next))
+        t, t_hat, s = (bridge.times(v, batch, device) for v in (t_cur, t_hat_value, t_next))
 
         # 1. Stochastic step t -> t_hat.
         x0_hat = predict_x0(x, t).to(x.dtype)
@@ -355,63 +339,3 @@ def heun_sample(
             x = x_euler
         _report(callback, step=i, t=t, s=s, x=x, x0_hat=x0_hat, std=std, nfe=calls)
     return x0_hat
-
-
-# ----------------------------------------------------------------------------
-# Multi-step IBMD student, MATH.md 5
-
-
-def student_grid(bridge: Bridge, nfe: int) -> torch.Tensor:
-    """The student's grid ``t_1 < ... < t_k = T`` (k = nfe; MATH.md 5): ``bridge.sampling_grid(nfe)``
-    without its first point. Training and inference of a multi-step student must use the same."""
-    return bridge.sampling_grid(nfe)[1:]
-
-
-def student_sample(
-    generator_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    bridge: Bridge,
-    xT: torch.Tensor,
-    nfe: int = 1,
-    z: Optional[torch.Tensor] = None,
-    mask: Optional[torch.Tensor] = None,
-    seed: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    callback: Callback = None,
-    noise_fill: bool = True,
-) -> torch.Tensor:
-    """Sampling with the IBMD student ``G(x_t, z, t)`` in ``nfe`` calls (MATH.md 5).
-
-    ``x = xT``; for n = k..1: ``x0~ = generator_fn(x, z, t_n)`` and, except after the last call,
-    the posterior step to ``t_{n-1}`` with ``x0~``; returns the last ``x0~``. ``nfe = 1`` is
-    ``generator_fn(xT, z, T)``. ``z`` (the same for every call) defaults to standard normal of
-    ``xT``'s shape drawn from the noise source; pass it for another shape. Inpainting
-    (``mask``, 1 inside the hole): the hole of ``xT`` is filled with noise as in
-    ``i2sb_sample`` (unless ``noise_fill=False``) and every ``x0~`` takes its known pixels from
-    ``xT``. Not under ``no_grad``: wrap the call for inference.
-    """
-    gen = make_generator(seed, generator)
-    grid = student_grid(bridge, nfe).tolist()
-    batch, device = xT.shape[0], xT.device
-    if mask is not None:
-        mask = mask.to(device=device, dtype=xT.dtype)
-        if noise_fill:
-            xT = fill_hole(xT, mask, ops.draw_seed(gen))
-    if z is None:
-        # Drawn on the generator (CPU unless given), then moved: the same z on every device.
-        z = torch.randn(xT.shape, generator=gen, dtype=torch.float32, device=gen.device)
-        z = z.to(device=device, dtype=xT.dtype)
-
-    x = xT
-    for i in range(nfe):
-        n = nfe - i  # grid[n - 1] is t_n
-        t = _times(bridge, grid[n - 1], batch, device)
-        x0 = generator_fn(x, z, t).to(x.dtype)
-        if mask is not None:
-            x0 = impose_known(x0, xT, mask)  # the student predicts only the hole
-        if n > 1:
-            s = _times(bridge, grid[n - 2], batch, device)
-            x = bridge.posterior_step(x, x0, s, t, seed=ops.draw_seed(gen))
-            _report(callback, step=i, t=t, s=s, x=x, x0_hat=x0, std=bridge.posterior(s, t)[2], nfe=i + 1)
-        else:
-            _report(callback, step=i, t=t, s=None, x=x, x0_hat=x0, std=None, nfe=i + 1)
-    return x0

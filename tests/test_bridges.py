@@ -352,3 +352,21 @@ def test_config_round_trip(make):
         assert torch.equal(a, b)
     with pytest.raises(ValueError):
         bridge_from_config({"type": "nope"})
+
+
+def test_times_is_the_grid_value_as_the_bridges_time_tensor():
+    """``Bridge.times``: every grid point, as the [B] tensor ``marginal`` and ``sample_t`` use."""
+    i2sb, vp = I2SBBridge(n_steps=20), VPBridge()
+    t = i2sb.times(i2sb.sampling_grid(4)[2], 3)  # a 0-d LongTensor value
+    assert t.dtype == torch.long and t.shape == (3,) and t.tolist() == [i2sb.sampling_grid(4)[2].item()] * 3
+    assert i2sb.times(i2sb.T, 2).tolist() == [19, 19]
+    assert i2sb.times(i2sb.T, 1).dtype == i2sb.sample_t(1).dtype
+    t = vp.times(0.25, 2, "cpu")
+    assert t.dtype == torch.float64 and t.tolist() == [0.25, 0.25] and t.device.type == "cpu"
+    assert vp.times(vp.T, 1).dtype == vp.sample_t(1).dtype
+    # the same coefficients as the grid itself, point by point
+    for bridge in (i2sb, vp):
+        grid = bridge.sampling_grid(3)
+        for i, value in enumerate(grid.tolist()):
+            for a, b in zip(bridge.marginal(bridge.times(value, 2)), bridge.marginal(grid[i:i + 1])):
+                assert torch.equal(a, b.expand(2))

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from ibmd_fast.bridges import Bridge
 from ibmd_fast.models import (
     Generator,
     Teacher,
@@ -18,6 +19,7 @@ from ibmd_fast.models import (
     timestep_embedding,
 )
 from ibmd_fast.models.unet import CONFIGS, QKVAttention, QKVAttentionLegacy
+from ibmd_fast.restore import student_sample
 
 
 
@@ -32,8 +34,10 @@ ADM256_UNCOND_PARAMS = 552_814_086
 # ----------------------------------------------------------------------------
 # helpers
 
-class StubI2SB:
-    """Stand-in for ibmd_fast.bridges.I2SBBridge: only what the wrappers use."""
+class StubI2SB(Bridge):
+    """Stand-in for ibmd_fast.bridges.I2SBBridge: only what the wrappers use (and ``Bridge.times``)."""
+
+    is_discrete = True
 
     def __init__(self, n_steps=50):
         self.n_steps = n_steps
@@ -47,9 +51,10 @@ class StubI2SB:
         return {"type": "i2sb", "n_steps": self.n_steps}
 
 
-class StubVP:
+class StubVP(Bridge):
     """Stand-in for ibmd_fast.bridges.VPBridge."""
 
+    is_discrete = False
     T = 1.0
 
     def precond(self, t):
@@ -377,7 +382,7 @@ def test_generator_starts_as_teacher(kind, conditional):
         )
 
 
-def test_generator_z_gets_gradient_and_mask_copies_known_pixels():
+def test_generator_z_gets_gradient_and_the_chain_copies_known_pixels():
     teacher = make_teacher("i2sb", conditional=False).requires_grad_(False)
     gen = Generator(teacher)
     xT, _ = inputs(seed=4)
@@ -390,11 +395,13 @@ def test_generator_z_gets_gradient_and_mask_copies_known_pixels():
     mask = torch.zeros(2, 1, 16, 16)
     mask[..., 4:12, 4:12] = 1
     with torch.no_grad():
-        out = gen(xT, z, mask=mask)
+        out = student_sample(gen, xT, z, 1, mask=mask, grid=[teacher.T])  # known pixels: the chain's impose_known
         free = gen(xT, z)
     known = (mask == 0).expand_as(out)
     assert torch.equal(out[known], xT[known])
     assert torch.equal(out[~known], free[~known])
+    with pytest.raises(TypeError):
+        gen(xT, z, mask=mask)  # the generator predicts the whole image; it does not mask on its own
 
 
 def test_generator_config_round_trip():

@@ -11,13 +11,10 @@ from ibmd_fast.bridges import I2SBBridge, VPBridge
 from ibmd_fast.samplers import (
     dbim_coefficients,
     dbim_sample,
-    fill_hole,
     heun_sample,
     heun_schedule,
     i2sb_sample,
     probability_flow_coefficients,
-    student_grid,
-    student_sample,
 )
 
 SHAPE = (4, 3, 8, 8)
@@ -253,52 +250,7 @@ def test_probability_flow_keeps_the_marginal():
     torch.testing.assert_close(x, point(times[-1]), rtol=0, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------
-# Student
-
-
-@pytest.mark.parametrize("bridge", BRIDGES)
-def test_student_one_step(bridge):
-    x0, xT = _data()
-    gen_fn = Recorder(lambda x, z, t: x0.clone())
-    z = torch.randn(SHAPE)
-    out = student_sample(gen_fn, bridge, xT, 1, z=z, seed=0)
-    torch.testing.assert_close(out, x0, rtol=0, atol=0)
-    (x, z_seen, t), = gen_fn.calls
-    assert torch.equal(x, xT) and torch.equal(z_seen, z) and torch.all(t == bridge.T)
-
-
-@pytest.mark.parametrize("bridge", BRIDGES)
-def test_student_multi_step(bridge):
-    x0, xT = _data()
-    gen_fn = Recorder(lambda x, z, t: x0.clone())
-    infos, callback = _collect()
-    out = student_sample(gen_fn, bridge, xT, 4, seed=0, callback=callback)
-    torch.testing.assert_close(out, x0, rtol=0, atol=1e-6)
-    assert len(gen_fn.calls) == 4 and infos[-1]["nfe"] == 4
-    grid = student_grid(bridge, 4)
-    assert len(grid) == 4 and grid[-1] == bridge.T and grid[0] > 0
-    assert [float(t[0]) for _, _, t in gen_fn.calls] == grid.flip(0).tolist()
-    assert all(torch.equal(c[1], gen_fn.calls[0][1]) for c in gen_fn.calls)  # one z for all calls
-
-
-def test_student_inpainting_and_seeds():
-    bridge = I2SBBridge(beta_max=1.0)
-    x0, xT = _data()
-    mask = _center_mask()
-    known = (1 - mask).bool().expand(SHAPE)
-
-    def gen_fn(x, z, t):
-        return x0 + 0.1 * z
-
-    for nfe in (1, 3):
-        out = student_sample(gen_fn, bridge, xT, nfe, mask=mask, seed=0)
-        assert torch.equal(out[known], xT[known])  # known pixels copied from xT
-        assert torch.equal(out, student_sample(gen_fn, bridge, xT, nfe, mask=mask, seed=0))
-        assert not torch.equal(out, student_sample(gen_fn, bridge, xT, nfe, mask=mask, seed=1))
-    # fill_hole: noise in the hole, xT elsewhere
-    filled = fill_hole(xT, mask, seed=3)
-    assert torch.equal(filled[known], xT[known]) and not torch.equal(filled, xT)
+# The student's chain is restore.student_sample: tests/test_restore.py.
 
 
 # ----------------------------------------------------------------------------
@@ -311,8 +263,6 @@ STOCHASTIC = [
     pytest.param(lambda p, x, **k: dbim_sample(p, VPBridge(), x, 5, eta=0.0, **k), id="dbim-vp-0"),
     pytest.param(lambda p, x, **k: dbim_sample(p, I2SBBridge(), x, 5, eta=1.0, **k), id="dbim-i2sb-1"),
     pytest.param(lambda p, x, **k: heun_sample(p, VPBridge(), x, 8, **k), id="heun"),
-    pytest.param(lambda p, x, **k: student_sample(lambda x, z, t: torch.tanh(x + z), VPBridge(), x, 3, **k),
-                 id="student"),
 ]
 
 

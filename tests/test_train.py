@@ -39,7 +39,7 @@ from ibmd_fast.train import (
 from ibmd_fast.train import ibmd as ibmd_module
 from ibmd_fast.train.common import BatchStream, Precision
 from ibmd_fast.train.distributed import DistEnv
-from ibmd_fast.train.evaluation import sample_student
+from ibmd_fast.restore import sample_student
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "_train_worker.py"

@@ -8,7 +8,7 @@
 - `make_fake_model(teacher)`: the fake bridge model phi, a trainable copy.
 
 The bridge object (ibmd_fast.bridges) is used through `config()["type"]`,
-`T`, `net_time(t)`, and `std_fwd` (I2SB) or `precond(t)` (VP, VE; DDBM's
+`T`, `times(value, batch, device)`, `net_time(t)`, and `std_fwd` (I2SB) or `precond(t)` (VP, VE; DDBM's
 preconditioning with the bridge's own `sigma_data` and `cov_xy`).
 
 Class-conditional networks (`net.num_classes`, e.g. DBIM's ImageNet inpainting
@@ -72,10 +72,8 @@ class BridgeModel(nn.Module):
         return int(self.net.out_channels)
 
     def full_time(self, batch: int, device: torch.device | str) -> torch.Tensor:
-        """t = T for every sample: LongTensor for I2SB, float64 for VP (as the bridge samples times)."""
-        if self.bridge_type == "i2sb":
-            return torch.full((batch,), int(self.T), dtype=torch.long, device=device)
-        return torch.full((batch,), float(self.T), dtype=torch.float64, device=device)
+        """t = T for every sample, as the bridge takes times (``Bridge.times``)."""
+        return self.bridge.times(self.T, batch, device)
 
     def predict_x0(
         self,
@@ -184,13 +182,12 @@ class Generator(BridgeModel):
         z: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
         x_t: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x0 = G(xT, z) at t = T (x_t = xT), or G(x_t, z, t) when `t` is given.
 
-        With `mask` (1 inside the hole, broadcastable to xT) the known pixels
-        are copied from xT: `mask * x0 + (1 - mask) * xT`. Filling the hole of
-        xT with noise beforehand (I2SB) is the caller's job. With
+        The network's prediction over the whole image: inpainting (known pixels
+        from xT, the hole of xT filled with noise beforehand) is the chain's job,
+        `restore.impose_known` in `restore.student_sample`. With
         `z_channels == 0`, `z` is ignored.
         """
         if t is None:
@@ -200,11 +197,7 @@ class Generator(BridgeModel):
             raise ValueError("a multi-step generator call with t needs x_t")
         if self.z_channels and z is None:
             raise ValueError(f"the generator takes noise z with {self.z_channels} channels")
-        x0 = self.predict_x0(x_t, t, xT, extra=z if self.z_channels else None)
-        if mask is not None:
-            mask = mask.to(x0.dtype)
-            x0 = mask * x0 + (1 - mask) * xT.to(x0.dtype)
-        return x0
+        return self.predict_x0(x_t, t, xT, extra=z if self.z_channels else None)
 
 
 def _widen_first_conv(net: nn.Module, extra_channels: int) -> None:

@@ -1,16 +1,16 @@
 """What the teacher trainer and the IBMD distiller share.
 
-- ``RunLog`` (in ``rundir``, re-exported): ``log.txt``, ``stats.jsonl``, ``config.json``.
-- ``BatchStream``: an endless, exactly resumable stream of batches. The order is a function of
-  (seed, epoch) only (``DistributedSampler``), every item is built under a torch seed of its
-  own (seed, epoch, index), so a run resumed at batch ``n`` sees the very batches an
-  uninterrupted run sees, with any number of DataLoader workers (started once per run).
+- ``RunLog`` (in ``rundir``, re-exported): ``log.txt`` (what was printed), ``stats.jsonl`` (a JSON line per log step),
+  ``config.json``; rank 0 only.
+- ``BatchStream`` (``train/batches.py``, re-exported): an endless, exactly resumable stream of
+  batches.
 - ``capture_rng`` / ``restore_rng``: torch CPU and CUDA, numpy, python and the trainer's own
   noise generator, for bit-identical resumption on CPU.
 - ``Precision``: autocast (bf16/fp16, CUDA only) and the fp16 GradScaler.
 - ``OptimizerStep``: gradient clipping and the non-finite guard, with one decision for
   every rank.
-- ``save_grid``: PNG grids, one row per kind of image.
+- ``as_config``, ``find_checkpoint``, ``restore_rank_rng``, ``RunCheckpoints``, ``set_lr``,
+  ``fmt_value``: the config, resume, checkpoint and logging steps every trainer takes.
 """
 from __future__ import annotations
 
@@ -22,23 +22,21 @@ import os
 import random
 import sys
 import time
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ibmd_fast.data import collate
-from ibmd_fast.data.images import tensor_to_uint8
 from ibmd_fast.ops import draw_seed  # noqa: F401  (re-exported for the trainers)
 from ibmd_fast.release import atomic_write
 from ibmd_fast.train.distributed import DistEnv
 from ibmd_fast.train.rundir import RunLog, write_text  # noqa: F401  (re-exported: they lived here)
 
+if TYPE_CHECKING:  # checkpoint.py is imported where it is used (it may import this module)
+    from ibmd_fast.train.checkpoint import CheckpointIO
+
 __all__ = [
     "RunLog",
-    "BatchStream",
     "derive_seed",
     "seed_everything",
     "capture_rng",
@@ -46,7 +44,6 @@ __all__ = [
     "Precision",
     "OptimizerStep",
     "TrainingDivergedError",
-    "save_grid",
     "config_dict",
     "check_compatible",
     "check_kind",
@@ -54,11 +51,26 @@ __all__ = [
     "draw_seed",
     "write_text",
     "Meter",
-    "to_device",
-    "first_items",
-    "set_dataset_epoch",
     "MAX_CONSECUTIVE_SKIPS",
+    "as_config",
+    "set_lr",
+    "fmt_value",
+    "find_checkpoint",
+    "restore_rank_rng",
+    "RunCheckpoints",
 ]
+
+_MOVED = ("BatchStream", "to_device", "first_items", "set_dataset_epoch")
+
+
+def __getattr__(name: str):
+    """The batch stream moved to ``train/batches.py``; its names stay importable from here."""
+    if name in _MOVED:
+        from ibmd_fast.train import batches
+
+        return getattr(batches, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 MAX_CONSECUTIVE_SKIPS = 20  # non-finite steps in a row before a run is declared diverged
 
@@ -149,6 +161,93 @@ def check_compatible(saved: dict, current: dict, keys: Iterable[str], path: str)
         )
 
 
+def as_config(cls, cfg, overrides):
+    if cfg is None:
+        cfg = cls()
+    elif isinstance(cfg, dict):
+        cfg = cls(**cfg)
+    if overrides:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} setting(s): {unknown}")
+        cfg = cls(**{**config_dict(cfg), **overrides})
+    return cfg
+
+
+# ----------------------------------------------------------------------------
+# Run machinery both trainers use (resume, learning rate, log formatting)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def fmt_value(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def find_checkpoint(resume: str, ckpt: CheckpointIO, log: RunLog, env) -> Optional[tuple[str, dict]]:
+    """The checkpoint to resume from (``rundir.find_resume``: ``auto`` the newest readable one, a path
+    that file, ``none`` nothing); its warnings also go to log.txt."""
+    from ibmd_fast.train.rundir import find_resume
+
+    ckpt.log = log.record
+    return find_resume(resume, ckpt, env)
+
+
+class RunCheckpoints:
+    """A run's checkpoints, written the same way by both trainers.
+
+    ``save(step, data_position)``: every rank's random states are gathered and rank 0 writes
+    ``ckpt.save`` with ``fields`` (kind, config, ...), the data position and the run's seconds so
+    far; then all ranks meet. ``periodic``: the checkpoint of every ``ckpt_every`` steps, held back
+    (with a log line) while steps are being skipped. ``final``: the last one, unless that step was
+    just saved. ``saved_at`` starts at the resumed step (or -1).
+    """
+
+    def __init__(self, ckpt: "CheckpointIO", env, noise: torch.Generator, started: float, seconds_before: float,
+                 saved_at: int, **fields):
+        self.ckpt, self.env, self.noise = ckpt, env, noise
+        self.started, self.seconds_before = started, seconds_before
+        self.saved_at = saved_at
+        self.fields = fields
+
+    def seconds(self) -> float:
+        """Training seconds of the whole run, resumed parts included."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def save(self, step: int, data_position: int) -> None:
+        states = self.env.gather(capture_rng(self.noise))
+        if self.env.is_main:
+            self.ckpt.save(step, **self.fields, rng=states, data_position=data_position, seconds=self.seconds())
+        self.saved_at = step
+        self.env.barrier()
+
+    def periodic(self, step: int, data_position: int, skipping: bool, log) -> None:
+        if skipping:
+            log(f"step {step}: no checkpoint while steps are being skipped")
+        else:
+            self.save(step, data_position)
+
+    def final(self, step: int, data_position: int) -> None:
+        if self.saved_at != step:
+            self.save(step, data_position)
+
+
+def restore_rank_rng(payload: dict, gen: torch.Generator, env, log) -> None:
+    states = payload["rng"]
+    if len(states) == env.world_size:
+        restore_rng(states[env.rank], gen)
+    else:
+        # Another number of processes: the run goes on, with fresh noise streams.
+        log(f"note: checkpoint written by {len(states)} process(es), resuming with {env.world_size}: "
+            "noise streams are re-seeded (the run is not bit-identical to an uninterrupted one)")
+        gen.manual_seed(derive_seed(int(payload["step"]), env.rank, 2))
+        seed_everything(derive_seed(int(payload["step"]), env.rank, 3) % 2**31)
+
+
 # ----------------------------------------------------------------------------
 # Output files
 
@@ -159,179 +258,6 @@ def progress_bar(total: int, initial: int, enabled: bool, desc: str):
 
     on = enabled and sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, disable=not on, dynamic_ncols=True, leave=False)
-
-
-def save_grid(path: str, rows: list[torch.Tensor], max_cols: int = 8, pad: int = 2) -> None:
-    """A PNG with one row per tensor ``[B, C, H, W]`` in [-1, 1] (first ``max_cols`` images each)."""
-    rows = [r[:max_cols].detach().float().cpu() for r in rows]
-    cols = max(r.shape[0] for r in rows)
-    c = max(r.shape[1] for r in rows)
-    h, w = rows[0].shape[-2:]
-    canvas = torch.ones(c, pad + len(rows) * (h + pad), pad + cols * (w + pad))
-    for i, row in enumerate(rows):
-        if row.shape[1] != c:
-            row = row.expand(-1, c, -1, -1)
-        for j in range(row.shape[0]):
-            top, left = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[:, top:top + h, left:left + w] = row[j].clamp(-1, 1)
-    pixels = tensor_to_uint8(canvas)
-    image = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels, "L" if c == 1 else "RGB")
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-# ----------------------------------------------------------------------------
-# Data
-
-
-class _SeededItems(Dataset):
-    """Item ``(epoch, index)``: ``dataset[index]`` built under torch seed ``(seed, epoch, index)``.
-
-    Random crops and flips of folder data draw from torch's default generator; seeding per
-    item makes every item a function of (seed, epoch, index), whichever process builds it,
-    so a resumed run gets the same items. The caller's random state is left untouched. The
-    wrapped dataset's ``set_epoch`` (e.g. ``SkimagePhotos`` re-draws its crops) is called here,
-    in whichever process (DataLoader worker or main) builds the item, when the epoch changes.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset = dataset
-        self.seed = int(seed)
-        self.epoch: Optional[int] = None
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        if epoch != self.epoch:
-            set_dataset_epoch(self.dataset, epoch)
-            self.epoch = epoch
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, epoch, index))
-            return self.dataset[index]
-
-
-def set_dataset_epoch(dataset: Any, epoch: int, _depth: int = 0) -> None:
-    """Call ``set_epoch`` on the dataset or any source it wraps (e.g. ``SkimagePhotos`` re-draws crops)."""
-    if dataset is None or _depth > 8:
-        return
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
-    for attr in ("source", "images", "dataset"):
-        inner = getattr(dataset, attr, None)
-        if isinstance(inner, Dataset):
-            set_dataset_epoch(inner, epoch, _depth + 1)
-
-
-class _EndlessSampler(Sampler):
-    """``(epoch, index)`` keys for this rank, epoch after epoch, from batch ``start`` on (edm's InfiniteSampler habit).
-
-    Epoch ``e`` is ``DistributedSampler(seed).set_epoch(e)`` cut to whole batches, so batch ``n``
-    of the run is batch ``n % per_epoch`` of epoch ``n // per_epoch``, and no batch straddles
-    two epochs. One DataLoader iterator serves the whole run (workers are started once).
-    """
-
-    def __init__(self, sampler: DistributedSampler, local_batch: int, per_epoch: int, start: int):
-        self.sampler, self.local_batch, self.per_epoch, self.start = sampler, local_batch, per_epoch, start
-
-    def __iter__(self):
-        epoch, offset = divmod(self.start, self.per_epoch)
-        while True:
-            self.sampler.set_epoch(epoch)
-            indices = list(self.sampler)[offset * self.local_batch: self.per_epoch * self.local_batch]
-            for index in indices:
-                yield epoch, int(index)
-            epoch, offset = epoch + 1, 0
-
-
-class BatchStream:
-    """Endless batches of ``local_batch`` items for this rank, resumable at any batch.
-
-    Batch ``n`` (counted from 0 over the whole run) is batch ``n % per_epoch`` of epoch
-    ``n // per_epoch``; the epoch's order is ``DistributedSampler(seed).set_epoch(epoch)``.
-    ``position`` is the number of batches handed out so far (store it in checkpoints; pass it
-    back as ``start``).
-    """
-
-    def __init__(self, dataset: Dataset, local_batch: int, env: DistEnv, seed: int, workers: int = 0,
-                 start: int = 0):
-        self.dataset = dataset
-        self.local_batch = int(local_batch)
-        self.position = int(start)
-        sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank,
-                                     shuffle=True, seed=int(seed), drop_last=True)
-        self.per_epoch = len(sampler) // self.local_batch
-        if self.per_epoch < 1:
-            raise ValueError(f"the data set has {len(dataset)} items, fewer than one global batch "
-                             f"({self.local_batch * env.world_size}); lower batch_size or add data")
-        self.loader = DataLoader(
-            _SeededItems(dataset, seed),
-            batch_size=self.local_batch,
-            sampler=_EndlessSampler(sampler, self.local_batch, self.per_epoch, self.position),
-            num_workers=int(workers),
-            collate_fn=collate,
-            pin_memory=env.device.type == "cuda",
-            # the loader draws its workers' base seed from here, not from the global generator
-            generator=torch.Generator().manual_seed(derive_seed(seed, env.rank)),
-        )
-        self._iter = None
-
-    @property
-    def epoch(self) -> int:
-        return self.position // self.per_epoch
-
-    def next(self) -> dict:
-        if self._iter is None:
-            self._iter = iter(self.loader)
-        try:
-            batch = next(self._iter)
-        except RuntimeError as exc:  # the folder data sets' "none of the N items could be read"
-            if "could be read" not in str(exc):
-                raise
-            raise DataUnreadableError(f"the training images can no longer be read{_data_root(self.dataset)} "
-                                      "(moved or deleted during the run?); the checkpoints written so far are "
-                                      "kept: restore the images and rerun to resume") from None
-        self.position += 1
-        return batch
-
-
-class DataUnreadableError(OSError):
-    """Every training item failed to load mid-run (the files were moved or deleted)."""
-
-
-def _data_root(dataset, depth: int = 0) -> str:
-    """`` in ROOT`` of the folder a data set reads (through wrappers), or ""."""
-    if dataset is None or depth > 8:
-        return ""
-    root = getattr(dataset, "root", None)
-    if root is not None:
-        return f" in {root}"
-    for attr in ("source", "images", "dataset"):
-        found = _data_root(getattr(dataset, attr, None), depth + 1)
-        if found:
-            return found
-    return ""
-
-
-def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if channels_last and value.dim() == 4:
-                value = value.contiguous(memory_format=torch.channels_last)
-        out[key] = value
-    return out
-
-
-def first_items(dataset: Dataset, n: int) -> Optional[dict]:
-    """The first ``n`` items of ``dataset`` as one batch (fixed pictures for sample grids)."""
-    n = min(n, len(dataset))
-    if n < 1:
-        return None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return collate([dataset[i] for i in range(n)])
 
 
 # ----------------------------------------------------------------------------

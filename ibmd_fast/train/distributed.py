@@ -28,25 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ibmd_fast.device import resolve_device  # noqa: F401  (re-exported: the trainers' name for it)
+
 __all__ = ["DistEnv", "init", "resolve_device", "wrap_ddp", "unwrap", "local_batch_size"]
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` (this rank's GPU) or ``cuda:N``."""
-    spec = str(spec).strip().lower()
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {spec!r} was asked for, but torch sees no CUDA device "
-                               f"(torch {torch.__version__}); use device='cpu'")
-        device = torch.device(f"cuda:{local_rank}") if spec == "cuda" else torch.device(spec)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
-        return device
-    raise ValueError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
 
 
 @dataclass

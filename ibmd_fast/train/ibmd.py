@@ -29,7 +29,7 @@ In step 2 both frozen networks, teacher and fake model, are evaluated the same w
 the two bridge models, not two dropout draws; the fake model trains in ``train()`` mode in step 1.
 
 Multi-step students (``nfe = k > 1``, MATH.md 5): on the grid ``t_1 < ... < t_k = T``
-(``samplers.student_grid``), each draw picks ``n`` uniformly in 1..k (one per batch) and builds
+(``restore.student_grid``), each draw picks ``n`` uniformly in 1..k (one per batch) and builds
 the student's input ``x_{t_n}`` by running the student's OWN chain from ``xT`` without gradient
 (``x0~ = G(x_{t_m}, z, t_m)``, posterior step to ``t_{m-1}``, for m = k..n+1), exactly as at
 inference; then ``x0 = G(x_{t_n}, z, t_n)`` (with gradient in step 2). This trains every grid
@@ -50,43 +50,42 @@ from typing import Optional
 
 import torch
 
-import ibmd_fast
 from ibmd_fast import ops
 from ibmd_fast.data import get_degradation, make_dataset
+from ibmd_fast.imageio import save_grid
 from ibmd_fast.models import Generator, make_fake_model
-from ibmd_fast.release import GENERATOR_FORMAT, ReleaseError, load_teacher, save_release
-from ibmd_fast.samplers import fill_hole, student_grid
+from ibmd_fast.release import DEFAULT_TEACHER, GENERATOR_FORMAT, ReleaseError, load_teacher, save_release
+from ibmd_fast.restore import SeededNoise, compare, fill_hole, noise_like, sample_student, student_grid, student_sample
 from ibmd_fast.train import distributed
+from ibmd_fast.train.batches import BatchStream, first_items, to_device
 from ibmd_fast.train.checkpoint import CheckpointIO
 from ibmd_fast.train.common import (
-    BatchStream,
     Meter,
     OptimizerStep,
     Precision,
     RunLog,
+    RunCheckpoints,
     TrainingDivergedError,
-    capture_rng,
+    as_config,
     check_compatible,
     check_kind,
     config_dict,
     derive_seed,
     draw_seed,
-    first_items,
+    find_checkpoint,
+    fmt_value,
     progress_bar,
-    save_grid,
+    restore_rank_rng,
     seed_everything,
-    to_device,
+    set_lr,
     write_text,
 )
 from ibmd_fast.train.ema import EMA
-from ibmd_fast.train.evaluation import compare, sample_student
 from ibmd_fast.train.preflight import check_device, check_image_size, check_settings
-from ibmd_fast.train.rundir import finished, run_lock
-from ibmd_fast.train.teacher import _as_config, _find_checkpoint, _finished_summary, _fmt, _restore_rank_rng, _set_lr
+from ibmd_fast.train.rundir import finished, finished_summary, run_lock
 
 __all__ = ["DistillConfig", "distill", "IBMD", "DEFAULT_TEACHER"]
 
-DEFAULT_TEACHER = os.path.join(os.path.dirname(ibmd_fast.__file__), "assets", "teacher-sr4x.safetensors")
 GRID_ITEMS = 8
 
 
@@ -140,21 +139,9 @@ class DistillConfig:
 _MODEL_KEYS = ("teacher_unet", "bridge", "conditional", "nfe", "image_size", "channels", "degradation")
 
 
-def _full(bridge, value, batch: int, device) -> torch.Tensor:
-    """A grid time as the ``[B]`` tensor the bridge and the networks take."""
-    if bridge.is_discrete:
-        return torch.full((batch,), int(value), dtype=torch.long, device=device)
-    return torch.full((batch,), float(value), dtype=torch.float64, device=device)
-
-
 def _opmath(x: torch.Tensor) -> torch.Tensor:
     """Network outputs in the losses' arithmetic dtype: float32 (from autocast's half), float64 kept."""
     return x if x.dtype == torch.float64 else x.float()
-
-
-def _noise_like(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """Standard normal noise of ``x``'s shape from the fused op's Philox stream (same on CPU and CUDA)."""
-    return ops.bridge_step(x, x, 0.0, 0.0, 1.0, seed=seed)
 
 
 class IBMD:
@@ -230,26 +217,19 @@ class IBMD:
         t_n)``. The chain runs WITHOUT gradient: ``x_{t_n}`` is a sample of the student's own
         inference distribution at ``t_n``, treated as data (stop-gradient), so ``d loss/d theta``
         is taken through the last call only, as if ``x_{t_n}`` had come from a data loader. Only
-        that call carries a gradient (with ``grad``), through the DDP wrapper.
+        that call carries a gradient (with ``grad``), through the DDP wrapper. The chain is
+        inference's (``restore.student_sample``) cut at the drawn ``n``.
         """
-        batch = xT.shape[0]
         n = 1 if self.nfe == 1 else int(torch.randint(1, self.nfe + 1, (), generator=self.noise))
-        x = xT
-        with torch.no_grad(), self.precision.autocast():
-            for m in range(self.nfe, n, -1):  # t_m from T down to t_{n+1}
-                t = _full(self.bridge, self.grid[m - 1], batch, self.device)
-                s = _full(self.bridge, self.grid[m - 2], batch, self.device)
-                x0 = _opmath(self.generator(xT, z, t=t, x_t=x, mask=mask))
-                x = self.bridge.posterior_step(x, x0, s, t, seed=draw_seed(self.noise))
-        t_n = _full(self.bridge, self.grid[n - 1], batch, self.device)
         model = self.gen_ddp if grad else self.generator
-        with (contextlib.nullcontext() if grad else torch.no_grad()), self.precision.autocast():
-            return _opmath(model(xT, z, t=t_n, x_t=x, mask=mask))
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            return student_sample(self.generator, xT, z, self.nfe, mask=mask, noise=SeededNoise(self.noise),
+                                  stop=n, last_call=model, autocast=self.precision.autocast, grid=self.grid)
 
     def fake_step(self, batch: dict) -> tuple[float, float, bool]:
         """Algorithm 1, step 1 (one of the L): bridge matching of phi on the generator's samples."""
         xT, mask = self.corrupted(batch)
-        z = _noise_like(xT, draw_seed(self.noise))
+        z = noise_like(xT, draw_seed(self.noise))
         x0 = self.generate(xT, z, mask, grad=False)
         t = self.bridge.sample_t(xT.shape[0], generator=self.noise).to(self.device)
         x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.noise))
@@ -261,7 +241,7 @@ class IBMD:
     def generator_step(self, batch: dict) -> tuple[float, float, bool]:
         """Algorithm 1, step 2: the IBMD loss, backpropagated through x_t into the generator."""
         xT, mask = self.corrupted(batch)
-        z = _noise_like(xT, draw_seed(self.noise))
+        z = noise_like(xT, draw_seed(self.noise))
         cond = xT if self.conditional else None
         self.fake.requires_grad_(False)  # phi is a fixed function in this step,
         self.fake.eval()  # evaluated as the teacher is (dropout off)
@@ -317,7 +297,7 @@ def distill(cfg: Optional[DistillConfig] = None, **overrides) -> dict:
     ``comparison`` is a list of ``{"model", "nfe", "psnr", "ssim", "sec_per_image"}`` (empty when
     skipped). Under torchrun every rank calls it; rank 0 writes the files.
     """
-    cfg = _as_config(DistillConfig, cfg, overrides)
+    cfg = as_config(DistillConfig, cfg, overrides)
     cfg.validate()
     check_device(cfg.device)
     cfg, tconf = _resolve(cfg)
@@ -360,22 +340,22 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
                     "conditional": teacher.conditional, "nfe": cfg.nfe, "image_size": cfg.image_size,
                     "channels": channels, "degradation": degradation.name}
     start_step, seconds_before, position = 0, 0.0, 0
-    found = _find_checkpoint(cfg.resume, ckpt, log, env)
+    found = find_checkpoint(cfg.resume, ckpt, log, env)
     if found is not None:
         path, payload = found
         check_kind(payload, "distill", path)
         check_compatible(payload["model"], model_config, _MODEL_KEYS, path)
         release = os.path.join(cfg.run_dir, "generator.safetensors")
         if finished(payload, cfg.steps, release):
-            return {**_finished_summary(cfg.run_dir, release, payload, log, cfg.steps),
+            return {**finished_summary(cfg.run_dir, release, payload, log, cfg.steps),
                     "comparison": _read_comparison(cfg.run_dir)}
         ckpt.load(payload, path)
-        _set_lr(ibmd.gen_opt, cfg.lr)  # the run's settings win over those saved with the optimizers
-        _set_lr(ibmd.fake_opt, cfg.fake_lr)
+        set_lr(ibmd.gen_opt, cfg.lr)  # the run's settings win over those saved with the optimizers
+        set_lr(ibmd.fake_opt, cfg.fake_lr)
         start_step = int(payload["step"])
         seconds_before = float(payload.get("seconds", 0.0))
         position = int(payload["data_position"])
-        _restore_rank_rng(payload, ibmd.noise, env, log)
+        restore_rank_rng(payload, ibmd.noise, env, log)
         log(f"resumed from {path} at step {start_step}")
     log.truncate_stats(start_step)
     log.write_config({**run_config, "world_size": env.world_size, "teacher_config": tconf})
@@ -385,17 +365,10 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
     meter = Meter()
     last = {"loss_theta": None, "loss_phi": None}
     step = start_step
-    last_saved = start_step if found is not None else -1
+    checkpoints = RunCheckpoints(ckpt, env, ibmd.noise, t_start, seconds_before,
+                                 start_step if found is not None else -1,
+                                 kind="distill", config=run_config, model=model_config)
     bar = progress_bar(cfg.steps, start_step, cfg.progress and env.is_main, "distill")
-
-    def save_checkpoint():
-        nonlocal last_saved
-        states = env.gather(capture_rng(ibmd.noise))
-        if env.is_main:
-            ckpt.save(step, kind="distill", config=run_config, model=model_config, rng=states,
-                      data_position=stream.position, seconds=seconds_before + time.perf_counter() - t_start)
-        last_saved = step
-        env.barrier()
 
     try:
         while step < cfg.steps:
@@ -421,15 +394,13 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
                        "seconds": round(seconds_before + time.perf_counter() - t_start, 3)}
                 log.stats(row)
                 last = {"loss_theta": row["loss_theta"], "loss_phi": row["loss_phi"]}
-                log(f"step {step:6d}  loss_theta {_fmt(row['loss_theta'])}  loss_phi {_fmt(row['loss_phi'])}  "
-                    f"grad {_fmt(row['grad_norm'])}  {row['it_per_s']:.2f} it/s  "
+                log(f"step {step:6d}  loss_theta {fmt_value(row['loss_theta'])}  loss_phi {fmt_value(row['loss_phi'])}  "
+                    f"grad {fmt_value(row['grad_norm'])}  {row['it_per_s']:.2f} it/s  "
                     f"skipped {ibmd.gen_guard.skipped}/{ibmd.fake_guard.skipped}")
                 meter.reset()
             if step % cfg.ckpt_every == 0 and step < cfg.steps:
-                if ibmd.gen_guard.consecutive or ibmd.fake_guard.consecutive:
-                    log(f"step {step}: no checkpoint while steps are being skipped")
-                else:
-                    save_checkpoint()
+                skipping = bool(ibmd.gen_guard.consecutive or ibmd.fake_guard.consecutive)
+                checkpoints.periodic(step, stream.position, skipping=skipping, log=log)
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and env.is_main:
                 _write_samples(cfg, ibmd, grid_batch, step)
     except TrainingDivergedError as exc:
@@ -438,8 +409,7 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
     finally:
         bar.close()
 
-    if last_saved != step:
-        save_checkpoint()
+    checkpoints.final(step, stream.position)
     release = os.path.join(cfg.run_dir, "generator.safetensors")
     comparison: list[dict] = []
     if env.is_main:
@@ -476,14 +446,14 @@ def _read_comparison(run_dir: str) -> list[dict]:
 
 
 def _write_samples(cfg: DistillConfig, ibmd: IBMD, batch: Optional[dict], step: int) -> None:
-    """Rows: corrupted | student (EMA). Distillation has no clean images to show."""
+    """Columns: corrupted | student (EMA). Distillation has no clean images to show."""
     if batch is None:
         return
     xT = batch["xT"].to(ibmd.device)
     mask = batch.get("mask") if ibmd.inpainting else None
     mask = None if mask is None else mask.to(ibmd.device)
     out = sample_student(ibmd.ema.module, xT, cfg.nfe, mask, seed=cfg.seed, autocast=ibmd.precision.autocast)
-    save_grid(os.path.join(cfg.run_dir, f"samples-{step}.png"), [xT, out])
+    save_grid([xT, out], os.path.join(cfg.run_dir, f"samples-{step}.png"))
 
 
 def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -> list[dict]:
@@ -514,5 +484,5 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
     if teacher_rows:
         grid.append(pictures[f"teacher-{teacher_rows[-1]['nfe']}"])
     grid += [pictures[f"student-{cfg.nfe}"], first["x0"]]
-    save_grid(os.path.join(cfg.run_dir, "comparison.png"), grid)
+    save_grid(grid, os.path.join(cfg.run_dir, "comparison.png"))
     return rows

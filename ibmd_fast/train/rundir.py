@@ -193,3 +193,16 @@ def find_resume(resume: str, ckpt: CheckpointIO, env) -> Optional[tuple[str, dic
 def finished(payload: Optional[dict], steps: int, release: str) -> bool:
     """True when the resumed checkpoint is at (or past) ``steps`` and the release was written."""
     return payload is not None and int(payload["step"]) >= steps and os.path.isfile(release)
+
+
+def finished_summary(run_dir: str, release: str, payload: dict, log: RunLog, steps: int) -> dict:
+    """A rerun of a finished run: say so, leave the release as it is, return its summary."""
+    from ibmd_fast.release import read_release
+
+    _, _, extra = read_release(release)
+    step = int(payload["step"])
+    log(f"the run in {run_dir} is finished (step {step}, --steps {steps}); {release} is left as it is. "
+        "Give a larger --steps to train on, or --resume none to start over")
+    return {"run_dir": run_dir, "release": release, "steps": step, "finished": True,
+            "seconds": float(payload.get("seconds", 0.0)),
+            **{k: v for k, v in extra.items() if k not in ("step", "teacher")}}

@@ -14,14 +14,14 @@ I2SB / DDBM code (1e-4 .. 5e-5) and ours carry over. (Dividing by the mean weigh
 the schedule would instead shrink the I2SB loss by ~1e2 and the effective learning rate
 with it.)
 
-Inpainting: the hole of ``xT`` is filled with Gaussian noise (``samplers.fill_hole``) in
+Inpainting: the hole of ``xT`` is filled with Gaussian noise (``restore.fill_hole``) in
 training as in sampling, and the loss is taken over the hole only, as I2SB (prediction and
 label times the mask) and DDBM (``training_bridge_losses``: squared error times the mask) do:
 ``w_b * sum_i m_bi (x0_hat - x0)_bi^2 / D`` with D all elements (``ops.bridge_loss(mask=...)``),
 so their learning rates carry over. The known pixels are copied from ``xT`` at sampling time.
 
 Outputs in ``run_dir``: ``config.json``, ``stats.jsonl``, ``log.txt``,
-``samples-<step>.png`` (rows: corrupted | teacher | clean, from the held-out split),
+``samples-<step>.png`` (columns: corrupted | teacher | clean, from the held-out split),
 ``checkpoints/ckpt-<step>.pt`` and, at the end, the release ``teacher.safetensors`` (EMA
 weights).
 """
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -37,35 +37,36 @@ import torch
 from ibmd_fast import ops
 from ibmd_fast.bridges import I2SBBridge, VEBridge, VPBridge
 from ibmd_fast.data import get_degradation, make_dataset
+from ibmd_fast.imageio import save_grid
 from ibmd_fast.models import CONFIGS, Teacher, build_unet
 from ibmd_fast.release import TEACHER_FORMAT, save_release
-from ibmd_fast.samplers import fill_hole
+from ibmd_fast.restore import default_teacher_nfe, fill_hole, sample_teacher
 from ibmd_fast.train import distributed
+from ibmd_fast.train.batches import BatchStream, first_items, to_device
 from ibmd_fast.train.checkpoint import CheckpointIO
 from ibmd_fast.train.common import (
-    BatchStream,
     Meter,
     OptimizerStep,
     Precision,
     RunLog,
+    RunCheckpoints,
     TrainingDivergedError,
-    capture_rng,
+    as_config,
     check_compatible,
     check_kind,
     config_dict,
     derive_seed,
     draw_seed,
-    first_items,
+    find_checkpoint,
+    fmt_value,
     progress_bar,
-    restore_rng,
-    save_grid,
+    restore_rank_rng,
     seed_everything,
-    to_device,
+    set_lr,
 )
 from ibmd_fast.train.ema import EMA
 from ibmd_fast.train.preflight import check_device, check_image_size, check_settings
-from ibmd_fast.train.rundir import find_resume, finished, run_lock
-from ibmd_fast.train.evaluation import default_teacher_nfe, sample_teacher
+from ibmd_fast.train.rundir import finished, finished_summary, run_lock
 
 __all__ = ["TeacherConfig", "train_teacher", "make_bridge"]
 
@@ -134,27 +135,13 @@ def make_bridge(cfg: TeacherConfig):
     return VEBridge() if cfg.bridge == "ve" else VPBridge()
 
 
-def _as_config(cls, cfg, overrides):
-    if cfg is None:
-        cfg = cls()
-    elif isinstance(cfg, dict):
-        cfg = cls(**cfg)
-    if overrides:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"unknown {cls.__name__} setting(s): {unknown}")
-        cfg = cls(**{**config_dict(cfg), **overrides})
-    return cfg
-
-
 def train_teacher(cfg: Optional[TeacherConfig] = None, **overrides) -> dict:
     """Train a bridge teacher (MATH.md 4). ``cfg`` fields may also be given as keywords.
 
     Returns ``{"run_dir", "release", "steps", "loss", "skipped", "seconds"}``. Under torchrun,
     every rank calls it; rank 0 writes the files.
     """
-    cfg = _as_config(TeacherConfig, cfg, overrides)
+    cfg = as_config(TeacherConfig, cfg, overrides)
     cfg.validate()
     check_device(cfg.device)
     check_settings(steps=cfg.steps, data=cfg.data, image_size=cfg.image_size)
@@ -203,20 +190,20 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
                         teacher=teacher, ema=ema, optimizer=optimizer, scaler=scaler, guard=step_fn)
     run_config = config_dict(cfg)
     start_step, seconds_before, position = 0, 0.0, 0
-    found = _find_checkpoint(cfg.resume, ckpt, log, env)
+    found = find_checkpoint(cfg.resume, ckpt, log, env)
     if found is not None:
         path, payload = found
         check_kind(payload, "teacher", path)
         check_compatible(payload["config"], run_config, _MODEL_KEYS, path)
         release = os.path.join(cfg.run_dir, "teacher.safetensors")
         if finished(payload, cfg.steps, release):
-            return _finished_summary(cfg.run_dir, release, payload, log, cfg.steps)
+            return finished_summary(cfg.run_dir, release, payload, log, cfg.steps)
         ckpt.load(payload, path)
-        _set_lr(optimizer, cfg.lr)  # the run's setting wins over the one saved with the optimizer
+        set_lr(optimizer, cfg.lr)  # the run's setting wins over the one saved with the optimizer
         start_step = int(payload["step"])
         seconds_before = float(payload.get("seconds", 0.0))
         position = int(payload["data_position"])
-        _restore_rank_rng(payload, gen, env, log)
+        restore_rank_rng(payload, gen, env, log)
         log(f"resumed from {path} at step {start_step}")
     log.truncate_stats(start_step)
     log.write_config({**run_config, "world_size": env.world_size})
@@ -229,17 +216,9 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
     meter = Meter()
     last_loss = None
     step = start_step
-    last_saved = start_step if found is not None else -1
+    checkpoints = RunCheckpoints(ckpt, env, gen, t_start, seconds_before, start_step if found is not None else -1,
+                                 kind="teacher", config=run_config)
     bar = progress_bar(cfg.steps, start_step, cfg.progress and env.is_main, "teacher")
-
-    def save_checkpoint():
-        nonlocal last_saved
-        states = env.gather(capture_rng(gen))
-        if env.is_main:
-            ckpt.save(step, kind="teacher", config=run_config, rng=states, data_position=stream.position,
-                      seconds=seconds_before + time.perf_counter() - t_start)
-        last_saved = step
-        env.barrier()
 
     try:
         while step < cfg.steps:
@@ -271,14 +250,11 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
                        "seconds": round(seconds_before + time.perf_counter() - t_start, 3)}
                 log.stats(row)
                 last_loss = row["loss"]
-                log(f"step {step:7d}  loss {_fmt(row['loss'])}  grad {_fmt(row['grad_norm'])}  "
+                log(f"step {step:7d}  loss {fmt_value(row['loss'])}  grad {fmt_value(row['grad_norm'])}  "
                     f"{row['it_per_s']:.2f} it/s  skipped {step_fn.skipped}")
                 meter.reset()
             if step % cfg.ckpt_every == 0 and step < cfg.steps:
-                if step_fn.consecutive:
-                    log(f"step {step}: no checkpoint while steps are being skipped")
-                else:
-                    save_checkpoint()
+                checkpoints.periodic(step, stream.position, skipping=bool(step_fn.consecutive), log=log)
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and env.is_main:
                 _write_samples(cfg, ema.module, grid_batch, step, sample_nfe, precision, device)
     except TrainingDivergedError as exc:
@@ -287,8 +263,7 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
     finally:
         bar.close()
 
-    if last_saved != step:
-        save_checkpoint()
+    checkpoints.final(step, stream.position)
     release = os.path.join(cfg.run_dir, "teacher.safetensors")
     if env.is_main:
         _write_samples(cfg, ema.module, grid_batch, step, sample_nfe, precision, device)
@@ -309,50 +284,6 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
             "skipped": step_fn.skipped, "seconds": seconds}
 
 
-# ----------------------------------------------------------------------------
-# helpers shared with the distiller
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
-
-
-def _find_checkpoint(resume: str, ckpt: CheckpointIO, log: RunLog, env) -> Optional[tuple[str, dict]]:
-    """The checkpoint to resume from (``rundir.find_resume``); warnings also go to log.txt."""
-    ckpt.log = log.record
-    return find_resume(resume, ckpt, env)
-
-
-def _finished_summary(run_dir: str, release: str, payload: dict, log: RunLog, steps: int) -> dict:
-    """A rerun of a finished run: say so, leave the release as it is, return its summary."""
-    from ibmd_fast.release import read_release
-
-    _, _, extra = read_release(release)
-    step = int(payload["step"])
-    log(f"the run in {run_dir} is finished (step {step}, --steps {steps}); {release} is left as it is. "
-        "Give a larger --steps to train on, or --resume none to start over")
-    return {"run_dir": run_dir, "release": release, "steps": step, "finished": True,
-            "seconds": float(payload.get("seconds", 0.0)),
-            **{k: v for k, v in extra.items() if k not in ("step", "teacher")}}
-
-
-def _restore_rank_rng(payload: dict, gen: torch.Generator, env, log) -> None:
-    states = payload["rng"]
-    if len(states) == env.world_size:
-        restore_rng(states[env.rank], gen)
-    else:
-        # Another number of processes: the run goes on, with fresh noise streams.
-        log(f"note: checkpoint written by {len(states)} process(es), resuming with {env.world_size}: "
-            "noise streams are re-seeded (the run is not bit-identical to an uninterrupted one)")
-        gen.manual_seed(derive_seed(int(payload["step"]), env.rank, 2))
-        seed_everything(derive_seed(int(payload["step"]), env.rank, 3) % 2**31)
-
-
 def _grid_batch(cfg: TeacherConfig, env) -> Optional[dict]:
     """Fixed pictures for the sample grids: the first items of the held-out split."""
     try:
@@ -370,4 +301,4 @@ def _write_samples(cfg, teacher, batch, step, nfe, precision, device) -> None:
     mask = batch.get("mask")
     mask = None if mask is None else mask.to(device)
     out = sample_teacher(teacher, xT, nfe, mask, seed=cfg.seed, autocast=precision.autocast)
-    save_grid(os.path.join(cfg.run_dir, f"samples-{step}.png"), [xT, out, batch["x0"]])
+    save_grid([xT, out, batch["x0"]], os.path.join(cfg.run_dir, f"samples-{step}.png"))

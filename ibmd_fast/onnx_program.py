@@ -1,0 +1,191 @@
+"""What the exported ONNX graph computes (see ``ibmd_fast.onnx`` for the graph's contract).
+
+- ``StudentProgram``: ``restore.student_sample`` with every random draw a graph input; the module
+  the exporter traces. ``reference_sample``: PyTorch's answer to the same inputs (the parity check).
+- ``input_names`` / ``input_channels`` / ``downsampling_factor``: the graph's inputs and the sizes
+  it takes; ``onnx_metadata``: its ``metadata_props``.
+- ``precision_copy``: the float16 (exported) and float64 (reference) copies of a generator.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from ibmd_fast import __version__
+from ibmd_fast.models.blocks import AttentionBlock, ResBlock
+from ibmd_fast.models.wrappers import Generator
+from ibmd_fast.restore import GivenNoise, impose_known, student_grid, student_sample
+
+__all__ = [
+    "ONNX_FORMAT",
+    "StudentProgram",
+    "reference_sample",
+    "input_names",
+    "input_channels",
+    "downsampling_factor",
+    "onnx_metadata",
+    "precision_copy",
+]
+
+ONNX_FORMAT = "ibmd_fast.generator.onnx"
+
+
+# ----------------------------------------------------------------------------
+# What the graph computes
+
+
+def downsampling_factor(generator: Generator) -> int:
+    """Heights and widths the U-Net takes are multiples of this: ``2**(len(channel_mult) - 1)``."""
+    return 2 ** (len(generator.net.config["channel_mult"]) - 1)
+
+
+def input_names(z_channels: int, inpainting: bool, nfe: int) -> list[str]:
+    """The graph's inputs in order (see the module docstring)."""
+    names = ["xT"]
+    if z_channels:
+        names.append("z")
+    if inpainting:
+        names += ["mask", "hole_noise"]
+    names += [f"noise_{n}" for n in range(1, nfe)]
+    return names
+
+
+def input_channels(name: str, image_channels: int, z_channels: int) -> int:
+    return {"z": z_channels, "mask": 1}.get(name, image_channels)
+
+
+class StudentProgram(nn.Module):
+    """`restore.student_sample` with its random draws as inputs: the module that is exported.
+
+    ``forward(*inputs)`` takes the tensors named by ``self.input_names`` in that order and
+    returns x0: the very chain inference and the distiller run, traced. Generator calls see
+    ``t`` as a ``[1]`` tensor (``time_batch=1``: a constant the exporter folds; it broadcasts
+    over the batch exactly as a ``[B]`` one). Posterior steps are ``GivenNoise``'s plain
+    arithmetic (``reference.bridge_step``) with the coefficients of ``bridge.posterior``
+    computed here once, as Python floats.
+    """
+
+    def __init__(self, generator: Generator, nfe: int = 1, inpainting: bool = False):
+        super().__init__()
+        if nfe < 1:
+            raise ValueError(f"nfe must be at least 1, got {nfe}")
+        self.generator = generator
+        self.nfe = int(nfe)
+        self.inpainting = bool(inpainting)
+        self.input_names = input_names(generator.z_channels, self.inpainting, self.nfe)
+        bridge = generator.bridge
+        self.grid = student_grid(bridge, self.nfe).tolist()  # t_1 < ... < t_k = T
+        call_times = self.grid[::-1]  # the generator is called at t_k, ..., t_1
+        self.step_coefs: list[tuple[float, float, float]] = []
+        for t, s in zip(call_times[:-1], call_times[1:]):
+            coef_x0, coef_xt, std = bridge.posterior(bridge.times(s, 1), bridge.times(t, 1))
+            self.step_coefs.append((float(coef_xt), float(coef_x0), float(std)))
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"expected {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
+        named = dict(zip(self.input_names, inputs))
+        noises = [named[f"noise_{n}"] for n in range(1, self.nfe)]
+        return _chain(self.generator, named, self.nfe, GivenNoise(noises, self.step_coefs), self.grid, time_batch=1)
+
+
+def _chain(generator: Generator, named: dict[str, torch.Tensor], nfe: int, noise: GivenNoise,
+           grid=None, time_batch=None) -> torch.Tensor:
+    """`restore.student_sample` on the graph's inputs: the hole of xT filled with ``hole_noise``
+    (`restore.fill_hole`'s fill, MATH.md 3), then the chain with the given noises."""
+    xT, z, mask = named["xT"], named.get("z"), named.get("mask")
+    if mask is not None:
+        xT = impose_known(named["hole_noise"], xT, mask)
+    return student_sample(generator, xT, z, nfe, mask=mask, noise=noise, grid=grid, time_batch=time_batch)
+
+
+@torch.no_grad()
+def reference_sample(generator: Generator, inputs: dict[str, torch.Tensor], nfe: int) -> torch.Tensor:
+    """PyTorch's answer to the ONNX model's inputs: `restore.student_sample` with the given z and noises.
+
+    ``inputs`` are named as the graph's (`input_names`); their dtype is the computation's
+    (float64 for a float64 copy of the generator, see `precision_copy`). Unlike the exported
+    program, the posterior coefficients come from the bridge at run time and the times have
+    the batch's size.
+    """
+    return _chain(generator, inputs, nfe, GivenNoise([inputs[f"noise_{n}"] for n in range(1, nfe)]))
+
+
+class _Float32(nn.Module):
+    """Runs the wrapped module in float32 and returns the input dtype (attention in a float16 net)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.float()).to(x.dtype)
+
+
+def precision_copy(generator: Generator, dtype: torch.dtype) -> Generator:
+    """A copy of the generator whose U-Net computes in ``dtype`` (float16 or float64).
+
+    float16: convolutions and activations in half; GroupNorm (statistics, affine), the
+    time-embedding MLPs and attention stay float32; the network takes and returns float32, so
+    the x0 parametrization and everything around it stay float32. float64: everything in
+    float64 but the sinusoidal time features (float32 in every variant), the reference for
+    float16 tolerances; the inputs must be float64 too.
+    """
+    if dtype not in (torch.float16, torch.float64):
+        raise ValueError(f"dtype must be torch.float16 or torch.float64, got {dtype}")
+    gen = copy.deepcopy(generator).eval()
+    net = gen.net.to(dtype)
+    if dtype == torch.float64:
+        # timestep_embedding makes float32 sinusoids; the MLP takes them in its own dtype
+        net.time_embed.register_forward_pre_hook(lambda module, args: (args[0].to(dtype),) + args[1:])
+        for module in net.modules():
+            if isinstance(module, nn.GroupNorm):
+                module.__class__ = nn.GroupNorm  # GroupNorm32 would compute in float32
+        return gen
+    net.time_embed.float()
+    for module in net.modules():
+        if isinstance(module, nn.GroupNorm):
+            module.float()  # GroupNorm32 computes in float32 and returns the input dtype
+        elif isinstance(module, ResBlock):
+            module.emb_layers.float()  # its output is cast to the activations' dtype
+        elif isinstance(module, AttentionBlock):
+            module.attention = _Float32(module.attention)  # q k^T and softmax in float32
+    net.register_forward_pre_hook(lambda module, args: (args[0].to(torch.float16),) + args[1:])
+    net.register_forward_hook(lambda module, args, output: output.float())
+    return gen
+
+
+# ----------------------------------------------------------------------------
+# Metadata
+
+
+def onnx_metadata(generator: Generator, config: dict[str, Any], nfe: int, inpainting: bool,
+                  precision: str) -> dict[str, str]:
+    """The model's ``metadata_props``: plain strings for names, JSON for everything else."""
+    names = input_names(generator.z_channels, inpainting, nfe)
+    channels = {n: input_channels(n, generator.image_channels, generator.z_channels) for n in names}
+    noise_inputs = [{"name": n, "channels": channels[n]} for n in names if n not in ("xT", "mask")]
+    return {
+        "format": ONNX_FORMAT,
+        "version": __version__,
+        "bridge": json.dumps(generator.bridge.config()),
+        "nfe": json.dumps(int(nfe)),
+        "student_times": json.dumps(student_grid(generator.bridge, nfe).tolist()[::-1]),
+        "normalization": str(config.get("normalization", "[-1,1]")),
+        "image_channels": json.dumps(int(generator.image_channels)),
+        "z_channels": json.dumps(int(generator.z_channels)),
+        "inpainting": json.dumps(bool(inpainting)),
+        "conditional": json.dumps(bool(generator.conditional)),
+        "downsampling_factor": json.dumps(downsampling_factor(generator)),
+        "image_size": json.dumps(config.get("image_size")),
+        "degradation": str(config.get("degradation", "")),
+        "precision": precision,
+        "inputs": json.dumps(names),
+        "input_channels": json.dumps(channels),
+        "noise_inputs": json.dumps(noise_inputs),
+        "outputs": json.dumps(["x0"]),
+    }
