@@ -404,9 +404,7 @@ def _train_unavailable(name: str, what: str, error: BaseException):
     def command():
         raise click.ClickException(f"{name} needs ibmd_fast.train, which failed to import: {_one_line(error)}")
 
-    Every option also reads from --config FILE; options given here win over the file.
-    """
-    _run_trainer(ctx, TeacherConfig, "train_teacher", options, config_file, dry_run)
+    return command
 
 
 def _add_train_commands() -> None:
