@@ -193,7 +193,7 @@ def test_given_noise_equals_seeded_noise_on_the_same_draws(bridge):
 @pytest.mark.parametrize("bridge", BRIDGES)
 def test_the_onnx_program_is_the_student_chain(bridge):
     """``onnx.StudentProgram`` (what is exported) and ``reference_sample`` both run ``student_sample``."""
-    ionnx = pytest.importorskip("ibmd_fast.onnx")
+    import ibmd_fast.onnx as ionnx
     _, generator = _tiny(bridge)
     program = ionnx.StudentProgram(generator, nfe=3, inpainting=True).eval()
     gen = torch.Generator().manual_seed(2)
@@ -238,7 +238,7 @@ def _old_generate(ibmd, xT, z, mask, grad):
 
 @pytest.mark.parametrize("inpainting", [False, True])
 def test_the_distillers_generate_is_the_student_chain_bit_for_bit(inpainting):
-    train = pytest.importorskip("ibmd_fast.train")
+    import ibmd_fast.train as train
     from ibmd_fast.train.common import Precision
     from ibmd_fast.train.distributed import DistEnv
 
@@ -353,7 +353,7 @@ def test_old_import_paths_still_work_for_one_release():
     assert evaluate.load_model is release.load_model and evaluate.resolve_device is resolve_device
     assert evaluate.DEFAULT_TEACHER == release.DEFAULT_TEACHER and evaluate.natural_sampler("vp") == "dbim"
     assert unet.load_state_dict_checked is checkpoints.load_state_dict_checked
-    train = pytest.importorskip("ibmd_fast.train")
+    import ibmd_fast.train as train
     from ibmd_fast.train import distributed, evaluation
 
     assert evaluation.sample_teacher is restore_module.sample_teacher and distributed.resolve_device is resolve_device
