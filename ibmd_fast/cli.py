@@ -216,7 +216,7 @@ def _distill_options() -> list[tuple[str, dict]]:
         ("run_dir", dict(type=str, metavar="DIR", help="Output folder (config.json, stats.jsonl, checkpoints/, "
                                                       "generator.safetensors).")),
         ("teacher", dict(type=str, metavar="PATH",
-                         help="Teacher release; empty: the embedded ibmd_fast/assets/teacher-sr4x.safetensors.")),
+                         help="Teacher release; empty: the embedded ibmd_fast/assets/teacher-inpaint.safetensors.")),
         ("data", dict(type=str, metavar="SPEC",
                       help=f"Corrupted images to distill on; empty: the teacher's data set. {SPEC_HELP}")),
         ("degradation", dict(type=str, metavar="NAME", help="Empty: the teacher's degradation.")),
@@ -320,11 +320,11 @@ def _run_trainer(ctx, config_cls, fn_name: str, options: dict, config_file, dry_
 
 def _print_summary(summary: dict) -> None:
     """The trainer's summary: the comparison table (if any), then the scalar entries."""
-    from ibmd_fast.evaluate import format_table
+    from ibmd_fast.train.report import format_comparison
 
     comparison = summary.get("comparison")
     if comparison:
-        click.echo(format_table(comparison))
+        click.echo(format_comparison(comparison, summary.get("run_dir")))
     for key, value in summary.items():
         if key == "comparison" or isinstance(value, (dict, list)):
             continue
@@ -457,7 +457,7 @@ def _none_or_path(value: Optional[str]) -> Optional[str]:
 
 @cli.command("eval", context_settings=CONTEXT)
 @click.option("--teacher", type=str, metavar="PATH|none", default=None,
-              show_default="the embedded teacher-sr4x", help="Teacher release; 'none' leaves the teacher out.")
+              show_default="the embedded teacher-inpaint", help="Teacher release; 'none' leaves the teacher out.")
 @click.option("--teacher-nfe", type=IntList(), default="1,10,100", show_default=True,
               help="Teacher NFEs to measure.")
 @click.option("--sampler", type=click.Choice(["i2sb", "dbim", "heun"]), default=None,

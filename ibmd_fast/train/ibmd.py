@@ -30,7 +30,8 @@ point on the states the sampler actually visits.
 
 At the end: the EMA generator is released as ``generator.safetensors`` and, with
 ``eval_items > 0``, compared with the teacher on held-out clean/corrupted pairs (PSNR,
-SSIM, seconds per image; ``comparison.json`` and ``comparison.png``).
+SSIM, seconds per image, with the corrupted input as the first row; ``comparison.json``) and on
+a whole held-out photograph (``comparison.png``, ``train/report.py``).
 """
 from __future__ import annotations
 
@@ -71,13 +72,14 @@ from ibmd_fast.train.common import (
     to_device,
     write_text,
 )
+from ibmd_fast.train import report
 from ibmd_fast.train.ema import EMA
-from ibmd_fast.train.evaluation import compare, sample_student
+from ibmd_fast.train.evaluation import compare, default_teacher_nfe, sample_student
 from ibmd_fast.train.teacher import _as_config, _find_checkpoint, _fmt, _restore_rank_rng, _set_lr
 
 __all__ = ["DistillConfig", "distill", "IBMD", "DEFAULT_TEACHER"]
 
-DEFAULT_TEACHER = os.path.join(os.path.dirname(ibmd_fast.__file__), "assets", "teacher-sr4x.safetensors")
+DEFAULT_TEACHER = os.path.join(os.path.dirname(ibmd_fast.__file__), "assets", "teacher-inpaint.safetensors")
 GRID_ITEMS = 8
 
 
@@ -86,7 +88,7 @@ class DistillConfig:
     """Every setting of ``distill``, with its default."""
 
     run_dir: str = "runs/distill"       # config.json, stats.jsonl, log.txt, samples, checkpoints, release
-    teacher: str = ""                   # teacher release (.safetensors); "" = ibmd_fast/assets/teacher-sr4x.safetensors
+    teacher: str = ""                   # teacher release (.safetensors); "" = ibmd_fast/assets/teacher-inpaint.safetensors
     data: str = ""                      # data spec (corrupted:dir suffices); "" = the one in the teacher release
     degradation: str = ""               # "" = from the teacher release
     image_size: int = 0                 # 0 = from the teacher release
@@ -455,19 +457,22 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
         torch.manual_seed(cfg.seed)
         items = [test[i] for i in range(n)]
     from ibmd_fast.data import collate
+    from ibmd_fast.evaluate import size_multiple
 
     batches = [collate(items[i:i + per_batch]) for i in range(0, n, per_batch)]
     if not ibmd.inpainting:
         batches = [{k: v for k, v in b.items() if k != "mask"} for b in batches]
     log(f"comparison on {n} held-out item(s):")
-    rows, pictures = compare(ibmd.teacher, ibmd.ema.module, cfg.nfe, batches, cfg.eval_teacher_nfe,
-                             ibmd.device, seed=cfg.seed, autocast=ibmd.precision.autocast, log=log)
+    rows, _ = compare(ibmd.teacher, ibmd.ema.module, cfg.nfe, batches, cfg.eval_teacher_nfe,
+                      ibmd.device, seed=cfg.seed, autocast=ibmd.precision.autocast, log=log)
+    rows = [report.corrupted_row(batches)] + rows
     write_text(os.path.join(cfg.run_dir, "comparison.json"), json.dumps(rows, indent=2) + "\n")
-    teacher_rows = [r for r in rows if r["model"] == "teacher"]
-    first = batches[0]
-    grid = [first["xT"]]
-    if teacher_rows:
-        grid.append(pictures[f"teacher-{teacher_rows[-1]['nfe']}"])
-    grid += [pictures[f"student-{cfg.nfe}"], first["x0"]]
-    save_grid(os.path.join(cfg.run_dir, "comparison.png"), grid)
+    teacher_nfe = max((r["nfe"] for r in rows if r["model"] == "teacher"), default=default_teacher_nfe(ibmd.bridge))
+    photo = report.photo_comparison(
+        os.path.join(cfg.run_dir, "comparison.png"), ibmd.teacher, ibmd.ema.module, cfg.nfe, teacher_nfe,
+        degradation, channels, size_multiple({"unet": ibmd.teacher.net.config}), ibmd.device,
+        seed=cfg.seed, autocast=ibmd.precision.autocast)
+    write_text(os.path.join(cfg.run_dir, "comparison-photo.json"), json.dumps(photo, indent=2) + "\n")
+    log(f"comparison.png: the held-out photo {photo['photo']} ({photo['width']}x{photo['height']}), "
+        + ", ".join(f"{c['title']} {c['psnr']:.2f} dB" for c in photo["columns"] if c["psnr"] is not None))
     return rows
