@@ -18,7 +18,7 @@ for onnxruntime and inside the sampler for PyTorch (as a user would run them).
     python benchmarks/bench_inference.py --synthetic --size 32 --machine laptop
     python benchmarks/bench_inference.py --threads 1      # a CPU shared with other jobs (see below)
 
-Inputs: ``--teacher`` (default the bundled ``ibmd_fast/assets/teacher-sr4x.safetensors``) and
+Inputs: ``--teacher`` (default the bundled ``ibmd_fast/assets/teacher-inpaint.safetensors``) and
 ``--generator`` (default ``runs/distill/generator.safetensors``). When either is missing, or with
 ``--synthetic``, a random-weight ``small`` U-Net teacher (I2SB) and its one-step generator are
 built, so the script always runs (random weights time the same as trained ones). Prints a table
@@ -55,7 +55,7 @@ from ibmd_fast.samplers import dbim_sample, i2sb_sample, student_sample  # noqa:
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.abspath(ibmd_fast.__file__)), "assets",
-                               "teacher-sr4x.safetensors")
+                               "teacher-inpaint.safetensors")
 DEFAULT_GENERATOR = os.path.join("runs", "distill", "generator.safetensors")
 
 

@@ -59,7 +59,7 @@ __all__ = [
     "save_image",
 ]
 
-DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "teacher-sr4x.safetensors")
+DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "teacher-inpaint.safetensors")
 DEFAULT_GENERATOR = os.path.join("runs", "distill", "generator.safetensors")
 SAMPLERS = ("i2sb", "dbim", "heun")
 

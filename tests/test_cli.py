@@ -458,7 +458,7 @@ def test_eval_bad_inputs(releases, tmp_path, earlier_output, monkeypatch):
         assert_one_error_line(invoke(*base, *args), *fragments)
         _untouched(out)
     # Defaults: the embedded teacher and the default distill's output.
-    monkeypatch.setattr(cli_module, "DEFAULT_TEACHER", str(tmp_path / "assets" / "teacher-sr4x.safetensors"))
+    monkeypatch.setattr(cli_module, "DEFAULT_TEACHER", str(tmp_path / "assets" / "teacher-inpaint.safetensors"))
     assert_one_error_line(invoke(*base, "--student", releases["generator"]), "embedded teacher", "--teacher")
     monkeypatch.chdir(tmp_path)
     assert_one_error_line(invoke(*base, "--teacher", releases["teacher"]), "runs/distill/generator.safetensors")
