@@ -646,7 +646,9 @@ def test_train_teacher_then_distill_then_sample(tmp_path):
     assert result.exit_code == 0, result.output
     table = result.stdout.splitlines()
     assert table[0].split()[:4] == ["model", "NFE", "PSNR", "SSIM"]
-    assert [line.split()[:2] for line in table[2:5]] == [["teacher", "1"], ["teacher", "2"], ["student", "1"]]
+    assert [line.split()[:2] for line in table[2:6]] == [["corrupted", "0"], ["teacher", "1"], ["teacher", "2"],
+                                                         ["student", "1"]]
+    assert "higher is better" in table[6] and f"files in {distill_dir}/" in table[6]  # how to read it
     generator = distill_dir / "generator.safetensors"
     assert generator.is_file()
 
