@@ -291,8 +291,8 @@ def distill(cfg: Optional[DistillConfig] = None, **overrides) -> dict:
 
     ``cfg`` fields may also be given as keywords. Returns ``{"run_dir", "release", "steps",
     "loss_theta", "loss_phi", "skipped", "skipped_fake", "seconds", "comparison"}``, where
-    ``comparison`` is a list of ``{"model", "nfe", "psnr", "ssim", "sec_per_image"}`` (empty when
-    skipped). Under torchrun every rank calls it; rank 0 writes the files.
+    ``comparison`` is a list of ``{"model", "nfe", "psnr", "ssim", "sec_per_image"}``, the corrupted
+    input ("corrupted", NFE 0) first (empty when skipped). Under torchrun every rank calls it; rank 0 writes the files.
     """
     cfg = _as_config(DistillConfig, cfg, overrides)
     cfg.validate()
