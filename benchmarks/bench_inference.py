@@ -18,7 +18,7 @@ for onnxruntime and inside the sampler for PyTorch (as a user would run them).
     python benchmarks/bench_inference.py --synthetic --size 32 --machine laptop
     python benchmarks/bench_inference.py --threads 1      # a CPU shared with other jobs (see below)
 
-Inputs: ``--teacher`` (default the bundled ``ibmd_fast/assets/teacher-sr4x.safetensors``) and
+Inputs: ``--teacher`` (default the bundled ``ibmd_fast/assets/teacher-inpaint.safetensors``) and
 ``--generator`` (default ``runs/distill/generator.safetensors``). When either is missing, or with
 ``--synthetic``, a random-weight ``small`` U-Net teacher (I2SB) and its one-step generator are
 built, so the script always runs (random weights time the same as trained ones). Prints a table

@@ -31,8 +31,7 @@ from ibmd_fast.config_io import dump_config, resolve_config
 
 # Kept free of torch so that `ibmd-fast --help` answers at once: the commands import what they
 # need when they run (the training commands are built on first use, see _LazyGroup).
-DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "teacher-sr4x.safetensors")
-DEFAULT_GENERATOR = os.path.join("runs", "distill", "generator.safetensors")  # = ibmd_fast.evaluate's
+from ibmd_fast.paths import DEFAULT_GENERATOR, DEFAULT_TEACHER  # noqa: E402  (torch-free)
 _MIN_OPSET = 17  # ibmd_fast.onnx.MIN_OPSET; export_onnx checks the whole range again (check_opset)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -226,7 +225,7 @@ def _distill_options() -> list[tuple[str, dict]]:
         ("run_dir", dict(type=str, metavar="DIR", help="Output folder (config.json, stats.jsonl, checkpoints/, "
                                                       "generator.safetensors).")),
         ("teacher", dict(type=str, metavar="PATH",
-                         help="Teacher release; empty: the embedded ibmd_fast/assets/teacher-sr4x.safetensors.")),
+                         help="Teacher release; empty: the embedded ibmd_fast/assets/teacher-inpaint.safetensors.")),
         ("data", dict(type=str, metavar="SPEC",
                       help=f"Corrupted images to distill on; empty: the teacher's data set. {SPEC_HELP}")),
         ("degradation", dict(type=str, metavar="NAME", help="Empty: the teacher's degradation.")),
@@ -337,11 +336,11 @@ def _run_trainer(ctx, config_cls, fn_name: str, options: dict, config_file, dry_
 
 def _print_summary(summary: dict) -> None:
     """The trainer's summary: the comparison table (if any), then the scalar entries."""
-    from ibmd_fast.evaluate import format_table
+    from ibmd_fast.train.report import format_comparison
 
     comparison = summary.get("comparison")
     if comparison:
-        click.echo(format_table(comparison))
+        click.echo(format_comparison(comparison, summary.get("run_dir")))
     for key, value in summary.items():
         if key == "comparison" or isinstance(value, (dict, list)):
             continue
@@ -436,8 +435,9 @@ def _add_train_commands() -> None:
     def distill_cmd(ctx, config_file, dry_run, **options):
         """IBMD: distill a teacher into a one-step (or --nfe step) generator, RUN_DIR/generator.safetensors.
 
-        With no options: the embedded teacher, on the scikit-image photos, into runs/distill; then the
-        teacher (NFE 1, 10, 100) vs student (NFE 1) table of PSNR, SSIM and seconds per image.
+        With no options: the embedded teacher (center inpainting), on the scikit-image photos, into
+        runs/distill; then the corrupted input, teacher (NFE 1, 10, 100) and student (NFE 1) table of PSNR,
+        SSIM and seconds per image, and runs/distill/comparison.png (a whole held-out photo).
         """
         _run_trainer(ctx, DistillConfig, "distill", options, config_file, dry_run)
 
@@ -511,7 +511,7 @@ def _none_or_path(value: Optional[str]) -> Optional[str]:
 
 @cli.command("eval", context_settings=CONTEXT)
 @click.option("--teacher", type=str, metavar="PATH|none", default=None,
-              show_default="the embedded teacher-sr4x", help="Teacher release; 'none' leaves the teacher out.")
+              show_default="the embedded teacher-inpaint", help="Teacher release; 'none' leaves the teacher out.")
 @click.option("--teacher-nfe", type=IntList(), default="1,10,100", show_default=True,
               help="Teacher NFEs to measure.")
 @click.option("--sampler", type=click.Choice(["i2sb", "dbim", "heun"]), default=None,

@@ -34,8 +34,7 @@ GENERATOR_FORMAT = "ibmd_fast.generator"
 NORMALIZATION = "[-1,1]"
 
 # The embedded default teacher (ibmd_fast/assets/README.md), and where `distill` writes its generator.
-DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "teacher-sr4x.safetensors")
-DEFAULT_GENERATOR = os.path.join("runs", "distill", "generator.safetensors")
+from ibmd_fast.paths import DEFAULT_GENERATOR, DEFAULT_TEACHER  # noqa: E402,F401  (re-exported)
 
 
 class ReleaseError(ValueError):

@@ -461,7 +461,7 @@ def test_eval_bad_inputs(releases, tmp_path, earlier_output, monkeypatch):
         assert_one_error_line(invoke(*base, *args), *fragments)
         _untouched(out)
     # Defaults: the embedded teacher and the default distill's output.
-    monkeypatch.setattr(cli_module, "DEFAULT_TEACHER", str(tmp_path / "assets" / "teacher-sr4x.safetensors"))
+    monkeypatch.setattr(cli_module, "DEFAULT_TEACHER", str(tmp_path / "assets" / "teacher-inpaint.safetensors"))
     assert_one_error_line(invoke(*base, "--student", releases["generator"]), "embedded teacher", "--teacher")
     monkeypatch.chdir(tmp_path)
     assert_one_error_line(invoke(*base, "--teacher", releases["teacher"]), "runs/distill/generator.safetensors")
@@ -649,7 +649,9 @@ def test_train_teacher_then_distill_then_sample(tmp_path):
     assert result.exit_code == 0, result.output
     table = result.stdout.splitlines()
     assert table[0].split()[:4] == ["model", "NFE", "PSNR", "SSIM"]
-    assert [line.split()[:2] for line in table[2:5]] == [["teacher", "1"], ["teacher", "2"], ["student", "1"]]
+    assert [line.split()[:2] for line in table[2:6]] == [["corrupted", "0"], ["teacher", "1"], ["teacher", "2"],
+                                                         ["student", "1"]]
+    assert "higher is better" in table[6] and f"files in {distill_dir}/" in table[6]  # how to read it
     generator = distill_dir / "generator.safetensors"
     assert generator.is_file()
 

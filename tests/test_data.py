@@ -18,8 +18,11 @@ from torch.utils.data import DataLoader, Dataset
 
 import ibmd_fast
 from ibmd_fast.data import (
+    DATASET_PHOTOS,
+    DEFAULT_SCALE,
     DEGRADATIONS,
     FASHION_MNIST_DIR,
+    HELD_OUT_PHOTO,
     SKIMAGE_PHOTOS,
     BridgePairs,
     CorruptedFolder,
@@ -31,6 +34,7 @@ from ibmd_fast.data import (
     UnreadableImageWarning,
     collate,
     get_degradation,
+    load_skimage_photo,
     make_dataset,
     make_source,
     read_idx,
@@ -202,12 +206,43 @@ def photos_train():
 def test_skimage_photos_all_bundled_photos_load_offline():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a photo that failed to load would warn
-        ds = SkimagePhotos(size=64, split="test", n_items=len(SKIMAGE_PHOTOS))
+        ds = SkimagePhotos(size=64, split="test", n_items=len(SKIMAGE_PHOTOS), images=SKIMAGE_PHOTOS)
     assert list(ds.photos) == list(SKIMAGE_PHOTOS)
     for i in range(len(ds)):
         x = ds[i]
         assert x.shape == (3, 64, 64) and x.dtype == torch.float32
         assert -1.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.01
+
+
+def test_skimage_photos_default_scale_and_held_out_photo():
+    """By default each photo is downscaled by DEFAULT_SCALE before cropping, and chelsea is in no split."""
+    assert DEFAULT_SCALE == 0.25 and HELD_OUT_PHOTO not in DATASET_PHOTOS
+    assert set(DATASET_PHOTOS) | {HELD_OUT_PHOTO} == set(SKIMAGE_PHOTOS)
+    for split in ("train", "test"):
+        ds = SkimagePhotos(size=32, split=split, n_items=12, flip=False)
+        assert list(ds.photos) == list(DATASET_PHOTOS)
+        for name in DATASET_PHOTOS:
+            h, w = load_skimage_photo(name).shape[:2]
+            long_side = round((h if h >= w else w) * (0.75 if split == "train" else 0.25))
+            region = (long_side, w) if h >= w else (h, long_side)
+            expected = tuple(max(32, round(side * DEFAULT_SCALE)) for side in region)
+            assert tuple(ds.photos[name].shape[-2:]) == expected, (split, name)
+        for i in range(len(ds)):
+            name, top, left, _ = ds.crop_params(i)
+            assert torch.equal(ds[i], ds.photos[name][:, top:top + 32, left:left + 32])
+
+
+def test_skimage_default_scale_leaves_something_to_restore():
+    """The docstring's figures: 4x bicubic SR keeps 32.5 dB on full-scale test crops, 25.7 dB at 1/4 scale."""
+    from ibmd_fast.metrics import psnr
+
+    sr = get_degradation("sr4x-bicubic")
+    scores = {}
+    for scale in (1.0, DEFAULT_SCALE):
+        ds = SkimagePhotos(size=32, split="test", n_items=64, scale=scale, flip=False, images=SKIMAGE_PHOTOS)
+        x0 = torch.stack([ds[i] for i in range(64)])
+        scores[scale] = float(psnr(sr(x0)[0], x0).mean())
+    assert scores[1.0] == pytest.approx(32.5, abs=0.1) and scores[DEFAULT_SCALE] == pytest.approx(25.7, abs=0.1)
 
 
 def test_skimage_photos_deterministic_and_splits_differ(photos_train):
@@ -220,7 +255,7 @@ def test_skimage_photos_deterministic_and_splits_differ(photos_train):
     assert any(not torch.equal(photos_train[i], other_seed[i]) for i in range(24))
     assert all(not torch.equal(photos_train[i], test[i]) for i in range(24))
     # disjoint regions: train and test cut each photo in two along its longer side
-    for name in SKIMAGE_PHOTOS:
+    for name in DATASET_PHOTOS:
         tr, te = photos_train.photos[name].shape[-2:], test.photos[name].shape[-2:]
         assert tr[0] == te[0] or tr[1] == te[1]
 

@@ -401,11 +401,15 @@ def test_distill_vp_conditional_inpainting_multistep_student(tmp_path, image_dir
     # 2 teacher steps, 2 x 1 fake-model steps; 2 generator steps; masks [B, 1, H, W]
     assert masks == {"bridge_loss": [(4, 1, 16, 16)] * 4, "ibmd_loss": [(4, 1, 16, 16)] * 2}, masks
     rows = summary["comparison"]
-    assert [(r["model"], r["nfe"]) for r in rows] == [("teacher", 1), ("teacher", 2), ("student", 2)]
-    for row in rows:
+    assert [(r["model"], r["nfe"]) for r in rows] == [("corrupted", 0), ("teacher", 1), ("teacher", 2), ("student", 2)]
+    assert rows[0]["sec_per_image"] == 0.0  # the input itself: no restoration time
+    for row in rows[1:]:
         assert math.isfinite(row["psnr"]) and 0 < row["ssim"] <= 1 and row["sec_per_image"] > 0
     assert json.loads((tmp_path / "student" / "comparison.json").read_text()) == rows
-    assert (tmp_path / "student" / "comparison.png").exists()
+    photo = json.loads((tmp_path / "student" / "comparison-photo.json").read_text())
+    assert [c["title"] for c in photo["columns"]] == ["corrupted", "teacher NFE 2", "student NFE 2", "clean"]
+    with Image.open(tmp_path / "student" / "comparison.png") as picture:  # four columns of the photo, enlarged
+        assert picture.width == 6 + 4 * (photo["zoom"] * photo["width"] + 6)
 
     generator, gconf = load_generator(summary["release"])
     assert gconf["inpainting"] is True and gconf["nfe"] == 2 and gconf["multistep"] is True
@@ -448,7 +452,7 @@ def test_torchrun_two_processes_teacher_and_distill(tmp_path):
     assert json.loads((tmp_path / "t" / "config.json").read_text())["world_size"] == 2
     load_teacher(summary["teacher"]["release"])
     load_generator(summary["distill"]["release"])
-    assert len(_stats(tmp_path / "d")) == 2 and len(summary["distill"]["comparison"]) == 3
+    assert len(_stats(tmp_path / "d")) == 2 and len(summary["distill"]["comparison"]) == 4
     ckpt = _ckpt(tmp_path / "t", 3)
     assert len(ckpt["rng"]) == 2  # one noise state per rank
     assert not torch.equal(ckpt["rng"][0]["trainer"], ckpt["rng"][1]["trainer"])

@@ -28,12 +28,15 @@ from ibmd_fast.data.folders import (
 )
 from ibmd_fast.data.images import IMAGE_EXTENSIONS, pil_to_tensor, tensor_to_uint8, to_channels, uint8_to_tensor
 from ibmd_fast.data.pipeline import SPEC_HELP, BridgePairs, CorruptedOnly, collate, make_dataset, make_source
-from ibmd_fast.data.skimage_photos import SKIMAGE_PHOTOS, SkimagePhotos, load_skimage_photo
+from ibmd_fast.data.skimage_photos import (
+    DATASET_PHOTOS, DEFAULT_SCALE, HELD_OUT_PHOTO, SKIMAGE_PHOTOS, SkimagePhotos, held_out_photo, load_skimage_photo,
+)
 
 __all__ = [
     "DEGRADATIONS", "Degradation", "SuperResolution", "JPEG", "CenterInpainting", "Sketch", "get_degradation",
     "ImageFolder", "PairedFolders", "CorruptedFolder", "UnreadableImageWarning", "list_images",
-    "SkimagePhotos", "SKIMAGE_PHOTOS", "load_skimage_photo",
+    "SkimagePhotos", "SKIMAGE_PHOTOS", "DATASET_PHOTOS", "HELD_OUT_PHOTO", "DEFAULT_SCALE", "load_skimage_photo",
+    "held_out_photo",
     "FashionMNIST", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "read_idx",
     "BridgePairs", "CorruptedOnly", "make_source", "make_dataset", "collate", "SPEC_HELP",
     "IMAGE_EXTENSIONS", "pil_to_tensor", "tensor_to_uint8", "to_channels", "uint8_to_tensor",

@@ -37,7 +37,8 @@ point on the states the sampler actually visits.
 
 At the end: the EMA generator is released as ``generator.safetensors`` and, with
 ``eval_items > 0``, compared with the teacher on held-out clean/corrupted pairs (PSNR,
-SSIM, seconds per image; ``comparison.json`` and ``comparison.png``).
+SSIM, seconds per image, with the corrupted input as the first row; ``comparison.json``) and on
+a whole held-out photograph (``comparison.png``, ``train/report.py``).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ from ibmd_fast.data import get_degradation, make_dataset
 from ibmd_fast.imageio import save_grid
 from ibmd_fast.models import Generator, make_fake_model
 from ibmd_fast.release import DEFAULT_TEACHER, GENERATOR_FORMAT, ReleaseError, load_teacher, save_release
-from ibmd_fast.restore import SeededNoise, compare, fill_hole, noise_like, sample_student, student_grid, student_sample
+from ibmd_fast.restore import SeededNoise, compare, default_teacher_nfe, fill_hole, noise_like, sample_student, student_grid, student_sample
 from ibmd_fast.train import distributed
 from ibmd_fast.train.batches import BatchStream, first_items, to_device
 from ibmd_fast.train.checkpoint import CheckpointIO
@@ -80,6 +81,7 @@ from ibmd_fast.train.common import (
     set_lr,
     write_text,
 )
+from ibmd_fast.train import report
 from ibmd_fast.train.ema import EMA
 from ibmd_fast.train.preflight import check_device, check_image_size, check_settings
 from ibmd_fast.train.rundir import finished, finished_summary, run_lock
@@ -94,7 +96,7 @@ class DistillConfig:
     """Every setting of ``distill``, with its default."""
 
     run_dir: str = "runs/distill"       # config.json, stats.jsonl, log.txt, samples, checkpoints, release
-    teacher: str = ""                   # teacher release (.safetensors); "" = ibmd_fast/assets/teacher-sr4x.safetensors
+    teacher: str = ""                   # teacher release (.safetensors); "" = ibmd_fast/assets/teacher-inpaint.safetensors
     data: str = ""                      # data spec (corrupted:dir suffices); "" = the one in the teacher release
     degradation: str = ""               # "" = from the teacher release
     image_size: int = 0                 # 0 = from the teacher release
@@ -294,8 +296,8 @@ def distill(cfg: Optional[DistillConfig] = None, **overrides) -> dict:
 
     ``cfg`` fields may also be given as keywords. Returns ``{"run_dir", "release", "steps",
     "loss_theta", "loss_phi", "skipped", "skipped_fake", "seconds", "comparison"}``, where
-    ``comparison`` is a list of ``{"model", "nfe", "psnr", "ssim", "sec_per_image"}`` (empty when
-    skipped). Under torchrun every rank calls it; rank 0 writes the files.
+    ``comparison`` is a list of ``{"model", "nfe", "psnr", "ssim", "sec_per_image"}``, the corrupted
+    input ("corrupted", NFE 0) first (empty when skipped). Under torchrun every rank calls it; rank 0 writes the files.
     """
     cfg = as_config(DistillConfig, cfg, overrides)
     cfg.validate()
@@ -470,19 +472,22 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
         torch.manual_seed(cfg.seed)
         items = [test[i] for i in range(n)]
     from ibmd_fast.data import collate
+    from ibmd_fast.release import size_multiple
 
     batches = [collate(items[i:i + per_batch]) for i in range(0, n, per_batch)]
     if not ibmd.inpainting:
         batches = [{k: v for k, v in b.items() if k != "mask"} for b in batches]
     log(f"comparison on {n} held-out item(s):")
-    rows, pictures = compare(ibmd.teacher, ibmd.ema.module, cfg.nfe, batches, cfg.eval_teacher_nfe,
-                             ibmd.device, seed=cfg.seed, autocast=ibmd.precision.autocast, log=log)
+    rows, _ = compare(ibmd.teacher, ibmd.ema.module, cfg.nfe, batches, cfg.eval_teacher_nfe,
+                      ibmd.device, seed=cfg.seed, autocast=ibmd.precision.autocast, log=log)
+    rows = [report.corrupted_row(batches)] + rows
     write_text(os.path.join(cfg.run_dir, "comparison.json"), json.dumps(rows, indent=2) + "\n")
-    teacher_rows = [r for r in rows if r["model"] == "teacher"]
-    first = batches[0]
-    grid = [first["xT"]]
-    if teacher_rows:
-        grid.append(pictures[f"teacher-{teacher_rows[-1]['nfe']}"])
-    grid += [pictures[f"student-{cfg.nfe}"], first["x0"]]
-    save_grid(grid, os.path.join(cfg.run_dir, "comparison.png"))
+    teacher_nfe = max((r["nfe"] for r in rows if r["model"] == "teacher"), default=default_teacher_nfe(ibmd.bridge))
+    photo = report.photo_comparison(
+        os.path.join(cfg.run_dir, "comparison.png"), ibmd.teacher, ibmd.ema.module, cfg.nfe, teacher_nfe,
+        degradation, channels, size_multiple({"unet": ibmd.teacher.net.config}), ibmd.device,
+        seed=cfg.seed, autocast=ibmd.precision.autocast)
+    write_text(os.path.join(cfg.run_dir, "comparison-photo.json"), json.dumps(photo, indent=2) + "\n")
+    log(f"comparison.png: the held-out photo {photo['photo']} ({photo['width']}x{photo['height']}), "
+        + ", ".join(f"{c['title']} {c['psnr']:.2f} dB" for c in photo["columns"] if c["psnr"] is not None))
     return rows

@@ -1,0 +1,156 @@
+"""The end of a distillation run, for the person who started it.
+
+- ``corrupted_row(batches)``: PSNR / SSIM of the corrupted input itself against the clean images,
+  the row every restoration has to beat (``model`` "corrupted", NFE 0, as ``ibmd-fast eval`` writes it).
+- ``format_comparison(rows, run_dir)``: the comparison table and one line on how to read it.
+- ``photo_comparison(...)``: ``comparison.png``, one whole held-out photograph restored by the
+  teacher and the student, in labeled columns corrupted | teacher NFE n | student NFE k | clean,
+  with PSNR and milliseconds per image under each (``draw_columns`` draws it).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ibmd_fast.data.images import tensor_to_uint8
+from ibmd_fast.data.skimage_photos import HELD_OUT_PHOTO, held_out_photo, load_skimage_photo
+from ibmd_fast.metrics import psnr, ssim
+from ibmd_fast.release import atomic_write
+from ibmd_fast.train.evaluation import sample_student, sample_teacher
+
+__all__ = ["corrupted_row", "format_comparison", "reading_line", "draw_columns", "photo_comparison"]
+
+FIGURE_SHORT_SIDE = 48  # pixels: the photo's shorter side in comparison.png (see photo_comparison)
+LABEL_PAD = 4       # pixels around each text line
+LINE_HEIGHT = 12    # PIL's default bitmap font is 11 px high
+
+
+def corrupted_row(batches: Sequence[dict]) -> dict:
+    """The corrupted input scored like a restoration: ``{"model": "corrupted", "nfe": 0, psnr, ssim, 0 s}``."""
+    x0 = torch.cat([b["x0"] for b in batches]).float()
+    xT = torch.cat([b["xT"] for b in batches]).float().clamp(-1, 1)
+    return {"model": "corrupted", "nfe": 0, "psnr": float(psnr(xT, x0).mean()),
+            "ssim": float(ssim(xT, x0).mean()), "sec_per_image": 0.0}
+
+
+def reading_line(run_dir: Optional[str] = None) -> str:
+    """One line: what the numbers mean and where the files are."""
+    where = f"; files in {run_dir}/: generator.safetensors, comparison.json, comparison.png" if run_dir else ""
+    return ("PSNR (dB) and SSIM against the clean held-out images: higher is better, and a restoration "
+            "should beat the 'corrupted' row (the input itself); s/image: lower is faster" + where)
+
+
+def format_comparison(rows: Sequence[dict], run_dir: Optional[str] = None) -> str:
+    """The table of ``rows`` (``evaluate.format_table``) and, under it, ``reading_line``."""
+    from ibmd_fast.evaluate import format_table
+
+    return format_table(rows) + "\n" + reading_line(run_dir)
+
+
+def _panel(image: torch.Tensor, zoom: int) -> Image.Image:
+    pixels = tensor_to_uint8(image.detach().float().cpu().clamp(-1, 1))
+    if pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    panel = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+    return panel.resize((panel.width * zoom, panel.height * zoom), Image.NEAREST) if zoom > 1 else panel
+
+
+def draw_columns(columns: Sequence[tuple[str, torch.Tensor, Sequence[str]]], zoom: int = 2,
+                 pad: int = 6) -> Image.Image:
+    """Labeled columns side by side: each ``(title, image [C, H, W] in [-1, 1], lines under it)``.
+
+    Every image is enlarged ``zoom`` times (nearest), its title drawn above and its lines below in
+    PIL's default font, on white with ``pad`` pixels between columns. All images share one size.
+    """
+    if not columns:
+        raise ValueError("draw_columns: no columns")
+    sizes = {tuple(image.shape[-2:]) for _, image, _ in columns}
+    if len(sizes) != 1:
+        raise ValueError(f"draw_columns: the images differ in size {sorted(sizes)}")
+    h, w = (s * zoom for s in sizes.pop())
+    n_lines = max(len(lines) for _, _, lines in columns)
+    top = LINE_HEIGHT + 2 * LABEL_PAD
+    bottom = n_lines * LINE_HEIGHT + 2 * LABEL_PAD
+    canvas = Image.new("RGB", (pad + len(columns) * (w + pad), top + h + bottom), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for j, (title, image, lines) in enumerate(columns):
+        left = pad + j * (w + pad)
+        canvas.paste(_panel(image, zoom), (left, top))
+        draw.text((left, LABEL_PAD), title, fill="black", font=font)
+        for k, line in enumerate(lines):
+            draw.text((left, top + h + LABEL_PAD + k * LINE_HEIGHT), line, fill="black", font=font)
+    return canvas
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+@torch.no_grad()
+def photo_comparison(path: str, teacher, student, student_nfe: int, teacher_nfe: int, degradation,
+                     channels: int, size_multiple: int, device, seed: int = 0, autocast=None,
+                     short_side: int = FIGURE_SHORT_SIDE, zoom: int = 3) -> dict:
+    """Write ``path``: the whole held-out photo (``HELD_OUT_PHOTO``), resized so its shorter side
+    is about ``short_side`` pixels, corrupted by ``degradation``, restored by the teacher
+    (``teacher_nfe`` calls) and the student, each column enlarged ``zoom`` times.
+
+    The default 48 pixels is near the data's own scale (``DEFAULT_SCALE`` makes the photo about 75
+    pixels high) and keeps the teacher's 100 calls affordable on a CPU: the U-Net's attention
+    grows with the square of the pixel count.
+
+    Returns ``{"photo", "height", "width", "columns": [{"title", "psnr", "ms"}]}``. Times are
+    wall-clock milliseconds for this one image after one untimed pass of each model (so one-off
+    setup is not counted; the teacher's pass is a single step).
+    """
+    # Sides the network takes and the degradation accepts (super-resolution: divisible by its factor).
+    multiple = math.lcm(int(size_multiple), int(getattr(degradation, "factor", 1)))
+    height, width = load_skimage_photo(HELD_OUT_PHOTO).shape[:2]
+    x0 = held_out_photo(channels, short_side / min(height, width), multiple)[None].to(device)
+    xT, mask = degradation(x0)
+    mask = None if mask is None else mask.to(device)
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def run_teacher(nfe):
+        out = sample_teacher(teacher, xT, nfe, mask, seed=seed, autocast=autocast)
+        sync()
+        return out
+
+    def run_student():
+        out = sample_student(student, xT, student_nfe, mask, seed=seed, autocast=autocast)
+        sync()
+        return out
+
+    run_teacher(1)
+    teacher_out, teacher_s = _timed(lambda: run_teacher(teacher_nfe))
+    run_student()
+    student_out, student_s = _timed(run_student)
+
+    entries = [("corrupted", xT, None), (f"teacher NFE {teacher_nfe}", teacher_out, teacher_s),
+               (f"student NFE {student_nfe}", student_out, student_s), ("clean", x0, None)]
+    columns, info = [], []
+    for title, image, seconds in entries:
+        image = image[0].float().clamp(-1, 1)
+        if title == "clean":
+            lines = ["reference"]
+            value = None
+        else:
+            value = float(psnr(image[None], x0[0:1].float()).mean())
+            lines = [f"PSNR {value:.2f} dB"]
+        lines.append("-" if seconds is None else f"{seconds * 1e3:.0f} ms/image")
+        columns.append((title, image.cpu(), lines))
+        info.append({"title": title, "psnr": value, "ms": None if seconds is None else seconds * 1e3})
+    picture = draw_columns(columns, zoom=zoom)
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+    return {"photo": HELD_OUT_PHOTO, "height": int(x0.shape[-2]), "width": int(x0.shape[-1]),
+            "zoom": zoom, "columns": info}

@@ -1,0 +1,81 @@
+"""benchmarks/bench_default.py --from-run: a finished default run's records -> default-<machine>.json.
+
+The run itself (``ibmd-fast distill`` then ``ibmd-fast eval``, about 10 minutes) is what the script
+times; here a run folder with the same files is written by hand, so only the reading and the
+JSON are tested, in a second.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+import ibmd_fast
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+PACKAGE_ROOT = Path(ibmd_fast.__file__).resolve().parent.parent
+
+DISTILL_ROWS = [
+    {"model": "corrupted", "nfe": 0, "psnr": 17.0, "ssim": 0.40, "sec_per_image": 0.0},
+    {"model": "teacher", "nfe": 100, "psnr": 21.0, "ssim": 0.60, "sec_per_image": 0.6},
+    {"model": "student", "nfe": 1, "psnr": 16.0, "ssim": 0.70, "sec_per_image": 0.006},
+]
+EVAL_ROWS = [
+    {"model": "corrupted", "nfe": 0, "psnr": 17.1, "ssim": 0.41, "fid": 9.0, "sec_per_image": 0.0},
+    {"model": "teacher", "nfe": 100, "psnr": 21.2, "ssim": 0.61, "fid": 1.0, "sec_per_image": 0.5},
+    {"model": "student", "nfe": 1, "psnr": 21.5, "ssim": 0.62, "fid": 10.0, "sec_per_image": 0.005},
+]
+
+
+def _fake_run(root: Path) -> None:
+    distill, evaluation = root / "distill", root / "eval"
+    distill.mkdir(parents=True)
+    evaluation.mkdir()
+    (distill / "comparison.json").write_text(json.dumps(DISTILL_ROWS))
+    (distill / "comparison-photo.json").write_text(json.dumps({"photo": "chelsea", "height": 48, "width": 72,
+                                                               "zoom": 3, "columns": []}))
+    (distill / "config.json").write_text(json.dumps({"device": "auto", "teacher": "t.safetensors", "steps": 200,
+                                                     "data": "skimage", "degradation": "inpaint-center"}))
+    (distill / "stats.jsonl").write_text("".join(json.dumps({"step": s, "seconds": 3.0 * s}) + "\n"
+                                                 for s in (10, 20)))
+    Image.new("RGB", (8, 4), "white").save(distill / "comparison.png")
+    (evaluation / "eval.json").write_text(json.dumps({"num_images": 64, "classifier": {"task": "rotation"},
+                                                      "results": EVAL_ROWS}))
+
+
+def test_bench_default_from_run_writes_the_table_the_time_and_the_picture(tmp_path):
+    _fake_run(tmp_path / "run")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_default.py"), "--from-run", str(tmp_path / "run"),
+                           "--machine", "test", "--out-dir", str(out)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((out / "default-test.json").read_text())
+    assert report["machine"] == "test"
+    distill = report["distill"]
+    assert distill["rows"] == DISTILL_ROWS and distill["wall_seconds"] == 60.0  # stats.jsonl's last seconds
+    assert distill["degradation"] == "inpaint-center" and distill["photo"]["photo"] == "chelsea"
+    assert distill["beats_input"] == {"teacher-100": {"psnr": True, "ssim": True},
+                                      "student-1": {"psnr": False, "ssim": True}}
+    assert report["eval"]["rows"] == EVAL_ROWS
+    assert report["eval"]["beats_input"]["teacher-100"] == {"fid": True, "psnr": True, "ssim": True}
+    assert report["eval"]["beats_input"]["student-1"]["fid"] is False  # FID: lower is better
+    with Image.open(out / "default-comparison-test.png") as picture:
+        assert picture.size == (8, 4)
+    assert "corrupted" in proc.stdout and "student" in proc.stdout
+
+
+def test_bench_default_from_an_unfinished_run_says_what_is_missing(tmp_path):
+    _fake_run(tmp_path / "run")
+    os.remove(tmp_path / "run" / "distill" / "comparison-photo.json")
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_default.py"), "--from-run", str(tmp_path / "run"),
+                           "--out-dir", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "comparison-photo.json" in proc.stderr
+    assert not (tmp_path / "out").exists()

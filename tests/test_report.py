@@ -1,0 +1,102 @@
+"""The end of a distillation run (ibmd_fast/train/report.py): the corrupted-input row, the reading line,
+and comparison.png (a whole held-out photograph in four labeled columns)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ibmd_fast.bridges import I2SBBridge
+from ibmd_fast.data import HELD_OUT_PHOTO, get_degradation, held_out_photo, load_skimage_photo
+from ibmd_fast.data.images import tensor_to_uint8
+from ibmd_fast.metrics import psnr, ssim
+from ibmd_fast.models import Generator, Teacher, build_unet
+from ibmd_fast.train import report
+
+
+def _batches(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(6, 3, 16, 16, generator=gen) * 2 - 1
+    xT = (x0 + 0.2 * torch.randn(6, 3, 16, 16, generator=gen)).clamp(-1, 1)
+    return [{"x0": x0[:4], "xT": xT[:4]}, {"x0": x0[4:], "xT": xT[4:]}], x0, xT
+
+
+def test_corrupted_row_scores_the_input_itself():
+    batches, x0, xT = _batches()
+    row = report.corrupted_row(batches)
+    assert row["model"] == "corrupted" and row["nfe"] == 0 and row["sec_per_image"] == 0.0
+    assert row["psnr"] == pytest.approx(float(psnr(xT, x0).mean()), rel=1e-6)  # all six images, both batches
+    assert row["ssim"] == pytest.approx(float(ssim(xT, x0).mean()), rel=1e-6)
+
+
+def test_table_has_the_input_row_and_one_reading_line():
+    rows = [report.corrupted_row(_batches()[0]),
+            {"model": "teacher", "nfe": 100, "psnr": 30.0, "ssim": 0.9, "sec_per_image": 0.5},
+            {"model": "student", "nfe": 1, "psnr": 31.0, "ssim": 0.91, "sec_per_image": 0.005}]
+    text = report.format_comparison(rows, "runs/distill")
+    lines = text.splitlines()
+    assert len(lines) == 2 + len(rows) + 1  # header, rule, rows, the reading line
+    assert lines[2].startswith("corrupted") and lines[3].startswith("teacher") and lines[4].startswith("student")
+    reading = lines[-1]
+    assert "higher is better" in reading and "corrupted" in reading and "lower" in reading
+    assert "runs/distill/" in reading and "comparison.png" in reading and "generator.safetensors" in reading
+
+
+def test_draw_columns_lays_out_four_labeled_columns():
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 10, 14, generator=gen) * 2 - 1 for _ in range(4)]
+    titles = ["corrupted", "teacher NFE 100", "student NFE 1", "clean"]
+    columns = [(t, im, [f"PSNR {i}.00 dB", f"{i} ms/image"]) for i, (t, im) in enumerate(zip(titles, images))]
+    zoom, pad = 3, 6
+    picture = np.asarray(report.draw_columns(columns, zoom=zoom, pad=pad))
+    top = report.LINE_HEIGHT + 2 * report.LABEL_PAD
+    bottom = 2 * report.LINE_HEIGHT + 2 * report.LABEL_PAD
+    assert picture.shape == (top + 10 * zoom + bottom, pad + 4 * (14 * zoom + pad), 3)
+    for j, image in enumerate(images):
+        left = pad + j * (14 * zoom + pad)
+        expected = np.repeat(np.repeat(tensor_to_uint8(image), zoom, 0), zoom, 1)
+        assert np.array_equal(picture[top:top + 10 * zoom, left:left + 14 * zoom], expected)
+        title_band = picture[:top, left:left + 14 * zoom]
+        label_band = picture[top + 10 * zoom:, left:left + 14 * zoom]
+        assert (title_band < 128).any() and (label_band < 128).any()  # text drawn above and below
+    with pytest.raises(ValueError, match="differ in size"):
+        report.draw_columns([("a", images[0], []), ("b", torch.zeros(3, 8, 8), [])])
+
+
+def _tiny_pair(degradation: str):
+    bridge = I2SBBridge(n_steps=20, beta_max=1.0 if degradation.startswith("inpaint") else 0.3)
+    torch.manual_seed(0)
+    teacher = Teacher(build_unet("tiny", 16, 3, 3), bridge).eval()
+    return teacher, Generator(teacher).eval()
+
+
+@pytest.mark.parametrize("degradation", ["inpaint-center", "sr4x-bicubic"])
+def test_photo_comparison_restores_the_whole_held_out_photo(tmp_path, degradation):
+    teacher, student = _tiny_pair(degradation)
+    path = tmp_path / "comparison.png"
+    info = report.photo_comparison(str(path), teacher, student, 1, 2, get_degradation(degradation), 3, 2, "cpu",
+                                   short_side=24, zoom=2)
+    h, w = load_skimage_photo(HELD_OUT_PHOTO).shape[:2]
+    multiple = 4 if degradation.startswith("sr4x") else 2  # the SR factor, else the network's multiple
+    assert info["photo"] == HELD_OUT_PHOTO and min(info["height"], info["width"]) in range(20, 25)
+    assert info["height"] % multiple == 0 and info["width"] % multiple == 0
+    assert abs(info["width"] / info["height"] - w / h) < 0.1  # the whole photo, not a crop of it
+    assert [c["title"] for c in info["columns"]] == ["corrupted", "teacher NFE 2", "student NFE 1", "clean"]
+    corrupted, teacher_col, student_col, clean = info["columns"]
+    x0 = held_out_photo(3, 24 / min(h, w), multiple)
+    xT, _ = get_degradation(degradation)(x0[None])
+    assert corrupted["psnr"] == pytest.approx(float(psnr(xT, x0[None]).mean()), rel=1e-5)
+    assert teacher_col["ms"] > 0 and student_col["ms"] > 0 and clean["psnr"] is None and corrupted["ms"] is None
+    with Image.open(path) as picture:
+        assert picture.size[0] == 6 + 4 * (2 * info["width"] + 6)
+        assert picture.size[1] > 2 * info["height"] + 2 * report.LINE_HEIGHT
+
+
+def test_held_out_photo_is_whole_and_sized_for_the_network():
+    full = load_skimage_photo(HELD_OUT_PHOTO)  # 300 x 451
+    photo = held_out_photo(3, 0.25, 8)
+    assert photo.shape == (3, 72, 112)  # round(300/4)=75 -> 72, round(451/4)=113 -> 112: center crops of 1-2 px
+    assert full.shape[:2] == (300, 451)
+    assert held_out_photo(1, 0.25, 8).shape == (1, 72, 112)
+    assert -1 <= float(photo.min()) and float(photo.max()) <= 1 and float(photo.std()) > 0.1
