@@ -10,7 +10,8 @@ are. Differences, none of which changes the math:
   legacy (`QKVAttentionLegacy`) and new (`QKVAttention`) orders is kept;
 - `use_fp16` does not convert weights: they stay float32 and the caller runs
   the model under `torch.autocast`; GroupNorm still computes in float32;
-- `use_checkpoint` uses `torch.utils.checkpoint` (non-reentrant) in training.
+- `use_checkpoint` uses `torch.utils.checkpoint` (non-reentrant) whenever autograd records
+  (`UNet.set_activation_checkpointing` switches it at run time).
 
 Also: named configurations (`CONFIGS`, `build_unet`), a checked state-dict
 loader that explains mismatches, and a checkpoint-file reader that never
@@ -222,7 +223,7 @@ class ResBlock(TimestepBlock):
             self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+        if self.use_checkpoint and torch.is_grad_enabled():  # also a frozen net differentiated through
             return torch.utils.checkpoint.checkpoint(self._forward, x, emb, use_reentrant=False)
         return self._forward(x, emb)
 
@@ -310,7 +311,7 @@ class AttentionBlock(nn.Module):
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+        if self.use_checkpoint and torch.is_grad_enabled():  # also a frozen net differentiated through
             return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
 
@@ -487,6 +488,15 @@ class UNet(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.out[2].weight.dtype
+
+    def set_activation_checkpointing(self, enabled: bool) -> "UNet":
+        """Recompute every ResBlock's and AttentionBlock's activations in backward instead of keeping
+        them (``torch.utils.checkpoint``): less memory, about one more forward of time. The weights
+        and ``config`` (what a release records) are unchanged."""
+        for module in self.modules():
+            if isinstance(module, (ResBlock, AttentionBlock)):
+                module.use_checkpoint = bool(enabled)
+        return self
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, in_channels, *spatial], timesteps [N] (float or int), y [N] labels -> [N, out_channels, *spatial]."""
