@@ -198,7 +198,8 @@ def test_bench_distill_ladder_two_steps(tmp_path):
     process per row, the reference ops in rung 1 only, the per-size section and the speed-up."""
     out = tmp_path / "distill.json"
     proc = _run("bench_distill.py", "--steps", 2, "--warmup", 1, "--rounds", 1, "--device", "cpu", "--rungs", "1,2,6",
-                "--image-size", 16, "--batch-size", 2, "--inner-steps", 2, "--machine", "test", "--out", out)
+                "--image-size", 16, "--batch-size", 2, "--inner-steps", 2, "--machine", "test", "--out", out,
+                timeout=400)  # three row processes, each importing torch: minutes on a crowded 2-core machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     section = report["sizes"]["tiny"]
@@ -239,4 +240,4 @@ def test_gpu_check_script_parses_and_names_its_parts(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     proc = subprocess.run(["bash", str(script), "everything"], cwd=str(tmp_path),
                           env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 2 and "ops|speed|paper|all" in proc.stderr
+    assert proc.returncode == 2 and "tests|ladder|adm256|ops|inference|paper" in proc.stderr
