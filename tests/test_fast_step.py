@@ -251,7 +251,7 @@ class _CPUBFloat16(Precision):
 
 
 def _loss_curve(device: str, precision: Precision, compile: bool, seed: int, steps: int) -> list[tuple]:
-    cfg = DistillConfig(batch_size=8, inner_steps=1, lr=2e-4, fake_lr=2e-4, device=device, compile=compile,
+    cfg = DistillConfig(batch_size=8, inner_steps=1, lr=1e-3, fake_lr=1e-3, device=device, compile=compile,
                         fused_adam=True, seed=seed)
     env = _env(device)
     ibmd = IBMD(_micro_teacher(), cfg, env, precision)
@@ -272,25 +272,77 @@ def _window_means(curve: torch.Tensor, window: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_compile_trains_to_the_fp32_loss_curve(device):
-    """The student's training is unchanged by the fast levers: over STEPS Algorithm-1 iterations
+    """The student's training is unchanged by the fast levers: over 100 Algorithm-1 iterations
     the bf16-autocast, torch.compile'd run's loss curve (fake-model loss and generator loss, as
     means over windows of 20 iterations) stays as close to the fp32 eager curve as a second fp32
     run with another seed is: the RMS gap over windows is at most the seed-to-seed RMS gap.
 
     Why that bound: with the same seed both runs see the same data, t and noise, so their gap is
-    bf16's rounding (2^-8 relative per op) amplified by 150 steps of training; a bug in the fast
+    bf16's rounding (2^-8 relative per op) amplified by 100 steps of training; a bug in the fast
     path (a lost cast, a wrong gradient in a compiled backward) moves the curve by more than the
     sampling noise that a new seed brings. The curves must also move (the fake model learns:
-    its loss falls), so the comparison is not one of two flat lines. On CPU the run is 150
-    iterations of the smallest U-Net (about a minute on one thread, most of it compiling)."""
-    steps, window = 150, 25
+    its loss falls), so the comparison is not one of two flat lines. On CPU the runs are 100
+    iterations of the smallest U-Net each (about two minutes on one thread, half of it compiling)."""
+    steps, window = 100, 20
     fp32 = Precision("fp32", torch.device(device))
     low = _CPUBFloat16() if device == "cpu" else Precision("bf16", torch.device(device))
     reference = _window_means(_loss_curve(device, fp32, False, seed=0, steps=steps), window)
     other_seed = _window_means(_loss_curve(device, fp32, False, seed=1, steps=steps), window)
     fast = _window_means(_loss_curve(device, low, True, seed=0, steps=steps), window)
     assert torch.isfinite(fast).all()
-    assert reference[-1, 0] < 0.8 * reference[0, 0]  # the fake model's loss falls: the run trains
+    assert reference[-1, 0] < reference[0, 0], reference[:, 0]  # the fake model's loss falls: the run trains
     gap = (fast - reference).square().mean(0).sqrt()
     spread = (other_seed - reference).square().mean(0).sqrt()
     assert (gap <= spread).all(), f"bf16+compile vs fp32 RMS gap {gap.tolist()}, seed spread {spread.tolist()}"
+
+
+# ----------------------------------------------------------------------------
+# Resumption with the device-side guard
+
+
+def test_distill_with_fused_adam_resumes_bit_identically(tmp_path):
+    """A run stopped at its step-2 checkpoint and resumed ends in the very state of an uninterrupted run:
+    the fused optimizers' state, the device-side guard counters and the EMA's device count round-trip."""
+    import numpy as np
+    from PIL import Image
+
+    from ibmd_fast.release import TEACHER_FORMAT, read_release, save_release
+    from ibmd_fast.train import distill
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)).save(images / f"{i}.png")
+    teacher = _micro_teacher()
+    release = str(tmp_path / "teacher.safetensors")
+    save_release(release, teacher.net, TEACHER_FORMAT, {
+        "unet": teacher.net.config, "conditional": False, "bridge": teacher.bridge.config(), "nfe": 10,
+        "degradation": "sr4x-bicubic", "image_size": 8, "channels": 3, "data": f"corrupted:{images}"})
+    common = dict(teacher=release, batch_size=4, inner_steps=1, lr=1e-3, fake_lr=1e-3, log_every=1, ckpt_every=2,
+                  eval_items=0, device="cpu", progress=False, fused_adam=True)
+    whole = distill(run_dir=str(tmp_path / "whole"), steps=4, **common)
+    distill(run_dir=str(tmp_path / "cut"), steps=2, **common)
+    resumed = distill(run_dir=str(tmp_path / "cut"), steps=4, **common)
+    assert whole["steps"] == resumed["steps"] == 4 and whole["skipped"] == resumed["skipped"] == 0
+
+    def state(run):
+        ckpt = torch.load(tmp_path / run / "checkpoints" / "ckpt-4.pt", weights_only=True)
+        return ckpt["state"]
+
+    def same(a, b, path=""):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), path
+        elif isinstance(a, dict):
+            assert set(a) == set(b), path
+            for k in a:
+                same(a[k], b[k], f"{path}/{k}")
+        elif isinstance(a, (list, tuple)):
+            for i, (x, y) in enumerate(zip(a, b)):
+                same(x, y, f"{path}[{i}]")
+        else:
+            assert a == b, path
+
+    same(state("whole"), state("cut"))
+    assert state("cut")["ema"]["num_updates"] == 4
+    same(read_release(whole["release"])[0], read_release(resumed["release"])[0])
