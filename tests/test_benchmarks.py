@@ -199,7 +199,7 @@ def test_bench_distill_ladder_two_steps(tmp_path):
     out = tmp_path / "distill.json"
     proc = _run("bench_distill.py", "--steps", 2, "--warmup", 1, "--rounds", 1, "--device", "cpu", "--rungs", "1,2,6",
                 "--image-size", 16, "--batch-size", 2, "--inner-steps", 2, "--machine", "test", "--out", out,
-                timeout=400)  # three row processes, each importing torch: minutes on a crowded 2-core machine
+                timeout=600)  # three row processes, each importing torch: minutes on a crowded 2-core machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     section = report["sizes"]["tiny"]
