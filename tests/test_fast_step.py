@@ -288,8 +288,8 @@ def test_bf16_compile_trains_to_the_fp32_loss_curve(device):
     Why that bound: with the same seed both runs see the same data, t and noise, so their gap is
     bf16's rounding (2^-8 relative per op) amplified by 100 steps of training; a bug in the fast
     path (a lost cast, a wrong gradient in a compiled backward) moves the curve by more than the
-    sampling noise that a new seed brings. The curves must also move (the fake model learns:
-    its loss falls), so the comparison is not one of two flat lines. On CPU the runs are 100
+    sampling noise that a new seed brings. The fake model's loss curve must also move by more
+    than that tolerance, so the comparison is not one of two flat lines. On CPU the runs are 100
     iterations of the smallest U-Net each (about two minutes on one thread)."""
     steps, window = 100, 20
     fp32 = Precision("fp32", torch.device(device))
@@ -298,10 +298,13 @@ def test_bf16_compile_trains_to_the_fp32_loss_curve(device):
     other_seed = _window_means(_loss_curve(device, fp32, False, seed=1, steps=steps), window)
     fast = _window_means(_loss_curve(device, low, True, seed=0, steps=steps), window)
     assert torch.isfinite(fast).all()
-    assert reference[-1, 0] < reference[0, 0], reference[:, 0]  # the fake model's loss falls: the run trains
     gap = (fast - reference).square().mean(0).sqrt()
     spread = (other_seed - reference).square().mean(0).sqrt()
-    assert (gap <= spread).all(), f"bf16+compile vs fp32 RMS gap {gap.tolist()}, seed spread {spread.tolist()}"
+    shown = f"RMS gap {gap.tolist()}, seed spread {spread.tolist()}, fp32 windows {reference.tolist()}"
+    assert (gap <= spread).all(), f"bf16+compile strays from fp32: {shown}"
+    # the fake model's loss moves over training (it rises as the generator leaves the teacher) by more than
+    # the tolerance, so the check is not one of flat curves
+    assert (reference[-1, 0] - reference[0, 0]).abs() > spread[0], shown
 
 
 # ----------------------------------------------------------------------------
