@@ -1,38 +1,60 @@
-"""Distillation speed: IBMD iterations per second, fused ops against the pure-PyTorch reference.
+"""The whole IBMD step, fast: a ladder of speed levers on one model, batch and data.
 
 One iteration is Algorithm 1's unit (MATH.md 5): L fake-model steps (``IBMD.fake_step``) and one
-generator step (``IBMD.generator_step``), on the same model and batch in every variant. Each
-variant runs in a process of its own, because the op backend is chosen when ``ibmd_fast.ops`` is
-imported:
+generator step (``IBMD.generator_step``), three U-Nets in all. Every rung keeps the levers of the
+rungs before it, and each rung runs in a process of its own (the op backend is chosen when
+``ibmd_fast.ops`` is imported; compiled graphs and allocator state must not leak between rows):
 
-- ``fused``: the compiled ops of ``ibmd_fast._C`` (bridge step with in-kernel noise, fused losses);
-- ``reference``: the same run with ``IBMD_FAST_DISABLE_EXT=1`` (``ibmd_fast.reference``);
-- on CUDA, each of those with bf16 autocast (``+bf16``), then also NHWC memory (``+cl``), then
-  also ``torch.compile`` of the three networks (``+compile``).
+    1 naive           fp32, TF32 off, eager, the reference ops (IBMD_FAST_DISABLE_EXT=1), torch's
+                      default (unfused) AdamW: how the paper's code runs
+    2 +fused-ops      the compiled ops of ibmd_fast._C (bridge step with in-kernel noise, fused losses)
+    3 +bf16           bf16 autocast, TF32 for what stays fp32                        (CUDA only)
+    4 +channels-last  NHWC memory format
+    5 +compile        torch.compile of the three networks
+    6 +fused-adamw    AdamW(fused=True), whose step OptimizerStep guards on the device: no host sync
+                      inside an iteration
+    7 +cuda-graphs    torch.compile(mode="reduce-overhead"): the networks' forward and backward replay
+                      as CUDA graphs (their shapes are static); the bridge steps and optimizer steps
+                      between them stay eager, since the in-kernel noise takes its seed as a host
+                      scalar (csrc/cuda/bridge_step.cu), which a captured graph would freeze  (CUDA only)
 
-The teacher is a random-weight I2SB release of ``--arch`` written to a temporary folder, so the
-script runs anywhere (random weights cost the same time as trained ones); the batches are random
-images already on the device, so data loading is not timed. Each variant runs ``--warmup``
-untimed iterations (compilation happens there), then ``--steps`` timed ones; with ``--rounds N``
-the variants run N times, interleaved, and the best round counts (on a shared machine the
-slower rounds measure the neighbours).
+Sizes (``--size``): ``tiny`` (the unit-test U-Net, 32 px, batch 4: CPU), ``small`` (64 px, batch
+64), ``adm256`` (the 552M-parameter ADM-256 teacher configuration at 256 px; ``--batch-size`` and
+``--checkpoint-activations`` set how it fits, ``--memory-cap-gb 80`` holds an H200 to an 80 GB
+card's memory). The teacher is a random-weight I2SB release written to a temporary folder
+(random weights cost the same time as trained ones); the batches are random images already on
+the device, so data loading is not timed.
 
-    python benchmarks/bench_distill.py                         # CPU: fused vs reference
-    python benchmarks/bench_distill.py --device cuda --machine h100
-    python benchmarks/bench_distill.py --variants fused,reference+bf16 --steps 10
+Timing: after ``--warmup`` untimed iterations (compilation and graph capture happen there),
+``--steps`` timed ones, each timed by CUDA events on the GPU (recorded without waiting, read once
+at the end) or by the wall clock on CPU; a row reports the median. On CUDA one more iteration
+runs under ``torch.cuda.set_sync_debug_mode("warn")`` and the row records how many host
+synchronisations it made. Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the process's
+peak resident set on CPU. With ``--rounds N`` all rows run N times, interleaved (on a shared
+machine a neighbour's burst then hits one round of every row, not all rounds of one row), and a
+row's figure is the median over rounds.
 
-Prints a table and writes ``benchmarks/results/distill-<machine>.json`` with every variant and the
-fused / reference ratio of iterations per second for each setting.
+    python benchmarks/bench_distill.py                                   # CPU, tiny: rungs 1 2 4 5 6
+    python benchmarks/bench_distill.py --device cuda --size small
+    python benchmarks/bench_distill.py --device cuda --size adm256 --batch-size 8 --checkpoint-activations
+    python benchmarks/bench_distill.py --rungs 1,2 --steps 3 --rounds 1  # a quick look
+
+Prints a table and writes (merging with the sizes already there) ``benchmarks/results/
+distill-<machine>.json``: for each size its settings and rows, and ``speedup_best_over_naive``
+(the best row's iterations per second over rung 1's) per size.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -40,33 +62,47 @@ sys.path.insert(1, HERE)
 
 import torch  # noqa: E402
 
-from _common import RESULTS, Stopwatch, environment, machine_name, resolve_device, write_json  # noqa: E402
+from _common import RESULTS, environment, machine_name, resolve_device, write_json  # noqa: E402
 
-# The settings each variant adds, in order: every rung of the CUDA ladder keeps the ones before it.
-CUDA_LADDER = ("", "+bf16", "+bf16+cl", "+bf16+cl+compile")
-DEFAULTS = {  # per device: a size that takes seconds per variant
-    "cpu": {"arch": "tiny", "image_size": 32, "batch_size": 4, "steps": 5, "warmup": 1, "rounds": 3},
-    "cuda": {"arch": "small", "image_size": 32, "batch_size": 64, "steps": 10, "warmup": 2, "rounds": 1},
+# rung -> (name, the levers it adds, whether it runs on CPU); every rung keeps the ones before it
+LADDER = {
+    1: ("naive", {}, True),
+    2: ("+fused-ops", {"ops": "fused"}, True),
+    3: ("+bf16", {"precision": "bf16", "tf32": True}, False),
+    4: ("+channels-last", {"channels_last": True}, True),
+    5: ("+compile", {"compile": "default"}, True),
+    6: ("+fused-adamw", {"fused_adam": True}, True),
+    7: ("+cuda-graphs", {"compile": "reduce-overhead"}, False),
+}
+NAIVE = {"ops": "reference", "precision": "fp32", "tf32": False, "channels_last": False, "compile": None,
+         "fused_adam": False}
+SIZES = {  # size -> U-Net config, image side, batch, timed / warm-up iterations
+    "tiny": {"arch": "tiny", "image_size": 32, "batch_size": 4, "steps": 5, "warmup": 1},
+    "small": {"arch": "small", "image_size": 64, "batch_size": 64, "steps": 10, "warmup": 3},
+    "adm256": {"arch": "adm256", "image_size": 256, "batch_size": 8, "steps": 5, "warmup": 2},
 }
 
 
-def parse_variant(name: str) -> dict:
-    """``fused+bf16+cl+compile`` -> its settings; raises ValueError for unknown parts."""
-    ops, *extras = name.split("+")
-    if ops not in ("fused", "reference"):
-        raise ValueError(f"variant {name!r} must start with 'fused' or 'reference'")
-    unknown = set(extras) - {"bf16", "cl", "compile"}
-    if unknown:
-        raise ValueError(f"variant {name!r}: unknown part(s) {sorted(unknown)}; use +bf16, +cl, +compile")
-    return {"variant": name, "ops": ops, "precision": "bf16" if "bf16" in extras else "fp32",
-            "channels_last": "cl" in extras, "compile": "compile" in extras}
+def rung_settings(rung: int, rungs: list[int]) -> dict:
+    """The levers of ``rung``: the naive baseline plus every rung in ``rungs`` up to and including it."""
+    settings = dict(NAIVE)
+    for r in sorted(rungs):
+        if r <= rung:
+            settings.update(LADDER[r][1])
+    return settings
 
 
-def setting_of(variant: dict) -> str:
-    """The variant's name without its ops part: the key fused and reference rows are paired by."""
-    parts = [variant["precision"]] + (["channels_last"] if variant["channels_last"] else []) \
-        + (["compile"] if variant["compile"] else [])
-    return "+".join(parts)
+def parse_rungs(text: str, cuda: bool) -> list[int]:
+    """``"1,2,4"`` -> [1, 2, 4]; ValueError naming an unknown rung or one CPU cannot run."""
+    rungs = sorted({int(r) for r in text.replace(" ", "").split(",") if r})
+    for r in rungs:
+        if r not in LADDER:
+            raise ValueError(f"unknown rung {r}; the ladder has {sorted(LADDER)}")
+        if not cuda and not LADDER[r][2]:
+            raise ValueError(f"rung {r} ({LADDER[r][0]}) needs CUDA")
+    if not rungs:
+        raise ValueError("no rungs given")
+    return rungs
 
 
 def synthetic_teacher(folder: str, arch: str, size: int, channels: int) -> str:
@@ -89,10 +125,32 @@ def synthetic_teacher(folder: str, arch: str, size: int, channels: int) -> str:
 
 
 # ----------------------------------------------------------------------------
-# One variant (runs in a subprocess)
+# One row (runs in a subprocess)
 
 
-def run_variant(spec: dict) -> dict:
+class _Timer:
+    """Per-iteration times: CUDA events recorded without waiting (read at the end), or the wall clock."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def run_row(spec: dict) -> dict:
     """Time ``spec["steps"]`` Algorithm-1 iterations after ``spec["warmup"]`` untimed ones."""
     from ibmd_fast import ops
     from ibmd_fast.release import load_teacher
@@ -100,55 +158,85 @@ def run_variant(spec: dict) -> dict:
     from ibmd_fast.train import distributed
     from ibmd_fast.train.common import Precision
 
-    device = spec["device"]
-    env = distributed.init(device)
+    cuda = spec["device"].startswith("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(spec["tf32"])
+    torch.set_float32_matmul_precision("high" if spec["tf32"] else "highest")
+    env = distributed.init(spec["device"])
+    if cuda and spec.get("memory_cap_gb"):
+        total = torch.cuda.get_device_properties(env.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_cap_gb"] * 2**30 / total), env.device)
     teacher, tconf = load_teacher(spec["teacher"], device=env.device)
     cfg = DistillConfig(teacher=spec["teacher"], nfe=1, inner_steps=spec["inner_steps"],
                         batch_size=spec["batch_size"], precision=spec["precision"],
-                        channels_last=spec["channels_last"], compile=spec["compile"], device=device, seed=0)
+                        channels_last=spec["channels_last"], compile=spec["compile"] == "default",
+                        fused_adam=spec["fused_adam"], checkpoint_activations=spec["checkpoint_activations"],
+                        device=spec["device"], seed=0)
     ibmd = IBMD(teacher, cfg, env, Precision(cfg.precision, env.device), inpainting=False)
     ibmd.prepare()
+    if spec["compile"] == "reduce-overhead":  # CUDA graphs of each network's forward and backward
+        for m in (ibmd.teacher, ibmd.fake, ibmd.generator):
+            m.net.compile(mode="reduce-overhead")
     gen = torch.Generator().manual_seed(0)
     shape = (spec["batch_size"], int(tconf["channels"]), spec["image_size"], spec["image_size"])
     # L + 1 fixed batches on the device: the timing covers the algorithm, not data loading
     batches = [{"xT": (torch.rand(shape, generator=gen) * 2 - 1).to(env.device)}
                for _ in range(spec["inner_steps"] + 1)]
+    step_begin = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
+    graphs = spec["compile"] == "reduce-overhead" and step_begin is not None
 
-    def iteration() -> tuple[float, float]:
-        with Stopwatch(device) as fake:
-            for batch in batches[:-1]:
-                ibmd.fake_step(batch)
-        with Stopwatch(device) as generator:
-            ibmd.generator_step(batches[-1])
-        return fake.seconds, generator.seconds
+    def iteration() -> None:
+        for batch in batches[:-1]:
+            if graphs:
+                step_begin()
+            ibmd.fake_step(batch)
+        if graphs:
+            step_begin()
+        ibmd.generator_step(batches[-1])
 
-    if env.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    with Stopwatch(device) as first:
-        iteration()
+    started = time.perf_counter()
+    iteration()
+    if cuda:
+        torch.cuda.synchronize()
+    first_s = time.perf_counter() - started
     for _ in range(spec["warmup"] - 1):
         iteration()
-    fake_s = gen_s = 0.0
-    with Stopwatch(device) as timed:
-        for _ in range(spec["steps"]):
-            f, g = iteration()
-            fake_s, gen_s = fake_s + f, gen_s + g
-    steps = spec["steps"]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    timer = _Timer(cuda)
+    timer.mark()
+    for _ in range(spec["steps"]):
+        iteration()
+        timer.mark()
+    times = timer.seconds()
+    syncs = None
+    if cuda:  # one more iteration, untimed, counting what waits for the GPU
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                iteration()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
+    median = statistics.median(times)
     return {
         "backend": ops.backend(),
         "torch_threads": torch.get_num_threads(),
-        "it_per_s": steps / timed.seconds,
-        "sec_per_iteration": timed.seconds / steps,
-        "fake_step_ms": 1e3 * fake_s / (steps * spec["inner_steps"]),
-        "generator_step_ms": 1e3 * gen_s / steps,
-        "first_iteration_s": first.seconds,
-        "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if env.device.type == "cuda" else None,
+        "it_per_s": 1.0 / median,
+        "ms_per_iteration": 1e3 * median,
+        "ms_per_iteration_each": [round(1e3 * t, 3) for t in times],
+        "first_iteration_s": first_s,
+        "peak_memory_mb": (torch.cuda.max_memory_allocated(env.device) / 2**20 if cuda
+                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
+        "host_syncs_per_iteration": syncs,
         "generator_skipped": ibmd.gen_guard.skipped,
     }
 
 
 def spawn(spec: dict, timeout: float) -> dict:
-    """Run one variant in a fresh interpreter (reference: with IBMD_FAST_DISABLE_EXT=1)."""
+    """Run one row in a fresh interpreter (the reference ops: with IBMD_FAST_DISABLE_EXT=1)."""
     env = dict(os.environ)
     env.pop("IBMD_FAST_DISABLE_EXT", None)
     if spec["ops"] == "reference":
@@ -162,8 +250,74 @@ def spawn(spec: dict, timeout: float) -> dict:
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return {**json.loads(line[len("RESULT "):]), "process_s": time.perf_counter() - started}
-    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-    return {"error": f"exit {proc.returncode}: {tail[:300]}"}
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()] or ["(no output)"]
+    oom = next((ln for ln in lines if "OutOfMemoryError" in ln or "out of memory" in ln), None)
+    return {"error": f"exit {proc.returncode}: {(oom or lines[-1])[:300]}"}
+
+
+def summarize(rungs: list[int], runs: dict[int, list[dict]], settings: dict) -> dict:
+    """Rows (median over rounds) and the best row's speed-up over rung 1, for one size."""
+    rows = []
+    for rung in rungs:
+        tried = runs.get(rung, [])
+        if not tried:
+            continue
+        done = [r for r in tried if "error" not in r]
+        row = {"rung": rung, "name": LADDER[rung][0], "levers": rung_settings(rung, rungs),
+               "rounds": len(tried), "errors": [r["error"] for r in tried if "error" in r]}
+        if done:
+            order = sorted(done, key=lambda r: r["it_per_s"])
+            middle = order[(len(order) - 1) // 2]  # the lower median: a real round's record (its details)
+            row.update({k: v for k, v in middle.items() if k != "it_per_s"})
+            row["it_per_s"] = statistics.median(r["it_per_s"] for r in done)
+            row["ms_per_iteration"] = 1e3 / row["it_per_s"]  # the same median, as time
+            row["it_per_s_rounds"] = [r["it_per_s"] for r in done]
+        rows.append(row)
+    naive = next((r for r in rows if r["rung"] == 1 and "it_per_s" in r), None)
+    timed = [r for r in rows if "it_per_s" in r]
+    best = max(timed, key=lambda r: r["it_per_s"]) if timed else None
+    for row in timed:
+        row["speedup_over_naive"] = row["it_per_s"] / naive["it_per_s"] if naive else None
+    return {"settings": settings, "rows": rows, "best_rung": best["rung"] if best else None,
+            "speedup_best_over_naive": best["it_per_s"] / naive["it_per_s"] if (best and naive) else None}
+
+
+def merge(out: str, machine: str, size: str, section: dict, env: dict, note) -> dict:
+    """The JSON at ``out`` with this size's section replaced (other sizes kept when the file is ours)."""
+    payload = {}
+    if os.path.exists(out):
+        try:
+            with open(out, encoding="utf-8") as fh:
+                payload = json.load(fh)
+        except (OSError, ValueError):
+            payload = {}
+    if payload.get("machine") != machine or "sizes" not in payload:
+        payload = {}
+    sizes = {**payload.get("sizes", {}), size: {**section, "environment": env, "note": note}}
+    return {
+        **env,
+        "what": "IBMD Algorithm-1 iterations per second (L fake-model steps + 1 generator step, three U-Nets), "
+                "a ladder of speed levers, one process per row; random-weight I2SB teacher; fixed random "
+                "batches already on the device; per-iteration median (CUDA events on GPU, wall clock on CPU), "
+                "median over interleaved rounds",
+        "ladder": {str(r): LADDER[r][0] for r in LADDER},
+        "sizes": sizes,
+        "speedup_best_over_naive": {k: v.get("speedup_best_over_naive") for k, v in sizes.items()},
+    }
+
+
+def print_table(section: dict) -> None:
+    print(f"{'rung':>4s} {'row':16s} {'backend':14s} {'it/s':>9s} {'ms/it':>10s} {'x naive':>8s} "
+          f"{'peak MB':>9s} {'syncs':>6s} {'1st it s':>9s}")
+    for row in section["rows"]:
+        if "it_per_s" not in row:
+            print(f"{row['rung']:4d} {row['name']:16s} failed: {row['errors'][-1]}")
+            continue
+        syncs = "-" if row["host_syncs_per_iteration"] is None else str(row["host_syncs_per_iteration"])
+        speedup = row.get("speedup_over_naive")
+        print(f"{row['rung']:4d} {row['name']:16s} {row['backend']:14s} {row['it_per_s']:9.3f} "
+              f"{row['ms_per_iteration']:10.1f} {'-' if speedup is None else f'{speedup:.2f}x':>8s} "
+              f"{row['peak_memory_mb']:9.0f} {syncs:>6s} {row['first_iteration_s']:9.1f}")
 
 
 # ----------------------------------------------------------------------------
@@ -172,122 +326,91 @@ def spawn(spec: dict, timeout: float) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default=None, help="U-Net config (default: tiny on CPU, small on CUDA)")
-    parser.add_argument("--image-size", type=int, default=None, help="image side (default 32)")
+    parser.add_argument("--size", choices=sorted(SIZES), default=None, help="default: tiny on CPU, small on CUDA")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the size's batch")
+    parser.add_argument("--image-size", type=int, default=None, help="override the size's image side")
     parser.add_argument("--channels", type=int, default=3, choices=(1, 3))
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 4 on CPU, 64 on CUDA")
     parser.add_argument("--inner-steps", type=int, default=5, help="L: fake-model steps per iteration")
-    parser.add_argument("--steps", type=int, default=None, help="timed iterations (default: 5 CPU, 10 CUDA)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed iterations first, at least 1 "
-                        "(default: 1 CPU, 2 CUDA)")
-    parser.add_argument("--rounds", type=int, default=None, help="runs of every variant, interleaved; the best "
-                        "counts (default: 3 CPU, 1 CUDA)")
+    parser.add_argument("--steps", type=int, default=None, help="timed iterations per row")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed iterations first, at least 1")
+    parser.add_argument("--rounds", type=int, default=None, help="runs of every row, interleaved; the median "
+                        "counts (default: 3 on CPU, 1 on CUDA)")
+    parser.add_argument("--rungs", default=None, metavar="LIST", help="comma-separated rungs (default: all that "
+                        "the device can run: 1,2,4,5,6 on CPU, 1-7 on CUDA)")
+    parser.add_argument("--checkpoint-activations", action="store_true",
+                        help="activation checkpointing in the U-Nets (the distiller's option), every row")
+    parser.add_argument("--memory-cap-gb", type=float, default=None,
+                        help="cap this process's GPU memory (e.g. 80: an 80 GB card's budget on an H200)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--note", default=None, help="a remark stored in the JSON (e.g. what else ran meanwhile)")
-    parser.add_argument("--variants", default=None, metavar="LIST",
-                        help="comma-separated, e.g. fused,reference,fused+bf16+cl+compile (default: fused and "
-                        "reference on CPU; on CUDA both at each rung of fp32, +bf16, +bf16+cl, +bf16+cl+compile)")
-    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variants")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per variant at most")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per row at most")
     parser.add_argument("--machine", default=None, help="results name (default: GPU name or cpu-<n>core)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/distill-<machine>.json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker is not None:
-        print("RESULT " + json.dumps(run_variant(json.loads(args.worker))), flush=True)
+        print("RESULT " + json.dumps(run_row(json.loads(args.worker))), flush=True)
         return 0
 
     device = resolve_device(args.device)
-    kind = "cuda" if device.startswith("cuda") else "cpu"
-    if kind == "cuda" and not torch.cuda.is_available():
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA GPU")
-    settings = {**DEFAULTS[kind], **{k: v for k, v in (("arch", args.arch), ("image_size", args.image_size),
-                                                          ("batch_size", args.batch_size), ("steps", args.steps),
-                                                          ("warmup", args.warmup), ("rounds", args.rounds))
-                                   if v is not None}}
-    if min(settings["steps"], settings["warmup"], settings["rounds"]) < 1:
-        parser.error("--steps, --warmup and --rounds must be at least 1")
-    if args.variants:
-        names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    elif kind == "cuda":
-        names = [f"{ops}{rung}" for rung in CUDA_LADDER for ops in ("fused", "reference")]
-    else:
-        names = ["fused", "reference"]
-    if args.no_compile:
-        names = [n for n in names if "compile" not in n]
+    size = args.size or ("small" if cuda else "tiny")
+    settings = dict(SIZES[size])
+    for key in ("batch_size", "image_size", "steps", "warmup"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    rounds = args.rounds if args.rounds is not None else (1 if cuda else 3)
+    if min(settings["steps"], settings["warmup"], rounds, settings["batch_size"], args.inner_steps) < 1:
+        parser.error("--steps, --warmup, --rounds, --batch-size and --inner-steps must be at least 1")
     try:
-        variants = [parse_variant(n) for n in names]
+        rungs = parse_rungs(args.rungs or ",".join(str(r) for r in LADDER if cuda or LADDER[r][2]), cuda)
     except ValueError as exc:
         parser.error(str(exc))
     machine = args.machine or machine_name(device)
     env = environment(device, machine)
-    print(f"IBMD distillation speed on {machine} ({device}): arch {settings['arch']}, "
-          f"{args.channels}x{settings['image_size']}x{settings['image_size']}, batch {settings['batch_size']}, "
-          f"L = {args.inner_steps}, {settings['warmup']} warm-up + {settings['steps']} timed iterations, "
-          f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}", flush=True)
 
     from ibmd_fast.models import build_unet
 
     params = sum(p.numel() for p in build_unet(settings["arch"], settings["image_size"], args.channels,
                                                args.channels).parameters())
+    settings.update({"size": size, "channels": args.channels, "inner_steps": args.inner_steps, "rounds": rounds,
+                     "unet_parameters": params, "student_nfe": 1,
+                     "checkpoint_activations": args.checkpoint_activations, "memory_cap_gb": args.memory_cap_gb})
+    print(f"IBMD iteration ladder on {machine} ({device}): {size} ({settings['arch']}, {params / 1e6:.1f}M "
+          f"parameters per U-Net), {args.channels}x{settings['image_size']}x{settings['image_size']}, batch "
+          f"{settings['batch_size']}, L = {args.inner_steps}, {settings['warmup']} warm-up + {settings['steps']} "
+          f"timed iterations, {rounds} round(s), rungs {rungs}"
+          + (", activation checkpointing" if args.checkpoint_activations else "")
+          + (f", GPU memory capped at {args.memory_cap_gb:g} GB" if args.memory_cap_gb else ""), flush=True)
     out = args.out or os.path.join(RESULTS, f"distill-{machine}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    runs: dict[str, list[dict]] = {v["variant"]: [] for v in variants}
-
-    def report() -> dict:
-        """Rows (each variant's best round so far) and ratios; written after every run, so an outer
-        timeout (e.g. benchmarks/gpu_check.sh's) keeps the variants already measured."""
-        rows = []
-        for variant in variants:
-            tried = runs[variant["variant"]]
-            if not tried:
-                continue
-            done = [r for r in tried if "error" not in r]
-            best = max(done, key=lambda r: r["it_per_s"]) if done else tried[-1]
-            rows.append({**variant, "setting": setting_of(variant), **best,
-                         "it_per_s_rounds": [r.get("it_per_s") for r in tried]})
-        ratios = {}  # fused / reference iterations per second, per setting
-        for setting in dict.fromkeys(r["setting"] for r in rows):
-            pair = {r["ops"]: r for r in rows if r["setting"] == setting and "error" not in r}
-            if "fused" in pair and "reference" in pair:
-                ratios[setting] = pair["fused"]["it_per_s"] / pair["reference"]["it_per_s"]
-        payload = {
-            **env,
-            "what": "IBMD Algorithm-1 iterations per second (L fake-model steps + 1 generator step), one process "
-                    "per variant; random-weight I2SB teacher; fixed random batches already on the device",
-            "settings": {**settings, "channels": args.channels, "inner_steps": args.inner_steps,
-                         "unet_parameters": params, "student_nfe": 1,
-                         "best_of_rounds": "each row is its best round; it_per_s_rounds lists them all"},
-            "note": args.note,
-            "rows": rows,
-            "ratio_fused_over_reference": ratios,
-        }
-        write_json(out, payload)
-        return payload
-
+    runs: dict[int, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as scratch:
         teacher = synthetic_teacher(scratch, settings["arch"], settings["image_size"], args.channels)
-        print(f"{'variant':28s} {'round':>5s} {'backend':18s} {'it/s':>8s} {'ms/it':>9s} {'fake ms':>9s} "
-              f"{'gen ms':>9s} {'1st it s':>9s}", flush=True)
-        for round_ in range(settings["rounds"]):
-            for variant in variants:
-                spec = {**variant, "teacher": teacher, "device": device, "inner_steps": args.inner_steps,
+        for round_ in range(rounds):
+            for rung in rungs:
+                spec = {**rung_settings(rung, rungs), "teacher": teacher, "device": device,
+                        "inner_steps": args.inner_steps, "checkpoint_activations": args.checkpoint_activations,
+                        "memory_cap_gb": args.memory_cap_gb,
                         **{k: settings[k] for k in ("image_size", "batch_size", "steps", "warmup")}}
                 run = spawn(spec, args.timeout)
-                runs[variant["variant"]].append(run)
-                if "error" in run:
-                    print(f"{variant['variant']:28s} {round_ + 1:5d} failed: {run['error']}", flush=True)
-                else:
-                    print(f"{variant['variant']:28s} {round_ + 1:5d} {run['backend']:18s} {run['it_per_s']:8.3f} "
-                          f"{1e3 * run['sec_per_iteration']:9.1f} {run['fake_step_ms']:9.1f} "
-                          f"{run['generator_step_ms']:9.1f} {run['first_iteration_s']:9.2f}", flush=True)
-                final = report()
-    for setting, ratio in final["ratio_fused_over_reference"].items():
-        print(f"fused / reference, {setting}: {ratio:.3f}x iterations per second")
+                runs.setdefault(rung, []).append(run)
+                shown = (f"failed: {run['error']}" if "error" in run else
+                         f"{run['it_per_s']:.3f} it/s, {run['ms_per_iteration']:.1f} ms/it, "
+                         f"first iteration {run['first_iteration_s']:.1f} s")
+                print(f"round {round_ + 1} rung {rung} {LADDER[rung][0]:16s} {shown}", flush=True)
+                # written after every row, so an outer timeout keeps the rows already measured
+                section = summarize(rungs, runs, settings)
+                write_json(out, merge(out, machine, size, section, env, args.note))
+    print_table(section)
+    if section["speedup_best_over_naive"] is not None:
+        print(f"best (rung {section['best_rung']}) over naive: {section['speedup_best_over_naive']:.2f}x "
+              "iterations per second")
     print(f"wrote {out}")
-    rows = final["rows"]
-    return 0 if all("error" not in r for r in rows) else 1
+    return 0 if all("it_per_s" in r and not r["errors"] for r in section["rows"]) else 1
 
 
 if __name__ == "__main__":

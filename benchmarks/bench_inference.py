@@ -2,12 +2,19 @@
 
 Rows, each at batch 1 and 16 (``--batches``):
 
-- teacher, its natural sampler through ``restore.restore`` (I2SB: the posterior sampler
-  ``samplers.i2sb_sample``; a VP teacher: DBIM with eta = 1, the same posterior step) at NFE 100 and 10 (``--teacher-nfe``);
-- student (its own NFE, usually 1) via PyTorch eager, via ``torch.compile`` (inductor with
-  ``freezing``, its inference setting) and via onnxruntime
-  (the model ``ibmd_fast.onnx.export_onnx`` writes, CPUExecutionProvider; also
-  CUDAExecutionProvider with IO binding when onnxruntime-gpu and a GPU are there).
+- teacher, its natural sampler through ``restore.restore`` (I2SB posterior sampler; DBIM with eta = 1, the same
+  posterior step, for a VP teacher) at NFE 100 and 10 (``--teacher-nfe``);
+- student (its own NFE, usually 1);
+- each of the two in every mode of ``--modes``: ``eager`` (PyTorch as it comes), ``compile``
+  (the network under ``torch.compile``, inductor with ``freezing``, its inference setting) and,
+  on CUDA, ``graph``: the network's forward captured once per batch size as a CUDA graph
+  (``torch.cuda.CUDAGraph``) and replayed at every call, inputs copied into its static buffers.
+  The sampler's loop, its noise draws and its bridge steps stay outside the graph: the fused
+  bridge step takes its noise seed as a host scalar, which a captured graph would freeze;
+- the student in onnxruntime (the model ``ibmd_fast.onnx.export_onnx`` writes,
+  CPUExecutionProvider; also CUDAExecutionProvider with IO binding when onnxruntime-gpu and a
+  GPU are there; onnxruntime-gpu does not reach the lent GPU machine of this project, so its
+  CUDA provider has no figure in benchmarks/results).
 
 Each number is the median of ``--repeats`` timed runs after warm-up runs (fewer repeats when one
 run takes longer than ``--budget`` seconds / repeats); noise is drawn outside the timed region
@@ -77,6 +84,62 @@ def synthetic_releases(folder: str, size: int, channels: int = 3) -> tuple[str, 
     return teacher_path, generator_path
 
 
+class CalledAs:
+    """``model`` (a Teacher or Generator) with its calls made through ``call`` (itself, compiled or
+    CUDA-graph replayed), so that ``restore.restore`` and ``restore.sample_student``, the chains every
+    other caller uses, run it: attributes (bridge, z_channels, ...) come from ``model``."""
+
+    def __init__(self, model, call):
+        self._model, self._call = model, call
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def predict_x0(self, x_t, t, xT=None):
+        return self._call(x_t, t, xT)
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+
+class GraphReplay:
+    """A module's forward as CUDA-graph replay: captured on the first call for each set of input shapes
+    (after warm-up calls on a side stream, as ``torch.cuda.graphs`` asks), then replayed with the
+    inputs copied into the graph's static buffers. The result is the graph's static output, overwritten
+    by the next replay: callers that keep it must clone it (the samplers consume it at once)."""
+
+    def __init__(self, module):
+        self.module = module
+        self.graphs: dict = {}
+
+    def __call__(self, *args, **kwargs):
+        names = list(kwargs)
+        tensors = list(args) + [kwargs[k] for k in names]
+        key = tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t for t in tensors)
+        if key not in self.graphs:
+            static = [t.clone() if isinstance(t, torch.Tensor) else t for t in tensors]
+
+            def call():
+                return self.module(*static[: len(args)], **dict(zip(names, static[len(args):])))
+
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    call()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = call()
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        for buffer, t in zip(static, tensors):
+            if isinstance(t, torch.Tensor):
+                buffer.copy_(t)
+        graph.replay()
+        return out
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -117,7 +180,10 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=30.0, help="about this many timed seconds per row at most")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch and onnxruntime (default: their own choice)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--modes", default=None, metavar="LIST",
+                        help="eager,compile,graph (default: all three on CUDA, eager,compile on CPU)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows")
     parser.add_argument("--machine", default=None, help="results name (default: GPU name or cpu-<n>core)")
     parser.add_argument("--out-dir", default=RESULTS)
     args = parser.parse_args(argv)
@@ -128,6 +194,15 @@ def main(argv=None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     machine = args.machine or machine_name(device)
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    modes = [m.strip() for m in (args.modes or ("eager,compile,graph" if device == "cuda" else "eager,compile"))
+             .split(",") if m.strip()]
+    if args.no_compile:
+        modes = [m for m in modes if m != "compile"]
+    unknown = set(modes) - {"eager", "compile", "graph"}
+    if unknown or not modes:
+        parser.error(f"--modes: unknown {sorted(unknown)}; choose from eager, compile, graph")
+    if "graph" in modes and device != "cuda":
+        parser.error("--modes graph needs --device cuda (CUDA graphs)")
     teacher_nfes = [int(n) for n in args.teacher_nfe.split(",") if n.strip()]
     scratch = tempfile.TemporaryDirectory(prefix="bench-inference-")
 
@@ -169,83 +244,108 @@ def main(argv=None) -> int:
         mask[..., size // 4: size // 4 + size // 2, size // 4: size // 4 + size // 2] = 1
         return mask
 
-    # -- teacher
-    sampler = natural_sampler(teacher.bridge_type)
-    for batch in batches:
-        xT = images(batch)
-        for teacher_nfe in teacher_nfes:
-            def run_teacher(n=teacher_nfe):
-                with torch.inference_mode():
-                    return restore(teacher, xT, sampler, n, seed=0)
-            seconds, runs = measure(run_teacher, device, args.warmup, args.repeats, args.budget,
-                                    warm=lambda: run_teacher(1))
-            add(f"teacher ({sampler}_sample)", teacher_nfe, batch, seconds, runs)
-
-    # -- student in PyTorch: eager and compiled
-    def student(model, xT, mask):
-        with torch.no_grad():  # not inference_mode: inductor's freezing wants plain no_grad
-            return sample_student(model, xT, nfe, mask, seed=0)
-
-    variants = [("student eager (PyTorch)", generator)]
     compile_error = None
-    if not args.no_compile:
+    if "compile" in modes:
         import torch._inductor.config as inductor_config
 
         # Freezing folds the weights into the compiled graph (inductor's inference mode); without it the
         # CPU convolutions of the compiled graph run far slower than eager (about 100x here).
         inductor_config.freezing = True
-        variants.append(("student torch.compile", torch.compile(generator)))
-    for method, model in variants:
+
+    def network(model, mode: str):
+        """``model`` as the sampler calls it in ``mode``: itself, compiled, or CUDA-graph replayed."""
+        if mode == "compile":
+            return torch.compile(model)
+        if mode == "graph":
+            return GraphReplay(model)
+        return model
+
+    # -- teacher
+    sampler = natural_sampler(teacher.bridge_type)
+    for mode in modes:
+        net = CalledAs(teacher, network(teacher, mode))
+        for batch in batches:
+            xT = images(batch)
+            label = f"teacher {mode} ({sampler}_sample)"
+            try:
+                for teacher_nfe in teacher_nfes:
+                    def run_teacher(n=teacher_nfe):
+                        # no_grad, not inference_mode: inductor's freezing and graph capture want plain tensors
+                        with torch.no_grad():
+                            return restore(net, xT, sampler, n, seed=0)
+                    seconds, runs = measure(run_teacher, device, args.warmup, args.repeats, args.budget,
+                                            warm=lambda: run_teacher(1))
+                    add(label, teacher_nfe, batch, seconds, runs, mode=mode)
+            except Exception as exc:  # inductor needs a C++ compiler (and Triton on GPU); report, don't die
+                compile_error = f"{label}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                print(f"  {label}: failed ({compile_error})", file=sys.stderr)
+                break
+
+    # -- student in PyTorch: each mode
+    def student(model, xT, mask):
+        with torch.no_grad():  # not inference_mode: inductor's freezing wants plain no_grad
+            return sample_student(model, xT, nfe, mask, seed=0)
+
+    for mode in modes:
+        model = CalledAs(generator, network(generator, mode))
+        method = {"eager": "student eager (PyTorch)", "compile": "student torch.compile",
+                  "graph": "student CUDA graph"}[mode]
         for batch in batches:
             xT, mask = images(batch), mask_for(batch)
             try:
                 started = time.perf_counter()
-                student(model, xT, mask)  # the first call compiles
+                student(model, xT, mask)  # the first call compiles (or captures)
+                synchronize(device)
                 first = time.perf_counter() - started
                 seconds, runs = measure(lambda: student(model, xT, mask), device, args.warmup, args.repeats,
                                         args.budget)
-            except Exception as exc:  # inductor needs a C++ compiler (and Triton on GPU); report, don't die
-                compile_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+            except Exception as exc:
+                compile_error = f"{method}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
                 print(f"  {method}: failed ({compile_error})", file=sys.stderr)
                 break
-            add(method, nfe, batch, seconds, runs, first_call_s=first)
+            add(method, nfe, batch, seconds, runs, first_call_s=first, mode=mode)
 
     # -- student in onnxruntime
-    import onnxruntime as ort
+    report = {k: None for k in ("exporter", "opset", "precision", "parity")}
+    ort_version = None
+    if not args.no_onnx:
+        import onnxruntime as ort
 
-    from ibmd_fast.onnx import export_onnx
+        ort_version = ort.__version__
 
-    onnx_path = os.path.join(scratch.name, "model.onnx")
-    report = export_onnx(generator_path, onnx_path, example_size=size, progress=False)
-    providers = ["CPUExecutionProvider"]
-    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    options = ort.SessionOptions()
-    if args.threads > 0:
-        options.intra_op_num_threads = args.threads
-    for provider in providers:
-        session = ort.InferenceSession(onnx_path, options, providers=[provider])
-        ort_device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
-        for batch in batches:
-            rng = np.random.default_rng(0)
-            feed = {}
-            for name in report["inputs"]:
-                c = {"z": generator.z_channels, "mask": 1}.get(name, channels)
-                feed[name] = rng.standard_normal((batch, c, size, size), dtype=np.float32)
-            feed["xT"] = np.clip(feed["xT"], -1, 1)
-            if "mask" in feed:
-                feed["mask"] = mask_for(batch).cpu().numpy()
-            binding = session.io_binding()
-            for name, array in feed.items():
-                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, ort_device, 0))
-            binding.bind_output("x0", ort_device, 0)
+        from ibmd_fast.onnx import export_onnx
 
-            def run_ort():
-                session.run_with_iobinding(binding)
-                binding.synchronize_outputs()
+        onnx_path = os.path.join(scratch.name, "model.onnx")
+        report = export_onnx(generator_path, onnx_path, example_size=size, progress=False)
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        if args.threads > 0:
+            options.intra_op_num_threads = args.threads
+        for provider in providers:
+            session = ort.InferenceSession(onnx_path, options, providers=[provider])
+            ort_device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+            for batch in batches:
+                rng = np.random.default_rng(0)
+                feed = {}
+                for name in report["inputs"]:
+                    c = {"z": generator.z_channels, "mask": 1}.get(name, channels)
+                    feed[name] = rng.standard_normal((batch, c, size, size), dtype=np.float32)
+                feed["xT"] = np.clip(feed["xT"], -1, 1)
+                if "mask" in feed:
+                    feed["mask"] = mask_for(batch).cpu().numpy()
+                binding = session.io_binding()
+                for name, array in feed.items():
+                    binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, ort_device, 0))
+                binding.bind_output("x0", ort_device, 0)
 
-            seconds, runs = measure(run_ort, "cpu", args.warmup, args.repeats, args.budget)
-            add(f"student onnxruntime {ort_device.upper()}", nfe, batch, seconds, runs)
+                def run_ort():
+                    session.run_with_iobinding(binding)
+                    binding.synchronize_outputs()
+
+                seconds, runs = measure(run_ort, "cpu", args.warmup, args.repeats, args.budget)
+                add(f"student onnxruntime {ort_device.upper()}", nfe, batch, seconds, runs)
 
     # -- summary
     def find(prefix: str, row_nfe: int | None, batch: int):
@@ -262,10 +362,11 @@ def main(argv=None) -> int:
         ort_cpu = find("student onnxruntime CPU", None, batch)
         ort_cuda = find("student onnxruntime CUDA", None, batch)
         compiled = find("student torch.compile", None, batch)
+        graphed = find("student CUDA graph", None, batch)
         entry = {}
         if eager and teacher100:
             entry["eager_speedup_vs_teacher_nfe100"] = teacher100["seconds_per_batch"] / eager["seconds_per_batch"]
-        for name, row in (("ort_cpu", ort_cpu), ("ort_cuda", ort_cuda), ("compile", compiled)):
+        for name, row in (("ort_cpu", ort_cpu), ("ort_cuda", ort_cuda), ("compile", compiled), ("graph", graphed)):
             if row and eager:
                 entry[f"{name}_time_over_eager"] = row["seconds_per_batch"] / eager["seconds_per_batch"]
             if row and teacher100:
@@ -289,7 +390,10 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "ort_threads": args.threads or "default",
-        "onnxruntime": ort.__version__,
+        "onnxruntime": ort_version,
+        "onnxruntime_cuda": "unmeasured: onnxruntime-gpu does not reach the lent GPU machine" if device == "cuda"
+                            and not any(r["method"] == "student onnxruntime CUDA" for r in rows) else None,
+        "modes": modes,
         "ibmd_fast": ibmd_fast.__version__,
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "synthetic": synthetic,
@@ -299,7 +403,7 @@ def main(argv=None) -> int:
         "image": [channels, size, size],
         "student_nfe": nfe,
         "onnx": {k: report[k] for k in ("exporter", "opset", "precision", "parity")},
-        "torch_compile": {"freezing": not args.no_compile, "error": compile_error},
+        "torch_compile": {"freezing": "compile" in modes, "error": compile_error},
         "repeats": args.repeats,
         "warmup": args.warmup,
         "rows": rows,

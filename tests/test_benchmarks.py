@@ -1,4 +1,4 @@
-"""The benchmark scripts, run as a user runs them: paper_table at its smoke scale, bench_distill for 2 steps;
+"""The benchmark scripts, run as a user runs them: paper_table at its smoke scale, bench_distill's ladder for 2 steps;
 and paper_table's target and summary logic as functions.
 
 Each script runs in a subprocess with one thread, writing into a temporary folder (never into
@@ -271,21 +271,44 @@ def test_paper_table_summary_pairs_seeds(paper_summary):
     assert "paper student, 2 seed(s)" in paper_summary.reading(entry)
 
 
-def test_bench_distill_two_steps(tmp_path):
+def test_bench_distill_ladder_two_steps(tmp_path):
+    """Rungs 1, 2 and 6 of the ladder at 16 px (torch.compile's rungs are too slow for a unit test): one
+    process per row, the reference ops in rung 1 only, the per-size section and the speed-up."""
     out = tmp_path / "distill.json"
-    proc = _run("bench_distill.py", "--steps", 2, "--warmup", 1, "--rounds", 1, "--device", "cpu",
-                "--image-size", 16, "--batch-size", 2, "--inner-steps", 2, "--machine", "test", "--out", out)
+    proc = _run("bench_distill.py", "--steps", 2, "--warmup", 1, "--rounds", 1, "--device", "cpu", "--rungs", "1,2,6",
+                "--image-size", 16, "--batch-size", 2, "--inner-steps", 2, "--machine", "test", "--out", out,
+                timeout=600)  # three row processes, each importing torch: minutes on a crowded 2-core machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    rows = {r["variant"]: r for r in report["rows"]}
-    assert set(rows) == {"fused", "reference"}
-    assert rows["reference"]["backend"] == "reference"
+    section = report["sizes"]["tiny"]
+    rows = {r["rung"]: r for r in section["rows"]}
+    assert set(rows) == {1, 2, 6}
+    assert rows[1]["backend"] == "reference" and rows[2]["backend"] != "reference"
+    assert rows[1]["levers"]["fused_adam"] is False and rows[6]["levers"]["fused_adam"] is True
+    assert rows[6]["levers"]["ops"] == "fused"  # every rung keeps the levers below it
     for row in rows.values():
-        assert row["it_per_s"] > 0 and row["fake_step_ms"] > 0 and row["generator_step_ms"] > 0
-        assert row["torch_threads"] == 1
-    assert report["settings"]["steps"] == 2 and report["settings"]["inner_steps"] == 2
-    assert report["ratio_fused_over_reference"]["fp32"] > 0
+        assert row["it_per_s"] > 0 and len(row["ms_per_iteration_each"]) == 2 and row["peak_memory_mb"] > 0
+        assert row["torch_threads"] == 1 and row["generator_skipped"] == 0 and not row["errors"]
+    assert rows[1]["speedup_over_naive"] == 1.0
+    assert report["speedup_best_over_naive"]["tiny"] == max(r["it_per_s"] for r in rows.values()) / rows[1]["it_per_s"]
+    assert section["settings"]["steps"] == 2 and section["settings"]["inner_steps"] == 2
     assert report["OMP_NUM_THREADS"] == "1" and report["machine"] == "test"
+    assert "rung 6" in proc.stdout and "+fused-adamw" in proc.stdout  # the printed table
+
+
+def test_bench_distill_ladder_is_cumulative_and_refuses_gpu_rungs_on_cpu():
+    spec = importlib.util.spec_from_file_location("bench_distill", BENCH / "bench_distill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    six = module.rung_settings(6, [1, 2, 4, 5, 6])
+    assert six == {"ops": "fused", "precision": "fp32", "tf32": False, "channels_last": True, "compile": "default",
+                   "fused_adam": True}
+    assert module.rung_settings(1, [1, 2, 3])["ops"] == "reference"
+    assert module.rung_settings(7, list(range(1, 8)))["compile"] == "reduce-overhead"
+    with pytest.raises(ValueError, match="rung 3 .* needs CUDA"):
+        module.parse_rungs("1,3", cuda=False)
+    with pytest.raises(ValueError, match="unknown rung 9"):
+        module.parse_rungs("9", cuda=True)
 
 
 def test_gpu_check_script_parses_and_names_its_parts(tmp_path):
@@ -295,4 +318,4 @@ def test_gpu_check_script_parses_and_names_its_parts(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     proc = subprocess.run(["bash", str(script), "everything"], cwd=str(tmp_path),
                           env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 2 and "ops|speed|paper|all" in proc.stderr
+    assert proc.returncode == 2 and "tests|ladder|adm256|ops|inference|paper" in proc.stderr

@@ -194,7 +194,7 @@ class ResBlock(TimestepBlock):
             self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+        if self.use_checkpoint and torch.is_grad_enabled():  # also a frozen net differentiated through
             return torch.utils.checkpoint.checkpoint(self._forward, x, emb, use_reentrant=False)
         return self._forward(x, emb)
 
@@ -279,7 +279,7 @@ class AttentionBlock(nn.Module):
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+        if self.use_checkpoint and torch.is_grad_enabled():  # also a frozen net differentiated through
             return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
 

@@ -10,7 +10,8 @@ are. Differences, none of which changes the math:
   legacy (`QKVAttentionLegacy`) and new (`QKVAttention`) orders is kept;
 - `use_fp16` does not convert weights: they stay float32 and the caller runs
   the model under `torch.autocast`; GroupNorm still computes in float32;
-- `use_checkpoint` uses `torch.utils.checkpoint` (non-reentrant) in training.
+- `use_checkpoint` uses `torch.utils.checkpoint` (non-reentrant) whenever autograd records
+  (`UNet.set_activation_checkpointing` switches it at run time).
 
 This file assembles the network and holds the named configurations (`CONFIGS`,
 `build_unet`); the layers are in models/blocks.py, and reading checkpoints (a checked
@@ -223,6 +224,15 @@ class UNet(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.out[2].weight.dtype
+
+    def set_activation_checkpointing(self, enabled: bool) -> "UNet":
+        """Recompute every ResBlock's and AttentionBlock's activations in backward instead of keeping
+        them (``torch.utils.checkpoint``): less memory, about one more forward of time. The weights
+        and ``config`` (what a release records) are unchanged."""
+        for module in self.modules():
+            if isinstance(module, (ResBlock, AttentionBlock)):
+                module.use_checkpoint = bool(enabled)
+        return self
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, in_channels, *spatial], timesteps [N] (float or int), y [N] labels -> [N, out_channels, *spatial]."""

@@ -34,6 +34,8 @@ from ibmd_fast.train.rundir import RunLog, write_text  # noqa: F401  (re-exporte
 
 if TYPE_CHECKING:  # checkpoint.py is imported where it is used (it may import this module)
     from ibmd_fast.train.checkpoint import CheckpointIO
+# the optimizer guard lives in its own module; re-exported here, where the trainers import it from
+from ibmd_fast.train.optim import MAX_CONSECUTIVE_SKIPS, OptimizerStep, TrainingDivergedError, make_adamw
 
 __all__ = [
     "RunLog",
@@ -58,6 +60,7 @@ __all__ = [
     "find_checkpoint",
     "restore_rank_rng",
     "RunCheckpoints",
+    "make_adamw",
 ]
 
 _MOVED = ("BatchStream", "to_device", "first_items", "set_dataset_epoch")
@@ -71,8 +74,6 @@ def __getattr__(name: str):
         return getattr(batches, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-MAX_CONSECUTIVE_SKIPS = 20  # non-finite steps in a row before a run is declared diverged
 
 
 # ----------------------------------------------------------------------------
@@ -288,74 +289,6 @@ class Precision:
         return torch.amp.GradScaler("cuda" if self.device.type == "cuda" else "cpu", enabled=self.name == "fp16")
 
 
-class TrainingDivergedError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-class OptimizerStep:
-    """Backward, clip, guard, step, for one optimizer (MATH.md 4 and 5 both use it).
-
-    The non-finite guard: when the loss or the gradient norm is NaN/Inf on any rank, the
-    optimizer step is skipped on every rank (DDP has already averaged the gradients, and the
-    flag is all-reduced, so all ranks agree), counted in ``skipped``, and after
-    ``MAX_CONSECUTIVE_SKIPS`` in a row the run stops with ``TrainingDivergedError``. fp16
-    overflows that GradScaler handles (finite loss, infinite gradients) are counted but do not
-    count toward divergence: the scaler lowers its scale and carries on.
-    """
-
-    def __init__(self, name: str, optimizer: torch.optim.Optimizer, params: list, scaler, grad_clip: float,
-                 env: DistEnv, lr_flag: str = "--lr"):
-        self.name = name
-        self.optimizer = optimizer
-        self.params = [p for p in params if p.requires_grad]
-        self.scaler = scaler
-        self.grad_clip = float(grad_clip)
-        self.env = env
-        self.lr_flag = lr_flag
-        self.skipped = 0
-        self.consecutive = 0
-
-    def __call__(self, loss: torch.Tensor) -> tuple[float, float, bool]:
-        """Returns ``(loss, grad_norm, stepped)`` as Python values."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        loss_value = float(loss.detach())
-        # DDP averaged the gradients, so the norm (and grad_bad) is the same on every rank; the
-        # loss is per rank, so its flag is all-reduced.
-        grad_bad = not math.isfinite(grad_norm)
-        loss_bad = self.env.any(not math.isfinite(loss_value))
-        if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # skips by itself when it found inf/NaN gradients
-            self.scaler.update()
-        elif not (loss_bad or grad_bad):
-            self.optimizer.step()
-        # Free the gradients now: the other network's phase does not need them held (MATH.md 5).
-        self.optimizer.zero_grad(set_to_none=True)
-        stepped = not (loss_bad or grad_bad)
-        if stepped:
-            self.consecutive = 0
-            return loss_value, grad_norm, True
-        self.skipped += 1
-        diverging = loss_bad or not self.scaler.is_enabled()
-        self.consecutive = self.consecutive + 1 if diverging else 0
-        if self.consecutive >= MAX_CONSECUTIVE_SKIPS:
-            raise TrainingDivergedError(
-                f"training diverged: {self.consecutive} consecutive non-finite {self.name} losses or gradients "
-                f"(last loss {loss_value}, grad norm {grad_norm}); lower {self.lr_flag}"
-            )
-        return loss_value, grad_norm, False
-
-    def state_dict(self) -> dict:
-        return {"skipped": self.skipped, "consecutive": self.consecutive}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.skipped = int(state["skipped"])
-        self.consecutive = int(state["consecutive"])
-
-
 class Meter:
     """Running means of named values between two log lines."""
 
@@ -365,8 +298,15 @@ class Meter:
         self.t0 = time.perf_counter()
         self.steps = 0
 
-    def add(self, **values: float) -> None:
+    def add(self, **values) -> None:
+        """Python numbers, or 0-d tensors (summed where they are, so adding one never syncs the host)."""
         for k, v in values.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach().double()
+                finite = torch.isfinite(v)
+                self.sums[k] = self.sums.get(k, 0.0) + torch.where(finite, v, torch.zeros_like(v))
+                self.counts[k] = self.counts.get(k, 0) + finite.long()
+                continue
             finite = v is not None and math.isfinite(v)
             # every key is registered even when its value is skipped: ranks all-reduce the same list
             self.sums[k] = self.sums.get(k, 0.0) + (float(v) if finite else 0.0)
@@ -377,7 +317,7 @@ class Meter:
         keys = sorted(self.sums)
         flat = []
         for k in keys:
-            flat += [self.sums[k], float(self.counts[k])]
+            flat += [float(self.sums[k]), float(self.counts[k])]
         flat = env.all_reduce_sum(flat) if keys else []
         out = {}
         for i, k in enumerate(keys):

@@ -39,7 +39,7 @@ class EMA:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = float(decay)
         self.warmup = bool(warmup)
-        self.num_updates = 0
+        self._num_updates, self._device_updates = 0, None  # host count; device count (fused-optimizer runs)
         self.module = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
 
     def beta(self) -> float:
@@ -48,9 +48,26 @@ class EMA:
             return self.decay
         return min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
 
+    @property
+    def num_updates(self) -> int:
+        """Updates so far (after device-side updates: a host sync)."""
+        return self._num_updates + (0 if self._device_updates is None else int(self._device_updates))
+
+    @num_updates.setter
+    def num_updates(self, value: int) -> None:
+        self._num_updates, self._device_updates = int(value), None
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """One EMA step toward ``model`` (DDP / compiled wrappers are looked through)."""
+    def update(self, model: nn.Module, when: bool | torch.Tensor = True) -> None:
+        """One EMA step toward ``model`` (DDP / compiled wrappers are looked through), if ``when``.
+
+        ``when`` may be a boolean 0-d device tensor (``OptimizerStep``'s ``stepped`` with a fused
+        optimizer): then the step is taken or not on the device, with no host sync.
+        """
+        if isinstance(when, torch.Tensor):
+            return self._update_on_device(_unwrap(model), when)
+        if not when:
+            return
         model = _unwrap(model)
         weight = 1.0 - self.beta()
         ema_params = [p for p in self.module.parameters() if p.is_floating_point()]
@@ -62,6 +79,25 @@ class EMA:
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
             b_ema.copy_(b)
         self.num_updates += 1
+
+    def _update_on_device(self, model: nn.Module, when: torch.Tensor) -> None:
+        """``update`` with the warm-up count and the decision as device tensors (lerp by ``when * (1 - beta)``)."""
+        ema_params = [p for p in self.module.parameters() if p.is_floating_point()]
+        params = [p.detach() for p in model.parameters() if p.is_floating_point()]
+        if len(ema_params) != len(params):
+            raise ValueError(f"EMA tracks {len(ema_params)} parameters, the model has {len(params)}")
+        if self._device_updates is None:
+            self._device_updates = torch.zeros((), dtype=torch.int64, device=when.device)
+        n = (self._num_updates + self._device_updates).double()
+        beta = torch.clamp((1.0 + n) / (10.0 + n), max=self.decay) if self.warmup else torch.full_like(n, self.decay)
+        weight = ((1.0 - beta) * when.double()).float()
+        if ema_params:
+            delta = torch._foreach_sub(params, ema_params)
+            torch._foreach_mul_(delta, weight)
+            torch._foreach_add_(ema_params, delta)
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+        self._device_updates += when.long()
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -75,6 +75,7 @@ from ibmd_fast.train.common import (
     draw_seed,
     find_checkpoint,
     fmt_value,
+    make_adamw,
     progress_bar,
     restore_rank_rng,
     seed_everything,
@@ -112,6 +113,8 @@ class DistillConfig:
     precision: str = "fp32"             # "fp32" | "bf16" | "fp16" (autocast on CUDA only; fp16 with GradScaler)
     channels_last: bool = False         # NHWC memory format
     compile: bool = False               # torch.compile the three networks
+    fused_adam: bool = False            # torch's fused AdamW; its step is guarded on the device (no host sync)
+    checkpoint_activations: bool = False  # recompute U-Net block activations in backward: memory for time
     seed: int = 0                       # seeds the data order and each rank's noise (from seed, rank)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     workers: int = 0                    # DataLoader workers per rank
@@ -173,9 +176,11 @@ class IBMD:
         if cfg.channels_last:
             for m in (self.teacher, self.fake, self.generator):
                 m.to(memory_format=torch.channels_last)
+        for m in (self.teacher, self.fake, self.generator):
+            m.net.set_activation_checkpointing(cfg.checkpoint_activations)
         self.ema = EMA(self.generator, cfg.ema_decay)
-        self.gen_opt = torch.optim.AdamW(self.generator.parameters(), lr=cfg.lr, weight_decay=0.0)
-        self.fake_opt = torch.optim.AdamW(self.fake.parameters(), lr=cfg.fake_lr, weight_decay=0.0)
+        self.gen_opt = make_adamw(self.generator.parameters(), cfg.lr, fused=cfg.fused_adam)
+        self.fake_opt = make_adamw(self.fake.parameters(), cfg.fake_lr, fused=cfg.fused_adam)
         self.gen_scaler = precision.scaler()
         self.fake_scaler = precision.scaler()
         self.gen_guard = OptimizerStep("generator", self.gen_opt, list(self.generator.parameters()),
@@ -233,7 +238,7 @@ class IBMD:
         xT, mask = self.corrupted(batch)
         z = noise_like(xT, draw_seed(self.noise))
         x0 = self.generate(xT, z, mask, grad=False)
-        t = self.bridge.sample_t(xT.shape[0], generator=self.noise).to(self.device)
+        t = self.bridge.sample_t(xT.shape[0], generator=self.noise).to(self.device, non_blocking=True)
         x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.noise))
         with self.precision.autocast():
             x0_fake = self.fake_ddp(x_t, t, xT if self.conditional else None)
@@ -249,7 +254,7 @@ class IBMD:
         self.fake.eval()  # evaluated as the teacher is (dropout off)
         try:
             x0 = self.generate(xT, z, mask, grad=True)
-            t = self.bridge.sample_t(xT.shape[0], generator=self.noise).to(self.device)
+            t = self.bridge.sample_t(xT.shape[0], generator=self.noise).to(self.device, non_blocking=True)
             x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.noise))  # differentiable in x0
             with self.precision.autocast():
                 x0_teacher = self.teacher.predict_x0(x_t, t, cond)
@@ -260,8 +265,7 @@ class IBMD:
         finally:
             self.fake.requires_grad_(True)
             self.fake.train()
-        if result[2]:
-            self.ema.update(self.generator)
+        self.ema.update(self.generator, when=result[2])  # a device tensor with fused AdamW: no sync
         return result
 
 
@@ -386,6 +390,8 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
             bar.update(1)
 
             if step % cfg.log_every == 0 or step == cfg.steps:
+                ibmd.gen_guard.check()  # the device-side guards raise here (fused AdamW)
+                ibmd.fake_guard.check()
                 means = meter.means(env)
                 elapsed = time.perf_counter() - meter.t0
                 row = {"step": step, "loss_theta": means.get("loss_theta"), "loss_phi": means.get("loss_phi"),
