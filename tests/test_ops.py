@@ -541,7 +541,51 @@ def test_backend_reports_compiled():
 # dispatch mode that makes the factory functions asked for that device build them. An ibmd op
 # called on them raises what the dispatcher raises for a backend without a kernel (the crash of a
 # CPU-only build on CUDA tensors).
-STUB_DEVICE = 'import types, warnings, torch\nimport torch.utils._pytree as pytree\nfrom torch.utils._python_dispatch import TorchDispatchMode\n\ntorch._register_device_module("privateuseone", types.ModuleType("stub_backend"))\nSTUB = torch.device("privateuseone", 0)\n\n\ndef _to_cpu(x):\n    if isinstance(x, Stub):\n        return x.inner\n    if isinstance(x, torch.device) and x.type == "privateuseone":\n        return torch.device("cpu")\n    return x\n\n\ndef _run(func, args, kwargs):\n    if func.namespace == "ibmd":  # what the dispatcher does for a backend without a kernel\n        raise NotImplementedError(f"Could not run \'{func}\' with arguments from the \'PrivateUse1\' backend")\n    out = func(*pytree.tree_map(_to_cpu, args), **pytree.tree_map(_to_cpu, kwargs))\n    return pytree.tree_map(lambda x: Stub(x) if type(x) is torch.Tensor else x, out)\n\n\nclass Stub(torch.Tensor):\n    """A tensor on \'privateuseone\' whose data lives in a CPU tensor."""\n\n    @staticmethod\n    def __new__(cls, inner):\n        r = torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(), dtype=inner.dtype,\n                                                device=STUB)\n        r.inner = inner\n        return r\n\n    @classmethod\n    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):\n        return _run(func, args, kwargs or {})\n\n\nclass StubDevice(TorchDispatchMode):\n    """Factory functions asked for \'privateuseone\' make Stub tensors."""\n\n    def __torch_dispatch__(self, func, types, args=(), kwargs=None):\n        return _run(func, args, kwargs or {})\n\n\n'
+STUB_DEVICE = r"""
+import types, warnings, torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+torch._register_device_module("privateuseone", types.ModuleType("stub_backend"))
+STUB = torch.device("privateuseone", 0)
+
+
+def _to_cpu(x):
+    if isinstance(x, Stub):
+        return x.inner
+    if isinstance(x, torch.device) and x.type == "privateuseone":
+        return torch.device("cpu")
+    return x
+
+
+def _run(func, args, kwargs):
+    if func.namespace == "ibmd":  # what the dispatcher does for a backend without a kernel
+        raise NotImplementedError(f"Could not run '{func}' with arguments from the 'PrivateUse1' backend")
+    out = func(*pytree.tree_map(_to_cpu, args), **pytree.tree_map(_to_cpu, kwargs))
+    return pytree.tree_map(lambda x: Stub(x) if type(x) is torch.Tensor else x, out)
+
+
+class Stub(torch.Tensor):
+    '''A tensor on 'privateuseone' whose data lives in a CPU tensor.'''
+
+    @staticmethod
+    def __new__(cls, inner):
+        r = torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(), dtype=inner.dtype,
+                                                device=STUB)
+        r.inner = inner
+        return r
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return _run(func, args, kwargs or {})
+
+
+class StubDevice(TorchDispatchMode):
+    '''Factory functions asked for 'privateuseone' make Stub tensors.'''
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return _run(func, args, kwargs or {})
+"""
 
 
 @compiled
@@ -599,7 +643,8 @@ def test_extension_built_against_another_torch_is_one_warning_saying_what_to_run
         assert len(messages) == 1 and "not available" in messages[0]
         return
     assert len(messages) == 1
-    assert "running torch 1.0.0" in messages[0] and f"built against torch {torch.__version__.split('+')[0]}" in messages[0]
+    assert "running torch 1.0.0" in messages[0]
+    assert f"built against torch {torch.__version__.split('+')[0]}" in messages[0]
     assert "pip install --no-build-isolation ." in messages[0]
 
 
