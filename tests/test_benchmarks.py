@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
 # the subprocesses import the very ibmd_fast this process imported (a checkout or an install)
 PACKAGE_ROOT = Path(ibmd_fast.__file__).resolve().parent.parent
-TASKS = ("sr4x-pool", "jpeg-10", "inpaint-center", "sketch", "jpeg-5")  # and sketch-ve once VEBridge exists
+TASKS = ("sr4x-pool", "jpeg-10", "inpaint-center", "sketch", "jpeg-5")  # and sketch-ve (the VE bridge)
 
 
 def _fashion_mnist_missing() -> bool:
@@ -48,16 +48,6 @@ def _run(script: str, *args, timeout: float = 150) -> subprocess.CompletedProces
            "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def _ve_missing() -> bool:
-    from ibmd_fast.train import TeacherConfig
-
-    try:
-        TeacherConfig(bridge="ve", degradation="sketch").validate()
-    except ValueError:
-        return True
-    return False
 
 
 @needs_fashion_mnist
@@ -117,9 +107,9 @@ def test_paper_table_smoke(tmp_path):
     stem = out / "paper_table-smoke-test"
     report = json.loads(Path(f"{stem}.json").read_text())
 
-    ran = set(TASKS) | ({"sketch-ve"} if not _ve_missing() else set())
+    ran = set(TASKS) | {"sketch-ve"}
     assert report["scale"] == "smoke" and set(report["tasks"]) == ran
-    assert [s["task"] for s in report["skipped_tasks"]] == ([] if "sketch-ve" in ran else ["sketch-ve"])
+    assert report["skipped_tasks"] == []
     assert 0.0 <= report["classifier"]["clean_test_accuracy"] <= 100.0 and report["classifier"]["feature_dim"] > 0
     assert report["num_images"] == 8 and report["reference_nfe"] == 19
     assert report["environment"]["OMP_NUM_THREADS"] == "1"
@@ -170,9 +160,8 @@ def test_paper_table_smoke(tmp_path):
 
 
 @needs_fashion_mnist
-@pytest.mark.skipif(_ve_missing(), reason="the DDBM VE bridge (TeacherConfig(bridge='ve'), issue 10) is not merged")
 def test_paper_table_smoke_ve(tmp_path):
-    """The sketch task on the DDBM VE bridge, alone (remove the skip once VEBridge is merged: it must pass)."""
+    """The sketch task on the DDBM VE bridge, alone."""
     out = tmp_path / "out"
     proc = _run("paper_table.py", "--scale", "smoke", "--tasks", "sketch-ve", "--out-dir", out, "--work-dir",
                 tmp_path / "work", "--machine", "test", timeout=900)

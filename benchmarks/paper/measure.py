@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 # The one import of the restoring functions: a refactor moves them to ibmd_fast.restore; re-point it here.
-from ibmd_fast.evaluate import load_eval_data, load_model, restore_with_generator, restore_with_teacher
+from ibmd_fast.evaluate import load_eval_data
+from ibmd_fast.release import load_model
+from ibmd_fast.restore import restore_with_generator, restore_with_teacher
 from ibmd_fast.metrics import compute_features, load_classifier, psnr, ssim
 from paper.config import CHANNELS, Preset, Task, TeacherRow
 from paper.stages import Stages, task_dir
@@ -97,7 +99,7 @@ def teacher_row(stages: Stages, preset: Preset, name: str, batch: dict, teacher:
 
         def restore(x, m, warm):
             return restore_with_teacher(model, x, 1 if warm else row.nfe, row.sampler, mask=m, seed=seed,
-                                        batch_size=preset.eval_batch, eta=1.0 if row.eta is None else row.eta)
+                                        batch_size=preset.eval_batch, eta=row.eta)
 
         try:
             restored, seconds = _timed(restore, xT, mask, device)
