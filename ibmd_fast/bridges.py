@@ -1,22 +1,12 @@
-"""Diffusion bridges: marginals, posteriors, time grids and loss weights.
+"""Diffusion bridges (MATH.md 2): marginals, posteriors, time grids and loss weights.
 
-Three bridges (MATH.md section 2), with one interface:
-
-- ``I2SBBridge``: the discrete I2SB bridge (MATH.md 2a); time is a LongTensor of
-  step indices in ``[0, n_steps - 1]``.
-- ``VPBridge``: the continuous DDBM VP bridge (MATH.md 2b); time is a float tensor
-  in ``[t_min, t_max]``.
-- ``VEBridge``: DDBM's VE bridge (alpha = 1, rho_t = t); time is a float tensor in
-  ``[sigma_min, sigma_max]``. It shares ``VPBridge``'s continuous-time machinery and
-  overrides the schedule.
-
-Each has ``marginal(t)`` (``q(x_t | x0, xT)``, MATH.md 2), ``posterior(s, t)`` (the
-sampling step, MATH.md 3), ``q_sample`` and ``posterior_step`` (both through the
-fused ``ops.bridge_step``), ``sample_t`` and ``loss_weight`` (bridge matching,
-MATH.md 4), ``sampling_grid(nfe)``, ``times(value, batch, device)`` (a grid value as the
-``[B]`` time tensor), ``net_time(t)`` (what the network is fed) and ``config()``. All schedule arithmetic is float64; coefficients are float64 tensors
-of shape ``[B]`` on the device of ``t``, and ``ops.bridge_step`` casts them to the
-arithmetic dtype of the images.
+``I2SBBridge`` (MATH.md 2a; times are LongTensor step indices in ``[0, n_steps - 1]``), ``VPBridge``
+(MATH.md 2b; float times in ``[t_min, t_max]``) and ``VEBridge`` (DDBM's VE: alpha = 1, rho_t = t;
+float times in ``[sigma_min, sigma_max]``; VPBridge's machinery with its own schedule) each have
+``marginal(t)``, ``posterior(s, t)`` (MATH.md 3), ``q_sample`` / ``posterior_step`` (through the fused
+``ops.bridge_step``), ``sample_t``, ``loss_weight`` (MATH.md 4), ``sampling_grid(nfe)``,
+``times(value, batch, device)``, ``net_time(t)`` and ``config()``. Schedule arithmetic is float64;
+coefficients are float64 ``[B]`` tensors on t's device (``ops.bridge_step`` casts them).
 """
 from __future__ import annotations
 

@@ -131,6 +131,10 @@ def _distill_options() -> list[tuple[str, dict]]:
         ("eval_items", dict(type=click.IntRange(min=0), metavar="N",
                             help="Held-out images for the final teacher/student comparison; 0: none.")),
         ("eval_teacher_nfe", dict(type=IntList(), help="Teacher NFEs in the final comparison.")),
+        ("fused_adam", dict(flag="--fused-adam/--no-fused-adam", help="torch's fused AdamW (CUDA): the non-finite-step guard stays on the "
+                                            "device, no host sync inside an iteration.")),
+        ("checkpoint_activations", dict(flag="--checkpoint-activations/--no-checkpoint-activations", help="Recompute the U-Nets' block activations in backward: "
+                                                        "less memory for about one more forward.")),
     ] + _SHARED_TRAIN_OPTIONS
 
 

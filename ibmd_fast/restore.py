@@ -15,8 +15,7 @@ and inference cannot drift apart:
 - ``sample_teacher`` / ``sample_student``: one batch; ``restore_with_teacher`` /
   ``restore_with_generator``: many images in batches with one seeded noise source;
   ``restore_release`` / ``timed_restore``: dispatch on a loaded release's kind.
-- ``compare``: PSNR / SSIM / seconds per image of a teacher at several NFEs and a student
-  (the end-of-distillation table, MATH.md 7).
+(The end-of-distillation table that runs these, ``compare``, is in ``train/report.py``.)
 
 Images are float ``[B, C, H, W]`` in [-1, 1]; masks are 1 inside the hole.
 """
@@ -52,7 +51,6 @@ __all__ = [
     "restore_with_generator",
     "restore_release",
     "timed_restore",
-    "compare",
 ]
 
 SAMPLERS = ("i2sb", "dbim", "heun")
@@ -393,7 +391,7 @@ def restore_with_teacher(teacher, xT: torch.Tensor, nfe: int, sampler: Optional[
     in batches drawing from one noise source seeded with ``seed``. ``mask``: [N or 1, 1, H, W].
     Returns float32 images in [-1, 1] on the CPU."""
     sampler = _check_sampler(sampler, teacher.bridge_type)  # before any batch (restore checks nfe)
-    eta = check_eta(eta, sampler)
+    check_eta(eta, sampler)  # before any batch; restore() resolves None to DBIM_ETA
     gen = samplers.make_generator(seed)
     out = [restore(teacher, x, sampler, nfe, eta, mask=m, rng=gen).float().clamp(-1.0, 1.0).cpu()
            for x, m in _batches(xT, mask, batch_size, _model_device(teacher), progress,
@@ -446,58 +444,3 @@ def timed_restore(loaded, xT, nfe, sampler, mask, seed, batch_size, progress, wa
     restored = restore_release(loaded, xT, nfe, sampler, mask, seed, batch_size, progress, eta)
     _sync(device)
     return restored, (time.perf_counter() - begin) / xT.shape[0]
-
-
-# ----------------------------------------------------------------------------
-# Teacher against student (the end-of-distillation table, MATH.md 7)
-
-
-@torch.no_grad()
-def compare(teacher, student, student_nfe: int, batches: list[dict], teacher_nfes: Sequence[int],
-            device: torch.device, seed: int = 0, autocast=None, log=None) -> tuple[list[dict], dict]:
-    """PSNR / SSIM / seconds per image of the teacher at each NFE and of the student.
-
-    ``batches``: dicts with ``x0``, ``xT`` (and ``mask``) from the held-out test split. Returns
-    the table rows and the restored images ``{label: tensor}`` of the first batch (for a grid).
-    Each model runs the first batch once untimed before the timed passes.
-    """
-    from ibmd_fast.metrics import psnr, ssim
-
-    runs = [("teacher", n, lambda xT, m, s, n=n: sample_teacher(teacher, xT, n, m, s, autocast))
-            for n in valid_teacher_nfe(teacher.bridge, teacher_nfes)]
-    runs.append(("student", student_nfe, lambda xT, m, s: sample_student(student, xT, student_nfe, m, s,
-                                                                         autocast=autocast)))
-    rows, pictures = [], {}
-    for name, nfe, run in runs:
-        # One untimed pass first: compilation, autotuning and allocator warm-up are not per-image costs.
-        first = batches[0]
-        run(first["xT"].to(device), None if first.get("mask") is None else first["mask"].to(device), seed)
-        scores_p, scores_s, seconds, count = [], [], 0.0, 0
-        for i, batch in enumerate(batches):
-            x0 = batch["x0"].to(device)
-            xT = batch["xT"].to(device)
-            mask = batch.get("mask")
-            mask = None if mask is None else mask.to(device)
-            _sync(device)
-            t0 = time.perf_counter()
-            out = run(xT, mask, seed + i)
-            _sync(device)
-            seconds += time.perf_counter() - t0
-            out = out.float().clamp(-1, 1)
-            scores_p.append(psnr(out, x0.float()).cpu())
-            scores_s.append(ssim(out, x0.float()).cpu())
-            count += x0.shape[0]
-            if i == 0:
-                pictures[f"{name}-{nfe}"] = out.cpu()
-        row = {
-            "model": name,
-            "nfe": int(nfe),
-            "psnr": float(torch.cat(scores_p).mean()),
-            "ssim": float(torch.cat(scores_s).mean()),
-            "sec_per_image": seconds / max(count, 1),
-        }
-        rows.append(row)
-        if log is not None:
-            log(f"  {name:8s} NFE {nfe:4d}: PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.4f}  "
-                f"{row['sec_per_image'] * 1e3:8.2f} ms/image")
-    return rows, pictures

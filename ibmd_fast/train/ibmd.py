@@ -56,7 +56,7 @@ from ibmd_fast.data import get_degradation, make_dataset
 from ibmd_fast.imageio import save_grid
 from ibmd_fast.models import Generator, make_fake_model
 from ibmd_fast.release import DEFAULT_TEACHER, GENERATOR_FORMAT, ReleaseError, load_teacher, save_release
-from ibmd_fast.restore import SeededNoise, compare, default_teacher_nfe, fill_hole, noise_like, sample_student, student_grid, student_sample
+from ibmd_fast.restore import SeededNoise, default_teacher_nfe, fill_hole, noise_like, sample_student, student_grid, student_sample
 from ibmd_fast.train import distributed
 from ibmd_fast.train.batches import BatchStream, first_items, to_device
 from ibmd_fast.train.checkpoint import CheckpointIO
@@ -484,7 +484,7 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
     if not ibmd.inpainting:
         batches = [{k: v for k, v in b.items() if k != "mask"} for b in batches]
     log(f"comparison on {n} held-out item(s):")
-    rows, _ = compare(ibmd.teacher, ibmd.ema.module, cfg.nfe, batches, cfg.eval_teacher_nfe,
+    rows, _ = report.compare(ibmd.teacher, ibmd.ema.module, cfg.nfe, batches, cfg.eval_teacher_nfe,
                       ibmd.device, seed=cfg.seed, autocast=ibmd.precision.autocast, log=log)
     rows = [report.corrupted_row(batches)] + rows
     write_text(os.path.join(cfg.run_dir, "comparison.json"), json.dumps(rows, indent=2) + "\n")

@@ -1,5 +1,7 @@
 """The end of a distillation run, for the person who started it.
 
+- ``compare(teacher, student, ...)``: PSNR / SSIM / seconds per image of the teacher at each NFE and
+  of the student on held-out batches (the end-of-distillation table, MATH.md 7).
 - ``corrupted_row(batches)``: PSNR / SSIM of the corrupted input itself against the clean images,
   the row every restoration has to beat (``model`` "corrupted", NFE 0, as ``ibmd-fast eval`` writes it).
 - ``format_comparison(rows, run_dir)``: the comparison table and one line on how to read it.
@@ -21,9 +23,9 @@ from ibmd_fast.data.images import tensor_to_uint8
 from ibmd_fast.data.skimage_photos import HELD_OUT_PHOTO, held_out_photo, load_skimage_photo
 from ibmd_fast.metrics import psnr, ssim
 from ibmd_fast.release import atomic_write
-from ibmd_fast.train.evaluation import sample_student, sample_teacher
+from ibmd_fast.restore import _sync as sync, sample_student, sample_teacher, valid_teacher_nfe
 
-__all__ = ["corrupted_row", "format_comparison", "reading_line", "draw_columns", "photo_comparison"]
+__all__ = ["compare", "corrupted_row", "format_comparison", "reading_line", "draw_columns", "photo_comparison"]
 
 FIGURE_SHORT_SIDE = 48  # pixels: the photo's shorter side in comparison.png (see photo_comparison)
 LABEL_PAD = 4       # pixels around each text line
@@ -154,3 +156,56 @@ def photo_comparison(path: str, teacher, student, student_nfe: int, teacher_nfe:
     atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
     return {"photo": HELD_OUT_PHOTO, "height": int(x0.shape[-2]), "width": int(x0.shape[-1]),
             "zoom": zoom, "columns": info}
+
+
+# ----------------------------------------------------------------------------
+# Teacher against student (the end-of-distillation table, MATH.md 7)
+
+
+@torch.no_grad()
+def compare(teacher, student, student_nfe: int, batches: list[dict], teacher_nfes: Sequence[int],
+            device: torch.device, seed: int = 0, autocast=None, log=None) -> tuple[list[dict], dict]:
+    """PSNR / SSIM / seconds per image of the teacher at each NFE and of the student.
+
+    ``batches``: dicts with ``x0``, ``xT`` (and ``mask``) from the held-out test split. Returns
+    the table rows and the restored images ``{label: tensor}`` of the first batch (for a grid).
+    Each model runs the first batch once untimed before the timed passes.
+    """
+    runs = [("teacher", n, lambda xT, m, s, n=n: sample_teacher(teacher, xT, n, m, s, autocast))
+            for n in valid_teacher_nfe(teacher.bridge, teacher_nfes)]
+    runs.append(("student", student_nfe, lambda xT, m, s: sample_student(student, xT, student_nfe, m, s,
+                                                                         autocast=autocast)))
+    rows, pictures = [], {}
+    for name, nfe, run in runs:
+        # One untimed pass first: compilation, autotuning and allocator warm-up are not per-image costs.
+        first = batches[0]
+        run(first["xT"].to(device), None if first.get("mask") is None else first["mask"].to(device), seed)
+        scores_p, scores_s, seconds, count = [], [], 0.0, 0
+        for i, batch in enumerate(batches):
+            x0 = batch["x0"].to(device)
+            xT = batch["xT"].to(device)
+            mask = batch.get("mask")
+            mask = None if mask is None else mask.to(device)
+            sync(device)
+            t0 = time.perf_counter()
+            out = run(xT, mask, seed + i)
+            sync(device)
+            seconds += time.perf_counter() - t0
+            out = out.float().clamp(-1, 1)
+            scores_p.append(psnr(out, x0.float()).cpu())
+            scores_s.append(ssim(out, x0.float()).cpu())
+            count += x0.shape[0]
+            if i == 0:
+                pictures[f"{name}-{nfe}"] = out.cpu()
+        row = {
+            "model": name,
+            "nfe": int(nfe),
+            "psnr": float(torch.cat(scores_p).mean()),
+            "ssim": float(torch.cat(scores_s).mean()),
+            "sec_per_image": seconds / max(count, 1),
+        }
+        rows.append(row)
+        if log is not None:
+            log(f"  {name:8s} NFE {nfe:4d}: PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.4f}  "
+                f"{row['sec_per_image'] * 1e3:8.2f} ms/image")
+    return rows, pictures
