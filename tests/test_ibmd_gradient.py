@@ -21,6 +21,7 @@ from ibmd_fast import ops
 from ibmd_fast.bridges import I2SBBridge, VPBridge
 from ibmd_fast.models import build_unet
 from ibmd_fast.models.wrappers import Teacher
+from ibmd_fast.restore import noise_like
 from ibmd_fast.train import IBMD, DistillConfig
 from ibmd_fast.train import ibmd as ibmd_module
 from ibmd_fast.train.common import Precision
@@ -90,11 +91,11 @@ def _plain_objective_grads(ibmd, batch, state):
     """MATH.md 5's generator objective in plain PyTorch, with the step's noise replayed."""
     ibmd.noise.set_state(state)
     bridge, xT = ibmd.bridge, batch["xT"]
-    z = ibmd_module._noise_like(xT, ibmd_module.draw_seed(ibmd.noise))
-    t_T = ibmd_module._full(bridge, ibmd.grid[-1], BATCH, xT.device)
+    z = noise_like(xT, ibmd_module.draw_seed(ibmd.noise))
+    t_T = bridge.times(ibmd.grid[-1], BATCH, xT.device)
     x0 = ibmd.generator(xT, z, t=t_T, x_t=xT)
     t = bridge.sample_t(BATCH, generator=ibmd.noise)
-    eps = ibmd_module._noise_like(xT, ibmd_module.draw_seed(ibmd.noise))
+    eps = noise_like(xT, ibmd_module.draw_seed(ibmd.noise))
     b_t, a_t, c_t = (c.view(-1, 1, 1, 1) for c in bridge.marginal(t))
     x_t = b_t * x0 + a_t * xT + c_t * eps
     ibmd.teacher.eval().requires_grad_(False)
@@ -213,7 +214,7 @@ def test_multistep_student_trains_from_its_own_chain_without_gradient():
         ibmd.noise.set_state(state)
         n = int(torch.randint(1, 4, (), generator=ibmd.noise))
         assert n == 1
-        full = lambda v: ibmd_module._full(ibmd.bridge, v, BATCH, xT.device)  # noqa: E731
+        full = lambda v: ibmd.bridge.times(v, BATCH, xT.device)  # noqa: E731
         x = xT
         with torch.set_grad_enabled(with_grad):
             for m in (3, 2):
