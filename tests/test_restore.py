@@ -284,8 +284,10 @@ def test_restore_dispatches_to_the_named_sampler():
             (vp_teacher, "heun", lambda p, b, g: samplers.heun_sample(p, b, xT, 3, generator=g)),
         ]:
             expected = run(predict(teacher), teacher.bridge, torch.Generator().manual_seed(9))
-            got = restore(teacher, xT, sampler, 3, 0.5, seed=9)
+            got = restore(teacher, xT, sampler, 3, 0.5 if sampler == "dbim" else None, seed=9)
             assert torch.equal(got, expected), sampler
+        with pytest.raises(ValueError, match="--eta applies to the dbim sampler only"):
+            restore(i2sb_teacher, xT, "i2sb", 3, 0.5, seed=9)  # an eta the sampler would ignore is an error
         # None: the natural sampler (I2SB: i2sb, VP: dbim) and the default NFE (20 steps: 19 calls)
         assert torch.equal(restore(vp_teacher, xT, None, 2, seed=1), restore(vp_teacher, xT, "dbim", 2, seed=1))
         short, _ = _tiny(I2SBBridge(n_steps=20), size=8)
