@@ -199,7 +199,7 @@ def train_classifier(
                      rotations was applied; needs square images).
     pseudo_labels -- labels [N] that replace the data set's own, e.g. the index of the
                      source photograph each crop came from (tensor data only).
-    progress      -- a tqdm bar while a terminal shows it, and in any case one line per
+    progress      -- a tqdm bar while a terminal shows it; in any case one line per
                      epoch (mean loss, training accuracy, seconds) through `log` (default: print
                      to stderr), so a log file of a long run shows where training is.
     AdamW with a cosine learning-rate decay; `seed` fixes initialisation, shuffling
@@ -305,10 +305,10 @@ def train_classifier(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-        if progress:
-            log(f"classifier ({task}) epoch {epoch + 1}/{epochs}: loss {loss_sum / max(seen, 1):.4f}, "
-                f"training accuracy {100.0 * correct / max(seen, 1):.2f}% (augmented batches), "
-                f"{time.perf_counter() - begin:.1f} s")
+        # one line per epoch, bar or not: a log file of a long evaluation shows where it is
+        log(f"classifier ({task}) epoch {epoch + 1}/{epochs}: loss {loss_sum / max(seen, 1):.4f}, "
+            f"training accuracy {100.0 * correct / max(seen, 1):.2f}% (augmented batches), "
+            f"{time.perf_counter() - begin:.1f} s")
     if bar is not None:
         bar.close()
     return model.eval()

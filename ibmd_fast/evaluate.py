@@ -192,7 +192,7 @@ def fit_classifier(data, image_size=None, channels: int = 3, task: Optional[str]
               f"of {_describe(data)}, {epochs} epoch(s)")
     data_arg = (images, labels) if task == "labels" else images
     return train_classifier(data_arg, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
-                            task=task, device=resolve_device(device))
+                            task=task, device=resolve_device(device), log=log)
 
 
 def save_classifier_atomic(model, path: str) -> None:
