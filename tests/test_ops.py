@@ -657,11 +657,12 @@ def _cmake_library() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     build = os.path.join(root, "build", "cmake")
     lib = os.path.join(build, "libibmd_ops.so")
-    if not os.path.exists(lib):
+    if not os.path.exists(os.path.join(build, "CMakeCache.txt")):
         prefix = torch.utils.cmake_prefix_path
         subprocess.run(["cmake", "-S", root, "-B", build, f"-DCMAKE_PREFIX_PATH={prefix}",
                         "-DIBMD_WITH_CUDA=OFF", "-DCMAKE_BUILD_TYPE=Release"], check=True, capture_output=True)
-        subprocess.run(["cmake", "--build", build, "-j2"], check=True, capture_output=True)
+    # Always build: incremental, so a library left by an older checkout is rebuilt from these sources.
+    subprocess.run(["cmake", "--build", build, "-j2"], check=True, capture_output=True)
     return lib
 
 
