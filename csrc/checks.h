@@ -4,7 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
+#include <vector>
 
 namespace ibmd {
 
@@ -105,6 +107,17 @@ inline Prepared prepare(std::initializer_list<std::pair<const at::Tensor*, const
   p.per_sample = p.batch == 0 ? 0 : first.first->numel() / p.batch;
   p.requested = first.first->suggest_memory_format();
   return p;
+}
+
+// A loss kernel's inputs, then its mask when there is one (checked like the inputs: same shape,
+// dtype, device and layout). One place for the CPU and CUDA losses.
+inline Prepared prepare_loss(std::initializer_list<std::pair<const at::Tensor*, const char*>> named,
+                             const std::optional<at::Tensor>& mask, const char* op) {
+  if (!mask.has_value()) return prepare(named, op);
+  std::vector<std::pair<const at::Tensor*, const char*>> all(named);
+  all.push_back({&*mask, "mask"});
+  if (all.size() == 3) return prepare({all[0], all[1], all[2]}, op);
+  return prepare({all[0], all[1], all[2], all[3]}, op);
 }
 
 inline at::Tensor empty_in_layout(const Prepared& p) {

@@ -86,16 +86,6 @@ inline void with_mask(bool masked, const F& f) {
     f(std::false_type{});
 }
 
-// The inputs, then the mask when there is one (checked like the inputs).
-inline Prepared prepare_loss(std::initializer_list<std::pair<const at::Tensor*, const char*>> named,
-                             const std::optional<at::Tensor>& mask, const char* op) {
-  if (!mask.has_value()) return prepare(named, op);
-  std::vector<std::pair<const at::Tensor*, const char*>> all(named);
-  all.push_back({&*mask, "mask"});
-  if (all.size() == 3) return prepare({all[0], all[1], all[2]}, op);
-  return prepare({all[0], all[1], all[2], all[3]}, op);
-}
-
 // body(s, begin, end) over sample segments of [0, numel) in parallel.
 template <typename Body>
 void for_each_segment(int64_t numel, int64_t D, const Body& body) {

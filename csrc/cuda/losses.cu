@@ -244,16 +244,6 @@ void launch_backward(const Prepared& p, std::vector<at::Tensor>& outs, const at:
   });
 }
 
-// The inputs, then the mask when there is one (checked like the inputs).
-Prepared prepare_loss(std::initializer_list<std::pair<const at::Tensor*, const char*>> named,
-                      const std::optional<at::Tensor>& mask, const char* op) {
-  if (!mask.has_value()) return prepare(named, op);
-  std::vector<std::pair<const at::Tensor*, const char*>> all(named);
-  all.push_back({&*mask, "mask"});
-  if (all.size() == 3) return prepare({all[0], all[1], all[2]}, op);
-  return prepare({all[0], all[1], all[2], all[3]}, op);
-}
-
 at::Tensor bridge_loss_cuda(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& weight,
                             const std::optional<at::Tensor>& mask) {
   constexpr const char* op = "ibmd::bridge_loss";
