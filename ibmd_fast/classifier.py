@@ -76,6 +76,7 @@ class Classifier(nn.Module):
         image_size: int,
         width: int = 32,
         task: str = "labels",
+        label_source: str | None = None,
     ):
         super().__init__()
         if task not in TASKS:
@@ -89,6 +90,8 @@ class Classifier(nn.Module):
             width=int(width),
             task=task,
         )
+        if label_source is not None:  # what the labels were, e.g. "photo" (evaluate.fit_classifier)
+            self.config["label_source"] = str(label_source)
         num_down = max(0, int(math.log2(max(image_size, 4) / 4)))
         channels = [width * min(2**i, 4) for i in range(num_down + 1)]
         self.stem = nn.Conv2d(in_channels, channels[0], 3, padding=1)

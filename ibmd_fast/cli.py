@@ -230,8 +230,9 @@ def _none_or_path(value: Optional[str]) -> Optional[str]:
 @click.option("--classifier", type=str, metavar="PATH", default=None,
               show_default="train one, cached in RUN_DIR",
               help="Feature classifier from `ibmd-fast train-classifier` (for FID and CA).")
-@click.option("--classifier-task", type=click.Choice(["labels", "rotation"]), default=None,
-              show_default="labels when the data has them", help="Task of a classifier trained here.")
+@click.option("--classifier-task", type=click.Choice(["labels", "photo", "rotation"]), default=None,
+              show_default="labels, else photo where the data knows it, else rotation",
+              help="Task of a classifier trained here (see train-classifier --task).")
 @click.option("--classifier-epochs", type=click.IntRange(min=1), metavar="N", default=5, show_default=True,
               help="Epochs of a classifier trained here.")
 @click.option("--classifier-items", type=click.IntRange(min=2), metavar="N", default=8192, show_default=True,
@@ -294,9 +295,10 @@ def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, ima
               help="Images per step.")
 @click.option("--max-items", type=click.IntRange(min=2), metavar="N", default=8192, show_default=True,
               help="Training images read from the data set (the first N).")
-@click.option("--task", type=click.Choice(["labels", "rotation"]), default=None,
-              show_default="labels when the data has them",
-              help="labels: supervised; rotation: self-supervised 4-way rotation (unlabeled data).")
+@click.option("--task", type=click.Choice(["labels", "photo", "rotation"]), default=None,
+              show_default="labels, else photo where the data knows it, else rotation",
+              help="labels: supervised; photo: which photograph a crop comes from (the scikit-image "
+                   "crops); rotation: self-supervised 4-way rotation (any unlabeled square images).")
 @click.option("--seed", type=click.IntRange(min=0), metavar="INT", default=0, show_default=True, help="Random seed.")
 @click.option("--device", type=str, metavar="DEV", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")

@@ -145,11 +145,16 @@ def _clean_and_label(item) -> tuple[torch.Tensor, Optional[int]]:
 
 
 def classifier_training_data(data, image_size=None, channels: int = 3, max_items: int = 8192, seed: int = 0,
-                             progress: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Clean images of the TRAINING split (and their labels when every item has one).
+                             progress: bool = False, labels_from: str = "data",
+                             ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Clean images of the TRAINING split and their labels: with ``labels_from="data"`` the items'
+    own (None unless every item has one), with ``"photo"`` the index of the photograph each item
+    is cropped from (data sets with ``photo_index``, e.g. the scikit-image crops; else None).
 
     ``data``: a spec or a Dataset (items: image, (image, label) or dicts with "x0"[, "label"]).
     """
+    if labels_from not in ("data", "photo"):
+        raise ValueError(f"labels_from must be 'data' or 'photo', got {labels_from!r}")
     from ibmd_fast.data import make_source
 
     if isinstance(data, str):
@@ -167,6 +172,9 @@ def classifier_training_data(data, image_size=None, channels: int = 3, max_items
     shapes = {tuple(x.shape) for x in images}
     if len(shapes) > 1:
         raise ValueError(f"classifier training images have different sizes {sorted(shapes)[:3]}; pass an image size")
+    if labels_from == "photo":
+        photo_index = getattr(source, "photo_index", None)
+        labels = [None] if photo_index is None else [photo_index(i) for i in range(n)]
     label_tensor = None if any(y is None for y in labels) else torch.tensor(labels, dtype=torch.long)
     return torch.stack(images), label_tensor
 
@@ -176,23 +184,41 @@ def fit_classifier(data, image_size=None, channels: int = 3, task: Optional[str]
                    progress: bool = False, log: Log = None):
     """Train the FID/CA feature classifier on the clean training split of ``data``.
 
-    ``task``: "labels" (needs labels), "rotation" (self-supervised), or None: labels when the
-    data has them, else rotation.
+    ``task``: "labels" (needs labels), "photo" (which photograph a crop comes from: the proxy
+    label of the scikit-image crops, a task a small network learns in a few epochs),
+    "rotation" (self-supervised 4-way rotation, any square images), or None: labels when the
+    data has them, else photo when the data says where each crop comes from, else rotation.
+    A photo classifier is saved as task "labels" with ``config["label_source"] = "photo"``.
     """
     from ibmd_fast.metrics import train_classifier
 
+    if task not in (None, "labels", "photo", "rotation"):
+        raise ValueError(f"classifier task must be labels, photo or rotation, got {task!r}")
     images, labels = classifier_training_data(data, image_size, channels, max_items, seed, progress)
+    if labels is None and task in (None, "photo"):
+        _, photos = classifier_training_data(data, image_size, channels, 2, seed, labels_from="photo")
+        if photos is not None:  # the data set knows its photographs: read every item's
+            images, labels = classifier_training_data(data, image_size, channels, max_items, seed, progress,
+                                                      labels_from="photo")
+            task = "photo"
+        elif task == "photo":
+            raise ValueError(f"{_describe(data)} does not say which photograph each image comes from; "
+                             "train the classifier with task 'rotation'")
     if task is None:
         task = "labels" if labels is not None else "rotation"
     if task == "labels" and labels is None:
         raise ValueError(f"{_describe(data)} has no labels; train the classifier with task 'rotation'")
     if task == "rotation" and images.shape[-1] != images.shape[-2]:
         raise ValueError(f"the rotation task needs square images, got {images.shape[-2]}x{images.shape[-1]}")
-    _say(log, f"training the feature classifier ({task}) on {images.shape[0]} clean training images "
+    what = f"photo: which of {int(labels.max()) + 1} photographs a crop comes from" if task == "photo" else task
+    _say(log, f"training the feature classifier ({what}) on {images.shape[0]} clean training images "
               f"of {_describe(data)}, {epochs} epoch(s)")
-    data_arg = (images, labels) if task == "labels" else images
-    return train_classifier(data_arg, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
-                            task=task, device=resolve_device(device), log=log)
+    data_arg = (images, labels) if task in ("labels", "photo") else images
+    model = train_classifier(data_arg, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
+                             task="labels" if task == "photo" else task, device=resolve_device(device), log=log)
+    if task == "photo":
+        model.config["label_source"] = "photo"
+    return model
 
 
 def save_classifier_atomic(model, path: str) -> None:
@@ -342,7 +368,8 @@ def evaluate(
     degradation      -- default: the release's; used to make xT from clean images.
     image_size       -- default: the release's training size.
     classifier       -- a path or Classifier; None trains one on the clean training split of
-                        ``data`` (labels if it has them, else rotation; needs a spec) and caches
+                        ``data`` (labels if it has them, else the source photograph of each crop
+                        where the data knows it, else rotation; needs a spec) and caches
                         it as ``run_dir/classifier.safetensors``. CA is reported only with labels.
     Rows: "corrupted" (xT itself, for reference), "teacher" per NFE, "student". Writes
     ``run_dir/eval.json`` and ``run_dir/eval-grid.png`` (corrupted | teacher at its largest NFE |

@@ -29,6 +29,7 @@ from ibmd_fast.config_io import ConfigError, check_keys, load_config_file, resol
 from ibmd_fast.evaluate import (
     DEFAULT_GENERATOR,
     DEFAULT_TEACHER,
+    classifier_training_data,
     evaluate,
     fit_classifier,
     format_table,
@@ -37,7 +38,7 @@ from ibmd_fast.evaluate import (
     restore_with_generator,
     restore_with_teacher,
 )
-from ibmd_fast.metrics import Classifier, load_classifier
+from ibmd_fast.metrics import Classifier, load_classifier, save_classifier
 from ibmd_fast.models import Generator, build_unet
 from ibmd_fast.release import GENERATOR_FORMAT, TEACHER_FORMAT, save_release
 from ibmd_fast.train import DistillConfig, TeacherConfig
@@ -512,8 +513,8 @@ def test_eval_writes_json_table_and_grid(releases, tmp_path):
     for row in rows.values():
         for key in ("psnr", "ssim", "fid", "sec_per_image"):
             assert isinstance(row[key], float), (row, key)
-        assert "ca" not in row  # rotation classifier: no class labels
-    assert payload["classifier"]["task"] == "rotation" and payload["num_images"] == 4
+        assert "ca" not in row  # the crops have no class labels: no CA
+    assert payload["classifier"]["config"]["label_source"] == "photo" and payload["num_images"] == 4
     assert payload["sampler"] == "i2sb" and payload["eta"] is None  # eta is DBIM's only
     assert payload["grid_columns"] == ["corrupted", "teacher", "student", "clean"]
     with Image.open(run_dir / "eval-grid.png") as grid:
@@ -588,6 +589,26 @@ def test_evaluate_reports_ca_with_labels(releases, tmp_path):
                  classifier=Classifier(1, 4, SIZE, width=8), run_dir=None, device="cpu")
 
 
+def test_classifier_of_the_skimage_crops_learns_their_photographs(tmp_path):
+    """Unlabeled scikit-image crops get the proxy label of the photograph each comes from (item i of
+    photo i % n): a 6-way task a small network learns, unlike rotation of nearly flat crops."""
+    from ibmd_fast.data import DATASET_PHOTOS, make_source
+
+    source = make_source("skimage", size=SIZE, channels=3, split="train", seed=0)
+    _, photos = classifier_training_data("skimage", SIZE, 3, max_items=14, labels_from="photo")
+    assert [source.photo_names[j] for j in photos.tolist()] == [source.crop_params(i)[0] for i in range(14)]
+    assert sorted(set(photos.tolist())) == list(range(len(DATASET_PHOTOS)))
+    assert classifier_training_data("skimage", SIZE, 3, max_items=4)[1] is None  # no labels of its own
+    model = fit_classifier("skimage", SIZE, 3, task=None, epochs=1, max_items=12, batch_size=12, device="cpu")
+    assert (model.task, model.num_classes, model.config["label_source"]) == ("labels", len(DATASET_PHOTOS), "photo")
+    save_classifier(model, tmp_path / "clf.safetensors")
+    assert load_classifier(tmp_path / "clf.safetensors").config == model.config
+    unlabeled = [torch.zeros(3, SIZE, SIZE)] * 4  # a data set that does not know its photographs
+    assert fit_classifier(unlabeled, task=None, epochs=1, batch_size=4).task == "rotation"
+    with pytest.raises(ValueError, match="does not say which photograph"):
+        fit_classifier(unlabeled, task="photo", epochs=1, batch_size=4)
+
+
 def test_classifier_cache_is_reused_only_for_the_same_data(tmp_path, monkeypatch):
     calls = []
     real = fit_classifier
@@ -611,7 +632,12 @@ def test_train_classifier_command(tmp_path):
                     "--max-items", 8, "--batch-size", 8, "--output", out)
     assert result.exit_code == 0, result.output
     model = load_classifier(out)
-    assert model.task == "rotation" and model.config["image_size"] == SIZE
+    assert model.config["label_source"] == "photo" and model.config["image_size"] == SIZE  # the default here
+    assert "task labels" in result.output
+    rotation = tmp_path / "rotation.safetensors"
+    assert invoke("train-classifier", "--data", "skimage", "--task", "rotation", "--image-size", SIZE, "--epochs", 1,
+                  "--max-items", 8, "--batch-size", 8, "--output", rotation).exit_code == 0
+    assert load_classifier(rotation).task == "rotation"
     assert_one_error_line(invoke("train-classifier", "--data", "skimage", "--task", "labels", "--image-size", SIZE,
                                  "--max-items", 4, "--output", out), "no labels")
     assert load_classifier(out).config == model.config  # the earlier file is intact

@@ -176,9 +176,19 @@ class SkimagePhotos(Dataset):
     def __len__(self) -> int:
         return self.n_items
 
+    @property
+    def photo_names(self) -> tuple:
+        """The photographs the crops come from, in the order of ``photo_index``."""
+        return tuple(self._names)
+
+    def photo_index(self, index: int) -> int:
+        """Which photograph (an index into ``photo_names``) item ``index`` is cropped from: the proxy
+        label of the FID/CA classifier on this unlabeled data (``evaluate.fit_classifier``)."""
+        return (index % self.n_items) % len(self._names)
+
     def crop_params(self, index: int) -> Tuple[str, int, int, bool]:
         """``(photo name, top, left, flipped)`` of item ``index``."""
-        name = self._names[index % len(self._names)]
+        name = self._names[self.photo_index(index)]
         h, w = self.photos[name].shape[-2:]
         epoch = self.epoch if self.split == "train" else 0
         rng = np.random.default_rng([self.seed, _SPLITS[self.split], epoch, index])
