@@ -204,6 +204,20 @@ def test_attention_matches_einsum_reference(legacy):
     qkv = torch.randn(2, 3 * 4 * 8, 20, dtype=torch.float64)
     module = QKVAttentionLegacy(4) if legacy else QKVAttention(4)
     torch.testing.assert_close(module(qkv), _einsum_attention(qkv, 4, legacy), rtol=1e-10, atol=1e-10)
+    # the gradient too: the fused SDPA kernel has its own backward
+    cotangent = torch.randn(2, 4 * 8, 20, dtype=torch.float64)
+    ours, = torch.autograd.grad(module(qkv.requires_grad_()), qkv, cotangent)
+    ref, = torch.autograd.grad(_einsum_attention(qkv, 4, legacy), qkv, cotangent)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_attention_in_float32_at_a_u_net_size():
+    """At the tiny U-Net's 16x16 (256 tokens, heads of 16 channels) in float32, against float64 einsum:
+    within a few float32 ulps of the outputs' size (softmax weights sum to 1, so outputs are O(|v|))."""
+    qkv = torch.randn(3, 3 * 4 * 16, 256, dtype=torch.float64)
+    ref = _einsum_attention(qkv, 4, True)
+    ours = QKVAttentionLegacy(4)(qkv.float()).double()
+    assert (ours - ref).abs().max() <= 64 * torch.finfo(torch.float32).eps * ref.abs().max()
 
 
 def test_fresh_unet_outputs_zero_and_forward_is_deterministic():

@@ -247,8 +247,9 @@ def _sdpa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bs: int, leng
     """q, k, v: [N, H, C, T] -> [N, H*C, T]; softmax(q^T k / sqrt(C)) v as in ADM.
 
     The [N, H, T, C] operands are made contiguous: with the strided views, CPU SDPA falls back to its
-    math path (bmm, softmax, -inf checks), 5.4x slower at 64x4 heads x 256 tokens x 16 channels on 2
-    cores than the fused flash kernel it takes for contiguous ones (benchmarks/bench_attention.py).
+    math path (bmm, softmax, -inf checks), 6.1x slower at 64x4 heads x 256 tokens x 16 channels on 2
+    cores than the fused flash kernel it takes for contiguous ones; the `tiny` U-Net's forward 1.56x,
+    forward+backward 1.15x (benchmarks/bench_attention.py, results/attention-cpu-2core.json).
     """
     q, k, v = (t.transpose(-1, -2).contiguous() for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v)
