@@ -56,7 +56,7 @@ from _common import RESULTS, environment, machine_name, resolve_device, write_js
 from ibmd_fast.data import FASHION_MNIST_DIR  # noqa: E402
 from ibmd_fast.evaluate import format_table, save_grid  # noqa: E402
 from ibmd_fast.train import TeacherConfig  # noqa: E402
-from paper.config import PRESETS, TASKS, estimate_minutes, reference_nfe, student_seeds, teacher_rows, workload  # noqa: E402,E501
+from paper.config import MACHINE_COSTS, PRESETS, TASKS, estimate_minutes, reference_nfe, student_seeds, teacher_rows, workload  # noqa: E402,E501
 from paper.measure import (  # noqa: E402
     corrupted_and_clean, corrupted_row, load_npz, load_task_images, student_row, teacher_row,
 )
@@ -162,6 +162,7 @@ def main(argv=None) -> int:
             "skipped_tasks": skipped, "device": device, "machine": machine,
             "approx_image_network_calls": workload(preset, tasks),
             "estimated_minutes_2_idle_cpu_cores": estimate_minutes(preset, tasks),
+            "estimated_minutes_by_machine": {m: estimate_minutes(preset, tasks, m)["total"] for m in MACHINE_COSTS},
             "data": data, "work_dir": work, "outputs": stem + ".{json,md,png}"}, indent=2))
         return 0
 
@@ -210,6 +211,7 @@ def main(argv=None) -> int:
         "total_stage_seconds": sum(s["seconds"] for s in stages.log),
         "wall_seconds": time.perf_counter() - start,
         "estimated_minutes_2_idle_cpu_cores": estimate_minutes(preset, runnable),
+        "estimated_minutes_by_machine": {m: estimate_minutes(preset, runnable, m)["total"] for m in MACHINE_COSTS},
         "work_dir": work,
     }
     write_json(stem + ".json", report)

@@ -205,6 +205,15 @@ COST_PER_CALL = {"teachers": 6.5e-3, "distillation": 5.8e-3, "evaluation": 9.5e-
 # The classifier: width 32 took 50 s for 8192 images x 2 epochs there (3 ms per image-epoch, reading the
 # data and the 10,000-image test included); width 16 measured 3.8x cheaper per step -> about 1 ms.
 CLASSIFIER_SECONDS_PER_IMAGE_EPOCH = 1.0e-3
+# The same costs measured on another 2-core machine (AMD EPYC, AVX2 only; the session of Dec 2 2026,
+# contiguous attention operands, idle stages of the cpu run): teacher 267.6 s / (400 x 16 x 3); a 1-NFE
+# I2SB student ~350 s / (100 x 8 x 29); evaluation 290.2 s / (256 images x 100 NFE), batch 64; the
+# classifier 402 s / (60,000 x 3). It is 1.2-2.6x slower per call, so the preset that fits 120 min on
+# the machine above takes about 3.5 hours there (printed by --dry-run beside the reference estimate).
+MACHINE_COSTS = {
+    "reference": {**COST_PER_CALL, "classifier": CLASSIFIER_SECONDS_PER_IMAGE_EPOCH},
+    "epyc-avx2-2core": {"teachers": 13.9e-3, "distillation": 15.1e-3, "evaluation": 11.3e-3, "classifier": 2.2e-3},
+}
 # One bootstrap FID over 1000 resamples of 256 images with 64-d features, the clean fits cached: 2.5 s
 # measured on one thread under a load average of 11; 1 s assumed on idle cores.
 INTERVAL_SECONDS = 1.0
@@ -239,13 +248,15 @@ def workload(preset: Preset, tasks: list[str]) -> dict:
     return calls
 
 
-def estimate_minutes(preset: Preset, tasks: list[str]) -> dict:
-    """Minutes per stage family on 2 idle CPU cores for a `tiny` preset (COST_PER_CALL), pixels scaled."""
+def estimate_minutes(preset: Preset, tasks: list[str], machine: str = "reference") -> dict:
+    """Minutes per stage family on 2 idle CPU cores for a `tiny` preset, pixels scaled, with the costs
+    measured on ``machine`` (MACHINE_COSTS; "reference": the machine the presets were sized on)."""
+    costs = MACHINE_COSTS[machine]
     scale = (preset.image_size / 32) ** 2
     calls = workload(preset, tasks)
-    minutes = {k: calls[k] * COST_PER_CALL[k] * scale / 60 for k in calls}
+    minutes = {k: calls[k] * costs[k] * scale / 60 for k in calls}
     items = preset.classifier_items or 60000
-    minutes["classifier"] = items * preset.classifier_epochs * CLASSIFIER_SECONDS_PER_IMAGE_EPOCH * scale / 60
+    minutes["classifier"] = items * preset.classifier_epochs * costs["classifier"] * scale / 60
     minutes["intervals"] = bootstrap_sets(preset, tasks) * INTERVAL_SECONDS * (preset.bootstrap_resamples / 1000) / 60
     minutes["total"] = sum(minutes.values())
     return {k: math.ceil(v * 10) / 10 for k, v in minutes.items()}
