@@ -144,17 +144,11 @@ def _clean_and_label(item) -> tuple[torch.Tensor, Optional[int]]:
     raise ValueError(f"unsupported data item {type(item).__name__} for classifier training")
 
 
-def classifier_training_data(data, image_size=None, channels: int = 3, max_items: int = 8192, seed: int = 0,
-                             progress: bool = False, labels_from: str = "data",
-                             ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Clean images of the TRAINING split and their labels: with ``labels_from="data"`` the items'
-    own (None unless every item has one), with ``"photo"`` the index of the photograph each item
-    is cropped from (data sets with ``photo_index``, e.g. the scikit-image crops; else None).
-
-    ``data``: a spec or a Dataset (items: image, (image, label) or dicts with "x0"[, "label"]).
-    """
-    if labels_from not in ("data", "photo"):
-        raise ValueError(f"labels_from must be 'data' or 'photo', got {labels_from!r}")
+def _training_items(data, image_size, channels: int, max_items: int, seed: int, progress: bool,
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """One read of the TRAINING split: the clean images, the items' own labels (None unless every
+    item has one) and the index of the photograph each is cropped from (None unless the data set
+    has ``photo_index``, as the scikit-image crops do)."""
     from ibmd_fast.data import make_source
 
     if isinstance(data, str):
@@ -172,11 +166,25 @@ def classifier_training_data(data, image_size=None, channels: int = 3, max_items
     shapes = {tuple(x.shape) for x in images}
     if len(shapes) > 1:
         raise ValueError(f"classifier training images have different sizes {sorted(shapes)[:3]}; pass an image size")
-    if labels_from == "photo":
-        photo_index = getattr(source, "photo_index", None)
-        labels = [None] if photo_index is None else [photo_index(i) for i in range(n)]
-    label_tensor = None if any(y is None for y in labels) else torch.tensor(labels, dtype=torch.long)
-    return torch.stack(images), label_tensor
+    own = None if any(y is None for y in labels) else torch.tensor(labels, dtype=torch.long)
+    photo_index = getattr(source, "photo_index", None)
+    photos = None if photo_index is None else torch.tensor([photo_index(i) for i in range(n)], dtype=torch.long)
+    return torch.stack(images), own, photos
+
+
+def classifier_training_data(data, image_size=None, channels: int = 3, max_items: int = 8192, seed: int = 0,
+                             progress: bool = False, labels_from: str = "data",
+                             ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Clean images of the TRAINING split and their labels: with ``labels_from="data"`` the items'
+    own (None unless every item has one), with ``"photo"`` the index of the photograph each item
+    is cropped from (data sets with ``photo_index``, e.g. the scikit-image crops; else None).
+
+    ``data``: a spec or a Dataset (items: image, (image, label) or dicts with "x0"[, "label"]).
+    """
+    if labels_from not in ("data", "photo"):
+        raise ValueError(f"labels_from must be 'data' or 'photo', got {labels_from!r}")
+    images, own, photos = _training_items(data, image_size, channels, max_items, seed, progress)
+    return images, (own if labels_from == "data" else photos)
 
 
 def fit_classifier(data, image_size=None, channels: int = 3, task: Optional[str] = None, epochs: int = 5,
@@ -194,26 +202,20 @@ def fit_classifier(data, image_size=None, channels: int = 3, task: Optional[str]
 
     if task not in (None, "labels", "photo", "rotation"):
         raise ValueError(f"classifier task must be labels, photo or rotation, got {task!r}")
-    images, labels = classifier_training_data(data, image_size, channels, max_items, seed, progress)
-    if labels is None and task in (None, "photo"):
-        _, photos = classifier_training_data(data, image_size, channels, 2, seed, labels_from="photo")
-        if photos is not None:  # the data set knows its photographs: read every item's
-            images, labels = classifier_training_data(data, image_size, channels, max_items, seed, progress,
-                                                      labels_from="photo")
-            task = "photo"
-        elif task == "photo":
-            raise ValueError(f"{_describe(data)} does not say which photograph each image comes from; "
-                             "train the classifier with task 'rotation'")
+    images, own, photos = _training_items(data, image_size, channels, max_items, seed, progress)
     if task is None:
-        task = "labels" if labels is not None else "rotation"
-    if task == "labels" and labels is None:
+        task = "labels" if own is not None else ("photo" if photos is not None else "rotation")
+    if task == "labels" and own is None:
         raise ValueError(f"{_describe(data)} has no labels; train the classifier with task 'rotation'")
+    if task == "photo" and photos is None:
+        raise ValueError(f"{_describe(data)} does not say which photograph each image comes from; "
+                         "train the classifier with task 'rotation'")
     if task == "rotation" and images.shape[-1] != images.shape[-2]:
         raise ValueError(f"the rotation task needs square images, got {images.shape[-2]}x{images.shape[-1]}")
-    what = f"photo: which of {int(labels.max()) + 1} photographs a crop comes from" if task == "photo" else task
+    what = f"photo: which of {int(photos.max()) + 1} photographs a crop comes from" if task == "photo" else task
     _say(log, f"training the feature classifier ({what}) on {images.shape[0]} clean training images "
               f"of {_describe(data)}, {epochs} epoch(s)")
-    data_arg = (images, labels) if task in ("labels", "photo") else images
+    data_arg = {"labels": (images, own), "photo": (images, photos)}.get(task, images)
     model = train_classifier(data_arg, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
                              task="labels" if task == "photo" else task, device=resolve_device(device), log=log)
     if task == "photo":

@@ -607,6 +607,8 @@ def test_classifier_of_the_skimage_crops_learns_their_photographs(tmp_path):
     assert fit_classifier(unlabeled, task=None, epochs=1, batch_size=4).task == "rotation"
     with pytest.raises(ValueError, match="does not say which photograph"):
         fit_classifier(unlabeled, task="photo", epochs=1, batch_size=4)
+    with pytest.raises(ValueError, match="does not say which photograph"):  # class labels are no photographs
+        fit_classifier(_LabeledPairs(), task="photo", epochs=1, batch_size=8)
 
 
 def test_classifier_cache_is_reused_only_for_the_same_data(tmp_path, monkeypatch):
