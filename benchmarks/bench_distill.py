@@ -219,6 +219,18 @@ def run_row(spec: dict) -> dict:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
+    flops = None
+    if spec["compile"] is None and not spec["checkpoint_activations"]:
+        # one more iteration, untimed, under torch's FLOP counter: the three networks' forward and
+        # backward matrix work (convolutions, matmuls, attention) of one Algorithm-1 iteration. Counted
+        # on eager rows only (a compiled graph hides its operators) and without activation
+        # checkpointing (its recomputation is not model work).
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            iteration()
+        flops = int(counter.get_total_flops())
     median = statistics.median(times)
     return {
         "backend": ops.backend(),
@@ -232,6 +244,7 @@ def run_row(spec: dict) -> dict:
         "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
         "host_syncs_per_iteration": syncs,
         "generator_skipped": ibmd.gen_guard.skipped,
+        "flops_per_iteration": flops,
     }
 
 
@@ -276,10 +289,18 @@ def summarize(rungs: list[int], runs: dict[int, list[dict]], settings: dict) -> 
     naive = next((r for r in rows if r["rung"] == 1 and "it_per_s" in r), None)
     timed = [r for r in rows if "it_per_s" in r]
     best = max(timed, key=lambda r: r["it_per_s"]) if timed else None
+    counted = [r["flops_per_iteration"] for r in timed if r.get("flops_per_iteration")]
+    flops = max(counted) if counted else None  # the same model work on every rung (fp32 or bf16 alike)
+    peak = settings.get("peak_tflops")
     for row in timed:
         row["speedup_over_naive"] = row["it_per_s"] / naive["it_per_s"] if naive else None
+        row["model_tflops_per_s"] = flops * row["it_per_s"] / 1e12 if flops else None
+        row["model_flop_utilisation"] = (flops * row["it_per_s"] / (peak * 1e12)) if (flops and peak) else None
     return {"settings": settings, "rows": rows, "best_rung": best["rung"] if best else None,
-            "speedup_best_over_naive": best["it_per_s"] / naive["it_per_s"] if (best and naive) else None}
+            "flops_per_iteration": flops,
+            "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode, one eager iteration" if flops else None,
+            "speedup_best_over_naive": best["it_per_s"] / naive["it_per_s"] if (best and naive) else None,
+            "best_model_flop_utilisation": best.get("model_flop_utilisation") if best else None}
 
 
 def merge(out: str, machine: str, size: str, section: dict, env: dict, note) -> dict:
@@ -308,7 +329,7 @@ def merge(out: str, machine: str, size: str, section: dict, env: dict, note) -> 
 
 def print_table(section: dict) -> None:
     print(f"{'rung':>4s} {'row':16s} {'backend':14s} {'it/s':>9s} {'ms/it':>10s} {'x naive':>8s} "
-          f"{'peak MB':>9s} {'syncs':>6s} {'1st it s':>9s}")
+          f"{'peak MB':>9s} {'syncs':>6s} {'1st it s':>9s} {'TFLOP/s':>8s} {'MFU':>6s}")
     for row in section["rows"]:
         if "it_per_s" not in row:
             print(f"{row['rung']:4d} {row['name']:16s} failed: {row['errors'][-1]}")
@@ -317,7 +338,13 @@ def print_table(section: dict) -> None:
         speedup = row.get("speedup_over_naive")
         print(f"{row['rung']:4d} {row['name']:16s} {row['backend']:14s} {row['it_per_s']:9.3f} "
               f"{row['ms_per_iteration']:10.1f} {'-' if speedup is None else f'{speedup:.2f}x':>8s} "
-              f"{row['peak_memory_mb']:9.0f} {syncs:>6s} {row['first_iteration_s']:9.1f}")
+              f"{row['peak_memory_mb']:9.0f} {syncs:>6s} {row['first_iteration_s']:9.1f} "
+              f"{'-' if row.get('model_tflops_per_s') is None else format(row['model_tflops_per_s'], '8.1f'):>8s} "
+              f"{'-' if row.get('model_flop_utilisation') is None else format(row['model_flop_utilisation'], '6.1%'):>6s}")
+    if section.get("flops_per_iteration"):
+        peak = section["settings"].get("peak_tflops")
+        print(f"model FLOPs per iteration: {section['flops_per_iteration'] / 1e12:.3f} TFLOP (counted once, eager)"
+              + (f"; MFU against {peak:g} TFLOP/s" if peak else ""))
 
 
 # ----------------------------------------------------------------------------
@@ -342,6 +369,9 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-cap-gb", type=float, default=None,
                         help="cap this process's GPU memory (e.g. 80: an 80 GB card's budget on an H200)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's measured dense bf16 matrix rate, for model-FLOP utilisation "
+                             "(default: 790 on an H200, as measured there; none elsewhere)")
     parser.add_argument("--note", default=None, help="a remark stored in the JSON (e.g. what else ran meanwhile)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per row at most")
     parser.add_argument("--machine", default=None, help="results name (default: GPU name or cpu-<n>core)")
@@ -376,6 +406,10 @@ def main(argv=None) -> int:
 
     params = sum(p.numel() for p in build_unet(settings["arch"], settings["image_size"], args.channels,
                                                args.channels).parameters())
+    peak = args.peak_tflops
+    if peak is None and cuda and "h200" in torch.cuda.get_device_name().lower():
+        peak = 790.0  # 8192^3 bf16 products on random data, measured on this workplace's H200s
+    settings["peak_tflops"] = peak
     settings.update({"size": size, "channels": args.channels, "inner_steps": args.inner_steps, "rounds": rounds,
                      "unet_parameters": params, "student_nfe": 1,
                      "checkpoint_activations": args.checkpoint_activations, "memory_cap_gb": args.memory_cap_gb})

@@ -5,6 +5,7 @@
 # order, one call each, as far as the session's device time goes; what is left is owed:
 #
 #   OUT=$OUT bash benchmarks/gpu_check.sh tests     # build + every CUDA test of the suite           ~5 min
+#   OUT=$OUT bash benchmarks/gpu_check.sh default   # the README's main command on CUDA, then sample, eval, export
 #   OUT=$OUT bash benchmarks/gpu_check.sh ladder    # bench_distill, small U-Net 64 px batch 64, rungs 1-7   ~6 min
 #   OUT=$OUT bash benchmarks/gpu_check.sh adm256    # bench_distill, ADM-256 (552M) 256 px, 80 GB cap    ~8 min
 #   OUT=$OUT bash benchmarks/gpu_check.sh ops       # bench_ops (bridge_step / losses, fp32 bf16 fp16)   ~4 min
@@ -22,9 +23,12 @@
 # (.carry/fashion-mnist is used when present; IBMD_FAST_FASHION_MNIST names another folder.)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
-PARTS="tests|ladder|adm256|ops|inference|paper"
-what=${1:-tests}
-case "$what" in tests|ladder|adm256|ops|inference|paper) ;; *) echo "usage: OUT=dir bash $0 $PARTS" >&2; exit 2 ;; esac
+PARTS="tests|default|ladder|adm256|ops|inference|paper"
+parts=${1:-tests}
+for what in ${parts//,/ }; do
+  case "$what" in tests|default|ladder|adm256|ops|inference|paper) ;;
+  *) echo "usage: OUT=dir bash $0 PART[,PART...]; PART: $PARTS" >&2; exit 2 ;; esac
+done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} IBMD_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 if [ -z "${IBMD_FAST_FASHION_MNIST:-}" ] && [ -d .carry/fashion-mnist ]; then
@@ -40,24 +44,48 @@ machine=$(python3 -c "import torch; n=torch.cuda.get_device_name().lower(); prin
 status=0
 
 # the ladder parts start from the committed distill-<gpu>.json (bench_distill merges sizes into it)
-if [ "$what" = ladder ] || [ "$what" = adm256 ]; then
-  [ -f "benchmarks/results/distill-$machine.json" ] && cp "benchmarks/results/distill-$machine.json" "$OUT/"
+if [ -f "benchmarks/results/distill-$machine.json" ] && [ ! -f "$OUT/distill-$machine.json" ]; then
+  cp "benchmarks/results/distill-$machine.json" "$OUT/"
 fi
 distill=(python3 benchmarks/bench_distill.py --device cuda --machine "$machine" --out "$OUT/distill-$machine.json")
-
+# Several parts in one call (tests,default,ladder): each part's time limit can be set from outside,
+# T_<part>=seconds, so that the whole fits one call
+for what in ${parts//,/ }; do
+t0=$(date +%s)
+echo "== part $what"
 case "$what" in
+default)
+  # the README's main command as a user runs it, on CUDA (the embedded default, 200 generator steps),
+  # then sample, eval and export on its output; the whole transcript is the log
+  log="$OUT/default-cuda-$machine.log"
+  rm -rf runs/distill runs/sample runs/eval
+  ( set -e
+    run() { echo "\$ ibmd-fast $*"; timeout "${T_default:-400}" python3 -m ibmd_fast "$@"; }
+    run distill --device cuda --steps 200
+    run sample --device cuda
+    run eval --device cuda
+    run export --onnx
+  ) > "$log" 2>&1
+  rc=$?
+  tail -40 "$log"
+  [ -f runs/distill/comparison.png ] && cp runs/distill/comparison.png "$OUT/default-comparison-cuda-$machine.png"
+  [ -f runs/eval/eval.json ] && cp runs/eval/eval.json "$OUT/default-eval-cuda-$machine.json"
+  [ $rc = 0 ] || status=$rc
+  ;;
 tests)
   # every CUDA case of the suite: the ops (numerics, gradients, opcheck, compile, noise, layouts, bad
   # inputs, graph capture), the trainers in bf16/fp16 with channels_last, the device-side optimizer
   # guard, bf16+compile training to the fp32 loss curve, the paper table's stages
-  timeout 480 python3 -m pytest tests/test_ops.py tests/test_train.py tests/test_fast_step.py tests/test_benchmarks.py \
-    -q -rs -p no:cacheprovider -k "not cmake and (cuda or test_ops)" 2>&1 | tee "$OUT/tests-cuda-$machine.log" | tail -12
-  status=${PIPESTATUS[0]}
+  timeout "${T_tests:-480}" python3 -m pytest tests/test_ops.py tests/test_fast_step.py tests/test_restore.py \
+    tests/test_faults.py tests/test_train.py tests/test_benchmarks.py -q -rs -p no:cacheprovider --durations=15 \
+    -k "not cmake and (cuda or test_ops)" 2>&1 | tee "$OUT/tests-cuda-$machine.log" | tail -30
+  rc=${PIPESTATUS[0]}; [ $rc = 0 ] || status=$rc
   ;;
 ladder)
   # small U-Net, 64 px, batch 64: rungs 1-7, one process each
-  timeout 520 "${distill[@]}" --size small --timeout 150 2>&1 | grep -v Warning | tee "$OUT/bench_distill-small.log"
-  status=${PIPESTATUS[0]}
+  timeout "${T_ladder:-520}" "${distill[@]}" --size small --timeout 150 ${LADDER_ARGS:-} 2>&1 | grep -v Warning \
+    | tee "$OUT/bench_distill-small.log"
+  rc=${PIPESTATUS[0]}; [ $rc = 0 ] || status=$rc
   ;;
 adm256)
   # ADM-256 at 256 px, batch 8, GPU memory capped at an 80 GB card's: rung 1 alone first; if it does not
@@ -69,27 +97,29 @@ adm256)
   python3 -c "import json,sys; r=json.load(open('$OUT/adm256-probe.json'))['sizes']['adm256']['rows'][0]; \
 sys.exit(0 if 'it_per_s' in r else 1)" 2>/dev/null || flag="--checkpoint-activations"
   echo "adm256: batch 8 ${flag:-without activation checkpointing}"
-  timeout 380 "${distill[@]}" --size adm256 --rungs 1,2,3,4,5,6 --steps 3 --warmup 2 --memory-cap-gb 80 \
-    --timeout 120 $flag 2>&1 | grep -v Warning | tee "$OUT/bench_distill-adm256.log"
-  status=${PIPESTATUS[0]}
+  timeout "${T_adm256:-380}" "${distill[@]}" --size adm256 --rungs ${ADM_RUNGS:-1,2,3,4,5,6} --steps 3 --warmup 2 \
+    --memory-cap-gb 80 --timeout 120 $flag 2>&1 | grep -v Warning | tee "$OUT/bench_distill-adm256.log"
+  rc=${PIPESTATUS[0]}; [ $rc = 0 ] || status=$rc
   ;;
 ops)
   timeout 420 python3 benchmarks/bench_ops.py --device cuda --dtypes float32,bfloat16,float16 --machine "$machine" \
     --out "$OUT/ops-$machine.json" 2>&1 | grep -v Warning | tee "$OUT/bench_ops.log"
-  status=${PIPESTATUS[0]}
+  rc=${PIPESTATUS[0]}; [ $rc = 0 ] || status=$rc
   ;;
 inference)
   # teacher NFE 100 and 10, 1-NFE student; eager, torch.compile, CUDA-graph replay; batch 1 and 16
   timeout 480 python3 benchmarks/bench_inference.py --device cuda --machine "$machine" --synthetic --size 64 \
     --modes eager,compile,graph --out-dir "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench_inference.log" | tail -30
-  status=${PIPESTATUS[0]}
+  rc=${PIPESTATUS[0]}; [ $rc = 0 ] || status=$rc
   ;;
 paper)
   timeout 520 python3 benchmarks/paper_table.py --scale gpu --device cuda --machine "$machine" \
     --out-dir "$OUT" 2>&1 | tee "$OUT/paper_table.log" | tail -40
-  status=${PIPESTATUS[0]}
+  rc=${PIPESTATUS[0]}; [ $rc = 0 ] || status=$rc
   # the run folders stay in runs/paper_table/gpu (git-ignored, kept on a warm machine): a call cut
   # short by its time limit resumes there, stage by stage, when this part runs again
   ;;
 esac
+echo "== part $what: $(( $(date +%s) - t0 )) s, status so far $status"
+done
 exit $status
