@@ -39,6 +39,11 @@ row's figure is the median over rounds.
     python benchmarks/bench_distill.py --device cuda --size adm256 --batch-size 8 --checkpoint-activations
     python benchmarks/bench_distill.py --rungs 1,2 --steps 3 --rounds 1  # a quick look
 
+Model-FLOP utilisation: one more iteration of an eager row without activation checkpointing runs
+under ``torch.utils.flop_counter.FlopCounterMode`` (the three networks' forward and backward), and
+every row reports that count times its iterations per second, as TFLOP/s and as a fraction of
+``--peak-tflops`` (790 on an H200: its measured dense bf16 matrix rate).
+
 Prints a table and writes (merging with the sizes already there) ``benchmarks/results/
 distill-<machine>.json``: for each size its settings and rows, and ``speedup_best_over_naive``
 (the best row's iterations per second over rung 1's) per size.

@@ -10,9 +10,12 @@
 
 namespace ibmd {
 
-// Shapes and dtypes are formatted here rather than by streaming an IntArrayRef
-// into TORCH_CHECK: with torch 2.11 built by one GCC and the extension by GCC
-// 13, streaming an ArrayRef crashed (segfault) instead of raising.
+// Shapes, dtypes and integers are formatted here (std::to_string) rather than
+// streamed into TORCH_CHECK: with torch 2.11 built by one GCC and the extension's
+// CUDA objects by nvcc with GCC 13, streaming an ArrayRef crashed (segfault)
+// instead of raising, and so did streaming a bare int64_t (an H200, 2026-12-04:
+// the first CUDA check whose message held one, check_coef's batch size).
+// Messages therefore hold only strings.
 inline std::string shape_str(const at::Tensor& t) {
   std::string out = "[";
   for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
@@ -45,7 +48,7 @@ inline at::ScalarType opmath_type(at::ScalarType t) {
 // A per-sample coefficient: 1-D of length B, arithmetic dtype, same device.
 inline void check_coef(const at::Tensor& coef, const at::Tensor& ref, const char* op, const char* name) {
   const int64_t batch = ref.size(0);
-  TORCH_CHECK(coef.dim() == 1 && coef.size(0) == batch, op, ": ", name, " must have shape [", batch,
+  TORCH_CHECK(coef.dim() == 1 && coef.size(0) == batch, op, ": ", name, " must have shape [", std::to_string(batch),
               "] (one value per sample), got ", shape_str(coef));
   TORCH_CHECK(coef.device() == ref.device(), op, ": ", name, " is on ", device_str(coef), " but the inputs are on ",
               device_str(ref));
@@ -131,14 +134,14 @@ inline at::Tensor in_requested_layout(const Prepared& p, const at::Tensor& out) 
 
 // The upstream gradient of a per-sample loss: [B], on the inputs' device.
 inline void check_loss_grad(const at::Tensor& grad, const Prepared& p, const at::Tensor& weight, const char* op) {
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == p.batch, op, ": grad must have shape [", p.batch, "], got ",
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == p.batch, op, ": grad must have shape [", std::to_string(p.batch), "], got ",
               shape_str(grad));
   TORCH_CHECK(grad.device() == weight.device(), op, ": grad is on ", device_str(grad), " but the inputs are on ",
               device_str(weight));
 }
 
 inline void check_seed(int64_t seed, const char* op) {
-  TORCH_CHECK(seed >= -1, op, ": seed must be in [0, 2^63) (or -1 for no noise), got ", seed);
+  TORCH_CHECK(seed >= -1, op, ": seed must be in [0, 2^63) (or -1 for no noise), got ", std::to_string(seed));
 }
 
 // The checks of ibmd::bridge_step, shared by its CPU and CUDA kernels: Philox

@@ -704,7 +704,11 @@ def test_cuda_graph_capture_and_streams():
         loss = ops.bridge_loss(x_t, x0, ca).sum()
         return (x_t, loss, *torch.autograd.grad(loss, a))
 
-    want = step()
+    # Detached, so that no autograd graph made on the default (legacy) stream outlives this line: since
+    # torch 2.11 a leaf's AccumulateGrad node remembers the stream it was made on, and a backward
+    # captured on another stream then syncs with the legacy stream, which capture forbids
+    # (cudaErrorStreamCaptureImplicit, seen on an H200 with want = step() kept attached).
+    want = [t.detach() for t in step()]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -712,7 +716,7 @@ def test_cuda_graph_capture_and_streams():
             step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):  # captured on the stream the warm-up ran on
         got = step()
     graph.replay()
     torch.cuda.synchronize()

@@ -44,7 +44,7 @@ inline bool vec_aligned(std::initializer_list<const void*> ptrs) {
 // samples (the kernels loop over y when B exceeds the grid limit).
 inline dim3 per_sample_grid(int64_t items_per_sample, int64_t batch) {
   const int64_t x = std::max<int64_t>(1, (items_per_sample + kThreads - 1) / kThreads);
-  TORCH_CHECK(x < (int64_t(1) << 31), "ibmd: tensor too large for one launch (", items_per_sample,
+  TORCH_CHECK(x < (int64_t(1) << 31), "ibmd: tensor too large for one launch (", std::to_string(items_per_sample),
               " work items per sample)");
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(std::min<int64_t>(batch, 65535)));
 }
