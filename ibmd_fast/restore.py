@@ -3,8 +3,8 @@
 Every caller goes through here (the k-diffusion / EDM habit), so a fix lands once and training
 and inference cannot drift apart:
 
-- ``impose_known`` / ``fill_hole``: inpainting's known pixels (MATH.md 3), used by the samplers,
-  the student chain, the trainers and the ONNX graph.
+- ``impose_known`` / ``fill_hole`` / ``noise_like``: inpainting's known pixels (MATH.md 3), defined in
+  ``known_pixels.py`` below the samplers and this module; the chains here use them.
 - ``student_sample(generator, xT, z, nfe, mask, noise)``: the IBMD student's chain (MATH.md 5) with
   an injected noise source (``SeededNoise``: the fused op's Philox noise from seeds;
   ``GivenNoise``: tensors, plain arithmetic). Its three callers: inference (``sample_student``),
@@ -30,10 +30,11 @@ from tqdm.auto import tqdm
 
 from ibmd_fast import ops, reference, samplers
 from ibmd_fast.bridges import Bridge, I2SBBridge
+from ibmd_fast.known_pixels import fill_hole, impose_known, noise_like
 
 __all__ = [
     "SAMPLERS",
-    "impose_known",
+    "impose_known",  # these three from known_pixels.py, where new code imports them
     "noise_like",
     "fill_hole",
     "SeededNoise",
@@ -56,36 +57,6 @@ __all__ = [
 SAMPLERS = ("i2sb", "dbim", "heun")
 
 Autocast = Optional[Callable[[], contextlib.AbstractContextManager]]
-
-
-# ----------------------------------------------------------------------------
-# Known pixels (inpainting, MATH.md 3)
-
-
-def impose_known(x: torch.Tensor, known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``m x + (1 - m) known``: the hole (m = 1) from ``x``, the known pixels (m = 0) from ``known``.
-
-    For a 0/1 mask both parts are exact: known pixels are ``known`` to the bit, the hole is ``x``.
-    In ``x``'s dtype; differentiable in ``x`` and ``known``.
-    """
-    mask = mask.to(x.dtype)
-    return mask * x + (1 - mask) * known.to(x.dtype)
-
-
-def noise_like(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """Standard normal noise of ``x``'s shape from the fused op's Philox stream of ``seed`` (the same
-    on CPU and CUDA): the hole fill, and the distiller's ``z``."""
-    return ops.bridge_step(x, x, 0.0, 0.0, 1.0, seed=seed)  # coef 0 on both: eps alone
-
-
-def fill_hole(xT: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor:
-    """``xT`` with its inpainting hole (``m = 1``) filled with Gaussian noise (MATH.md 3).
-
-    The noise is ``noise_like(xT, seed)``. Training and sampling both start from this filled
-    image, and conditional teachers see it as their condition.
-    """
-    mask = mask.to(device=xT.device, dtype=xT.dtype)
-    return impose_known(noise_like(xT, seed), xT, mask)
 
 
 # ----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ibmd_fast import ops
 from ibmd_fast.bridges import Bridge, I2SBBridge, VPBridge
+from ibmd_fast.known_pixels import fill_hole, impose_known
 
 __all__ = [
     "i2sb_sample",
@@ -40,15 +41,6 @@ __all__ = [
     "make_generator",
 ]
 
-
-def __getattr__(name: str):
-    """``fill_hole``, ``impose_known`` and ``student_grid`` moved to ``ibmd_fast.restore``; importable
-    from here for one release."""
-    if name in ("fill_hole", "impose_known", "student_grid"):
-        from ibmd_fast import restore
-
-        return getattr(restore, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 PredictX0 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Optional[Callable[[dict], None]]
@@ -109,8 +101,6 @@ def i2sb_sample(
     ``x = (1 - m)(xT + std_sb[n'] eps) + m x``; the returned ``x0_hat`` takes its known pixels
     from ``xT``. Returns the last ``x0_hat`` (see the module docstring).
     """
-    from ibmd_fast.restore import fill_hole, impose_known  # known pixels: one definition, in restore.py
-
     if not isinstance(bridge, I2SBBridge):
         raise TypeError(f"i2sb_sample needs an I2SBBridge, got {type(bridge).__name__}")
     gen = make_generator(seed, generator)

@@ -348,9 +348,8 @@ def test_old_import_paths_still_work_for_one_release():
     from ibmd_fast.models import unet
     from ibmd_fast.samplers import fill_hole as old_fill_hole
     from ibmd_fast.samplers import impose_known as old_impose_known
-    from ibmd_fast.samplers import student_grid as old_student_grid
 
-    assert (old_fill_hole, old_impose_known, old_student_grid) == (fill_hole, impose_known, student_grid)
+    assert (old_fill_hole, old_impose_known) == (fill_hole, impose_known)
     assert evaluate.restore_with_teacher is restore_with_teacher and evaluate.save_grid is imageio.save_grid
     assert evaluate.load_model is release.load_model and evaluate.resolve_device is resolve_device
     assert evaluate.DEFAULT_TEACHER == release.DEFAULT_TEACHER and evaluate.natural_sampler("vp") == "dbim"
