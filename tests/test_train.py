@@ -37,7 +37,8 @@ from ibmd_fast.train import (
     train_teacher,
 )
 from ibmd_fast.train import ibmd as ibmd_module
-from ibmd_fast.train.common import BatchStream, Precision
+from ibmd_fast.train.batches import BatchStream
+from ibmd_fast.train.common import Precision
 from ibmd_fast.train.distributed import DistEnv
 from ibmd_fast.restore import sample_student
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ibmd_fast.data import collate
-from ibmd_fast.train.common import derive_seed
+from ibmd_fast.seeds import derive_seed
 from ibmd_fast.train.distributed import DistEnv
 
 __all__ = ["BatchStream", "to_device", "first_items", "set_dataset_epoch"]

@@ -2,10 +2,6 @@
 
 - ``RunLog`` (in ``rundir``, re-exported): ``log.txt`` (what was printed), ``stats.jsonl`` (a JSON line per log step),
   ``config.json``; rank 0 only.
-- ``BatchStream`` (``train/batches.py``, re-exported): an endless, exactly resumable stream of
-  batches.
-- ``capture_rng`` / ``restore_rng``: torch CPU and CUDA, numpy, python and the trainer's own
-  noise generator, for bit-identical resumption on CPU.
 - ``Precision``: autocast (bf16/fp16, CUDA only) and the fp16 GradScaler.
 - ``OptimizerStep``: gradient clipping and the non-finite guard, with one decision for
   every rank.
@@ -19,16 +15,14 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 from typing import TYPE_CHECKING, Iterable, Optional
 
-import numpy as np
 import torch
 
 from ibmd_fast.ops import draw_seed  # noqa: F401  (re-exported for the trainers)
-from ibmd_fast.release import atomic_write
+from ibmd_fast.seeds import capture_rng, derive_seed, restore_rng, seed_everything
 from ibmd_fast.train.distributed import DistEnv
 from ibmd_fast.train.rundir import RunLog, write_text  # noqa: F401  (re-exported: they lived here)
 
@@ -39,10 +33,7 @@ from ibmd_fast.train.optim import MAX_CONSECUTIVE_SKIPS, OptimizerStep, Training
 
 __all__ = [
     "RunLog",
-    "derive_seed",
-    "seed_everything",
-    "capture_rng",
-    "restore_rng",
+    "derive_seed",  # from seeds.py, where new code imports it
     "Precision",
     "OptimizerStep",
     "TrainingDivergedError",
@@ -62,73 +53,6 @@ __all__ = [
     "RunCheckpoints",
     "make_adamw",
 ]
-
-_MOVED = ("BatchStream", "to_device", "first_items", "set_dataset_epoch")
-
-
-def __getattr__(name: str):
-    """The batch stream moved to ``train/batches.py``; its names stay importable from here."""
-    if name in _MOVED:
-        from ibmd_fast.train import batches
-
-        return getattr(batches, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-
-# ----------------------------------------------------------------------------
-# Seeds
-
-
-def derive_seed(*keys: int) -> int:
-    """A well-mixed 63-bit seed from integer keys (numpy's SeedSequence)."""
-    return int(np.random.SeedSequence([int(k) % 2**63 for k in keys]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy's and python's global generators."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def capture_rng(gen: torch.Generator) -> dict:
-    """Every random state this process uses, as tensors and plain values (``weights_only`` safe)."""
-    np_state = np.random.get_state(legacy=False)
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "bit_generator": np_state["bit_generator"],
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
-        "trainer": gen.get_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict, gen: torch.Generator) -> None:
-    """Inverse of ``capture_rng``."""
-    torch.set_rng_state(state["torch"])
-    npst = state["numpy"]
-    np.random.set_state({
-        "bit_generator": npst["bit_generator"],
-        "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": int(npst["pos"])},
-        "has_gauss": int(npst["has_gauss"]),
-        "gauss": float(npst["gauss"]),
-    })
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    gen.set_state(state["trainer"])
-    if "cuda" in state and torch.cuda.is_available():
-        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s, i)
-
 
 # ----------------------------------------------------------------------------
 # Configs
