@@ -454,7 +454,7 @@ def import_teacher(source: str | os.PathLike, format: str, out: str | os.PathLik
     """
     from ibmd_fast.data import get_degradation
     from ibmd_fast.release import TEACHER_FORMAT, save_release
-    from ibmd_fast.train.evaluation import default_teacher_nfe
+    from ibmd_fast.restore import default_teacher_nfe
 
     source, out = os.fspath(source), os.fspath(out)
     if not os.path.exists(source):
