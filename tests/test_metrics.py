@@ -229,7 +229,7 @@ def test_rotation_task_on_unlabeled_images():
     g = torch.Generator().manual_seed(0)
     tops = torch.randint(0, photo.shape[0] - 16, (96,), generator=g)
     lefts = torch.randint(0, photo.shape[1] - 16, (96,), generator=g)
-    crops = torch.stack([photo[t:t + 16, l:l + 16] for t, l in zip(tops.tolist(), lefts.tolist())])[:, None]
+    crops = torch.stack([photo[t:t + 16, left:left + 16] for t, left in zip(tops.tolist(), lefts.tolist())])[:, None]
     model = metrics.train_classifier(crops, epochs=15, batch_size=32, lr=5e-3, seed=0, progress=False,
                                      task="rotation", augment="shift", width=8, device="cpu")
     assert model.task == "rotation" and model.config["num_classes"] == 4

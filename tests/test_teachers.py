@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from ibmd_fast.bridges import I2SBBridge, VEBridge, bridge_from_config
+from ibmd_fast.bridges import VEBridge, bridge_from_config
 from ibmd_fast.models import UNet
 from ibmd_fast.release import GENERATOR_FORMAT, load_teacher, read_release, save_release
 from ibmd_fast.samplers import dbim_sample, heun_sample, probability_flow_coefficients

@@ -21,6 +21,7 @@ from typing import Optional
 
 from ibmd_fast.release import atomic_write
 from ibmd_fast.train.checkpoint import CheckpointError, CheckpointIO
+from ibmd_fast.train.distributed import DistEnv
 
 try:
     import fcntl
