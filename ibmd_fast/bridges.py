@@ -1,7 +1,7 @@
 """Diffusion bridges (MATH.md 2): marginals, posteriors, time grids and loss weights.
 
 ``I2SBBridge`` (MATH.md 2a; times are LongTensor step indices in ``[0, n_steps - 1]``), ``VPBridge``
-(MATH.md 2b; float times in ``[t_min, t_max]``) and ``VEBridge`` (DDBM's VE: alpha = 1, rho_t = t;
+(MATH.md 2b; float times in ``[t_min, t_max]``) and ``VEBridge`` (MATH.md 2c: alpha = 1, rho_t = t;
 float times in ``[sigma_min, sigma_max]``; VPBridge's machinery with its own schedule) each have
 ``marginal(t)``, ``posterior(s, t)`` (MATH.md 3), ``q_sample`` / ``posterior_step`` (through the fused
 ``ops.bridge_step``), ``sample_t``, ``loss_weight`` (MATH.md 4), ``sampling_grid(nfe)``,
@@ -436,13 +436,13 @@ class VPBridge(Bridge):
 
 
 # ----------------------------------------------------------------------------
-# DDBM VE (MATH.md 2, alpha = 1, rho_t = t)
+# DDBM VE (MATH.md 2c: alpha = 1, rho_t = t)
 
 
 class VEBridge(VPBridge):
     """DDBM's VE bridge (Zhou et al. 2024): ``alpha_t = 1``, ``rho_t = t``, t in ``[sigma_min, sigma_max]``.
 
-    Marginal (MATH.md 2 with alpha = 1): ``a_t = t^2/T^2``, ``b_t = 1 - t^2/T^2``,
+    Marginal (MATH.md 2c): ``a_t = t^2/T^2``, ``b_t = 1 - t^2/T^2``,
     ``c_t = t sqrt(1 - t^2/T^2)`` with ``T = sigma_max``; posterior (MATH.md 3) with
     ``rho_s^2/rho_t^2 = s^2/t^2``. Everything built from ``alpha`` and ``rho^2`` (posterior,
     DDBM preconditioning, loss weight, ``c_noise = 250 log t``, grids, the probability-flow ODE)
