@@ -347,3 +347,83 @@ def test_imported_teacher_distills_on_its_layout_with_only_data(preset: str, e2h
     assert released["data"] == f"{layout}:{root}" and released["image_size"] == 16
     assert released["degradation"] == ("sketch" if preset == "e2h" else None)
     assert len(list((run / "listings").glob("listing-*.txt"))) == 1
+
+
+_RANKS_SCRIPT = """
+import json, sys, warnings
+from ibmd_fast.data import make_dataset
+from ibmd_fast.train import distributed
+from ibmd_fast.train.batches import shared_dataset
+import ibmd_fast.data.folders as folders
+
+walks = []
+real = folders._walk_images
+folders._walk_images = lambda root, recursive=True: walks.append(str(root)) or real(root, recursive)
+env = distributed.init("cpu")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    ds = shared_dataset(lambda listing: make_dataset(sys.argv[1], size=16, corrupted_only=True, listing=listing),
+                        env, sys.argv[2])
+out = {"rank": env.rank, "world": env.world_size, "walks": len(walks), "files": ds.files,
+       "warnings": [str(w.message) for w in caught]}
+with open(sys.argv[3] + f".{env.rank}.json", "w") as fh:
+    json.dump(out, fh)
+"""
+
+
+def test_torchrun_ranks_share_one_listing(e2h_root: Path, tmp_path: Path):
+    """Under torchrun (gloo, 2 processes): rank 0 walks the folder once, rank 1 reads its listing."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANKS_SCRIPT)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           f"edges2handbags:{e2h_root}", str(tmp_path / "run"), str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, cwd=str(repo), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError("torchrun timed out:\n" + output[-3000:])
+    assert proc.returncode == 0, output[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert [r["walks"] for r in ranks] == [1, 0]  # rank 1 never walked the folder
+    assert ranks[0]["files"] == ranks[1]["files"] and len(ranks[0]["files"]) == 5
+    assert ranks[0]["warnings"] == [] and ranks[1]["warnings"] == []
+    assert len(list((tmp_path / "run" / "listings").glob("listing-*.txt"))) == 1
+
+
+def test_bench_data_makes_a_folder_and_measures_it(tmp_path: Path):
+    """benchmarks/bench_data.py as a user runs it, at toy size: --make, then the measurement and its JSON."""
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    root, out = tmp_path / "jpegs", tmp_path / "bench.json"
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_data.py"), "--root", str(root),
+                               *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout
+
+    run("--make", 40, "--bad", 2, "--processes", 1, "--min-side", 32, "--max-side", 48)
+    assert len(list(root.rglob("*.jpg"))) == 42
+    printed = run("--images", 4, "--batch-size", 4, "--workers", 1, "--image-size", 32, "--load-check-classes", 1,
+                  "--degradations", "jpeg-10,none", "--machine", "test", "--out", out)
+    report = json.loads(out.read_text())
+    assert report["folder"]["jpegs"] == 40 and report["first_batch"]["rank0"]["items"] == 42
+    assert report["first_batch"]["other_ranks"]["listing"] == "read from rank 0's file"
+    assert [r["degradation"] for r in report["pipeline_per_worker"]] == ["jpeg-10", "none"]
+    assert report["ibmd_step_consumes"]["images_per_s_per_gpu"] == pytest.approx(6 * 8 * 0.382, abs=0.01)
+    assert "an IBMD step consumes 18.3 img/s per GPU" in printed
