@@ -527,6 +527,8 @@ def test_make_source_specs(tmp_path: Path, image_tree: Path):
         bare = make_source(str(image_tree), size=16, channels=1)
     assert isinstance(folder, ImageFolder) and folder.crop == "center" and not folder.flip
     assert isinstance(bare, ImageFolder) and bare.crop == "random" and bare.flip and bare[0].shape == (1, 16, 16)
+    # training folders are listed only; held-out ones are decoded up front and lose their 2 bad files
+    assert len(bare) == 9 and len(folder) == 7 and len(folder.skipped) == 2
     skim = make_source("skimage", split="test")
     assert isinstance(skim, SkimagePhotos) and skim[0].shape == (3, 64, 64)
     clean_root, corrupted_root = _make_pairs(tmp_path)

@@ -164,7 +164,9 @@ def make_source(spec: str, size=None, channels: int = 3, split: str = "train",
 
     ``size`` defaults to 64 for 'skimage' and 32 for 'fashion-mnist'; folders
     keep each image's size when it is None. Train folders get random crops and
-    flips, test folders center crops; the DDBM layouts resize and flip as
+    flips, test folders center crops; training folders are only listed, test
+    folders are decoded up front (``check="load"``: a bad file is dropped, not
+    replaced by its neighbour in the metrics); the DDBM layouts resize and flip as
     DDBM does (``layouts``). ``degradation`` is needed only for the
     inpainting mask of 'paired:' and 'corrupted:' specs (which then use center
     crops). ``listing``: folders are listed through it (``folders.Listing``:
@@ -179,6 +181,9 @@ def make_source(spec: str, size=None, channels: int = 3, split: str = "train",
     kind = kind.lower()
     inpainting = degradation is not None and get_degradation(degradation).is_inpainting
     crop = "random" if train and size is not None and not inpainting else "center"
+    # Training folders are listed only (a bad file is skipped when met); held-out folders are decoded up
+    # front, so that a bad file is dropped rather than replaced by its neighbour in the metrics.
+    check = "none" if train else "load"
 
     if kind == "skimage" and not arg:
         return SkimagePhotos(size=64 if size is None else size, split=split, channels=channels, seed=seed)
@@ -195,17 +200,17 @@ def make_source(spec: str, size=None, channels: int = 3, split: str = "train",
             raise ValueError(f"data spec {spec!r}: expected 'paired:/clean_dir,/corrupted_dir'")
         clean, corrupted = (_split_dir(_existing_dir(r, spec), split) for r in roots)
         return PairedFolders(clean, corrupted, size=size, channels=channels, crop=crop,
-                             flip=train, degradation=degradation, listing=listing)
+                             flip=train, degradation=degradation, listing=listing, check=check)
     if kind == "corrupted":
         root = _split_dir(_existing_dir(arg, spec), split)
         return CorruptedFolder(root, size=size, channels=channels, degradation=degradation,
-                               crop=crop, flip=train, listing=listing)
+                               crop=crop, flip=train, listing=listing, check=check)
     if kind == "folder":
         root = _split_dir(_existing_dir(arg, spec), split)
-        return ImageFolder(root, size=size, channels=channels, crop=crop, flip=train, listing=listing)
+        return ImageFolder(root, size=size, channels=channels, crop=crop, flip=train, listing=listing, check=check)
     if Path(text).expanduser().is_dir():
         return ImageFolder(_split_dir(Path(text).expanduser(), split), size=size, channels=channels,
-                           crop=crop, flip=train, listing=listing)
+                           crop=crop, flip=train, listing=listing, check=check)
     if "/" in text or "\\" in text or text.startswith("."):
         raise FileNotFoundError(f"data spec {spec!r}: folder {text!r} does not exist")
     raise ValueError(f"unknown data spec {spec!r}; {SPEC_HELP}")
