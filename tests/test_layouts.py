@@ -347,6 +347,13 @@ def test_imported_teacher_distills_on_its_layout_with_only_data(preset: str, e2h
     assert released["data"] == f"{layout}:{root}" and released["image_size"] == 16
     assert released["degradation"] == ("sketch" if preset == "e2h" else None)
     assert len(list((run / "listings").glob("listing-*.txt"))) == 1
+    # eval reads the layout's val/ pairs with no degradation given (DIODE's release names none)
+    from ibmd_fast.classifier import Classifier
+    from ibmd_fast.evaluate import evaluate
+
+    result = evaluate(teacher=str(teacher), student=summary["release"], data=f"{layout}:{root}", teacher_nfe=(1,),
+                      num_images=2, classifier=Classifier(3, 4, 16, width=8), run_dir=None, device="cpu")
+    assert [row["model"] for row in result["results"]] == ["corrupted", "teacher", "student"]
 
 
 _RANKS_SCRIPT = """
