@@ -394,7 +394,10 @@ def evaluate(
     image_size = image_size or ref.image_size
     if data is None:
         data = ref.config.get("data") or "skimage"
-    if isinstance(data, str) and not data.lower().startswith("paired:") and degradation is None:
+    from ibmd_fast.data.layouts import LAYOUTS
+
+    # paired specs (paired:, and DDBM's layouts edges2handbags:, diode:) carry their corrupted images
+    if isinstance(data, str) and data.partition(":")[0].lower() not in ("paired", *LAYOUTS) and degradation is None:
         raise ValueError(f"{ref.path} names no degradation; pass one to corrupt {data}")
     teacher_nfe = sorted({int(n) for n in teacher_nfe}) if t_model is not None else []
     if t_model is not None and not teacher_nfe:

@@ -195,9 +195,10 @@ _VP = dict(noise_schedule="vp", beta_d=2.0, beta_min=0.1, sigma_max=1.0, sigma_m
 # DiffusionBridge scripts/args.sh, on top of DBIM_DEFAULTS
 PRESETS: dict[str, dict[str, Any]] = {
     "e2h": dict(image_size=64, num_channels=192, num_res_blocks=3, use_new_attention_order=True, dropout=0.1,
-                class_cond=False, condition_mode="concat", degradation="sketch", **_VP),
+                class_cond=False, condition_mode="concat", degradation="sketch", data_layout="edges2handbags",
+                **_VP),
     "diode": dict(image_size=256, num_channels=256, num_res_blocks=2, use_new_attention_order=True, dropout=0.1,
-                  class_cond=False, condition_mode="concat", **_VP),
+                  class_cond=False, condition_mode="concat", data_layout="diode", **_VP),
     "imagenet-inpaint": dict(image_size=256, num_channels=256, num_res_blocks=2, use_new_attention_order=False,
                              dropout=0.0, class_cond=True, condition_mode="concat", noise_schedule="i2sb_cond",
                              beta_max=1.0, beta_min=0.1, sigma_max=1.0, sigma_min=1e-4,
@@ -205,7 +206,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # DDBM / DBIM keys that do not change the network or the x0 prediction
 _IGNORED = {"use_fp16", "use_checkpoint", "unet_type", "weight_schedule", "rho", "loss_norm"}
-_DDBM_KEYS = set(DBIM_DEFAULTS) | _IGNORED | {"pred_mode", "attention_type", "learn_sigma", "degradation"}
+# data_layout: the paired folder layout the teacher was trained on (ibmd_fast.data.layouts), recorded in the
+# release so that distill reads a bare --data DIR that way
+_DDBM_KEYS = set(DBIM_DEFAULTS) | _IGNORED | {"pred_mode", "attention_type", "learn_sigma", "degradation",
+                                              "data_layout"}
 
 
 def ddbm_kwargs(preset: Optional[str], path: Optional[str], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -491,6 +495,9 @@ def import_teacher(source: str | os.PathLike, format: str, out: str | os.PathLik
         except (KeyError, ValueError):
             if degradation:  # the user's own word must be valid; the source's may be a task we do not model
                 raise
+    layout = info.get("model_kwargs", {}).get("data_layout")
+    if layout:
+        config["data_layout"] = layout
     if net.num_classes is not None:
         config["class_label"] = None if label is None else int(label)
     config["source"] = {"format": format, "file": os.path.basename(ckpt), "sha256": _sha256(ckpt),

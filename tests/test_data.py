@@ -100,7 +100,7 @@ def image_tree(tmp_path: Path) -> Path:
 def test_image_folder_skips_unreadable_with_one_warning(image_tree: Path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = ImageFolder(image_tree, size=32)
+        ds = ImageFolder(image_tree, size=32, check="load")  # decode up front (the default only lists)
     unreadable = [w for w in caught if issubclass(w.category, UnreadableImageWarning)]
     assert len(unreadable) == 1
     message = str(unreadable[0].message)
@@ -125,14 +125,14 @@ def test_image_folder_gray_sizes_and_crops(image_tree: Path):
 
 
 def test_image_folder_never_crashes_mid_epoch(image_tree: Path):
-    ds = ImageFolder(image_tree, size=16, check="none")  # no scan: the bad files stay listed
+    ds = ImageFolder(image_tree, size=16)  # the default: no scan, the bad files stay listed
     assert len(ds) == 9
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         items = [ds[i] for i in range(len(ds))]
     assert all(x.shape == (3, 16, 16) for x in items)
     assert len(ds.runtime_skipped) == 2
-    assert len([w for w in caught if issubclass(w.category, UnreadableImageWarning)]) == 1
+    assert len([w for w in caught if issubclass(w.category, UnreadableImageWarning)]) == 2  # one per bad file
 
 
 def test_image_folder_empty_or_missing(tmp_path: Path):
@@ -147,7 +147,12 @@ def test_image_folder_empty_or_missing(tmp_path: Path):
     broken.mkdir()
     (broken / "x.png").write_text("nope")
     with pytest.raises(ValueError, match="all_broken"):
-        ImageFolder(broken)
+        ImageFolder(broken, check="load")
+    lazy = ImageFolder(broken)  # the default lists only: the failure comes with the first read
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableImageWarning)
+        with pytest.raises(RuntimeError, match="none of the 1 items could be read.*all_broken"):
+            lazy[0]
 
 
 # ---------------------------------------------------------------- PairedFolders
@@ -522,6 +527,8 @@ def test_make_source_specs(tmp_path: Path, image_tree: Path):
         bare = make_source(str(image_tree), size=16, channels=1)
     assert isinstance(folder, ImageFolder) and folder.crop == "center" and not folder.flip
     assert isinstance(bare, ImageFolder) and bare.crop == "random" and bare.flip and bare[0].shape == (1, 16, 16)
+    # training folders are listed only; held-out ones are decoded up front and lose their 2 bad files
+    assert len(bare) == 9 and len(folder) == 7 and len(folder.skipped) == 2
     skim = make_source("skimage", split="test")
     assert isinstance(skim, SkimagePhotos) and skim[0].shape == (3, 64, 64)
     clean_root, corrupted_root = _make_pairs(tmp_path)

@@ -4,7 +4,9 @@ Images are float32 tensors ``[C, H, W]`` in [-1, 1], C = 1 or 3.
 
 Sources (torch Datasets): ``ImageFolder``, ``PairedFolders``,
 ``CorruptedFolder``, ``SkimagePhotos`` (the embedded default),
-``FashionMNIST``. Degradations: ``get_degradation(name)`` for the names in
+``FashionMNIST``, DDBM's paired layouts ``EdgesToHandbags`` and ``DIODE``.
+Folders are listed, never decoded, when built (``Listing`` shares a listing
+between ranks). Degradations: ``get_degradation(name)`` for the names in
 ``DEGRADATIONS``. Pipelines: ``BridgePairs`` (x0, xT pairs), ``CorruptedOnly``
 (xT only, for distillation), ``make_source`` / ``make_dataset`` (CLI specs),
 ``collate``. Nothing here downloads anything.
@@ -22,10 +24,12 @@ from ibmd_fast.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DI
 from ibmd_fast.data.folders import (
     CorruptedFolder,
     ImageFolder,
+    Listing,
     PairedFolders,
     UnreadableImageWarning,
     list_images,
 )
+from ibmd_fast.data.layouts import DIODE, LAYOUTS, EdgesToHandbags
 from ibmd_fast.data.images import IMAGE_EXTENSIONS, pil_to_tensor, tensor_to_uint8, to_channels, uint8_to_tensor
 from ibmd_fast.data.pipeline import SPEC_HELP, BridgePairs, CorruptedOnly, collate, make_dataset, make_source
 from ibmd_fast.data.skimage_photos import (
@@ -35,6 +39,7 @@ from ibmd_fast.data.skimage_photos import (
 __all__ = [
     "DEGRADATIONS", "Degradation", "SuperResolution", "JPEG", "CenterInpainting", "Sketch", "get_degradation",
     "ImageFolder", "PairedFolders", "CorruptedFolder", "UnreadableImageWarning", "list_images",
+    "Listing", "LAYOUTS", "EdgesToHandbags", "DIODE",
     "SkimagePhotos", "SKIMAGE_PHOTOS", "DATASET_PHOTOS", "HELD_OUT_PHOTO", "DEFAULT_SCALE", "load_skimage_photo",
     "held_out_photo",
     "FashionMNIST", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "read_idx",

@@ -4,19 +4,29 @@ Files are found recursively by extension (png, jpg/jpeg, webp, bmp, tif/tiff,
 any case), in sorted order; hidden files and folders (names starting with
 ".") are ignored.
 
-Unreadable files: by default (``check="load"``) every file is decoded once
-when the dataset is built, on a few threads, and the ones that fail (truncated,
-not really an image, unsupported) are dropped and reported in ONE
-``UnreadableImageWarning`` giving their number and the first few names. That
-costs one decode per file, up front; for very large folders pass
-``check="open"`` (reads headers only: catches non-images, not truncation) or
-``check="none"``. Whatever the check, ``__getitem__`` never crashes on a file
-that fails later: it falls back to the next readable index and warns once per
-dataset (per DataLoader worker).
+A folder of any size starts in seconds: building a data set only LISTS the
+folder (``check="none"``, the default); nothing is decoded up front. A file
+that fails when it is read (truncated, not really an image, unsupported) is
+skipped there: ``__getitem__`` falls back to the next readable index, warns
+once for that file (``UnreadableImageWarning`` naming it; after ``_SHOW``
+such files a process counts the rest in ``.runtime_skipped`` silently) and
+never lets the exception out, so a DataLoader worker does not die of it.
+``check="load"`` decodes every file once when the data set is built (on a few
+threads) and drops the bad ones with ONE warning: thorough, but on ImageNet's
+1.28M files it is tens of minutes; ``check="open"`` reads headers only
+(catches non-images, not truncation).
+
+Listings shared by ranks (``Listing``): under torchrun every rank would walk
+the same folder; with ``listing=Listing(dir, write=True)`` rank 0 walks it and
+writes the listing to ``dir``, and the other ranks, given
+``Listing(dir, write=False)``, read that file after a barrier instead of
+walking (``train/batches.shared_dataset`` does this in the run folder).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,7 +47,7 @@ from ibmd_fast.data.images import (
     resize_and_crop,
 )
 
-__all__ = ["ImageFolder", "PairedFolders", "CorruptedFolder", "UnreadableImageWarning", "list_images"]
+__all__ = ["ImageFolder", "PairedFolders", "CorruptedFolder", "UnreadableImageWarning", "Listing", "list_images"]
 
 PathLike = Union[str, os.PathLike]
 _CHECKS = ("load", "open", "none")
@@ -48,22 +58,85 @@ class UnreadableImageWarning(UserWarning):
     """Some image files could not be decoded and were skipped."""
 
 
-def list_images(root: PathLike) -> List[str]:
+def _walk_images(root: Path, recursive: bool = True) -> List[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")] if recursive else []
+        rel = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if rel == "." else rel + "/"
+        for name in filenames:
+            # a name with a line break cannot be one line of a listing file; no image set has one
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS) and "\n" not in name \
+                    and "\r" not in name:
+                found.append(prefix + name)
+    return sorted(found)
+
+
+class Listing:
+    """Where the listings of a run's folders are kept, so a folder is walked once per run.
+
+    ``Listing(folder, write=True)`` (rank 0): walk each image folder as usual and write what was
+    found to ``folder/listing-<hash of the folder's absolute path>.txt`` (atomically).
+    ``Listing(folder, write=False)`` (the other ranks, after rank 0 has written): read that file
+    instead of walking; a missing or unreadable file (e.g. a run folder that is not shared between
+    the machines) falls back to walking, with one warning. The file is one relative path a line
+    after a header line naming the folder, so it can be read (and checked) by eye.
+    """
+
+    _HEADER = "# ibmd-fast image listing v1: "
+
+    def __init__(self, folder: PathLike, write: bool):
+        self.folder = Path(folder)
+        self.write = bool(write)
+
+    def path_for(self, root: PathLike, kind: str = "images") -> Path:
+        key = hashlib.sha1(f"{kind}:{os.path.abspath(root)}".encode()).hexdigest()[:16]
+        return self.folder / f"listing-{kind}-{key}.txt"
+
+    def files(self, root: Path, kind: str, walk) -> List[str]:
+        """``walk(root)`` (writing its result) or the written result of rank 0's walk."""
+        path = self.path_for(root, kind)
+        header = f"{self._HEADER}{os.path.abspath(root)}"
+        if not self.write:
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    lines = fh.read().split("\n")
+                if lines[0] == header:
+                    return [line for line in lines[1:] if line]
+                reason = f"it lists {lines[0][len(self._HEADER):]!r}"
+            except OSError as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"the listing {str(path)!r} of {str(root)!r} written by rank 0 cannot be used ({reason}); "
+                          "listing the folder here instead", UserWarning, stacklevel=3)
+            return walk(root)
+        found = walk(root)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=self.folder)
+        try:  # written aside and renamed: a reader never sees half a listing
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(header + "\n" + "".join(rel + "\n" for rel in found))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return found
+
+
+def list_images(root: PathLike, listing: Optional[Listing] = None, recursive: bool = True) -> List[str]:
     """Relative POSIX paths of the image files under ``root``, sorted.
 
-    Raises FileNotFoundError when ``root`` does not exist or is not a folder.
+    ``listing``: write this walk's result for other ranks, or read theirs (``Listing``).
+    ``recursive=False``: the files directly in ``root`` only. Raises FileNotFoundError when
+    ``root`` does not exist or is not a folder.
     """
     root = Path(root)
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise FileNotFoundError(f"image folder {str(root)!r} {what}")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(Path(dirpath, name).relative_to(root).as_posix())
-    return sorted(found)
+    walk = lambda r: _walk_images(r, recursive)  # noqa: E731
+    if listing is None:
+        return walk(root)
+    return listing.files(root, "images" if recursive else "images-flat", walk)
 
 
 def _probe(path: Path, check: str) -> Optional[str]:
@@ -132,8 +205,7 @@ class _FolderBase(Dataset):
         self.channels = check_channels(channels)
         self.crop = crop
         self.flip = bool(flip)
-        self.runtime_skipped: Dict[int, str] = {}  # index -> reason, for files that failed after the scan
-        self._warned_runtime = False
+        self.runtime_skipped: Dict[int, str] = {}  # index -> reason, for files that failed when read
 
     def _read_item(self, index: int):
         raise NotImplementedError
@@ -143,25 +215,35 @@ class _FolderBase(Dataset):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {type(self).__name__} of length {n}")
         index %= n
-        # Fall back to the next index, so one bad file never kills an epoch.
+        # Fall back to the next index, so one bad file never kills an epoch (or a DataLoader worker).
         for offset in range(n):
             i = (index + offset) % n
             if i in self.runtime_skipped:
                 continue
             try:
                 return self._read_item(i)
-            except Exception as exc:
+            except Exception as exc:  # PIL raises OSError, UnidentifiedImageError, ValueError, SyntaxError...
                 self.runtime_skipped[i] = f"{type(exc).__name__}: {exc}"
-                if not self._warned_runtime:
-                    self._warned_runtime = True
-                    warnings.warn(
-                        f"{type(self).__name__}: item {i} could not be read "
-                        f"({self.runtime_skipped[i]}); using the next readable item instead. "
-                        "Further failures are counted in .runtime_skipped without warning.",
-                        UnreadableImageWarning,
-                        stacklevel=2,
-                    )
-        raise RuntimeError(f"{type(self).__name__}: none of the {n} items could be read")
+                self._warn_runtime(i)
+        where = f" in {str(self.root)!r}" if getattr(self, "root", None) is not None else ""
+        raise RuntimeError(f"{type(self).__name__}: none of the {n} items could be read{where}")
+
+    def _describe_item(self, index: int) -> str:
+        return f"item {index}"
+
+    def _warn_runtime(self, index: int) -> None:
+        """One warning per unreadable file, for the first ``_SHOW`` of them in this process."""
+        count = len(self.runtime_skipped)
+        if count > _SHOW:
+            return
+        more = (f" This is the {_SHOW}th such file in this process; further ones are skipped without a warning "
+                "(counted in .runtime_skipped).") if count == _SHOW else ""
+        warnings.warn(
+            f"{type(self).__name__}: skipped {self._describe_item(index)}, which could not be read "
+            f"({self.runtime_skipped[index]}); using the next readable item instead.{more}",
+            UnreadableImageWarning,
+            stacklevel=3,
+        )
 
     def _flip_now(self) -> bool:
         return self.flip and bool(torch.rand(()) < 0.5)
@@ -173,9 +255,9 @@ class ImageFolder(_FolderBase):
     ``size`` (int or (height, width)): resize so the image covers it (aspect
     kept, antialiased bicubic), then crop ``"center"`` or ``"random"``. None
     keeps each image's own size (batch with batch_size=1 or equal-size files).
-    ``flip``: random horizontal flip. ``check``: see the module docstring.
-    Random crops and flips use torch's default generator (seeded per worker by
-    DataLoader).
+    ``flip``: random horizontal flip. ``check`` and ``listing``: see the module
+    docstring. Random crops and flips use torch's default generator (seeded per
+    worker by DataLoader).
     """
 
     def __init__(
@@ -185,11 +267,12 @@ class ImageFolder(_FolderBase):
         channels: int = 3,
         crop: str = "center",
         flip: bool = False,
-        check: str = "load",
+        check: str = "none",
+        listing: Optional[Listing] = None,
     ):
         self._setup(size, channels, crop, flip)
         self.root = Path(root)
-        relpaths = list_images(self.root)
+        relpaths = list_images(self.root, listing)
         good, bad = _scan(self.root, relpaths, check)
         _require_some("ImageFolder", self.root, good, bad)
         _warn_unreadable(f"ImageFolder({str(self.root)!r})", bad, len(relpaths))
@@ -198,6 +281,9 @@ class ImageFolder(_FolderBase):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def _describe_item(self, index: int) -> str:
+        return repr(self.files[index])
 
     def _read_item(self, index: int) -> torch.Tensor:
         image = load_image(self.root / self.files[index])
@@ -252,16 +338,17 @@ class PairedFolders(_FolderBase):
         channels: int = 3,
         crop: str = "center",
         flip: bool = False,
-        check: str = "load",
+        check: str = "none",
         degradation=None,
         allow_unmatched: bool = False,
+        listing: Optional[Listing] = None,
     ):
         self._setup(size, channels, crop, flip)
         self.clean_root, self.corrupted_root = Path(clean_root), Path(corrupted_root)
         self.hole = _hole_mask_for(degradation, "PairedFolders", crop)
         sides = {}
         for label, root in (("clean", self.clean_root), ("corrupted", self.corrupted_root)):
-            relpaths = list_images(root)
+            relpaths = list_images(root, listing)
             if not relpaths:
                 _require_some(f"PairedFolders ({label} side)", root, [], [])
             by_stem: Dict[str, str] = {}
@@ -307,6 +394,9 @@ class PairedFolders(_FolderBase):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def _describe_item(self, index: int) -> str:
+        return "the pair {!r} / {!r}".format(*self.pairs[index])
+
     def _read_item(self, index: int) -> Dict[str, torch.Tensor]:
         clean_rel, corrupted_rel = self.pairs[index]
         clean = load_image(self.clean_root / clean_rel)
@@ -349,11 +439,13 @@ class CorruptedFolder(Dataset):
         degradation=None,
         crop: str = "center",
         flip: bool = False,
-        check: str = "load",
+        check: str = "none",
+        listing: Optional[Listing] = None,
     ):
         self.hole = _hole_mask_for(degradation, "CorruptedFolder", crop)
         self.degradation_name = None if degradation is None else get_degradation(degradation).name
-        self.images = ImageFolder(root, size=size, channels=channels, crop=crop, flip=flip, check=check)
+        self.images = ImageFolder(root, size=size, channels=channels, crop=crop, flip=flip, check=check,
+                                  listing=listing)
         self.root = self.images.root
 
     def __len__(self) -> int:

@@ -23,7 +23,8 @@ from torch.utils.data import Dataset, default_collate
 
 from ibmd_fast.data.degradations import Degradation, get_degradation
 from ibmd_fast.data.fashion_mnist import FashionMNIST
-from ibmd_fast.data.folders import CorruptedFolder, ImageFolder, PairedFolders
+from ibmd_fast.data.folders import CorruptedFolder, ImageFolder, Listing, PairedFolders
+from ibmd_fast.data.layouts import LAYOUTS, make_layout
 from ibmd_fast.data.skimage_photos import SkimagePhotos
 
 __all__ = ["BridgePairs", "CorruptedOnly", "make_source", "make_dataset", "collate", "SPEC_HELP"]
@@ -32,7 +33,9 @@ SPEC_HELP = (
     "data spec: 'skimage' (photos bundled with scikit-image), 'fashion-mnist' or "
     "'fashion-mnist:/dir' (idx files), 'folder:/dir' or an existing /dir (images), "
     "'paired:/clean_dir,/corrupted_dir' (pairs by relative path), "
-    "'corrupted:/dir' (corrupted images only, for distillation). A folder with a "
+    "'corrupted:/dir' (corrupted images only, for distillation), 'edges2handbags:/dir' "
+    "(pix2pix A|B files, edges the corrupted side) or 'diode:/dir' (X.png with X_normal.png) "
+    "as DDBM/DBIM read them, from /dir/train and /dir/val. A folder with a "
     "subfolder named after the split (train/, test/) uses that subfolder."
 )
 
@@ -98,6 +101,8 @@ class CorruptedOnly(Dataset):
     - a ``CorruptedFolder``: used as is;
     - a ``PairedFolders``: only its corrupted folder is read (same size,
       channels, crop and flip);
+    - a DDBM layout (``layouts``): its ``corrupted_side()``, which never opens
+      a clean image;
     - a clean source (images or (image, label)): SYNTHETIC mode, for
       experiments only. Each clean image is read here, degraded, and dropped;
       only ``xT`` (and the mask) leave. Labels are dropped too.
@@ -113,9 +118,11 @@ class CorruptedOnly(Dataset):
                 source.corrupted_root, size=source.size, channels=source.channels,
                 degradation=self.degradation or source.hole, crop=source.crop, flip=source.flip,
             )
+        elif getattr(source, "corrupted_side", None) is not None:
+            source = source.corrupted_side()
         elif folder_kwargs:
             raise TypeError(f"CorruptedOnly: folder options {sorted(folder_kwargs)} need a folder path")
-        self.synthetic = not isinstance(source, CorruptedFolder)
+        self.synthetic = not (isinstance(source, CorruptedFolder) or getattr(source, "corrupted_only", False))
         if self.synthetic and self.degradation is None:
             raise ValueError(f"CorruptedOnly: {type(source).__name__} yields clean images; "
                              "pass the degradation that makes the corrupted ones")
@@ -151,14 +158,20 @@ def _existing_dir(text: str, spec: str) -> Path:
 
 
 def make_source(spec: str, size=None, channels: int = 3, split: str = "train",
-                degradation=None, seed: int = 0) -> Dataset:
+                degradation=None, seed: int = 0, listing: Optional[Listing] = None,
+                corrupted_only: bool = False) -> Dataset:
     """Build a source from a spec string (``SPEC_HELP`` lists the forms).
 
     ``size`` defaults to 64 for 'skimage' and 32 for 'fashion-mnist'; folders
     keep each image's size when it is None. Train folders get random crops and
-    flips, test folders center crops. ``degradation`` is needed only for the
+    flips, test folders center crops; training folders are only listed, test
+    folders are decoded up front (``check="load"``: a bad file is dropped, not
+    replaced by its neighbour in the metrics); the DDBM layouts resize and flip as
+    DDBM does (``layouts``). ``degradation`` is needed only for the
     inpainting mask of 'paired:' and 'corrupted:' specs (which then use center
-    crops).
+    crops). ``listing``: folders are listed through it (``folders.Listing``:
+    made once, shared by the ranks). ``corrupted_only``: a DDBM layout hands
+    out ``{"xT"}`` only.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -168,44 +181,54 @@ def make_source(spec: str, size=None, channels: int = 3, split: str = "train",
     kind = kind.lower()
     inpainting = degradation is not None and get_degradation(degradation).is_inpainting
     crop = "random" if train and size is not None and not inpainting else "center"
+    # Training folders are listed only (a bad file is skipped when met); held-out folders are decoded up
+    # front, so that a bad file is dropped rather than replaced by its neighbour in the metrics.
+    check = "none" if train else "load"
 
     if kind == "skimage" and not arg:
         return SkimagePhotos(size=64 if size is None else size, split=split, channels=channels, seed=seed)
     if kind == "fashion-mnist":
         return FashionMNIST(root=arg or None, split=split, size=32 if size is None else size, channels=channels)
+    if kind in LAYOUTS:
+        if not arg:
+            raise ValueError(f"data spec {spec!r}: expected '{kind}:/dir' (the folder holding train/ and val/)")
+        return make_layout(kind, _existing_dir(arg, spec), split, size, channels, corrupted_only=corrupted_only,
+                           listing=listing)
     if kind == "paired":
         roots = [p.strip() for p in arg.split(",")]
         if len(roots) != 2 or not all(roots):
             raise ValueError(f"data spec {spec!r}: expected 'paired:/clean_dir,/corrupted_dir'")
         clean, corrupted = (_split_dir(_existing_dir(r, spec), split) for r in roots)
         return PairedFolders(clean, corrupted, size=size, channels=channels, crop=crop,
-                             flip=train, degradation=degradation)
+                             flip=train, degradation=degradation, listing=listing, check=check)
     if kind == "corrupted":
         root = _split_dir(_existing_dir(arg, spec), split)
         return CorruptedFolder(root, size=size, channels=channels, degradation=degradation,
-                               crop=crop, flip=train)
+                               crop=crop, flip=train, listing=listing, check=check)
     if kind == "folder":
         root = _split_dir(_existing_dir(arg, spec), split)
-        return ImageFolder(root, size=size, channels=channels, crop=crop, flip=train)
+        return ImageFolder(root, size=size, channels=channels, crop=crop, flip=train, listing=listing, check=check)
     if Path(text).expanduser().is_dir():
         return ImageFolder(_split_dir(Path(text).expanduser(), split), size=size, channels=channels,
-                           crop=crop, flip=train)
+                           crop=crop, flip=train, listing=listing, check=check)
     if "/" in text or "\\" in text or text.startswith("."):
         raise FileNotFoundError(f"data spec {spec!r}: folder {text!r} does not exist")
     raise ValueError(f"unknown data spec {spec!r}; {SPEC_HELP}")
 
 
 def make_dataset(spec: str, degradation=None, size=None, channels: int = 3, split: str = "train",
-                 corrupted_only: bool = False, seed: int = 0) -> Dataset:
+                 corrupted_only: bool = False, seed: int = 0, listing: Optional[Listing] = None) -> Dataset:
     """A BridgePairs (default) or, with ``corrupted_only``, a corrupted-only dataset.
 
-    With ``corrupted_only``: 'corrupted:' and 'paired:' specs read corrupted
-    images only; clean specs (skimage, fashion-mnist, folders) synthesize
-    ``xT`` from clean images (synthetic experiments, see CorruptedOnly).
+    With ``corrupted_only``: 'corrupted:', 'paired:' and the DDBM layout specs
+    read corrupted images only; clean specs (skimage, fashion-mnist, folders)
+    synthesize ``xT`` from clean images (synthetic experiments, see
+    CorruptedOnly). ``listing``: see ``make_source``.
     """
-    source = make_source(spec, size=size, channels=channels, split=split, degradation=degradation, seed=seed)
+    source = make_source(spec, size=size, channels=channels, split=split, degradation=degradation, seed=seed,
+                         listing=listing, corrupted_only=corrupted_only)
     if corrupted_only:
-        if isinstance(source, CorruptedFolder):
+        if isinstance(source, CorruptedFolder) or getattr(source, "corrupted_only", False):
             return source
         return CorruptedOnly(source, degradation)
     if isinstance(source, CorruptedFolder):

@@ -3,20 +3,50 @@
 The order is a function of (seed, epoch) only (``DistributedSampler``), every item is built under
 a torch seed of its own (seed, epoch, index), so a run resumed at batch ``n`` sees the very
 batches an uninterrupted run sees, with any number of DataLoader workers (started once per run).
-Also ``to_device`` and ``first_items`` (the fixed pictures of sample grids).
+Also ``shared_dataset`` (the folders listed once per run, by rank 0), ``to_device`` and
+``first_items`` (the fixed pictures of sample grids).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import os
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ibmd_fast.data import collate
+from ibmd_fast.data import Listing, collate
 from ibmd_fast.seeds import derive_seed
 from ibmd_fast.train.distributed import DistEnv
 
-__all__ = ["BatchStream", "to_device", "first_items", "set_dataset_epoch"]
+__all__ = ["BatchStream", "shared_dataset", "to_device", "first_items", "set_dataset_epoch"]
+
+
+def shared_dataset(build: Callable[[Listing], Dataset], env: DistEnv, run_dir: str) -> Dataset:
+    """``build(listing)`` on every rank, the folders walked once: by rank 0, whose listings the others read.
+
+    Rank 0 builds first with ``Listing(run_dir/listings, write=True)`` (walking each folder and
+    writing what it found); after it, the other ranks build with ``write=False`` (reading those
+    files: on a network file system 1.28M ``stat`` calls per rank are what takes minutes). The
+    order of the items is then the same on every rank by construction. When rank 0 fails, every
+    rank raises (rank 0 its own error, the others one line saying so), so none waits forever.
+    """
+    folder = os.path.join(run_dir, "listings")
+    if not env.distributed:
+        return build(Listing(folder, write=True))
+    dataset, problem = None, None
+    if env.is_main:
+        try:
+            dataset = build(Listing(folder, write=True))
+        except Exception as exc:
+            problem = exc
+    said = env.broadcast(None if problem is None else f"{type(problem).__name__}: {problem}")  # also the barrier
+    if problem is not None:
+        raise problem
+    if said is not None:
+        raise RuntimeError(f"rank 0 could not build the training data: {said}")
+    if not env.is_main:
+        dataset = build(Listing(folder, write=False))
+    return dataset
 
 
 class _SeededItems(Dataset):
@@ -124,6 +154,9 @@ class BatchStream:
         except RuntimeError as exc:  # the folder data sets' "none of the N items could be read"
             if "could be read" not in str(exc):
                 raise
+            if self.position == 0:  # folders are checked lazily: an unreadable folder shows here
+                raise DataUnreadableError(f"none of the training images can be read{_data_root(self.dataset)}; "
+                                          "check that they are image files (png, jpg, webp, bmp, tif)") from None
             raise DataUnreadableError(f"the training images can no longer be read{_data_root(self.dataset)} "
                                       "(moved or deleted during the run?); the checkpoints written so far are "
                                       "kept: restore the images and rerun to resume") from None

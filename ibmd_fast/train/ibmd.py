@@ -52,13 +52,13 @@ from typing import Optional
 import torch
 
 from ibmd_fast import ops
-from ibmd_fast.data import get_degradation, make_dataset
+from ibmd_fast.data import LAYOUTS, get_degradation, make_dataset
 from ibmd_fast.imageio import save_grid
 from ibmd_fast.models import Generator, make_fake_model
 from ibmd_fast.release import DEFAULT_TEACHER, GENERATOR_FORMAT, ReleaseError, load_teacher, save_release
 from ibmd_fast.restore import SeededNoise, default_teacher_nfe, fill_hole, noise_like, sample_student, student_grid, student_sample
 from ibmd_fast.train import distributed
-from ibmd_fast.train.batches import BatchStream, first_items, to_device
+from ibmd_fast.train.batches import BatchStream, first_items, shared_dataset, to_device
 from ibmd_fast.train.checkpoint import CheckpointIO
 from ibmd_fast.train.common import (
     Meter,
@@ -284,15 +284,32 @@ def _resolve(cfg: DistillConfig) -> tuple[DistillConfig, dict]:
     values = {"teacher": path}
     for name, key in (("data", "data"), ("degradation", "degradation"), ("image_size", "image_size")):
         if not getattr(cfg, name):
+            if key not in tconf and key == "degradation" and data_layout(values.get("data", cfg.data), tconf):
+                continue  # the layout's corrupted side is the input (DIODE's normal maps): no operator makes it
             if key not in tconf:
                 raise ReleaseError(f"the teacher release {path} records no {key!r}; pass {name} explicitly")
             values[name] = tconf[key]
+    layout = tconf.get("data_layout")
+    data = values.get("data", cfg.data)
+    if layout and not data_layout(data) and os.path.isdir(os.path.expanduser(data)):
+        values["data"] = f"{layout}:{data}"  # a teacher of a DDBM layout reads its folder that way
     resolved = DistillConfig(**{**config_dict(cfg), **values})
     resolved.eval_teacher_nfe = tuple(resolved.eval_teacher_nfe)
     resolved.validate()
     if "channel_mult" in tconf.get("unet", {}):
         check_image_size(resolved.image_size, tconf["unet"]["channel_mult"], "the teacher's U-Net")
     return resolved, tconf
+
+
+def data_layout(spec: str, tconf: Optional[dict] = None) -> Optional[str]:
+    """The DDBM layout a data spec reads (``edges2handbags:DIR``, ``diode:DIR``), else None; a bare
+    folder counts as the layout of the teacher release ``tconf`` when it records one."""
+    kind, sep, _ = str(spec or "").partition(":")
+    if sep and kind.lower() in LAYOUTS:
+        return kind.lower()
+    if tconf and tconf.get("data_layout") and spec and os.path.isdir(os.path.expanduser(spec)):
+        return tconf["data_layout"]
+    return None
 
 
 def distill(cfg: Optional[DistillConfig] = None, **overrides) -> dict:
@@ -324,17 +341,20 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
         raise ValueError(f"the teacher {cfg.teacher} is class-conditional ({teacher.net.num_classes} classes): "
                          f"distilling it needs a class label per image, which the data {cfg.data!r} does not carry")
     channels = int(tconf.get("channels", teacher.image_channels))
-    degradation = get_degradation(cfg.degradation)
-    inpainting = degradation.is_inpainting
+    # A DDBM layout (edges2handbags, diode) carries its own corruption; a degradation is optional there.
+    degradation = get_degradation(cfg.degradation) if cfg.degradation else None
+    inpainting = degradation is not None and degradation.is_inpainting
     if env.is_main:
         log(f"distill: teacher {cfg.teacher} ({teacher.bridge_type}, "
-            f"{'conditional' if teacher.conditional else 'unconditional'}), {degradation.name}, "
+            f"{'conditional' if teacher.conditional else 'unconditional'}), "
+            f"{degradation.name if degradation else 'the corruption of the data'}, "
             f"data {cfg.data!r}, {cfg.image_size}px, NFE {cfg.nfe}, L={cfg.inner_steps}, K={cfg.steps}, "
             f"{env.world_size} process(es) on {device}, precision {precision.name}")
 
     # Corrupted images only (MATH.md 5): distillation never reads x0.
-    dataset = make_dataset(cfg.data, degradation, size=cfg.image_size, channels=channels, split="train",
-                           corrupted_only=True, seed=cfg.seed)
+    dataset = shared_dataset(lambda listing: make_dataset(cfg.data, degradation, size=cfg.image_size,
+                                                          channels=channels, split="train", corrupted_only=True,
+                                                          seed=cfg.seed, listing=listing), env, cfg.run_dir)
     grid_batch = first_items(dataset, GRID_ITEMS) if env.is_main else None
 
     ibmd = IBMD(teacher, cfg, env, precision, inpainting)
@@ -344,7 +364,7 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
     run_config = config_dict(cfg)
     model_config = {"teacher_unet": teacher.net.config, "bridge": teacher.bridge.config(),
                     "conditional": teacher.conditional, "nfe": cfg.nfe, "image_size": cfg.image_size,
-                    "channels": channels, "degradation": degradation.name}
+                    "channels": channels, "degradation": degradation and degradation.name}
     start_step, seconds_before, position = 0, 0.0, 0
     found = find_checkpoint(cfg.resume, ckpt, log, env)
     if found is not None:
@@ -426,7 +446,7 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
         save_release(release, student.net, GENERATOR_FORMAT, {
             **student.config(),
             "nfe": cfg.nfe,
-            "degradation": degradation.name,
+            "degradation": degradation and degradation.name,
             "image_size": cfg.image_size,
             "channels": channels,
             "data": cfg.data,
@@ -488,6 +508,9 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
                       ibmd.device, seed=cfg.seed, autocast=ibmd.precision.autocast, log=log)
     rows = [report.corrupted_row(batches)] + rows
     write_text(os.path.join(cfg.run_dir, "comparison.json"), json.dumps(rows, indent=2) + "\n")
+    if data_layout(cfg.data):
+        log("comparison.png skipped: the held-out photograph is not of the data's kind (a DDBM paired layout)")
+        return rows
     teacher_nfe = max((r["nfe"] for r in rows if r["model"] == "teacher"), default=default_teacher_nfe(ibmd.bridge))
     photo = report.photo_comparison(
         os.path.join(cfg.run_dir, "comparison.png"), ibmd.teacher, ibmd.ema.module, cfg.nfe, teacher_nfe,

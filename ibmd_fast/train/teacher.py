@@ -42,7 +42,7 @@ from ibmd_fast.models import CONFIGS, Teacher, build_unet
 from ibmd_fast.release import TEACHER_FORMAT, save_release
 from ibmd_fast.restore import default_teacher_nfe, fill_hole, sample_teacher
 from ibmd_fast.train import distributed
-from ibmd_fast.train.batches import BatchStream, first_items, to_device
+from ibmd_fast.train.batches import BatchStream, first_items, shared_dataset, to_device
 from ibmd_fast.train.checkpoint import CheckpointIO
 from ibmd_fast.train.common import (
     Meter,
@@ -161,8 +161,9 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
             f"arch {cfg.arch}, {env.world_size} process(es) on {device}, precision {precision.name}")
 
     # Data: (x0, xT[, mask]) pairs; the held-out split only feeds the sample grids.
-    dataset = make_dataset(cfg.data, cfg.degradation, size=cfg.image_size, channels=cfg.channels,
-                           split="train", seed=cfg.seed)
+    dataset = shared_dataset(lambda listing: make_dataset(cfg.data, cfg.degradation, size=cfg.image_size,
+                                                          channels=cfg.channels, split="train", seed=cfg.seed,
+                                                          listing=listing), env, cfg.run_dir)
     inpainting = get_degradation(cfg.degradation).is_inpainting
 
     # Model: the same initial weights on every rank.
