@@ -7,6 +7,8 @@ Also ``to_device`` and ``first_items`` (the fixed pictures of sample grids).
 """
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -93,6 +95,7 @@ class BatchStream:
                  start: int = 0):
         self.dataset = dataset
         self.local_batch = int(local_batch)
+        workers = cap_workers(int(workers))
         self.position = int(start)
         sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank,
                                      shuffle=True, seed=int(seed), drop_last=True)
@@ -168,3 +171,14 @@ def first_items(dataset: Dataset, n: int) -> Optional[dict]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return collate([dataset[i] for i in range(n)])
+
+
+def cap_workers(workers: int) -> int:
+    """DataLoader workers at most the CPU count (one warning): more only queue for the same cores, and
+    ``--workers 100000`` would try to start a hundred thousand processes."""
+    cpus = os.cpu_count() or 1
+    if workers > cpus:
+        warnings.warn(f"--workers {workers} is more than the {cpus} CPU(s) of this machine; using {cpus}",
+                      UserWarning, stacklevel=2)
+        return cpus
+    return workers
