@@ -274,6 +274,8 @@ def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, ima
     if student is None:
         _check_release_exists(student_path, "--student", _DEFAULT_GENERATOR_HINT.format(opt="--student PATH "
                                                                                            "or --student none"))
+    if classifier is not None and os.path.isdir(classifier):
+        raise click.ClickException(f"--classifier {classifier} is a folder, not a classifier file")
     if classifier is not None and not os.path.isfile(classifier):
         raise click.ClickException(f"classifier file not found: {classifier}")
     _check_output_parent(run_dir, "--run-dir")

@@ -162,6 +162,16 @@ def test_a_run_whose_weights_turn_nonfinite_writes_no_release(tmp_path, image_di
     assert not list((tmp_path / "checkpoints").glob("ckpt-*.pt")) if (tmp_path / "checkpoints").exists() else True
 
 
+def test_a_run_that_skipped_every_step_writes_no_release(tmp_path, image_dir, monkeypatch):
+    from ibmd_fast.train import teacher as teacher_module
+
+    real_loss = teacher_module.ops.bridge_loss
+    monkeypatch.setattr(teacher_module.ops, "bridge_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    result = invoke("train-teacher", *_cli_args(teacher_kwargs(tmp_path, image_dir, steps=2, ckpt_every=100)))
+    assert_cli_error(result, "every one of the 2 teacher step(s)", "skipped")
+    assert not (tmp_path / "teacher.safetensors").exists()
+
+
 # ----------------------------------------------------------------------------
 # 1. nothing overwritten that the command did not make
 

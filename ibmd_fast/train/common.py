@@ -49,6 +49,7 @@ __all__ = [
     "config_dict",
     "check_compatible",
     "check_training_options",
+    "check_steps_taken",
     "check_kind",
     "progress_bar",
     "draw_seed",
@@ -178,6 +179,16 @@ def check_training_options(saved: dict, current: dict, keys: Iterable[str], path
     raise CheckpointMismatchError(
         f"resuming {path} with other training options than it was written with: {', '.join(diffs)}; give the "
         "checkpoint's values, or pass --allow-config-change to go on with the new ones")
+
+
+def check_steps_taken(name: str, skipped: int, steps: int, log) -> None:
+    """A run in which every optimizer step of ``name`` was skipped (non-finite loss or gradient) has learnt
+    nothing: ``TrainingDivergedError`` instead of a release that looks trained."""
+    if steps > 0 and skipped >= steps:
+        message = (f"every one of the {steps} {name} step(s) of this run was skipped (non-finite loss or gradient); "
+                   "no release written. Check the teacher and the data, or lower --lr")
+        log.record(f"error: {message}")
+        raise TrainingDivergedError(message)
 
 
 def as_config(cls, cfg, overrides):

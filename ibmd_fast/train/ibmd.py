@@ -69,6 +69,7 @@ from ibmd_fast.train.common import (
     TrainingDivergedError,
     as_config,
     check_compatible,
+    check_steps_taken,
     check_training_options,
     check_kind,
     config_dict,
@@ -376,6 +377,7 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
     meter = Meter()
     last = {"loss_theta": None, "loss_phi": None}
     step = start_step
+    skipped_before = ibmd.gen_guard.skipped
     checkpoints = RunCheckpoints(ckpt, env, ibmd.noise, t_start, seconds_before,
                                  start_step if found is not None else -1,
                                  kind="distill", config=run_config, model=model_config)
@@ -422,6 +424,7 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
     finally:
         bar.close()
 
+    check_steps_taken("generator", ibmd.gen_guard.skipped - skipped_before, step - start_step, log)
     checkpoints.final(step, stream.position)
     release = os.path.join(cfg.run_dir, "generator.safetensors")
     comparison: list[dict] = []

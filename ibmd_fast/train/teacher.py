@@ -54,6 +54,7 @@ from ibmd_fast.train.common import (
     as_config,
     check_compatible,
     check_kind,
+    check_steps_taken,
     check_training_options,
     config_dict,
     derive_seed,
@@ -225,6 +226,7 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
     meter = Meter()
     last_loss = None
     step = start_step
+    skipped_before = step_fn.skipped
     checkpoints = RunCheckpoints(ckpt, env, gen, t_start, seconds_before, start_step if found is not None else -1,
                                  kind="teacher", config=run_config)
     bar = progress_bar(cfg.steps, start_step, cfg.progress and env.is_main, "teacher")
@@ -272,6 +274,7 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
     finally:
         bar.close()
 
+    check_steps_taken("teacher", step_fn.skipped - skipped_before, step - start_step, log)
     checkpoints.final(step, stream.position)
     release = os.path.join(cfg.run_dir, "teacher.safetensors")
     if env.is_main:
