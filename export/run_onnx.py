@@ -314,6 +314,9 @@ def check_output(out_dir: str, input_root: str) -> None:
     out, root = Path(out_dir).expanduser(), Path(input_root).expanduser()
     if out.resolve() == root.resolve():
         raise RunnerError(f"--output {out_dir} is the input folder; results would overwrite the inputs")
+    if root.is_dir() and root.resolve() in out.resolve().parents:
+        raise RunnerError(f"--output {out_dir} is inside the input folder {input_root}: its results would be read "
+                          "back as inputs next time; give a folder outside it")
     if root.is_file() and out.resolve() == root.resolve().parent:
         raise RunnerError(f"--output {out_dir} is the folder of the input {root.name}; results would overwrite "
                           "the inputs")
@@ -460,6 +463,11 @@ def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int =
             return
         feed = {name: np.stack([p[2][name] for p in pending]) for name in info["inputs"]}
         x0 = model.run(feed)
+        finite = np.isfinite(x0)
+        if not finite.all():  # a model with NaN/Inf weights gives black images: never write them
+            names = ", ".join(p[0] for p in pending[:3])
+            raise RunnerError(f"the model gives {int(finite.size - finite.sum())} non-finite value(s) (NaN or Inf) "
+                              f"for {names}; its weights are damaged or diverged, so nothing more is written")
         for (relname, path, _), out in zip(pending, x0):
             target = out_root / Path(relname).with_suffix(".png")
             save_png(out, target)
@@ -536,6 +544,8 @@ def main(argv=None) -> int:
         print(f"run_onnx: warning: {message}", file=sys.stderr, flush=True)
 
     try:
+        if not 0 <= args.seed < 2**63:  # numpy's default_rng refuses negative seeds with a traceback
+            raise RunnerError(f"--seed {args.seed}: give an integer from 0 to 2**63 - 1")
         items = list_inputs(args.input)
         model = Model(args.model, args.provider, args.threads)
         started = time.perf_counter()

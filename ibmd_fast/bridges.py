@@ -10,6 +10,7 @@ coefficients are float64 ``[B]`` tensors on t's device (``ops.bridge_step`` cast
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -31,6 +32,13 @@ def space_indices(num_steps: int, count: int) -> list[int]:
     if not 2 <= count <= num_steps:
         raise ValueError(f"count must be in [2, num_steps={num_steps}], got {count}")
     return [round(i * (num_steps - 1) / (count - 1)) for i in range(count)]
+
+
+def _check_finite(**values: float) -> None:
+    """Bridge settings are finite numbers (NaN passes every comparison, Inf overflows the schedule)."""
+    for name, value in values.items():
+        if not math.isfinite(float(value)):
+            raise ValueError(f"{name} must be a finite number, got {value}")
 
 
 def gaussian_product(var1: torch.Tensor, var2: torch.Tensor) -> Coefs:
@@ -163,6 +171,7 @@ class I2SBBridge(Bridge):
                  t0: float = 1e-4, T: float = 1.0, float32_levels: bool = False):
         if int(n_steps) < 2:
             raise ValueError(f"n_steps must be at least 2, got {n_steps}")
+        _check_finite(beta_max=beta_max, t0=t0, T=T)
         if not beta_max > 0:
             raise ValueError(f"beta_max must be positive, got {beta_max}")
         self.n_steps = int(n_steps)
@@ -189,6 +198,9 @@ class I2SBBridge(Bridge):
             "var_fwd": self.std_fwd**2,
             "noise_levels": self.noise_levels,
         }
+        if not all(bool(torch.isfinite(v).all()) for v in self._cpu.values()):
+            raise ValueError(f"beta_max {beta_max} overflows the noise schedule of {n_steps} steps; "
+                             "I2SB uses 0.3 (super-resolution, JPEG) or 1.0 (inpainting)")
         self._tables: dict[torch.device, dict[str, torch.Tensor]] = {torch.device("cpu"): self._cpu}
 
     def _table(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -276,6 +288,7 @@ class VPBridge(Bridge):
     def __init__(self, beta_min: float = 0.1, beta_d: float = 2.0, t_min: float = 1e-4, t_max: float = 1.0,
                  sigma_data: float = 0.5, cov_xy: float = 0.0):
         self._set_precond(sigma_data, cov_xy)
+        _check_finite(beta_min=beta_min, beta_d=beta_d, t_min=t_min, t_max=t_max)
         if not 0 < t_min < t_max:
             raise ValueError(f"need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
         if beta_min < 0 or beta_d < 0 or beta_min + beta_d <= 0:
@@ -286,8 +299,11 @@ class VPBridge(Bridge):
         self.t_max = float(t_max)
         self.T = self.t_max
         self._rho2_T = float(self.rho2(self.t_max))  # a Python float: no host-to-device copy per call
+        if not (math.isfinite(self._rho2_T) and self._rho2_T > 0):
+            raise ValueError(f"beta_min {beta_min}, beta_d {beta_d} give a non-finite or zero noise level at t_max")
 
     def _set_precond(self, sigma_data: float, cov_xy: float) -> None:
+        _check_finite(sigma_data=sigma_data, cov_xy=cov_xy)
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be positive, got {sigma_data}")
         if not cov_xy**2 <= sigma_data**4:
@@ -452,6 +468,7 @@ class VEBridge(VPBridge):
     def __init__(self, sigma_max: float = 80.0, sigma_min: float = 0.002, sigma_data: float = 0.5,
                  cov_xy: float = 0.0):
         self._set_precond(sigma_data, cov_xy)
+        _check_finite(sigma_min=sigma_min, sigma_max=sigma_max)
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
         self.sigma_max, self.sigma_min = float(sigma_max), float(sigma_min)

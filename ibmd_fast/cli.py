@@ -31,7 +31,18 @@ from ibmd_fast.cli_config import (  # the training commands' options (config dat
     _run_trainer,
     _teacher_options,
 )
-from ibmd_fast.cli_errors import _auto_progress, _check_output_parent, _log, _one_line, friendly_errors
+from ibmd_fast.cli_errors import (
+    FiniteFloat,
+    _auto_progress,
+    _check_output_parent,
+    _log,
+    _one_line,
+    check_output_file,
+    check_output_outside,
+    check_writable,
+    friendly_errors,
+    seed_option_type,
+)
 
 # Kept free of torch so that `ibmd-fast --help` answers at once: the commands import what they
 # need when they run (the training commands are built on first use, see _LazyGroup).
@@ -165,7 +176,7 @@ _DEFAULT_GENERATOR_HINT = " (it is what a plain `ibmd-fast distill` writes; run 
               help="Network calls per image (teachers only).")
 @click.option("--sampler", type=click.Choice(["i2sb", "dbim", "heun"]), default=None,
               show_default="i2sb for I2SB, dbim for VP", help="Teacher sampler (teachers only).")
-@click.option("--eta", type=click.FloatRange(0.0, 1.0), metavar="ETA", default=None, show_default="1.0 (DBIM's)",
+@click.option("--eta", type=FiniteFloat(0.0, 1.0), metavar="ETA", default=None, show_default="1.0 (DBIM's)",
               help="DBIM noise level: 1 = the posterior sampler, 0 = deterministic (dbim sampler only).")
 @click.option("--upsample", type=click.IntRange(min=2), metavar="K", default=None,
               help="Inputs are low-resolution: upsample them K times (bicubic, or the release's srKx "
@@ -175,7 +186,7 @@ _DEFAULT_GENERATOR_HINT = " (it is what a plain `ibmd-fast distill` writes; run 
               help="Inpainting releases: mask image, white = hole (resized to each input).")
 @click.option("--num-images", type=click.IntRange(1, 64), metavar="N", default=4, show_default=True,
               help="How many default crops (without --input).")
-@click.option("--seed", type=click.IntRange(min=0), metavar="INT", default=0, show_default=True, help="Noise seed.")
+@click.option("--seed", type=seed_option_type(), metavar="INT", default=0, show_default=True, help="Noise seed.")
 @click.option("--batch-size", type=click.IntRange(min=1), metavar="N", default=8, show_default=True,
               help="Images per network call.")
 @click.option("--device", type=str, metavar="DEV", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
@@ -187,6 +198,7 @@ def sample_cmd(model, input_path, output, nfe, sampler, eta, upsample, mask_path
     from ibmd_fast.evaluate import restore_files
 
     _check_output_parent(output, "--output")
+    check_output_outside(output, input_path)
     if model == DEFAULT_GENERATOR:
         _check_release_exists(model, "--model", _DEFAULT_GENERATOR_HINT.format(opt="--model"))
     summary = restore_files(model=model, inputs=input_path, output=output, nfe=nfe, sampler=sampler, eta=eta, seed=seed,
@@ -213,7 +225,7 @@ def _none_or_path(value: Optional[str]) -> Optional[str]:
               help="Teacher NFEs to measure.")
 @click.option("--sampler", type=click.Choice(["i2sb", "dbim", "heun"]), default=None,
               show_default="i2sb for I2SB, dbim for VP", help="Teacher sampler.")
-@click.option("--eta", type=click.FloatRange(0.0, 1.0), metavar="ETA", default=None, show_default="1.0 (DBIM's)",
+@click.option("--eta", type=FiniteFloat(0.0, 1.0), metavar="ETA", default=None, show_default="1.0 (DBIM's)",
               help="DBIM noise level: 1 = the posterior sampler, 0 = deterministic (dbim sampler only).")
 @click.option("--student", type=str, metavar="PATH|none", default=None,
               show_default="runs/distill/generator.safetensors",
@@ -239,7 +251,7 @@ def _none_or_path(value: Optional[str]) -> Optional[str]:
               help="Clean training images for a classifier trained here.")
 @click.option("--run-dir", type=click.Path(file_okay=False), metavar="DIR", default=DEFAULT_EVAL_DIR,
               show_default=True, help="Where eval.json, eval-grid.png and the cached classifier go.")
-@click.option("--seed", type=click.IntRange(min=0), metavar="INT", default=0, show_default=True, help="Noise seed.")
+@click.option("--seed", type=seed_option_type(), metavar="INT", default=0, show_default=True, help="Noise seed.")
 @click.option("--batch-size", type=click.IntRange(min=1), metavar="N", default=16, show_default=True,
               help="Images per network call.")
 @click.option("--device", type=str, metavar="DEV", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
@@ -262,9 +274,12 @@ def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, ima
     if student is None:
         _check_release_exists(student_path, "--student", _DEFAULT_GENERATOR_HINT.format(opt="--student PATH "
                                                                                            "or --student none"))
+    if classifier is not None and os.path.isdir(classifier):
+        raise click.ClickException(f"--classifier {classifier} is a folder, not a classifier file")
     if classifier is not None and not os.path.isfile(classifier):
         raise click.ClickException(f"classifier file not found: {classifier}")
     _check_output_parent(run_dir, "--run-dir")
+    check_writable(run_dir, "--run-dir")  # before minutes of classifier training and sampling
     result = evaluate(teacher=teacher_path, student=student_path, data=data, degradation=degradation,
                       image_size=image_size, teacher_nfe=teacher_nfe, sampler=sampler, eta=eta, classifier=classifier,
                       classifier_task=classifier_task, classifier_epochs=classifier_epochs,
@@ -299,18 +314,21 @@ def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, ima
               show_default="labels, else photo where the data knows it, else rotation",
               help="labels: supervised; photo: which photograph a crop comes from (the scikit-image "
                    "crops); rotation: self-supervised 4-way rotation (any unlabeled square images).")
-@click.option("--seed", type=click.IntRange(min=0), metavar="INT", default=0, show_default=True, help="Random seed.")
+@click.option("--seed", type=seed_option_type(), metavar="INT", default=0, show_default=True, help="Random seed.")
 @click.option("--device", type=str, metavar="DEV", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing classifier at --output (atomically).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @friendly_errors
 def train_classifier_cmd(data, output, image_size, channels, epochs, batch_size, max_items, task, seed, device,
-                         progress):
+                         overwrite, progress):
     """Train the feature classifier that `eval` measures FID and CA with."""
     from ibmd_fast.evaluate import fit_classifier, save_classifier_atomic
 
     if os.path.isdir(output):
         raise click.ClickException(f"--output {output} is a folder; give a file name such as classifier.safetensors")
     _check_output_parent(output, "--output", is_file=True)
+    check_output_file(output, "--output", "classifier", overwrite)
+    check_writable(os.path.dirname(os.path.abspath(output)), "--output")  # before the epochs of training
     model = fit_classifier(data, image_size=image_size, channels=channels, task=task, epochs=epochs,
                            batch_size=batch_size, max_items=max_items, seed=seed, device=device,
                            progress=_auto_progress(progress), log=_log)
@@ -333,9 +351,10 @@ def train_classifier_cmd(data, output, image_size, channels, epochs, batch_size,
 @click.option("--opset", type=click.IntRange(min=_MIN_OPSET), metavar="N", default=18, show_default=True,
               help="ONNX opset version.")
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime vs PyTorch parity check.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing ONNX model at --output (once the new one passes).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @friendly_errors
-def export_cmd(to_onnx, model, output, fp16, opset, no_check, progress):
+def export_cmd(to_onnx, model, output, fp16, opset, no_check, overwrite, progress):
     """Export a generator release to ONNX and check it against PyTorch (exit code 1 when parity fails)."""
     if not to_onnx:
         raise click.UsageError("choose the export format: --onnx (the only one for now)")
@@ -352,6 +371,7 @@ def export_cmd(to_onnx, model, output, fp16, opset, no_check, progress):
         output = str(Path(model).with_suffix(".onnx"))
     if os.path.isdir(output):
         raise click.ClickException(f"--output {output} is a folder; give a file name such as model.onnx")
+    check_output_file(output, "--output", "onnx model", overwrite, inputs=[model])
     from ibmd_fast.onnx import OnnxParityError, export_onnx
 
     try:
@@ -399,6 +419,7 @@ def _print_export_report(report: Any) -> None:
 @click.option("--format", "fmt", type=click.Choice(["i2sb", "ddbm"]), required=True,
               help="i2sb: an I2SB run folder (latest.pt + options.pkl); ddbm: a DDBM/DBIM state-dict .pt.")
 @click.option("--out", type=str, metavar="PATH", required=True, help="The teacher release to write (.safetensors).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing teacher release at --out (atomically).")
 @click.option("--model-kwargs", type=click.Path(exists=True, dir_okay=False), metavar="FILE", default=None,
               help="Architecture: create_model keywords (.pkl of plain data, JSON or YAML).")
 @click.option("--preset", type=click.Choice(["e2h", "diode", "imagenet-inpaint"]), default=None,
@@ -413,21 +434,24 @@ def _print_export_report(report: Any) -> None:
 @click.option("--nfe", type=click.IntRange(min=1), metavar="N", default=None, help="Default teacher sampling NFE.")
 @click.option("--noise-schedule", type=click.Choice(["vp", "ve", "i2sb_cond"]), default=None,
               help="DDBM/DBIM: override the schedule.")
-@click.option("--beta-max", type=float, metavar="F", default=None, help="I2SB / i2sb_cond: beta_max.")
-@click.option("--beta-min", type=float, metavar="F", default=None, help="DDBM VP / i2sb_cond: beta_min.")
-@click.option("--beta-d", type=float, metavar="F", default=None, help="DDBM VP: beta_d.")
-@click.option("--sigma-min", type=float, metavar="F", default=None, help="DDBM: t_min (VP) / sigma_min (VE).")
-@click.option("--sigma-max", type=float, metavar="F", default=None, help="DDBM: sigma_max (VE; VP needs 1).")
-@click.option("--sigma-data", type=float, metavar="F", default=None, help="DDBM preconditioning sigma_data.")
-@click.option("--cov-xy", type=float, metavar="F", default=None, help="DDBM preconditioning cov_xy.")
+@click.option("--beta-max", type=FiniteFloat(), metavar="F", default=None, help="I2SB / i2sb_cond: beta_max.")
+@click.option("--beta-min", type=FiniteFloat(), metavar="F", default=None, help="DDBM VP / i2sb_cond: beta_min.")
+@click.option("--beta-d", type=FiniteFloat(), metavar="F", default=None, help="DDBM VP: beta_d.")
+@click.option("--sigma-min", type=FiniteFloat(), metavar="F", default=None, help="DDBM: t_min (VP) / sigma_min (VE).")
+@click.option("--sigma-max", type=FiniteFloat(), metavar="F", default=None, help="DDBM: sigma_max (VE; VP needs 1).")
+@click.option("--sigma-data", type=FiniteFloat(), metavar="F", default=None, help="DDBM preconditioning sigma_data.")
+@click.option("--cov-xy", type=FiniteFloat(), metavar="F", default=None, help="DDBM preconditioning cov_xy.")
 @click.option("--interval", type=click.IntRange(min=2), metavar="N", default=None, help="I2SB: steps.")
-@click.option("--t0", type=float, metavar="F", default=None, help="I2SB: network time start.")
-@click.option("--T", "T", type=float, metavar="F", default=None, help="I2SB: network time end.")
+@click.option("--t0", type=FiniteFloat(), metavar="F", default=None, help="I2SB: network time start.")
+@click.option("--T", "T", type=FiniteFloat(), metavar="F", default=None, help="I2SB: network time end.")
 @friendly_errors
-def import_teacher_cmd(source, fmt, out, model_kwargs, preset, weights, degradation, image_size, label, nfe,
-                       **overrides):
+def import_teacher_cmd(source, fmt, out, overwrite, model_kwargs, preset, weights, degradation, image_size, label,
+                       nfe, **overrides):
     """Import a released I2SB, DDBM or DBIM checkpoint as a teacher release for distill / sample / eval."""
     from ibmd_fast.teachers import import_teacher
+
+    _check_output_parent(out, "--out", is_file=True)
+    check_output_file(out, "--out", "teacher release", overwrite, inputs=[source])
 
     config = import_teacher(source, fmt, out, model_kwargs=model_kwargs, weights=weights, degradation=degradation,
                             image_size=image_size, preset=preset, label=label, nfe=nfe, **overrides)

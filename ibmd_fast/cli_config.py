@@ -11,8 +11,8 @@ from typing import Optional
 import click
 from click.core import ParameterSource
 
-from ibmd_fast.cli_errors import _check_output_parent
-from ibmd_fast.config_io import dump_config, resolve_config
+from ibmd_fast.cli_errors import FiniteFloat, _check_output_parent, seed_option_type
+from ibmd_fast.config_io import ConfigError, dump_config, resolve_config
 
 # ----------------------------------------------------------------------------
 # Config dataclasses -> options
@@ -61,12 +61,12 @@ def _show(value) -> str:
 # Option specs: field name -> (click.option keyword arguments). Flags use "flag": "--x/--no-x".
 _SHARED_TRAIN_OPTIONS: list[tuple[str, dict]] = [
     ("batch_size", dict(type=click.IntRange(min=1), metavar="N", help="Images per training step.")),
-    ("ema_decay", dict(type=click.FloatRange(0.0, 1.0), metavar="FLOAT", help="EMA decay of the released weights.")),
-    ("grad_clip", dict(type=click.FloatRange(min=0.0), metavar="NORM", help="Gradient-norm clip; 0 turns it off.")),
+    ("ema_decay", dict(type=FiniteFloat(0.0, 1.0), metavar="FLOAT", help="EMA decay of the released weights.")),
+    ("grad_clip", dict(type=FiniteFloat(min=0.0), metavar="NORM", help="Gradient-norm clip; 0 turns it off.")),
     ("precision", dict(type=click.Choice(["fp32", "bf16", "fp16"]), help="Arithmetic precision (autocast).")),
     ("channels_last", dict(flag="--channels-last/--no-channels-last", help="Channels-last memory format.")),
     ("compile", dict(flag="--compile/--no-compile", help="torch.compile the networks.")),
-    ("seed", dict(type=click.IntRange(min=0), metavar="INT", help="Random seed.")),
+    ("seed", dict(type=seed_option_type(), metavar="INT", help="Random seed.")),
     ("device", dict(type=str, metavar="DEV", help="auto, cpu, cuda or cuda:N.")),
     ("workers", dict(type=click.IntRange(min=0), metavar="N", help="DataLoader worker processes.")),
     ("log_every", dict(type=click.IntRange(min=1), metavar="STEPS", help="Steps between log lines / stats.jsonl.")),
@@ -81,6 +81,9 @@ _SHARED_TRAIN_OPTIONS: list[tuple[str, dict]] = [
     ("resume", dict(type=str, metavar="auto|none|PATH",
                     help="Resume from the newest checkpoint in the run dir (auto), start fresh (none), "
                          "or from a checkpoint file.")),
+    ("allow_config_change", dict(flag="--allow-config-change", is_flag=True,
+                                 help="Resume even when --batch-size, --lr (distill: --fake-lr, --inner-steps) "
+                                      "differ from the checkpoint's.")),
     ("progress", dict(flag="--progress/--no-progress", show_default=False,
                       help="Progress bar (default: on when stderr is a terminal).")),
 ]
@@ -99,12 +102,12 @@ def _teacher_options() -> list[tuple[str, dict]]:
         ("image_size", dict(type=click.IntRange(min=4), metavar="PX", help="Training crop size.")),
         ("channels", dict(type=click.Choice([1, 3]), help="Image channels (1 gray, 3 RGB).")),
         ("bridge", dict(type=click.Choice(["i2sb", "vp", "ve"]), help="Bridge: I2SB (discrete), DDBM VP or VE.")),
-        ("beta_max", dict(type=click.FloatRange(min=0.0, min_open=True), metavar="FLOAT",
+        ("beta_max", dict(type=FiniteFloat(min=0.0, min_open=True), metavar="FLOAT",
                           help="I2SB beta_max (0.3 SR/JPEG, 1.0 inpainting).")),
         ("n_steps", dict(type=click.IntRange(min=2), metavar="N", help="I2SB discretization steps.")),
         ("conditional", dict(flag="--conditional/--unconditional", help="Feed xT to the network too.")),
         ("arch", dict(type=click.Choice(sorted(CONFIGS)), help="U-Net configuration.")),
-        ("lr", dict(type=click.FloatRange(min=0.0, min_open=True), metavar="LR", help="Learning rate.")),
+        ("lr", dict(type=FiniteFloat(min=0.0, min_open=True), metavar="LR", help="Learning rate.")),
         ("steps", dict(type=click.IntRange(min=0), metavar="N", help="Optimizer steps.")),
     ] + _SHARED_TRAIN_OPTIONS
 
@@ -125,8 +128,8 @@ def _distill_options() -> list[tuple[str, dict]]:
         ("inner_steps", dict(type=click.IntRange(min=1), metavar="L",
                              help="Fake-model steps per generator step (Algorithm 1).")),
         ("steps", dict(type=click.IntRange(min=0), metavar="K", help="Generator steps.")),
-        ("lr", dict(type=click.FloatRange(min=0.0, min_open=True), metavar="LR", help="Generator learning rate.")),
-        ("fake_lr", dict(type=click.FloatRange(min=0.0, min_open=True), metavar="LR",
+        ("lr", dict(type=FiniteFloat(min=0.0, min_open=True), metavar="LR", help="Generator learning rate.")),
+        ("fake_lr", dict(type=FiniteFloat(min=0.0, min_open=True), metavar="LR",
                          help="Fake-model learning rate.")),
         ("eval_items", dict(type=click.IntRange(min=0), metavar="N",
                             help="Held-out images for the final teacher/student comparison; 0: none.")),
@@ -148,7 +151,7 @@ def _fallback_spec(cls, name: str) -> dict:
     if isinstance(default, int):
         return dict(type=int, metavar="INT", help=text)
     if isinstance(default, float):
-        return dict(type=float, metavar="FLOAT", help=text)
+        return dict(type=FiniteFloat(), metavar="FLOAT", help=text)
     if isinstance(default, (tuple, list)):
         return dict(type=IntList(), help=text)
     return dict(type=str, metavar="TEXT", help=text)
@@ -204,7 +207,13 @@ def _resolve(ctx: click.Context, cls, options: dict, config_file: Optional[str])
 
     cfg = resolve_config(cls, options, given, config_file, convert)
     if hasattr(cfg, "validate"):
-        cfg.validate()  # cheap checks the trainer would make first; --dry-run shows them too
+        try:
+            cfg.validate()  # cheap checks the trainer would make first; --dry-run shows them too
+        except ValueError as exc:
+            if config_file is None:
+                raise
+            raise ConfigError(f"{' '.join(str(exc).split())} (settings from the options and config file "
+                              f"{config_file})") from None
     return cfg
 
 

@@ -4,8 +4,12 @@ rest of the ``ibmd-fast`` group, so that ``--help`` answers at once."""
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
+import struct
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -92,3 +96,105 @@ def _check_output_parent(path: str, option: str, is_file: bool = False) -> None:
             if not parent.is_dir():
                 raise click.ClickException(f"{option} {path}: {parent} is a file, not a folder")
             return
+
+
+# ----------------------------------------------------------------------------
+# Numbers: finite and in range where they are parsed
+
+SEED_MAX = 2**63 - 1  # torch.manual_seed and derive_seed take any seed below this
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option (with an optional range) that refuses NaN and +-Inf, naming the option."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+def seed_option_type() -> click.IntRange:
+    return click.IntRange(0, SEED_MAX)
+
+
+# ----------------------------------------------------------------------------
+# Outputs: never another kind of file, never an input, never silently replaced
+
+
+def file_kind(path: str) -> str:
+    """What a file holds, read from its first bytes (no torch, no onnx): "teacher release",
+    "generator release", "classifier", "safetensors file", "onnx model", or "file"."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) == 8:
+                size = struct.unpack("<Q", head)[0]
+                if 2 <= size <= 100_000_000:
+                    text = fh.read(min(size, 1_000_000))
+                    if text[:1] == b"{":
+                        try:
+                            meta = json.loads(text.decode("utf-8")).get("__metadata__") or {}
+                        except (ValueError, UnicodeDecodeError):
+                            meta = None
+                        if meta is not None:
+                            fmt = str(meta.get("format", ""))
+                            return {"ibmd_fast.teacher": "teacher release",
+                                    "ibmd_fast.generator": "generator release",
+                                    "ibmd_fast.metrics.Classifier": "classifier"}.get(fmt, "safetensors file")
+    except OSError:
+        return "file"
+    if head[:1] == b"\x08" and path.lower().endswith(".onnx"):  # ModelProto field 1 (ir_version)
+        return "onnx model"
+    return "file"
+
+
+def check_output_file(path: str, option: str, kind: str, overwrite: bool, inputs=()) -> None:
+    """Refuse an output that is one of ``inputs``, holds another kind of file, or (without
+    ``--overwrite``) an existing file of ``kind``: the rule of README "Run directories: nothing is lost"."""
+    if os.path.isdir(path):
+        raise click.ClickException(f"{option} {path} is a folder; give a file name")
+    for item in inputs:
+        if item and os.path.exists(item) and os.path.exists(path) and os.path.samefile(item, path):
+            raise click.ClickException(f"{option} {path} is this command's input; give another file name")
+    if not os.path.exists(path):
+        return
+    found = file_kind(path)
+    if found != kind:
+        raise click.ClickException(f"{option} {path} already holds a {found}, not a {kind}; "
+                                   "give another file name (nothing was written)")
+    if not overwrite:
+        raise click.ClickException(f"{option} {path} already exists; pass --overwrite to replace it "
+                                   "(it is replaced only once the new one is complete)")
+
+
+def check_output_outside(output: str, inputs: Optional[str], option: str = "--output") -> None:
+    """An output folder inside (or equal to) the input folder would be read back as input next time."""
+    if not inputs:
+        return
+    root = Path(inputs).expanduser().resolve()
+    if root.is_file():
+        return
+    out = Path(output).expanduser().resolve()
+    if out == root:
+        raise click.ClickException(f"{option} {output} is the input folder; results would overwrite the inputs")
+    if root in out.parents:
+        raise click.ClickException(f"{option} {output} is inside the input folder {inputs}: its results would be "
+                                   "read back as inputs next time; give a folder outside it")
+
+
+def check_writable(folder: str, option: str) -> None:
+    """Write and remove a probe file in ``folder`` (or, while it does not exist, in the nearest folder
+    above it that does: nothing is created), before any long work."""
+    existing = Path(folder).expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=str(existing))
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        reason = exc.strerror or _one_line(exc)
+        raise click.ClickException(f"{option}: cannot write in {folder} ({reason}); nothing was done") from None

@@ -10,6 +10,12 @@ unpickled. Metadata keys (all strings, as safetensors requires):
               "degradation" (name), "normalization" ("[-1,1]"),
               "image_size" (the training size), "version"
     extra     optional JSON (training step, metrics, ...)
+    sha256    checksum of the weights and the metadata above (``content_digest``); releases
+              written before it existed carry none and load as before
+
+Every release is checked when it is written and when it is read: no NaN or Inf weight passes
+(``check_finite`` names the tensor and the count), and a checksum that does not match is a
+damaged file, refused in one line.
 
 `load_teacher` / `load_generator` rebuild the models; `load_model` loads either kind for
 inference as a `LoadedModel` (with what `sample`, `eval` and `export` need to know about it).
@@ -18,7 +24,10 @@ inference as a `LoadedModel` (with what `sample`, `eval` and `export` need to kn
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import json
+import math
 import os
 import tempfile
 from typing import Any, Optional
@@ -41,11 +50,25 @@ class ReleaseError(ValueError):
     """A release file that is missing, corrupt, or of the wrong kind."""
 
 
+class NonFiniteError(ValueError):
+    """Weights holding NaN or Inf values: never written, never loaded."""
+
+
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
 def atomic_write(path: str, write_fn) -> None:
-    """Call ``write_fn(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    """Call ``write_fn(tmp_path)`` then rename onto ``path``: readers never see a partial file.
+
+    A full disk (or quota) becomes one ``OSError`` naming ``path``; the temporary file is removed,
+    so nothing half-written is left and an older ``path`` stays as it was.
+    """
     directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise _disk_full(exc, path) from None
     os.close(fd)
     try:
         write_fn(tmp)
@@ -55,9 +78,51 @@ def atomic_write(path: str, write_fn) -> None:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _disk_full(exc, path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _disk_full(exc: OSError, path: str) -> OSError:
+    """A full disk as one line naming the file; other OSErrors as they are."""
+    if exc.errno in _DISK_FULL:
+        return OSError(exc.errno, f"no space left on the device while writing {path}; nothing was written "
+                                  "(an older file of that name is unchanged): free some space and run again")
+    return exc
+
+
+def content_digest(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """sha256 of the metadata strings and of each tensor's name, dtype, shape and bytes (names sorted).
+
+    Streamed tensor by tensor from memory already loaded: no copy, one pass (about the disk's read
+    speed or better, see README "Run directories: nothing is lost").
+    """
+    digest = hashlib.sha256()
+    for key in sorted(metadata or {}):
+        if key != "sha256":
+            digest.update(f"{key}={metadata[key]}\0".encode("utf-8"))
+    for name in sorted(state):
+        tensor = state[name].detach()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\0".encode("utf-8"))
+        if tensor.numel():
+            flat = tensor.to("cpu").contiguous().reshape(-1)
+            digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """``NonFiniteError`` naming the first tensor with NaN or Inf values and how many it holds."""
+    for name in sorted(state):
+        tensor = state[name]
+        if not (torch.is_tensor(tensor) and tensor.is_floating_point()):
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int(tensor.numel() - int(finite.sum()))
+            raise NonFiniteError(f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or Inf) "
+                                 f"of {tensor.numel()}")
 
 
 def save_release(path: str, net: torch.nn.Module, fmt: str, config: dict[str, Any], extra: dict | None = None):
@@ -67,10 +132,12 @@ def save_release(path: str, net: torch.nn.Module, fmt: str, config: dict[str, An
     """
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
              for k, v in net.state_dict().items()}
+    check_finite(state, f"not writing the release {path}")
     config = {"normalization": NORMALIZATION, "version": __version__, **config}
     metadata = {"format": fmt, "config": json.dumps(config)}
     if extra is not None:
         metadata["extra"] = json.dumps(extra)
+    metadata["sha256"] = content_digest(state, metadata)
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
@@ -78,12 +145,17 @@ def read_release(path: str, expect: str | None = None) -> tuple[dict[str, torch.
     """Return ``(state_dict, config, extra)`` of a release; one clear error for a bad file."""
     if not os.path.exists(path):
         raise ReleaseError(f"release file not found: {path}")
+    if os.path.isdir(path):
+        raise ReleaseError(f"{path} is a folder, not a release file")
     try:
         with safe_open(path, framework="pt") as fh:
             metadata = fh.metadata() or {}
         state = load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ReleaseError(f"{path} is not a readable safetensors file ({exc})") from None
+    if "sha256" in metadata and content_digest(state, metadata) != metadata["sha256"]:
+        raise ReleaseError(f"{path} is damaged: its contents do not match the sha256 checksum it carries; "
+                           "use an intact copy")
     fmt = metadata.get("format")
     if fmt not in (TEACHER_FORMAT, GENERATOR_FORMAT):
         raise ReleaseError(f"{path} is not an ibmd-fast release (format={fmt!r})")
@@ -95,7 +167,32 @@ def read_release(path: str, expect: str | None = None) -> tuple[dict[str, torch.
         extra = json.loads(metadata.get("extra", "{}"))
     except (KeyError, json.JSONDecodeError) as exc:
         raise ReleaseError(f"{path}: damaged release metadata ({exc})") from None
+    check_finite(state, f"{path} is unusable")
+    check_release_config(path, config)
     return state, config, extra
+
+
+def check_release_config(path: str, config: Any) -> None:
+    """``ReleaseError`` naming the file and the key of a config value no loader could use."""
+    if not isinstance(config, dict):
+        raise ReleaseError(f"{path}: the release config is not a mapping")
+
+    def bad(key, want):
+        raise ReleaseError(f"{path}: config key {key!r} is {json.dumps(config.get(key))}, expected {want}")
+
+    def is_int(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for key, least in (("nfe", 1), ("image_size", 1), ("channels", 1)):
+        value = config.get(key)
+        if value is not None and not (is_int(value) and value >= least):
+            bad(key, f"an integer >= {least}")
+    for key in ("unet", "bridge"):
+        if key in config and not isinstance(config[key], dict):
+            bad(key, "a mapping")
+    for key, value in (config.get("bridge") or {}).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ReleaseError(f"{path}: config key 'bridge.{key}' is {value}, expected a finite number")
 
 
 def load_teacher(path: str, device="cpu"):
@@ -105,12 +202,13 @@ def load_teacher(path: str, device="cpu"):
     from ibmd_fast.models.wrappers import Teacher
 
     state, config, _ = read_release(path, expect=TEACHER_FORMAT)
+    bridge = _bridge(path, config, bridge_from_config)
     try:
         net = UNet(**config["unet"])
         load_state_dict_checked(net, state)
     except (KeyError, TypeError, ValueError) as exc:
         raise ReleaseError(f"{path}: weights do not match the config they carry: {exc}") from None
-    teacher = Teacher(net, bridge_from_config(config["bridge"]), conditional=config.get("conditional", False))
+    teacher = Teacher(net, bridge, conditional=config.get("conditional", False))
     if config.get("class_label") is not None:  # class-conditional imports (ibmd_fast.teachers)
         teacher.class_label = int(config["class_label"])
     return teacher.to(device).eval(), config
@@ -124,12 +222,24 @@ def load_generator(path: str, device="cpu"):
     from ibmd_fast.models import load_state_dict_checked
 
     state, config, _ = read_release(path, expect=GENERATOR_FORMAT)
+    bridge = _bridge(path, config, bridge_from_config)
     try:
-        generator = Generator.from_config(config, bridge_from_config(config["bridge"]))
+        generator = Generator.from_config(config, bridge)
         load_state_dict_checked(generator.net, state)
     except (KeyError, TypeError, ValueError) as exc:
         raise ReleaseError(f"{path}: weights do not match the config they carry: {exc}") from None
     return generator.to(device).eval(), config
+
+
+def _bridge(path: str, config: dict, bridge_from_config):
+    """The release's bridge; a bad value is named by file and key."""
+    if "bridge" not in config:
+        raise ReleaseError(f"{path}: the release config has no 'bridge' key")
+    try:
+        return bridge_from_config(config["bridge"])
+    except (TypeError, ValueError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ReleaseError(f"{path}: config key 'bridge' holds a value no bridge takes ({detail})") from None
 
 
 # ----------------------------------------------------------------------------

@@ -45,6 +45,59 @@ def _default_inputs(model: LoadedModel, count: int, seed: int):
     return names, xT, x0, mask
 
 
+def _available_bytes(device: torch.device) -> Optional[int]:
+    """Memory this process can still take on ``device`` (CUDA: free memory; CPU: MemAvailable, and the
+    address-space limit when one is set), or None when it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    found = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY:
+            found.append(int(limit))
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def batch_bytes(model: LoadedModel, count: int, height: int, width: int) -> int:
+    """A lower bound on the memory one network call on ``count`` images of ``height x width`` takes: the
+    input, output and the skip activations the U-Net keeps at full resolution (float32)."""
+    unet = model.config.get("unet") or {}
+    channels = int(unet.get("model_channels", 64))
+    kept = int(unet.get("num_res_blocks", 2)) + 3  # skips of the top level, the block's input and output
+    per_pixel = 4 * (channels * kept + 4 * model.image_channels)
+    return int(count * height * width * per_pixel)
+
+
+def check_memory(model: LoadedModel, sizes: list, upsample: int, batch_size: int, device: torch.device) -> None:
+    """Refuse, with the figure, a batch that cannot fit before upsampling or restoring anything."""
+    if not sizes:
+        return
+    height, width = max(sizes, key=lambda s: s[0] * s[1])
+    count = min(batch_size, sum(1 for s in sizes if s == (height, width)))
+    needed = batch_bytes(model, count, height * upsample, width * upsample)
+    available = _available_bytes(device)
+    if available is None or needed <= available:
+        return
+    gib = 2.0**30
+    how = (f"--upsample {upsample} makes the {width}x{height} inputs {width * upsample}x{height * upsample}: "
+           if upsample > 1 else f"inputs of {width}x{height}: ")
+    lower = "lower --upsample" + (" or --batch-size" if count > 1 else "") if upsample > 1 else \
+        ("lower --batch-size" if count > 1 else "use smaller inputs")
+    raise ValueError(f"{how}a batch of {count} needs at least {needed / gib:.1f} GiB on {device}, more than the "
+                     f"{available / gib:.1f} GiB available; {lower}")
+
+
 def _read_mask(path: str, height: int, width: int) -> torch.Tensor:
     """A mask image -> float [1, H, W], 1 where the pixel is bright (the hole); resized (nearest) to size."""
     from ibmd_fast.data.images import load_image
@@ -165,6 +218,7 @@ def restore_files(
         if out_root.resolve() == root.resolve():
             raise ValueError(f"--output {output} is the input folder; results would overwrite the inputs")
         items, skipped = _read_inputs(root, files, loaded.image_channels)
+        check_memory(loaded, [tuple(x.shape[-2:]) for _, x in items], int(upsample or 1), batch_size, dev)
         if upsample:
             up = _upsampler(loaded, int(upsample))
             items = [(rel, up(x)) for rel, x in items]

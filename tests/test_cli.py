@@ -641,7 +641,7 @@ def test_train_classifier_command(tmp_path):
                   "--max-items", 8, "--batch-size", 8, "--output", rotation).exit_code == 0
     assert load_classifier(rotation).task == "rotation"
     assert_one_error_line(invoke("train-classifier", "--data", "skimage", "--task", "labels", "--image-size", SIZE,
-                                 "--max-items", 4, "--output", out), "no labels")
+                                 "--max-items", 4, "--output", out, "--overwrite"), "no labels")
     assert load_classifier(out).config == model.config  # the earlier file is intact
 
 
@@ -695,7 +695,7 @@ def test_export_onnx(releases, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert out.is_file() and f"wrote {out}" in result.stdout and "parity [" in result.stdout
 
-    assert_one_error_line(invoke("export", "--onnx", "--model", releases["teacher"], "--output", out),
+    assert_one_error_line(invoke("export", "--onnx", "--model", releases["teacher"], "--output", out, "--overwrite"),
                           "holds a teacher")
     result = invoke("export", "--model", releases["generator"])
     assert result.exit_code == 2 and "--onnx" in result.stderr
@@ -706,7 +706,7 @@ def test_export_onnx(releases, tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnx_module, "export_onnx", failing)
     before = out.read_bytes()
-    result = invoke("export", "--onnx", "--model", releases["generator"], "--output", out)
+    result = invoke("export", "--onnx", "--model", releases["generator"], "--output", out, "--overwrite")
     assert result.exit_code == 1
     assert_one_error_line(result, "parity check failed", "0.5 > 0.0001")
     assert out.read_bytes() == before

@@ -191,12 +191,13 @@ def test_resume_none_keeps_old_checkpoints_until_the_first_new_one(tmp_path, ima
         m.setattr(teacher_module.OptimizerStep, "__call__", boom)
         with pytest.raises(RuntimeError, match="fails before"):
             train_teacher(**{**kwargs, "resume": "none"})
-    kept = sorted(p.name for p in (tmp_path / "checkpoints").rglob("ckpt-*.pt"))
-    assert kept == ["ckpt-2.pt", "ckpt-4.pt"]  # still there (perhaps moved into previous-*/)
-    # a new run that writes its first checkpoint then clears them away, and resumes from its own
+    kept = sorted(p.name for p in tmp_path.rglob("ckpt-*.pt"))
+    assert kept == ["ckpt-2.pt", "ckpt-4.pt"]  # still there, moved into previous-*/
+    # a new run writes its own checkpoints beside the previous run's, which stay moved aside
     train_teacher(**{**kwargs, "resume": "none", "steps": 2})
     assert _steps(tmp_path) == [2]
     assert not list((tmp_path / "checkpoints").glob("previous-*"))
+    assert sorted(p.name for p in tmp_path.glob("previous-*/checkpoints/ckpt-*.pt")) == ["ckpt-2.pt", "ckpt-4.pt"]
 
 
 # ----------------------------------------------------------------------------

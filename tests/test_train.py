@@ -241,7 +241,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, image_dir):
     release = _sha(tmp_path / "teacher.safetensors")
 
     with pytest.raises(TrainingDivergedError, match="20 consecutive non-finite .* lower --lr"):
-        train_teacher(**{**kwargs, "steps": 60, "lr": 1e12})
+        train_teacher(**{**kwargs, "steps": 60, "lr": 1e12, "allow_config_change": True})
     rows = [r for r in _stats(tmp_path) if r["step"] > 2]
     assert rows[-1]["skipped"] >= 19 and rows[-1]["loss"] is None
     assert "training diverged" in (tmp_path / "log.txt").read_text()

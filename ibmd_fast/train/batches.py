@@ -9,6 +9,7 @@ Also ``shared_dataset`` (the folders listed once per run, by rank 0), ``to_devic
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -123,6 +124,7 @@ class BatchStream:
                  start: int = 0):
         self.dataset = dataset
         self.local_batch = int(local_batch)
+        workers = cap_workers(int(workers))
         self.position = int(start)
         sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank,
                                      shuffle=True, seed=int(seed), drop_last=True)
@@ -201,3 +203,14 @@ def first_items(dataset: Dataset, n: int) -> Optional[dict]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return collate([dataset[i] for i in range(n)])
+
+
+def cap_workers(workers: int) -> int:
+    """DataLoader workers at most the CPU count (one warning): more only queue for the same cores, and
+    ``--workers 100000`` would try to start a hundred thousand processes."""
+    cpus = os.cpu_count() or 1
+    if workers > cpus:
+        warnings.warn(f"--workers {workers} is more than the {cpus} CPU(s) of this machine; using {cpus}",
+                      UserWarning, stacklevel=2)
+        return cpus
+    return workers

@@ -6,10 +6,15 @@ as ``<directory>/ckpt-<step>.pt``. Files are written to a temporary name and ren
 (``release.atomic_write``), so a reader never sees half a checkpoint; a file damaged some
 other way (a full disk, a copy cut short) is skipped by ``find_latest`` with a warning.
 Loading uses ``torch.load(weights_only=True)``: tensors and plain containers only, nothing
-is unpickled.
+is unpickled. Each checkpoint carries ``sha256``, a checksum of everything else in it
+(``payload_digest``), verified when it is read: a file whose bytes changed after it was written is
+damaged and moved aside like a truncated one (checkpoints from before the checksum load as before).
+Module weights are checked to be finite before they are written: a run whose weights turned
+NaN/Inf stops there instead of saving them.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import warnings
@@ -18,7 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ibmd_fast.release import atomic_write
+from ibmd_fast.release import NonFiniteError, atomic_write, check_finite
 
 __all__ = ["CheckpointIO", "CheckpointError", "CheckpointMismatchError", "CheckpointWarning"]
 
@@ -93,8 +98,18 @@ class CheckpointIO:
             "state": {name: obj.state_dict() for name, obj in self.objects.items()},
             **extra,
         }
+        for name, obj in self.objects.items():
+            if isinstance(obj, nn.Module):
+                try:
+                    check_finite(payload["state"][name], f"step {step}: the {name} weights turned non-finite")
+                except NonFiniteError as exc:
+                    raise NonFiniteError(f"{exc}; no checkpoint or release written (lower --lr, or resume from "
+                                         "an earlier checkpoint)") from None
+        payload["sha256"] = payload_digest(payload)
         path = self.path(step)
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        stat = os.stat(path)
+        self._readable.add((path, stat.st_size, stat.st_mtime_ns))  # just written and hashed: no re-read
         self._remove_stale(path)
         self.prune()
         return path
@@ -178,6 +193,8 @@ class CheckpointIO:
     @staticmethod
     def read(path: str, mmap: bool = False) -> dict:
         """The payload of one checkpoint; ``CheckpointError`` if it cannot be read."""
+        if os.path.isdir(path):
+            raise CheckpointError(f"{path} is a folder, not a checkpoint file (give a ckpt-<step>.pt inside it)")
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint not found: {path}")
         try:
@@ -186,6 +203,8 @@ class CheckpointIO:
             raise CheckpointError(f"cannot read checkpoint {path}: {_reason(exc)}") from None
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT or "state" not in payload:
             raise CheckpointError(f"{path} is not an ibmd-fast training checkpoint")
+        if "sha256" in payload and payload_digest(payload) != payload["sha256"]:
+            raise CheckpointError(f"{path} is damaged: its contents do not match the sha256 checksum it carries")
         return payload
 
     def find_latest(self, quarantine: bool = True) -> Optional[tuple[str, dict]]:
@@ -224,6 +243,33 @@ class CheckpointIO:
                     "It was written for another model; use another --run-dir or --resume none."
                 ) from None
         return payload
+
+
+def payload_digest(payload: dict) -> str:
+    """sha256 over a checkpoint's contents but its own ``sha256``: every tensor's dtype, shape and bytes
+    and every plain value, walked in a fixed order (dict keys sorted), streamed tensor by tensor."""
+    digest = hashlib.sha256()
+
+    def walk(value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+            if tensor.numel():
+                digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(f"D{len(value)}".encode())
+            for key in sorted(value, key=repr):
+                digest.update(f"K{key!r}".encode())
+                walk(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                walk(item)
+        else:
+            digest.update(f"V{value!r}".encode())
+
+    walk({k: v for k, v in payload.items() if k != "sha256"})
+    return digest.hexdigest()
 
 
 def _reason(exc: BaseException) -> str:

@@ -39,6 +39,8 @@ __all__ = [
     "TrainingDivergedError",
     "config_dict",
     "check_compatible",
+    "check_training_options",
+    "check_steps_taken",
     "check_kind",
     "progress_bar",
     "draw_seed",
@@ -86,6 +88,33 @@ def check_compatible(saved: dict, current: dict, keys: Iterable[str], path: str)
         )
 
 
+def check_training_options(saved: dict, current: dict, keys: Iterable[str], path: str, allow: bool, log) -> None:
+    """A resumed run whose training options (``keys``) differ from the checkpoint's: refused with one line
+    naming each option, unless ``allow`` (``--allow-config-change``), when the differences are logged."""
+    from ibmd_fast.train.checkpoint import CheckpointMismatchError
+
+    diffs = [f"--{k.replace('_', '-')} {current[k]} (checkpoint: {saved[k]})"
+             for k in keys if k in saved and k in current and saved[k] != current[k]]
+    if not diffs:
+        return
+    if allow:
+        log(f"note: resuming {path} with changed options: {', '.join(diffs)}")
+        return
+    raise CheckpointMismatchError(
+        f"resuming {path} with other training options than it was written with: {', '.join(diffs)}; give the "
+        "checkpoint's values, or pass --allow-config-change to go on with the new ones")
+
+
+def check_steps_taken(name: str, skipped: int, steps: int, log) -> None:
+    """A run in which every optimizer step of ``name`` was skipped (non-finite loss or gradient) has learnt
+    nothing: ``TrainingDivergedError`` instead of a release that looks trained."""
+    if steps > 0 and skipped >= steps:
+        message = (f"every one of the {steps} {name} step(s) of this run was skipped (non-finite loss or gradient); "
+                   "no release written. Check the teacher and the data, or lower --lr")
+        log.record(f"error: {message}")
+        raise TrainingDivergedError(message)
+
+
 def as_config(cls, cfg, overrides):
     if cfg is None:
         cfg = cls()
@@ -97,6 +126,10 @@ def as_config(cls, cfg, overrides):
         if unknown:
             raise TypeError(f"unknown {cls.__name__} setting(s): {unknown}")
         cfg = cls(**{**config_dict(cfg), **overrides})
+    for field in dataclasses.fields(cls):  # NaN passes every range check; Inf overflows what it scales
+        value = getattr(cfg, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
     return cfg
 
 

@@ -69,6 +69,8 @@ from ibmd_fast.train.common import (
     TrainingDivergedError,
     as_config,
     check_compatible,
+    check_steps_taken,
+    check_training_options,
     check_kind,
     config_dict,
     derive_seed,
@@ -123,6 +125,7 @@ class DistillConfig:
     keep_ckpts: int = 3                 # newest checkpoints kept
     sample_every: int = 0               # write a PNG grid every N generator steps (0: only at the end)
     resume: str = "auto"                # "auto" (newest complete checkpoint in run_dir) | "none" | path to a checkpoint
+    allow_config_change: bool = False   # resume even when --batch-size / --lr / --fake-lr / --inner-steps differ
     progress: bool = True               # tqdm (auto-quiet when stderr is not a TTY)
     eval_items: int = 16                # held-out items for the end-of-run comparison (0 = skip)
     eval_teacher_nfe: tuple = (1, 10, 100)  # teacher NFEs in that comparison
@@ -142,6 +145,8 @@ class DistillConfig:
 
 # Settings a checkpoint must share with the run that resumes it.
 _MODEL_KEYS = ("teacher_unet", "bridge", "conditional", "nfe", "image_size", "channels", "degradation")
+# Training options a resumed run keeps unless --allow-config-change.
+_TRAINING_KEYS = ("batch_size", "lr", "fake_lr", "inner_steps")
 
 
 def _opmath(x: torch.Tensor) -> torch.Tensor:
@@ -375,6 +380,7 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
         if finished(payload, cfg.steps, release):
             return {**finished_summary(cfg.run_dir, release, payload, log, cfg.steps),
                     "comparison": _read_comparison(cfg.run_dir)}
+        check_training_options(payload["config"], run_config, _TRAINING_KEYS, path, cfg.allow_config_change, log)
         ckpt.load(payload, path)
         set_lr(ibmd.gen_opt, cfg.lr)  # the run's settings win over those saved with the optimizers
         set_lr(ibmd.fake_opt, cfg.fake_lr)
@@ -391,6 +397,7 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
     meter = Meter()
     last = {"loss_theta": None, "loss_phi": None}
     step = start_step
+    skipped_before = ibmd.gen_guard.skipped
     checkpoints = RunCheckpoints(ckpt, env, ibmd.noise, t_start, seconds_before,
                                  start_step if found is not None else -1,
                                  kind="distill", config=run_config, model=model_config)
@@ -437,6 +444,7 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
     finally:
         bar.close()
 
+    check_steps_taken("generator", ibmd.gen_guard.skipped - skipped_before, step - start_step, log)
     checkpoints.final(step, stream.position)
     release = os.path.join(cfg.run_dir, "generator.safetensors")
     comparison: list[dict] = []

@@ -7,13 +7,16 @@
   never stale; a second run on the directory refuses with one line naming the holder's pid.
   ``run_lock`` takes it on rank 0 only and tells every rank the outcome.
 - ``find_resume``: the checkpoint a run resumes from (``--resume auto|none|PATH``), refusing to
-  start over silently when the directory holds checkpoints but none of them loads.
+  start over silently when the directory holds checkpoints but none of them loads, or a run's
+  history (``stats.jsonl``, a release) without a readable checkpoint; ``--resume none`` moves a
+  previous run's files aside into ``previous-<UTC date>/`` and says where (``move_aside``).
 - ``finished``: whether the checkpoint found already reaches ``--steps`` and the release exists,
   so that rerunning a finished run leaves the release as it is.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import sys
@@ -31,6 +34,10 @@ except ImportError:  # Windows: no flock; runs are not locked there
 __all__ = ["RunLog", "write_text", "RunLock", "RunDirInUseError", "run_lock", "find_resume", "finished"]
 
 LOCK_NAME = ".lock"
+# A run's history: with any of these and no readable checkpoint, a run does not start over silently.
+HISTORY = ("stats.jsonl", "teacher.safetensors", "generator.safetensors")
+# What ``--resume none`` moves aside with the history (log.txt stays: it is only ever appended to).
+RUN_FILES = HISTORY + ("config.json", "comparison.json", "comparison.png", "comparison-photo.json", "checkpoints")
 
 
 def write_text(path: str, text: str) -> None:
@@ -157,23 +164,62 @@ def run_lock(run_dir: str, env):
         lock.release()
 
 
+def history(run_dir: str) -> list[str]:
+    """The files of a previous run in ``run_dir`` that a fresh start must not drop (names)."""
+    found = []
+    for name in HISTORY:
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path) and (name != "stats.jsonl" or os.path.getsize(path) > 0):
+            found.append(name)
+    return found
+
+
+def move_aside(run_dir: str) -> Optional[str]:
+    """Move a previous run's files (``RUN_FILES``, ``samples-*.png``) into ``run_dir/previous-<UTC date>/``;
+    returns that folder, or None when there was nothing to move."""
+    names = [n for n in RUN_FILES if os.path.lexists(os.path.join(run_dir, n))]
+    if os.path.isdir(run_dir):
+        names += sorted(n for n in os.listdir(run_dir) if n.startswith("samples-") and n.endswith(".png"))
+    if not names:
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    target, n = os.path.join(run_dir, f"previous-{stamp}"), 1
+    while os.path.exists(target):
+        n += 1
+        target = os.path.join(run_dir, f"previous-{stamp}-{n}")
+    os.makedirs(target)
+    for name in names:
+        os.replace(os.path.join(run_dir, name), os.path.join(target, name))  # same file system: a rename
+    return target
+
+
 def find_resume(resume: str, ckpt: CheckpointIO, env) -> Optional[tuple[str, dict]]:
     """The checkpoint to resume from: ``auto`` the newest readable one, a path that file, ``none`` nothing.
 
-    ``none`` keeps the old checkpoints until this run writes its first one (``CheckpointIO.set_aside``).
-    ``auto`` moves unreadable files aside as ``*.corrupt`` and, when that leaves nothing to resume
-    from, stops instead of starting over. Every rank reads the file itself; rank 0 alone cleans up.
+    ``none`` moves a previous run's files (history, release, checkpoints) aside into
+    ``previous-<UTC date>/`` and logs where (``move_aside``). ``auto`` moves unreadable files aside as
+    ``*.corrupt`` and, when that leaves nothing to resume from, stops instead of starting over; it
+    stops too when the run dir holds a history (``stats.jsonl``, a release) but no readable
+    checkpoint. Every rank reads the file itself; rank 0 alone cleans up and moves files.
     """
     resume = str(resume).strip()
+    run_dir = os.path.dirname(ckpt.directory.rstrip(os.sep)) or "."
+    if resume.lower() == "none":
+        moved = move_aside(run_dir) if env.is_main else None
+        if moved and ckpt.log is not None:
+            ckpt.log(f"note: --resume none: the previous run's files are kept in {moved}")
+        if moved:
+            from tqdm import tqdm
+
+            tqdm.write(f"--resume none: the previous run in {run_dir} was moved aside to {moved}", file=sys.stderr)
+        env.barrier()
+        return None
+    if os.path.lexists(ckpt.directory) and not os.path.isdir(ckpt.directory):
+        raise CheckpointError(f"{ckpt.directory} is a file, not a folder of checkpoints; nothing was changed. "
+                              "Move it away, or pass --resume none to move the run's files aside and start over")
     if env.is_main:
         ckpt.remove_stale_temporaries()
     env.barrier()
-    if resume.lower() == "none":
-        old = ckpt.set_aside()
-        if old and env.is_main and ckpt.log is not None:
-            ckpt.log(f"note: --resume none: the {len(old)} old checkpoint(s) in {ckpt.directory} are removed "
-                     "once this run has written its first one")
-        return None
     if resume.lower() == "auto":
         found = ckpt.find_latest(quarantine=env.is_main)
         env.barrier()
@@ -184,6 +230,13 @@ def find_resume(resume: str, ckpt: CheckpointIO, env) -> Optional[tuple[str, dic
                 raise CheckpointError(
                     f"{ckpt.directory} holds only unreadable checkpoints ({names}); nothing to resume from. "
                     "Pass --resume none to start over (the damaged files are kept) or --resume PATH")
+            kept = history(run_dir)
+            if kept:
+                why = "which is missing" if not os.path.isdir(ckpt.directory) else "which holds none"
+                raise CheckpointError(
+                    f"{run_dir} holds a run's history ({', '.join(kept)}) but no readable checkpoint in "
+                    f"{ckpt.directory} ({why}), so it cannot go on; nothing was changed. Pass --resume none to "
+                    "move the history aside into previous-<date>/ and start over, or --resume PATH")
         paths = env.gather(None if found is None else found[0])
         if len(set(paths)) > 1:
             raise RuntimeError(f"ranks found different checkpoints to resume from: {paths}")

@@ -54,6 +54,8 @@ from ibmd_fast.train.common import (
     as_config,
     check_compatible,
     check_kind,
+    check_steps_taken,
+    check_training_options,
     config_dict,
     derive_seed,
     draw_seed,
@@ -104,6 +106,7 @@ class TeacherConfig:
     sample_every: int = 0               # write a PNG grid every N steps (0: only at the end)
     sample_nfe: int = 0                 # NFE of the sample grids and of the release (0: 100, at most n_steps - 1)
     resume: str = "auto"                # "auto" (newest complete checkpoint in run_dir) | "none" | path to a checkpoint
+    allow_config_change: bool = False   # resume even when --batch-size / --lr differ from the checkpoint's
     progress: bool = True               # tqdm (auto-quiet when stderr is not a TTY)
 
     def validate(self) -> None:
@@ -119,6 +122,10 @@ class TeacherConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        try:
+            make_bridge(self)  # a --beta-max that overflows the schedule, NaN or Inf
+        except ValueError as exc:
+            raise ValueError(f"--beta-max {self.beta_max}: {exc}") from None
         get_degradation(self.degradation)  # raises for unknown names
         if self.arch in CONFIGS:
             check_image_size(self.image_size, CONFIGS[self.arch]["channel_mult"], f"the {self.arch} U-Net")
@@ -126,6 +133,8 @@ class TeacherConfig:
 
 # Settings a checkpoint must share with the run that resumes it (the rest may change, e.g. steps, lr).
 _MODEL_KEYS = ("arch", "image_size", "channels", "bridge", "beta_max", "n_steps", "conditional", "degradation")
+# Training options a resumed run keeps unless --allow-config-change.
+_TRAINING_KEYS = ("batch_size", "lr")
 
 
 def make_bridge(cfg: TeacherConfig):
@@ -199,6 +208,7 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
         release = os.path.join(cfg.run_dir, "teacher.safetensors")
         if finished(payload, cfg.steps, release):
             return finished_summary(cfg.run_dir, release, payload, log, cfg.steps)
+        check_training_options(payload["config"], run_config, _TRAINING_KEYS, path, cfg.allow_config_change, log)
         ckpt.load(payload, path)
         set_lr(optimizer, cfg.lr)  # the run's setting wins over the one saved with the optimizer
         start_step = int(payload["step"])
@@ -217,6 +227,7 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
     meter = Meter()
     last_loss = None
     step = start_step
+    skipped_before = step_fn.skipped
     checkpoints = RunCheckpoints(ckpt, env, gen, t_start, seconds_before, start_step if found is not None else -1,
                                  kind="teacher", config=run_config)
     bar = progress_bar(cfg.steps, start_step, cfg.progress and env.is_main, "teacher")
@@ -264,6 +275,7 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
     finally:
         bar.close()
 
+    check_steps_taken("teacher", step_fn.skipped - skipped_before, step - start_step, log)
     checkpoints.final(step, stream.position)
     release = os.path.join(cfg.run_dir, "teacher.safetensors")
     if env.is_main:
