@@ -234,7 +234,8 @@ def _none_or_path(value: Optional[str]) -> Optional[str]:
               show_default="labels, else photo where the data knows it, else rotation",
               help="Task of a classifier trained here (see train-classifier --task).")
 @click.option("--classifier-epochs", type=click.IntRange(min=1), metavar="N", default=5, show_default=True,
-              help="Epochs of a classifier trained here.")
+              help="Epochs of a classifier trained here (none is for the embedded default's data, which "
+                   "ships one; a --classifier-task other than photo trains one there too).")
 @click.option("--classifier-items", type=click.IntRange(min=2), metavar="N", default=8192, show_default=True,
               help="Clean training images for a classifier trained here.")
 @click.option("--run-dir", type=click.Path(file_okay=False), metavar="DIR", default=DEFAULT_EVAL_DIR,
