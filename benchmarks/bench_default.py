@@ -9,7 +9,13 @@ Runs the two commands the README starts with, each in a subprocess with nothing 
   the numbers under ``comparison.png`` (a whole held-out photograph) and ``wall_seconds``;
 - ``eval``: the rows of ``ibmd-fast eval`` on the same default (64 held-out crops, with FID on the
   features of the project's classifier, trained on the clean training crops) and its wall time;
-- ``environment``: threads, load average, versions (other work on the machine inflates times).
+- ``environment``: threads, load average, versions (other work on the machine inflates times);
+- ``targets``: the figures issue 25 asks of a first run, each with its target and whether it is met:
+  the whole-photo PSNR gain of teacher and student over the corrupted input in ``comparison.png``
+  (>= 3 dB), the student against the teacher at NFE 100 in ``eval`` (FID at most 1.25x, PSNR
+  within 0.3 dB), the distillation's wall clock (<= 10 min on 2 idle cores) and ``eval``'s (about
+  a minute: the embedded classifier, no training);
+- ``note``: what ``--note`` says (e.g. that the machine was busy).
 
 ``comparison.png`` is copied to ``benchmarks/results/default-comparison-<machine>.png``, the
 picture the README shows. ``--from-run DIR`` reads a finished run (DIR holding ``distill/`` and
@@ -84,6 +90,46 @@ def _beats_input(rows: list[dict], keys: tuple[str, ...]) -> dict:
     return out
 
 
+def _photo_gain(photo: dict) -> dict:
+    """Whole-photo PSNR of each restoration in comparison.png minus the corrupted input's (dB)."""
+    columns = {c["title"].split()[0]: c["psnr"] for c in photo.get("columns", []) if c.get("psnr") is not None}
+    base = columns.get("corrupted")
+    if base is None:
+        return {}
+    return {name: round(value - base, 3) for name, value in columns.items() if name != "corrupted"}
+
+
+def _row(rows: list[dict], model: str, nfe: int | None = None) -> dict | None:
+    matches = [r for r in rows if r["model"] == model and (nfe is None or r["nfe"] == nfe)]
+    return max(matches, key=lambda r: r["nfe"]) if matches else None
+
+
+def targets(payload: dict) -> dict:
+    """The figures a first run is judged by (module docstring), each with its target and ``met``."""
+    out = {}
+    gain = _photo_gain(payload["distill"].get("photo", {}))
+    if gain:
+        out["photo_psnr_gain_db"] = {**gain, "target": 3.0, "met": all(v >= 3.0 for v in gain.values())}
+    report = payload.get("eval")
+    if report:
+        teacher, student = _row(report["rows"], "teacher", 100), _row(report["rows"], "student")
+        if teacher and student and teacher.get("fid") and student.get("fid") is not None:
+            ratio = student["fid"] / teacher["fid"]
+            gap = teacher["psnr"] - student["psnr"]
+            out["student_vs_teacher_100"] = {"fid_ratio": round(ratio, 3), "fid_ratio_target": 1.25,
+                                             "psnr_gap_db": round(gap, 3), "psnr_gap_target": 0.3,
+                                             "met": ratio <= 1.25 and gap <= 0.3}
+        if report.get("wall_seconds") is not None:
+            origin = (report.get("classifier") or {}).get("origin")
+            out["eval_seconds"] = {"value": report["wall_seconds"], "target": "about 60",
+                                   "classifier": origin, "met": origin == "embedded"
+                                   and report["wall_seconds"] <= 90}
+    minutes = payload["distill"]["wall_seconds"] / 60.0
+    out["distill_minutes"] = {"value": round(minutes, 2), "target": 10.0, "met": minutes <= 10.0,
+                              "load_average_1min": payload["environment"].get("load_average_1min")}
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", default=os.path.join(REPO, "runs", "bench-default"), metavar="DIR",
@@ -93,6 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--machine", default=None, help="results file key (default: cpu-<n>core or the GPU)")
     parser.add_argument("--out-dir", default=RESULTS, metavar="DIR", help="where the JSON and PNG go")
     parser.add_argument("--no-eval", action="store_true", help="skip `ibmd-fast eval` (no FID)")
+    parser.add_argument("--note", default=None, help="a note kept in the JSON (e.g. what else ran on the machine)")
     args = parser.parse_args(argv)
 
     run_dir = args.from_run or args.run_dir
@@ -144,6 +191,9 @@ def main(argv=None) -> int:
             "rows": report["results"],
             "beats_input": _beats_input(report["results"], ("fid", "psnr", "ssim")),
         }
+    payload["targets"] = targets(payload)
+    if args.note:
+        payload["note"] = args.note
     os.makedirs(args.out_dir, exist_ok=True)
     out = os.path.join(args.out_dir, f"default-{machine}.json")
     write_json(out, payload)
@@ -157,6 +207,8 @@ def main(argv=None) -> int:
     if "eval" in payload:
         print("eval:")
         print(format_table(payload["eval"]["rows"]))
+    for name, figure in payload["targets"].items():
+        print(f"{name}: {'met' if figure['met'] else 'MISSED'} ({json.dumps(figure)})")
     print(f"wrote {out} and {picture}")
     return 0
 

@@ -111,7 +111,7 @@ def run_task(stages: Stages, preset, name: str, data: str, device: str, seed: in
     columns += [(f"student-{nfe}", grids[row]) for nfe, row in first_seed.items()]
     columns.append(("clean", batch["x0"][:g]))
     grid_path = os.path.join(task_dir(stages.work, name), "grid.png")
-    save_grid([c for _, c in columns], grid_path)
+    save_grid([c for _, c in columns], grid_path, cell=0)  # labelled_grid enlarges and titles it
     return {"degradation": task.degradation, "bridge": task.bridge, "conditional": task.conditional,
             "beta_max": task.beta_max if task.bridge == "i2sb" else None, "student_nfe": list(task.student_nfe),
             "paper_nfe": task.paper_nfe, "teacher": teacher, "rows": rows, "summary": summary,

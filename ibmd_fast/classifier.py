@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Classifier", "train_classifier", "save_classifier", "load_classifier", "CLASSIFIER_FORMAT", "TASKS"]
+__all__ = ["Classifier", "train_classifier", "save_classifier", "load_classifier", "classifier_accuracy",
+           "describe_classifier", "CLASSIFIER_FORMAT", "TASKS"]
 
 CLASSIFIER_FORMAT = "ibmd_fast.metrics.Classifier"  # the tag in saved files (kept from before the move)
 TASKS = ("labels", "rotation")
@@ -66,7 +67,9 @@ class Classifier(nn.Module):
     logits. `task` records what the head was trained for: "labels" (class labels or
     proxy labels such as the source photograph) or "rotation" (4-way rotation
     prediction; its logits are no class scores, so CA is undefined for it).
-    `config` holds the constructor arguments, which is all `load_classifier` needs.
+    `config` holds the constructor arguments, which is all `load_classifier` needs;
+    `info` what is known about its training (data, items, epochs, held-out accuracy), saved
+    beside the config and shown by `describe_classifier`.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class Classifier(nn.Module):
         label_source: str | None = None,
     ):
         super().__init__()
+        self.info: dict = {}
         if task not in TASKS:
             raise ValueError(f"Classifier: task must be one of {TASKS}, got {task!r}")
         if in_channels < 1 or num_classes < 1 or image_size < 1 or width < 1:
@@ -186,6 +190,7 @@ def train_classifier(
     device: str | torch.device | None = None,
     num_workers: int = 0,
     log: Callable[[str], None] | None = None,
+    label_source: str | None = None,
 ) -> Classifier:
     """Train a `Classifier` on clean images and return it in eval mode.
 
@@ -205,6 +210,8 @@ def train_classifier(
     progress      -- a tqdm bar while a terminal shows it; in any case one line per
                      epoch (mean loss, training accuracy, seconds) through `log` (default: print
                      to stderr), so a log file of a long run shows where training is.
+    label_source  -- what the labels are, e.g. "photo" (the source photograph of each crop):
+                     kept in ``config["label_source"]`` and used in the log lines.
     AdamW with a cosine learning-rate decay; `seed` fixes initialisation, shuffling
     and augmentation.
     """
@@ -262,7 +269,9 @@ def train_classifier(
     # Fork the global RNG so that seeding the initialisation leaves the caller's stream alone.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Classifier(channels, num_classes, max(height, width_px), width=width, task=task).to(device)
+        model = Classifier(channels, num_classes, max(height, width_px), width=width, task=task,
+                           label_source=label_source).to(device)
+    name = f"{label_source or ('rotation' if task == 'rotation' else 'label')} classifier"
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(num_items / batch_size)
     total_steps = max(1, epochs * steps_per_epoch)
@@ -283,7 +292,7 @@ def train_classifier(
     bar = None
     if progress and sys.stderr.isatty():  # a bar redrawn with carriage returns is noise in a log file
         from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps, desc=f"classifier ({task})", leave=False)
+        bar = tqdm(total=total_steps, desc=name, leave=False)
     if log is None:
         def log(message: str) -> None:
             print(message, file=sys.stderr, flush=True)
@@ -309,7 +318,7 @@ def train_classifier(
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         # one line per epoch, bar or not: a log file of a long evaluation shows where it is
-        log(f"classifier ({task}) epoch {epoch + 1}/{epochs}: loss {loss_sum / max(seen, 1):.4f}, "
+        log(f"{name} epoch {epoch + 1}/{epochs}: loss {loss_sum / max(seen, 1):.4f}, "
             f"training accuracy {100.0 * correct / max(seen, 1):.2f}% (augmented batches), "
             f"{time.perf_counter() - begin:.1f} s")
     if bar is not None:
@@ -317,16 +326,62 @@ def train_classifier(
     return model.eval()
 
 
+@torch.no_grad()
+def classifier_accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor | None = None,
+                        batch_size: int = 256) -> float:
+    """Top-1 accuracy (a fraction) of ``model`` on ``images`` [N, C, H, W] in [-1, 1].
+
+    For a rotation classifier ``labels`` is ignored: every image is scored in its four rotations.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = seen = 0
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device, torch.float32)
+        if model.task == "rotation":
+            x, y = _rotation_batch(x)
+        else:
+            if labels is None:
+                raise ValueError("classifier_accuracy: a label classifier needs labels")
+            y = torch.as_tensor(labels[start:start + batch_size]).long().to(device)
+        correct += int((model(x).argmax(dim=1) == y).sum())
+        seen += y.shape[0]
+    model.train(was_training)
+    return correct / max(seen, 1)
+
+
+def describe_classifier(model: Classifier) -> str:
+    """What the classifier tells apart, and how well, in words: e.g. "photo classifier (which of 6
+    photographs a 32x32 crop comes from), 97.50% accuracy on 512 held-out test crops"."""
+    config, info = model.config, getattr(model, "info", {}) or {}
+    size = f"{config['image_size']}x{config['image_size']}"
+    if config["task"] == "rotation":
+        what = f"rotation classifier (which of 4 rotations a {size} image shows; self-supervised)"
+    elif config.get("label_source") == "photo":
+        what = f"photo classifier (which of {config['num_classes']} photographs a {size} crop comes from)"
+    else:
+        what = f"label classifier ({config['num_classes']} classes, {size} images)"
+    if info.get("test_accuracy") is not None:
+        what += (f", {100.0 * info['test_accuracy']:.2f}% accuracy on {info.get('test_items', '?')} "
+                 f"held-out test images")
+    else:
+        what += ", accuracy not measured"
+    return what
+
+
 # ----------------------------------------------------------------------------------------
 # Saving and loading (safetensors + JSON config; never pickle)
 
 
 def save_classifier(model: Classifier, path: str | os.PathLike) -> None:
-    """Write the weights as safetensors with the config as JSON metadata."""
+    """Write the weights as safetensors with the config (and ``info``, when set) as JSON metadata."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": CLASSIFIER_FORMAT, "config": json.dumps(model.config, sort_keys=True)}
+    if getattr(model, "info", None):
+        metadata["info"] = json.dumps(model.info, sort_keys=True)
     save_file(state, os.fspath(path), metadata=metadata)
 
 
@@ -360,6 +415,10 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu")
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"load_classifier: weights in {path!r} do not fit its config ({exc})") from exc
+    try:
+        model.info = json.loads(metadata["info"]) if "info" in metadata else {}
+    except ValueError as exc:
+        raise ValueError(f"load_classifier: {path!r} holds unreadable training info ({exc})") from exc
     return model.to(device).eval()
 
 

@@ -240,13 +240,14 @@ def _none_or_path(value: Optional[str]) -> Optional[str]:
 @click.option("--num-images", type=click.IntRange(min=2), metavar="N", default=64, show_default=True,
               help="Test images (the first N of the test split).")
 @click.option("--classifier", type=str, metavar="PATH", default=None,
-              show_default="train one, cached in RUN_DIR",
+              show_default="the embedded one for the default data, else train one, cached in RUN_DIR",
               help="Feature classifier from `ibmd-fast train-classifier` (for FID and CA).")
 @click.option("--classifier-task", type=click.Choice(["labels", "photo", "rotation"]), default=None,
               show_default="labels, else photo where the data knows it, else rotation",
               help="Task of a classifier trained here (see train-classifier --task).")
 @click.option("--classifier-epochs", type=click.IntRange(min=1), metavar="N", default=5, show_default=True,
-              help="Epochs of a classifier trained here.")
+              help="Epochs of a classifier trained here (none is for the embedded default's data, which "
+                   "ships one; a --classifier-task other than photo trains one there too).")
 @click.option("--classifier-items", type=click.IntRange(min=2), metavar="N", default=8192, show_default=True,
               help="Clean training images for a classifier trained here.")
 @click.option("--run-dir", type=click.Path(file_okay=False), metavar="DIR", default=DEFAULT_EVAL_DIR,
@@ -286,7 +287,7 @@ def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, ima
                       classifier_items=classifier_items, num_images=num_images, batch_size=batch_size, seed=seed,
                       device=device, run_dir=run_dir, progress=_auto_progress(progress), log=_log)
     click.echo(f"{result['num_images']} test images of {result['data']} ({result['degradation']}, "
-               f"{result['image_size']}px), classifier task {result['classifier']['task']}")
+               f"{result['image_size']}px); FID/CA on the features of the {result['classifier']['description']}")
     click.echo(format_table(result["results"]))
     click.echo(f"wrote {os.path.join(run_dir, 'eval.json')} and {result['grid']}")
 
@@ -322,6 +323,7 @@ def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, ima
 def train_classifier_cmd(data, output, image_size, channels, epochs, batch_size, max_items, task, seed, device,
                          overwrite, progress):
     """Train the feature classifier that `eval` measures FID and CA with."""
+    from ibmd_fast.classifier import describe_classifier
     from ibmd_fast.evaluate import fit_classifier, save_classifier_atomic
 
     if os.path.isdir(output):
@@ -333,8 +335,7 @@ def train_classifier_cmd(data, output, image_size, channels, epochs, batch_size,
                            batch_size=batch_size, max_items=max_items, seed=seed, device=device,
                            progress=_auto_progress(progress), log=_log)
     save_classifier_atomic(model, output)
-    click.echo(f"wrote {output} (task {model.task}, {model.num_classes} classes, "
-               f"{model.config['in_channels']}x{model.config['image_size']}px)")
+    click.echo(f"wrote {output}: {describe_classifier(model)}")
 
 
 # ----------------------------------------------------------------------------

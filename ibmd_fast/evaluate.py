@@ -5,8 +5,9 @@
   classifier features, CA (when labels exist), seconds per image; writes ``eval.json`` and
   ``eval-grid.png``; ``format_table`` prints its rows.
 - ``load_eval_data(...)``: the held-out test items as tensors.
-- ``fit_classifier(...)`` / ``get_classifier(...)``: the feature classifier of FID/CA, trained on a
-  data set's clean training split (and cached beside the evaluation).
+- ``fit_classifier(...)`` / ``get_classifier(...)``: the feature classifier of FID/CA: the one that
+  ships for the embedded default's data, else one trained on a data set's clean training split (and
+  cached beside the evaluation); ``classifier_line`` says which, with its held-out accuracy.
 
 Restoring is ``ibmd_fast.restore`` (and ``restore_files`` for image files), loading releases
 ``ibmd_fast.release``, pictures ``ibmd_fast.imageio``; their names used to live here and are
@@ -25,7 +26,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ibmd_fast.classifier import describe_classifier
 from ibmd_fast.device import resolve_device
+from ibmd_fast.paths import EMBEDDED_CLASSIFIER
 from ibmd_fast.imageio import save_grid, save_image  # noqa: F401  (re-exported)
 from ibmd_fast.release import (  # noqa: F401  (re-exported)
     DEFAULT_GENERATOR,
@@ -65,6 +68,7 @@ __all__ = [
     "classifier_training_data",
     "fit_classifier",
     "get_classifier",
+    "classifier_line",
     "evaluate",
     "format_table",
     "save_grid",
@@ -144,22 +148,22 @@ def _clean_and_label(item) -> tuple[torch.Tensor, Optional[int]]:
     raise ValueError(f"unsupported data item {type(item).__name__} for classifier training")
 
 
-def _training_items(data, image_size, channels: int, max_items: int, seed: int, progress: bool,
-                    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """One read of the TRAINING split: the clean images, the items' own labels (None unless every
-    item has one) and the index of the photograph each is cropped from (None unless the data set
+def _split_items(data, image_size, channels: int, max_items: int, seed: int, progress: bool, split: str = "train",
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """One read of a split (TRAINING by default): the clean images, the items' own labels (None unless
+    every item has one) and the index of the photograph each is cropped from (None unless the data set
     has ``photo_index``, as the scikit-image crops do)."""
     from ibmd_fast.data import make_source
 
     if isinstance(data, str):
-        source = make_source(data, size=image_size, channels=channels, split="train", seed=seed)
+        source = make_source(data, size=image_size, channels=channels, split=split, seed=seed)
     else:
         source = data
     n = len(source) if max_items is None or max_items <= 0 else min(int(max_items), len(source))
     if n < 2:
         raise ValueError(f"classifier training needs at least 2 images; {_describe(data)} has {len(source)}")
     images, labels = [], []
-    for i in tqdm(range(n), desc="reading training images", disable=not progress, leave=False):
+    for i in tqdm(range(n), desc=f"reading {split} images", disable=not progress, leave=False):
         x, y = _clean_and_label(source[i])
         images.append(x)
         labels.append(y)
@@ -183,13 +187,13 @@ def classifier_training_data(data, image_size=None, channels: int = 3, max_items
     """
     if labels_from not in ("data", "photo"):
         raise ValueError(f"labels_from must be 'data' or 'photo', got {labels_from!r}")
-    images, own, photos = _training_items(data, image_size, channels, max_items, seed, progress)
+    images, own, photos = _split_items(data, image_size, channels, max_items, seed, progress)
     return images, (own if labels_from == "data" else photos)
 
 
 def fit_classifier(data, image_size=None, channels: int = 3, task: Optional[str] = None, epochs: int = 5,
                    batch_size: int = 128, max_items: int = 8192, seed: int = 0, device="auto",
-                   progress: bool = False, log: Log = None):
+                   progress: bool = False, log: Log = None, test_items: int = 512):
     """Train the FID/CA feature classifier on the clean training split of ``data``.
 
     ``task``: "labels" (needs labels), "photo" (which photograph a crop comes from: the proxy
@@ -197,12 +201,14 @@ def fit_classifier(data, image_size=None, channels: int = 3, task: Optional[str]
     "rotation" (self-supervised 4-way rotation, any square images), or None: labels when the
     data has them, else photo when the data says where each crop comes from, else rotation.
     A photo classifier is saved as task "labels" with ``config["label_source"] = "photo"``.
+    ``model.info`` records the data, the items and epochs, and (for a data spec with a test split)
+    the accuracy on the first ``test_items`` test images, which ``describe_classifier`` prints.
     """
     from ibmd_fast.metrics import train_classifier
 
     if task not in (None, "labels", "photo", "rotation"):
         raise ValueError(f"classifier task must be labels, photo or rotation, got {task!r}")
-    images, own, photos = _training_items(data, image_size, channels, max_items, seed, progress)
+    images, own, photos = _split_items(data, image_size, channels, max_items, seed, progress)
     if task is None:
         task = "labels" if own is not None else ("photo" if photos is not None else "rotation")
     if task == "labels" and own is None:
@@ -212,15 +218,41 @@ def fit_classifier(data, image_size=None, channels: int = 3, task: Optional[str]
                          "train the classifier with task 'rotation'")
     if task == "rotation" and images.shape[-1] != images.shape[-2]:
         raise ValueError(f"the rotation task needs square images, got {images.shape[-2]}x{images.shape[-1]}")
-    what = f"photo: which of {int(photos.max()) + 1} photographs a crop comes from" if task == "photo" else task
+    if task == "photo":
+        what = f"a photo classifier: which of {int(photos.max()) + 1} photographs a crop comes from"
+    else:
+        what = {"labels": "a label classifier", "rotation": "a rotation classifier: which of 4 rotations"}[task]
     _say(log, f"training the feature classifier ({what}) on {images.shape[0]} clean training images "
               f"of {_describe(data)}, {epochs} epoch(s)")
     data_arg = {"labels": (images, own), "photo": (images, photos)}.get(task, images)
     model = train_classifier(data_arg, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
-                             task="labels" if task == "photo" else task, device=resolve_device(device), log=log)
-    if task == "photo":
-        model.config["label_source"] = "photo"
+                             task="labels" if task == "photo" else task, device=resolve_device(device), log=log,
+                             label_source="photo" if task == "photo" else None)
+    model.info = {"data": _describe(data), "image_size": int(images.shape[-1]), "channels": int(images.shape[1]),
+                  "train_items": int(images.shape[0]), "epochs": int(epochs), "seed": int(seed)}
+    model.info.update(_test_accuracy(model, data, images.shape[-1], images.shape[1], task, test_items, seed, log))
     return model
+
+
+def _test_accuracy(model, data, image_size: int, channels: int, task: str, test_items: int, seed: int,
+                   log: Log) -> dict:
+    """``{"test_accuracy", "test_items"}`` of ``model`` on the TEST split of ``data`` (its own task's
+    labels), or ``{}`` where the data has no test split or no labels of that kind."""
+    if not isinstance(data, str) or test_items <= 0:
+        return {}
+    try:
+        images, own, photos = _split_items(data, image_size, channels, test_items, seed, False, split="test")
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        _say(log, f"classifier accuracy not measured: no test split of {data} ({_one_line(exc)})")
+        return {}
+    labels = {"labels": own, "photo": photos}.get(task)
+    if task != "rotation" and labels is None:
+        return {}
+    from ibmd_fast.classifier import classifier_accuracy
+
+    accuracy = classifier_accuracy(model, images, labels)
+    _say(log, f"classifier accuracy on {images.shape[0]} held-out test images: {100.0 * accuracy:.2f}%")
+    return {"test_accuracy": round(accuracy, 4), "test_items": int(images.shape[0])}
 
 
 def save_classifier_atomic(model, path: str) -> None:
@@ -236,34 +268,54 @@ def _check_classifier(model, path: str, image_size: int, channels: int) -> None:
                          f"{config.get('image_size')}px images; these are {channels}-channel {image_size}px")
 
 
-def _classifier_path(classifier, run_dir: Optional[str], data) -> Optional[str]:
-    """Where the classifier of an evaluation lives: the given file, the cache, or nowhere."""
-    if isinstance(classifier, (str, os.PathLike)):
-        return os.fspath(classifier)
-    if classifier is None and run_dir is not None and isinstance(data, str):
-        return os.path.join(run_dir, "classifier.safetensors")
-    return None
+def _embedded_classifier(data, image_size: int, channels: int, task: Optional[str]) -> Optional[str]:
+    """The classifier that ships for the embedded default (``EMBEDDED_CLASSIFIER``) when it was
+    trained for this data, size and channels (its ``info``) and no other task is asked for."""
+    if not isinstance(data, str) or task not in (None, "photo") or not os.path.isfile(EMBEDDED_CLASSIFIER):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(EMBEDDED_CLASSIFIER, framework="pt", device="cpu") as f:
+        info = json.loads((f.metadata() or {}).get("info", "{}"))
+    fits = (info.get("data") == data and info.get("image_size") == image_size and info.get("channels") == channels)
+    return EMBEDDED_CLASSIFIER if fits else None
+
+
+def _labelled(model, origin: str, path: Optional[str]):
+    """``model`` with where it came from: ``origin`` (given, embedded, cached, trained) and its file."""
+    model.origin, model.path = origin, path
+    return model
 
 
 def get_classifier(classifier, run_dir: Optional[str], data, image_size: int, channels: int,
                    task: Optional[str] = None, epochs: int = 5, max_items: int = 8192, batch_size: int = 128,
                    seed: int = 0, device="auto", progress: bool = False, log: Log = None):
-    """The classifier for FID/CA: ``classifier`` (a path or a Classifier) or, when None, the one
-    cached in ``run_dir/classifier.safetensors`` if it was trained for the same data, else a new
-    one trained on ``data``'s clean training split and cached there."""
+    """The classifier for FID/CA: ``classifier`` (a path or a Classifier) or, when None, the one that
+    ships for the embedded default where it fits (``EMBEDDED_CLASSIFIER``: the scikit-image crops at
+    the default size), else the one cached in ``run_dir/classifier.safetensors`` if it was trained
+    for the same data, else a new one trained on ``data``'s clean training split and cached there.
+
+    The model comes back with ``origin`` ("given", "embedded", "cached" or "trained") and ``path``
+    (its file, None for a Classifier given as an object or trained without a run_dir).
+    """
     from ibmd_fast.metrics import Classifier, load_classifier
 
     dev = resolve_device(device)
     if isinstance(classifier, Classifier):
         _check_classifier(classifier, "given", image_size, channels)
-        return classifier.to(dev).eval()
+        return _labelled(classifier.to(dev).eval(), "given", None)
     if classifier is not None:
         path = os.fspath(classifier)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"classifier file not found: {path}")
         model = load_classifier(path, device=dev)
         _check_classifier(model, path, image_size, channels)
-        return model
+        return _labelled(model, "given", path)
+    embedded = _embedded_classifier(data, image_size, channels, task)
+    if embedded is not None:
+        model = load_classifier(embedded, device=dev)
+        _check_classifier(model, embedded, image_size, channels)
+        return _labelled(model, "embedded", embedded)
 
     key = {"data": _describe(data), "image_size": image_size, "channels": channels, "task": task,
            "epochs": epochs, "max_items": max_items, "seed": seed}
@@ -278,15 +330,24 @@ def get_classifier(classifier, run_dir: Optional[str], data, image_size: int, ch
                 if cached_key == key:
                     model = load_classifier(cache, device=dev)
                     _check_classifier(model, cache, image_size, channels)
-                    _say(log, f"using the cached classifier {cache}")
-                    return model
+                    return _labelled(model, "cached", cache)
             except (ValueError, OSError):
                 pass  # stale or damaged cache: train a new one
     model = fit_classifier(data, image_size, channels, task, epochs, batch_size, max_items, seed, dev, progress, log)
     if cache is not None:
         save_classifier_atomic(model, cache)
         atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(key, indent=2) + "\n"))
-    return model
+    return _labelled(model, "trained", cache)
+
+
+def classifier_line(model) -> str:
+    """One line for the reader: which classifier FID and CA were measured with, and how good it is."""
+    from ibmd_fast.classifier import describe_classifier
+
+    where = {"given": "given", "embedded": "embedded", "cached": "cached", "trained": "trained just now"}.get(
+        getattr(model, "origin", None), "given")
+    path = getattr(model, "path", None)
+    return f"FID/CA classifier ({where}{', ' + path if path else ''}): {describe_classifier(model)}"
 
 
 # ----------------------------------------------------------------------------
@@ -369,10 +430,12 @@ def evaluate(
                         {"x0", "xT"[, "mask"][, "label"]} items; the test split is used.
     degradation      -- default: the release's; used to make xT from clean images.
     image_size       -- default: the release's training size.
-    classifier       -- a path or Classifier; None trains one on the clean training split of
+    classifier       -- a path or Classifier; None takes the one that ships for the embedded
+                        default where it fits, else trains one on the clean training split of
                         ``data`` (labels if it has them, else the source photograph of each crop
                         where the data knows it, else rotation; needs a spec) and caches
-                        it as ``run_dir/classifier.safetensors``. CA is reported only with labels.
+                        it as ``run_dir/classifier.safetensors`` (``get_classifier``). CA is
+                        reported only with labels.
     Rows: "corrupted" (xT itself, for reference), "teacher" per NFE, "student". Writes
     ``run_dir/eval.json`` and ``run_dir/eval-grid.png`` (corrupted | teacher at its largest NFE |
     student | clean) when ``run_dir`` is given. Returns the eval.json payload.
@@ -424,6 +487,7 @@ def evaluate(
 
     clf = get_classifier(classifier, run_dir, data, x0.shape[-1], channels, classifier_task, classifier_epochs,
                          classifier_items, seed=seed, device=dev, progress=progress, log=log)
+    _say(log, classifier_line(clf))
     from ibmd_fast.metrics import evaluate_restoration
 
     def measure(restored):
@@ -458,24 +522,27 @@ def evaluate(
         "student": None if s_model is None else s_model.path,
         "sampler": (sampler or natural_sampler(t_model.bridge_type)) if t_model is not None else None,
         "eta": used_eta(t_model, sampler, eta),
-        "classifier": {"path": _classifier_path(classifier, run_dir, data), "task": clf.task,
-                       "config": getattr(clf, "config", None)},
+        "classifier": {"path": clf.path, "origin": clf.origin, "task": clf.task,
+                       "description": describe_classifier(clf), "config": getattr(clf, "config", None),
+                       "info": getattr(clf, "info", {})},
         "device": str(dev),
         "seed": seed,
         "results": rows,
     }
     if run_dir is not None:
         n = min(grid_rows, x0.shape[0])
-        columns = [xT[:n]]
+        columns, titles = [xT[:n]], ["corrupted"]
         if t_model is not None:
             columns.append(restored_by_row[("teacher", teacher_nfe[-1])][:n])
+            titles.append(f"teacher NFE {teacher_nfe[-1]}")
         if s_model is not None:
             columns.append(restored_by_row[("student", s_model.nfe)][:n])
+            titles.append(f"student NFE {s_model.nfe}")
         columns.append(x0[:n])
+        titles.append("clean")
         grid_path = os.path.join(run_dir, "eval-grid.png")
-        save_grid(columns, grid_path)
+        save_grid(columns, grid_path, titles=titles)
         payload["grid"] = grid_path
-        payload["grid_columns"] = (["corrupted"] + (["teacher"] if t_model is not None else [])
-                                   + (["student"] if s_model is not None else []) + ["clean"])
+        payload["grid_columns"] = titles
         _write_json(os.path.join(run_dir, "eval.json"), payload)
     return payload

@@ -36,8 +36,11 @@ def _fake_run(root: Path) -> None:
     distill.mkdir(parents=True)
     evaluation.mkdir()
     (distill / "comparison.json").write_text(json.dumps(DISTILL_ROWS))
+    columns = [{"title": "corrupted", "psnr": 20.0, "ms": None},
+               {"title": "teacher NFE 100", "psnr": 23.5, "ms": 9000.0},
+               {"title": "student NFE 1", "psnr": 22.0, "ms": 90.0}, {"title": "clean", "psnr": None, "ms": None}]
     (distill / "comparison-photo.json").write_text(json.dumps({"photo": "chelsea", "height": 48, "width": 72,
-                                                               "zoom": 3, "columns": []}))
+                                                               "hole": 16, "zoom": 3, "columns": columns}))
     (distill / "config.json").write_text(json.dumps({"device": "auto", "teacher": "t.safetensors", "steps": 200,
                                                      "data": "skimage", "degradation": "inpaint-center"}))
     (distill / "stats.jsonl").write_text("".join(json.dumps({"step": s, "seconds": 3.0 * s}) + "\n"
@@ -53,7 +56,8 @@ def test_bench_default_from_run_writes_the_table_the_time_and_the_picture(tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, str(BENCH / "bench_default.py"), "--from-run", str(tmp_path / "run"),
-                           "--machine", "test", "--out-dir", str(out)], env=env, capture_output=True, text=True,
+                           "--machine", "test", "--out-dir", str(out), "--note", "a test"], env=env,
+                          capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "default-test.json").read_text())
@@ -66,6 +70,13 @@ def test_bench_default_from_run_writes_the_table_the_time_and_the_picture(tmp_pa
     assert report["eval"]["rows"] == EVAL_ROWS
     assert report["eval"]["beats_input"]["teacher-100"] == {"fid": True, "psnr": True, "ssim": True}
     assert report["eval"]["beats_input"]["student-1"]["fid"] is False  # FID: lower is better
+    figures = report["targets"]
+    assert figures["photo_psnr_gain_db"] == {"teacher": 3.5, "student": 2.0, "target": 3.0, "met": False}
+    assert figures["student_vs_teacher_100"]["fid_ratio"] == 10.0 and not figures["student_vs_teacher_100"]["met"]
+    assert figures["student_vs_teacher_100"]["psnr_gap_db"] == -0.3  # the student is ahead on PSNR here
+    assert figures["distill_minutes"]["value"] == 1.0 and figures["distill_minutes"]["met"]
+    assert "eval_seconds" not in figures  # --from-run has no eval wall time
+    assert report["note"] == "a test"
     with Image.open(out / "default-comparison-test.png") as picture:
         assert picture.size == (8, 4)
     assert "corrupted" in proc.stdout and "student" in proc.stdout

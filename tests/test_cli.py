@@ -22,6 +22,7 @@ from PIL import Image
 import ibmd_fast.cli as cli_module
 import ibmd_fast.onnx as onnx_module
 import ibmd_fast.train as train_module
+from ibmd_fast import imageio
 from ibmd_fast.bridges import I2SBBridge, VPBridge
 from ibmd_fast.data import FASHION_MNIST_DIR
 from ibmd_fast.cli import IntList, cli
@@ -29,6 +30,7 @@ from ibmd_fast.config_io import ConfigError, check_keys, load_config_file, resol
 from ibmd_fast.evaluate import (
     DEFAULT_GENERATOR,
     DEFAULT_TEACHER,
+    classifier_line,
     classifier_training_data,
     evaluate,
     fit_classifier,
@@ -515,10 +517,16 @@ def test_eval_writes_json_table_and_grid(releases, tmp_path):
             assert isinstance(row[key], float), (row, key)
         assert "ca" not in row  # the crops have no class labels: no CA
     assert payload["classifier"]["config"]["label_source"] == "photo" and payload["num_images"] == 4
+    assert payload["classifier"]["origin"] == "trained"  # the embedded one is for 32 px crops only
+    described = payload["classifier"]["description"]
+    assert described.startswith("photo classifier (which of 6 photographs") and "% accuracy on" in described
+    assert described in result.stdout and "task labels" not in result.stdout  # the words match the classifier
     assert payload["sampler"] == "i2sb" and payload["eta"] is None  # eta is DBIM's only
-    assert payload["grid_columns"] == ["corrupted", "teacher", "student", "clean"]
+    assert payload["grid_columns"] == ["corrupted", "teacher NFE 2", "student NFE 1", "clean"]
+    cell = imageio.grid_zoom(SIZE, SIZE) * SIZE  # small crops enlarged to about 96 px
+    band = imageio.LINE_HEIGHT + 2 * imageio.LABEL_PAD  # the column titles
     with Image.open(run_dir / "eval-grid.png") as grid:
-        assert grid.size == (4 * SIZE + 5 * 2, 4 * SIZE + 5 * 2)
+        assert grid.size == (4 * cell + 5 * 2, band + 4 * cell + 5 * 2)
     assert (run_dir / "classifier.safetensors").is_file()
     assert load_classifier(run_dir / "classifier.safetensors").config["image_size"] == SIZE
 
@@ -534,7 +542,7 @@ def test_eval_on_paired_folders(releases, tmp_path):
                     "--classifier-epochs", 1)
     assert result.exit_code == 0, result.output
     payload = json.loads((run_dir / "eval.json").read_text())
-    assert payload["num_images"] == 3 and payload["grid_columns"] == ["corrupted", "teacher", "clean"]
+    assert payload["num_images"] == 3 and payload["grid_columns"] == ["corrupted", "teacher NFE 1", "clean"]
     assert {r["model"] for r in payload["results"]} == {"corrupted", "teacher"}
 
 
@@ -628,6 +636,25 @@ def test_classifier_cache_is_reused_only_for_the_same_data(tmp_path, monkeypatch
     assert len(calls) == 2
 
 
+def test_eval_on_the_embedded_default_uses_the_shipped_classifier(tmp_path, monkeypatch):
+    """The embedded default's data (scikit-image crops, 32 px, RGB) has a classifier in the package:
+    nothing is trained, and it says what it is and how accurate it was on held-out crops."""
+    from ibmd_fast.paths import EMBEDDED_CLASSIFIER
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the embedded default's classifier was trained instead of loaded")
+
+    monkeypatch.setattr("ibmd_fast.evaluate.fit_classifier", no_training)
+    model = get_classifier(None, str(tmp_path), "skimage", 32, 3)
+    assert (model.origin, model.path) == ("embedded", EMBEDDED_CLASSIFIER)
+    assert model.config["label_source"] == "photo" and model.info["data"] == "skimage"
+    assert model.info["test_accuracy"] > 0.5 and model.info["test_items"] >= 256
+    assert f"{100 * model.info['test_accuracy']:.2f}% accuracy" in classifier_line(model)
+    assert "embedded" in classifier_line(model)
+    with pytest.raises(AssertionError, match="trained instead"):  # another task is trained (and cached)
+        get_classifier(None, str(tmp_path), "skimage", 32, 3, task="rotation")
+
+
 def test_train_classifier_command(tmp_path):
     out = tmp_path / "clf.safetensors"
     result = invoke("train-classifier", "--data", "skimage", "--image-size", SIZE, "--epochs", 1,
@@ -635,7 +662,8 @@ def test_train_classifier_command(tmp_path):
     assert result.exit_code == 0, result.output
     model = load_classifier(out)
     assert model.config["label_source"] == "photo" and model.config["image_size"] == SIZE  # the default here
-    assert "task labels" in result.output
+    assert "photo classifier (which of 6 photographs" in result.output and "held-out test images" in result.output
+    assert 0.0 <= model.info["test_accuracy"] <= 1.0 and model.info["test_items"] == 512
     rotation = tmp_path / "rotation.safetensors"
     assert invoke("train-classifier", "--data", "skimage", "--task", "rotation", "--image-size", SIZE, "--epochs", 1,
                   "--max-items", 8, "--batch-size", 8, "--output", rotation).exit_code == 0

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ibmd_fast import metrics
+from ibmd_fast.classifier import describe_classifier
 
 skimage_metrics = pytest.importorskip("skimage.metrics")
 skimage_data = pytest.importorskip("skimage.data")
@@ -263,9 +264,13 @@ def test_pseudo_labels():
 def test_save_load_round_trip(tmp_path):
     model = metrics.Classifier(in_channels=1, num_classes=3, image_size=16, width=8)
     path = tmp_path / "classifier.safetensors"
+    model.info = {"data": "skimage", "test_accuracy": 0.5, "test_items": 4}  # what eval prints beside FID
     metrics.save_classifier(model, path)
     loaded = metrics.load_classifier(path)
     assert loaded.config == model.config and not loaded.training
+    assert loaded.info == model.info
+    assert describe_classifier(loaded) == ("label classifier (3 classes, 16x16 images), 50.00% accuracy on 4 "
+                                           "held-out test images")
     x = torch.rand(3, 1, 16, 16) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded.features(x), model.features(x))

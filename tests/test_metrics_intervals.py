@@ -113,7 +113,7 @@ def test_classifier_moved_and_re_exported(capsys):
     lines = []
     classifier_module.train_classifier((images, labels), epochs=2, batch_size=8, width=8, progress=True,
                                        device="cpu", log=lines.append)
-    assert len(lines) == 2 and lines[0].startswith("classifier (labels) epoch 1/2: loss ")
+    assert len(lines) == 2 and lines[0].startswith("label classifier epoch 1/2: loss ")
     assert "training accuracy" in lines[1]
     # stderr is no terminal under pytest: no tqdm bar, and the default log prints the epoch lines there
     classifier_module.train_classifier((images, labels), epochs=1, batch_size=8, width=8, progress=True,

@@ -9,6 +9,7 @@ from PIL import Image
 
 from ibmd_fast.bridges import I2SBBridge
 from ibmd_fast.data import HELD_OUT_PHOTO, get_degradation, held_out_photo, load_skimage_photo
+from ibmd_fast import imageio
 from ibmd_fast.data.images import tensor_to_uint8
 from ibmd_fast.metrics import psnr, ssim
 from ibmd_fast.models import Generator, Teacher, build_unet
@@ -49,9 +50,9 @@ def test_draw_columns_lays_out_four_labeled_columns():
     titles = ["corrupted", "teacher NFE 100", "student NFE 1", "clean"]
     columns = [(t, im, [f"PSNR {i}.00 dB", f"{i} ms/image"]) for i, (t, im) in enumerate(zip(titles, images))]
     zoom, pad = 3, 6
-    picture = np.asarray(report.draw_columns(columns, zoom=zoom, pad=pad))
-    top = report.LINE_HEIGHT + 2 * report.LABEL_PAD
-    bottom = 2 * report.LINE_HEIGHT + 2 * report.LABEL_PAD
+    picture = np.asarray(imageio.draw_columns(columns, zoom=zoom, pad=pad))
+    top = imageio.LINE_HEIGHT + 2 * imageio.LABEL_PAD
+    bottom = 2 * imageio.LINE_HEIGHT + 2 * imageio.LABEL_PAD
     assert picture.shape == (top + 10 * zoom + bottom, pad + 4 * (14 * zoom + pad), 3)
     for j, image in enumerate(images):
         left = pad + j * (14 * zoom + pad)
@@ -61,7 +62,33 @@ def test_draw_columns_lays_out_four_labeled_columns():
         label_band = picture[top + 10 * zoom:, left:left + 14 * zoom]
         assert (title_band < 128).any() and (label_band < 128).any()  # text drawn above and below
     with pytest.raises(ValueError, match="differ in size"):
-        report.draw_columns([("a", images[0], []), ("b", torch.zeros(3, 8, 8), [])])
+        imageio.draw_columns([("a", images[0], []), ("b", torch.zeros(3, 8, 8), [])])
+
+
+def test_save_grid_enlarges_small_images_and_titles_the_columns(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    columns = [torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1, torch.rand(2, 1, 32, 32, generator=gen) * 2 - 1]
+    path = tmp_path / "grid.png"
+    imageio.save_grid(columns, str(path), titles=["corrupted", "student NFE 1"], pad=2)
+    zoom = imageio.grid_zoom(32, 32)
+    assert zoom == 3  # 32 px -> 96 px cells
+    band = imageio.LINE_HEIGHT + 2 * imageio.LABEL_PAD
+    with Image.open(path) as grid:
+        pixels = np.asarray(grid.convert("RGB"))
+    assert pixels.shape == (band + 2 + 2 * (96 + 2), 2 + 2 * (96 + 2), 3)
+    for j, images in enumerate(columns):
+        for i in range(2):
+            top, left = band + 2 + i * 98, 2 + j * 98
+            expected = np.repeat(np.repeat(tensor_to_uint8(images[i]), 3, 0), 3, 1)
+            expected = np.repeat(expected, 3 // expected.shape[2], axis=2)  # gray next to colour: RGB
+            assert np.array_equal(pixels[top:top + 96, left:left + 96], expected)
+        assert (pixels[:band, 2 + j * 98:2 + j * 98 + 96] < 128).any()  # its title
+    assert imageio.grid_zoom(256, 256) == 1 and imageio.grid_zoom(28, 28) == 3
+    imageio.save_grid(columns, str(path), cell=0)  # at their own size, untitled
+    with Image.open(path) as grid:
+        assert grid.size == (2 + 2 * 34, 2 + 2 * 34)
+    with pytest.raises(ValueError, match="2 columns"):
+        imageio.save_grid(columns, str(path), titles=["one"])
 
 
 def _tiny_pair(degradation: str):
@@ -90,7 +117,25 @@ def test_photo_comparison_restores_the_whole_held_out_photo(tmp_path, degradatio
     assert teacher_col["ms"] > 0 and student_col["ms"] > 0 and clean["psnr"] is None and corrupted["ms"] is None
     with Image.open(path) as picture:
         assert picture.size[0] == 6 + 4 * (2 * info["width"] + 6)
-        assert picture.size[1] > 2 * info["height"] + 2 * report.LINE_HEIGHT
+        assert picture.size[1] > 2 * info["height"] + 2 * imageio.LINE_HEIGHT
+
+
+def test_photo_comparison_cuts_the_hole_the_teacher_learned(tmp_path):
+    """With ``hole`` the photo loses a centered square of that side (the training crops' hole), not
+    half of the whole photo."""
+    from ibmd_fast.data.degradations import CenterInpainting
+
+    teacher, student = _tiny_pair("inpaint-center")
+    info = report.photo_comparison(str(tmp_path / "c.png"), teacher, student, 1, 2, get_degradation("inpaint-center"),
+                                   3, 2, "cpu", short_side=24, zoom=2, hole=8)
+    assert info["hole"] == 8
+    h, w = load_skimage_photo(HELD_OUT_PHOTO).shape[:2]
+    x0 = held_out_photo(3, 24 / min(h, w), 2)
+    xT, mask = CenterInpainting(hole=8)(x0[None])
+    assert int(mask.sum()) == 64 and info["columns"][0]["psnr"] == pytest.approx(float(psnr(xT, x0[None])), rel=1e-5)
+    whole = report.photo_comparison(str(tmp_path / "d.png"), teacher, student, 1, 2,
+                                    get_degradation("inpaint-center"), 3, 2, "cpu", short_side=24, zoom=2)
+    assert whole["hole"] == info["height"] // 2  # the degradation's own: half the side
 
 
 def test_held_out_photo_is_whole_and_sized_for_the_network():

@@ -154,14 +154,24 @@ class JPEG(Degradation):
 
 
 class CenterInpainting(Degradation):
-    """A centered square hole of half the image side; the hole of ``xT`` is 0."""
+    """A centered hole of half the image side (``hole`` None), or a centered ``hole`` x ``hole``
+    square (pixels; for a picture larger than the crops a teacher learned, e.g. ``comparison.png``);
+    the hole of ``xT`` is 0."""
 
     name = "inpaint-center"
     is_inpainting = True
 
+    def __init__(self, hole: Optional[int] = None):
+        if hole is not None and hole < 1:
+            raise ValueError(f"inpaint-center: the hole side must be positive, got {hole}")
+        self.hole = hole
+
     def hole_mask(self, height: int, width: int) -> torch.Tensor:
         mask = torch.zeros(1, height, width)
-        side_h, side_w = height // 2, width // 2
+        if self.hole is None:
+            side_h, side_w = height // 2, width // 2
+        else:
+            side_h, side_w = min(self.hole, height), min(self.hole, width)
         top, left = (height - side_h) // 2, (width - side_w) // 2
         mask[:, top:top + side_h, left:left + side_w] = 1.0
         return mask

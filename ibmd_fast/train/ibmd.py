@@ -481,6 +481,13 @@ def _read_comparison(run_dir: str) -> list[dict]:
     return rows if isinstance(rows, list) else []
 
 
+def _crop_hole(degradation, image_size: int) -> Optional[int]:
+    """The side of the hole ``degradation`` cuts in a training crop (None: no inpainting)."""
+    if not getattr(degradation, "is_inpainting", False):
+        return None
+    return int(degradation.hole_mask(image_size, image_size)[0].amax(dim=1).sum())
+
+
 def _write_samples(cfg: DistillConfig, ibmd: IBMD, batch: Optional[dict], step: int) -> None:
     """Columns: corrupted | student (EMA). Distillation has no clean images to show."""
     if batch is None:
@@ -489,7 +496,8 @@ def _write_samples(cfg: DistillConfig, ibmd: IBMD, batch: Optional[dict], step: 
     mask = batch.get("mask") if ibmd.inpainting else None
     mask = None if mask is None else mask.to(ibmd.device)
     out = sample_student(ibmd.ema.module, xT, cfg.nfe, mask, seed=cfg.seed, autocast=ibmd.precision.autocast)
-    save_grid([xT, out], os.path.join(cfg.run_dir, f"samples-{step}.png"))
+    save_grid([xT, out], os.path.join(cfg.run_dir, f"samples-{step}.png"),
+              titles=["corrupted", f"student NFE {cfg.nfe}"])
 
 
 def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -> list[dict]:
@@ -523,7 +531,9 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
     photo = report.photo_comparison(
         os.path.join(cfg.run_dir, "comparison.png"), ibmd.teacher, ibmd.ema.module, cfg.nfe, teacher_nfe,
         degradation, channels, size_multiple({"unet": ibmd.teacher.net.config}), ibmd.device,
-        seed=cfg.seed, autocast=ibmd.precision.autocast)
+        seed=cfg.seed, autocast=ibmd.precision.autocast,
+        # the hole of the crops the teacher learned, not half the whole photo (larger than any it saw)
+        hole=_crop_hole(degradation, cfg.image_size))
     write_text(os.path.join(cfg.run_dir, "comparison-photo.json"), json.dumps(photo, indent=2) + "\n")
     log(f"comparison.png: the held-out photo {photo['photo']} ({photo['width']}x{photo['height']}), "
         + ", ".join(f"{c['title']} {c['psnr']:.2f} dB" for c in photo["columns"] if c["psnr"] is not None))

@@ -7,7 +7,7 @@
 - ``format_comparison(rows, run_dir)``: the comparison table and one line on how to read it.
 - ``photo_comparison(...)``: ``comparison.png``, one whole held-out photograph restored by the
   teacher and the student, in labeled columns corrupted | teacher NFE n | student NFE k | clean,
-  with PSNR and milliseconds per image under each (``draw_columns`` draws it).
+  with PSNR and milliseconds per image under each (``imageio.draw_columns`` draws it).
 """
 from __future__ import annotations
 
@@ -15,12 +15,11 @@ import math
 import time
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
-from ibmd_fast.data.images import tensor_to_uint8
+from ibmd_fast.data.degradations import CenterInpainting
 from ibmd_fast.data.skimage_photos import HELD_OUT_PHOTO, held_out_photo, load_skimage_photo
+from ibmd_fast.imageio import draw_columns
 from ibmd_fast.metrics import psnr, ssim
 from ibmd_fast.release import atomic_write
 from ibmd_fast.restore import _sync as sync, sample_student, sample_teacher, valid_teacher_nfe
@@ -28,8 +27,6 @@ from ibmd_fast.restore import _sync as sync, sample_student, sample_teacher, val
 __all__ = ["compare", "corrupted_row", "format_comparison", "reading_line", "draw_columns", "photo_comparison"]
 
 FIGURE_SHORT_SIDE = 48  # pixels: the photo's shorter side in comparison.png (see photo_comparison)
-LABEL_PAD = 4       # pixels around each text line
-LINE_HEIGHT = 12    # PIL's default bitmap font is 11 px high
 
 
 def corrupted_row(batches: Sequence[dict]) -> dict:
@@ -54,42 +51,6 @@ def format_comparison(rows: Sequence[dict], run_dir: Optional[str] = None) -> st
     return format_table(rows) + "\n" + reading_line(run_dir)
 
 
-def _panel(image: torch.Tensor, zoom: int) -> Image.Image:
-    pixels = tensor_to_uint8(image.detach().float().cpu().clamp(-1, 1))
-    if pixels.shape[2] == 1:
-        pixels = np.repeat(pixels, 3, axis=2)
-    panel = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
-    return panel.resize((panel.width * zoom, panel.height * zoom), Image.NEAREST) if zoom > 1 else panel
-
-
-def draw_columns(columns: Sequence[tuple[str, torch.Tensor, Sequence[str]]], zoom: int = 2,
-                 pad: int = 6) -> Image.Image:
-    """Labeled columns side by side: each ``(title, image [C, H, W] in [-1, 1], lines under it)``.
-
-    Every image is enlarged ``zoom`` times (nearest), its title drawn above and its lines below in
-    PIL's default font, on white with ``pad`` pixels between columns. All images share one size.
-    """
-    if not columns:
-        raise ValueError("draw_columns: no columns")
-    sizes = {tuple(image.shape[-2:]) for _, image, _ in columns}
-    if len(sizes) != 1:
-        raise ValueError(f"draw_columns: the images differ in size {sorted(sizes)}")
-    h, w = (s * zoom for s in sizes.pop())
-    n_lines = max(len(lines) for _, _, lines in columns)
-    top = LINE_HEIGHT + 2 * LABEL_PAD
-    bottom = n_lines * LINE_HEIGHT + 2 * LABEL_PAD
-    canvas = Image.new("RGB", (pad + len(columns) * (w + pad), top + h + bottom), "white")
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    for j, (title, image, lines) in enumerate(columns):
-        left = pad + j * (w + pad)
-        canvas.paste(_panel(image, zoom), (left, top))
-        draw.text((left, LABEL_PAD), title, fill="black", font=font)
-        for k, line in enumerate(lines):
-            draw.text((left, top + h + LABEL_PAD + k * LINE_HEIGHT), line, fill="black", font=font)
-    return canvas
-
-
 def _timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -99,10 +60,15 @@ def _timed(fn):
 @torch.no_grad()
 def photo_comparison(path: str, teacher, student, student_nfe: int, teacher_nfe: int, degradation,
                      channels: int, size_multiple: int, device, seed: int = 0, autocast=None,
-                     short_side: int = FIGURE_SHORT_SIDE, zoom: int = 3) -> dict:
+                     short_side: int = FIGURE_SHORT_SIDE, zoom: int = 3, hole: Optional[int] = None) -> dict:
     """Write ``path``: the whole held-out photo (``HELD_OUT_PHOTO``), resized so its shorter side
     is about ``short_side`` pixels, corrupted by ``degradation``, restored by the teacher
     (``teacher_nfe`` calls) and the student, each column enlarged ``zoom`` times.
+
+    ``hole``: for inpainting, the side in pixels of the centered square hole (None: the
+    degradation's own, half the photo's side). The distiller passes the hole of the crops the
+    teacher learned (half the training size): a hole of half the whole photo is larger than any
+    the teacher has seen, and it fills that with speckle.
 
     The default 48 pixels is near the data's own scale (``DEFAULT_SCALE`` makes the photo about 75
     pixels high) and keeps the teacher's 100 calls affordable on a CPU: the U-Net's attention
@@ -116,6 +82,8 @@ def photo_comparison(path: str, teacher, student, student_nfe: int, teacher_nfe:
     multiple = math.lcm(int(size_multiple), int(getattr(degradation, "factor", 1)))
     height, width = load_skimage_photo(HELD_OUT_PHOTO).shape[:2]
     x0 = held_out_photo(channels, short_side / min(height, width), multiple)[None].to(device)
+    if hole is not None and getattr(degradation, "is_inpainting", False):
+        degradation = CenterInpainting(hole=hole)
     xT, mask = degradation(x0)
     mask = None if mask is None else mask.to(device)
 
@@ -154,8 +122,9 @@ def photo_comparison(path: str, teacher, student, student_nfe: int, teacher_nfe:
         info.append({"title": title, "psnr": value, "ms": None if seconds is None else seconds * 1e3})
     picture = draw_columns(columns, zoom=zoom)
     atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+    hole_side = None if mask is None else int(mask[0, 0].amax(dim=1).sum())  # rows the hole spans
     return {"photo": HELD_OUT_PHOTO, "height": int(x0.shape[-2]), "width": int(x0.shape[-1]),
-            "zoom": zoom, "columns": info}
+            "hole": hole_side, "zoom": zoom, "columns": info}
 
 
 # ----------------------------------------------------------------------------

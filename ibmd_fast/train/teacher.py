@@ -314,4 +314,5 @@ def _write_samples(cfg, teacher, batch, step, nfe, precision, device) -> None:
     mask = batch.get("mask")
     mask = None if mask is None else mask.to(device)
     out = sample_teacher(teacher, xT, nfe, mask, seed=cfg.seed, autocast=precision.autocast)
-    save_grid([xT, out, batch["x0"]], os.path.join(cfg.run_dir, f"samples-{step}.png"))
+    save_grid([xT, out, batch["x0"]], os.path.join(cfg.run_dir, f"samples-{step}.png"),
+              titles=["corrupted", f"teacher NFE {nfe}", "clean"])
