@@ -388,3 +388,130 @@ def test_freeform_without_the_file_says_which_file(tmp_path):
     np.savez(tmp_path / "other.npz", images=np.zeros(3))
     with pytest.raises(ValueError, match="neither Palette's"):
         get_degradation("inpaint-freeform1020", masks=tmp_path / "other.npz")
+
+
+# ----------------------------------------------------------------------------
+# import-teacher: options.pkl's corrupt -> the operator; distilled on exactly that
+
+
+def write_i2sb_run(folder, corrupt: str, size: int = 16):
+    """A small I2SB run folder: latest.pt (net with diffusion_model. keys, torch_ema's shadow list),
+    options.pkl (a pickled Namespace) and the architecture pickle I2SB keeps beside them."""
+    import argparse
+    import pickle
+
+    from ibmd_fast.models import UNet
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gd = dict(image_size=size, num_channels=32, num_res_blocks=1, channel_mult="1,2", learn_sigma=False,
+              class_cond=False, attention_resolutions="8", num_heads=2, num_head_channels=-1, num_heads_upsample=-1,
+              use_scale_shift_norm=True, dropout=0.0, resblock_updown=True, use_fp16=False,
+              use_new_attention_order=False)
+    torch.manual_seed(0)
+    net = UNet(image_size=size, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
+               attention_resolutions=[2], channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True,
+               resblock_updown=True)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    torch.save({"net": {f"diffusion_model.{k}": v for k, v in net.state_dict().items()},
+                "ema": {"decay": 0.99, "num_updates": 1, "shadow_params": [p.detach().clone() for p in net.parameters()],
+                        "collected_params": None}}, folder / "latest.pt")
+    options = argparse.Namespace(image_size=size, corrupt=corrupt, t0=1e-4, T=1.0, interval=50, beta_max=0.3,
+                                 ot_ode=False, cond_x1=False, device="cuda")
+    with open(folder / "options.pkl", "wb") as fh:
+        pickle.dump(options, fh)
+    with open(folder / "256x256_diffusion_uncond_fixedsigma.pkl", "wb") as fh:
+        pickle.dump(gd, fh)
+
+
+@pytest.mark.parametrize("corrupt,operator", [("jpeg-10", "jpeg"), ("blur-gauss", "blur")])
+def test_imported_i2sb_teacher_distills_on_its_own_corruption(tmp_path, monkeypatch, corrupt, operator):
+    import json
+
+    from ibmd_fast.release import read_release
+    from ibmd_fast.teachers import import_teacher
+    from ibmd_fast.train import distill
+
+    write_i2sb_run(tmp_path / "run", corrupt)
+    release = tmp_path / "teacher.safetensors"
+    config = import_teacher(tmp_path / "run", "i2sb", release)
+    assert config["degradation"] == corrupt
+    assert read_release(str(release), expect="ibmd_fast.teacher")[1]["degradation"] == corrupt
+
+    # the distiller's corrupted images come from I2SB's operator itself: record its calls
+    calls = []
+    original = getattr(ops, operator)
+
+    def spy(x, arg):
+        calls.append((tuple(x.shape), arg))
+        return original(x, arg)
+
+    monkeypatch.setattr(ops, operator, spy)
+    summary = distill(run_dir=str(tmp_path / "distill"), teacher=str(release), data="skimage", image_size=16,
+                      batch_size=2, steps=2, inner_steps=1, log_every=1, ckpt_every=2, eval_items=0, device="cpu",
+                      progress=False, lr=1e-6, fake_lr=1e-6)
+    assert np.isfinite(summary["loss_theta"]) and np.isfinite(summary["loss_phi"])
+    want = 10 if corrupt == "jpeg-10" else "gauss"
+    assert calls and all(arg == want and shape[-2:] == (16, 16) for shape, arg in calls)
+    with open(tmp_path / "distill" / "config.json") as fh:
+        assert json.load(fh)["degradation"] == corrupt
+    assert read_release(summary["release"], expect="ibmd_fast.generator")[1]["degradation"] == corrupt
+
+
+def test_import_refuses_mixture_and_unknown_corruptions(tmp_path):
+    from ibmd_fast.teachers import TeacherImportError, import_teacher
+
+    write_i2sb_run(tmp_path / "mix", "mixture")
+    with pytest.raises(TeacherImportError) as info:
+        import_teacher(tmp_path / "mix", "i2sb", tmp_path / "t.safetensors")
+    assert "\n" not in str(info.value) and "mixture" in str(info.value) and "no single operator" in str(info.value)
+    # the user may pick one of the mixture's corruptions
+    assert import_teacher(tmp_path / "mix", "i2sb", tmp_path / "t.safetensors",
+                          degradation="blur-uni")["degradation"] == "blur-uni"
+    write_i2sb_run(tmp_path / "odd", "jpeg-10-libjpeg")
+    with pytest.raises(TeacherImportError, match="not one of I2SB's corruptions"):
+        import_teacher(tmp_path / "odd", "i2sb", tmp_path / "t.safetensors")
+    # a free-form teacher imports without the mask file (distilling it needs --masks)
+    write_i2sb_run(tmp_path / "free", "inpaint-freeform2030")
+    assert import_teacher(tmp_path / "free", "i2sb", tmp_path / "f.safetensors")["degradation"] == \
+        "inpaint-freeform2030"
+
+
+def _one_error_line(result, *fragments):
+    assert result.exit_code != 0, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_cli_masks_option(tmp_path):
+    from click.testing import CliRunner
+
+    from ibmd_fast.cli import cli
+
+    def invoke(*args):
+        return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+
+    # without the file: one line naming the file and where it comes from, for every command that corrupts
+    for command in ("train-teacher", "distill"):
+        _one_error_line(invoke(command, "--degradation", "inpaint-freeform1020", "--dry-run"),
+                        "--masks", "imagenet_freeform_masks.npz", "drive.google.com")
+    masks = tmp_path / "imagenet_freeform1020_masks.npz"
+    write_i2sb_masks(masks, 16)
+    result = invoke("train-teacher", "--degradation", "inpaint-freeform1020", "--masks", masks, "--image-size", 16,
+                    "--steps", 1, "--batch-size", 2, "--beta-max", 1.0, "--run-dir", tmp_path / "teacher",
+                    "--device", "cpu", "--no-progress", "--sample-nfe", 2, "--n-steps", 20)
+    assert result.exit_code == 0, result.output
+    release = tmp_path / "teacher" / "teacher.safetensors"
+    _one_error_line(invoke("eval", "--teacher", release, "--student", "none", "--teacher-nfe", 1,
+                           "--num-images", 2, "--run-dir", tmp_path / "eval"), "--masks", "freeform1020")
+    result = invoke("eval", "--teacher", release, "--student", "none", "--teacher-nfe", 1, "--num-images", 2,
+                    "--masks", masks, "--run-dir", tmp_path / "eval", "--classifier-epochs", 1,
+                    "--classifier-items", 8, "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    _one_error_line(invoke("sample", "--model", release, "--output", tmp_path / "s"), "--masks")
+    result = invoke("sample", "--model", release, "--masks", masks, "--output", tmp_path / "s", "--num-images", 2,
+                    "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
