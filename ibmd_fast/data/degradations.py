@@ -85,6 +85,12 @@ class Degradation:
     name: str = ""
     is_inpainting: bool = False
     fixed_mask: bool = True  # False: the mask is drawn per image (no hole_mask)
+    size_multiple: int = 1   # image sides must be multiples of this
+    square: bool = False     # only square images (DDRM's blur)
+
+    def frame(self) -> Optional[Tuple[int, int]]:
+        """The one image size the degradation takes (free-form masks), or None."""
+        return None
 
     def __call__(
         self, x0: torch.Tensor, generator: Optional[torch.Generator] = None
@@ -124,6 +130,7 @@ class SuperResolution(Degradation):
         if factor < 2:
             raise ValueError(f"super-resolution factor must be >= 2, got {factor}")
         self.factor, self.mode = int(factor), mode
+        self.size_multiple = self.factor
         self.name = f"sr{self.factor}x-{mode}"
 
     def _check(self, x: torch.Tensor) -> None:
@@ -170,6 +177,7 @@ class JPEG(Degradation):
         if codec not in ("ddrm", "libjpeg"):
             raise ValueError(f"JPEG codec must be 'ddrm' or 'libjpeg', got {codec!r}")
         self.quality, self.codec = int(quality), codec
+        self.size_multiple = 16 if codec == "ddrm" else 1  # 8x8 blocks of the half-size chroma
         self.name = f"jpeg-{self.quality}" + ("-libjpeg" if codec == "libjpeg" else "")
 
     def _degrade(self, x0, generator):
@@ -194,7 +202,7 @@ class Blur(Degradation):
 
     def __init__(self, kind: str):
         i2sb_corruptions.blur_kernel(kind)  # raises for an unknown kind
-        self.kind = kind
+        self.kind, self.square = kind, True
         self.name = f"blur-{kind}"
 
     def _degrade(self, x0, generator):
@@ -233,6 +241,9 @@ class FreeformInpainting(Degradation):
         self.ratio = ratio
         self.name = f"inpaint-freeform{ratio}"
         self.masks = i2sb_corruptions.FreeformMasks(masks, ratio)
+
+    def frame(self) -> Tuple[int, int]:
+        return self.masks.size
 
     def hole_mask(self, height: int, width: int):
         raise ValueError(f"{self.name} draws a random mask per image, so it has no fixed one: "
@@ -296,7 +307,7 @@ def get_degradation(name, masks: Optional[str | os.PathLike] = None) -> Degradat
         return CenterInpainting()
     if match := _FREEFORM.match(key):
         if not masks:
-            raise ValueError(f"{key} needs its mask file: pass --masks FILE (masks=FILE), "
+            raise ValueError(f"{key} needs its mask file: pass --masks FILE (masks=FILE) with "
                              + i2sb_corruptions.FREEFORM_SOURCE.format(ratio=match.group(1)))
         return FreeformInpainting(match.group(1), masks)
     if key == "sketch":
