@@ -521,3 +521,17 @@ def test_cli_masks_option(tmp_path):
     result = invoke("sample", "--model", release, "--masks", masks, "--output", tmp_path / "s", "--num-images", 2,
                     "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
+
+
+def test_sizes_a_degradation_cannot_take_are_refused_before_training(tmp_path):
+    from ibmd_fast.train import TeacherConfig
+
+    with pytest.raises(ValueError, match="jpeg-10 needs image sides divisible by 16, got 24x24"):
+        TeacherConfig(degradation="jpeg-10", image_size=24).validate()
+    TeacherConfig(degradation="jpeg-10-libjpeg", image_size=24).validate()  # libjpeg pads its blocks itself
+    masks = tmp_path / "imagenet_freeform2030_masks.npz"
+    write_i2sb_masks(masks, 16)
+    with pytest.raises(ValueError, match="takes 16x16 images"):
+        TeacherConfig(degradation="inpaint-freeform2030", masks=str(masks), image_size=32).validate()
+    with pytest.raises(ValueError, match="square images only"):
+        get_degradation("blur-uni").check_size(32, 48)

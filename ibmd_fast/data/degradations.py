@@ -92,6 +92,16 @@ class Degradation:
         """The one image size the degradation takes (free-form masks), or None."""
         return None
 
+    def check_size(self, height: int, width: int) -> None:
+        """Raise a one-line ValueError if images of this size cannot be degraded."""
+        frame = self.frame()
+        if frame is not None and (height, width) != tuple(frame):
+            raise ValueError(f"{self.name} takes {frame[0]}x{frame[1]} images (its masks' size), not {height}x{width}")
+        if height % self.size_multiple or width % self.size_multiple:
+            raise ValueError(f"{self.name} needs image sides divisible by {self.size_multiple}, got {height}x{width}")
+        if self.square and height != width:
+            raise ValueError(f"{self.name} takes square images only, got {height}x{width}")
+
     def __call__(
         self, x0: torch.Tensor, generator: Optional[torch.Generator] = None
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

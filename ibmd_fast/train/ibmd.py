@@ -326,6 +326,7 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
                          f"distilling it needs a class label per image, which the data {cfg.data!r} does not carry")
     channels = int(tconf.get("channels", teacher.image_channels))
     degradation = get_degradation(cfg.degradation, masks=cfg.masks or None)
+    degradation.check_size(cfg.image_size, cfg.image_size)
     inpainting = degradation.is_inpainting
     if env.is_main:
         log(f"distill: teacher {cfg.teacher} ({teacher.bridge_type}, "

@@ -120,7 +120,8 @@ class TeacherConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
-        get_degradation(self.degradation, masks=self.masks or None)  # raises for unknown names, missing masks
+        # raises for unknown names, missing masks, sizes the degradation does not take
+        get_degradation(self.degradation, masks=self.masks or None).check_size(self.image_size, self.image_size)
         if self.arch in CONFIGS:
             check_image_size(self.image_size, CONFIGS[self.arch]["channel_mult"], f"the {self.arch} U-Net")
 
