@@ -8,10 +8,10 @@ The transcriptions below are written here, in this file's own words, from NVlabs
 reference's route (the SVD, the permutation of singular values, unfold / fold, the DCT built
 from an FFT), so they check the closed forms the package uses rather than repeat them.
 
-One choice is made explicit: DDRM sorts the singular-value products with ``torch.sort``,
-whose order of equal products is the device's; here it is the stable order (torch's radix
-sort on the GPU that built I2SB's operators at 256 px gives it; ``test_blur_tie_order``
-shows what the CPU's default order would change).
+One choice is made explicit: DDRM's blur sorts the singular-value products with ``torch.sort``,
+whose order of equal products is the device's; here it is the stable order (what torch's radix
+sort gives on the GPU that built I2SB's operators at 256 px, by our reading of torch's sort;
+not checked on a GPU). The CPU's default order moves blur outputs by up to 0.04.
 """
 from __future__ import annotations
 

@@ -23,8 +23,11 @@ wraps these functions as named degradations.
   (``order``) and ``S_c[order[d]] = sorted[(3 d + c) mod n^2]``. (A separable blur would have
   ``S_c[p, q] = s_p s_q``; DDRM's ``singulars()`` repeats the sorted list per channel where its
   ``Vt`` interleaves channels, and I2SB's checkpoints were trained on exactly that.) Equal
-  products keep their index order (a stable sort, which is what torch's radix sort on the GPU
-  that built I2SB's operator gives; the CPU's default sort may order ties otherwise).
+  products (``s_p s_q = s_q s_p``, the zeros) keep their index order: a stable sort. I2SB built
+  the operator on the GPU, where torch sends more than 4096 values (256^2 here) to its stable
+  segmented sort (ATen ``cuda/Sort.cpp``: ``should_use_small_sort`` / ``launch_stable_sort_kernel``;
+  not run on a GPU here); torch's default CPU sort may order ties otherwise, which moves outputs
+  by up to 0.04.
 - ``jpeg(x, quality)``: DDRM-JPEG's round trip: ``p = 255 (x + 1) / 2`` (not rounded), YCbCr
   (JFIF matrix, +128 on chroma), chroma subsampled by taking every second pixel (4:2:0),
   8x8 blocks minus 128, orthonormal 2-d DCT-II, divided by the quality-scaled tables
@@ -238,30 +241,29 @@ class FreeformMasks:
                                     f"{FREEFORM_SOURCE.format(ratio=ratio)}")
         try:
             with open(self.path, "rb") as fh:
-                data = np.load(io.BytesIO(fh.read()))
-                keys = list(data.keys())
-                palette_key = _PALETTE_KEYS[ratio]
-                if palette_key in keys:
-                    packed = np.asarray(data[palette_key], dtype=np.uint8).reshape(-1)
-                    side = _PALETTE_SIDE
-                    count = packed.size * 8 // (side * side)
-                    self.packed = packed[: count * side * side // 8].reshape(count, side * side // 8)
-                    self.size = (side, side)
-                elif "mask" in keys:
-                    other = re.search(r"freeform(\d{4})", os.path.basename(self.path))
-                    if other and other.group(1) != ratio:
-                        raise ValueError(f"{name}: {self.path} holds I2SB's freeform{other.group(1)} masks, "
-                                         f"not freeform{ratio}")
-                    masks = np.asarray(data["mask"]).reshape(-1, *np.asarray(data["mask"]).shape[-2:])
-                    self.size = tuple(int(s) for s in masks.shape[-2:])
-                    self.packed = np.packbits(masks.reshape(masks.shape[0], -1) != 0, axis=1)
-                else:
-                    raise ValueError(f"{name}: {self.path} has neither Palette's {palette_key!r} nor I2SB's "
-                                     f"'mask' (keys: {', '.join(keys) or 'none'})")
+                data = dict(np.load(io.BytesIO(fh.read())))
         except (OSError, EOFError, ValueError) as exc:
-            if isinstance(exc, ValueError) and str(exc).startswith(name):
-                raise
             raise ValueError(f"{name}: {self.path} is not a readable .npz of masks ({exc})") from None
+        palette_key = _PALETTE_KEYS[ratio]
+        if palette_key in data:
+            # Palette: the bits of [N, 256, 256] masks in one flat array; each mask is whole bytes
+            side = _PALETTE_SIDE
+            packed = np.asarray(data[palette_key], dtype=np.uint8).reshape(-1)
+            count = packed.size * 8 // (side * side)
+            self.packed = packed[: count * side * side // 8].reshape(count, side * side // 8)
+            self.size = (side, side)
+        elif "mask" in data:
+            other = re.search(r"freeform(\d{4})", os.path.basename(self.path))
+            if other and other.group(1) != ratio:
+                raise ValueError(f"{name}: {self.path} holds I2SB's freeform{other.group(1)} masks, "
+                                 f"not freeform{ratio}")
+            masks = np.asarray(data["mask"])
+            masks = masks.reshape(-1, *masks.shape[-2:])  # I2SB's [N, H, W] (or [N, 1, H, W])
+            self.size = (int(masks.shape[-2]), int(masks.shape[-1]))
+            self.packed = np.packbits(masks.reshape(masks.shape[0], -1) != 0, axis=1)
+        else:
+            raise ValueError(f"{name}: {self.path} has neither Palette's {palette_key!r} nor I2SB's "
+                             f"'mask' (keys: {', '.join(data) or 'none'})")
         if self.packed.shape[0] == 0:
             raise ValueError(f"{name}: {self.path} holds no masks")
 
