@@ -273,8 +273,8 @@ def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, mas
         raise click.ClickException(f"classifier file not found: {classifier}")
     _check_output_parent(run_dir, "--run-dir")
     result = evaluate(teacher=teacher_path, student=student_path, data=data, degradation=degradation,
-                      masks=masks, image_size=image_size, teacher_nfe=teacher_nfe, sampler=sampler, eta=eta, classifier=classifier,
-                      classifier_task=classifier_task, classifier_epochs=classifier_epochs,
+                      masks=masks, image_size=image_size, teacher_nfe=teacher_nfe, sampler=sampler, eta=eta,
+                      classifier=classifier, classifier_task=classifier_task, classifier_epochs=classifier_epochs,
                       classifier_items=classifier_items, num_images=num_images, batch_size=batch_size, seed=seed,
                       device=device, run_dir=run_dir, progress=_auto_progress(progress), log=_log)
     click.echo(f"{result['num_images']} test images of {result['data']} ({result['degradation']}, "

@@ -365,7 +365,8 @@ def _refuse_release_or_onnx(path: str) -> None:
 
 # I2SB's corruption names (corruption/__init__.py build_corruption), each the operator of the same name
 # in ibmd_fast.data (i2sb_corruptions: DDRM's operators, exactly)
-_I2SB_CORRUPT = re.compile(r"^(sr4x-(pool|bicubic)|jpeg-\d+|blur-(uni|gauss)|inpaint-(center|freeform1020|freeform2030))$")
+_I2SB_CORRUPT = re.compile(
+    r"^(sr4x-(pool|bicubic)|jpeg-\d+|blur-(uni|gauss)|inpaint-(center|freeform1020|freeform2030))$")
 
 
 def i2sb_degradation(corrupt: Any) -> str:

@@ -415,8 +415,8 @@ def write_i2sb_run(folder, corrupt: str, size: int = 16):
         for p in net.parameters():
             p.copy_(torch.randn_like(p) * 0.05)
     torch.save({"net": {f"diffusion_model.{k}": v for k, v in net.state_dict().items()},
-                "ema": {"decay": 0.99, "num_updates": 1, "shadow_params": [p.detach().clone() for p in net.parameters()],
-                        "collected_params": None}}, folder / "latest.pt")
+                "ema": {"decay": 0.99, "num_updates": 1, "collected_params": None,
+                        "shadow_params": [p.detach().clone() for p in net.parameters()]}}, folder / "latest.pt")
     options = argparse.Namespace(image_size=size, corrupt=corrupt, t0=1e-4, T=1.0, interval=50, beta_max=0.3,
                                  ot_ode=False, cond_x1=False, device="cuda")
     with open(folder / "options.pkl", "wb") as fh:

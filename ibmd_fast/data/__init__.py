@@ -4,10 +4,10 @@ Images are float32 tensors ``[C, H, W]`` in [-1, 1], C = 1 or 3.
 
 Sources (torch Datasets): ``ImageFolder``, ``PairedFolders``,
 ``CorruptedFolder``, ``SkimagePhotos`` (the embedded default),
-``FashionMNIST``. Degradations: ``get_degradation(name, masks=None)`` for the names in
-``DEGRADATIONS`` (I2SB's exact corruptions in ``i2sb_corruptions``). Pipelines: ``BridgePairs`` (x0, xT pairs), ``CorruptedOnly``
-(xT only, for distillation), ``make_source`` / ``make_dataset`` (CLI specs),
-``collate``. Nothing here downloads anything.
+``FashionMNIST``. Degradations: ``get_degradation(name, masks=None)`` for the
+names in ``DEGRADATIONS`` (I2SB's own operators in ``i2sb_corruptions``).
+Pipelines: ``BridgePairs`` (x0, xT pairs), ``CorruptedOnly`` (xT only, for
+distillation), ``make_source`` / ``make_dataset`` (CLI specs), ``collate``. Nothing here downloads anything.
 """
 from ibmd_fast.data.degradations import (
     DEGRADATIONS,
