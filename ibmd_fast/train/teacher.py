@@ -120,10 +120,13 @@ class TeacherConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
-        # raises for unknown names, missing masks, sizes the degradation does not take
-        get_degradation(self.degradation, masks=self.masks or None).check_size(self.image_size, self.image_size)
+        degradation = get_degradation(self.degradation, masks=self.masks or None)  # unknown names, missing masks
         if self.arch in CONFIGS:
             check_image_size(self.image_size, CONFIGS[self.arch]["channel_mult"], f"the {self.arch} U-Net")
+        try:
+            degradation.check_size(self.image_size, self.image_size)
+        except ValueError as exc:
+            raise ValueError(f"--image-size {self.image_size}: {exc}") from None
 
 
 # Settings a checkpoint must share with the run that resumes it (the rest may change, e.g. steps, lr).
