@@ -184,6 +184,9 @@ _DEFAULT_GENERATOR_HINT = " (it is what a plain `ibmd-fast distill` writes; run 
 @click.option("--mask", "mask_path", type=str, metavar="PATH", default=None,
               show_default="the degradation's fixed mask",
               help="Inpainting releases: mask image, white = hole (resized to each input).")
+@click.option("--masks", "masks_path", type=str, metavar="FILE", default=None,
+              help="Free-form inpainting releases, default inputs: Palette's imagenet_freeform_masks.npz or "
+                   "I2SB's imagenet_freeform<range>_masks.npz.")
 @click.option("--num-images", type=click.IntRange(1, 64), metavar="N", default=4, show_default=True,
               help="How many default crops (without --input).")
 @click.option("--seed", type=seed_option_type(), metavar="INT", default=0, show_default=True, help="Noise seed.")
@@ -192,8 +195,8 @@ _DEFAULT_GENERATOR_HINT = " (it is what a plain `ibmd-fast distill` writes; run 
 @click.option("--device", type=str, metavar="DEV", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @friendly_errors
-def sample_cmd(model, input_path, output, nfe, sampler, eta, upsample, mask_path, num_images, seed, batch_size,
-               device, progress):
+def sample_cmd(model, input_path, output, nfe, sampler, eta, upsample, mask_path, masks_path, num_images, seed,
+               batch_size, device, progress):
     """Restore corrupted images with a teacher or generator release; writes PNGs to OUTPUT."""
     from ibmd_fast.evaluate import restore_files
 
@@ -203,6 +206,7 @@ def sample_cmd(model, input_path, output, nfe, sampler, eta, upsample, mask_path
         _check_release_exists(model, "--model", _DEFAULT_GENERATOR_HINT.format(opt="--model"))
     summary = restore_files(model=model, inputs=input_path, output=output, nfe=nfe, sampler=sampler, eta=eta, seed=seed,
                             batch_size=batch_size, device=device, upsample=upsample, mask=mask_path,
+                            masks=masks_path,
                             num_default=num_images, progress=_auto_progress(progress), log=_log)
     how = f"{summary['kind']}, NFE {summary['nfe']}" + (f", {summary['sampler']}" if summary["sampler"] else "")
     click.echo(f"restored {summary['restored']} image(s) with {summary['model']} ({how}) -> {summary['output']}")
@@ -235,6 +239,9 @@ def _none_or_path(value: Optional[str]) -> Optional[str]:
                    "or paired:CLEAN_DIR,CORRUPTED_DIR.")
 @click.option("--degradation", type=str, metavar="NAME", default=None, show_default="the release's",
               help="Corruption applied to clean test images.")
+@click.option("--masks", type=str, metavar="FILE", default=None,
+              help="inpaint-freeform1020/2030: Palette's imagenet_freeform_masks.npz or I2SB's "
+                   "imagenet_freeform<range>_masks.npz.")
 @click.option("--image-size", type=click.IntRange(min=4), metavar="PX", default=None,
               show_default="the release's", help="Test crop size.")
 @click.option("--num-images", type=click.IntRange(min=2), metavar="N", default=64, show_default=True,
@@ -258,7 +265,7 @@ def _none_or_path(value: Optional[str]) -> Optional[str]:
 @click.option("--device", type=str, metavar="DEV", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @friendly_errors
-def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, image_size, num_images, classifier,
+def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, masks, image_size, num_images, classifier,
              classifier_task, classifier_epochs, classifier_items, run_dir, seed, batch_size, device, progress):
     """Teacher (at each --teacher-nfe) vs student on test data: PSNR, SSIM, FID, CA, seconds per image.
 
@@ -282,8 +289,8 @@ def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, ima
     _check_output_parent(run_dir, "--run-dir")
     check_writable(run_dir, "--run-dir")  # before minutes of classifier training and sampling
     result = evaluate(teacher=teacher_path, student=student_path, data=data, degradation=degradation,
-                      image_size=image_size, teacher_nfe=teacher_nfe, sampler=sampler, eta=eta, classifier=classifier,
-                      classifier_task=classifier_task, classifier_epochs=classifier_epochs,
+                      masks=masks, image_size=image_size, teacher_nfe=teacher_nfe, sampler=sampler, eta=eta,
+                      classifier=classifier, classifier_task=classifier_task, classifier_epochs=classifier_epochs,
                       classifier_items=classifier_items, num_images=num_images, batch_size=batch_size, seed=seed,
                       device=device, run_dir=run_dir, progress=_auto_progress(progress), log=_log)
     click.echo(f"{result['num_images']} test images of {result['data']} ({result['degradation']}, "

@@ -89,6 +89,10 @@ _SHARED_TRAIN_OPTIONS: list[tuple[str, dict]] = [
 ]
 
 
+_MASKS_HELP = ("inpaint-freeform1020/2030: Palette's imagenet_freeform_masks.npz or I2SB's "
+               "imagenet_freeform<range>_masks.npz.")
+
+
 def _teacher_options() -> list[tuple[str, dict]]:
     from ibmd_fast.data import DEGRADATIONS, SPEC_HELP
     from ibmd_fast.models import CONFIGS
@@ -99,6 +103,7 @@ def _teacher_options() -> list[tuple[str, dict]]:
         ("data", dict(type=str, metavar="SPEC", help=f"Training data; {SPEC_HELP}")),
         ("degradation", dict(type=str, metavar="NAME",
                              help=f"Corruption x0 -> xT: {', '.join(DEGRADATIONS)} (also srKx-*, jpeg-Q).")),
+        ("masks", dict(type=str, metavar="FILE", help=_MASKS_HELP)),
         ("image_size", dict(type=click.IntRange(min=4), metavar="PX", help="Training crop size.")),
         ("channels", dict(type=click.Choice([1, 3]), help="Image channels (1 gray, 3 RGB).")),
         ("bridge", dict(type=click.Choice(["i2sb", "vp", "ve"]), help="Bridge: I2SB (discrete), DDBM VP or VE.")),
@@ -123,6 +128,7 @@ def _distill_options() -> list[tuple[str, dict]]:
         ("data", dict(type=str, metavar="SPEC",
                       help=f"Corrupted images to distill on; empty: the teacher's data set. {SPEC_HELP}")),
         ("degradation", dict(type=str, metavar="NAME", help="Empty: the teacher's degradation.")),
+        ("masks", dict(type=str, metavar="FILE", help=_MASKS_HELP)),
         ("image_size", dict(type=click.IntRange(min=0), metavar="PX", help="0: the teacher's training size.")),
         ("nfe", dict(type=click.IntRange(min=1), metavar="N", help="Student steps (1 = one-step generator).")),
         ("inner_steps", dict(type=click.IntRange(min=1), metavar="L",

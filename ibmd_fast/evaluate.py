@@ -121,7 +121,9 @@ def load_eval_data(data, degradation=None, image_size=None, channels: int = 3, n
     n = len(dataset) if num_images is None or num_images <= 0 else min(int(num_images), len(dataset))
     if n < 2:
         raise ValueError(f"evaluation needs at least 2 test images; {_describe(data)} has {len(dataset)}")
-    items = [dataset[i] for i in range(n)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # random corruptions (free-form masks) drawn from the seed
+        items = [dataset[i] for i in range(n)]
     if not isinstance(items[0], dict) or "x0" not in items[0] or "xT" not in items[0]:
         raise ValueError(f"evaluation data {_describe(data)} must yield clean and corrupted images (x0, xT)")
     shapes = {tuple(item["x0"].shape) for item in items}
@@ -406,6 +408,7 @@ def evaluate(
     student: Optional[str] = DEFAULT_GENERATOR,
     data=None,
     degradation: Optional[str] = None,
+    masks: Optional[str] = None,
     image_size: Optional[int] = None,
     teacher_nfe: Sequence[int] = (1, 10, 100),
     sampler: Optional[str] = None,
@@ -429,6 +432,7 @@ def evaluate(
     data             -- a spec (default: the release's data set, else 'skimage') or a Dataset of
                         {"x0", "xT"[, "mask"][, "label"]} items; the test split is used.
     degradation      -- default: the release's; used to make xT from clean images.
+    masks            -- the mask file of the free-form inpainting degradations.
     image_size       -- default: the release's training size.
     classifier       -- a path or Classifier; None takes the one that ships for the embedded
                         default where it fits, else trains one on the clean training split of
@@ -475,7 +479,10 @@ def evaluate(
     for model in (t_model, s_model):
         if model is not None and image_size:
             check_image_size(model, image_size, image_size, f"--image-size {image_size}")
-    batch = load_eval_data(data, degradation, image_size, channels, num_images, seed)
+    from ibmd_fast.data import get_degradation
+
+    operator = None if degradation is None else get_degradation(degradation, masks=masks)
+    batch = load_eval_data(data, operator, image_size, channels, num_images, seed)
     x0, xT, mask, labels = batch["x0"], batch["xT"], batch.get("mask"), batch.get("label")
     if x0.shape[1] != channels:
         raise ValueError(f"the data has {x0.shape[1]}-channel images, the models make {channels}-channel ones")

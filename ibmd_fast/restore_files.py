@@ -30,17 +30,17 @@ def _one_line(text) -> str:
     return " ".join(str(text).split())
 
 
-def _default_inputs(model: LoadedModel, count: int, seed: int):
+def _default_inputs(model: LoadedModel, count: int, seed: int, degradation):
     """Held-out crops of the bundled photos, degraded as the release was trained: (names, xT, x0, mask)."""
-    from ibmd_fast.data import SkimagePhotos, get_degradation
+    from ibmd_fast.data import SkimagePhotos
 
-    if not model.degradation:
+    if degradation is None:
         raise ValueError(f"{model.path} names no degradation, so there are no default inputs; pass --input")
     size = model.image_size or 64
     photos = SkimagePhotos(size=size, split="test", n_items=count, channels=model.image_channels, seed=seed,
                            flip=False)
     x0 = torch.stack([photos[i] for i in range(count)])
-    xT, mask = get_degradation(model.degradation)(x0)
+    xT, mask = degradation(x0, generator=torch.Generator().manual_seed(seed))
     names = [f"skimage-{i:03d}.png" for i in range(count)]
     return names, xT, x0, mask
 
@@ -151,10 +151,10 @@ def _upsampler(model: LoadedModel, factor: int):
     """Bring low-resolution inputs to size as the release's degradation did (bicubic otherwise)."""
     from ibmd_fast.data import SuperResolution, get_degradation
 
-    degradation = get_degradation(model.degradation) if model.degradation else None
+    degradation = get_degradation(model.degradation) if str(model.degradation).startswith("sr") else None
     if isinstance(degradation, SuperResolution) and degradation.factor == factor:
         return degradation.upsample
-    return SuperResolution(factor, "bicubic").upsample
+    return SuperResolution(factor, "bicubic-aa").upsample
 
 
 def restore_files(
@@ -169,6 +169,7 @@ def restore_files(
     device="auto",
     upsample: Optional[int] = None,
     mask: Optional[str] = None,
+    masks: Optional[str] = None,
     num_default: int = 4,
     progress: bool = False,
     log: Log = None,
@@ -183,11 +184,13 @@ def restore_files(
                own upsampling when it is an srKx degradation, else bicubic).
     mask    -- inpainting releases: a mask image (white = hole), resized to each input; default:
                the degradation's fixed mask. The hole of each input is cleared, as in training.
+    masks   -- the mask file of a free-form inpainting release's default inputs (one mask drawn
+               per image from ``seed``); its own inputs need ``mask``.
     nfe, sampler, eta -- teachers only (defaults: the release's NFE, the bridge's natural sampler,
                ``DBIM_ETA``; eta for the dbim sampler only).
     Everything is checked before anything is written. Returns a summary dict.
     """
-    from ibmd_fast.data import get_degradation
+    from ibmd_fast.data import canonical_name, get_degradation
 
     dev = resolve_device(device)
     loaded = load_model(model, dev)
@@ -198,20 +201,29 @@ def restore_files(
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
     if loaded.kind == "teacher":
         check_eta(eta, sampler or natural_sampler(loaded.bridge_type))  # before anything is written
-    degradation = get_degradation(loaded.degradation) if loaded.degradation else None
-    inpainting = degradation is not None and degradation.is_inpainting
+    name = canonical_name(loaded.degradation) if loaded.degradation else None
+    inpainting = bool(name) and name.startswith("inpaint-")
+    freeform = bool(name) and "freeform" in name
+    if freeform and inputs is not None and mask is None:
+        raise ValueError(f"{loaded.path} restores {name}, whose masks are drawn per image: pass --mask with "
+                         "the hole of your inputs")
+    # a free-form release's own inputs come with --mask, so its mask file is needed for default inputs only
+    degradation = get_degradation(name, masks=masks) if name and (inputs is None or not freeform) else None
     if mask is not None and not inpainting:
         raise ValueError(f"--mask is for inpainting releases; {loaded.path} restores {loaded.degradation}")
 
     out_root = Path(output).expanduser()
     extra_outputs = []
+    drawn_masks: dict[str, torch.Tensor] = {}  # default inputs of a free-form release: the mask each was made with
     if inputs is None:
         if upsample:
             raise ValueError("--upsample applies to --input images; the default inputs are already at size")
-        names, xT_all, x0_all, masks_all = _default_inputs(loaded, num_default, seed)
+        names, xT_all, x0_all, masks_all = _default_inputs(loaded, num_default, seed, degradation)
         items = [(name, xT_all[i]) for i, name in enumerate(names)]
         extra_outputs = [(f"inputs/{name}", xT_all[i]) for i, name in enumerate(names)]
         extra_outputs += [(f"clean/{name}", x0_all[i]) for i, name in enumerate(names)]
+        if freeform:
+            drawn_masks = {name: masks_all[i] for i, name in enumerate(names)}
         skipped: list[str] = []
     else:
         root, files = _list_inputs(inputs)
@@ -235,9 +247,11 @@ def restore_files(
                                                                                if upsample else ""))
         named.append((rel, out_rel, x))
 
-    def mask_for(x: torch.Tensor) -> Optional[torch.Tensor]:
+    def mask_for(rel: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         if not inpainting:
             return None
+        if rel in drawn_masks:
+            return drawn_masks[rel]
         h, w = x.shape[-2:]
         return _read_mask(mask, h, w) if mask is not None else degradation.hole_mask(h, w)
 
@@ -253,7 +267,7 @@ def restore_files(
             for start in range(0, len(entries), batch_size):
                 chunk = entries[start:start + batch_size]
                 xT = torch.stack([x for _, _, x in chunk])
-                masks = [mask_for(x) for _, _, x in chunk]
+                masks = [mask_for(rel, x) for rel, _, x in chunk]
                 m = None if masks[0] is None else torch.stack(masks)
                 if m is not None:
                     xT = xT * (1.0 - m)  # the hole carries no information, as in training

@@ -14,7 +14,9 @@ format, file name, SHA-256, the options read).
   YAML with the same keys), else such a pickle in the run folder, else I2SB's ImageNet-256
   configuration. The bridge is ``I2SBBridge(interval, beta_max, ot_ode, t0, T)`` with the noise
   levels computed as I2SB does, so ``predict_x0`` is I2SB's ``compute_pred_x0(step, xt, net(xt,
-  step, cond))``.
+  step, cond))``. ``options.pkl``'s ``corrupt`` becomes the release's degradation, the operator of
+  the same name (``ibmd_fast.data.i2sb_corruptions``: I2SB's own); ``mixture`` and names I2SB
+  does not have are refused unless ``degradation`` is given.
 - ``format="ddbm"`` (alexzhou907/DDBM, thu-ml/DiffusionBridge): SOURCE is a state-dict file
   (``*ema_0.9999_*.pt``, ``model_*.pt``, DBIM's ``*_adapted.pt``). The architecture and schedule
   come from ``model_kwargs`` (the keys of their ``create_model_and_diffusion``) or ``preset``
@@ -39,6 +41,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 from typing import Any, Optional
 
 import torch
@@ -47,7 +50,7 @@ from ibmd_fast.bridges import I2SBBridge, VEBridge, VPBridge
 from ibmd_fast.models.unet import UNet, attention_rates
 
 __all__ = ["TeacherImportError", "UnsafePickleError", "PRESETS", "import_teacher", "restricted_load",
-           "unet_kwargs", "ddbm_kwargs", "i2sb_default_kwargs"]
+           "i2sb_degradation", "unet_kwargs", "ddbm_kwargs", "i2sb_default_kwargs"]
 
 
 class TeacherImportError(ValueError):
@@ -364,6 +367,30 @@ def _refuse_release_or_onnx(path: str) -> None:
 # The two formats
 
 
+# I2SB's corruption names (corruption/__init__.py build_corruption), each the operator of the same name
+# in ibmd_fast.data (i2sb_corruptions: DDRM's operators, exactly)
+_I2SB_CORRUPT = re.compile(
+    r"^(sr4x-(pool|bicubic)|jpeg-\d+|blur-(uni|gauss)|inpaint-(center|freeform1020|freeform2030))$")
+
+
+def i2sb_degradation(corrupt: Any) -> str:
+    """The degradation an I2SB run's ``opt.corrupt`` names; anything else is refused in one line."""
+    text = str(corrupt)
+    if text == "mixture":
+        raise TeacherImportError(
+            "options.pkl says corrupt='mixture': I2SB trained this network on nine corruptions drawn at random per "
+            "image (corruption/mixture.py), so there is no single operator to distill on; pass --degradation NAME "
+            "to distill it on one of them")
+    known = _I2SB_CORRUPT.match(text)
+    if not known or (text.startswith("jpeg-") and not 1 <= int(text[len("jpeg-"):]) <= 100):
+        raise TeacherImportError(f"options.pkl says corrupt={text!r}, which is not one of I2SB's corruptions "
+                                 "(sr4x-pool|bicubic, jpeg-<q>, blur-uni|gauss, inpaint-center|freeform1020|"
+                                 "freeform2030); pass --degradation NAME")
+    from ibmd_fast.data import canonical_name
+
+    return canonical_name(text)
+
+
 def _read_i2sb(source: str, model_kwargs: Optional[str], weights: str, overrides: dict[str, Any]):
     folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
     ckpt = os.path.join(folder, "latest.pt") if os.path.isdir(source) else source
@@ -456,7 +483,7 @@ def import_teacher(source: str | os.PathLike, format: str, out: str | os.PathLik
     ``sigma_min``, ``sigma_max``, ``beta_d``, ``beta_min``, ``beta_max``, ...). ``label`` is the
     class a class-conditional teacher samples with. Returns the release config.
     """
-    from ibmd_fast.data import get_degradation
+    from ibmd_fast.data import canonical_name
     from ibmd_fast.release import TEACHER_FORMAT, save_release
     from ibmd_fast.restore import default_teacher_nfe
 
@@ -488,13 +515,15 @@ def import_teacher(source: str | os.PathLike, format: str, out: str | os.PathLik
 
     config: dict[str, Any] = {"unet": net.config, "conditional": cond, "bridge": bridge.config(),
                               "nfe": int(nfe or default_teacher_nfe(bridge)), "image_size": size, "channels": channels}
-    name = degradation or found_deg
-    if name:
+    if degradation:
+        config["degradation"] = canonical_name(degradation)
+    elif found_deg and format == "i2sb":
+        config["degradation"] = i2sb_degradation(found_deg)
+    elif found_deg:
         try:
-            config["degradation"] = get_degradation(name).name
+            config["degradation"] = canonical_name(found_deg)
         except (KeyError, ValueError):
-            if degradation:  # the user's own word must be valid; the source's may be a task we do not model
-                raise
+            pass  # the source's own word may name a task with no operator here (DDBM's e2h, diode)
     layout = info.get("model_kwargs", {}).get("data_layout")
     if layout:
         config["data_layout"] = layout

@@ -195,6 +195,8 @@ def test_paper_table_dry_run():
         "teacher-dbim-eta1-nfe100 (256 images)", "teacher-heun-nfe100 (256 images)"]
     assert tasks["inpaint-center"]["students"] == {"4": [0, 1], "1": [0]}
     assert tasks["jpeg-5"]["students"] == {"2": [0, 1], "1": [0]} and tasks["jpeg-5"]["conditional"]
+    # the committed results ran on libjpeg; I2SB's torch JPEG would be another operator (and stage key)
+    assert tasks["jpeg-5"]["degradation"] == "jpeg-5-libjpeg" and tasks["jpeg-10"]["degradation"] == "jpeg-10-libjpeg"
     assert tasks["sketch-ve"]["bridge"] == "ve" and tasks["sketch"]["bridge"] == "vp"
     assert tasks["sr4x-pool"]["beta_max"] == 0.3 and tasks["inpaint-center"]["beta_max"] == 1.0
     assert plan["estimated_minutes_2_idle_cpu_cores"]["total"] <= 120  # the budget, on the machine it was sized on

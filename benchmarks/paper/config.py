@@ -135,11 +135,13 @@ class Task:
 TASKS: dict[str, Task] = {
     # I2SB half (unconditional): 1-NFE students, 4-NFE for inpainting as in the paper
     "sr4x-pool": Task("sr4x-pool", "i2sb", False, 0.3, (1,), 1),
-    "jpeg-10": Task("jpeg-10", "i2sb", False, 0.3, (1,), 1),
+    # the JPEG tasks run on libjpeg (the codec of the committed results); I2SB's own torch JPEG is
+    # "jpeg-10" / "jpeg-5" in ibmd_fast.data, a change of operator and so of every stage key
+    "jpeg-10": Task("jpeg-10-libjpeg", "i2sb", False, 0.3, (1,), 1),
     "inpaint-center": Task("inpaint-center", "i2sb", False, 1.0, (4, 1), 4),
     # DDBM half (conditional, DDBM preconditioning): 2-NFE students (the paper's), 1-NFE beside them
     "sketch": Task("sketch", "vp", True, 0.3, (2, 1), 2),
-    "jpeg-5": Task("jpeg-5", "vp", True, 0.3, (2, 1), 2),
+    "jpeg-5": Task("jpeg-5-libjpeg", "vp", True, 0.3, (2, 1), 2),
     # the DDBM VE bridge (ibmd_fast.bridges.VEBridge, TeacherConfig(bridge="ve")); skipped with a note
     # while the checkout has no VE bridge
     "sketch-ve": Task("sketch", "ve", True, 0.3, (2, 1), 2),

@@ -6,18 +6,23 @@ Sources (torch Datasets): ``ImageFolder``, ``PairedFolders``,
 ``CorruptedFolder``, ``SkimagePhotos`` (the embedded default),
 ``FashionMNIST``, DDBM's paired layouts ``EdgesToHandbags`` and ``DIODE``.
 Folders are listed, never decoded, when built (``Listing`` shares a listing
-between ranks). Degradations: ``get_degradation(name)`` for the names in
-``DEGRADATIONS``. Pipelines: ``BridgePairs`` (x0, xT pairs), ``CorruptedOnly``
-(xT only, for distillation), ``make_source`` / ``make_dataset`` (CLI specs),
-``collate``. Nothing here downloads anything.
+between ranks). Degradations: ``get_degradation(name, masks=None)`` for the
+names in ``DEGRADATIONS`` (I2SB's own operators in ``i2sb_corruptions``).
+Pipelines: ``BridgePairs`` (x0, xT pairs), ``CorruptedOnly`` (xT only, for
+distillation), ``make_source`` / ``make_dataset`` (CLI specs), ``collate``.
+Nothing here downloads anything.
 """
 from ibmd_fast.data.degradations import (
     DEGRADATIONS,
+    I2SB_DEGRADATIONS,
     JPEG,
+    Blur,
     CenterInpainting,
     Degradation,
+    FreeformInpainting,
     Sketch,
     SuperResolution,
+    canonical_name,
     get_degradation,
 )
 from ibmd_fast.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FashionMNIST, read_idx
@@ -37,7 +42,8 @@ from ibmd_fast.data.skimage_photos import (
 )
 
 __all__ = [
-    "DEGRADATIONS", "Degradation", "SuperResolution", "JPEG", "CenterInpainting", "Sketch", "get_degradation",
+    "DEGRADATIONS", "I2SB_DEGRADATIONS", "Degradation", "SuperResolution", "JPEG", "Blur", "CenterInpainting",
+    "FreeformInpainting", "Sketch", "canonical_name", "get_degradation",
     "ImageFolder", "PairedFolders", "CorruptedFolder", "UnreadableImageWarning", "list_images",
     "Listing", "LAYOUTS", "EdgesToHandbags", "DIODE",
     "SkimagePhotos", "SKIMAGE_PHOTOS", "DATASET_PHOTOS", "HELD_OUT_PHOTO", "DEFAULT_SCALE", "load_skimage_photo",

@@ -303,6 +303,9 @@ def _hole_mask_for(degradation, owner: str, crop: str) -> Optional[Degradation]:
     degradation = get_degradation(degradation)
     if not degradation.is_inpainting:
         return None
+    if not degradation.fixed_mask:
+        raise ValueError(f"{owner}: {degradation.name} draws a random mask per image, which corrupted image "
+                         "files do not record; train on clean images (folder:, skimage) instead")
     if crop != "center":
         raise ValueError(
             f"{owner}: inpainting ({degradation.name}) uses a mask fixed in the image frame, "

@@ -102,6 +102,7 @@ class DistillConfig:
     teacher: str = ""                   # teacher release (.safetensors); "" = ibmd_fast/assets/teacher-inpaint.safetensors
     data: str = ""                      # data spec (corrupted:dir suffices); "" = the one in the teacher release
     degradation: str = ""               # "" = from the teacher release
+    masks: str = ""                     # mask file of inpaint-freeform* (Palette's / I2SB's .npz); "" = none
     image_size: int = 0                 # 0 = from the teacher release
     nfe: int = 1                        # student steps (1 = one-step generator)
     inner_steps: int = 5                # L: fake-model steps per generator step
@@ -140,7 +141,7 @@ class DistillConfig:
         if not (self.lr > 0 and self.fake_lr > 0):
             raise ValueError(f"--lr and --fake-lr must be positive, got {self.lr}, {self.fake_lr}")
         if self.degradation:
-            get_degradation(self.degradation)
+            get_degradation(self.degradation, masks=self.masks or None)
 
 
 # Settings a checkpoint must share with the run that resumes it.
@@ -347,7 +348,9 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
                          f"distilling it needs a class label per image, which the data {cfg.data!r} does not carry")
     channels = int(tconf.get("channels", teacher.image_channels))
     # A DDBM layout (edges2handbags, diode) carries its own corruption; a degradation is optional there.
-    degradation = get_degradation(cfg.degradation) if cfg.degradation else None
+    degradation = get_degradation(cfg.degradation, masks=cfg.masks or None) if cfg.degradation else None
+    if degradation is not None:
+        degradation.check_size(cfg.image_size, cfg.image_size)
     inpainting = degradation is not None and degradation.is_inpainting
     if env.is_main:
         log(f"distill: teacher {cfg.teacher} ({teacher.bridge_type}, "

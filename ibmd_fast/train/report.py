@@ -78,13 +78,25 @@ def photo_comparison(path: str, teacher, student, student_nfe: int, teacher_nfe:
     wall-clock milliseconds for this one image after one untimed pass of each model (so one-off
     setup is not counted; the teacher's pass is a single step).
     """
-    # Sides the network takes and the degradation accepts (super-resolution: divisible by its factor).
-    multiple = math.lcm(int(size_multiple), int(getattr(degradation, "factor", 1)))
+    # Sides the network takes and the degradation accepts (super-resolution: divisible by its factor,
+    # DDRM's JPEG by 16); DDRM's blur takes squares, free-form masks their own size only.
+    multiple = math.lcm(int(size_multiple), int(getattr(degradation, "size_multiple", 1)))
     height, width = load_skimage_photo(HELD_OUT_PHOTO).shape[:2]
-    x0 = held_out_photo(channels, short_side / min(height, width), multiple)[None].to(device)
-    if hole is not None and getattr(degradation, "is_inpainting", False):
-        degradation = CenterInpainting(hole=hole)
-    xT, mask = degradation(x0)
+    if hole is not None and isinstance(degradation, CenterInpainting):
+        degradation = CenterInpainting(hole=hole)  # the hole size the teacher was trained on
+    frame = degradation.frame() if hasattr(degradation, "frame") else None
+    if frame is not None:
+        x0 = held_out_photo(channels, max(frame[0] / height, frame[1] / width), 1)
+        top, left = (x0.shape[-2] - frame[0]) // 2, (x0.shape[-1] - frame[1]) // 2
+        x0 = x0[:, top:top + frame[0], left:left + frame[1]]
+    else:
+        x0 = held_out_photo(channels, short_side / min(height, width), multiple)
+        if getattr(degradation, "square", False):
+            side = min(x0.shape[-2:])
+            top, left = (x0.shape[-2] - side) // 2, (x0.shape[-1] - side) // 2
+            x0 = x0[:, top:top + side, left:left + side]
+    x0 = x0[None].to(device)
+    xT, mask = degradation(x0, generator=torch.Generator().manual_seed(seed))
     mask = None if mask is None else mask.to(device)
 
     def sync():

@@ -82,6 +82,7 @@ class TeacherConfig:
     run_dir: str = "runs/teacher"       # config.json, stats.jsonl, log.txt, samples, checkpoints, release
     data: str = "skimage"               # data spec (make_dataset): skimage, fashion-mnist[:dir], folder:dir, paired:a,b
     degradation: str = "sr4x-bicubic"   # how xT is made from x0 (ibmd_fast.data.DEGRADATIONS)
+    masks: str = ""                     # mask file of inpaint-freeform* (Palette's / I2SB's .npz); "" = none
     image_size: int = 32                # training resolution
     channels: int = 3                   # 1 (grayscale) or 3 (RGB)
     bridge: str = "i2sb"                # "i2sb" | "vp" | "ve" (DDBM's VE bridge, sigma in [0.002, 80])
@@ -126,9 +127,13 @@ class TeacherConfig:
             make_bridge(self)  # a --beta-max that overflows the schedule, NaN or Inf
         except ValueError as exc:
             raise ValueError(f"--beta-max {self.beta_max}: {exc}") from None
-        get_degradation(self.degradation)  # raises for unknown names
+        degradation = get_degradation(self.degradation, masks=self.masks or None)  # unknown names, missing masks
         if self.arch in CONFIGS:
             check_image_size(self.image_size, CONFIGS[self.arch]["channel_mult"], f"the {self.arch} U-Net")
+        try:
+            degradation.check_size(self.image_size, self.image_size)
+        except ValueError as exc:
+            raise ValueError(f"--image-size {self.image_size}: {exc}") from None
 
 
 # Settings a checkpoint must share with the run that resumes it (the rest may change, e.g. steps, lr).
@@ -170,10 +175,11 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
             f"arch {cfg.arch}, {env.world_size} process(es) on {device}, precision {precision.name}")
 
     # Data: (x0, xT[, mask]) pairs; the held-out split only feeds the sample grids.
-    dataset = shared_dataset(lambda listing: make_dataset(cfg.data, cfg.degradation, size=cfg.image_size,
+    degradation = get_degradation(cfg.degradation, masks=cfg.masks or None)
+    dataset = shared_dataset(lambda listing: make_dataset(cfg.data, degradation, size=cfg.image_size,
                                                           channels=cfg.channels, split="train", seed=cfg.seed,
                                                           listing=listing), env, cfg.run_dir)
-    inpainting = get_degradation(cfg.degradation).is_inpainting
+    inpainting = degradation.is_inpainting
 
     # Model: the same initial weights on every rank.
     bridge = make_bridge(cfg)
@@ -285,7 +291,7 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
             "conditional": cfg.conditional,
             "bridge": bridge.config(),
             "nfe": sample_nfe,
-            "degradation": get_degradation(cfg.degradation).name,
+            "degradation": degradation.name,
             "image_size": cfg.image_size,
             "channels": cfg.channels,
             "data": cfg.data,
@@ -300,8 +306,8 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
 def _grid_batch(cfg: TeacherConfig, env) -> Optional[dict]:
     """Fixed pictures for the sample grids: the first items of the held-out split."""
     try:
-        data = make_dataset(cfg.data, cfg.degradation, size=cfg.image_size, channels=cfg.channels,
-                            split="test", seed=cfg.seed)
+        data = make_dataset(cfg.data, get_degradation(cfg.degradation, masks=cfg.masks or None),
+                            size=cfg.image_size, channels=cfg.channels, split="test", seed=cfg.seed)
     except (ValueError, FileNotFoundError):
         return None
     return first_items(data, GRID_ITEMS)
