@@ -263,7 +263,10 @@ def test_resnet50_ca_equals_i2sb(resnet_file):
     i2sb = torch.nn.Sequential(_ImageNormalizer((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), net).eval()
     x = torch.stack([ToTensor()(a) * 2 - 1 for a in _convert_to_numpy(images)])  # compute_metrices.NumpyDataset
     with torch.no_grad():
-        expected = i2sb(x).argmax(dim=1)
+        logits = i2sb(x)
+    expected = logits.argmax(dim=1)
+    # the logits too: random weights make top-1 too robust to notice a changed quantisation or resize
+    torch.testing.assert_close(ours.logits(images), logits, rtol=1e-4, atol=1e-4)
     labels = expected.clone()
     labels[::2] = (labels[::2] + 1) % 1000  # half of them wrong
     assert torch.equal(ours.logits(images).argmax(dim=1), expected)
