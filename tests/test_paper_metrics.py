@@ -233,9 +233,11 @@ def test_dbim_inception_features_fid_and_is_equal_clean_fid(tf_inception_file, m
 def test_inception_features_feed_the_bootstrap(tf_inception_file):
     ours = paper_metrics.load_inception("inception-tf", tf_inception_file)
     f, r = ours.features(_images(10, seed=4)).double(), ours.features(_images(10, seed=5)).double()
-    boot = metrics.bootstrap_fid(f, r, num_resamples=2)  # each resample: 2048-d eigendecompositions
+    assert f.shape == (10, 2048)
+    f, r = f[:, :DIMS], r[:, :DIMS]  # every resample costs 2048-d eigendecompositions: 20 s each here
+    boot = metrics.bootstrap_fid(f, r, num_resamples=20)
     assert boot["fid"] == pytest.approx(metrics.fid_from_features(f, r), rel=1e-6)
-    paired = metrics.paired_bootstrap_fid_diff(f, f, r, num_resamples=2)
+    paired = metrics.paired_bootstrap_fid_diff(f, f, r, num_resamples=20)
     assert paired["diff"] == 0 and paired["ci"] == [0, 0]
 
 
@@ -277,11 +279,13 @@ def test_resnet50_ca_equals_i2sb(resnet_file):
 # Files: missing or wrong weights say which file and where it is published
 
 
-def test_missing_and_wrong_weights_name_the_file(tmp_path, tf_inception_file, fid_inception_file):
+def test_missing_and_wrong_weights_name_the_file(tmp_path, tf_inception_file, fid_inception_file, resnet_file):
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth.*github.com/mseitzer"):
         paper_metrics.load_inception("inception-pytorch", str(tmp_path / "nope.pth"))
-    with pytest.raises(ValueError, match="does not fit pytorch-fid.*pt_inception-2015-12-05-6726825d.pth"):
+    with pytest.raises(ValueError, match="inception-2015-12-05.pt is not a readable state dict.*pt_inception-2015-12-05-6726825d.pth"):
         paper_metrics.load_inception("inception-pytorch", tf_inception_file)
+    with pytest.raises(ValueError, match="does not fit pytorch-fid's FID Inception.*github.com/mseitzer"):
+        paper_metrics.load_inception("inception-pytorch", resnet_file)  # a state dict, of another network
     with pytest.raises(ValueError, match="resnet50-0676ba61.pth.*download.pytorch.org"):
         paper_metrics.load_resnet50(fid_inception_file)
     with pytest.raises(ValueError, match="inception-2015-12-05.pt.*nvlabs"):
