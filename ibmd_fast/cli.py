@@ -257,6 +257,17 @@ def _none_or_path(value: Optional[str]) -> Optional[str]:
                    "ships one; a --classifier-task other than photo trains one there too).")
 @click.option("--classifier-items", type=click.IntRange(min=2), metavar="N", default=8192, show_default=True,
               help="Clean training images for a classifier trained here.")
+@click.option("--features", type=str, metavar="NET[:FILE]", default="classifier", show_default=True,
+              help="FID features: classifier[:FILE] (the project's own, see --classifier), "
+                   "inception-pytorch:FILE (I2SB's FID: pytorch-fid's pt_inception-2015-12-05-6726825d.pth) or "
+                   "inception-tf:FILE (DDBM/DBIM's FID and IS: the TorchScript inception-2015-12-05.pt). "
+                   "Local files only; see README.md for where they are published.")
+@click.option("--ca", type=str, metavar="resnet50:FILE", default=None,
+              help="CA as I2SB: torchvision ResNet-50 IMAGENET1K_V1 weights (resnet50-0676ba61.pth); "
+                   "needs class labels (--data classes:DIR).")
+@click.option("--fid-ref", type=str, metavar="FILE.npz|DIR", default=None, show_default="the clean test images",
+              help="Inception FID reference: an .npz with mu and sigma (e.g. VIRTUAL_imagenet256_labeled.npz), "
+                   "or a folder of clean images (statistics cached as RUN_DIR/fid_ref.npz).")
 @click.option("--run-dir", type=click.Path(file_okay=False), metavar="DIR", default=DEFAULT_EVAL_DIR,
               show_default=True, help="Where eval.json, eval-grid.png and the cached classifier go.")
 @click.option("--seed", type=seed_option_type(), metavar="INT", default=0, show_default=True, help="Noise seed.")
@@ -266,7 +277,8 @@ def _none_or_path(value: Optional[str]) -> Optional[str]:
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @friendly_errors
 def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, masks, image_size, num_images, classifier,
-             classifier_task, classifier_epochs, classifier_items, run_dir, seed, batch_size, device, progress):
+             classifier_task, classifier_epochs, classifier_items, features, ca, fid_ref, run_dir, seed, batch_size,
+             device, progress):
     """Teacher (at each --teacher-nfe) vs student on test data: PSNR, SSIM, FID, CA, seconds per image.
 
     Prints a table and writes RUN_DIR/eval.json and RUN_DIR/eval-grid.png (columns: corrupted | teacher
@@ -292,9 +304,13 @@ def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, mas
                       masks=masks, image_size=image_size, teacher_nfe=teacher_nfe, sampler=sampler, eta=eta,
                       classifier=classifier, classifier_task=classifier_task, classifier_epochs=classifier_epochs,
                       classifier_items=classifier_items, num_images=num_images, batch_size=batch_size, seed=seed,
-                      device=device, run_dir=run_dir, progress=_auto_progress(progress), log=_log)
+                      device=device, run_dir=run_dir, progress=_auto_progress(progress), log=_log,
+                      features=features, ca=ca, fid_ref=fid_ref)
+    measured = result["classifier"]["description"]
+    if not result["classifier"]["task"].startswith("inception"):
+        measured = f"FID/CA on the features of the {measured}"
     click.echo(f"{result['num_images']} test images of {result['data']} ({result['degradation']}, "
-               f"{result['image_size']}px); FID/CA on the features of the {result['classifier']['description']}")
+               f"{result['image_size']}px); {measured}")
     click.echo(format_table(result["results"]))
     click.echo(f"wrote {os.path.join(run_dir, 'eval.json')} and {result['grid']}")
 

@@ -82,7 +82,7 @@ Log = Optional[Callable[[str], None]]
 
 def _done_line(row: dict) -> str:
     """One line per evaluated NFE, so a long evaluation shows its progress in a log file too."""
-    numbers = ", ".join(f"{k.upper()} {row[k]:.4g}" for k in ("psnr", "ssim", "fid", "ca")
+    numbers = ", ".join(f"{k.upper()} {row[k]:.4g}" for k in ("psnr", "ssim", "fid", "is", "ca")
                         if isinstance(row.get(k), float))
     return f"{row['model']}, NFE {row['nfe']}: {numbers}, {row['sec_per_image']:.3g} s/image"
 
@@ -353,11 +353,74 @@ def classifier_line(model) -> str:
 
 
 # ----------------------------------------------------------------------------
+# The paper's metric networks (ibmd_fast.paper_metrics): Inception FID / IS and ResNet-50 CA
+
+
+FEATURE_KINDS = ("classifier", "inception-pytorch", "inception-tf")
+
+
+def _paper_features(extractor, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Inception features [N, 2048] (float64, CPU) and, for the TorchScript Inception, its logits."""
+    feats, logits = [], []
+    for i in range(0, images.shape[0], batch_size):
+        f, g = extractor.features_and_logits(images[i:i + batch_size])
+        feats.append(f.double().cpu())
+        if g is not None:
+            logits.append(g.float().cpu())
+    return torch.cat(feats), (torch.cat(logits) if logits else None)
+
+
+def _fid_reference(extractor, fid_ref: Optional[str], clean: torch.Tensor, run_dir: Optional[str],
+                   image_size: int, batch_size: int, log: Log):
+    """(mu, sigma, what): from an .npz with mu and sigma, from a folder of clean images (cached as
+    RUN_DIR/fid_ref.npz), or, with no ``fid_ref``, from the clean test images themselves."""
+    import numpy as np
+
+    from ibmd_fast import paper_metrics
+
+    if fid_ref is None:
+        f = _paper_features(extractor, clean, batch_size)[0].numpy()
+        return f.mean(axis=0), np.cov(f, rowvar=False), "the clean test images"
+    if os.path.isfile(fid_ref):
+        mu, sigma = paper_metrics.reference_stats(fid_ref)
+        if mu.shape[0] != extractor.feature_dim:
+            raise ValueError(f"--fid-ref {fid_ref} holds {mu.shape[0]}-d statistics, the features are "
+                             f"{extractor.feature_dim}-d")
+        return mu, sigma, fid_ref
+    if not os.path.isdir(fid_ref):
+        raise FileNotFoundError(f"--fid-ref {fid_ref}: neither an .npz with mu and sigma nor a folder of images")
+    from ibmd_fast.data.folders import ImageFolder
+
+    key = {"folder": os.path.abspath(fid_ref), "features": extractor.protocol, "weights": os.path.abspath(extractor.path),
+           "image_size": int(image_size)}
+    cache = None if run_dir is None else os.path.join(run_dir, "fid_ref.npz")
+    if cache is not None and os.path.isfile(cache):
+        with np.load(cache, allow_pickle=False) as data:
+            if "key" in data and json.loads(str(data["key"])) == key:
+                _say(log, f"using the cached FID reference statistics {cache}")
+                return data["mu"], data["sigma"], cache
+    folder = ImageFolder(fid_ref, size=image_size, channels=3, crop="center")
+    _say(log, f"FID reference statistics from {len(folder)} images of {fid_ref} ...")
+    feats = []
+    for i in range(0, len(folder), batch_size):
+        batch = torch.stack([folder[j] for j in range(i, min(i + batch_size, len(folder)))])
+        feats.append(_paper_features(extractor, batch, batch_size)[0])
+    feats = torch.cat(feats)
+    if cache is None:
+        f = feats.numpy()
+        return f.mean(axis=0), np.cov(f, rowvar=False), fid_ref
+    os.makedirs(run_dir, exist_ok=True)
+    mu, sigma = paper_metrics.save_reference_stats(cache, feats, key=json.dumps(key, sort_keys=True))
+    return mu, sigma, cache
+
+
+# ----------------------------------------------------------------------------
 # Output: tables and grids
 
 
 _COLUMNS = (("model", "model", "{}"), ("nfe", "NFE", "{}"), ("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
-            ("fid", "FID", "{:.3f}"), ("ca", "CA %", "{:.2f}"), ("sec_per_image", "s/image", "{:.4f}"))
+            ("fid", "FID", "{:.3f}"), ("is", "IS", "{:.2f}"), ("ca", "CA %", "{:.2f}"),
+            ("sec_per_image", "s/image", "{:.4f}"))
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -425,6 +488,9 @@ def evaluate(
     grid_rows: int = 8,
     progress: bool = False,
     log: Log = None,
+    features: str = "classifier",
+    ca: Optional[str] = None,
+    fid_ref: Optional[str] = None,
 ) -> dict[str, Any]:
     """Teacher (at each of ``teacher_nfe``) and student against clean test images (MATH.md 7).
 
@@ -440,11 +506,27 @@ def evaluate(
                         where the data knows it, else rotation; needs a spec) and caches
                         it as ``run_dir/classifier.safetensors`` (``get_classifier``). CA is
                         reported only with labels.
+    features         -- "classifier[:FILE]" (the above; FILE as ``classifier``), or the paper's Inception
+                        from a local weights file: "inception-pytorch:FILE" (I2SB's FID) or
+                        "inception-tf:FILE" (DDBM/DBIM's FID, and their Inception Score, row key "is").
+    ca               -- "resnet50:FILE": CA of torchvision's ResNet-50 IMAGENET1K_V1 as I2SB (needs labels).
+    fid_ref          -- Inception FID against these statistics (an .npz with mu and sigma, or a folder of
+                        clean images, cached as RUN_DIR/fid_ref.npz) instead of the clean test images.
     Rows: "corrupted" (xT itself, for reference), "teacher" per NFE, "student". Writes
     ``run_dir/eval.json`` and ``run_dir/eval-grid.png`` (corrupted | teacher at its largest NFE |
     student | clean) when ``run_dir`` is given. Returns the eval.json payload.
     """
     dev = resolve_device(device)
+    from ibmd_fast import paper_metrics
+
+    feature_kind, feature_file = paper_metrics.parse_network_spec(features, FEATURE_KINDS)
+    if feature_kind == "classifier" and feature_file is not None:
+        classifier = feature_file
+    if fid_ref is not None and feature_kind == "classifier":
+        raise ValueError("--fid-ref needs Inception features: --features inception-pytorch:FILE or inception-tf:FILE")
+    # the weight files are checked before anything runs
+    extractor = None if feature_kind == "classifier" else paper_metrics.load_inception(feature_kind, feature_file, dev)
+    resnet = None if ca is None else paper_metrics.load_resnet50(paper_metrics.parse_network_spec(ca, ("resnet50",))[1], dev)
     t_model = None if teacher is None else load_model(teacher, dev, expect="teacher")
     s_model = None if student is None else load_model(student, dev, expect="generator")
     if t_model is None and s_model is None:
@@ -492,13 +574,35 @@ def evaluate(
     if min(x0.shape[-2:]) < 11:
         raise ValueError(f"SSIM needs images of at least 11x11 pixels, these are {x0.shape[-2]}x{x0.shape[-1]}")
 
-    clf = get_classifier(classifier, run_dir, data, x0.shape[-1], channels, classifier_task, classifier_epochs,
-                         classifier_items, seed=seed, device=dev, progress=progress, log=log)
-    _say(log, classifier_line(clf))
-    from ibmd_fast.metrics import evaluate_restoration
+    if resnet is not None and labels is None:
+        raise ValueError(f"--ca needs a class label per test image, and {_describe(data)} has none "
+                         "(use classes:DIR, an ImageNet-style folder of class folders)")
+    from ibmd_fast.metrics import evaluate_restoration, fid_from_stats
+
+    if extractor is None:
+        clf = get_classifier(classifier, run_dir, data, x0.shape[-1], channels, classifier_task, classifier_epochs,
+                             classifier_items, seed=seed, device=dev, progress=progress, log=log)
+        _say(log, classifier_line(clf))
+    else:
+        clf = extractor
+        ref_mu, ref_sigma, ref_what = _fid_reference(extractor, fid_ref, x0, run_dir, x0.shape[-1], batch_size, log)
 
     def measure(restored):
-        return evaluate_restoration(restored, x0, clf, labels if clf.task == "labels" else None)
+        if extractor is None:
+            result = evaluate_restoration(restored, x0, clf, labels if clf.task == "labels" else None)
+        else:
+            import numpy as np
+
+            result = evaluate_restoration(restored, x0)
+            f, logits = _paper_features(extractor, restored, batch_size)
+            result["fid"] = fid_from_stats(f.numpy().mean(axis=0), np.cov(f.numpy(), rowvar=False), ref_mu, ref_sigma)
+            if logits is not None:
+                result["is"] = paper_metrics.inception_score(logits)
+        if resnet is not None:
+            correct = torch.cat([resnet.correct(restored[i:i + batch_size], labels[i:i + batch_size])
+                                 for i in range(0, restored.shape[0], batch_size)])
+            result["ca"] = 100.0 * correct.double().mean().item()
+        return result
 
     rows = [{"model": "corrupted", "nfe": 0, **measure(xT), "sec_per_image": 0.0}]
     restored_by_row = {}
@@ -529,9 +633,12 @@ def evaluate(
         "student": None if s_model is None else s_model.path,
         "sampler": (sampler or natural_sampler(t_model.bridge_type)) if t_model is not None else None,
         "eta": used_eta(t_model, sampler, eta),
-        "classifier": {"path": clf.path, "origin": clf.origin, "task": clf.task,
-                       "description": describe_classifier(clf), "config": getattr(clf, "config", None),
-                       "info": getattr(clf, "info", {})},
+        "classifier": ({"path": clf.path, "origin": clf.origin, "task": clf.task,
+                        "description": describe_classifier(clf), "config": getattr(clf, "config", None),
+                        "info": getattr(clf, "info", {})} if extractor is None
+                       else {"path": extractor.path, "task": feature_kind, "fid_reference": ref_what,
+                             "description": f"features {feature_kind} ({extractor.path}), FID against {ref_what}"}),
+        "ca_network": None if resnet is None else resnet.path,
         "device": str(dev),
         "seed": seed,
         "results": rows,

@@ -46,6 +46,7 @@ __all__ = [
     "feature_stats",
     "frechet_distance",
     "fid_from_features",
+    "fid_from_stats",
     "classifier_accuracy",
     "evaluate_restoration",
     "bootstrap_counts",
@@ -213,6 +214,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
+    """The Frechet distance of ``frechet_distance`` for symmetric PSD covariances, through two symmetric
+    eigendecompositions instead of a general matrix square root (``_frechet_batched``): the same number
+    up to round-off (tests/test_paper_metrics.py checks it against clean-fid's), and seconds rather than
+    minutes for 2048-d Inception statistics on a CPU."""
+    mu1, mu2 = (torch.as_tensor(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
+    cov1, cov2 = (torch.as_tensor(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
+    if mu1.shape != mu2.shape or mu1.dim() != 1 or cov1.shape != cov2.shape or cov1.shape != (mu1.numel(),) * 2:
+        raise ValueError(f"fid_from_stats: means {tuple(mu1.shape)}, {tuple(mu2.shape)} and covariances "
+                         f"{tuple(cov1.shape)}, {tuple(cov2.shape)} do not match")
+    cov1, cov2 = 0.5 * (cov1 + cov1.T), 0.5 * (cov2 + cov2.T)
+    return float(_frechet_batched(mu1, cov1, mu2, cov2, _sqrt_psd(cov2)))
 
 
 def fid_from_features(features1, features2) -> float:

@@ -27,7 +27,7 @@ LAYERS = [
     ("restore", ["ibmd_fast.restore"]),
     ("releases, importers, ONNX, evaluation",
      ["ibmd_fast.release", "ibmd_fast.teachers", "ibmd_fast.imageio", "ibmd_fast.restore_files",
-      "ibmd_fast.onnx", "ibmd_fast.onnx_program", "ibmd_fast.evaluate", "ibmd_fast.metrics",
+      "ibmd_fast.onnx", "ibmd_fast.onnx_program", "ibmd_fast.evaluate", "ibmd_fast.metrics", "ibmd_fast.paper_metrics",
       "ibmd_fast.classifier"]),
     ("train", ["ibmd_fast.train"]),
     ("cli", ["ibmd_fast.cli", "ibmd_fast.cli_config", "ibmd_fast.cli_errors", "ibmd_fast.__main__"]),

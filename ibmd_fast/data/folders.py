@@ -47,7 +47,8 @@ from ibmd_fast.data.images import (
     resize_and_crop,
 )
 
-__all__ = ["ImageFolder", "PairedFolders", "CorruptedFolder", "UnreadableImageWarning", "Listing", "list_images"]
+__all__ = ["ImageFolder", "LabelledFolder", "PairedFolders", "CorruptedFolder", "UnreadableImageWarning", "Listing",
+           "list_images"]
 
 PathLike = Union[str, os.PathLike]
 _CHECKS = ("load", "open", "none")
@@ -294,6 +295,56 @@ class ImageFolder(_FolderBase):
     def __repr__(self) -> str:
         return (f"ImageFolder(root={str(self.root)!r}, n={len(self)}, size={self.size}, "
                 f"channels={self.channels}, crop={self.crop!r}, flip={self.flip}, skipped={len(self.skipped)})")
+
+
+class LabelledFolder(ImageFolder):
+    """Images with class labels: items ``(image, label)``.
+
+    ``labels=None``: an ImageNet-style folder (``root/n01440764/*.JPEG``, ...): the class of an image is
+    the index of its first-level folder in sorted order, as torchvision's ``ImageFolder`` numbers them
+    (images directly in ``root`` are an error). ``labels=FILE.csv``: lines ``path,label`` (a header
+    line ``path,label`` is allowed), paths relative to ``root``; images the file does not name are an
+    error, so no image is silently unlabelled.
+    """
+
+    def __init__(self, root: PathLike, labels: Optional[PathLike] = None, **kwargs):
+        super().__init__(root, **kwargs)
+        if labels is None:
+            self.classes = sorted({rel.split("/", 1)[0] for rel in self.files if "/" in rel})
+            loose = [rel for rel in self.files if "/" not in rel]
+            if loose or not self.classes:
+                raise ValueError(f"LabelledFolder: {str(self.root)!r} must hold one folder per class "
+                                 f"(class index = sorted folder name); {loose[:3] or 'no class folders'} found")
+            index = {name: i for i, name in enumerate(self.classes)}
+            self.labels = [index[rel.split("/", 1)[0]] for rel in self.files]
+        else:
+            table = _read_labels_csv(Path(labels))
+            missing = [rel for rel in self.files if rel not in table]
+            if missing:
+                raise ValueError(f"LabelledFolder: {len(missing)} image(s) of {str(self.root)!r} have no label in "
+                                 f"{str(labels)!r}, e.g. {missing[:3]}")
+            self.classes = None
+            self.labels = [table[rel] for rel in self.files]
+
+    def _read_item(self, index: int):
+        return super()._read_item(index), self.labels[index]
+
+
+def _read_labels_csv(path: Path) -> Dict[str, int]:
+    import csv
+
+    if not path.is_file():
+        raise FileNotFoundError(f"labels file not found: {str(path)!r}")
+    table: Dict[str, int] = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        for n, row in enumerate(csv.reader(fh), start=1):
+            if not row or (n == 1 and [c.strip().lower() for c in row] == ["path", "label"]):
+                continue
+            if len(row) != 2 or not row[1].strip().lstrip("-").isdigit() or int(row[1]) < 0:
+                raise ValueError(f"labels file {str(path)!r}, line {n}: expected 'path,label' with a label >= 0, "
+                                 f"got {','.join(row)!r}")
+            table[Path(row[0].strip()).as_posix()] = int(row[1])
+    return table
 
 
 def _hole_mask_for(degradation, owner: str, crop: str) -> Optional[Degradation]:

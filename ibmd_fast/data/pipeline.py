@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, default_collate
 
 from ibmd_fast.data.degradations import Degradation, get_degradation
 from ibmd_fast.data.fashion_mnist import FashionMNIST
-from ibmd_fast.data.folders import CorruptedFolder, ImageFolder, Listing, PairedFolders
+from ibmd_fast.data.folders import CorruptedFolder, ImageFolder, LabelledFolder, Listing, PairedFolders
 from ibmd_fast.data.layouts import LAYOUTS, make_layout
 from ibmd_fast.data.skimage_photos import SkimagePhotos
 
@@ -33,7 +33,9 @@ SPEC_HELP = (
     "data spec: 'skimage' (photos bundled with scikit-image), 'fashion-mnist' or "
     "'fashion-mnist:/dir' (idx files), 'folder:/dir' or an existing /dir (images), "
     "'paired:/clean_dir,/corrupted_dir' (pairs by relative path), "
-    "'corrupted:/dir' (corrupted images only, for distillation), 'edges2handbags:/dir' "
+    "'corrupted:/dir' (corrupted images only, for distillation), 'classes:/dir' "
+    "(class labels: one subfolder per class, index = sorted name, as ImageNet's train/n01440764/), "
+    "'classes:/dir,/labels.csv' (labels from lines path,label), 'edges2handbags:/dir' "
     "(pix2pix A|B files, edges the corrupted side) or 'diode:/dir' (X.png with X_normal.png) "
     "as DDBM/DBIM read them, from /dir/train and /dir/val. A folder with a "
     "subfolder named after the split (train/, test/) uses that subfolder."
@@ -205,6 +207,11 @@ def make_source(spec: str, size=None, channels: int = 3, split: str = "train",
         root = _split_dir(_existing_dir(arg, spec), split)
         return CorruptedFolder(root, size=size, channels=channels, degradation=degradation,
                                crop=crop, flip=train, listing=listing, check=check)
+    if kind == "classes":
+        folder, _, labels = arg.partition(",")
+        root = _split_dir(_existing_dir(folder.strip(), spec), split)
+        return LabelledFolder(root, labels=labels.strip() or None, size=size, channels=channels, crop=crop,
+                              flip=train, listing=listing, check=check)
     if kind == "folder":
         root = _split_dir(_existing_dir(arg, spec), split)
         return ImageFolder(root, size=size, channels=channels, crop=crop, flip=train, listing=listing, check=check)
