@@ -35,6 +35,10 @@ depend on ``--batch``, and ``draw_noises`` below reproduces it anywhere.
 Outputs. ``OUT_DIR/<relative name>.png`` (uint8 ``round((x + 1) * 127.5)`` clipped to [0, 255]);
 a .npy input also gets ``<relative name>.npy``, the float32 output [C, H, W].
 
+Large models. A model over protobuf's 2 GiB (an ADM-256 student in float32) is two files,
+``model.onnx`` and its weights ``model.onnx.data``, which ``ibmd-fast export`` writes side by side;
+keep them together when moving them: onnxruntime reads the weights from the model's folder.
+
 Execution. ``--provider auto`` uses CUDAExecutionProvider when onnxruntime offers it, else the CPU;
 inputs and outputs go through IO binding on the device (OrtValues), batches of ``--batch``
 consecutive images of one size. Errors print one line (``run_onnx: error: ...``) and exit 1.
@@ -98,7 +102,12 @@ class Model:
         try:
             self.session = ort.InferenceSession(path, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise RunnerError(f"cannot load {path} as an ONNX model: {_first_line(exc)}") from None
+            data = path + ".data"
+            hint = ""
+            if "external" in str(exc).lower() and not os.path.isfile(data):
+                hint = (f"; its weights live in {os.path.basename(data)}, which must sit beside it "
+                        "(move or copy the two files together)")
+            raise RunnerError(f"cannot load {path} as an ONNX model: {_first_line(exc)}{hint}") from None
         if provider == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise RunnerError("--provider cuda: onnxruntime could not start CUDA (check the CUDA and cuDNN "
                               "libraries onnxruntime-gpu needs)")
