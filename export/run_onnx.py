@@ -11,8 +11,9 @@ Images are read with Pillow, EXIF orientation applied, converted to the model's 
 (grayscale "L" for 1, "RGB" for 3) and mapped to [-1, 1] by ``x / 127.5 - 1``. They must already
 be what the network was trained on: the CORRUPTED image at the target size (for super-resolution,
 the low-resolution image brought back to full size). Low-resolution inputs can be brought to size
-here with ``--upsample K``: the same K-fold upsampling as ibmd_fast's degradation (torch's bicubic,
-a = -0.75, align_corners=False, clamped to [-1, 1]; nearest for "-pool" degradations), done in
+here with ``--upsample K``: the same K-fold upsampling as ibmd_fast's degradation (nearest for
+I2SB's sr4x-bicubic and sr4x-pool; torch's bicubic, a = -0.75, align_corners=False, clamped to
+[-1, 1], for the project's sr4x-bicubic-aa), done in
 numpy; K must be the model's own factor (``sr4x-*``: 4). Heights and widths must be multiples of the
 model's downsampling factor (metadata). Unreadable files (damaged, or gone by the time they are read)
 are skipped with one warning, in the words of ``ibmd-fast sample``; none readable is an error.
@@ -34,6 +35,10 @@ depend on ``--batch``, and ``draw_noises`` below reproduces it anywhere.
 
 Outputs. ``OUT_DIR/<relative name>.png`` (uint8 ``round((x + 1) * 127.5)`` clipped to [0, 255]);
 a .npy input also gets ``<relative name>.npy``, the float32 output [C, H, W].
+
+Large models. A model over protobuf's 2 GiB (an ADM-256 student in float32) is two files,
+``model.onnx`` and its weights ``model.onnx.data``, which ``ibmd-fast export`` writes side by side;
+keep them together when moving them: onnxruntime reads the weights from the model's folder.
 
 Execution. ``--provider auto`` uses CUDAExecutionProvider when onnxruntime offers it, else the CPU;
 inputs and outputs go through IO binding on the device (OrtValues), batches of ``--batch``
@@ -98,7 +103,12 @@ class Model:
         try:
             self.session = ort.InferenceSession(path, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise RunnerError(f"cannot load {path} as an ONNX model: {_first_line(exc)}") from None
+            data = path + ".data"
+            hint = ""
+            if "external" in str(exc).lower() and not os.path.isfile(data):
+                hint = (f"; its weights live in {os.path.basename(data)}, which must sit beside it "
+                        "(move or copy the two files together)")
+            raise RunnerError(f"cannot load {path} as an ONNX model: {_first_line(exc)}{hint}") from None
         if provider == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise RunnerError("--provider cuda: onnxruntime could not start CUDA (check the CUDA and cuDNN "
                               "libraries onnxruntime-gpu needs)")
@@ -409,7 +419,8 @@ def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int =
     """
     info = model.metadata
     channels, factor = info["image_channels"], info["factor"]
-    mode = "nearest" if info["degradation"].endswith("-pool") else "bicubic"
+    # I2SB's sr4x-bicubic and sr4x-pool upsample with nearest; the project's own sr4x-bicubic-aa with bicubic
+    mode = "bicubic" if info["degradation"].endswith("-bicubic-aa") else "nearest"
     if mask is not None and not info["inpainting"]:
         raise RunnerError(f"--mask is for inpainting models; this one restores {info['degradation'] or 'images'}")
     if upsample_factor > 1 and info["degradation"]:

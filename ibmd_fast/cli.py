@@ -376,9 +376,13 @@ def train_classifier_cmd(data, output, image_size, channels, epochs, batch_size,
               help="ONNX opset version.")
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime vs PyTorch parity check.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing ONNX model at --output (once the new one passes).")
+@click.option("--example-size", type=click.IntRange(min=1), metavar="PX", default=None,
+              show_default="the release's image size",
+              help="Side of the example the exporter traces; the parity check runs near it (the model takes any "
+                   "multiple of the U-Net's downsampling factor).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @friendly_errors
-def export_cmd(to_onnx, model, output, fp16, opset, no_check, overwrite, progress):
+def export_cmd(to_onnx, model, output, fp16, opset, no_check, overwrite, example_size, progress):
     """Export a generator release to ONNX and check it against PyTorch (exit code 1 when parity fails)."""
     if not to_onnx:
         raise click.UsageError("choose the export format: --onnx (the only one for now)")
@@ -399,7 +403,7 @@ def export_cmd(to_onnx, model, output, fp16, opset, no_check, overwrite, progres
     from ibmd_fast.onnx import OnnxParityError, export_onnx
 
     try:
-        report = export_onnx(model, output, fp16=fp16, opset=opset, check=not no_check,
+        report = export_onnx(model, output, fp16=fp16, opset=opset, example_size=example_size, check=not no_check,
                              progress=_auto_progress(progress))
     except OnnxParityError as exc:
         message = _one_line(exc)
@@ -415,6 +419,8 @@ def _print_export_report(report: Any) -> None:
         click.echo(str(report))
         return
     click.echo(f"wrote {report.get('onnx')}")
+    if report.get("external_data"):
+        click.echo(f"weights: {report['external_data']} (external data: keep it beside the model)")
     for key, label in (("release", "release"), ("precision", "precision"), ("opset", "opset"),
                        ("nfe", "student NFE"), ("inputs", "inputs"), ("seconds", "seconds")):
         if key in report:

@@ -144,7 +144,24 @@ def _distill_options() -> list[tuple[str, dict]]:
                                             "device, no host sync inside an iteration.")),
         ("checkpoint_activations", dict(flag="--checkpoint-activations/--no-checkpoint-activations", help="Recompute the U-Nets' block activations in backward: "
                                                         "less memory for about one more forward.")),
-    ] + _SHARED_TRAIN_OPTIONS
+    ] + _recipe_options() + _SHARED_TRAIN_OPTIONS
+
+
+def _recipe_options() -> list[tuple[str, dict]]:
+    """distill's --recipe (the paper's per-task settings) and the two settings only recipes needed."""
+    from ibmd_fast.train.recipes import MULTISTEP_MODES, RECIPES
+
+    return [
+        ("recipe", dict(type=click.Choice([""] + list(RECIPES)), metavar="NAME",
+                        help=f"The paper's settings for a task (Appendix B): {', '.join(RECIPES)}. Options and "
+                             "--config keys given explicitly override it; --dry-run shows the result.")),
+        ("multistep", dict(type=click.Choice(list(MULTISTEP_MODES)),
+                           help="How a multi-step student trains: full = x0 from its whole chain, gradient through "
+                                "every call (I2SB, B.1); random-stop = its chain stopped at a uniformly drawn grid "
+                                "step, gradient through the last call (DDBM, B.2).")),
+        ("noise_input", dict(flag="--noise-input/--no-noise-input",
+                             help="The student takes noise z as extra input channels (zero-initialized).")),
+    ]
 
 
 def _fallback_spec(cls, name: str) -> dict:
@@ -212,6 +229,11 @@ def _resolve(ctx: click.Context, cls, options: dict, config_file: Optional[str])
             raise ValueError(exc.message) from None
 
     cfg = resolve_config(cls, options, given, config_file, convert)
+    if getattr(cfg, "recipe", ""):  # defaults < recipe < config file < command line
+        from ibmd_fast.config_io import load_config_file
+        from ibmd_fast.train.recipes import apply_recipe
+
+        cfg = apply_recipe(cfg, keep=given | set(load_config_file(config_file) if config_file else ()))
     if hasattr(cfg, "validate"):
         try:
             cfg.validate()  # cheap checks the trainer would make first; --dry-run shows them too

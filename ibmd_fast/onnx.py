@@ -37,6 +37,11 @@ PyTorch run: ``err(ORT fp16) <= 3 * err(PyTorch fp16) + 2**-10`` (max abs
 errors; 2**-10 is one float16 ulp at 1.0), the low-precision rule of
 flash-attention's tests. PyTorch fp16 is the same float16 module run eagerly.
 
+Large models (``model.ByteSize()`` over protobuf's 2 GiB, e.g. an ADM-256 student in float32):
+the weights go to ONE external data file beside the model, ``model.onnx.data`` (its location in
+the model is that bare name, relative), so the two files are moved together and onnxruntime,
+given the path of ``model.onnx``, reads the weights from its folder. Smaller models are one file.
+
 Parity (``check=True``, the default): onnxruntime (CPUExecutionProvider) against
 PyTorch on fresh random inputs at two shapes that differ from the export's
 example in batch, height and width; float32 models must agree within 1e-4
@@ -85,6 +90,7 @@ __all__ = [
     "OnnxParityError",
     "StudentProgram",
     "export_onnx",
+    "external_data_name",
     "downsampling_factor",
     "input_names",
     "onnx_metadata",
@@ -97,6 +103,8 @@ FP32_TOLERANCE = 1e-4  # max |ORT - PyTorch| for float32 models
 FP16_ERROR_RATIO = 3.0  # err(ORT fp16 vs fp64) <= ratio * err(PyTorch fp16 vs fp64) + slack
 FP16_SLACK = 2.0**-10  # one float16 ulp at 1.0 (images are in [-1, 1])
 STANDARD_DOMAINS = ("", "ai.onnx")
+PROTOBUF_LIMIT = 2**31 - 1  # one serialized protobuf message (an ONNX file without external data)
+EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx -> model.onnx.data
 EXAMPLE_BATCH = 2
 
 log = logging.getLogger(__name__)
@@ -259,7 +267,43 @@ def _finish_model(path: str, metadata: dict[str, str]) -> None:
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
     model.producer_name, model.producer_version = "ibmd_fast", __version__
-    onnx.save(model, path)
+    if _external_locations(model) or model.ByteSize() > PROTOBUF_LIMIT:
+        _save_with_external_data(model, path)
+    else:
+        onnx.save(model, path)
+
+
+def _external_locations(model) -> list[str]:
+    """The files (relative to the model) that hold ``model``'s external initializer data."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    return sorted({ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)})
+
+
+def _save_with_external_data(model, path: str) -> None:
+    """``model.onnx`` + ONE external data file ``model.onnx.data`` beside it (relative location).
+
+    A model over protobuf's 2 GiB limit (ADM-256's 552.8M float32 weights are 2.06 GiB) cannot be
+    one file. The exporters spread its weights differently (the dynamo exporter into one
+    ``<name>.data``, the TorchScript one into a file per tensor), so the weights are read back and
+    written again as one file: the model and its data move together as two files, and onnxruntime
+    finds the data from the model's folder.
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    folder = os.path.dirname(path)
+    old = _external_locations(model)
+    load_external_data_for_model(model, folder)
+    for name in old:  # onnx appends to an existing data file: start from none
+        os.remove(os.path.join(folder, name))
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=external_data_name(path), size_threshold=1024)
+
+
+def external_data_name(path: str) -> str:
+    """The name of the external data file of a model exported to ``path``: ``<model file name>.data``."""
+    return os.path.basename(path) + EXTERNAL_DATA_SUFFIX
 
 
 def _ort_session(path: str):
@@ -399,12 +443,16 @@ def export_onnx(
         for name in sorted(os.listdir(scratch), key=lambda n: n == os.path.basename(out_path)):
             os.replace(os.path.join(scratch, name), os.path.join(out_dir, name))  # the model last
             files.append(os.path.join(out_dir, name))
+        data_path = os.path.join(out_dir, external_data_name(out_path))
+        if data_path not in files and os.path.isfile(data_path):
+            os.remove(data_path)  # an earlier export's weights: this model.onnx does not read them
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
     return {
         "onnx": out_path,
         "files": files,
+        "external_data": data_path if data_path in files else None,
         "release": os.path.abspath(release_path),
         "exporter": used,
         "fallback_reason": fallback_reason,

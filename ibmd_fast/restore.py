@@ -122,6 +122,7 @@ def student_sample(
     callback=None,
     grid: Optional[Sequence] = None,
     time_batch: Optional[int] = None,
+    grad_chain: bool = False,
 ) -> torch.Tensor:
     """The IBMD student's chain in ``nfe`` calls (MATH.md 5); returns the last prediction ``x0~``.
 
@@ -137,6 +138,9 @@ def student_sample(
       without gradient (their states are the student's own samples, data to the last call); the
       last runs in the caller's grad mode, through ``last_call`` (default ``generator``: the
       distiller passes its DDP wrapper).
+    - ``grad_chain``: the calls before the last and the posterior steps run in the caller's grad
+      mode too, so ``x0~`` is differentiable through the whole chain (the distiller's ``multistep =
+      "full"``, the paper's I2SB students); default: without gradient, as above.
     - ``autocast``: a callable returning the context each call runs in (``Precision.autocast``).
     - ``callback(info)`` once per call (``step``, ``t``, ``s``, ``x``, ``x0_hat``, ``std``, ``nfe``).
     - ``grid``: ``student_grid(bridge, nfe)`` as Python values, when the caller has it (a traced
@@ -158,7 +162,7 @@ def student_sample(
         return x0 if mask is None else impose_known(x0, xT, mask)  # the student predicts only the hole
 
     x = xT
-    with torch.no_grad():
+    with contextlib.nullcontext() if grad_chain else torch.no_grad():
         for n in range(nfe, stop, -1):  # t_n from T down to t_{stop+1}: grid[n - 1] is t_n
             t = bridge.times(grid[n - 1], batch, device)
             s = bridge.times(grid[n - 2], batch, device)

@@ -312,4 +312,4 @@ def test_gpu_check_script_parses_and_names_its_parts(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     proc = subprocess.run(["bash", str(script), "everything"], cwd=str(tmp_path),
                           env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 2 and "tests|ladder|adm256|ops|inference|paper" in proc.stderr
+    assert proc.returncode == 2 and "tests|default|ladder|adm256|ops|inference|paper" in proc.stderr

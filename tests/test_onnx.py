@@ -321,6 +321,47 @@ def test_runner_matches_pytorch_without_torch(one_step, folder, blocked_env):
     _compare_outputs(out, expected)
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_external_data_moves_with_the_model(one_step, folder, blocked_env, monkeypatch, exporter):
+    """Over protobuf's 2 GiB (forced here by a limit of 0 bytes) the export is model.onnx plus ONE
+    external data file beside it, whichever exporter ran; the two files moved to another folder
+    load and run in the torch-free runner, and the model alone says which file is missing."""
+    import shutil
+
+    release, report_one, _ = one_step
+    monkeypatch.setattr(ionnx, "PROTOBUF_LIMIT", 0)
+    out = folder / f"external-{exporter}" / "model.onnx"
+    report = export_onnx(release, str(out), exporter=exporter, progress=False)
+    assert report["exporter"] == exporter and all(r["ok"] for r in report["parity"])
+    assert sorted(os.listdir(out.parent)) == ["model.onnx", "model.onnx.data"]
+    assert report["external_data"] == str(out.parent / "model.onnx.data")
+    model = onnx.load(str(out), load_external_data=False)
+    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data"}  # relative: the pair can move
+    assert out.stat().st_size < (out.parent / "model.onnx.data").stat().st_size
+
+    moved = folder / f"moved-{exporter}"
+    moved.mkdir()
+    for name in ("model.onnx", "model.onnx.data"):
+        shutil.move(str(out.parent / name), str(moved / name))
+    images = folder / f"external-images-{exporter}"
+    _write_images(images, {"a.png": (16, 16)}, seed=6)
+    runs = {}
+    for name, path in (("external", moved / "model.onnx"), ("single", report_one["onnx"])):
+        result = _run(["--model", path, "--input", images, "--output", folder / f"ext-out-{exporter}-{name}",
+                       "--seed", 3, "--provider", "cpu", "--quiet"], blocked_env)
+        assert result.returncode == 0, result.stderr
+        runs[name] = np.asarray(Image.open(folder / f"ext-out-{exporter}-{name}" / "a.png"))
+    assert np.array_equal(runs["external"], runs["single"])  # the same weights, read from the data file
+
+    os.remove(moved / "model.onnx.data")
+    result = _run(["--model", moved / "model.onnx", "--input", images, "--output", folder / f"ext-none-{exporter}",
+                   "--provider", "cpu"], blocked_env)
+    assert result.returncode == 1
+    assert "model.onnx.data, which must sit beside it" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_runner_inpainting_multistep(inpainting, folder, blocked_env):
     release, report = inpainting
     images = folder / "holes"
@@ -352,7 +393,7 @@ def test_runner_upsample_matches_degradation():
 
     runner = _runner_module()
     low = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    for mode, numpy_mode in (("bicubic", "bicubic"), ("pool", "nearest")):
+    for mode, numpy_mode in (("bicubic", "nearest"), ("pool", "nearest"), ("bicubic-aa", "bicubic")):
         expected = SuperResolution(4, mode).upsample(low).numpy()
         got = runner.upsample(low.numpy(), 4, numpy_mode)
         assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-5

@@ -20,13 +20,14 @@ import argparse
 import json
 import os
 import pickle
+import time
 from pathlib import Path, PosixPath
 
 import numpy as np
 import pytest
 import torch
 
-from ibmd_fast.bridges import VEBridge, bridge_from_config
+from ibmd_fast.bridges import I2SBBridge, VEBridge, bridge_from_config
 from ibmd_fast.models import UNet
 from ibmd_fast.release import GENERATOR_FORMAT, load_teacher, read_release, save_release
 from ibmd_fast.samplers import dbim_sample, heun_sample, probability_flow_coefficients
@@ -641,3 +642,92 @@ def test_adm256_import_memory_and_sample(tmp_path):
           f"sample NFE 1 at 256x256 {sampled['seconds']:.1f} s, peak RSS {sampled['peak_rss_bytes'] / 2**30:.2f} GiB")
     assert imported["peak_rss_bytes"] < 3 * weight_bytes
     assert list((tmp_path / "out").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_adm256_student_onnx_export_and_runner(tmp_path):
+    """A student of the 552.8M-parameter ADM-256 teacher exports with ``ibmd-fast export --onnx`` in
+    float32 (2.06 GiB: over protobuf's 2 GiB, so model.onnx + model.onnx.data) and in float16 (one
+    file), each passes the parity check, and both run in export/run_onnx.py on a 256x256 image
+    after being moved to another folder; the float32 result there matches PyTorch at 256x256.
+
+    The parity check runs at shapes near a 64 px example (``--example-size 64``: 1x96x128 and
+    3x32x96), the 256x256 comparison is the runner's against ``Generator`` in PyTorch."""
+    import shutil
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from ibmd_fast.models import Generator, Teacher, count_parameters
+    from ibmd_fast.release import load_generator
+    from ibmd_fast.teachers import i2sb_default_kwargs, unet_kwargs
+
+    torch.manual_seed(0)
+    net = UNet(**unet_kwargs(i2sb_default_kwargs(False), 3, 3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.02)
+    generator = Generator(Teacher(net, I2SBBridge()))
+    with torch.no_grad():
+        generator.net.input_blocks[0][0].weight[:, 3:].normal_(0, 0.02)  # the z input is live
+    params = count_parameters(generator.net)
+    assert params > 552_807_171
+    release = tmp_path / "student.safetensors"
+    save_release(str(release), generator.net, GENERATOR_FORMAT,
+                 {**generator.config(), "nfe": 1, "degradation": "sr4x-pool", "image_size": 256, "channels": 3,
+                  "inpainting": False})
+    del net, generator
+
+    rng = np.random.default_rng(0)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(inputs / "in.png")
+    runner = Path(__file__).resolve().parents[1] / "export" / "run_onnx.py"
+    figures = {"parameters": params}
+    for precision in ("fp32", "fp16"):
+        out = tmp_path / precision / "model.onnx"
+        args = ["export", "--onnx", "--model", str(release), "--output", str(out), "--example-size", "64",
+                "--no-progress"] + (["--fp16"] if precision == "fp16" else [])
+        exported = _measured("from ibmd_fast.cli import main\n"
+                             "try:\n"
+                             f"    main({args!r})\n"
+                             "except SystemExit as exc:\n"
+                             "    assert not exc.code, exc.code", tmp_path)
+        files = sorted(os.listdir(out.parent))
+        sizes = {name: (out.parent / name).stat().st_size for name in files}
+        if precision == "fp32":
+            assert files == ["model.onnx", "model.onnx.data"]
+            assert sizes["model.onnx.data"] > 2**31 > sizes["model.onnx"]
+        else:
+            assert files == ["model.onnx"] and sizes["model.onnx"] < 2**31
+
+        moved = tmp_path / f"{precision}-moved"
+        shutil.move(str(out.parent), str(moved))
+        result_dir = tmp_path / f"{precision}-out"
+        command = [sys.executable, str(runner), "--model", str(moved / "model.onnx"), "--input", str(inputs),
+                   "--output", str(result_dir), "--seed", "7", "--provider", "cpu", "--quiet"]
+        started = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        run_seconds = time.perf_counter() - started
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out_png = np.asarray(Image.open(result_dir / "in.png"))
+        assert out_png.shape == (256, 256, 3)
+        figures[precision] = {"export_seconds": round(exported["seconds"], 1),
+                              "export_peak_rss_gib": round(exported["peak_rss_bytes"] / 2**30, 2),
+                              "files_bytes": sizes, "runner_256px_seconds": round(run_seconds, 1)}
+        figures[precision + "_png"] = out_png
+
+    # The runner's float32 result at 256x256 against PyTorch (z as the runner draws it).
+    generator, _ = load_generator(str(release))
+    xT = torch.from_numpy(np.asarray(Image.open(inputs / "in.png"), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1)
+    z = torch.from_numpy(np.random.default_rng(7).standard_normal((3, 256, 256), dtype=np.float32))
+    with torch.no_grad():
+        expected = generator(xT[None], z[None])[0]
+    expected = np.clip(np.round((expected.numpy() + 1) * 127.5), 0, 255).astype(np.int16).transpose(1, 2, 0)
+    diff32 = np.abs(figures.pop("fp32_png").astype(np.int16) - expected)
+    diff16 = np.abs(figures.pop("fp16_png").astype(np.int16) - expected)
+    figures["fp32_vs_pytorch_256px_uint8"] = {"max": int(diff32.max()), "share_off": float((diff32 > 0).mean())}
+    figures["fp16_vs_pytorch_fp32_256px_uint8"] = {"max": int(diff16.max()), "mean": float(diff16.mean())}
+    print("\nADM-256 student ONNX: " + json.dumps(figures))
+    assert diff32.max() <= 1 and (diff32 > 0).mean() < 0.01

@@ -28,12 +28,19 @@ In step 2 both frozen networks, teacher and fake model, are evaluated the same w
 ``eval()`` mode (dropout off; DDBM teachers use dropout 0.1), so the loss difference compares
 the two bridge models, not two dropout draws; the fake model trains in ``train()`` mode in step 1.
 
-Multi-step students (``nfe = k > 1``, MATH.md 5): on the grid ``t_1 < ... < t_k = T``
-(``restore.student_grid``), each draw picks ``n`` uniformly in 1..k (one per batch) and builds
-the student's input ``x_{t_n}`` by running the student's OWN chain from ``xT`` without gradient
-(``x0~ = G(x_{t_m}, z, t_m)``, posterior step to ``t_{m-1}``, for m = k..n+1), exactly as at
-inference; then ``x0 = G(x_{t_n}, z, t_n)`` (with gradient in step 2). This trains every grid
-point on the states the sampler actually visits.
+Multi-step students (``nfe = k > 1``, MATH.md 5), on the grid ``t_1 < ... < t_k = T``
+(``restore.student_grid``), two ways (``multistep``; ``IBMD.generate``), both running the
+student's OWN chain from ``xT`` exactly as at inference (``x0~ = G(x_{t_m}, z, t_m)``, posterior
+step to ``t_{m-1}``):
+
+- ``random-stop`` (the default; the paper's DDBM students, Appendix B.2): each draw picks ``n``
+  uniformly in 1..k (one per batch), runs the chain without gradient for m = k..n+1, then
+  ``x0 = G(x_{t_n}, z, t_n)`` (with gradient in step 2). Every grid point trains on the states
+  the sampler visits.
+- ``full`` (the paper's I2SB students, Appendix B.1): ``x0`` is the chain's end ``G(x_{t_1}, z,
+  t_1)``, and in step 2 the gradient flows back through all k calls and posterior steps.
+
+A recipe (``--recipe``, ``train/recipes.py``) sets the paper's choice with its other settings.
 
 At the end: the EMA generator is released as ``generator.safetensors`` and, with
 ``eval_items > 0``, compared with the teacher on held-out clean/corrupted pairs (PSNR,
@@ -52,7 +59,7 @@ from typing import Optional
 import torch
 
 from ibmd_fast import ops
-from ibmd_fast.data import LAYOUTS, get_degradation, make_dataset
+from ibmd_fast.data import LAYOUTS, canonical_name, get_degradation, make_dataset
 from ibmd_fast.imageio import save_grid
 from ibmd_fast.models import Generator, make_fake_model
 from ibmd_fast.release import DEFAULT_TEACHER, GENERATOR_FORMAT, ReleaseError, load_teacher, save_release
@@ -87,9 +94,10 @@ from ibmd_fast.train.common import (
 from ibmd_fast.train import report
 from ibmd_fast.train.ema import EMA
 from ibmd_fast.train.preflight import check_device, check_image_size, check_settings
+from ibmd_fast.train.recipes import MULTISTEP_MODES, apply_recipe, get_recipe
 from ibmd_fast.train.rundir import finished, finished_summary, run_lock
 
-__all__ = ["DistillConfig", "distill", "IBMD", "DEFAULT_TEACHER"]
+__all__ = ["DistillConfig", "distill", "recipe_config", "IBMD", "DEFAULT_TEACHER"]
 
 GRID_ITEMS = 8
 
@@ -130,6 +138,9 @@ class DistillConfig:
     progress: bool = True               # tqdm (auto-quiet when stderr is not a TTY)
     eval_items: int = 16                # held-out items for the end-of-run comparison (0 = skip)
     eval_teacher_nfe: tuple = (1, 10, 100)  # teacher NFEs in that comparison
+    recipe: str = ""                    # the paper's settings for a task (train/recipes.py); "" = none
+    multistep: str = "random-stop"      # how a k-NFE student trains: "full" chain (I2SB, B.1) | "random-stop" (DDBM, B.2)
+    noise_input: bool = True            # the student takes noise z (zero-initialized extra input channels)
 
     def validate(self) -> None:
         for name in ("nfe", "inner_steps", "batch_size", "log_every", "ckpt_every", "keep_ckpts"):
@@ -142,6 +153,10 @@ class DistillConfig:
             raise ValueError(f"--lr and --fake-lr must be positive, got {self.lr}, {self.fake_lr}")
         if self.degradation:
             get_degradation(self.degradation, masks=self.masks or None)
+        if self.multistep not in MULTISTEP_MODES:
+            raise ValueError(f"--multistep must be one of {', '.join(MULTISTEP_MODES)}, got {self.multistep!r}")
+        if self.recipe:
+            get_recipe(self.recipe)
 
 
 # Settings a checkpoint must share with the run that resumes it.
@@ -178,7 +193,9 @@ class IBMD:
         self.grid = student_grid(self.bridge, self.nfe).tolist()  # t_1 < ... < t_k = T
 
         self.fake = make_fake_model(self.teacher).to(self.device).train()
-        self.generator = Generator(self.teacher, multistep=self.nfe > 1).to(self.device).train()
+        self.generator = Generator(self.teacher, z_channels=None if cfg.noise_input else 0,
+                                   multistep=self.nfe > 1).to(self.device).train()
+        self.full_chain = cfg.multistep == "full"
         if cfg.channels_last:
             for m in (self.teacher, self.fake, self.generator):
                 m.to(memory_format=torch.channels_last)
@@ -222,22 +239,33 @@ class IBMD:
         return xT, (mask if self.inpainting else None)
 
     def generate(self, xT: torch.Tensor, z: torch.Tensor, mask: Optional[torch.Tensor], grad: bool) -> torch.Tensor:
-        """x0 from the student: ``G(xT, z)``, or for k > 1 ``G(x_{t_n}, z, t_n)`` after its own chain.
+        """x0 from the student: ``G(xT, z)``, or for k > 1 the student's own chain (``multistep``).
 
-        In MATH.md 5 terms, with the grid ``t_1 < ... < t_k = T`` and ``n ~ U{1..k}``:
-        ``x_{t_k} = xT``; for m = k..n+1, ``x0~ = G_theta(x_{t_m}, z, t_m)`` and ``x_{t_{m-1}}`` is
-        the posterior step (MATH.md 3) from ``x_{t_m}`` with ``x0~``; then ``x0 = G_theta(x_{t_n}, z,
-        t_n)``. The chain runs WITHOUT gradient: ``x_{t_n}`` is a sample of the student's own
-        inference distribution at ``t_n``, treated as data (stop-gradient), so ``d loss/d theta``
-        is taken through the last call only, as if ``x_{t_n}`` had come from a data loader. Only
-        that call carries a gradient (with ``grad``), through the DDP wrapper. The chain is
-        inference's (``restore.student_sample``) cut at the drawn ``n``.
+        In MATH.md 5 terms, with the grid ``t_1 < ... < t_k = T`` and ``x_{t_k} = xT``: for m = k, k-1, ...,
+        ``x0~ = G_theta(x_{t_m}, z, t_m)`` and ``x_{t_{m-1}}`` is the posterior step (MATH.md 3) from
+        ``x_{t_m}`` with ``x0~`` in place of x0. The chain is inference's (``restore.student_sample``).
+
+        - ``multistep = "random-stop"`` (DDBM teachers, Appendix B.2; DMD's choice): ``n ~ U{1..k}``,
+          the chain stops at ``x0 = G_theta(x_{t_n}, z, t_n)``. The calls before it run WITHOUT
+          gradient: ``x_{t_n}`` is a sample of the student's own inference distribution at
+          ``t_n``, treated as data (stop-gradient), so ``d loss/d theta`` is taken through the last
+          call only. That call (with ``grad``) goes through the DDP wrapper.
+        - ``multistep = "full"`` (I2SB teachers, Appendix B.1): always n = 1, ``x0`` is the output of
+          the whole k-call chain, the student's sample itself; with ``grad`` the gradient flows
+          through every call and every posterior step (``ops.bridge_step`` is differentiable in
+          ``x_t`` and ``x0~``). Only the last call goes through the DDP wrapper (its forward arms
+          the reducer once; the earlier calls' gradients reach the same parameters before their
+          hooks fire, so the all-reduce holds the whole chain's gradient).
         """
-        n = 1 if self.nfe == 1 else int(torch.randint(1, self.nfe + 1, (), generator=self.noise))
+        if self.nfe == 1 or self.full_chain:
+            n = 1
+        else:
+            n = int(torch.randint(1, self.nfe + 1, (), generator=self.noise))
         model = self.gen_ddp if grad else self.generator
         with contextlib.nullcontext() if grad else torch.no_grad():
             return student_sample(self.generator, xT, z, self.nfe, mask=mask, noise=SeededNoise(self.noise),
-                                  stop=n, last_call=model, autocast=self.precision.autocast, grid=self.grid)
+                                  stop=n, last_call=model, autocast=self.precision.autocast, grid=self.grid,
+                                  grad_chain=self.full_chain)
 
     def fake_step(self, batch: dict) -> tuple[float, float, bool]:
         """Algorithm 1, step 1 (one of the L): bridge matching of phi on the generator's samples."""
@@ -287,6 +315,8 @@ def _resolve(cfg: DistillConfig) -> tuple[DistillConfig, dict]:
     from ibmd_fast.release import read_release
 
     _, tconf, _ = read_release(path, expect="ibmd_fast.teacher")
+    if cfg.recipe:
+        _check_recipe_teacher(cfg, tconf, path)
     values = {"teacher": path}
     for name, key in (("data", "data"), ("degradation", "degradation"), ("image_size", "image_size")):
         if not getattr(cfg, name):
@@ -318,15 +348,35 @@ def data_layout(spec: str, tconf: Optional[dict] = None) -> Optional[str]:
     return None
 
 
+def _check_recipe_teacher(cfg: DistillConfig, tconf: dict, path: str) -> None:
+    """A recipe is for one kind of teacher: its task (degradation) must be the one the release records."""
+    recipe = get_recipe(cfg.recipe)
+    task = cfg.degradation or tconf.get("degradation", "")
+    if recipe.degradation and task and canonical_name(task) != canonical_name(recipe.degradation):
+        raise ValueError(f"--recipe {recipe.name} is for {recipe.family.upper()} {recipe.degradation} teachers; "
+                         f"{path} records degradation {task!r} (pass --degradation to override)")
+
+
+def recipe_config(name: str, **overrides) -> DistillConfig:
+    """A `DistillConfig` for recipe ``name`` with ``overrides`` (keyword arguments) on top."""
+    return apply_recipe(DistillConfig(**{**overrides, "recipe": name}), keep=overrides)
+
+
 def distill(cfg: Optional[DistillConfig] = None, **overrides) -> dict:
     """Distill a teacher release into a generator (MATH.md 5, Algorithm 1).
 
-    ``cfg`` fields may also be given as keywords. Returns ``{"run_dir", "release", "steps",
+    ``cfg`` fields may also be given as keywords. With ``recipe`` among them (or in a dict ``cfg``),
+    the recipe fills the fields not given (``train/recipes.py``); a ``DistillConfig`` instance is
+    taken as it is (``recipe_config`` builds one). Returns ``{"run_dir", "release", "steps",
     "loss_theta", "loss_phi", "skipped", "skipped_fake", "seconds", "comparison"}``, where
     ``comparison`` is a list of ``{"model", "nfe", "psnr", "ssim", "sec_per_image"}``, the corrupted
     input ("corrupted", NFE 0) first (empty when skipped). Under torchrun every rank calls it; rank 0 writes the files.
     """
-    cfg = as_config(DistillConfig, cfg, overrides)
+    if not isinstance(cfg, DistillConfig):  # None or a dict: its keys and the keywords are the explicit settings
+        given = set(cfg or {}) | set(overrides)
+        cfg = apply_recipe(as_config(DistillConfig, cfg, overrides), keep=given - {"recipe"})
+    else:  # a DistillConfig is taken as resolved (the command line applied its recipe)
+        cfg = as_config(DistillConfig, cfg, overrides)
     cfg.validate()
     check_device(cfg.device)
     cfg, tconf = _resolve(cfg)
