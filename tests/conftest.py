@@ -1,5 +1,7 @@
 """Fixtures shared by the test modules, and the expected-backend check."""
 import os
+import signal
+import subprocess
 
 import pytest
 import torch
@@ -14,6 +16,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_torchrun(cmd: list, cwd, env: dict, timeout: float) -> str:
+    """Run a ``torch.distributed.run`` command and return its output (stdout and stderr together),
+    asserting that it ended within ``timeout`` seconds with exit 0. It runs in a session of its own,
+    so a hang is cleaned up with the workers torchrun started."""
+    proc = subprocess.Popen(cmd, cwd=str(cwd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError("torchrun timed out:\n" + output[-3000:])
+    assert proc.returncode == 0, output[-3000:]
+    return output
 
 
 def pytest_configure(config):

@@ -26,6 +26,8 @@ from ibmd_fast.data import (
 from ibmd_fast.train.batches import shared_dataset
 from ibmd_fast.train.distributed import DistEnv
 
+from conftest import run_torchrun
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -381,8 +383,6 @@ with open(sys.argv[3] + f".{env.rank}.json", "w") as fh:
 def test_torchrun_ranks_share_one_listing(e2h_root: Path, tmp_path: Path):
     """Under torchrun (gloo, 2 processes): rank 0 walks the folder once, rank 1 reads its listing."""
     import json
-    import signal
-    import subprocess
     import sys
 
     script = tmp_path / "ranks.py"
@@ -391,15 +391,7 @@ def test_torchrun_ranks_share_one_listing(e2h_root: Path, tmp_path: Path):
     env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            f"edges2handbags:{e2h_root}", str(tmp_path / "run"), str(tmp_path / "out")]
-    proc = subprocess.Popen(cmd, cwd=str(repo), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        raise AssertionError("torchrun timed out:\n" + output[-3000:])
-    assert proc.returncode == 0, output[-3000:]
+    run_torchrun(cmd, repo, env, timeout=120)
     ranks = [json.loads((tmp_path / f"out.{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     assert [r["walks"] for r in ranks] == [1, 0]  # rank 1 never walked the folder

@@ -42,6 +42,8 @@ from ibmd_fast.train.common import Precision
 from ibmd_fast.train.distributed import DistEnv
 from ibmd_fast.restore import sample_student
 
+from conftest import run_torchrun
+
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "_train_worker.py"
 # Subprocesses import the very ibmd_fast this process imported (a checkout or an install), so
@@ -438,16 +440,7 @@ def test_torchrun_two_processes_teacher_and_distill(tmp_path):
     summary_path = tmp_path / "summary.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
            "both", json.dumps(config), "--summary", str(summary_path)]
-    # A session of its own, so a hang is cleaned up with the workers torchrun started.
-    proc = subprocess.Popen(cmd, cwd=str(REPO), env=_subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        raise AssertionError("torchrun timed out:\n" + output[-3000:])
-    assert proc.returncode == 0, output[-3000:]
+    run_torchrun(cmd, REPO, _subprocess_env(), timeout=180)
     summary = json.loads(summary_path.read_text())
     assert summary["teacher"]["steps"] == 3 and summary["distill"]["steps"] == 2
     assert "2 process(es)" in (tmp_path / "t" / "log.txt").read_text()
