@@ -119,6 +119,10 @@ def targets(payload: dict) -> dict:
             out["student_vs_teacher_100"] = {"fid_ratio": round(ratio, 3), "fid_ratio_target": 1.25,
                                              "psnr_gap_db": round(gap, 3), "psnr_gap_target": 0.3,
                                              "met": ratio <= 1.25 and gap <= 0.3}
+            paired = next((d for d in report.get("fid_differences", [])
+                           if d["b"] == f"teacher NFE {teacher['nfe']}"), None)
+            if paired is not None:  # student FID minus teacher FID, with its paired bootstrap interval
+                out["student_vs_teacher_100"]["fid_diff"] = {k: paired[k] for k in ("diff", "ci", "resamples")}
         if report.get("wall_seconds") is not None:
             origin = (report.get("classifier") or {}).get("origin")
             out["eval_seconds"] = {"value": report["wall_seconds"], "target": "about 60",
@@ -189,6 +193,7 @@ def main(argv=None) -> int:
             "num_images": report.get("num_images"),
             "classifier": report.get("classifier"),
             "rows": report["results"],
+            "fid_differences": report.get("fid_differences", []),
             "beats_input": _beats_input(report["results"], ("fid", "psnr", "ssim")),
         }
     payload["targets"] = targets(payload)

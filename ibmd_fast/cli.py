@@ -267,7 +267,12 @@ def _none_or_path(value: Optional[str]) -> Optional[str]:
                    "needs class labels (--data classes:DIR).")
 @click.option("--fid-ref", type=str, metavar="FILE.npz|DIR", default=None, show_default="the clean test images",
               help="Inception FID reference: an .npz with mu and sigma (e.g. VIRTUAL_imagenet256_labeled.npz), "
-                   "or a folder of clean images (statistics cached as RUN_DIR/fid_ref.npz).")
+                   "an .npz of reference images arr_0 (ADM's / DDBM's reference batches) or a folder of clean "
+                   "images (statistics of those two cached as RUN_DIR/fid_ref.npz).")
+@click.option("--bootstrap", type=click.IntRange(min=0), metavar="R", default=None,
+              show_default="1000 where cheap: fewer images than features, or the classifier's features",
+              help="Bootstrap resamples of the test images for each FID's 95% interval and the student's "
+                   "paired FID difference to each teacher row; 0: none.")
 @click.option("--run-dir", type=click.Path(file_okay=False), metavar="DIR", default=DEFAULT_EVAL_DIR,
               show_default=True, help="Where eval.json, eval-grid.png and the cached classifier go.")
 @click.option("--seed", type=seed_option_type(), metavar="INT", default=0, show_default=True, help="Noise seed.")
@@ -277,14 +282,14 @@ def _none_or_path(value: Optional[str]) -> Optional[str]:
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @friendly_errors
 def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, masks, image_size, num_images, classifier,
-             classifier_task, classifier_epochs, classifier_items, features, ca, fid_ref, run_dir, seed, batch_size,
-             device, progress):
+             classifier_task, classifier_epochs, classifier_items, features, ca, fid_ref, bootstrap, run_dir, seed,
+             batch_size, device, progress):
     """Teacher (at each --teacher-nfe) vs student on test data: PSNR, SSIM, FID, CA, seconds per image.
 
     Prints a table and writes RUN_DIR/eval.json and RUN_DIR/eval-grid.png (columns: corrupted | teacher
     at its largest NFE | student | clean).
     """
-    from ibmd_fast.evaluate import evaluate, format_table
+    from ibmd_fast.evaluate import evaluate, format_differences, format_table
 
     teacher_path = DEFAULT_TEACHER if teacher is None else _none_or_path(teacher)
     student_path = DEFAULT_GENERATOR if student is None else _none_or_path(student)
@@ -305,13 +310,15 @@ def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, mas
                       classifier=classifier, classifier_task=classifier_task, classifier_epochs=classifier_epochs,
                       classifier_items=classifier_items, num_images=num_images, batch_size=batch_size, seed=seed,
                       device=device, run_dir=run_dir, progress=_auto_progress(progress), log=_log,
-                      features=features, ca=ca, fid_ref=fid_ref)
+                      features=features, ca=ca, fid_ref=fid_ref, bootstrap=bootstrap)
     measured = result["classifier"]["description"]
     if not result["classifier"]["task"].startswith("inception"):
         measured = f"FID/CA on the features of the {measured}"
     click.echo(f"{result['num_images']} test images of {result['data']} ({result['degradation']}, "
                f"{result['image_size']}px); {measured}")
     click.echo(format_table(result["results"]))
+    if result["fid_differences"]:
+        click.echo(format_differences(result["fid_differences"]))
     click.echo(f"wrote {os.path.join(run_dir, 'eval.json')} and {result['grid']}")
 
 

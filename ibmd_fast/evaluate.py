@@ -23,10 +23,20 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ibmd_fast.classifier import describe_classifier
+from ibmd_fast.data.images import uint8_to_tensor
+from ibmd_fast.metrics import (
+    bootstrap_fid,
+    classifier_accuracy,
+    compute_features,
+    evaluate_restoration,
+    fid_from_stats,
+    paired_bootstrap_fid_diff,
+)
 from ibmd_fast.device import resolve_device
 from ibmd_fast.paths import EMBEDDED_CLASSIFIER
 from ibmd_fast.imageio import save_grid, save_image  # noqa: F401  (re-exported)
@@ -372,46 +382,58 @@ def _paper_features(extractor, images: torch.Tensor, batch_size: int) -> tuple[t
 
 def _fid_reference(extractor, fid_ref: Optional[str], clean: torch.Tensor, run_dir: Optional[str],
                    image_size: int, batch_size: int, log: Log):
-    """(mu, sigma, what): from an .npz with mu and sigma, from a folder of clean images (cached as
-    RUN_DIR/fid_ref.npz), or, with no ``fid_ref``, from the clean test images themselves."""
-    import numpy as np
-
+    """(reference, what): the clean test images' features [N, F] with no ``fid_ref`` (resampled with
+    the test items by the intervals), else fixed statistics (mu, sigma) from an .npz with mu and sigma,
+    from an .npz of reference images (``arr_0``, uint8 [N, H, W, 3] as ADM's and DDBM's reference
+    batches; cached as RUN_DIR/fid_ref.npz) or from a folder of clean images (cached likewise)."""
     from ibmd_fast import paper_metrics
 
     if fid_ref is None:
-        f = _paper_features(extractor, clean, batch_size)[0].numpy()
-        return f.mean(axis=0), np.cov(f, rowvar=False), "the clean test images"
+        return _paper_features(extractor, clean, batch_size)[0], "the clean test images"
     if os.path.isfile(fid_ref):
-        mu, sigma = paper_metrics.reference_stats(fid_ref)
-        if mu.shape[0] != extractor.feature_dim:
-            raise ValueError(f"--fid-ref {fid_ref} holds {mu.shape[0]}-d statistics, the features are "
-                             f"{extractor.feature_dim}-d")
-        return mu, sigma, fid_ref
-    if not os.path.isdir(fid_ref):
-        raise FileNotFoundError(f"--fid-ref {fid_ref}: neither an .npz with mu and sigma nor a folder of images")
-    from ibmd_fast.data.folders import ImageFolder
+        images = paper_metrics.reference_images(fid_ref)
+        if images is None:
+            mu, sigma = paper_metrics.reference_stats(fid_ref)
+            if mu.shape[0] != extractor.feature_dim:
+                raise ValueError(f"--fid-ref {fid_ref} holds {mu.shape[0]}-d statistics, the features are "
+                                 f"{extractor.feature_dim}-d")
+            return (mu, sigma), fid_ref
+        what, count = f"the {images.shape[0]} reference images (arr_0) of {fid_ref}", images.shape[0]
+        key = {"npz": os.path.abspath(fid_ref), "bytes": os.path.getsize(fid_ref)}
 
-    key = {"folder": os.path.abspath(fid_ref), "features": extractor.protocol, "weights": os.path.abspath(extractor.path),
-           "image_size": int(image_size)}
+        def batches():  # as the data sets convert pixels (the features quantise again, truncating)
+            for i in range(0, images.shape[0], batch_size):
+                yield torch.stack([uint8_to_tensor(image) for image in images[i:i + batch_size]])
+    elif os.path.isdir(fid_ref):
+        from ibmd_fast.data.folders import ImageFolder
+
+        folder = ImageFolder(fid_ref, size=image_size, channels=3, crop="center")
+        what, count = f"{len(folder)} images of {fid_ref}", len(folder)
+        key = {"folder": os.path.abspath(fid_ref), "image_size": int(image_size)}
+
+        def batches():
+            for i in range(0, len(folder), batch_size):
+                yield torch.stack([folder[j] for j in range(i, min(i + batch_size, len(folder)))])
+    else:
+        raise FileNotFoundError(f"--fid-ref {fid_ref}: neither an .npz (mu and sigma, or reference images arr_0) "
+                                "nor a folder of images")
+    key.update(features=extractor.protocol, weights=os.path.abspath(extractor.path))
     cache = None if run_dir is None else os.path.join(run_dir, "fid_ref.npz")
     if cache is not None and os.path.isfile(cache):
         with np.load(cache, allow_pickle=False) as data:
             if "key" in data and json.loads(str(data["key"])) == key:
                 _say(log, f"using the cached FID reference statistics {cache}")
-                return data["mu"], data["sigma"], cache
-    folder = ImageFolder(fid_ref, size=image_size, channels=3, crop="center")
-    _say(log, f"FID reference statistics from {len(folder)} images of {fid_ref} ...")
-    feats = []
-    for i in range(0, len(folder), batch_size):
-        batch = torch.stack([folder[j] for j in range(i, min(i + batch_size, len(folder)))])
-        feats.append(_paper_features(extractor, batch, batch_size)[0])
-    feats = torch.cat(feats)
+                return (data["mu"], data["sigma"]), cache
+    _say(log, f"FID reference statistics from {what} ...")
+    feats = torch.cat([_paper_features(extractor, batch, batch_size)[0] for batch in batches()])
+    if feats.shape[0] < 2:
+        raise ValueError(f"--fid-ref {fid_ref}: {count} reference image(s); FID statistics need at least 2")
     if cache is None:
-        f = feats.numpy()
-        return f.mean(axis=0), np.cov(f, rowvar=False), fid_ref
+        f = feats.double().numpy()
+        return (f.mean(axis=0), np.cov(f, rowvar=False)), fid_ref
     os.makedirs(run_dir, exist_ok=True)
     mu, sigma = paper_metrics.save_reference_stats(cache, feats, key=json.dumps(key, sort_keys=True))
-    return mu, sigma, cache
+    return (mu, sigma), cache
 
 
 # ----------------------------------------------------------------------------
@@ -419,7 +441,7 @@ def _fid_reference(extractor, fid_ref: Optional[str], clean: torch.Tensor, run_d
 
 
 _COLUMNS = (("model", "model", "{}"), ("nfe", "NFE", "{}"), ("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
-            ("fid", "FID", "{:.3f}"), ("is", "IS", "{:.2f}"), ("ca", "CA %", "{:.2f}"),
+            ("fid", "FID", "{:.3f}"), ("fid_ci", "FID 95% CI", "[{0[0]:.3f}, {0[1]:.3f}]"), ("is", "IS", "{:.2f}"), ("ca", "CA %", "{:.2f}"),
             ("sec_per_image", "s/image", "{:.4f}"))
 
 
@@ -444,6 +466,44 @@ def format_table(rows: Sequence[dict]) -> str:
              for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# Above this many feature dimensions, with at least as many images, every bootstrap resample needs an
+# F x F eigensolve: R = 1000 of them at F = 2048 (Inception) take hours on a CPU.
+CHEAP_BOOTSTRAP_DIM = 512
+DEFAULT_RESAMPLES = 1000
+
+
+def bootstrap_plan(bootstrap: Optional[int], num_images: int, feature_dim: int) -> tuple[int, str]:
+    """(resamples, a line saying why none are taken, else ""): ``bootstrap`` as asked, or for None
+    ``DEFAULT_RESAMPLES`` where each resample is cheap (fewer images than features: N x N matrices;
+    or at most ``CHEAP_BOOTSTRAP_DIM`` features)."""
+    if bootstrap is not None:
+        if bootstrap < 0:
+            raise ValueError(f"--bootstrap must be >= 0, got {bootstrap}")
+        return int(bootstrap), ""
+    if num_images < feature_dim or feature_dim <= CHEAP_BOOTSTRAP_DIM:
+        return DEFAULT_RESAMPLES, ""
+    return 0, (f"FID intervals off: {num_images} images of {feature_dim}-d features need a "
+               f"{feature_dim}x{feature_dim} eigensolve per resample; ask with --bootstrap R (quick on a GPU)")
+
+
+def _fid(features: torch.Tensor, reference) -> float:
+    """FID of restored-image features against the clean features [N, F] or fixed (mu, sigma)."""
+    f = features.double().cpu().numpy()
+    if isinstance(reference, torch.Tensor):
+        r = reference.double().cpu().numpy()
+        mu, sigma = r.mean(axis=0), np.cov(r, rowvar=False).reshape(r.shape[1], r.shape[1])
+    else:
+        mu, sigma = reference
+    return fid_from_stats(f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1]), mu, sigma)
+
+
+def format_differences(differences: Sequence[dict]) -> str:
+    """One line per paired FID difference (student minus teacher) with its interval."""
+    return "\n".join(f"FID {d['a']} - {d['b']}: {d['diff']:+.3f}, {int(100 * d['level'])}% paired bootstrap "
+                     f"interval [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] ({d['resamples']} resamples)"
+                     for d in differences)
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -491,6 +551,7 @@ def evaluate(
     features: str = "classifier",
     ca: Optional[str] = None,
     fid_ref: Optional[str] = None,
+    bootstrap: Optional[int] = None,
 ) -> dict[str, Any]:
     """Teacher (at each of ``teacher_nfe``) and student against clean test images (MATH.md 7).
 
@@ -512,6 +573,10 @@ def evaluate(
     ca               -- "resnet50:FILE": CA of torchvision's ResNet-50 IMAGENET1K_V1 as I2SB (needs labels).
     fid_ref          -- Inception FID against these statistics (an .npz with mu and sigma, or a folder of
                         clean images, cached as RUN_DIR/fid_ref.npz) instead of the clean test images.
+    bootstrap        -- resamples of the test images for FID intervals (MATH.md 7): each row's "fid_ci" and,
+                        for the student, "fid_differences" against each teacher row (paired). 0: none;
+                        None: 1000 where it is cheap (fewer images than features, or features of at
+                        most 512 dimensions), else none (``bootstrap_plan`` says why).
     Rows: "corrupted" (xT itself, for reference), "teacher" per NFE, "student". Writes
     ``run_dir/eval.json`` and ``run_dir/eval-grid.png`` (corrupted | teacher at its largest NFE |
     student | clean) when ``run_dir`` is given. Returns the eval.json payload.
@@ -577,47 +642,72 @@ def evaluate(
     if resnet is not None and labels is None:
         raise ValueError(f"--ca needs a class label per test image, and {_describe(data)} has none "
                          "(use classes:DIR, an ImageNet-style folder of class folders)")
-    from ibmd_fast.metrics import evaluate_restoration, fid_from_stats
-
     if extractor is None:
         clf = get_classifier(classifier, run_dir, data, x0.shape[-1], channels, classifier_task, classifier_epochs,
                              classifier_items, seed=seed, device=dev, progress=progress, log=log)
         _say(log, classifier_line(clf))
+
+        def features_of(images):
+            return compute_features(clf, images, batch_size)
+
+        # FID intervals resample the test items; the clean features go with them
+        fid_reference, ref_what = features_of(x0), "the clean test images"
     else:
         clf = extractor
-        ref_mu, ref_sigma, ref_what = _fid_reference(extractor, fid_ref, x0, run_dir, x0.shape[-1], batch_size, log)
 
-    def measure(restored):
+        def features_of(images):
+            return _paper_features(extractor, images, batch_size)
+
+        # the clean features [N, F] (resampled with the items) or fixed --fid-ref statistics (mu, sigma)
+        fid_reference, ref_what = _fid_reference(extractor, fid_ref, x0, run_dir, x0.shape[-1], batch_size, log)
+    feature_dim = int(fid_reference.shape[1]) if isinstance(fid_reference, torch.Tensor) else int(fid_reference[0].size)
+    resamples, why = bootstrap_plan(bootstrap, x0.shape[0], feature_dim)
+    if why:
+        _say(log, why)
+    row_features = {}
+
+    def measure(restored, key):
+        result = evaluate_restoration(restored, x0)
         if extractor is None:
-            result = evaluate_restoration(restored, x0, clf, labels if clf.task == "labels" else None)
+            f = features_of(restored)
+            if labels is not None and clf.task == "labels":
+                result["ca"] = classifier_accuracy(clf, restored, labels, batch_size)
         else:
-            import numpy as np
-
-            result = evaluate_restoration(restored, x0)
-            f, logits = _paper_features(extractor, restored, batch_size)
-            result["fid"] = fid_from_stats(f.numpy().mean(axis=0), np.cov(f.numpy(), rowvar=False), ref_mu, ref_sigma)
+            f, logits = features_of(restored)
             if logits is not None:
                 result["is"] = paper_metrics.inception_score(logits)
+        result["fid"] = _fid(f, fid_reference)
+        if resamples:
+            row_features[key] = f
+            result["fid_ci"] = bootstrap_fid(f, fid_reference, resamples, seed=seed)["ci"]
         if resnet is not None:
             correct = torch.cat([resnet.correct(restored[i:i + batch_size], labels[i:i + batch_size])
                                  for i in range(0, restored.shape[0], batch_size)])
             result["ca"] = 100.0 * correct.double().mean().item()
         return result
 
-    rows = [{"model": "corrupted", "nfe": 0, **measure(xT), "sec_per_image": 0.0}]
+    rows = [{"model": "corrupted", "nfe": 0, **measure(xT, ("corrupted", 0)), "sec_per_image": 0.0}]
     restored_by_row = {}
     for nfe in teacher_nfe:
         _say(log, f"teacher, NFE {nfe} ...")
         restored, seconds = timed_restore(t_model, xT, nfe, sampler, mask, seed, batch_size, progress, eta=eta)
-        rows.append({"model": "teacher", "nfe": nfe, **measure(restored), "sec_per_image": seconds})
+        rows.append({"model": "teacher", "nfe": nfe, **measure(restored, ("teacher", nfe)), "sec_per_image": seconds})
         _say(log, _done_line(rows[-1]))
         restored_by_row[("teacher", nfe)] = restored
     if s_model is not None:
         _say(log, f"student, NFE {s_model.nfe} ...")
         restored, seconds = timed_restore(s_model, xT, None, None, mask, seed, batch_size, progress)
-        rows.append({"model": "student", "nfe": s_model.nfe, **measure(restored), "sec_per_image": seconds})
+        rows.append({"model": "student", "nfe": s_model.nfe, **measure(restored, ("student", s_model.nfe)),
+                     "sec_per_image": seconds})
         _say(log, _done_line(rows[-1]))
         restored_by_row[("student", s_model.nfe)] = restored
+    differences = []
+    if resamples and s_model is not None and t_model is not None:
+        for nfe in teacher_nfe:  # the same resampled items for both models (a paired interval)
+            out = paired_bootstrap_fid_diff(row_features[("student", s_model.nfe)], row_features[("teacher", nfe)],
+                                            fid_reference, resamples, seed=seed)
+            differences.append({"a": f"student NFE {s_model.nfe}", "b": f"teacher NFE {nfe}", "diff": out["diff"],
+                                "ci": out["ci"], "level": out["level"], "resamples": resamples})
     for row in rows:
         for key, value in list(row.items()):
             if isinstance(value, float) and not math.isfinite(value):
@@ -642,6 +732,8 @@ def evaluate(
         "device": str(dev),
         "seed": seed,
         "results": rows,
+        "bootstrap": {"resamples": resamples, "level": 0.95, "note": why or None},
+        "fid_differences": differences,
     }
     if run_dir is not None:
         n = min(grid_rows, x0.shape[0])

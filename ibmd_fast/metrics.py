@@ -349,36 +349,113 @@ def _frechet_batched(mu1, cov1, mu2, cov2, root2) -> torch.Tensor:
 _REFERENCE_CACHE: dict = {}
 
 
-def _reference_fits(reference: torch.Tensor, counts: torch.Tensor, chunk: int, device) -> list:
+def _fixed_reference(reference) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(mu [F], sigma [F, F]) in float64 when ``reference`` is fixed statistics (a pair, e.g. an .npz's
+    mu and sigma), None when it is a feature set [N, F] resampled with the test items."""
+    if not isinstance(reference, (tuple, list)):
+        return None
+    if len(reference) != 2:
+        raise ValueError(f"a fixed FID reference is (mu, sigma), got {len(reference)} arrays")
+    mu, sigma = (torch.as_tensor(np.asarray(v, dtype=np.float64)) for v in reference)
+    if mu.dim() != 1 or sigma.shape != (mu.numel(), mu.numel()):
+        raise ValueError(f"a fixed FID reference needs mu [F] and sigma [F, F], got {tuple(mu.shape)} and "
+                         f"{tuple(sigma.shape)}")
+    return mu, 0.5 * (sigma + sigma.T)
+
+
+def _reference_fits(reference, counts: torch.Tensor, chunk: int, device) -> list:
+    """Per chunk of resamples: (means, covariances, square roots) of the reference, or, for fixed
+    statistics, the one fit every resample shares (broadcast over the chunk)."""
     import hashlib
 
-    key = (hashlib.sha1(reference.numpy().tobytes()).hexdigest(), hashlib.sha1(counts.numpy().tobytes()).hexdigest(),
-           chunk, str(device))
+    fixed = _fixed_reference(reference)
+    arrays = fixed if fixed is not None else (reference,)
+    key = (tuple(hashlib.sha1(a.numpy().tobytes()).hexdigest() for a in arrays),
+           hashlib.sha1(counts.numpy().tobytes()).hexdigest(), chunk, str(device))
     if key not in _REFERENCE_CACHE:
         if len(_REFERENCE_CACHE) >= 4:
             _REFERENCE_CACHE.pop(next(iter(_REFERENCE_CACHE)))
-        ref = reference.to(device)
-        fits = []
-        for start in range(0, counts.shape[0], chunk):
-            mu, cov = _weighted_gaussians(ref, counts[start:start + chunk].to(device))
-            fits.append((mu, cov, _sqrt_psd(cov)))
+        if fixed is not None:
+            mu, cov = (a.to(device) for a in fixed)
+            fits = [(mu, cov, _sqrt_psd(cov))] * len(range(0, counts.shape[0], chunk))
+        else:
+            ref = reference.to(device)
+            fits = []
+            for start in range(0, counts.shape[0], chunk):
+                mu, cov = _weighted_gaussians(ref, counts[start:start + chunk].to(device))
+                fits.append((mu, cov, _sqrt_psd(cov)))
         _REFERENCE_CACHE[key] = fits
     return _REFERENCE_CACHE[key]
 
 
-def _resampled_fids(features: torch.Tensor, reference: torch.Tensor, counts: torch.Tensor,
+def _centered_rows(features: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(means [R, F], A [R, N, F]) of the resamples ``counts`` describe, with A's rows
+    sqrt(c_i / (n - 1)) (x_i - mean): the unbiased weighted covariance is A^T A."""
+    n = counts.sum(dim=1, keepdim=True)
+    mean = counts @ features / n
+    rows = (counts / (n - 1)).sqrt()[..., None] * (features[None] - mean[:, None, :])
+    return mean, rows
+
+
+def _frechet_low_rank(features: torch.Tensor, counts: torch.Tensor, reference) -> torch.Tensor:
+    """The Frechet distances of ``_frechet_batched`` for N items < F features, through N x N matrices.
+
+    With S1 = A^T A (``_centered_rows``), the non-zero eigenvalues of S2^(1/2) S1 S2^(1/2) are those of
+    A S2 A^T [N, N], so tr (S1 S2)^(1/2) = sum of their square roots and tr S1 = |A|^2 (MATH.md 7).
+    A resampled reference S2 = B^T B gives A S2 A^T = M M^T with M = A B^T, all N x N; fixed
+    statistics give A S2 A^T directly, once per resample, at N F^2 instead of F^3 operations."""
+    mean, a = _centered_rows(features, counts)
+    fixed = _fixed_reference(reference)
+    if fixed is not None:
+        mu2, cov2 = (t.to(features.device) for t in fixed)
+        gram = a @ cov2 @ a.transpose(-1, -2)
+        trace2 = cov2.diagonal().sum()
+    else:
+        mu2, b = _centered_rows(reference, counts)
+        m = a @ b.transpose(-1, -2)
+        gram = m @ m.transpose(-1, -2)
+        trace2 = (b * b).sum(dim=(-1, -2))
+    gram = 0.5 * (gram + gram.transpose(-1, -2))
+    trace_root = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum(dim=-1)
+    diff = mean - mu2
+    return (diff * diff).sum(-1) + (a * a).sum(dim=(-1, -2)) + trace2 - 2.0 * trace_root
+
+
+def _resampled_fids(features: torch.Tensor, reference, counts: torch.Tensor,
                     device: Optional[str | torch.device] = None) -> torch.Tensor:
     """FID of each resample [R] (float64, on the CPU); the work runs on ``device`` (default CPU) in
-    chunks of resamples that keep the [chunk, F, N] product near 200 MB."""
+    chunks of resamples that keep the [chunk, F, N] product near 200 MB. ``reference``: the clean
+    features [N, F] of the same items (resampled with them) or fixed statistics (mu, sigma).
+    With fewer items than features (64 test images, 2048-d Inception features) the distances are
+    taken on N x N matrices (``_frechet_low_rank``): the same numbers, without F x F eigensolves."""
     n, f = features.shape
     chunk = int(max(1, min(100, 2.5e7 // (n * f))))
-    fits = _reference_fits(reference, counts, chunk, device)
     features = features.to(device)
     out = []
+    if n < f:
+        ref = reference if _fixed_reference(reference) is not None else reference.to(device)
+        for start in range(0, counts.shape[0], chunk):
+            out.append(_frechet_low_rank(features, counts[start:start + chunk].to(device), ref).cpu())
+        return torch.cat(out)
+    fits = _reference_fits(reference, counts, chunk, device)
     for i, start in enumerate(range(0, counts.shape[0], chunk)):
         mu, cov = _weighted_gaussians(features, counts[start:start + chunk].to(device))
         out.append(_frechet_batched(mu, cov, *fits[i]).cpu())
     return torch.cat(out)
+
+
+def _reference_arg(reference, name: str, *items: torch.Tensor):
+    """``reference`` as ``_resampled_fids`` takes it: fixed (mu, sigma) checked against the features'
+    width, or clean features [N, F] of the same items as ``items``."""
+    fixed = _fixed_reference(reference)
+    if fixed is not None:
+        if fixed[0].numel() != items[0].shape[1]:
+            raise ValueError(f"{name}: the reference statistics are {fixed[0].numel()}-d, the features "
+                             f"{items[0].shape[1]}-d")
+        return fixed
+    r = _as_float64(reference, name)
+    _same_items(name, *items, r)
+    return r
 
 
 def _interval(estimate: float, values: torch.Tensor, level: float) -> tuple[list[float], list[float]]:
@@ -404,14 +481,16 @@ def _interval(estimate: float, values: torch.Tensor, level: float) -> tuple[list
 def bootstrap_fid(features, reference, num_resamples: int = 1000, level: float = 0.95,
                   seed: int = 0, device: Optional[str | torch.device] = None) -> dict[str, Any]:
     """FID of restored-image ``features`` [N, F] against the clean ``reference`` [N, F] of the same
-    N test items, with a percentile bootstrap interval over test items.
+    N test items, with a percentile bootstrap interval over test items. ``reference`` may instead be
+    fixed statistics ``(mu, sigma)`` (an .npz reference such as ADM's): then only the restored
+    images are resampled.
 
     Returns ``{"fid", "ci": [low, high], "percentile_ci", "level", "method", "resamples", "seed"}``:
     ``fid`` is the estimate on all N items (``fid_from_features`` up to round-off), ``ci`` the
     bias-shifted percentile interval (``_interval`` says why; the plain one is ``percentile_ci``).
     """
-    f, r = _as_float64(features, "bootstrap_fid"), _as_float64(reference, "bootstrap_fid")
-    _same_items("bootstrap_fid", f, r)
+    f = _as_float64(features, "bootstrap_fid")
+    r = _reference_arg(reference, "bootstrap_fid", f)
     full = torch.ones(1, f.shape[0], dtype=torch.float64)
     fid = float(_resampled_fids(f, r, full, device)[0])
     counts = bootstrap_counts(f.shape[0], num_resamples, seed)
@@ -428,6 +507,8 @@ def paired_bootstrap_fid_diff(features_a, features_b, reference, num_resamples: 
     interval: each resample takes the same items for a, b and the reference, so what the two models
     share (the test items' difficulty, the reference's own sampling noise) cancels in the difference.
 
+    ``reference`` may be fixed statistics ``(mu, sigma)``, as in ``bootstrap_fid``.
+
     Returns ``{"diff", "ci": [low, high], "percentile_ci", "level", "method", "resamples", "seed"}``
     (the interval of ``bootstrap_fid``). Identical inputs give exactly 0 and [0, 0]. ``device``: where
     the resampled Gaussian fits run (a GPU makes 10,000-image intervals quick).
@@ -437,8 +518,8 @@ def paired_bootstrap_fid_diff(features_a, features_b, reference, num_resamples: 
         raise ValueError("paired_bootstrap_fid_diff: features_a is an empty list")
     a = [_as_float64(f, "paired_bootstrap_fid_diff") for f in group]
     b = _as_float64(features_b, "paired_bootstrap_fid_diff")
-    r = _as_float64(reference, "paired_bootstrap_fid_diff")
-    _same_items("paired_bootstrap_fid_diff", *a, b, r)
+    _same_items("paired_bootstrap_fid_diff", *a, b)
+    r = _reference_arg(reference, "paired_bootstrap_fid_diff", *a, b)
     counts = bootstrap_counts(b.shape[0], num_resamples, seed)
     full = torch.ones(1, b.shape[0], dtype=torch.float64)
 

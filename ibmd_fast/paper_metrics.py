@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from typing import Optional
 from unittest import mock
@@ -268,6 +269,29 @@ def load_resnet50(path: str, device="cpu") -> ResNet50Accuracy:
 
 # ----------------------------------------------------------------------------------------
 # Reference statistics
+
+
+def reference_images(path: str) -> Optional[np.ndarray]:
+    """The reference images of an .npz that holds images rather than statistics (``arr_0``, uint8
+    [N, H, W, 3], as ADM's and DDBM's reference batches store them), or None when it holds ``mu`` and
+    ``sigma`` (then ``reference_stats`` reads it). ADM's ``VIRTUAL_imagenet256_labeled.npz`` holds both:
+    its statistics are taken."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"FID reference not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "mu" in data and "sigma" in data:
+                return None
+            if "arr_0" not in data:
+                raise ValueError(f"{path} has neither 'mu' and 'sigma' nor reference images 'arr_0' "
+                                 f"(keys: {', '.join(data.files) or 'none'})")
+            images = data["arr_0"]
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path} is not a readable .npz: {exc}") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] < 2:
+        raise ValueError(f"{path}: arr_0 must be uint8 images [N >= 2, H, W, 3], got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    return images
 
 
 def reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:

@@ -523,6 +523,18 @@ def test_eval_writes_json_table_and_grid(releases, tmp_path):
     assert described in result.stdout and "task labels" not in result.stdout  # the words match the classifier
     assert payload["sampler"] == "i2sb" and payload["eta"] is None  # eta is DBIM's only
     assert payload["grid_columns"] == ["corrupted", "teacher NFE 2", "student NFE 1", "clean"]
+    # FID intervals (MATH.md 7): 4 images of the classifier's features are cheap, so on by default
+    assert payload["bootstrap"]["resamples"] == 1000 and "FID 95% CI" in result.stdout
+    for row in rows.values():
+        low, high = row["fid_ci"]
+        assert low <= row["fid"] <= high, row
+    diffs = {d["b"]: d for d in payload["fid_differences"]}
+    assert set(diffs) == {"teacher NFE 1", "teacher NFE 2"}
+    for nfe in (1, 2):
+        d = diffs[f"teacher NFE {nfe}"]
+        assert d["diff"] == pytest.approx(rows[("student", 1)]["fid"] - rows[("teacher", nfe)]["fid"], rel=1e-6, abs=1e-9)
+        assert d["ci"][0] <= d["diff"] <= d["ci"][1]
+        assert f"FID student NFE 1 - teacher NFE {nfe}: " in result.stdout
     cell = imageio.grid_zoom(SIZE, SIZE) * SIZE  # small crops enlarged to about 96 px
     band = imageio.LINE_HEIGHT + 2 * imageio.LABEL_PAD  # the column titles
     with Image.open(run_dir / "eval-grid.png") as grid:

@@ -120,3 +120,49 @@ def test_classifier_moved_and_re_exported(capsys):
                                        device="cpu")
     err = capsys.readouterr().err
     assert err.count("epoch 1/1") == 1 and "\r" not in err
+
+
+def _fid_of_drawn_rows(x, counts_row, mu_ref=None, sigma_ref=None, ref=None):
+    """A resample written out as clean-fid computes FID: the drawn rows repeated, np.mean / np.cov,
+    scipy's sqrtm (metrics.frechet_distance), against fixed statistics or the same drawn reference rows."""
+    idx = np.repeat(np.arange(x.shape[0]), counts_row.long().numpy())
+    drawn = x[idx]
+    if ref is not None:
+        mu_ref, sigma_ref = ref[idx].mean(axis=0), np.cov(ref[idx], rowvar=False)
+    return metrics.frechet_distance(drawn.mean(axis=0), np.cov(drawn, rowvar=False), mu_ref, sigma_ref)
+
+
+@pytest.mark.parametrize("n, dim", [(12, 40), (60, 8)])
+def test_resampled_fids_fixed_and_resampled_reference_match_drawn_rows(n, dim):
+    """Fewer items than features (the N x N route of MATH.md 7) and more: every resample's FID equals
+    the written-out one, against fixed statistics (an .npz's mu and sigma) and against resampled clean features."""
+    x = _gauss(n, dim, 0, shift=0.2, scale=1.3)
+    clean = 0.7 * x + _gauss(n, dim, 1, scale=0.6)
+    big = _gauss(400, dim, 2)
+    mu_ref, sigma_ref = big.mean(axis=0), np.cov(big, rowvar=False)
+    counts = metrics.bootstrap_counts(n, 5, seed=7)
+    fixed = metrics._resampled_fids(torch.as_tensor(x), (mu_ref, sigma_ref), counts)
+    paired = metrics._resampled_fids(torch.as_tensor(x), torch.as_tensor(clean), counts)
+    # scipy's sqrtm of a singular S1 S2 (a resample's covariance has rank < F when n < dim) is accurate
+    # to about sqrt(machine eps) relative; with n > dim, to round-off.
+    rel = 1e-5 if n < dim else 1e-8
+    for r in range(5):
+        assert fixed[r].item() == pytest.approx(_fid_of_drawn_rows(x, counts[r], mu_ref, sigma_ref), rel=rel)
+        assert paired[r].item() == pytest.approx(_fid_of_drawn_rows(x, counts[r], ref=clean), rel=rel)
+
+
+def test_bootstrap_against_fixed_statistics():
+    """bootstrap_fid / paired_bootstrap_fid_diff with a fixed (mu, sigma) reference: the estimate is the
+    FID of all items against those statistics, the interval holds it, a wrong width is one clear error."""
+    a, b = _gauss(30, 50, 3, shift=0.3), _gauss(30, 50, 4, shift=0.1)
+    big = _gauss(500, 50, 5)
+    ref = (big.mean(axis=0), np.cov(big, rowvar=False))
+    out = metrics.bootstrap_fid(a, ref, num_resamples=50)
+    direct = metrics.frechet_distance(a.mean(axis=0), np.cov(a, rowvar=False), *ref)
+    assert out["fid"] == pytest.approx(direct, rel=1e-7)
+    assert out["ci"][0] <= out["fid"] <= out["ci"][1]
+    diff = metrics.paired_bootstrap_fid_diff(a, b, ref, num_resamples=50)
+    direct_b = metrics.frechet_distance(b.mean(axis=0), np.cov(b, rowvar=False), *ref)
+    assert diff["diff"] == pytest.approx(direct - direct_b, rel=1e-7)
+    with pytest.raises(ValueError, match="50-d"):
+        metrics.bootstrap_fid(a, (ref[0][:10], ref[1][:10, :10]), num_resamples=5)

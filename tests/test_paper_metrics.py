@@ -234,11 +234,20 @@ def test_inception_features_feed_the_bootstrap(tf_inception_file):
     ours = paper_metrics.load_inception("inception-tf", tf_inception_file)
     f, r = ours.features(_images(10, seed=4)).double(), ours.features(_images(10, seed=5)).double()
     assert f.shape == (10, 2048)
-    f, r = f[:, :DIMS], r[:, :DIMS]  # every resample costs 2048-d eigendecompositions: 20 s each here
+    # all 2048 dimensions: 10 items < 2048 features, so every resample is a 10 x 10 eigensolve (MATH.md 7)
     boot = metrics.bootstrap_fid(f, r, num_resamples=20)
-    assert boot["fid"] == pytest.approx(metrics.fid_from_features(f, r), rel=1e-6)
+    assert boot["fid"] == pytest.approx(metrics.fid_from_features(f, r), rel=1e-5)  # scipy sqrtm, rank 9
     paired = metrics.paired_bootstrap_fid_diff(f, f, r, num_resamples=20)
     assert paired["diff"] == 0 and paired["ci"] == [0, 0]
+    # against fixed statistics (an .npz's mu and sigma): only the restored images are resampled
+    big = ours.features(_images(40, seed=6)).double().numpy()
+    fixed = (big.mean(axis=0), np.cov(big, rowvar=False))
+    boot = metrics.bootstrap_fid(f, fixed, num_resamples=20)
+    # fid_from_stats solves in 2048 dimensions, where the rank-9 covariance leaves ~2000 round-off
+    # eigenvalues whose square roots add about 1e-6 relative; the N x N route has none
+    assert boot["fid"] == pytest.approx(metrics.fid_from_stats(f.mean(0).numpy(), np.cov(f.numpy(), rowvar=False), *fixed),
+                                        rel=1e-5)
+    assert boot["ci"][0] <= boot["fid"] <= boot["ci"][1]
 
 
 # ----------------------------------------------------------------------------------------
@@ -370,6 +379,28 @@ def test_eval_cli_with_inception_and_resnet(tmp_path, tf_inception_file, resnet_
     assert again.exit_code == 0, again.output
     rows2 = {r["model"]: r for r in json.loads((tmp_path / "eval2" / "eval.json").read_text())["results"]}
     assert rows2["teacher"]["fid"] == pytest.approx(rows["teacher"]["fid"], rel=1e-6)
+
+    # an .npz of reference images (arr_0, as ADM's and DDBM's reference batches): the same pixels as the
+    # folder, so the same statistics and FID; fixed statistics, so the intervals resample the restored side only
+    from PIL import Image
+
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for c in sorted(data.iterdir())
+                       for p in sorted(c.iterdir())])
+    np.savez(tmp_path / "ref_batch.npz", arr_0=pixels)
+    third = CliRunner().invoke(cli, [str(a) for a in args[:-5] + [tmp_path / "ref_batch.npz", "--run-dir",
+                                                                  tmp_path / "eval3", "--device", "cpu"]])
+    assert third.exit_code == 0, third.output
+    payload3 = json.loads((tmp_path / "eval3" / "eval.json").read_text())
+    rows3 = {r["model"]: r for r in payload3["results"]}
+    assert rows3["teacher"]["fid"] == pytest.approx(rows["teacher"]["fid"], rel=1e-6)
+    with np.load(tmp_path / "eval3" / "fid_ref.npz") as cached:  # cached, keyed by the .npz it came from
+        assert json.loads(str(cached["key"]))["npz"] == str(tmp_path / "ref_batch.npz")
+    low, high = rows3["teacher"]["fid_ci"]
+    assert low <= rows3["teacher"]["fid"] <= high
+    np.savez(tmp_path / "neither.npz", images=pixels)
+    bad_ref = CliRunner().invoke(cli, [str(a) for a in args[:-5] + [tmp_path / "neither.npz", "--run-dir",
+                                                                    tmp_path / "eval4", "--device", "cpu"]])
+    assert bad_ref.exit_code != 0 and "neither 'mu' and 'sigma' nor reference images 'arr_0'" in bad_ref.output
 
     # a missing weights file: one line naming the file expected and where it is published
     bad = CliRunner().invoke(cli, [str(a) for a in args[:11] + ["--features", f"inception-pytorch:{tmp_path}/x.pth"]])
