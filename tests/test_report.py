@@ -138,6 +138,35 @@ def test_photo_comparison_cuts_the_hole_the_teacher_learned(tmp_path):
     assert whole["hole"] == info["height"] // 2  # the degradation's own: half the side
 
 
+def test_photo_comparison_restores_the_hole_from_its_training_size_window(tmp_path):
+    """With ``window`` the models see the window x window square around the hole (the crops they
+    learned), and the photo outside it keeps its own pixels: the student's column is the window's
+    restoration pasted back, and a window as large as the photo is the whole photo."""
+    from ibmd_fast.data.degradations import CenterInpainting
+    from ibmd_fast.restore import sample_student
+
+    teacher, student = _tiny_pair("inpaint-center")
+    info = report.photo_comparison(str(tmp_path / "w.png"), teacher, student, 1, 2, get_degradation("inpaint-center"),
+                                   3, 2, "cpu", short_side=24, zoom=2, hole=8, window=16)
+    assert info["window"] == 16 and info["hole"] == 8
+    h, w = load_skimage_photo(HELD_OUT_PHOTO).shape[:2]
+    x0 = held_out_photo(3, 24 / min(h, w), 2)[None]
+    xT, mask = CenterInpainting(hole=8)(x0, generator=torch.Generator().manual_seed(0))
+    top, left = (x0.shape[-2] - 16) // 2, (x0.shape[-1] - 16) // 2
+    rows, cols = slice(top, top + 16), slice(left, left + 16)
+    with torch.no_grad():
+        part = sample_student(student, xT[..., rows, cols], 1, mask[..., rows, cols], seed=0)
+    pasted = xT.clone()
+    pasted[..., rows, cols] = part
+    assert info["columns"][2]["psnr"] == pytest.approx(float(psnr(pasted.clamp(-1, 1), x0)), rel=1e-6)
+    with torch.no_grad():
+        whole = sample_student(student, xT, 1, mask, seed=0)
+    assert float(psnr(whole.clamp(-1, 1), x0)) != pytest.approx(info["columns"][2]["psnr"], rel=1e-6)
+    same = report.photo_comparison(str(tmp_path / "x.png"), teacher, student, 1, 2, get_degradation("inpaint-center"),
+                                   3, 2, "cpu", short_side=24, zoom=2, hole=8, window=max(x0.shape[-2:]))
+    assert same["window"] is None
+
+
 def test_held_out_photo_is_whole_and_sized_for_the_network():
     full = load_skimage_photo(HELD_OUT_PHOTO)  # 300 x 451
     photo = held_out_photo(3, 0.25, 8)

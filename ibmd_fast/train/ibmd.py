@@ -585,8 +585,9 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
         os.path.join(cfg.run_dir, "comparison.png"), ibmd.teacher, ibmd.ema.module, cfg.nfe, teacher_nfe,
         degradation, channels, size_multiple({"unet": ibmd.teacher.net.config}), ibmd.device,
         seed=cfg.seed, autocast=ibmd.precision.autocast,
-        # the hole of the crops the teacher learned, not half the whole photo (larger than any it saw)
-        hole=_crop_hole(degradation, cfg.image_size))
+        # the hole of the crops the teacher learned, not half the whole photo (larger than any it saw),
+        # restored from the training-size window around it (report.photo_comparison says why)
+        hole=_crop_hole(degradation, cfg.image_size), window=cfg.image_size)
     write_text(os.path.join(cfg.run_dir, "comparison-photo.json"), json.dumps(photo, indent=2) + "\n")
     log(f"comparison.png: the held-out photo {photo['photo']} ({photo['width']}x{photo['height']}), "
         + ", ".join(f"{c['title']} {c['psnr']:.2f} dB" for c in photo["columns"] if c["psnr"] is not None))
