@@ -15,6 +15,7 @@ counters), the held-back checkpoint while steps are being skipped, bit-identical
 """
 from __future__ import annotations
 
+import abc
 import os
 import time
 from typing import Callable, Optional
@@ -45,7 +46,7 @@ from ibmd_fast.train.rundir import RunLog, finished, finished_summary, run_lock
 __all__ = ["TrainingTask", "run_training"]
 
 
-class TrainingTask:
+class TrainingTask(abc.ABC):
     """What a trainer hands the loop. The trainer sets these attributes and defines the methods below.
 
     - ``kind``: ``"teacher"`` | ``"distill"``: the checkpoints' kind (a run refuses the other's) and the
@@ -77,9 +78,9 @@ class TrainingTask:
     config_extra: dict = {}
     last_keys: tuple[str, ...]
 
+    @abc.abstractmethod
     def state_objects(self) -> dict:
         """name -> object with ``state_dict`` / ``load_state_dict``: what a checkpoint holds."""
-        raise NotImplementedError
 
     def finished_extra(self) -> dict:
         """Summary entries of a finished run rerun, beside ``rundir.finished_summary``'s."""
@@ -88,26 +89,26 @@ class TrainingTask:
     def prepare(self) -> None:
         """Compile and DDP-wrap, after a checkpoint was loaded into the plain modules."""
 
+    @abc.abstractmethod
     def step(self, stream: BatchStream, meter: Meter) -> None:
         """One training step: its batches from ``stream``, its values added to ``meter``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def stats(self, means: dict) -> dict:
         """The task's part of a stats row (between ``step`` and ``it_per_s``), from the meter's means."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def log_line(self, row: dict) -> str:
         """The log line of a stats row."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write_samples(self, step: int) -> None:
         """The sample grid ``samples-<step>.png`` (rank 0 only)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def finish(self, step: int, last: dict) -> dict:
         """On every rank after the last checkpoint: the last grid and the release (rank 0 writes them);
         returns summary entries of the task's own."""
-        raise NotImplementedError
 
 
 def run_training(cfg, build: Callable[[distributed.DistEnv, RunLog, Precision], TrainingTask]) -> dict:
