@@ -66,6 +66,11 @@ _SHARED_TRAIN_OPTIONS: list[tuple[str, dict]] = [
     ("precision", dict(type=click.Choice(["fp32", "bf16", "fp16"]), help="Arithmetic precision (autocast).")),
     ("channels_last", dict(flag="--channels-last/--no-channels-last", help="Channels-last memory format.")),
     ("compile", dict(flag="--compile/--no-compile", help="torch.compile the networks.")),
+    ("fused_adam", dict(flag="--fused-adam/--no-fused-adam", help="torch's fused AdamW (CUDA): the non-finite-step "
+                        "guard stays on the device, no host sync inside an iteration.")),
+    ("checkpoint_activations", dict(flag="--checkpoint-activations/--no-checkpoint-activations",
+                                    help="Recompute the U-Nets' block activations in backward: less memory for "
+                                         "about one more forward.")),
     ("seed", dict(type=seed_option_type(), metavar="INT", help="Random seed.")),
     ("device", dict(type=str, metavar="DEV", help="auto, cpu, cuda or cuda:N.")),
     ("workers", dict(type=click.IntRange(min=0), metavar="N", help="DataLoader worker processes.")),
@@ -140,10 +145,6 @@ def _distill_options() -> list[tuple[str, dict]]:
         ("eval_items", dict(type=click.IntRange(min=0), metavar="N",
                             help="Held-out images for the final teacher/student comparison; 0: none.")),
         ("eval_teacher_nfe", dict(type=IntList(), help="Teacher NFEs in the final comparison.")),
-        ("fused_adam", dict(flag="--fused-adam/--no-fused-adam", help="torch's fused AdamW (CUDA): the non-finite-step guard stays on the "
-                                            "device, no host sync inside an iteration.")),
-        ("checkpoint_activations", dict(flag="--checkpoint-activations/--no-checkpoint-activations", help="Recompute the U-Nets' block activations in backward: "
-                                                        "less memory for about one more forward.")),
     ] + _recipe_options() + _SHARED_TRAIN_OPTIONS
 
 

@@ -2,7 +2,8 @@
 
 - ``train_teacher(TeacherConfig(...))`` / ``distill(DistillConfig(...))``: each writes
   ``config.json``, ``stats.jsonl``, ``log.txt``, PNG sample grids, atomic checkpoints
-  (auto-resumed from the newest good one) and, at the end, a safetensors release.
+  (auto-resumed from the newest good one) and, at the end, a safetensors release; both run
+  the one loop of ``loop.run_training``, each as a ``TrainingTask`` (its state, step and release).
 - ``CheckpointIO``: state_dict checkpoints in the manner of NVlabs/edm2.
 - ``EMA``: exponential moving average by ``lerp``.
 - ``distributed``: torchrun / DDP helpers (``torchrun --nproc_per_node=N ...``).

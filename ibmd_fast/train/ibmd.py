@@ -52,52 +52,30 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ibmd_fast import ops
-from ibmd_fast.data import LAYOUTS, canonical_name, get_degradation, make_dataset
+from ibmd_fast.data import LAYOUTS, Degradation, canonical_name, get_degradation, make_dataset
 from ibmd_fast.imageio import save_grid
 from ibmd_fast.models import Generator, make_fake_model
+from ibmd_fast.ops import draw_seed
 from ibmd_fast.release import DEFAULT_TEACHER, GENERATOR_FORMAT, ReleaseError, load_teacher, save_release
 from ibmd_fast.restore import SeededNoise, default_teacher_nfe, fill_hole, noise_like, sample_student, student_grid, student_sample
-from ibmd_fast.train import distributed
+from ibmd_fast.seeds import derive_seed
+from ibmd_fast.train import distributed, report
 from ibmd_fast.train.batches import BatchStream, first_items, shared_dataset, to_device
-from ibmd_fast.train.checkpoint import CheckpointIO
-from ibmd_fast.train.common import (
-    Meter,
-    OptimizerStep,
-    Precision,
-    RunLog,
-    RunCheckpoints,
-    TrainingDivergedError,
-    as_config,
-    check_compatible,
-    check_steps_taken,
-    check_training_options,
-    check_kind,
-    config_dict,
-    derive_seed,
-    draw_seed,
-    find_checkpoint,
-    fmt_value,
-    make_adamw,
-    progress_bar,
-    restore_rank_rng,
-    seed_everything,
-    set_lr,
-    write_text,
-)
-from ibmd_fast.train import report
+from ibmd_fast.train.common import Meter, Precision, as_config, config_dict, fmt_value
 from ibmd_fast.train.ema import EMA
+from ibmd_fast.train.loop import TrainingTask, run_training
+from ibmd_fast.train.optim import OptimizerStep, make_adamw
 from ibmd_fast.train.preflight import check_device, check_image_size, check_settings
 from ibmd_fast.train.recipes import MULTISTEP_MODES, apply_recipe, get_recipe
-from ibmd_fast.train.rundir import finished, finished_summary, run_lock
+from ibmd_fast.train.rundir import RunLog, write_text
 
-__all__ = ["DistillConfig", "distill", "recipe_config", "IBMD", "DEFAULT_TEACHER"]
+__all__ = ["DistillConfig", "distill", "recipe_config", "IBMD", "DistillTask", "DEFAULT_TEACHER"]
 
 GRID_ITEMS = 8
 
@@ -142,7 +120,11 @@ class DistillConfig:
     multistep: str = "random-stop"      # how a k-NFE student trains: "full" chain (I2SB, B.1) | "random-stop" (DDBM, B.2)
     noise_input: bool = True            # the student takes noise z (zero-initialized extra input channels)
 
-    def validate(self) -> None:
+    def validate(self, degradation: Optional[Degradation] = None) -> Optional[Degradation]:
+        """Check the settings; returns the degradation they name (None: none named), built here once for
+        the trainer (a free-form mask file is read once). ``degradation``: that object, already built
+        from these settings by an earlier check (``distill`` checks before and after filling settings
+        from the teacher release), is not built again."""
         for name in ("nfe", "inner_steps", "batch_size", "log_every", "ckpt_every", "keep_ckpts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -151,12 +133,13 @@ class DistillConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and self.fake_lr > 0):
             raise ValueError(f"--lr and --fake-lr must be positive, got {self.lr}, {self.fake_lr}")
-        if self.degradation:
-            get_degradation(self.degradation, masks=self.masks or None)
+        if self.degradation and degradation is None:
+            degradation = get_degradation(self.degradation, masks=self.masks or None)
         if self.multistep not in MULTISTEP_MODES:
             raise ValueError(f"--multistep must be one of {', '.join(MULTISTEP_MODES)}, got {self.multistep!r}")
         if self.recipe:
             get_recipe(self.recipe)
+        return degradation if self.degradation else None
 
 
 # Settings a checkpoint must share with the run that resumes it.
@@ -303,8 +286,10 @@ class IBMD:
         return result
 
 
-def _resolve(cfg: DistillConfig) -> tuple[DistillConfig, dict]:
-    """Fill the empty settings from the teacher release; returns the config and the release's."""
+def _resolve(cfg: DistillConfig, degradation: Optional[Degradation] = None
+             ) -> tuple[DistillConfig, dict, Optional[Degradation]]:
+    """Fill the empty settings from the teacher release; returns the config, the release's and the
+    degradation (``degradation``: the one ``cfg`` names, built already; None when it names none)."""
     path = cfg.teacher or DEFAULT_TEACHER
     if not os.path.exists(path):
         if not cfg.teacher:
@@ -331,10 +316,10 @@ def _resolve(cfg: DistillConfig) -> tuple[DistillConfig, dict]:
         values["data"] = f"{layout}:{data}"  # a teacher of a DDBM layout reads its folder that way
     resolved = DistillConfig(**{**config_dict(cfg), **values})
     resolved.eval_teacher_nfe = tuple(resolved.eval_teacher_nfe)
-    resolved.validate()
+    degradation = resolved.validate(degradation)  # a degradation filled from the release is built here
     if "channel_mult" in tconf.get("unet", {}):
         check_image_size(resolved.image_size, tconf["unet"]["channel_mult"], "the teacher's U-Net")
-    return resolved, tconf
+    return resolved, tconf, degradation
 
 
 def data_layout(spec: str, tconf: Optional[dict] = None) -> Optional[str]:
@@ -377,151 +362,109 @@ def distill(cfg: Optional[DistillConfig] = None, **overrides) -> dict:
         cfg = apply_recipe(as_config(DistillConfig, cfg, overrides), keep=given - {"recipe"})
     else:  # a DistillConfig is taken as resolved (the command line applied its recipe)
         cfg = as_config(DistillConfig, cfg, overrides)
-    cfg.validate()
+    named = cfg.validate()  # before the teacher release is read
     check_device(cfg.device)
-    cfg, tconf = _resolve(cfg)
+    cfg, tconf, degradation = _resolve(cfg, named)
     check_settings(steps=cfg.steps, data=cfg.data, image_size=cfg.image_size)
-    env = distributed.init(cfg.device)
-    with run_lock(cfg.run_dir, env):
-        return _distill(cfg, tconf, env)
+    return run_training(cfg, lambda env, log, precision: DistillTask(cfg, tconf, degradation, env, log, precision))
 
 
-def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
-    t_start = time.perf_counter()
-    device = env.device
-    log = RunLog(cfg.run_dir, env)
-    local_batch = distributed.local_batch_size(cfg.batch_size, env)
-    precision = Precision(cfg.precision, device, log)
-    teacher, _ = load_teacher(cfg.teacher, device=device)
-    if getattr(teacher.net, "num_classes", None) is not None:  # e.g. DBIM's ImageNet inpainting teacher
-        raise ValueError(f"the teacher {cfg.teacher} is class-conditional ({teacher.net.num_classes} classes): "
-                         f"distilling it needs a class label per image, which the data {cfg.data!r} does not carry")
-    channels = int(tconf.get("channels", teacher.image_channels))
-    # A DDBM layout (edges2handbags, diode) carries its own corruption; a degradation is optional there.
-    degradation = get_degradation(cfg.degradation, masks=cfg.masks or None) if cfg.degradation else None
-    if degradation is not None:
-        degradation.check_size(cfg.image_size, cfg.image_size)
-    inpainting = degradation is not None and degradation.is_inpainting
-    if env.is_main:
-        log(f"distill: teacher {cfg.teacher} ({teacher.bridge_type}, "
-            f"{'conditional' if teacher.conditional else 'unconditional'}), "
-            f"{degradation.name if degradation else 'the corruption of the data'}, "
-            f"data {cfg.data!r}, {cfg.image_size}px, NFE {cfg.nfe}, L={cfg.inner_steps}, K={cfg.steps}, "
-            f"{env.world_size} process(es) on {device}, precision {precision.name}")
+class DistillTask(TrainingTask):
+    """Algorithm 1 (MATH.md 5) as a task of ``loop.run_training``: an ``IBMD`` whose training step is
+    L fake-model steps and one generator step; the release is the EMA generator, then the comparison."""
 
-    # Corrupted images only (MATH.md 5): distillation never reads x0.
-    dataset = shared_dataset(lambda listing: make_dataset(cfg.data, degradation, size=cfg.image_size,
-                                                          channels=channels, split="train", corrupted_only=True,
-                                                          seed=cfg.seed, listing=listing), env, cfg.run_dir)
-    grid_batch = first_items(dataset, GRID_ITEMS) if env.is_main else None
+    kind = "distill"
+    model_keys = _MODEL_KEYS
+    training_keys = _TRAINING_KEYS
+    last_keys = ("loss_theta", "loss_phi")
 
-    ibmd = IBMD(teacher, cfg, env, precision, inpainting)
-    seed_everything(cfg.seed + env.rank)
+    def __init__(self, cfg: DistillConfig, tconf: dict, degradation: Optional[Degradation],
+                 env: distributed.DistEnv, log: RunLog, precision: Precision):
+        self.cfg, self.env, self.log = cfg, env, log
+        teacher, _ = load_teacher(cfg.teacher, device=env.device)
+        if getattr(teacher.net, "num_classes", None) is not None:  # e.g. DBIM's ImageNet inpainting teacher
+            raise ValueError(f"the teacher {cfg.teacher} is class-conditional ({teacher.net.num_classes} classes): "
+                             f"distilling it needs a class label per image, which the data {cfg.data!r} does not carry")
+        self.channels = channels = int(tconf.get("channels", teacher.image_channels))
+        # A DDBM layout (edges2handbags, diode) carries its own corruption; a degradation is optional there.
+        if degradation is not None:
+            degradation.check_size(cfg.image_size, cfg.image_size)
+        self.degradation = degradation
+        inpainting = degradation is not None and degradation.is_inpainting
+        if env.is_main:
+            log(f"distill: teacher {cfg.teacher} ({teacher.bridge_type}, "
+                f"{'conditional' if teacher.conditional else 'unconditional'}), "
+                f"{degradation.name if degradation else 'the corruption of the data'}, "
+                f"data {cfg.data!r}, {cfg.image_size}px, NFE {cfg.nfe}, L={cfg.inner_steps}, K={cfg.steps}, "
+                f"{env.world_size} process(es) on {env.device}, precision {precision.name}")
 
-    ckpt = CheckpointIO(os.path.join(cfg.run_dir, "checkpoints"), cfg.keep_ckpts, **ibmd.state_objects())
-    run_config = config_dict(cfg)
-    model_config = {"teacher_unet": teacher.net.config, "bridge": teacher.bridge.config(),
-                    "conditional": teacher.conditional, "nfe": cfg.nfe, "image_size": cfg.image_size,
-                    "channels": channels, "degradation": degradation and degradation.name}
-    start_step, seconds_before, position = 0, 0.0, 0
-    found = find_checkpoint(cfg.resume, ckpt, log, env)
-    if found is not None:
-        path, payload = found
-        check_kind(payload, "distill", path)
-        check_compatible(payload["model"], model_config, _MODEL_KEYS, path)
-        release = os.path.join(cfg.run_dir, "generator.safetensors")
-        if finished(payload, cfg.steps, release):
-            return {**finished_summary(cfg.run_dir, release, payload, log, cfg.steps),
-                    "comparison": _read_comparison(cfg.run_dir)}
-        check_training_options(payload["config"], run_config, _TRAINING_KEYS, path, cfg.allow_config_change, log)
-        ckpt.load(payload, path)
-        set_lr(ibmd.gen_opt, cfg.lr)  # the run's settings win over those saved with the optimizers
-        set_lr(ibmd.fake_opt, cfg.fake_lr)
-        start_step = int(payload["step"])
-        seconds_before = float(payload.get("seconds", 0.0))
-        position = int(payload["data_position"])
-        restore_rank_rng(payload, ibmd.noise, env, log)
-        log(f"resumed from {path} at step {start_step}")
-    log.truncate_stats(start_step)
-    log.write_config({**run_config, "world_size": env.world_size, "teacher_config": tconf})
-    ibmd.prepare()
-    stream = BatchStream(dataset, local_batch, env, cfg.seed, cfg.workers, start=position)
+        # Corrupted images only (MATH.md 5): distillation never reads x0.
+        self.dataset = shared_dataset(lambda listing: make_dataset(cfg.data, degradation, size=cfg.image_size,
+                                                                   channels=channels, split="train",
+                                                                   corrupted_only=True, seed=cfg.seed,
+                                                                   listing=listing), env, cfg.run_dir)
+        self.grid_batch = first_items(self.dataset, GRID_ITEMS) if env.is_main else None
 
-    meter = Meter()
-    last = {"loss_theta": None, "loss_phi": None}
-    step = start_step
-    skipped_before = ibmd.gen_guard.skipped
-    checkpoints = RunCheckpoints(ckpt, env, ibmd.noise, t_start, seconds_before,
-                                 start_step if found is not None else -1,
-                                 kind="distill", config=run_config, model=model_config)
-    bar = progress_bar(cfg.steps, start_step, cfg.progress and env.is_main, "distill")
+        self.ibmd = ibmd = IBMD(teacher, cfg, env, precision, inpainting)
+        self.noise = ibmd.noise
+        self.guards = {"skipped": ibmd.gen_guard, "skipped_fake": ibmd.fake_guard}
+        self.learning_rates = [(ibmd.gen_opt, cfg.lr), (ibmd.fake_opt, cfg.fake_lr)]
+        self.model_config = {"teacher_unet": teacher.net.config, "bridge": teacher.bridge.config(),
+                             "conditional": teacher.conditional, "nfe": cfg.nfe, "image_size": cfg.image_size,
+                             "channels": channels, "degradation": degradation and degradation.name}
+        self.config_extra = {"teacher_config": tconf}
+        self.release = os.path.join(cfg.run_dir, "generator.safetensors")
 
-    try:
-        while step < cfg.steps:
-            # Algorithm 1, step 1: L fake-model steps on fresh generator samples.
-            for _ in range(cfg.inner_steps):
-                loss_phi, fake_norm, _ = ibmd.fake_step(stream.next())
-                meter.add(loss_phi=loss_phi, fake_grad_norm=fake_norm)
-            # Algorithm 1, step 2: one generator step.
-            loss_theta, grad_norm, _ = ibmd.generator_step(stream.next())
-            meter.add(loss_theta=loss_theta, grad_norm=grad_norm)
-            meter.steps += 1
-            step += 1
-            bar.update(1)
+    def state_objects(self) -> dict:
+        return self.ibmd.state_objects()
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                ibmd.gen_guard.check()  # the device-side guards raise here (fused AdamW)
-                ibmd.fake_guard.check()
-                means = meter.means(env)
-                elapsed = time.perf_counter() - meter.t0
-                row = {"step": step, "loss_theta": means.get("loss_theta"), "loss_phi": means.get("loss_phi"),
-                       "grad_norm": means.get("grad_norm"), "fake_grad_norm": means.get("fake_grad_norm"),
-                       "lr": ibmd.gen_opt.param_groups[0]["lr"], "fake_lr": ibmd.fake_opt.param_groups[0]["lr"],
-                       "it_per_s": meter.steps / max(elapsed, 1e-9),
-                       "skipped": ibmd.gen_guard.skipped, "skipped_fake": ibmd.fake_guard.skipped,
-                       "seconds": round(seconds_before + time.perf_counter() - t_start, 3)}
-                log.stats(row)
-                last = {"loss_theta": row["loss_theta"], "loss_phi": row["loss_phi"]}
-                log(f"step {step:6d}  loss_theta {fmt_value(row['loss_theta'])}  loss_phi {fmt_value(row['loss_phi'])}  "
-                    f"grad {fmt_value(row['grad_norm'])}  {row['it_per_s']:.2f} it/s  "
-                    f"skipped {ibmd.gen_guard.skipped}/{ibmd.fake_guard.skipped}")
-                meter.reset()
-            if step % cfg.ckpt_every == 0 and step < cfg.steps:
-                skipping = bool(ibmd.gen_guard.consecutive or ibmd.fake_guard.consecutive)
-                checkpoints.periodic(step, stream.position, skipping=skipping, log=log)
-            if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and env.is_main:
-                _write_samples(cfg, ibmd, grid_batch, step)
-    except TrainingDivergedError as exc:
-        log.record(f"error at step {step + 1}: {exc}")  # the caller shows it (once)
-        raise
-    finally:
-        bar.close()
+    def finished_extra(self) -> dict:
+        return {"comparison": _read_comparison(self.cfg.run_dir)}
 
-    check_steps_taken("generator", ibmd.gen_guard.skipped - skipped_before, step - start_step, log)
-    checkpoints.final(step, stream.position)
-    release = os.path.join(cfg.run_dir, "generator.safetensors")
-    comparison: list[dict] = []
-    if env.is_main:
-        _write_samples(cfg, ibmd, grid_batch, step)
-        student = ibmd.ema.module
-        save_release(release, student.net, GENERATOR_FORMAT, {
-            **student.config(),
-            "nfe": cfg.nfe,
-            "degradation": degradation and degradation.name,
-            "image_size": cfg.image_size,
-            "channels": channels,
-            "data": cfg.data,
-            "inpainting": inpainting,
-        }, extra={"step": step, "teacher": os.path.abspath(cfg.teacher), **last})
-        log(f"generator release: {release}")
-        if cfg.eval_items > 0:
-            comparison = _evaluate(cfg, ibmd, channels, degradation, log)
-    comparison = env.broadcast(comparison)
-    env.barrier()
-    seconds = seconds_before + time.perf_counter() - t_start
-    return {"run_dir": cfg.run_dir, "release": release, "steps": step, **last,
-            "skipped": ibmd.gen_guard.skipped, "skipped_fake": ibmd.fake_guard.skipped,
-            "seconds": seconds, "comparison": comparison}
+    def prepare(self) -> None:
+        self.ibmd.prepare()
+
+    def step(self, stream: BatchStream, meter: Meter) -> None:
+        # Algorithm 1, step 1: L fake-model steps on fresh generator samples.
+        for _ in range(self.cfg.inner_steps):
+            loss_phi, fake_norm, _ = self.ibmd.fake_step(stream.next())
+            meter.add(loss_phi=loss_phi, fake_grad_norm=fake_norm)
+        # Algorithm 1, step 2: one generator step.
+        loss_theta, grad_norm, _ = self.ibmd.generator_step(stream.next())
+        meter.add(loss_theta=loss_theta, grad_norm=grad_norm)
+
+    def stats(self, means: dict) -> dict:
+        return {"loss_theta": means.get("loss_theta"), "loss_phi": means.get("loss_phi"),
+                "grad_norm": means.get("grad_norm"), "fake_grad_norm": means.get("fake_grad_norm"),
+                "lr": self.ibmd.gen_opt.param_groups[0]["lr"], "fake_lr": self.ibmd.fake_opt.param_groups[0]["lr"]}
+
+    def log_line(self, row: dict) -> str:
+        return (f"step {row['step']:6d}  loss_theta {fmt_value(row['loss_theta'])}  "
+                f"loss_phi {fmt_value(row['loss_phi'])}  grad {fmt_value(row['grad_norm'])}  "
+                f"{row['it_per_s']:.2f} it/s  skipped {row['skipped']}/{row['skipped_fake']}")
+
+    def write_samples(self, step: int) -> None:
+        _write_samples(self.cfg, self.ibmd, self.grid_batch, step)
+
+    def finish(self, step: int, last: dict) -> dict:
+        cfg, ibmd, degradation = self.cfg, self.ibmd, self.degradation
+        comparison: list[dict] = []
+        if self.env.is_main:
+            self.write_samples(step)
+            student = ibmd.ema.module
+            save_release(self.release, student.net, GENERATOR_FORMAT, {
+                **student.config(),
+                "nfe": cfg.nfe,
+                "degradation": degradation and degradation.name,
+                "image_size": cfg.image_size,
+                "channels": self.channels,
+                "data": cfg.data,
+                "inpainting": ibmd.inpainting,
+            }, extra={"step": step, "teacher": os.path.abspath(cfg.teacher), **last})
+            self.log(f"generator release: {self.release}")
+            if cfg.eval_items > 0:
+                comparison = _evaluate(cfg, ibmd, self.channels, degradation, self.log)
+        return {"comparison": self.env.broadcast(comparison)}
 
 
 def _read_comparison(run_dir: str) -> list[dict]:

@@ -28,7 +28,6 @@ weights).
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,41 +35,23 @@ import torch
 
 from ibmd_fast import ops
 from ibmd_fast.bridges import I2SBBridge, VEBridge, VPBridge
-from ibmd_fast.data import get_degradation, make_dataset
+from ibmd_fast.data import Degradation, get_degradation, make_dataset
 from ibmd_fast.imageio import save_grid
 from ibmd_fast.models import CONFIGS, Teacher, build_unet
+from ibmd_fast.ops import draw_seed
 from ibmd_fast.release import TEACHER_FORMAT, save_release
 from ibmd_fast.restore import default_teacher_nfe, fill_hole, sample_teacher
+from ibmd_fast.seeds import derive_seed
 from ibmd_fast.train import distributed
 from ibmd_fast.train.batches import BatchStream, first_items, shared_dataset, to_device
-from ibmd_fast.train.checkpoint import CheckpointIO
-from ibmd_fast.train.common import (
-    Meter,
-    OptimizerStep,
-    Precision,
-    RunLog,
-    RunCheckpoints,
-    TrainingDivergedError,
-    as_config,
-    check_compatible,
-    check_kind,
-    check_steps_taken,
-    check_training_options,
-    config_dict,
-    derive_seed,
-    draw_seed,
-    find_checkpoint,
-    fmt_value,
-    progress_bar,
-    restore_rank_rng,
-    seed_everything,
-    set_lr,
-)
+from ibmd_fast.train.common import Meter, Precision, as_config, fmt_value
 from ibmd_fast.train.ema import EMA
+from ibmd_fast.train.loop import TrainingTask, run_training
+from ibmd_fast.train.optim import OptimizerStep, make_adamw
 from ibmd_fast.train.preflight import check_device, check_image_size, check_settings
-from ibmd_fast.train.rundir import finished, finished_summary, run_lock
+from ibmd_fast.train.rundir import RunLog
 
-__all__ = ["TeacherConfig", "train_teacher", "make_bridge"]
+__all__ = ["TeacherConfig", "train_teacher", "make_bridge", "TeacherTask"]
 
 GRID_ITEMS = 8  # pictures per sample grid
 
@@ -98,6 +79,8 @@ class TeacherConfig:
     precision: str = "fp32"             # "fp32" | "bf16" | "fp16" (autocast on CUDA only; fp16 with GradScaler)
     channels_last: bool = False         # NHWC memory format (faster convolutions on recent GPUs)
     compile: bool = False               # torch.compile the network
+    fused_adam: bool = False            # torch's fused AdamW; its step is guarded on the device (no host sync)
+    checkpoint_activations: bool = False  # recompute U-Net block activations in backward: memory for time
     seed: int = 0                       # seeds the weights, the data order and each rank's noise (from seed, rank)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     workers: int = 0                    # DataLoader workers per rank
@@ -110,7 +93,9 @@ class TeacherConfig:
     allow_config_change: bool = False   # resume even when --batch-size / --lr differ from the checkpoint's
     progress: bool = True               # tqdm (auto-quiet when stderr is not a TTY)
 
-    def validate(self) -> None:
+    def validate(self) -> Degradation:
+        """Check the settings; returns their degradation, built here once (the trainer uses this one:
+        a free-form mask file is read once)."""
         if self.bridge not in ("i2sb", "vp", "ve"):
             raise ValueError(f"--bridge must be i2sb, vp or ve, got {self.bridge}")
         if self.channels not in (1, 3):
@@ -134,6 +119,7 @@ class TeacherConfig:
             degradation.check_size(self.image_size, self.image_size)
         except ValueError as exc:
             raise ValueError(f"--image-size {self.image_size}: {exc}") from None
+        return degradation
 
 
 # Settings a checkpoint must share with the run that resumes it (the rest may change, e.g. steps, lr).
@@ -156,158 +142,122 @@ def train_teacher(cfg: Optional[TeacherConfig] = None, **overrides) -> dict:
     every rank calls it; rank 0 writes the files.
     """
     cfg = as_config(TeacherConfig, cfg, overrides)
-    cfg.validate()
+    degradation = cfg.validate()
     check_device(cfg.device)
     check_settings(steps=cfg.steps, data=cfg.data, image_size=cfg.image_size)
-    env = distributed.init(cfg.device)
-    with run_lock(cfg.run_dir, env):
-        return _train_teacher(cfg, env)
+    return run_training(cfg, lambda env, log, precision: TeacherTask(cfg, degradation, env, log, precision))
 
 
-def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
-    t_start = time.perf_counter()
-    device = env.device
-    log = RunLog(cfg.run_dir, env)
-    local_batch = distributed.local_batch_size(cfg.batch_size, env)
-    precision = Precision(cfg.precision, device, log)
-    if env.is_main:
-        log(f"train-teacher: {cfg.bridge} bridge, {cfg.degradation}, data {cfg.data!r}, {cfg.image_size}px, "
-            f"arch {cfg.arch}, {env.world_size} process(es) on {device}, precision {precision.name}")
+class TeacherTask(TrainingTask):
+    """Bridge matching (MATH.md 4) as a task of ``loop.run_training``: the teacher, its EMA, AdamW and
+    the guard; one optimizer step per training step; the release is the EMA teacher."""
 
-    # Data: (x0, xT[, mask]) pairs; the held-out split only feeds the sample grids.
-    degradation = get_degradation(cfg.degradation, masks=cfg.masks or None)
-    dataset = shared_dataset(lambda listing: make_dataset(cfg.data, degradation, size=cfg.image_size,
-                                                          channels=cfg.channels, split="train", seed=cfg.seed,
-                                                          listing=listing), env, cfg.run_dir)
-    inpainting = degradation.is_inpainting
+    kind = "teacher"
+    model_keys = _MODEL_KEYS
+    training_keys = _TRAINING_KEYS
+    last_keys = ("loss",)
 
-    # Model: the same initial weights on every rank.
-    bridge = make_bridge(cfg)
-    torch.manual_seed(cfg.seed)
-    in_channels = cfg.channels * (2 if cfg.conditional else 1)
-    net = build_unet(cfg.arch, cfg.image_size, in_channels, cfg.channels)
-    teacher = Teacher(net, bridge, conditional=cfg.conditional).to(device).train()
-    if cfg.channels_last:
-        teacher.to(memory_format=torch.channels_last)
-    ema = EMA(teacher, cfg.ema_decay)
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, weight_decay=0.0)
-    scaler = precision.scaler()
-    step_fn = OptimizerStep("teacher", optimizer, list(teacher.parameters()), scaler, cfg.grad_clip, env)
-    sample_nfe = cfg.sample_nfe or default_teacher_nfe(bridge)
-    grid_batch = _grid_batch(cfg, env) if env.is_main else None
+    def __init__(self, cfg: TeacherConfig, degradation: Degradation, env: distributed.DistEnv, log: RunLog,
+                 precision: Precision):
+        self.cfg, self.env, self.log, self.precision = cfg, env, log, precision
+        self.device = device = env.device
+        if env.is_main:
+            log(f"train-teacher: {cfg.bridge} bridge, {cfg.degradation}, data {cfg.data!r}, {cfg.image_size}px, "
+                f"arch {cfg.arch}, {env.world_size} process(es) on {device}, precision {precision.name}")
 
-    # Noise: this rank's generator (t, bridge noise seeds, hole fill) and the global generators
-    # (dropout, if any), seeded after everything above so a resumed run restores them exactly.
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, env.rank, 1))
-    seed_everything(cfg.seed + env.rank)
+        # Data: (x0, xT[, mask]) pairs; the held-out split only feeds the sample grids.
+        self.degradation = degradation
+        self.dataset = shared_dataset(lambda listing: make_dataset(cfg.data, degradation, size=cfg.image_size,
+                                                                   channels=cfg.channels, split="train",
+                                                                   seed=cfg.seed, listing=listing), env, cfg.run_dir)
+        self.inpainting = degradation.is_inpainting
 
-    # Resume.
-    ckpt = CheckpointIO(os.path.join(cfg.run_dir, "checkpoints"), cfg.keep_ckpts,
-                        teacher=teacher, ema=ema, optimizer=optimizer, scaler=scaler, guard=step_fn)
-    run_config = config_dict(cfg)
-    start_step, seconds_before, position = 0, 0.0, 0
-    found = find_checkpoint(cfg.resume, ckpt, log, env)
-    if found is not None:
-        path, payload = found
-        check_kind(payload, "teacher", path)
-        check_compatible(payload["config"], run_config, _MODEL_KEYS, path)
-        release = os.path.join(cfg.run_dir, "teacher.safetensors")
-        if finished(payload, cfg.steps, release):
-            return finished_summary(cfg.run_dir, release, payload, log, cfg.steps)
-        check_training_options(payload["config"], run_config, _TRAINING_KEYS, path, cfg.allow_config_change, log)
-        ckpt.load(payload, path)
-        set_lr(optimizer, cfg.lr)  # the run's setting wins over the one saved with the optimizer
-        start_step = int(payload["step"])
-        seconds_before = float(payload.get("seconds", 0.0))
-        position = int(payload["data_position"])
-        restore_rank_rng(payload, gen, env, log)
-        log(f"resumed from {path} at step {start_step}")
-    log.truncate_stats(start_step)
-    log.write_config({**run_config, "world_size": env.world_size})
+        # Model: the same initial weights on every rank.
+        self.bridge = make_bridge(cfg)
+        torch.manual_seed(cfg.seed)
+        in_channels = cfg.channels * (2 if cfg.conditional else 1)
+        net = build_unet(cfg.arch, cfg.image_size, in_channels, cfg.channels)
+        self.teacher = Teacher(net, self.bridge, conditional=cfg.conditional).to(device).train()
+        if cfg.channels_last:
+            self.teacher.to(memory_format=torch.channels_last)
+        self.teacher.net.set_activation_checkpointing(cfg.checkpoint_activations)
+        self.ema = EMA(self.teacher, cfg.ema_decay)
+        self.optimizer = make_adamw(self.teacher.parameters(), cfg.lr, fused=cfg.fused_adam)
+        self.scaler = precision.scaler()
+        self.step_fn = OptimizerStep("teacher", self.optimizer, list(self.teacher.parameters()), self.scaler,
+                                     cfg.grad_clip, env)
+        self.guards = {"skipped": self.step_fn}
+        self.learning_rates = [(self.optimizer, cfg.lr)]
+        self.sample_nfe = cfg.sample_nfe or default_teacher_nfe(self.bridge)
+        self.grid_batch = _grid_batch(cfg, degradation) if env.is_main else None
+        self.release = os.path.join(cfg.run_dir, "teacher.safetensors")
+        self.model = self.teacher
 
-    if cfg.compile:
-        teacher.net.compile()
-    model = distributed.wrap_ddp(teacher, env)
-    stream = BatchStream(dataset, local_batch, env, cfg.seed, cfg.workers, start=position)
+        # Noise: this rank's generator (t, bridge noise seeds, hole fill); the loop seeds the global
+        # generators (dropout, if any) after this, so a resumed run restores both exactly.
+        self.noise = torch.Generator().manual_seed(derive_seed(cfg.seed, env.rank, 1))
 
-    meter = Meter()
-    last_loss = None
-    step = start_step
-    skipped_before = step_fn.skipped
-    checkpoints = RunCheckpoints(ckpt, env, gen, t_start, seconds_before, start_step if found is not None else -1,
-                                 kind="teacher", config=run_config)
-    bar = progress_bar(cfg.steps, start_step, cfg.progress and env.is_main, "teacher")
+    def state_objects(self) -> dict:
+        return {"teacher": self.teacher, "ema": self.ema, "optimizer": self.optimizer, "scaler": self.scaler,
+                "guard": self.step_fn}
 
-    try:
-        while step < cfg.steps:
-            batch = to_device(stream.next(), device, cfg.channels_last)
-            x0, xT, mask = batch["x0"], batch["xT"], batch.get("mask")
-            if inpainting:
-                xT = fill_hole(xT, mask, draw_seed(gen))
-            # Bridge matching (MATH.md 4): t, x_t ~ q(x_t | x0, xT), weighted x0 regression.
-            t = bridge.sample_t(x0.shape[0], generator=gen).to(device)
-            x_t = bridge.q_sample(x0, xT, t, seed=draw_seed(gen))
-            with precision.autocast():
-                x0_hat = model(x_t, t, xT if cfg.conditional else None)
-            loss = ops.bridge_loss(x0_hat.float(), x0.float(), bridge.loss_weight(t),
-                                   mask=mask if inpainting else None).mean()
-            loss_value, grad_norm, stepped = step_fn(loss)
-            if stepped:
-                ema.update(teacher)
-            step += 1
-            bar.update(1)
-            meter.add(loss=loss_value, grad_norm=grad_norm)
-            meter.steps += 1
+    def prepare(self) -> None:
+        if self.cfg.compile:
+            self.teacher.net.compile()
+        self.model = distributed.wrap_ddp(self.teacher, self.env)
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                means = meter.means(env)
-                elapsed = time.perf_counter() - meter.t0
-                row = {"step": step, "loss": means.get("loss"), "lr": optimizer.param_groups[0]["lr"],
-                       "grad_norm": means.get("grad_norm"), "it_per_s": meter.steps / max(elapsed, 1e-9),
-                       "skipped": step_fn.skipped,
-                       "seconds": round(seconds_before + time.perf_counter() - t_start, 3)}
-                log.stats(row)
-                last_loss = row["loss"]
-                log(f"step {step:7d}  loss {fmt_value(row['loss'])}  grad {fmt_value(row['grad_norm'])}  "
-                    f"{row['it_per_s']:.2f} it/s  skipped {step_fn.skipped}")
-                meter.reset()
-            if step % cfg.ckpt_every == 0 and step < cfg.steps:
-                checkpoints.periodic(step, stream.position, skipping=bool(step_fn.consecutive), log=log)
-            if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and env.is_main:
-                _write_samples(cfg, ema.module, grid_batch, step, sample_nfe, precision, device)
-    except TrainingDivergedError as exc:
-        log.record(f"error at step {step + 1}: {exc}")  # the caller shows it (once)
-        raise
-    finally:
-        bar.close()
+    def step(self, stream: BatchStream, meter: Meter) -> None:
+        cfg, bridge = self.cfg, self.bridge
+        batch = to_device(stream.next(), self.device, cfg.channels_last)
+        x0, xT, mask = batch["x0"], batch["xT"], batch.get("mask")
+        if self.inpainting:
+            xT = fill_hole(xT, mask, draw_seed(self.noise))
+        # Bridge matching (MATH.md 4): t, x_t ~ q(x_t | x0, xT), weighted x0 regression.
+        t = bridge.sample_t(x0.shape[0], generator=self.noise).to(self.device)
+        x_t = bridge.q_sample(x0, xT, t, seed=draw_seed(self.noise))
+        with self.precision.autocast():
+            x0_hat = self.model(x_t, t, xT if cfg.conditional else None)
+        loss = ops.bridge_loss(x0_hat.float(), x0.float(), bridge.loss_weight(t),
+                               mask=mask if self.inpainting else None).mean()
+        loss_value, grad_norm, stepped = self.step_fn(loss)
+        self.ema.update(self.teacher, when=stepped)  # a device tensor with fused AdamW: no sync
+        meter.add(loss=loss_value, grad_norm=grad_norm)
 
-    check_steps_taken("teacher", step_fn.skipped - skipped_before, step - start_step, log)
-    checkpoints.final(step, stream.position)
-    release = os.path.join(cfg.run_dir, "teacher.safetensors")
-    if env.is_main:
-        _write_samples(cfg, ema.module, grid_batch, step, sample_nfe, precision, device)
-        save_release(release, ema.module.net, TEACHER_FORMAT, {
-            "unet": ema.module.net.config,
-            "conditional": cfg.conditional,
-            "bridge": bridge.config(),
-            "nfe": sample_nfe,
-            "degradation": degradation.name,
-            "image_size": cfg.image_size,
-            "channels": cfg.channels,
-            "data": cfg.data,
-        }, extra={"step": step, "loss": last_loss})
-        log(f"teacher release: {release}")
-    env.barrier()
-    seconds = seconds_before + time.perf_counter() - t_start
-    return {"run_dir": cfg.run_dir, "release": release, "steps": step, "loss": last_loss,
-            "skipped": step_fn.skipped, "seconds": seconds}
+    def stats(self, means: dict) -> dict:
+        return {"loss": means.get("loss"), "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": means.get("grad_norm")}
+
+    def log_line(self, row: dict) -> str:
+        return (f"step {row['step']:7d}  loss {fmt_value(row['loss'])}  grad {fmt_value(row['grad_norm'])}  "
+                f"{row['it_per_s']:.2f} it/s  skipped {row['skipped']}")
+
+    def write_samples(self, step: int) -> None:
+        _write_samples(self.cfg, self.ema.module, self.grid_batch, step, self.sample_nfe, self.precision,
+                       self.device)
+
+    def finish(self, step: int, last: dict) -> dict:
+        if self.env.is_main:
+            cfg = self.cfg
+            self.write_samples(step)
+            save_release(self.release, self.ema.module.net, TEACHER_FORMAT, {
+                "unet": self.ema.module.net.config,
+                "conditional": cfg.conditional,
+                "bridge": self.bridge.config(),
+                "nfe": self.sample_nfe,
+                "degradation": self.degradation.name,
+                "image_size": cfg.image_size,
+                "channels": cfg.channels,
+                "data": cfg.data,
+            }, extra={"step": step, **last})
+            self.log(f"teacher release: {self.release}")
+        return {}
 
 
-def _grid_batch(cfg: TeacherConfig, env) -> Optional[dict]:
+def _grid_batch(cfg: TeacherConfig, degradation: Degradation) -> Optional[dict]:
     """Fixed pictures for the sample grids: the first items of the held-out split."""
     try:
-        data = make_dataset(cfg.data, get_degradation(cfg.degradation, masks=cfg.masks or None),
-                            size=cfg.image_size, channels=cfg.channels, split="test", seed=cfg.seed)
+        data = make_dataset(cfg.data, degradation, size=cfg.image_size, channels=cfg.channels, split="test",
+                            seed=cfg.seed)
     except (ValueError, FileNotFoundError):
         return None
     return first_items(data, GRID_ITEMS)
