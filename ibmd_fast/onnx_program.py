@@ -90,13 +90,21 @@ def graph_inputs(generator: Generator, inpainting: bool, nfe: int, upsample_fact
     ("image": the corrupted image as stored, "mask": 1 in the hole, "noise": standard normal
     draws), ``size_divisor`` how much smaller than the output the input's height and width are
     (K for the image of an srKx graph, which takes the low-resolution image; 1 for the others).
-    A new input is one more entry here and in `input_names`.
+    A new input is one more entry in `input_names` and a kind in `_input_kind`.
     """
-    kinds = {"xT": "image", "mask": "mask"}
-    return [{"name": name, "kind": kinds.get(name, "noise"),
+    return [{"name": name, "kind": _input_kind(name),
              "channels": input_channels(name, generator.image_channels, generator.z_channels),
              "size_divisor": int(upsample_factor) if name == "xT" else 1}
             for name in input_names(generator.z_channels, inpainting, nfe)]
+
+
+def _input_kind(name: str) -> str:
+    kinds = {"xT": "image", "mask": "mask", "z": "noise", "hole_noise": "noise"}
+    if name in kinds:
+        return kinds[name]
+    if name.startswith("noise_"):
+        return "noise"
+    raise ValueError(f"graph input {name!r} has no kind (image, mask or noise): add it to _input_kind")
 
 
 class StudentProgram(nn.Module):
