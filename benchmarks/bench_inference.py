@@ -14,7 +14,9 @@ Rows, each at batch 1 and 16 (``--batches``):
 - the student in onnxruntime (the model ``ibmd_fast.onnx.export_onnx`` writes,
   CPUExecutionProvider; also CUDAExecutionProvider with IO binding when onnxruntime-gpu and a
   GPU are there; onnxruntime-gpu does not reach the lent GPU machine of this project, so its
-  CUDA provider has no figure in benchmarks/results).
+  CUDA provider has no figure in benchmarks/results). The synthetic releases are sr4x-bicubic, so
+  the ONNX model takes the low-resolution image and its time includes the (nearest) upsampling
+  that the PyTorch rows get done before them.
 
 Each number is the median of ``--repeats`` timed runs after warm-up runs (fewer repeats when one
 run takes longer than ``--budget`` seconds / repeats); noise is drawn outside the timed region
@@ -300,9 +302,9 @@ def main(argv=None) -> int:
             for batch in batches:
                 rng = np.random.default_rng(0)
                 feed = {}
-                for name in report["inputs"]:
-                    c = {"z": generator.z_channels, "mask": 1}.get(name, channels)
-                    feed[name] = rng.standard_normal((batch, c, size, size), dtype=np.float32)
+                for item in json.loads(report["metadata"]["graph_inputs"]):  # an sr4x image input is low-res
+                    side = size // item["size_divisor"]
+                    feed[item["name"]] = rng.standard_normal((batch, item["channels"], side, side), dtype=np.float32)
                 feed["xT"] = np.clip(feed["xT"], -1, 1)
                 if "mask" in feed:
                     feed["mask"] = mask_for(batch).cpu().numpy()
