@@ -1,4 +1,5 @@
-"""Helpers the benchmark scripts share: machine naming, timing, the environment record, JSON output.
+"""Helpers the benchmark scripts share: machine naming, the environment record, JSON output
+(timing is ``ibmd_fast.timing``).
 
 Imported by the scripts in this folder as ``from _common import ...`` (a script's own folder is
 on ``sys.path`` when it runs).
@@ -8,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 from typing import Any, Optional
 
 import torch
@@ -17,7 +17,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # GPU names, as they appear in torch.cuda.get_device_name(), mapped to short file-name keys
 _GPU_KEYS = ("h200", "h100", "a100", "l40", "a10", "t4")
 
-__all__ = ["RESULTS", "machine_name", "resolve_device", "synchronize", "Stopwatch", "environment", "write_json"]
+__all__ = ["RESULTS", "machine_name", "resolve_device", "environment", "write_json"]
 
 
 def machine_name(device: str) -> str:
@@ -36,29 +36,6 @@ def resolve_device(device: str) -> str:
     from ibmd_fast.device import resolve_device as resolve
 
     return str(resolve(device))
-
-
-def synchronize(device: str) -> None:
-    """Wait for queued GPU work, so wall-clock time covers it (no-op on CPU)."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-class Stopwatch:
-    """Wall-clock seconds of a ``with`` block, GPU work included (``.seconds`` after the block)."""
-
-    def __init__(self, device: str = "cpu"):
-        self.device = device
-        self.seconds = 0.0
-
-    def __enter__(self) -> "Stopwatch":
-        synchronize(self.device)
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        synchronize(self.device)
-        self.seconds = time.perf_counter() - self._start
 
 
 def environment(device: str, machine: Optional[str] = None) -> dict[str, Any]:

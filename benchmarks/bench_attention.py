@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -24,7 +23,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import ibmd_fast.models.blocks as blocks  # noqa: E402
-from _common import RESULTS, environment, machine_name, resolve_device, synchronize, write_json  # noqa: E402
+from _common import RESULTS, environment, machine_name, resolve_device, write_json  # noqa: E402
+from ibmd_fast.timing import Stopwatch  # noqa: E402
 from ibmd_fast.models import build_unet  # noqa: E402
 
 
@@ -36,12 +36,10 @@ def strided_sdpa_heads(q, k, v, bs, length):
 
 def timed(fn, device: str, repeats: int) -> float:
     fn()  # warm-up
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    synchronize(device)
-    return (time.perf_counter() - start) / repeats
+    with Stopwatch(device) as watch:
+        for _ in range(repeats):
+            fn()
+    return watch.seconds / repeats
 
 
 def main(argv=None) -> int:

@@ -159,6 +159,7 @@ def run_row(spec: dict) -> dict:
     """Time ``spec["steps"]`` Algorithm-1 iterations after ``spec["warmup"]`` untimed ones."""
     from ibmd_fast import ops
     from ibmd_fast.release import load_teacher
+    from ibmd_fast.timing import Stopwatch
     from ibmd_fast.train import IBMD, DistillConfig
     from ibmd_fast.train import distributed
     from ibmd_fast.train.common import Precision
@@ -198,11 +199,9 @@ def run_row(spec: dict) -> dict:
             step_begin()
         ibmd.generator_step(batches[-1])
 
-    started = time.perf_counter()
-    iteration()
-    if cuda:
-        torch.cuda.synchronize()
-    first_s = time.perf_counter() - started
+    with Stopwatch(env.device) as first:
+        iteration()
+    first_s = first.seconds
     for _ in range(spec["warmup"] - 1):
         iteration()
     if cuda:

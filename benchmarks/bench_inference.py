@@ -14,7 +14,9 @@ Rows, each at batch 1 and 16 (``--batches``):
 - the student in onnxruntime (the model ``ibmd_fast.onnx.export_onnx`` writes,
   CPUExecutionProvider; also CUDAExecutionProvider with IO binding when onnxruntime-gpu and a
   GPU are there; onnxruntime-gpu does not reach the lent GPU machine of this project, so its
-  CUDA provider has no figure in benchmarks/results).
+  CUDA provider has no figure in benchmarks/results). The synthetic releases are sr4x-bicubic, so
+  the ONNX model takes the low-resolution image and its time includes the (nearest) upsampling
+  that the PyTorch rows get done before them.
 
 Each number is the median of ``--repeats`` timed runs after warm-up runs (fewer repeats when one
 run takes longer than ``--budget`` seconds / repeats); noise is drawn outside the timed region
@@ -42,10 +44,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,7 @@ from ibmd_fast.models import Generator, Teacher, build_unet  # noqa: E402
 from ibmd_fast.release import GENERATOR_FORMAT, TEACHER_FORMAT, load_generator, load_teacher, save_release  # noqa: E402
 from ibmd_fast.release import DEFAULT_GENERATOR, DEFAULT_TEACHER  # noqa: E402
 from ibmd_fast.restore import natural_sampler, restore, sample_student  # noqa: E402
+from ibmd_fast.timing import Stopwatch, capture_cuda_graph, measure as _measure  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -122,15 +123,7 @@ class GraphReplay:
             def call():
                 return self.module(*static[: len(args)], **dict(zip(names, static[len(args):])))
 
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    call()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = call()
+            graph, out = capture_cuda_graph(call)
             self.graphs[key] = (graph, static, out)
         graph, static, out = self.graphs[key]
         for buffer, t in zip(static, tensors):
@@ -140,29 +133,10 @@ class GraphReplay:
         return out
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(fn, device: str, warmup: int, repeats: int, budget: float, warm=None) -> tuple[float, int]:
-    """Median seconds of ``fn()`` and the number of timed runs.
-
-    ``warm`` (default ``fn``) is run ``warmup`` times first. Repeats shrink (to at least 1) so that
-    the timed runs take about ``budget`` seconds.
-    """
-    for _ in range(warmup):
-        (warm or fn)()
-    synchronize(device)
-    times = []
-    while True:
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-        if len(times) >= repeats or sum(times) + times[-1] > budget:
-            break
-    return statistics.median(times), len(times)
+    """Median wall-clock seconds of ``fn()`` (synchronized; onnxruntime's GPU work is not on torch's
+    stream, so no CUDA events) and the number of timed runs, about ``budget`` seconds of them."""
+    return _measure(fn, device, warmup, repeats, budget=budget, warm=warm, events=False)
 
 
 def main(argv=None) -> int:
@@ -293,10 +267,9 @@ def main(argv=None) -> int:
         for batch in batches:
             xT, mask = images(batch), mask_for(batch)
             try:
-                started = time.perf_counter()
-                student(model, xT, mask)  # the first call compiles (or captures)
-                synchronize(device)
-                first = time.perf_counter() - started
+                with Stopwatch(device) as first_call:
+                    student(model, xT, mask)  # the first call compiles (or captures)
+                first = first_call.seconds
                 seconds, runs = measure(lambda: student(model, xT, mask), device, args.warmup, args.repeats,
                                         args.budget)
             except Exception as exc:
@@ -329,9 +302,9 @@ def main(argv=None) -> int:
             for batch in batches:
                 rng = np.random.default_rng(0)
                 feed = {}
-                for name in report["inputs"]:
-                    c = {"z": generator.z_channels, "mask": 1}.get(name, channels)
-                    feed[name] = rng.standard_normal((batch, c, size, size), dtype=np.float32)
+                for item in json.loads(report["metadata"]["graph_inputs"]):  # an sr4x image input is low-res
+                    side = size // item["size_divisor"]
+                    feed[item["name"]] = rng.standard_normal((batch, item["channels"], side, side), dtype=np.float32)
                 feed["xT"] = np.clip(feed["xT"], -1, 1)
                 if "mask" in feed:
                     feed["mask"] = mask_for(batch).cpu().numpy()

@@ -3,19 +3,16 @@
 onnxruntime-gpu), numpy and Pillow only: no torch, no ibmd_fast.
 
     python export/run_onnx.py --model model.onnx --input IMAGE_OR_FOLDER --output OUT_DIR \\
-        [--batch 8] [--seed 0] [--provider auto|cuda|cpu] [--upsample K] [--mask MASK] [--threads N]
+        [--batch 8] [--seed 0] [--provider auto|cuda|cpu] [--mask MASK] [--threads N]
 
 Inputs. A file, or a folder searched recursively (sorted; names starting with "." skipped) for
 images (.png .jpg .jpeg .webp .bmp .tif .tiff) and tensors (.npy: float32 [C, H, W] in [-1, 1]).
 Images are read with Pillow, EXIF orientation applied, converted to the model's channel count
-(grayscale "L" for 1, "RGB" for 3) and mapped to [-1, 1] by ``x / 127.5 - 1``. They must already
-be what the network was trained on: the CORRUPTED image at the target size (for super-resolution,
-the low-resolution image brought back to full size). Low-resolution inputs can be brought to size
-here with ``--upsample K``: the same K-fold upsampling as ibmd_fast's degradation (nearest for
-I2SB's sr4x-bicubic and sr4x-pool; torch's bicubic, a = -0.75, align_corners=False, clamped to
-[-1, 1], for the project's sr4x-bicubic-aa), done in
-numpy; K must be the model's own factor (``sr4x-*``: 4). Heights and widths must be multiples of the
-model's downsampling factor (metadata). Unreadable files (damaged, or gone by the time they are read)
+(grayscale "L" for 1, "RGB" for 3) and mapped to [-1, 1] by ``x / 127.5 - 1``. They are the
+CORRUPTED images as stored: for an ``srKx`` model the low-resolution image, which the model itself
+upsamples K times (inside the graph, as ibmd_fast's degradation does), so the results are K times
+larger. Output heights and widths must be multiples of the model's ``size_multiple`` (metadata).
+Unreadable files (damaged, or gone by the time they are read)
 are skipped with one warning, in the words of ``ibmd-fast sample``; none readable is an error.
 ``--output`` may not be the input folder (or the folder of a single input file): the results would
 overwrite the inputs.
@@ -23,14 +20,14 @@ overwrite the inputs.
 Inpainting models also take a mask (1 = the hole to fill): ``--mask`` names one mask image for all
 inputs, or a folder with a mask of the same relative name (any image extension) per input; pixels
 >= 128 are the hole. Without ``--mask`` the degradation's own mask is used when it has a fixed one
-(``inpaint-center``: the centered square of half the side). The hole of the input is set to 0,
-as ibmd_fast's CorruptedFolder does.
+(``inpaint-center``: the centered square of half the side). The model fills the hole itself:
+what the input holds there is never read.
 
 Noise. The model is deterministic given its noise inputs, which are drawn here from ONE
 ``numpy.random.default_rng(seed)``, image by image in the sorted order of the (readable) inputs, and for
 each image in the order of the model's ``noise_inputs`` metadata (``z``, then ``hole_noise`` for
 inpainting, then ``noise_1 .. noise_{k-1}`` for k-step students), each as
-``rng.standard_normal((channels, H, W), dtype=numpy.float32)``. So an image's result does not
+``rng.standard_normal((channels, H, W), dtype=numpy.float32)`` at the output's size H x W. So an image's result does not
 depend on ``--batch``, and ``draw_noises`` below reproduces it anywhere.
 
 Outputs. ``OUT_DIR/<relative name>.png`` (uint8 ``round((x + 1) * 127.5)`` clipped to [0, 255]);
@@ -42,14 +39,15 @@ keep them together when moving them: onnxruntime reads the weights from the mode
 
 Execution. ``--provider auto`` uses CUDAExecutionProvider when onnxruntime offers it, else the CPU;
 inputs and outputs go through IO binding on the device (OrtValues), batches of ``--batch``
-consecutive images of one size. Errors print one line (``run_onnx: error: ...``) and exit 1.
+consecutive images of one size. The feed is made from the model's ``graph_inputs`` metadata (what
+each input is: the image, the mask, or noise), so the runner knows nothing of the model's kind
+beyond it. Errors print one line (``run_onnx: error: ...``) and exit 1.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -60,7 +58,6 @@ import numpy as np
 FORMAT = "ibmd_fast.generator.onnx"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 TENSOR_EXTENSIONS = (".npy",)
-BICUBIC_A = -0.75  # torch's (and OpenCV's) cubic convolution coefficient
 
 
 class RunnerError(Exception):
@@ -122,11 +119,10 @@ class Model:
                               "export one with `ibmd-fast export --onnx`")
         try:
             info = {
-                "inputs": json.loads(meta["inputs"]),
-                "input_channels": json.loads(meta["input_channels"]),
-                "noise_inputs": json.loads(meta["noise_inputs"]),
+                "graph_inputs": json.loads(meta["graph_inputs"]),
                 "image_channels": int(json.loads(meta["image_channels"])),
-                "factor": int(json.loads(meta["downsampling_factor"])),
+                "multiple": int(json.loads(meta["size_multiple"])),
+                "upsample": json.loads(meta["upsample"]),
                 "inpainting": bool(json.loads(meta["inpainting"])),
                 "nfe": int(json.loads(meta["nfe"])),
                 "degradation": meta.get("degradation", ""),
@@ -134,15 +130,21 @@ class Model:
             }
         except (KeyError, ValueError, TypeError) as exc:
             raise RunnerError(f"{path}: damaged ibmd-fast metadata ({type(exc).__name__}: {exc})") from None
-        graph_inputs = [i.name for i in self.session.get_inputs()]
-        if graph_inputs != info["inputs"]:
-            raise RunnerError(f"{path}: the graph's inputs {graph_inputs} differ from its metadata {info['inputs']}")
+        names = [i.name for i in self.session.get_inputs()]
+        if names != [i["name"] for i in info["graph_inputs"]]:
+            raise RunnerError(f"{path}: the graph's inputs {names} differ from its metadata "
+                              f"{[i['name'] for i in info['graph_inputs']]}")
+        unknown = [i["name"] for i in info["graph_inputs"] if i["kind"] not in ("image", "mask", "noise")]
+        if unknown:
+            raise RunnerError(f"{path}: the model takes inputs this runner does not know how to make: {unknown}")
+        info["noise_inputs"] = [i for i in info["graph_inputs"] if i["kind"] == "noise"]
+        info["divisor"] = next(i["size_divisor"] for i in info["graph_inputs"] if i["kind"] == "image")
         return info
 
     def run(self, feed: dict) -> np.ndarray:
         """One batch through IO binding: inputs as OrtValues on the device, x0 bound there too."""
         binding = self.session.io_binding()
-        for name, array in feed.items():
+        for name, array in feed.items():  # the image may be smaller than the output (srKx)
             value = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, dtype=np.float32),
                                                           self.device, 0)
             binding.bind_ortvalue_input(name, value)
@@ -150,13 +152,13 @@ class Model:
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:  # onnxruntime's own error types (out of memory, ...)
-            shape = "x".join(str(d) for d in feed["xT"].shape)
+            shape = "x".join(str(d) for d in next(iter(feed.values())).shape)
             raise RunnerError(f"onnxruntime failed on a batch of shape {shape}: {_first_line(exc)}") from None
         return binding.copy_outputs_to_cpu()[0]
 
 
 # ----------------------------------------------------------------------------
-# Noise, masks, upsampling (numpy)
+# Noise and masks (numpy)
 
 
 def draw_noises(rng: np.random.Generator, noise_inputs: list, height: int, width: int) -> dict:
@@ -172,41 +174,6 @@ def center_mask(height: int, width: int) -> np.ndarray:
     top, left = (height - side_h) // 2, (width - side_w) // 2
     mask[:, top:top + side_h, left:left + side_w] = 1.0
     return mask
-
-
-def _cubic_weights(t: np.ndarray) -> np.ndarray:
-    """Cubic-convolution weights of the taps at -1, 0, 1, 2 for fractional offsets t in [0, 1)."""
-    a = BICUBIC_A
-
-    def near(x):  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
-
-
-def _bicubic_axis(x: np.ndarray, factor: int, axis: int) -> np.ndarray:
-    """torch.nn.functional.interpolate(mode="bicubic", align_corners=False) along one axis."""
-    size = x.shape[axis]
-    src = (np.arange(size * factor, dtype=np.float64) + 0.5) / factor - 0.5
-    base = np.floor(src)
-    weights = _cubic_weights(src - base).astype(np.float32)  # [out, 4]
-    taps = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3)[None, :], 0, size - 1)
-    x = np.moveaxis(x, axis, -1)
-    out = (x[..., taps] * weights).sum(axis=-1, dtype=np.float32)
-    return np.moveaxis(out, -1, axis)
-
-
-def upsample(x: np.ndarray, factor: int, mode: str) -> np.ndarray:
-    """[C, H, W] -> [C, kH, kW] as ibmd_fast's SuperResolution.upsample: bicubic (clamped) or nearest."""
-    if factor == 1:
-        return x
-    if mode == "nearest":
-        return np.repeat(np.repeat(x, factor, axis=1), factor, axis=2)
-    out = _bicubic_axis(_bicubic_axis(x, factor, 1), factor, 2)
-    return np.clip(out, -1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------
@@ -344,12 +311,6 @@ def check_output(out_dir: str, input_root: str) -> None:
         raise RunnerError(f"cannot write to --output {out_dir}: {exc.strerror or _first_line(exc)}") from None
 
 
-def model_upsample_factor(degradation: str):
-    """K of an ``srKx-*`` degradation, else None."""
-    match = re.match(r"^sr(\d+)x", degradation or "")
-    return int(match.group(1)) if match else None
-
-
 def _skipped_message(bad: list) -> str:
     """The words of ``ibmd-fast sample`` for skipped inputs."""
     shown = "; ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
@@ -410,7 +371,7 @@ class MaskSource:
 # Main
 
 
-def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int = 0, upsample_factor: int = 1,
+def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int = 0,
             mask: str | None = None, log=None, warn=None, input_root: str | None = None) -> int:
     """Run every input through the model; returns the number of images written.
 
@@ -418,19 +379,9 @@ def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int =
     warning through ``warn``; when none is left, ``RunnerError``.
     """
     info = model.metadata
-    channels, factor = info["image_channels"], info["factor"]
-    # I2SB's sr4x-bicubic and sr4x-pool upsample with nearest; the project's own sr4x-bicubic-aa with bicubic
-    mode = "bicubic" if info["degradation"].endswith("-bicubic-aa") else "nearest"
+    channels, multiple, divisor = info["image_channels"], info["multiple"], info["divisor"]
     if mask is not None and not info["inpainting"]:
         raise RunnerError(f"--mask is for inpainting models; this one restores {info['degradation'] or 'images'}")
-    if upsample_factor > 1 and info["degradation"]:
-        k = model_upsample_factor(info["degradation"])
-        if k is None:
-            raise RunnerError(f"--upsample {upsample_factor}: this model restores {info['degradation']}, not "
-                              "super-resolution; give its inputs at full size")
-        if k != upsample_factor:
-            raise RunnerError(f"--upsample {upsample_factor}: this model was trained on {info['degradation']}; "
-                              f"use --upsample {k} for low-resolution inputs, or none for inputs at full size")
     masks = MaskSource(mask, info["degradation"]) if info["inpainting"] else None
 
     # Check every input before running anything, so a bad file fails fast.
@@ -444,12 +395,12 @@ def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int =
         except UnreadableInput as exc:
             bad.append(f"{relname} ({exc.reason})")
             continue
-        height, width = height * upsample_factor, width * upsample_factor
-        if height % factor or width % factor:
-            after = f" after --upsample {upsample_factor}" if upsample_factor > 1 else ""
-            raise RunnerError(f"{relname}: size {height}x{width}{after} does not fit the network, which takes "
-                              f"heights and widths that are multiples of {factor} "
-                              f"(nearest: {_size_hint(height, width, factor)})")
+        height, width = height * divisor, width * divisor  # the output's size
+        if height % multiple or width % multiple:
+            what = f"size {height // divisor}x{width // divisor} (x{divisor}: {height}x{width})" if divisor > 1 \
+                else f"size {height}x{width}"
+            raise RunnerError(f"{relname}: {what} does not fit the network, which gives heights and widths that are "
+                              f"multiples of {multiple} (nearest: {_size_hint(height, width, multiple)})")
         if masks is not None:
             masks.path_for(relname)
         sizes.append((height, width))
@@ -461,7 +412,9 @@ def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int =
         check_output(out_dir, input_root)
     if log:
         log(f"{info['nfe']}-step {info['degradation'] or 'generator'}, {info['precision']}, on {model.device} "
-            f"({', '.join(model.session.get_providers())}); {len(items)} inputs")
+            f"({', '.join(model.session.get_providers())}); {len(items)} inputs"
+            + (f", upsampled x{info['upsample']['factor']} ({info['upsample']['mode']}) in the model"
+               if info["upsample"] else ""))
 
     rng = np.random.default_rng(seed)
     out_root = Path(out_dir)
@@ -472,7 +425,7 @@ def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int =
         nonlocal written
         if not pending:
             return
-        feed = {name: np.stack([p[2][name] for p in pending]) for name in info["inputs"]}
+        feed = {i["name"]: np.stack([p[2][i["name"]] for p in pending]) for i in info["graph_inputs"]}
         x0 = model.run(feed)
         finite = np.isfinite(x0)
         if not finite.all():  # a model with NaN/Inf weights gives black images: never write them
@@ -497,21 +450,15 @@ def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int =
         if pending and (len(pending) >= batch or previous != (height, width)):
             flush()  # a batch holds consecutive inputs of one size
         try:
-            xT = upsample(load_input(path, channels), upsample_factor, mode)
+            image = load_input(path, channels)
         except UnreadableInput as exc:  # gone or damaged since the check
             bad.append(f"{relname} ({exc.reason})")
             continue
         previous = (height, width)
-        inputs = {"xT": xT}
-        if masks is not None:
-            hole = masks.mask(relname, height, width)
-            inputs["mask"] = hole
-            inputs["xT"] = xT * (1.0 - hole)  # the hole carries no information (CorruptedFolder's convention)
-        inputs.update(draw_noises(rng, info["noise_inputs"], height, width))
-        missing = [n for n in info["inputs"] if n not in inputs]
-        if missing:
-            raise RunnerError(f"the model takes inputs this runner does not know how to make: {missing}")
-        pending.append((relname, path, inputs))
+        noises = draw_noises(rng, info["noise_inputs"], height, width)
+        made = {"image": lambda i: image, "mask": lambda i: masks.mask(relname, height, width),
+                "noise": lambda i: noises[i["name"]]}
+        pending.append((relname, path, {i["name"]: made[i["kind"]](i) for i in info["graph_inputs"]}))
     flush()
     if not written:
         raise RunnerError(f"no readable input image: {'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
@@ -543,8 +490,6 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise inputs (default 0)")
     parser.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
                         help="onnxruntime execution provider (default auto: CUDA when available)")
-    parser.add_argument("--upsample", type=_positive, default=1, metavar="K",
-                        help="upsample the inputs K times first (low-resolution inputs of an sr<K>x model)")
     parser.add_argument("--mask", metavar="PATH", help="inpainting: a mask image, or a folder of per-input masks")
     parser.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads (default: onnxruntime's)")
     parser.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
@@ -560,8 +505,8 @@ def main(argv=None) -> int:
         items = list_inputs(args.input)
         model = Model(args.model, args.provider, args.threads)
         started = time.perf_counter()
-        count = restore(model, items, args.output, batch=args.batch, seed=args.seed,
-                        upsample_factor=args.upsample, mask=args.mask, log=log, warn=warn, input_root=args.input)
+        count = restore(model, items, args.output, batch=args.batch, seed=args.seed, mask=args.mask, log=log,
+                        warn=warn, input_root=args.input)
         if log:
             seconds = time.perf_counter() - started
             per_image = seconds / max(count, 1) * 1e3

@@ -385,8 +385,9 @@ def train_classifier_cmd(data, output, image_size, channels, epochs, batch_size,
 @click.option("--overwrite", is_flag=True, help="Replace an existing ONNX model at --output (once the new one passes).")
 @click.option("--example-size", type=click.IntRange(min=1), metavar="PX", default=None,
               show_default="the release's image size",
-              help="Side of the example the exporter traces; the parity check runs near it (the model takes any "
-                   "multiple of the U-Net's downsampling factor).")
+              help="Output side of the example the exporter traces; the parity check runs near it (the model "
+                   "gives any multiple of the U-Net's downsampling factor, and of K for an srKx model, which takes "
+                   "the low-resolution image).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @friendly_errors
 def export_cmd(to_onnx, model, output, fp16, opset, no_check, overwrite, example_size, progress):

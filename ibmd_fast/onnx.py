@@ -6,9 +6,14 @@ input, so the model is deterministic and the deployment side
 (`export/run_onnx.py`) needs nothing but onnxruntime and numpy.
 
 Graph inputs, in this order (float32, ``[B, ., H, W]``; B, H, W dynamic, H and W
-multiples of the U-Net's downsampling factor ``2**(len(channel_mult) - 1)``):
+multiples of the U-Net's downsampling factor ``2**(len(channel_mult) - 1)``, and of K for
+srKx models):
 
-    xT          [B, C, H, W]   the corrupted image in [-1, 1]
+    xT          [B, C, H, W]   the corrupted image in [-1, 1] as stored; for an srKx model the
+                [B, C, H/K, W/K] low-resolution image, which the graph upsamples first with the
+                degradation's own ``SuperResolution.upsample`` (nearest for I2SB's sr4x-bicubic
+                and sr4x-pool; torch's bicubic, align_corners=False, clamped, for sr4x-bicubic-aa:
+                ONNX ``Resize`` mode cubic, cubic_coeff_a -0.75, half-pixel coordinates)
     z           [B, Cz, H, W]  the generator's noise (absent when z_channels == 0)
     mask        [B, 1, H, W]   inpainting students only: 1 in the hole, 0 on known pixels
     hole_noise  [B, C, H, W]   inpainting students only: the Gaussian noise that fills the hole of
@@ -17,7 +22,9 @@ multiples of the U-Net's downsampling factor ``2**(len(channel_mult) - 1)``):
                                noise of the posterior step after the n-th generator call
 
 Output ``x0`` [B, C, H, W] float32: the last generator prediction, known pixels
-copied from xT for inpainting students (as `student_sample` returns). The
+copied from xT for inpainting students (as `student_sample` returns; what xT holds in the
+hole is never read). The metadata's ``graph_inputs`` lists the inputs with what each is
+(`onnx_program.graph_inputs`), so a runner feeds them without knowing the model's kind. The
 posterior steps between calls are plain arithmetic (``reference.bridge_step``)
 with their coefficients computed by the bridge in float64 and baked in as
 float32 constants, the network's time inputs (t, preconditioning) are constants
@@ -73,11 +80,14 @@ from ibmd_fast.onnx_program import (  # noqa: F401  (re-exported: what the graph
     ONNX_FORMAT,
     StudentProgram,
     downsampling_factor,
+    graph_inputs,
     input_names,
     input_channels,
     onnx_metadata,
     precision_copy,
     reference_sample,
+    size_multiple,
+    upsampling,
 )
 from ibmd_fast.release import ReleaseError, load_generator
 
@@ -92,6 +102,9 @@ __all__ = [
     "export_onnx",
     "external_data_name",
     "downsampling_factor",
+    "graph_inputs",
+    "size_multiple",
+    "upsampling",
     "input_names",
     "onnx_metadata",
     "reference_sample",
@@ -181,16 +194,18 @@ def _quiet_exporter():
             logger.setLevel(level)
 
 
-def _example_inputs(names: list[str], channels: dict[str, int], batch: int, height: int, width: int,
+def _example_inputs(inputs: list[dict], batch: int, height: int, width: int,
                     seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Random inputs as the ONNX model takes them: xT uniform in [-1, 1], a centered square hole, normals."""
+    """Random inputs as the ONNX model takes them (``inputs``: `graph_inputs`; height and width of
+    the output): the image uniform in [-1, 1], a centered square hole, normals."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for name in names:
-        shape = (batch, channels[name], height, width)
-        if name == "xT":
+    for item in inputs:
+        name, divisor = item["name"], item["size_divisor"]
+        shape = (batch, item["channels"], height // divisor, width // divisor)
+        if item["kind"] == "image":
             out[name] = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1
-        elif name == "mask":
+        elif item["kind"] == "mask":
             mask = torch.zeros(shape, dtype=torch.float64)
             mask[..., height // 4: height // 4 + max(1, height // 2), width // 4: width // 4 + max(1, width // 2)] = 1
             out[name] = mask
@@ -199,28 +214,38 @@ def _example_inputs(names: list[str], channels: dict[str, int], batch: int, heig
     return {k: v.to(dtype) for k, v in out.items()}
 
 
-def _export_dynamo(program: StudentProgram, args: tuple, names: list[str], factor: int, opset: int,
+def _export_dynamo(program: StudentProgram, args: tuple, inputs: list[dict], multiple: int, opset: int,
                    path: str, progress: bool) -> None:
+    """Dynamic batch, height and width: full sizes ``multiple * d``, an input ``size_divisor`` times
+    smaller ``multiple / size_divisor * d`` (derived from the same ``d``, so the two stay tied)."""
     batch = torch.export.Dim("batch", min=1)
-    if factor > 1:
-        h, w = torch.export.Dim("h", min=1), torch.export.Dim("w", min=1)
-        height, width = factor * h, factor * w
-    else:
-        height, width = torch.export.Dim("height", min=1), torch.export.Dim("width", min=1)
-    spec = {0: batch, 2: height, 3: width}
+    h, w = torch.export.Dim("h", min=1), torch.export.Dim("w", min=1)
+
+    def spec(divisor: int) -> dict:
+        step = multiple // divisor
+        return {0: batch, 2: step * h if step > 1 else h, 3: step * w if step > 1 else w}
+
+    names = [i["name"] for i in inputs]
     onnx_program = torch.onnx.export(
         program, args, dynamo=True, opset_version=opset, input_names=names, output_names=["x0"],
-        dynamic_shapes={"inputs": tuple(spec for _ in names)}, optimize=True, verbose=progress,
+        dynamic_shapes={"inputs": tuple(spec(i["size_divisor"]) for i in inputs)}, optimize=True,
+        verbose=progress,
     )
     onnx_program.save(path)
 
 
-def _export_torchscript(program: StudentProgram, args: tuple, names: list[str], opset: int, path: str) -> None:
-    axes = {0: "batch", 2: "height", 3: "width"}
+def _export_torchscript(program: StudentProgram, args: tuple, inputs: list[dict], opset: int, path: str) -> None:
+    axes = {i["name"]: _dim_names(i["size_divisor"]) for i in inputs}
     torch.onnx.export(
-        program, args, path, dynamo=False, opset_version=opset, input_names=names, output_names=["x0"],
-        dynamic_axes={n: axes for n in names + ["x0"]}, do_constant_folding=True,
+        program, args, path, dynamo=False, opset_version=opset, input_names=list(axes), output_names=["x0"],
+        dynamic_axes={**axes, "x0": _dim_names(1)}, do_constant_folding=True,
     )
+
+
+def _dim_names(divisor: int) -> dict[int, str]:
+    """The names of an input's dynamic axes: ``height``/``width`` at full size, else ``height/K``."""
+    suffix = f"/{divisor}" if divisor > 1 else ""
+    return {0: "batch", 2: "height" + suffix, 3: "width" + suffix}
 
 
 def _nonstandard_nodes(model) -> list[str]:
@@ -247,7 +272,9 @@ def _nonstandard_nodes(model) -> list[str]:
 
 
 def _finish_model(path: str, metadata: dict[str, str]) -> None:
-    """Name the dynamic axes batch/height/width, inline local functions, check the ops, add metadata."""
+    """Name the dynamic axes (`_dim_names`), inline local functions, check the ops, add metadata."""
+    import json
+
     import onnx
 
     model = onnx.load(path, load_external_data=False)
@@ -256,9 +283,12 @@ def _finish_model(path: str, metadata: dict[str, str]) -> None:
     bad = _nonstandard_nodes(model)
     if bad:
         raise OnnxExportError(f"the exported graph uses non-standard operators: {', '.join(bad)}")
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    rename = {dims[i].dim_param: new for i, new in ((0, "batch"), (2, "height"), (3, "width"))
-              if dims[i].dim_param}
+    rename = {}
+    divisors = {i["name"]: i["size_divisor"] for i in json.loads(metadata["graph_inputs"])}
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        rename.update({dims[i].dim_param: new for i, new in _dim_names(divisors.get(value.name, 1)).items()
+                       if dims[i].dim_param})
     for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in rename:
@@ -315,29 +345,30 @@ def _ort_session(path: str):
 
 
 def _parity_shapes(height: int, width: int, factor: int) -> list[tuple[int, int, int]]:
+    # factor: `size_multiple`, so the low-resolution image of an srKx model has whole sizes too
     """Two (batch, H, W) unlike the example (batch 2, height, width) in batch, height and width."""
     smaller_h = height - factor if height > factor else height + 3 * factor
     return [(1, height + factor, width + 2 * factor), (3, smaller_h, width + factor)]
 
 
-def _check_parity(session, generator: Generator, generator16: Optional[Generator], names: list[str],
-                  channels: dict[str, int], shapes, nfe: int, progress: bool) -> list[dict]:
+def _check_parity(session, generator: Generator, generator16: Optional[Generator], graph_inputs: list[dict],
+                  shapes, nfe: int, progress: bool, upsample=None) -> list[dict]:
     results, failures = [], []
     generator64 = precision_copy(generator, torch.float64) if generator16 is not None else None
     for i, (batch, height, width) in enumerate(shapes):
-        inputs = _example_inputs(names, channels, batch, height, width, seed=1000 + i)
+        inputs = _example_inputs(graph_inputs, batch, height, width, seed=1000 + i)
         feed = {k: v.numpy() for k, v in inputs.items()}
         ort_out = session.run(["x0"], feed)[0].astype(np.float64)
-        shape = [batch, channels["xT"], height, width]
+        shape = [batch, generator.image_channels, height, width]
         if generator16 is None:
-            torch_out = reference_sample(generator, inputs, nfe).double().numpy()
+            torch_out = reference_sample(generator, inputs, nfe, upsample).double().numpy()
             err = float(np.abs(ort_out - torch_out).max())
             ok = err <= FP32_TOLERANCE
             res = {"shape": shape, "max_abs_err": err, "tolerance": FP32_TOLERANCE, "ok": ok}
             _say(progress, f"parity at {shape}: max |ORT - PyTorch| = {err:.3g} (tolerance {FP32_TOLERANCE:g})")
         else:
-            ref64 = reference_sample(generator64, {k: v.double() for k, v in inputs.items()}, nfe).numpy()
-            torch16 = reference_sample(generator16, inputs, nfe).double().numpy()
+            ref64 = reference_sample(generator64, {k: v.double() for k, v in inputs.items()}, nfe, upsample).numpy()
+            torch16 = reference_sample(generator16, inputs, nfe, upsample).double().numpy()
             err_ort = float(np.abs(ort_out - ref64).max())
             err_torch = float(np.abs(torch16 - ref64).max())
             bound = FP16_ERROR_RATIO * err_torch + FP16_SLACK
@@ -373,8 +404,9 @@ def export_onnx(
 
     - ``fp16``: a float16 model with float32 inputs and outputs (module docstring).
     - ``opset``: ONNX opset, at least 17.
-    - ``example_size``: H (or (H, W)) of the example the exporter traces; default the release's
-      image_size. Must be a multiple of the downsampling factor. The batch of the example is 2.
+    - ``example_size``: H (or (H, W)) of the example the exporter traces (the output's size);
+      default the release's image_size. Must be a multiple of the downsampling factor (and of K
+      for an srKx model, whose graph takes the low-resolution image). The batch of the example is 2.
     - ``check``: run onnxruntime against PyTorch at two other shapes (module docstring);
       `OnnxParityError` when they disagree, and then nothing is written.
     - ``exporter``: "auto" (torch.export-based "dynamo" exporter, falling back to the TorchScript
@@ -397,7 +429,8 @@ def export_onnx(
             from None
     nfe = int(config.get("nfe", 1))
     inpainting = bool(config.get("inpainting", str(config.get("degradation", "")).startswith("inpaint")))
-    factor = downsampling_factor(generator)
+    upsample = upsampling(config.get("degradation"))
+    factor = size_multiple(generator, upsample.factor if upsample is not None else 1)
     if example_size is None:
         size = int(config.get("image_size") or generator.net.config["image_size"])
         size = -(-size // factor) * factor  # round up to a multiple of the factor
@@ -406,15 +439,16 @@ def export_onnx(
         example_size = (example_size, example_size)
     height, width = (int(s) for s in example_size)
     if height % factor or width % factor or min(height, width) < factor:
-        raise ValueError(f"example_size {height}x{width} must be positive multiples of the U-Net's "
-                         f"downsampling factor {factor}")
+        raise ValueError(f"example_size {height}x{width} must be positive multiples of {factor} (the U-Net's "
+                         f"downsampling factor{', and the super-resolution factor' if upsample else ''})")
 
     precision = "float16" if fp16 else "float32"
     generator16 = precision_copy(generator, torch.float16) if fp16 else None
-    program = StudentProgram(generator16 if fp16 else generator, nfe=nfe, inpainting=inpainting).eval()
-    names = program.input_names
-    channels = {n: input_channels(n, generator.image_channels, generator.z_channels) for n in names}
-    example = _example_inputs(names, channels, EXAMPLE_BATCH, height, width, seed=0)
+    program = StudentProgram(generator16 if fp16 else generator, nfe=nfe, inpainting=inpainting,
+                             upsample=upsample).eval()
+    inputs = graph_inputs(generator, inpainting, nfe, upsample.factor if upsample is not None else 1)
+    names = [i["name"] for i in inputs]
+    example = _example_inputs(inputs, EXAMPLE_BATCH, height, width, seed=0)
     args = tuple(example[n] for n in names)
     metadata = onnx_metadata(generator, config, nfe, inpainting, precision)
 
@@ -430,15 +464,15 @@ def export_onnx(
     scratch = tempfile.mkdtemp(prefix=".onnx-export-", dir=out_dir)
     try:
         tmp_path = os.path.join(scratch, os.path.basename(out_path))
-        used, fallback_reason = _export(program, args, names, factor, int(opset), tmp_path, exporter, metadata,
+        used, fallback_reason = _export(program, args, inputs, factor, int(opset), tmp_path, exporter, metadata,
                                         progress)
         _say(progress, f"exported with the {used} exporter, opset {opset}, {precision}; onnx.checker passed")
 
         parity: list[dict] = []
         if check:
             session = _ort_session(tmp_path)
-            parity = _check_parity(session, generator, generator16, names, channels,
-                                   _parity_shapes(height, width, factor), nfe, progress)
+            parity = _check_parity(session, generator, generator16, inputs,
+                                   _parity_shapes(height, width, factor), nfe, progress, upsample)
         files = []
         for name in sorted(os.listdir(scratch), key=lambda n: n == os.path.basename(out_path)):
             os.replace(os.path.join(scratch, name), os.path.join(out_dir, name))  # the model last
@@ -462,7 +496,8 @@ def export_onnx(
         "inpainting": inpainting,
         "inputs": names,
         "outputs": ["x0"],
-        "downsampling_factor": factor,
+        "downsampling_factor": downsampling_factor(generator),
+        "size_multiple": factor,
         "example_shape": [EXAMPLE_BATCH, generator.image_channels, height, width],
         "parity": parity,
         "metadata": metadata,
@@ -470,7 +505,7 @@ def export_onnx(
     }
 
 
-def _export(program, args, names, factor, opset, path, exporter, metadata, progress) -> tuple[str, Optional[str]]:
+def _export(program, args, inputs, factor, opset, path, exporter, metadata, progress) -> tuple[str, Optional[str]]:
     """Run the chosen exporter, finish the model (`_finish_model`) and pass it through onnx.checker.
 
     Returns (exporter used, why the dynamo exporter was given up, or None). Under "auto" a
@@ -489,7 +524,7 @@ def _export(program, args, names, factor, opset, path, exporter, metadata, progr
     if exporter in ("auto", "dynamo"):
         _say(progress, "exporting with torch.onnx.export(dynamo=True) ...")
         try:
-            attempt(lambda: _export_dynamo(program, args, names, factor, opset, path, progress))
+            attempt(lambda: _export_dynamo(program, args, inputs, factor, opset, path, progress))
             return "dynamo", None
         except Exception as exc:  # the exporters raise many types; all mean "this exporter failed"
             reason = f"{type(exc).__name__}: {_first_line(exc)}"
@@ -502,7 +537,7 @@ def _export(program, args, names, factor, opset, path, exporter, metadata, progr
                 os.remove(os.path.join(folder, name))
     _say(progress, "exporting with torch.onnx.export(dynamo=False) (TorchScript) ...")
     try:
-        attempt(lambda: _export_torchscript(program, args, names, opset, path))
+        attempt(lambda: _export_torchscript(program, args, inputs, opset, path))
         return "torchscript", errors[0] if errors else None
     except Exception as exc:
         errors.append(f"{type(exc).__name__}: {_first_line(exc)}")

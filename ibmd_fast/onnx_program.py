@@ -2,20 +2,23 @@
 
 - ``StudentProgram``: ``restore.student_sample`` with every random draw a graph input; the module
   the exporter traces. ``reference_sample``: PyTorch's answer to the same inputs (the parity check).
-- ``input_names`` / ``input_channels`` / ``downsampling_factor``: the graph's inputs and the sizes
-  it takes; ``onnx_metadata``: its ``metadata_props``.
+- ``input_names`` / ``input_channels`` / ``graph_inputs`` / ``downsampling_factor`` /
+  ``size_multiple``: the graph's inputs and the sizes it takes; ``upsampling``: the srKx
+  degradation whose upsampling the graph does first; ``onnx_metadata``: its ``metadata_props``.
 - ``precision_copy``: the float16 (exported) and float64 (reference) copies of a generator.
 """
 from __future__ import annotations
 
 import copy
 import json
-from typing import Any
+import math
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from ibmd_fast import __version__
+from ibmd_fast.data.degradations import SuperResolution, get_degradation
 from ibmd_fast.models.blocks import AttentionBlock, ResBlock
 from ibmd_fast.models.wrappers import Generator
 from ibmd_fast.restore import GivenNoise, impose_known, student_grid, student_sample
@@ -26,7 +29,10 @@ __all__ = [
     "reference_sample",
     "input_names",
     "input_channels",
+    "graph_inputs",
+    "upsampling",
     "downsampling_factor",
+    "size_multiple",
     "onnx_metadata",
     "precision_copy",
 ]
@@ -41,6 +47,25 @@ ONNX_FORMAT = "ibmd_fast.generator.onnx"
 def downsampling_factor(generator: Generator) -> int:
     """Heights and widths the U-Net takes are multiples of this: ``2**(len(channel_mult) - 1)``."""
     return 2 ** (len(generator.net.config["channel_mult"]) - 1)
+
+
+def upsampling(degradation: Optional[str]) -> Optional[SuperResolution]:
+    """The srKx degradation whose upsampling the graph does before the chain, else None.
+
+    Its ``upsample`` is the data's own: nearest for I2SB's ``sr4x-bicubic`` and ``sr4x-pool``,
+    torch's bicubic (align_corners=False, clamped to [-1, 1]) for ``sr4x-bicubic-aa``.
+    """
+    name = str(degradation or "").strip().lower()
+    if not name.startswith("sr"):
+        return None
+    found = get_degradation(name)
+    return found if isinstance(found, SuperResolution) else None
+
+
+def size_multiple(generator: Generator, upsample_factor: int = 1) -> int:
+    """Full-size heights and widths are multiples of this: the U-Net's downsampling factor and,
+    for an srKx graph that takes the low-resolution image, K (``lcm`` of the two)."""
+    return math.lcm(downsampling_factor(generator), int(upsample_factor))
 
 
 def input_names(z_channels: int, inpainting: bool, nfe: int) -> list[str]:
@@ -58,24 +83,52 @@ def input_channels(name: str, image_channels: int, z_channels: int) -> int:
     return {"z": z_channels, "mask": 1}.get(name, image_channels)
 
 
+def graph_inputs(generator: Generator, inpainting: bool, nfe: int, upsample_factor: int = 1) -> list[dict]:
+    """The graph's inputs in order, as the model's ``graph_inputs`` metadata states them.
+
+    Each is ``{"name", "kind", "channels", "size_divisor"}``: ``kind`` says what a runner feeds
+    ("image": the corrupted image as stored, "mask": 1 in the hole, "noise": standard normal
+    draws), ``size_divisor`` how much smaller than the output the input's height and width are
+    (K for the image of an srKx graph, which takes the low-resolution image; 1 for the others).
+    A new input is one more entry in `input_names` and a kind in `_input_kind`.
+    """
+    return [{"name": name, "kind": _input_kind(name),
+             "channels": input_channels(name, generator.image_channels, generator.z_channels),
+             "size_divisor": int(upsample_factor) if name == "xT" else 1}
+            for name in input_names(generator.z_channels, inpainting, nfe)]
+
+
+def _input_kind(name: str) -> str:
+    kinds = {"xT": "image", "mask": "mask", "z": "noise", "hole_noise": "noise"}
+    if name in kinds:
+        return kinds[name]
+    if name.startswith("noise_"):
+        return "noise"
+    raise ValueError(f"graph input {name!r} has no kind (image, mask or noise): add it to _input_kind")
+
+
 class StudentProgram(nn.Module):
     """`restore.student_sample` with its random draws as inputs: the module that is exported.
 
     ``forward(*inputs)`` takes the tensors named by ``self.input_names`` in that order and
-    returns x0: the very chain inference and the distiller run, traced. Generator calls see
+    returns x0: the very chain inference and the distiller run, traced. With ``upsample`` (an
+    srKx `SuperResolution`, see `upsampling`) the image input is the low-resolution one and
+    the graph brings it to size first with the degradation's own ``upsample``. Generator calls see
     ``t`` as a ``[1]`` tensor (``time_batch=1``: a constant the exporter folds; it broadcasts
     over the batch exactly as a ``[B]`` one). Posterior steps are ``GivenNoise``'s plain
     arithmetic (``reference.bridge_step``) with the coefficients of ``bridge.posterior``
     computed here once, as Python floats.
     """
 
-    def __init__(self, generator: Generator, nfe: int = 1, inpainting: bool = False):
+    def __init__(self, generator: Generator, nfe: int = 1, inpainting: bool = False,
+                 upsample: Optional[SuperResolution] = None):
         super().__init__()
         if nfe < 1:
             raise ValueError(f"nfe must be at least 1, got {nfe}")
         self.generator = generator
         self.nfe = int(nfe)
         self.inpainting = bool(inpainting)
+        self.upsample = upsample
         self.input_names = input_names(generator.z_channels, self.inpainting, self.nfe)
         bridge = generator.bridge
         self.grid = student_grid(bridge, self.nfe).tolist()  # t_1 < ... < t_k = T
@@ -90,29 +143,37 @@ class StudentProgram(nn.Module):
             raise ValueError(f"expected {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
         named = dict(zip(self.input_names, inputs))
         noises = [named[f"noise_{n}"] for n in range(1, self.nfe)]
-        return _chain(self.generator, named, self.nfe, GivenNoise(noises, self.step_coefs), self.grid, time_batch=1)
+        return _chain(self.generator, named, self.nfe, GivenNoise(noises, self.step_coefs), self.grid, time_batch=1,
+                      upsample=self.upsample)
 
 
 def _chain(generator: Generator, named: dict[str, torch.Tensor], nfe: int, noise: GivenNoise,
-           grid=None, time_batch=None) -> torch.Tensor:
-    """`restore.student_sample` on the graph's inputs: the hole of xT filled with ``hole_noise``
-    (`restore.fill_hole`'s fill, MATH.md 3), then the chain with the given noises."""
+           grid=None, time_batch=None, upsample: Optional[SuperResolution] = None) -> torch.Tensor:
+    """`restore.student_sample` on the graph's inputs: the low-resolution image brought to size
+    (srKx graphs: ``upsample.upsample``, the degradation's), the hole of xT filled with
+    ``hole_noise`` (`restore.fill_hole`'s fill, MATH.md 3; what the hole held is not read),
+    then the chain with the given noises."""
     xT, z, mask = named["xT"], named.get("z"), named.get("mask")
+    if upsample is not None:
+        xT = upsample.upsample(xT)
     if mask is not None:
         xT = impose_known(named["hole_noise"], xT, mask)
     return student_sample(generator, xT, z, nfe, mask=mask, noise=noise, grid=grid, time_batch=time_batch)
 
 
 @torch.no_grad()
-def reference_sample(generator: Generator, inputs: dict[str, torch.Tensor], nfe: int) -> torch.Tensor:
-    """PyTorch's answer to the ONNX model's inputs: `restore.student_sample` with the given z and noises.
+def reference_sample(generator: Generator, inputs: dict[str, torch.Tensor], nfe: int,
+                     upsample: Optional[SuperResolution] = None) -> torch.Tensor:
+    """PyTorch's answer to the ONNX model's inputs: `restore.student_sample` with the given z and noises
+    (the low-resolution xT upsampled first by ``upsample``, as the graph does).
 
     ``inputs`` are named as the graph's (`input_names`); their dtype is the computation's
     (float64 for a float64 copy of the generator, see `precision_copy`). Unlike the exported
     program, the posterior coefficients come from the bridge at run time and the times have
     the batch's size.
     """
-    return _chain(generator, inputs, nfe, GivenNoise([inputs[f"noise_{n}"] for n in range(1, nfe)]))
+    return _chain(generator, inputs, nfe, GivenNoise([inputs[f"noise_{n}"] for n in range(1, nfe)]),
+                  upsample=upsample)
 
 
 class _Float32(nn.Module):
@@ -166,9 +227,13 @@ def precision_copy(generator: Generator, dtype: torch.dtype) -> Generator:
 def onnx_metadata(generator: Generator, config: dict[str, Any], nfe: int, inpainting: bool,
                   precision: str) -> dict[str, str]:
     """The model's ``metadata_props``: plain strings for names, JSON for everything else."""
-    names = input_names(generator.z_channels, inpainting, nfe)
-    channels = {n: input_channels(n, generator.image_channels, generator.z_channels) for n in names}
-    noise_inputs = [{"name": n, "channels": channels[n]} for n in names if n not in ("xT", "mask")]
+    upsample = upsampling(config.get("degradation"))
+    factor = upsample.factor if upsample is not None else 1
+    inputs = graph_inputs(generator, inpainting, nfe, factor)
+    names = [i["name"] for i in inputs]
+    channels = {i["name"]: i["channels"] for i in inputs}
+    noise_inputs = [{"name": i["name"], "channels": i["channels"]} for i in inputs if i["kind"] == "noise"]
+    upsample_meta = {"factor": factor, "mode": upsample.upsample_mode} if upsample is not None else None
     return {
         "format": ONNX_FORMAT,
         "version": __version__,
@@ -181,10 +246,13 @@ def onnx_metadata(generator: Generator, config: dict[str, Any], nfe: int, inpain
         "inpainting": json.dumps(bool(inpainting)),
         "conditional": json.dumps(bool(generator.conditional)),
         "downsampling_factor": json.dumps(downsampling_factor(generator)),
+        "size_multiple": json.dumps(size_multiple(generator, factor)),
+        "upsample": json.dumps(upsample_meta),
         "image_size": json.dumps(config.get("image_size")),
         "degradation": str(config.get("degradation", "")),
         "precision": precision,
         "inputs": json.dumps(names),
+        "graph_inputs": json.dumps(inputs),
         "input_channels": json.dumps(channels),
         "noise_inputs": json.dumps(noise_inputs),
         "outputs": json.dumps(["x0"]),

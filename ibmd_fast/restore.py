@@ -22,7 +22,6 @@ Images are float ``[B, C, H, W]`` in [-1, 1]; masks are 1 inside the hole.
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from ibmd_fast import ops, reference, samplers
 from ibmd_fast.bridges import Bridge, I2SBBridge
 from ibmd_fast.known_pixels import fill_hole, impose_known, noise_like
+from ibmd_fast.timing import Stopwatch
 
 __all__ = [
     "SAMPLERS",
@@ -402,11 +402,6 @@ def restore_release(loaded, xT, nfe=None, sampler=None, mask=None, seed=0, batch
     return restore_with_generator(loaded.model, xT, loaded.nfe, mask, seed, batch_size, progress)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_restore(loaded, xT, nfe, sampler, mask, seed, batch_size, progress, warmup=True, eta=None):
     """(restored, seconds per image) of ``restore_release``. A one-image warm-up call first keeps
     one-time costs out."""
@@ -414,8 +409,6 @@ def timed_restore(loaded, xT, nfe, sampler, mask, seed, batch_size, progress, wa
     if warmup:
         restore_release(loaded, xT[:1], 1 if loaded.kind == "teacher" else None, sampler,
                         None if mask is None else _mask_batch(mask, 0, 1, xT.shape[0]), seed, 1, False, eta)
-    _sync(device)
-    begin = time.perf_counter()
-    restored = restore_release(loaded, xT, nfe, sampler, mask, seed, batch_size, progress, eta)
-    _sync(device)
-    return restored, (time.perf_counter() - begin) / xT.shape[0]
+    with Stopwatch(device) as watch:
+        restored = restore_release(loaded, xT, nfe, sampler, mask, seed, batch_size, progress, eta)
+    return restored, watch.seconds / xT.shape[0]

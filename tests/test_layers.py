@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS = [
     ("kernels, their reference, plain utilities",
      ["ibmd_fast", "ibmd_fast.reference", "ibmd_fast.ops", "ibmd_fast.device", "ibmd_fast.paths",
-      "ibmd_fast.config_io"]),
+      "ibmd_fast.config_io", "ibmd_fast.timing"]),
     ("seeds, noise and known pixels", ["ibmd_fast.seeds", "ibmd_fast.known_pixels"]),
     ("bridges", ["ibmd_fast.bridges"]),
     ("samplers, models, data", ["ibmd_fast.samplers", "ibmd_fast.models", "ibmd_fast.data"]),

@@ -1,7 +1,8 @@
 """ONNX export (ibmd_fast.onnx) and the torch-free runner (export/run_onnx.py).
 
 Tiny 16-px generators with random (perturbed) weights: a one-step I2SB student (float32 and
-float16), a two-step VP student and a two-step inpainting student. Each export runs its own
+float16), a two-step VP student, a two-step inpainting student and a one-step sr4x-bicubic-aa
+student whose graph upsamples the low-resolution image itself. Each export runs its own
 parity check at two shapes unlike the example (in batch, height and width); the tests also hold
 the numbers to the tolerances, check the graph, and run the runner in a subprocess where torch
 and ibmd_fast cannot be imported.
@@ -37,7 +38,7 @@ SIZE = 16
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _make_release(path, bridge, nfe=1, inpainting=False, seed=0):
+def _make_release(path, bridge, nfe=1, inpainting=False, seed=0, degradation="jpeg-10"):
     """A tiny generator release with random weights (every weight perturbed: the z convolution is not zero)."""
     torch.manual_seed(seed)
     net = build_unet("tiny", SIZE, 3, 3)
@@ -50,7 +51,7 @@ def _make_release(path, bridge, nfe=1, inpainting=False, seed=0):
         for p in generator.net.parameters():
             p.add_(0.02 * torch.randn_like(p))
     assert generator.net.input_blocks[0][0].weight[:, 3:].abs().sum() > 0
-    config = {**generator.config(), "nfe": nfe, "degradation": "inpaint-center" if inpainting else "sr4x-bicubic",
+    config = {**generator.config(), "nfe": nfe, "degradation": "inpaint-center" if inpainting else degradation,
               "image_size": SIZE, "channels": 3, "inpainting": inpainting}
     save_release(str(path), generator.net, GENERATOR_FORMAT, config)
     return str(path), teacher
@@ -81,6 +82,12 @@ def inpainting(folder):
     return release, export_onnx(release, str(folder / "inpaint.onnx"), progress=False)
 
 
+@pytest.fixture(scope="module")
+def super_resolution(folder):
+    release, _ = _make_release(folder / "sr.safetensors", I2SBBridge(), seed=3, degradation="sr4x-bicubic-aa")
+    return release, export_onnx(release, str(folder / "sr" / "model.onnx"), progress=False)
+
+
 def _check_report(report, inputs):
     assert report["exporter"] == "dynamo" and report["fallback_reason"] is None
     assert report["inputs"] == inputs and report["outputs"] == ["x0"] and report["opset"] >= 17
@@ -93,7 +100,7 @@ def _check_report(report, inputs):
     return example
 
 
-def _check_graph(path, inputs):
+def _check_graph(path, inputs, divisors=None):
     onnx.checker.check_model(path, full_check=True)
     model = onnx.load(path)
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "only standard ONNX operators"
@@ -104,7 +111,8 @@ def _check_graph(path, inputs):
     for value in list(model.graph.input) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
         assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-        assert [dims[i].dim_param for i in (0, 2, 3)] == ["batch", "height", "width"]
+        suffix = f"/{divisors[value.name]}" if divisors and divisors.get(value.name, 1) > 1 else ""
+        assert [dims[i].dim_param for i in (0, 2, 3)] == ["batch", "height" + suffix, "width" + suffix]
     return model, {p.key: p.value for p in model.metadata_props}
 
 
@@ -126,9 +134,12 @@ def test_one_step_export(one_step):
     assert json.loads(meta["nfe"]) == 1 and meta["normalization"] == "[-1,1]"
     assert json.loads(meta["image_channels"]) == 3 and json.loads(meta["z_channels"]) == 3
     assert json.loads(meta["inpainting"]) is False and json.loads(meta["downsampling_factor"]) == 2
-    assert json.loads(meta["image_size"]) == SIZE and meta["degradation"] == "sr4x-bicubic"
+    assert json.loads(meta["image_size"]) == SIZE and meta["degradation"] == "jpeg-10"
     assert meta["precision"] == "float32"
     assert json.loads(meta["noise_inputs"]) == [{"name": "z", "channels": 3}]
+    assert json.loads(meta["graph_inputs"]) == [{"name": "xT", "kind": "image", "channels": 3, "size_divisor": 1},
+                                                {"name": "z", "kind": "noise", "channels": 3, "size_divisor": 1}]
+    assert json.loads(meta["upsample"]) is None and json.loads(meta["size_multiple"]) == 2
 
     # The plain generator call G(xT, z), at yet another shape.
     generator, _ = load_generator(release)
@@ -181,6 +192,84 @@ def test_inpainting_export(inpainting):
     known = np.broadcast_to(feed["mask"] == 0, out.shape)
     assert np.array_equal(out[known], feed["xT"][known])
     assert not np.allclose(out[~known], feed["xT"][~known])
+    # the graph fills the hole itself: what xT holds there is never read
+    feed["xT"] = np.where(feed["mask"] == 1, np.float32(7.0), feed["xT"])
+    assert np.array_equal(_session(report["onnx"]).run(None, feed)[0], out)
+    assert [i["kind"] for i in json.loads(meta["graph_inputs"])] == ["image", "noise", "mask", "noise", "noise"]
+
+
+def _cubic_resize(model):
+    """The Resize node of the torch-bicubic upsampling (the U-Net's own upsampling is nearest)."""
+    found = [n for n in model.graph.node if n.op_type == "Resize"
+             and onnx.helper.get_node_attr_value(n, "mode") == b"cubic"]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_super_resolution_export_upsamples_inside(super_resolution, folder, blocked_env):
+    """An sr4x-bicubic-aa graph takes the low-resolution image and upsamples it as the degradation
+    does: ONNX Resize, cubic, a = -0.75, half-pixel coordinates, equal to torch's bicubic to 1e-6
+    everywhere, borders included; the runner writes 4x larger images that match PyTorch."""
+    from ibmd_fast.data.degradations import SuperResolution
+
+    release, report = super_resolution
+    _check_report(report, ["xT", "z"])
+    assert all(r["max_abs_err"] <= FP32_TOLERANCE for r in report["parity"])
+    assert all(r["shape"][2] % 4 == 0 and r["shape"][3] % 4 == 0 for r in report["parity"])
+    model, meta = _check_graph(report["onnx"], ["xT", "z"], {"xT": 4})
+    assert json.loads(meta["graph_inputs"])[0] == {"name": "xT", "kind": "image", "channels": 3, "size_divisor": 4}
+    assert json.loads(meta["upsample"]) == {"factor": 4, "mode": "bicubic"}
+    assert json.loads(meta["size_multiple"]) == 4
+    resize = _cubic_resize(model)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in resize.attribute}
+    assert attrs["cubic_coeff_a"] == pytest.approx(-0.75) and attrs["coordinate_transformation_mode"] == b"half_pixel"
+    assert attrs.get("exclude_outside", 0) == 0 and attrs.get("antialias", 0) == 0
+
+    # The Resize output itself against F.interpolate, on an image with +-1 stripes at its borders.
+    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(resize.output[0]))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(9)
+    low = torch.rand(2, 3, 5, 7, generator=gen) * 2 - 1
+    low[..., 0, :], low[..., -1, :], low[..., :, 0] = 1.0, -1.0, 1.0
+    z = torch.randn(2, 3, 20, 28, generator=gen)
+    upsampled = session.run([resize.output[0]], {"xT": low.numpy(), "z": z.numpy()})[0]
+    expected = torch.nn.functional.interpolate(low, scale_factor=4, mode="bicubic", align_corners=False).numpy()
+    assert upsampled.shape == expected.shape == (2, 3, 20, 28)
+    error = np.abs(upsampled - expected)
+    assert error.max() <= 1e-6 and max(error[..., :2, :].max(), error[..., -2:, :].max(),
+                                       error[..., :, :2].max(), error[..., :, -2:].max()) <= 1e-6
+    assert np.abs(expected).max() > 1.0  # bicubic overshoots at the stripes: the clamp after it matters
+
+    # The runner: low-resolution images in, 4x larger restorations out, as PyTorch makes them.
+    images = folder / "low-res"
+    sizes = {"a.png": (4, 4), "b.png": (5, 6)}
+    _write_images(images, sizes, seed=8)
+    out = folder / "upsampled"
+    result = _run(["--model", report["onnx"], "--input", images, "--output", out, "--seed", 2, "--quiet"],
+                  blocked_env)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    generator, _ = load_generator(release)
+    rng = np.random.default_rng(2)
+    expected = {}
+    for name in sorted(sizes):
+        height, width = (4 * n for n in sizes[name])
+        xT = SuperResolution(4, "bicubic-aa").upsample(_as_tensor(images / name)[None])
+        z = torch.from_numpy(rng.standard_normal((3, height, width), dtype=np.float32))[None]
+        with torch.no_grad():
+            expected[name] = _uint8(generator(xT, z)[0])
+    _compare_outputs(out, expected)
+
+
+def test_nearest_upsampling_of_i2sb_super_resolution(folder):
+    """I2SB's sr4x-bicubic brings the low-resolution image to size with nearest (as its data does):
+    so does the graph (the parity check holds it to `SuperResolution.upsample`)."""
+    release, _ = _make_release(folder / "sr-i2sb.safetensors", I2SBBridge(), seed=4, degradation="sr4x-bicubic")
+    report = export_onnx(release, str(folder / "sr-i2sb.onnx"), exporter="torchscript", progress=False)
+    assert all(r["ok"] and r["max_abs_err"] <= FP32_TOLERANCE for r in report["parity"])
+    model, meta = _check_graph(report["onnx"], ["xT", "z"], {"xT": 4})
+    assert json.loads(meta["upsample"]) == {"factor": 4, "mode": "nearest"}
+    assert not [n for n in model.graph.node if n.op_type == "Resize"
+                and onnx.helper.get_node_attr_value(n, "mode") != b"nearest"]
 
 
 def test_fp16_export(one_step, folder):
@@ -381,22 +470,11 @@ def test_runner_inpainting_multistep(inpainting, folder, blocked_env):
     for name in sorted(sizes):
         height, width = sizes[name]
         mask = torch.from_numpy(runner.center_mask(height, width))[None]
-        inputs = {"xT": _as_tensor(images / name)[None] * (1 - mask), "mask": mask}
+        inputs = {"xT": _as_tensor(images / name)[None], "mask": mask}  # the runner leaves the hole as it is
         inputs.update({k: torch.from_numpy(v)[None] for k, v in
                        runner.draw_noises(rng, noise_inputs, height, width).items()})
         expected[name] = _uint8(ionnx.reference_sample(generator, inputs, nfe=2)[0])
     _compare_outputs(out, expected)
-
-
-def test_runner_upsample_matches_degradation():
-    from ibmd_fast.data.degradations import SuperResolution
-
-    runner = _runner_module()
-    low = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    for mode, numpy_mode in (("bicubic", "nearest"), ("pool", "nearest"), ("bicubic-aa", "bicubic")):
-        expected = SuperResolution(4, mode).upsample(low).numpy()
-        got = runner.upsample(low.numpy(), 4, numpy_mode)
-        assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-5
 
 
 def test_runner_bad_inputs(one_step, folder, blocked_env):

@@ -675,7 +675,7 @@ def test_adm256_student_onnx_export_and_runner(tmp_path):
     assert params > 552_807_171
     release = tmp_path / "student.safetensors"
     save_release(str(release), generator.net, GENERATOR_FORMAT,
-                 {**generator.config(), "nfe": 1, "degradation": "sr4x-pool", "image_size": 256, "channels": 3,
+                 {**generator.config(), "nfe": 1, "degradation": "jpeg-10", "image_size": 256, "channels": 3,
                   "inpainting": False})
     del net, generator
 

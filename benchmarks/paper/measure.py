@@ -8,7 +8,6 @@ its label right, and the first ``grid_images`` restored images (for the picture 
 from __future__ import annotations
 
 import os
-import time
 from typing import Optional
 
 import numpy as np
@@ -18,14 +17,10 @@ import torch
 from ibmd_fast.evaluate import load_eval_data
 from ibmd_fast.release import load_model
 from ibmd_fast.restore import restore_with_generator, restore_with_teacher
+from ibmd_fast.timing import Stopwatch
 from ibmd_fast.metrics import compute_features, load_classifier, psnr, ssim
 from paper.config import CHANNELS, Preset, Task, TeacherRow
 from paper.stages import Stages, task_dir
-
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def load_task_images(data: str, task: Task, preset: Preset, seed: int) -> dict:
@@ -77,11 +72,9 @@ def _save(path: str, values: dict, grid: torch.Tensor) -> None:
 def _timed(fn, xT: torch.Tensor, mask, device: str) -> tuple[torch.Tensor, float]:
     """(restored, seconds per image): a one-image warm-up first keeps one-time costs out."""
     fn(xT[:1], None if mask is None or mask.shape[0] == 1 else mask[:1], warm=True)
-    _sync(device)
-    begin = time.perf_counter()
-    restored = fn(xT, mask, warm=False)
-    _sync(device)
-    return restored, (time.perf_counter() - begin) / xT.shape[0]
+    with Stopwatch(device) as watch:
+        restored = fn(xT, mask, warm=False)
+    return restored, watch.seconds / xT.shape[0]
 
 
 def teacher_row(stages: Stages, preset: Preset, name: str, batch: dict, teacher: str, tkey: dict, row: TeacherRow,

@@ -162,11 +162,16 @@ class SuperResolution(Degradation):
             low = F.interpolate(batch, size=low_size, mode="bicubic", antialias=True, align_corners=False)
         return low[0] if single else low
 
+    @property
+    def upsample_mode(self) -> str:
+        """"nearest" (I2SB's sr-bicubic and sr-pool) or "bicubic" (sr-bicubic-aa): how `upsample` interpolates."""
+        return "nearest" if self.mode in ("pool", "bicubic") else "bicubic"
+
     def upsample(self, low: torch.Tensor) -> torch.Tensor:
         """Bring a low-resolution image back to ``factor`` times its size."""
         batch, single = _as_batch(low)
         size = (batch.shape[-2] * self.factor, batch.shape[-1] * self.factor)
-        if self.mode in ("pool", "bicubic"):
+        if self.upsample_mode == "nearest":
             up = F.interpolate(batch, size=size, mode="nearest")
         else:
             up = F.interpolate(batch, size=size, mode="bicubic", align_corners=False)

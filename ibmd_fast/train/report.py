@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import math
-import time
 from typing import Optional, Sequence
 
 import torch
@@ -22,7 +21,8 @@ from ibmd_fast.data.skimage_photos import HELD_OUT_PHOTO, held_out_photo, load_s
 from ibmd_fast.imageio import draw_columns
 from ibmd_fast.metrics import psnr, ssim
 from ibmd_fast.release import atomic_write
-from ibmd_fast.restore import _sync as sync, sample_student, sample_teacher, valid_teacher_nfe
+from ibmd_fast.restore import sample_student, sample_teacher, valid_teacher_nfe
+from ibmd_fast.timing import Stopwatch
 
 __all__ = ["compare", "corrupted_row", "format_comparison", "reading_line", "draw_columns", "photo_comparison"]
 
@@ -51,10 +51,11 @@ def format_comparison(rows: Sequence[dict], run_dir: Optional[str] = None) -> st
     return format_table(rows) + "\n" + reading_line(run_dir)
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+def _timed(fn, device):
+    """(fn(), wall-clock seconds, the GPU work included)."""
+    with Stopwatch(device) as watch:
+        out = fn()
+    return out, watch.seconds
 
 
 @torch.no_grad()
@@ -118,24 +119,16 @@ def photo_comparison(path: str, teacher, student, student_nfe: int, teacher_nfe:
     model_xT = xT if crop is None else xT[..., crop[0], crop[1]]
     model_mask = mask if crop is None or mask is None else mask[..., crop[0], crop[1]]
 
-    def sync():
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-
     def run_teacher(nfe):
-        out = sample_teacher(teacher, model_xT, nfe, model_mask, seed=seed, autocast=autocast)
-        sync()
-        return restored(out)
+        return restored(sample_teacher(teacher, model_xT, nfe, model_mask, seed=seed, autocast=autocast))
 
     def run_student():
-        out = sample_student(student, model_xT, student_nfe, model_mask, seed=seed, autocast=autocast)
-        sync()
-        return restored(out)
+        return restored(sample_student(student, model_xT, student_nfe, model_mask, seed=seed, autocast=autocast))
 
     run_teacher(1)
-    teacher_out, teacher_s = _timed(lambda: run_teacher(teacher_nfe))
+    teacher_out, teacher_s = _timed(lambda: run_teacher(teacher_nfe), device)
     run_student()
-    student_out, student_s = _timed(run_student)
+    student_out, student_s = _timed(run_student, device)
 
     entries = [("corrupted", xT, None), (f"teacher NFE {teacher_nfe}", teacher_out, teacher_s),
                (f"student NFE {student_nfe}", student_out, student_s), ("clean", x0, None)]
@@ -196,11 +189,9 @@ def compare(teacher, student, student_nfe: int, batches: list[dict], teacher_nfe
             xT = batch["xT"].to(device)
             mask = batch.get("mask")
             mask = None if mask is None else mask.to(device)
-            sync(device)
-            t0 = time.perf_counter()
-            out = run(xT, mask, seed + i)
-            sync(device)
-            seconds += time.perf_counter() - t0
+            with Stopwatch(device) as watch:
+                out = run(xT, mask, seed + i)
+            seconds += watch.seconds
             out = out.float().clamp(-1, 1)
             scores_p.append(psnr(out, x0.float()).cpu())
             scores_s.append(ssim(out, x0.float()).cpu())
