@@ -15,6 +15,8 @@ multiples of the U-Net's downsampling factor ``2**(len(channel_mult) - 1)``):
                                xT before sampling (`restore.fill_hole`, MATH.md 3)
     noise_1 ... noise_{k-1}    multi-step students (nfe = k > 1): noise_n, [B, C, H, W], is the fresh
                                noise of the posterior step after the n-th generator call
+    class_label [B] int64      class-conditional students only (``num_classes`` in the metadata): the
+                               class of each image, in [0, num_classes), as the teacher took it
 
 Output ``x0`` [B, C, H, W] float32: the last generator prediction, known pixels
 copied from xT for inpainting students (as `student_sample` returns). The
@@ -182,13 +184,17 @@ def _quiet_exporter():
 
 
 def _example_inputs(names: list[str], channels: dict[str, int], batch: int, height: int, width: int,
-                    seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Random inputs as the ONNX model takes them: xT uniform in [-1, 1], a centered square hole, normals."""
+                    seed: int, dtype=torch.float32, num_classes: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Random inputs as the ONNX model takes them: xT uniform in [-1, 1], a centered square hole, normals,
+    class labels uniform in [0, num_classes) (int64)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
+    labels = {}
     for name in names:
         shape = (batch, channels[name], height, width)
-        if name == "xT":
+        if name == "class_label":
+            labels[name] = torch.randint(0, int(num_classes), (batch,), generator=gen, dtype=torch.long)
+        elif name == "xT":
             out[name] = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1
         elif name == "mask":
             mask = torch.zeros(shape, dtype=torch.float64)
@@ -196,7 +202,12 @@ def _example_inputs(names: list[str], channels: dict[str, int], batch: int, heig
             out[name] = mask
         else:
             out[name] = torch.randn(shape, generator=gen, dtype=torch.float64)
-    return {k: v.to(dtype) for k, v in out.items()}
+    return {**{k: v.to(dtype) for k, v in out.items()}, **labels}
+
+
+def _as_float64(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The float inputs in float64 (the reference's dtype); class labels stay int64."""
+    return {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
 
 
 def _export_dynamo(program: StudentProgram, args: tuple, names: list[str], factor: int, opset: int,
@@ -210,7 +221,8 @@ def _export_dynamo(program: StudentProgram, args: tuple, names: list[str], facto
     spec = {0: batch, 2: height, 3: width}
     onnx_program = torch.onnx.export(
         program, args, dynamo=True, opset_version=opset, input_names=names, output_names=["x0"],
-        dynamic_shapes={"inputs": tuple(spec for _ in names)}, optimize=True, verbose=progress,
+        dynamic_shapes={"inputs": tuple({0: batch} if n == "class_label" else spec for n in names)},
+        optimize=True, verbose=progress,
     )
     onnx_program.save(path)
 
@@ -219,7 +231,8 @@ def _export_torchscript(program: StudentProgram, args: tuple, names: list[str], 
     axes = {0: "batch", 2: "height", 3: "width"}
     torch.onnx.export(
         program, args, path, dynamo=False, opset_version=opset, input_names=names, output_names=["x0"],
-        dynamic_axes={n: axes for n in names + ["x0"]}, do_constant_folding=True,
+        dynamic_axes={n: {0: "batch"} if n == "class_label" else axes for n in names + ["x0"]},
+        do_constant_folding=True,
     )
 
 
@@ -325,7 +338,8 @@ def _check_parity(session, generator: Generator, generator16: Optional[Generator
     results, failures = [], []
     generator64 = precision_copy(generator, torch.float64) if generator16 is not None else None
     for i, (batch, height, width) in enumerate(shapes):
-        inputs = _example_inputs(names, channels, batch, height, width, seed=1000 + i)
+        inputs = _example_inputs(names, channels, batch, height, width, seed=1000 + i,
+                                 num_classes=generator.num_classes)
         feed = {k: v.numpy() for k, v in inputs.items()}
         ort_out = session.run(["x0"], feed)[0].astype(np.float64)
         shape = [batch, channels["xT"], height, width]
@@ -336,7 +350,7 @@ def _check_parity(session, generator: Generator, generator16: Optional[Generator
             res = {"shape": shape, "max_abs_err": err, "tolerance": FP32_TOLERANCE, "ok": ok}
             _say(progress, f"parity at {shape}: max |ORT - PyTorch| = {err:.3g} (tolerance {FP32_TOLERANCE:g})")
         else:
-            ref64 = reference_sample(generator64, {k: v.double() for k, v in inputs.items()}, nfe).numpy()
+            ref64 = reference_sample(generator64, _as_float64(inputs), nfe).numpy()
             torch16 = reference_sample(generator16, inputs, nfe).double().numpy()
             err_ort = float(np.abs(ort_out - ref64).max())
             err_torch = float(np.abs(torch16 - ref64).max())
@@ -414,7 +428,8 @@ def export_onnx(
     program = StudentProgram(generator16 if fp16 else generator, nfe=nfe, inpainting=inpainting).eval()
     names = program.input_names
     channels = {n: input_channels(n, generator.image_channels, generator.z_channels) for n in names}
-    example = _example_inputs(names, channels, EXAMPLE_BATCH, height, width, seed=0)
+    example = _example_inputs(names, channels, EXAMPLE_BATCH, height, width, seed=0,
+                              num_classes=generator.num_classes)
     args = tuple(example[n] for n in names)
     metadata = onnx_metadata(generator, config, nfe, inpainting, precision)
 

@@ -43,19 +43,23 @@ def downsampling_factor(generator: Generator) -> int:
     return 2 ** (len(generator.net.config["channel_mult"]) - 1)
 
 
-def input_names(z_channels: int, inpainting: bool, nfe: int) -> list[str]:
-    """The graph's inputs in order (see the module docstring)."""
+def input_names(z_channels: int, inpainting: bool, nfe: int, class_conditional: bool = False) -> list[str]:
+    """The graph's inputs in order (see ``ibmd_fast.onnx``'s docstring); a class-conditional
+    student's ``class_label`` [B] (int64) comes last."""
     names = ["xT"]
     if z_channels:
         names.append("z")
     if inpainting:
         names += ["mask", "hole_noise"]
     names += [f"noise_{n}" for n in range(1, nfe)]
+    if class_conditional:
+        names.append("class_label")
     return names
 
 
 def input_channels(name: str, image_channels: int, z_channels: int) -> int:
-    return {"z": z_channels, "mask": 1}.get(name, image_channels)
+    """The channels of an image-shaped input ``[B, C, H, W]`` (``class_label`` is ``[B]``: 0)."""
+    return {"z": z_channels, "mask": 1, "class_label": 0}.get(name, image_channels)
 
 
 class StudentProgram(nn.Module):
@@ -76,7 +80,8 @@ class StudentProgram(nn.Module):
         self.generator = generator
         self.nfe = int(nfe)
         self.inpainting = bool(inpainting)
-        self.input_names = input_names(generator.z_channels, self.inpainting, self.nfe)
+        self.input_names = input_names(generator.z_channels, self.inpainting, self.nfe,
+                                       generator.num_classes is not None)
         bridge = generator.bridge
         self.grid = student_grid(bridge, self.nfe).tolist()  # t_1 < ... < t_k = T
         call_times = self.grid[::-1]  # the generator is called at t_k, ..., t_1
@@ -100,7 +105,8 @@ def _chain(generator: Generator, named: dict[str, torch.Tensor], nfe: int, noise
     xT, z, mask = named["xT"], named.get("z"), named.get("mask")
     if mask is not None:
         xT = impose_known(named["hole_noise"], xT, mask)
-    return student_sample(generator, xT, z, nfe, mask=mask, noise=noise, grid=grid, time_batch=time_batch)
+    return student_sample(generator, xT, z, nfe, mask=mask, noise=noise, grid=grid, time_batch=time_batch,
+                          y=named.get("class_label"))
 
 
 @torch.no_grad()
@@ -166,9 +172,11 @@ def precision_copy(generator: Generator, dtype: torch.dtype) -> Generator:
 def onnx_metadata(generator: Generator, config: dict[str, Any], nfe: int, inpainting: bool,
                   precision: str) -> dict[str, str]:
     """The model's ``metadata_props``: plain strings for names, JSON for everything else."""
-    names = input_names(generator.z_channels, inpainting, nfe)
-    channels = {n: input_channels(n, generator.image_channels, generator.z_channels) for n in names}
-    noise_inputs = [{"name": n, "channels": channels[n]} for n in names if n not in ("xT", "mask")]
+    names = input_names(generator.z_channels, inpainting, nfe, generator.num_classes is not None)
+    channels = {n: input_channels(n, generator.image_channels, generator.z_channels) for n in names
+                if n != "class_label"}
+    noise_inputs = [{"name": n, "channels": channels[n]} for n in names if n not in ("xT", "mask", "class_label")]
+    classes = {} if generator.num_classes is None else {"num_classes": json.dumps(int(generator.num_classes))}
     return {
         "format": ONNX_FORMAT,
         "version": __version__,
@@ -188,4 +196,5 @@ def onnx_metadata(generator: Generator, config: dict[str, Any], nfe: int, inpain
         "input_channels": json.dumps(channels),
         "noise_inputs": json.dumps(noise_inputs),
         "outputs": json.dumps(["x0"]),
+        **classes,
     }
