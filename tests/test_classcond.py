@@ -245,3 +245,29 @@ def test_label_checks_of_the_distiller(teacher_release, labelled_dir):
     said = []
     assert _check_labels(cfg, unconditional, [0, 1], said.append) is False
     assert len(said) == 1 and "not used" in said[0]
+
+
+def test_eval_passes_the_data_labels(distilled, teacher_release, labelled_dir, folder):
+    from ibmd_fast.evaluate import evaluate, load_eval_data
+    from ibmd_fast.data import get_degradation
+    from ibmd_fast.release import load_model
+    from ibmd_fast.restore import restore_with_generator
+
+    summary, _ = distilled
+    common = dict(teacher=teacher_release, student=summary["release"], teacher_nfe=(2,), classifier_task="labels",
+                  classifier_epochs=1, classifier_items=9, num_images=6, batch_size=4, device="cpu")
+    result = evaluate(data=f"classes:{labelled_dir}", run_dir=str(folder / "eval"), **common)
+    student_row = next(row for row in result["results"] if row["model"] == "student")
+    # the student's row is the restoration with the data's labels (from the same seed), not with any others
+    batch = load_eval_data(f"classes:{labelled_dir}", get_degradation("inpaint-center"), SIZE, 3, 6, 0)
+    model = load_model(summary["release"], "cpu")
+    from ibmd_fast.metrics import psnr
+
+    def mean_psnr(labels):
+        out = restore_with_generator(model.model, batch["xT"], 1, batch["mask"], 0, 4, labels=labels)
+        return float(psnr(out, batch["x0"]).mean())
+
+    assert student_row["psnr"] == pytest.approx(mean_psnr(batch["label"]), abs=1e-4)
+    assert student_row["psnr"] != pytest.approx(mean_psnr((batch["label"] + 1) % 3), abs=1e-4)
+    with pytest.raises(ValueError, match="class-conditional .* needs a class label per image"):
+        evaluate(data=f"folder:{labelled_dir}", run_dir=None, **common)

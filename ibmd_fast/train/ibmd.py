@@ -417,7 +417,8 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
     inpainting = degradation is not None and degradation.is_inpainting
     if env.is_main:
         log(f"distill: teacher {cfg.teacher} ({teacher.bridge_type}, "
-            f"{'conditional' if teacher.conditional else 'unconditional'}), "
+            f"{'conditional' if teacher.conditional else 'unconditional'}"
+            f"{'' if teacher.num_classes is None else f', class-conditional ({teacher.num_classes} classes)'}), "
             f"{degradation.name if degradation else 'the corruption of the data'}, "
             f"data {cfg.data!r}, {cfg.image_size}px, NFE {cfg.nfe}, L={cfg.inner_steps}, K={cfg.steps}, "
             f"{env.world_size} process(es) on {device}, precision {precision.name}")
@@ -539,9 +540,9 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
 
 
 def _data_labels(dataset) -> Optional[list]:
-    """The class label of every training item (a labelled source, ``classes:``), or None."""
+    """The class label of every training item (a labelled source: ``classes:``, Fashion-MNIST), or None."""
     labels = getattr(getattr(dataset, "source", dataset), "labels", None)
-    return None if labels is None else list(labels)
+    return None if labels is None else [int(y) for y in labels]
 
 
 def _check_labels(cfg: DistillConfig, teacher, labels: Optional[list], log) -> bool:
