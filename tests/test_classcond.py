@@ -272,3 +272,19 @@ def test_eval_passes_the_data_labels(distilled, teacher_release, labelled_dir, f
     assert student_row["psnr"] != pytest.approx(mean_psnr((batch["label"] + 1) % 3), abs=1e-4)
     with pytest.raises(ValueError, match="class-conditional .* needs a class label per image"):
         evaluate(data=f"folder:{labelled_dir}", run_dir=None, **common)
+
+
+def test_sample_cli_takes_labels_and_refuses_none(distilled, folder):
+    from test_cli import assert_one_error_line, invoke
+
+    summary, _ = distilled
+    inputs = folder / "cli-in"
+    _images(inputs, 1, (SIZE, SIZE), seed=7)
+    ok = invoke("sample", "--model", summary["release"], "--input", inputs, "--output", folder / "cli-out",
+                "--labels", "folders", "--device", "cpu")
+    assert ok.exit_code == 0, ok.output
+    assert sorted(p.relative_to(folder / "cli-out").as_posix() for p in (folder / "cli-out").rglob("*.png")) == \
+        ["cat/0.png", "dog/0.png", "eel/0.png"]
+    missing = invoke("sample", "--model", summary["release"], "--input", inputs, "--output", folder / "cli-none",
+                     "--device", "cpu")
+    assert_one_error_line(missing, "class-conditional (3 classes)", "--class-label")
