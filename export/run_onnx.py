@@ -4,6 +4,7 @@ onnxruntime-gpu), numpy and Pillow only: no torch, no ibmd_fast.
 
     python export/run_onnx.py --model model.onnx --input IMAGE_OR_FOLDER --output OUT_DIR \\
         [--batch 8] [--seed 0] [--provider auto|cuda|cpu] [--mask MASK] [--threads N]
+        [--labels FILE.csv | --class-label N]
 
 Inputs. A file, or a folder searched recursively (sorted; names starting with "." skipped) for
 images (.png .jpg .jpeg .webp .bmp .tif .tiff) and tensors (.npy: float32 [C, H, W] in [-1, 1]).
@@ -22,6 +23,12 @@ inputs, or a folder with a mask of the same relative name (any image extension) 
 >= 128 are the hole. Without ``--mask`` the degradation's own mask is used when it has a fixed one
 (``inpaint-center``: the centered square of half the side). The model fills the hole itself:
 what the input holds there is never read.
+
+Class-conditional models (``num_classes`` in the metadata; input ``class_label`` [B] int64) need
+the class of each input: ``--labels FILE.csv`` (lines ``path,label``, an optional header line
+``path,label``, paths relative to the input folder, as ibmd_fast's ``classes:DIR,labels.csv``) or
+``--class-label N`` (one class for every input). Without either, or with a label outside
+``0..num_classes-1``, the runner stops with one line.
 
 Noise. The model is deterministic given its noise inputs, which are drawn here from ONE
 ``numpy.random.default_rng(seed)``, image by image in the sorted order of the (readable) inputs, and for
@@ -127,6 +134,7 @@ class Model:
                 "nfe": int(json.loads(meta["nfe"])),
                 "degradation": meta.get("degradation", ""),
                 "precision": meta.get("precision", "float32"),
+                "num_classes": None if "num_classes" not in meta else int(json.loads(meta["num_classes"])),
             }
         except (KeyError, ValueError, TypeError) as exc:
             raise RunnerError(f"{path}: damaged ibmd-fast metadata ({type(exc).__name__}: {exc})") from None
@@ -134,7 +142,7 @@ class Model:
         if names != [i["name"] for i in info["graph_inputs"]]:
             raise RunnerError(f"{path}: the graph's inputs {names} differ from its metadata "
                               f"{[i['name'] for i in info['graph_inputs']]}")
-        unknown = [i["name"] for i in info["graph_inputs"] if i["kind"] not in ("image", "mask", "noise")]
+        unknown = [i["name"] for i in info["graph_inputs"] if i["kind"] not in ("image", "mask", "noise", "label")]
         if unknown:
             raise RunnerError(f"{path}: the model takes inputs this runner does not know how to make: {unknown}")
         info["noise_inputs"] = [i for i in info["graph_inputs"] if i["kind"] == "noise"]
@@ -145,8 +153,8 @@ class Model:
         """One batch through IO binding: inputs as OrtValues on the device, x0 bound there too."""
         binding = self.session.io_binding()
         for name, array in feed.items():  # the image may be smaller than the output (srKx)
-            value = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, dtype=np.float32),
-                                                          self.device, 0)
+            dtype = np.int64 if name == "class_label" else np.float32
+            value = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, dtype=dtype), self.device, 0)
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("x0", self.device, 0)
         try:
@@ -371,9 +379,56 @@ class MaskSource:
 # Main
 
 
+def read_labels(path: str) -> dict:
+    """A labels file: lines ``path,label`` (an optional header ``path,label``) -> {relative path: label}."""
+    import csv
+
+    table = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            for n, row in enumerate(csv.reader(fh), start=1):
+                if not row or (n == 1 and [c.strip().lower() for c in row] == ["path", "label"]):
+                    continue
+                if len(row) != 2 or not row[1].strip().isdigit():
+                    raise RunnerError(f"labels file {path}, line {n}: expected 'path,label' with a label >= 0, "
+                                      f"got {','.join(row)!r}")
+                table[Path(row[0].strip()).as_posix()] = int(row[1])
+    except OSError as exc:
+        raise RunnerError(f"cannot read the labels file {path}: {exc.strerror}") from None
+    return table
+
+
+def class_labels(info: dict, items: list, labels: dict | None, class_label: int | None) -> dict | None:
+    """{relative name: class} of each input for a class-conditional model (None for another); one line
+    for a missing, unneeded or out-of-range label."""
+    num_classes = info.get("num_classes")
+    if num_classes is None:
+        if labels is not None or class_label is not None:
+            raise RunnerError("--labels / --class-label: this model is not class-conditional")
+        return None
+    if labels is not None and class_label is not None:
+        raise RunnerError("give --labels or --class-label, not both")
+    if labels is None and class_label is None:
+        raise RunnerError(f"this model is class-conditional ({num_classes} classes): give the class of each input "
+                          "with --labels FILE.csv (lines path,label) or --class-label N")
+    out = {}
+    for relname, _ in items:
+        label = class_label if labels is None else labels.get(relname)
+        if label is None:
+            raise RunnerError(f"{relname} has no label in the --labels file")
+        if not 0 <= int(label) < num_classes:
+            raise RunnerError(f"class label {label} of {relname} is out of range: the model has {num_classes} classes "
+                              f"(labels 0..{num_classes - 1})")
+        out[relname] = int(label)
+    return out
+
+
 def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int = 0,
-            mask: str | None = None, log=None, warn=None, input_root: str | None = None) -> int:
+            mask: str | None = None, log=None, warn=None, input_root: str | None = None,
+            labels: dict | None = None, class_label: int | None = None) -> int:
     """Run every input through the model; returns the number of images written.
+
+    ``labels`` ({relative name: class}) or ``class_label``: the classes of a class-conditional model.
 
     Unreadable inputs (found in the check, or gone by the time they are read) are skipped with one
     warning through ``warn``; when none is left, ``RunnerError``.
@@ -383,6 +438,7 @@ def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int =
     if mask is not None and not info["inpainting"]:
         raise RunnerError(f"--mask is for inpainting models; this one restores {info['degradation'] or 'images'}")
     masks = MaskSource(mask, info["degradation"]) if info["inpainting"] else None
+    label_of = class_labels(info, items, labels, class_label)
 
     # Check every input before running anything, so a bad file fails fast.
     sizes, bad, readable = [], [], []
@@ -457,7 +513,7 @@ def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int =
         previous = (height, width)
         noises = draw_noises(rng, info["noise_inputs"], height, width)
         made = {"image": lambda i: image, "mask": lambda i: masks.mask(relname, height, width),
-                "noise": lambda i: noises[i["name"]]}
+                "noise": lambda i: noises[i["name"]], "label": lambda i: np.int64(label_of[relname])}
         pending.append((relname, path, {i["name"]: made[i["kind"]](i) for i in info["graph_inputs"]}))
     flush()
     if not written:
@@ -492,6 +548,9 @@ def main(argv=None) -> int:
                         help="onnxruntime execution provider (default auto: CUDA when available)")
     parser.add_argument("--mask", metavar="PATH", help="inpainting: a mask image, or a folder of per-input masks")
     parser.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads (default: onnxruntime's)")
+    parser.add_argument("--labels", metavar="FILE.csv",
+                        help="class-conditional models: lines path,label (paths relative to --input)")
+    parser.add_argument("--class-label", type=int, metavar="N", help="class-conditional models: one class for all")
     parser.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
     args = parser.parse_args(argv)
     log = None if args.quiet else (lambda message: print(f"run_onnx: {message}", file=sys.stderr, flush=True))
@@ -505,8 +564,9 @@ def main(argv=None) -> int:
         items = list_inputs(args.input)
         model = Model(args.model, args.provider, args.threads)
         started = time.perf_counter()
+        labels = None if args.labels is None else read_labels(args.labels)
         count = restore(model, items, args.output, batch=args.batch, seed=args.seed, mask=args.mask, log=log,
-                        warn=warn, input_root=args.input)
+                        warn=warn, input_root=args.input, labels=labels, class_label=args.class_label)
         if log:
             seconds = time.perf_counter() - started
             per_image = seconds / max(count, 1) * 1e3

@@ -187,6 +187,12 @@ _DEFAULT_GENERATOR_HINT = " (it is what a plain `ibmd-fast distill` writes; run 
 @click.option("--masks", "masks_path", type=str, metavar="FILE", default=None,
               help="Free-form inpainting releases, default inputs: Palette's imagenet_freeform_masks.npz or "
                    "I2SB's imagenet_freeform<range>_masks.npz.")
+@click.option("--labels", "labels", type=str, metavar="FILE.csv|folders", default=None,
+              help="Class-conditional releases: the class of each --input image, from a CSV of path,label lines "
+                   "(paths relative to the input folder) or 'folders' (one subfolder per class, index = sorted "
+                   "name, as --data classes:DIR).")
+@click.option("--class-label", type=click.IntRange(min=0), metavar="N", default=None,
+              help="Class-conditional releases: one class label for every image.")
 @click.option("--num-images", type=click.IntRange(1, 64), metavar="N", default=4, show_default=True,
               help="How many default crops (without --input).")
 @click.option("--seed", type=seed_option_type(), metavar="INT", default=0, show_default=True, help="Noise seed.")
@@ -195,8 +201,8 @@ _DEFAULT_GENERATOR_HINT = " (it is what a plain `ibmd-fast distill` writes; run 
 @click.option("--device", type=str, metavar="DEV", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @friendly_errors
-def sample_cmd(model, input_path, output, nfe, sampler, eta, upsample, mask_path, masks_path, num_images, seed,
-               batch_size, device, progress):
+def sample_cmd(model, input_path, output, nfe, sampler, eta, upsample, mask_path, masks_path, labels, class_label,
+               num_images, seed, batch_size, device, progress):
     """Restore corrupted images with a teacher or generator release; writes PNGs to OUTPUT."""
     from ibmd_fast.evaluate import restore_files
 
@@ -206,7 +212,7 @@ def sample_cmd(model, input_path, output, nfe, sampler, eta, upsample, mask_path
         _check_release_exists(model, "--model", _DEFAULT_GENERATOR_HINT.format(opt="--model"))
     summary = restore_files(model=model, inputs=input_path, output=output, nfe=nfe, sampler=sampler, eta=eta, seed=seed,
                             batch_size=batch_size, device=device, upsample=upsample, mask=mask_path,
-                            masks=masks_path,
+                            masks=masks_path, labels=labels, class_label=class_label,
                             num_default=num_images, progress=_auto_progress(progress), log=_log)
     how = f"{summary['kind']}, NFE {summary['nfe']}" + (f", {summary['sampler']}" if summary["sampler"] else "")
     click.echo(f"restored {summary['restored']} image(s) with {summary['model']} ({how}) -> {summary['output']}")

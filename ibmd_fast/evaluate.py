@@ -53,6 +53,7 @@ from ibmd_fast.restore import (  # noqa: F401  (re-exported)
     DBIM_ETA,
     SAMPLERS,
     check_eta,
+    check_labels,
     used_eta,
     natural_sampler,
     restore_with_generator,
@@ -639,6 +640,14 @@ def evaluate(
     if min(x0.shape[-2:]) < 11:
         raise ValueError(f"SSIM needs images of at least 11x11 pixels, these are {x0.shape[-2]}x{x0.shape[-1]}")
 
+    def class_labels(model):
+        """The data's labels for a class-conditional model (checked before anything runs), None otherwise."""
+        if model is None or getattr(model.model, "num_classes", None) is None:
+            return None
+        check_labels(model.model, labels, f"{model.path} (data {_describe(data)})")
+        return labels
+
+    t_labels, s_labels = class_labels(t_model), class_labels(s_model)
     if resnet is not None and labels is None:
         raise ValueError(f"--ca needs a class label per test image, and {_describe(data)} has none "
                          "(use classes:DIR, an ImageNet-style folder of class folders)")
@@ -690,13 +699,15 @@ def evaluate(
     restored_by_row = {}
     for nfe in teacher_nfe:
         _say(log, f"teacher, NFE {nfe} ...")
-        restored, seconds = timed_restore(t_model, xT, nfe, sampler, mask, seed, batch_size, progress, eta=eta)
+        restored, seconds = timed_restore(t_model, xT, nfe, sampler, mask, seed, batch_size, progress, eta=eta,
+                                          labels=t_labels)
         rows.append({"model": "teacher", "nfe": nfe, **measure(restored, ("teacher", nfe)), "sec_per_image": seconds})
         _say(log, _done_line(rows[-1]))
         restored_by_row[("teacher", nfe)] = restored
     if s_model is not None:
         _say(log, f"student, NFE {s_model.nfe} ...")
-        restored, seconds = timed_restore(s_model, xT, None, None, mask, seed, batch_size, progress)
+        restored, seconds = timed_restore(s_model, xT, None, None, mask, seed, batch_size, progress,
+                                          labels=s_labels)
         rows.append({"model": "student", "nfe": s_model.nfe, **measure(restored, ("student", s_model.nfe)),
                      "sec_per_image": seconds})
         _say(log, _done_line(rows[-1]))

@@ -20,6 +20,8 @@ srKx models):
                                xT before sampling (`restore.fill_hole`, MATH.md 3)
     noise_1 ... noise_{k-1}    multi-step students (nfe = k > 1): noise_n, [B, C, H, W], is the fresh
                                noise of the posterior step after the n-th generator call
+    class_label [B] int64      class-conditional students only (``num_classes`` in the metadata): the
+                               class of each image, in [0, num_classes), as the teacher took it
 
 Output ``x0`` [B, C, H, W] float32: the last generator prediction, known pixels
 copied from xT for inpainting students (as `student_sample` returns; what xT holds in the
@@ -194,16 +196,20 @@ def _quiet_exporter():
             logger.setLevel(level)
 
 
-def _example_inputs(inputs: list[dict], batch: int, height: int, width: int,
-                    seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
+def _example_inputs(inputs: list[dict], batch: int, height: int, width: int, seed: int,
+                    dtype=torch.float32, num_classes: Optional[int] = None) -> dict[str, torch.Tensor]:
     """Random inputs as the ONNX model takes them (``inputs``: `graph_inputs`; height and width of
-    the output): the image uniform in [-1, 1], a centered square hole, normals."""
+    the output): the image uniform in [-1, 1], a centered square hole, normals, class labels
+    uniform in [0, num_classes) (int64)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
+    labels = {}
     for item in inputs:
         name, divisor = item["name"], item["size_divisor"]
         shape = (batch, item["channels"], height // divisor, width // divisor)
-        if item["kind"] == "image":
+        if item["kind"] == "label":
+            labels[name] = torch.randint(0, int(num_classes), (batch,), generator=gen, dtype=torch.long)
+        elif item["kind"] == "image":
             out[name] = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1
         elif item["kind"] == "mask":
             mask = torch.zeros(shape, dtype=torch.float64)
@@ -211,7 +217,12 @@ def _example_inputs(inputs: list[dict], batch: int, height: int, width: int,
             out[name] = mask
         else:
             out[name] = torch.randn(shape, generator=gen, dtype=torch.float64)
-    return {k: v.to(dtype) for k, v in out.items()}
+    return {**{k: v.to(dtype) for k, v in out.items()}, **labels}
+
+
+def _as_float64(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The float inputs in float64 (the reference's dtype); class labels stay int64."""
+    return {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
 
 
 def _export_dynamo(program: StudentProgram, args: tuple, inputs: list[dict], multiple: int, opset: int,
@@ -228,14 +239,15 @@ def _export_dynamo(program: StudentProgram, args: tuple, inputs: list[dict], mul
     names = [i["name"] for i in inputs]
     onnx_program = torch.onnx.export(
         program, args, dynamo=True, opset_version=opset, input_names=names, output_names=["x0"],
-        dynamic_shapes={"inputs": tuple(spec(i["size_divisor"]) for i in inputs)}, optimize=True,
-        verbose=progress,
+        dynamic_shapes={"inputs": tuple({0: batch} if i["kind"] == "label" else spec(i["size_divisor"])
+                                        for i in inputs)},
+        optimize=True, verbose=progress,
     )
     onnx_program.save(path)
 
 
 def _export_torchscript(program: StudentProgram, args: tuple, inputs: list[dict], opset: int, path: str) -> None:
-    axes = {i["name"]: _dim_names(i["size_divisor"]) for i in inputs}
+    axes = {i["name"]: {0: "batch"} if i["kind"] == "label" else _dim_names(i["size_divisor"]) for i in inputs}
     torch.onnx.export(
         program, args, path, dynamo=False, opset_version=opset, input_names=list(axes), output_names=["x0"],
         dynamic_axes={**axes, "x0": _dim_names(1)}, do_constant_folding=True,
@@ -284,11 +296,12 @@ def _finish_model(path: str, metadata: dict[str, str]) -> None:
     if bad:
         raise OnnxExportError(f"the exported graph uses non-standard operators: {', '.join(bad)}")
     rename = {}
-    divisors = {i["name"]: i["size_divisor"] for i in json.loads(metadata["graph_inputs"])}
+    described = {i["name"]: i for i in json.loads(metadata["graph_inputs"])}
     for value in list(model.graph.input) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
-        rename.update({dims[i].dim_param: new for i, new in _dim_names(divisors.get(value.name, 1)).items()
-                       if dims[i].dim_param})
+        item = described.get(value.name, {"kind": "image", "size_divisor": 1})  # the output x0: full size
+        names = {0: "batch"} if item["kind"] == "label" else _dim_names(item["size_divisor"])
+        rename.update({dims[i].dim_param: new for i, new in names.items() if i < len(dims) and dims[i].dim_param})
     for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in rename:
@@ -356,7 +369,7 @@ def _check_parity(session, generator: Generator, generator16: Optional[Generator
     results, failures = [], []
     generator64 = precision_copy(generator, torch.float64) if generator16 is not None else None
     for i, (batch, height, width) in enumerate(shapes):
-        inputs = _example_inputs(graph_inputs, batch, height, width, seed=1000 + i)
+        inputs = _example_inputs(graph_inputs, batch, height, width, seed=1000 + i, num_classes=generator.num_classes)
         feed = {k: v.numpy() for k, v in inputs.items()}
         ort_out = session.run(["x0"], feed)[0].astype(np.float64)
         shape = [batch, generator.image_channels, height, width]
@@ -367,7 +380,7 @@ def _check_parity(session, generator: Generator, generator16: Optional[Generator
             res = {"shape": shape, "max_abs_err": err, "tolerance": FP32_TOLERANCE, "ok": ok}
             _say(progress, f"parity at {shape}: max |ORT - PyTorch| = {err:.3g} (tolerance {FP32_TOLERANCE:g})")
         else:
-            ref64 = reference_sample(generator64, {k: v.double() for k, v in inputs.items()}, nfe, upsample).numpy()
+            ref64 = reference_sample(generator64, _as_float64(inputs), nfe, upsample).numpy()
             torch16 = reference_sample(generator16, inputs, nfe, upsample).double().numpy()
             err_ort = float(np.abs(ort_out - ref64).max())
             err_torch = float(np.abs(torch16 - ref64).max())
@@ -448,7 +461,7 @@ def export_onnx(
                              upsample=upsample).eval()
     inputs = graph_inputs(generator, inpainting, nfe, upsample.factor if upsample is not None else 1)
     names = [i["name"] for i in inputs]
-    example = _example_inputs(inputs, EXAMPLE_BATCH, height, width, seed=0)
+    example = _example_inputs(inputs, EXAMPLE_BATCH, height, width, seed=0, num_classes=generator.num_classes)
     args = tuple(example[n] for n in names)
     metadata = onnx_metadata(generator, config, nfe, inpainting, precision)
 

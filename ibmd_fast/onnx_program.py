@@ -68,43 +68,49 @@ def size_multiple(generator: Generator, upsample_factor: int = 1) -> int:
     return math.lcm(downsampling_factor(generator), int(upsample_factor))
 
 
-def input_names(z_channels: int, inpainting: bool, nfe: int) -> list[str]:
-    """The graph's inputs in order (see the module docstring)."""
+def input_names(z_channels: int, inpainting: bool, nfe: int, class_conditional: bool = False) -> list[str]:
+    """The graph's inputs in order (see the module docstring); a class-conditional
+    student's ``class_label`` [B] (int64) comes last."""
     names = ["xT"]
     if z_channels:
         names.append("z")
     if inpainting:
         names += ["mask", "hole_noise"]
     names += [f"noise_{n}" for n in range(1, nfe)]
+    if class_conditional:
+        names.append("class_label")
     return names
 
 
 def input_channels(name: str, image_channels: int, z_channels: int) -> int:
-    return {"z": z_channels, "mask": 1}.get(name, image_channels)
+    """The channels of an image-shaped input ``[B, C, H, W]`` (``class_label`` is ``[B]``: 0)."""
+    return {"z": z_channels, "mask": 1, "class_label": 0}.get(name, image_channels)
 
 
 def graph_inputs(generator: Generator, inpainting: bool, nfe: int, upsample_factor: int = 1) -> list[dict]:
     """The graph's inputs in order, as the model's ``graph_inputs`` metadata states them.
 
-    Each is ``{"name", "kind", "channels", "size_divisor"}``: ``kind`` says what a runner feeds
-    ("image": the corrupted image as stored, "mask": 1 in the hole, "noise": standard normal
-    draws), ``size_divisor`` how much smaller than the output the input's height and width are
-    (K for the image of an srKx graph, which takes the low-resolution image; 1 for the others).
-    A new input is one more entry in `input_names` and a kind in `_input_kind`.
+    Each is ``{"name", "kind", "dtype", "channels", "size_divisor"}``: ``kind`` says what a runner
+    feeds ("image": the corrupted image as stored, "mask": 1 in the hole, "noise": standard normal
+    draws, all float [B, C, H, W]; "label": a class-conditional student's class per image, int64
+    [B], with ``channels`` 0), ``size_divisor`` how much smaller than the output the input's height
+    and width are (K for the image of an srKx graph, which takes the low-resolution image; 1 for
+    the others). A new input is one more entry in `input_names` and a kind in `_input_kind`.
     """
-    return [{"name": name, "kind": _input_kind(name),
+    names = input_names(generator.z_channels, inpainting, nfe, generator.num_classes is not None)
+    return [{"name": name, "kind": _input_kind(name), "dtype": "int64" if name == "class_label" else "float",
              "channels": input_channels(name, generator.image_channels, generator.z_channels),
              "size_divisor": int(upsample_factor) if name == "xT" else 1}
-            for name in input_names(generator.z_channels, inpainting, nfe)]
+            for name in names]
 
 
 def _input_kind(name: str) -> str:
-    kinds = {"xT": "image", "mask": "mask", "z": "noise", "hole_noise": "noise"}
+    kinds = {"xT": "image", "mask": "mask", "z": "noise", "hole_noise": "noise", "class_label": "label"}
     if name in kinds:
         return kinds[name]
     if name.startswith("noise_"):
         return "noise"
-    raise ValueError(f"graph input {name!r} has no kind (image, mask or noise): add it to _input_kind")
+    raise ValueError(f"graph input {name!r} has no kind (image, mask, noise or label): add it to _input_kind")
 
 
 class StudentProgram(nn.Module):
@@ -129,7 +135,8 @@ class StudentProgram(nn.Module):
         self.nfe = int(nfe)
         self.inpainting = bool(inpainting)
         self.upsample = upsample
-        self.input_names = input_names(generator.z_channels, self.inpainting, self.nfe)
+        self.input_names = input_names(generator.z_channels, self.inpainting, self.nfe,
+                                       generator.num_classes is not None)
         bridge = generator.bridge
         self.grid = student_grid(bridge, self.nfe).tolist()  # t_1 < ... < t_k = T
         call_times = self.grid[::-1]  # the generator is called at t_k, ..., t_1
@@ -158,7 +165,8 @@ def _chain(generator: Generator, named: dict[str, torch.Tensor], nfe: int, noise
         xT = upsample.upsample(xT)
     if mask is not None:
         xT = impose_known(named["hole_noise"], xT, mask)
-    return student_sample(generator, xT, z, nfe, mask=mask, noise=noise, grid=grid, time_batch=time_batch)
+    return student_sample(generator, xT, z, nfe, mask=mask, noise=noise, grid=grid, time_batch=time_batch,
+                          y=named.get("class_label"))
 
 
 @torch.no_grad()
@@ -231,9 +239,10 @@ def onnx_metadata(generator: Generator, config: dict[str, Any], nfe: int, inpain
     factor = upsample.factor if upsample is not None else 1
     inputs = graph_inputs(generator, inpainting, nfe, factor)
     names = [i["name"] for i in inputs]
-    channels = {i["name"]: i["channels"] for i in inputs}
+    channels = {i["name"]: i["channels"] for i in inputs if i["kind"] != "label"}
     noise_inputs = [{"name": i["name"], "channels": i["channels"]} for i in inputs if i["kind"] == "noise"]
     upsample_meta = {"factor": factor, "mode": upsample.upsample_mode} if upsample is not None else None
+    classes = {} if generator.num_classes is None else {"num_classes": json.dumps(int(generator.num_classes))}
     return {
         "format": ONNX_FORMAT,
         "version": __version__,
@@ -256,4 +265,5 @@ def onnx_metadata(generator: Generator, config: dict[str, Any], nfe: int, inpain
         "input_channels": json.dumps(channels),
         "noise_inputs": json.dumps(noise_inputs),
         "outputs": json.dumps(["x0"]),
+        **classes,
     }

@@ -51,6 +51,7 @@ __all__ = [
     "restore_with_teacher",
     "restore_with_generator",
     "restore_release",
+    "check_labels",
     "timed_restore",
 ]
 
@@ -123,6 +124,7 @@ def student_sample(
     grid: Optional[Sequence] = None,
     time_batch: Optional[int] = None,
     grad_chain: bool = False,
+    y: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The IBMD student's chain in ``nfe`` calls (MATH.md 5); returns the last prediction ``x0~``.
 
@@ -146,6 +148,7 @@ def student_sample(
     - ``grid``: ``student_grid(bridge, nfe)`` as Python values, when the caller has it (a traced
       chain must); ``time_batch``: the batch of the time tensors (the exporter's 1 broadcasts
       and stays a constant of the graph); default the batch of ``xT``.
+    - ``y``: class labels [B] (int64) of a class-conditional generator, given to every call.
     """
     bridge = generator.bridge
     if not 1 <= stop <= nfe:
@@ -158,7 +161,7 @@ def student_sample(
 
     def call(model, x, t):
         with ctx():
-            x0 = model(xT, z, t=t, x_t=x).to(x.dtype)
+            x0 = (model(xT, z, t=t, x_t=x) if y is None else model(xT, z, t=t, x_t=x, y=y)).to(x.dtype)
         return x0 if mask is None else impose_known(x0, xT, mask)  # the student predicts only the hole
 
     x = xT
@@ -261,6 +264,7 @@ def restore(
     seed: Optional[int] = None,
     rng: Optional[torch.Generator] = None,
     autocast: Autocast = None,
+    y: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Restore one batch ``xT`` with a ``Teacher`` in ``nfe`` network calls (MATH.md 3).
 
@@ -270,6 +274,7 @@ def restore(
     (``mask``): the hole of ``xT`` is filled with noise first (the filled image is also what a
     conditional teacher sees, as in training), the i2sb sampler re-imposes the known pixels at
     every step, and the result takes them from ``xT``. ``autocast`` as in ``student_sample``.
+    ``y``: class labels [B] of a class-conditional teacher (default: the release's ``class_label``).
     Returns the sampler's last prediction, in ``xT``'s dtype, unclamped.
     """
     sampler = _check_sampler(sampler, teacher.bridge_type)
@@ -286,7 +291,7 @@ def restore(
 
     def predict_x0(x_t, t):
         with ctx():
-            return teacher.predict_x0(x_t, t, cond)
+            return teacher.predict_x0(x_t, t, cond, y=y)
 
     bridge = teacher.bridge
     if sampler == "i2sb":
@@ -299,9 +304,9 @@ def restore(
 
 
 def sample_teacher(teacher, xT: torch.Tensor, nfe: int, mask: Optional[torch.Tensor] = None, seed: int = 0,
-                   autocast: Autocast = None) -> torch.Tensor:
+                   autocast: Autocast = None, y: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``restore`` with the natural sampler: the trainers' sample grids and ``compare``."""
-    return restore(teacher, xT, None, nfe, mask=mask, seed=seed, autocast=autocast)
+    return restore(teacher, xT, None, nfe, mask=mask, seed=seed, autocast=autocast, y=y)
 
 
 def _check_student_nfe(generator, nfe: int) -> None:
@@ -314,11 +319,12 @@ def _check_student_nfe(generator, nfe: int) -> None:
 @torch.no_grad()
 def sample_student(generator, xT: torch.Tensor, nfe: int = 1, mask: Optional[torch.Tensor] = None,
                    seed: Optional[int] = 0, rng: Optional[torch.Generator] = None,
-                   autocast: Autocast = None) -> torch.Tensor:
+                   autocast: Autocast = None, y: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Restore one batch ``xT`` with an IBMD student in ``nfe`` calls (MATH.md 5; ``student_sample``).
 
     From one noise source (``seed`` or ``rng``), in order: the hole fill (inpainting), ``z``
-    (``draw_z``), then one seed per posterior step. Returns ``xT``'s dtype, unclamped.
+    (``draw_z``), then one seed per posterior step. ``y``: class labels [B] of a class-conditional
+    student. Returns ``xT``'s dtype, unclamped.
     """
     _check_student_nfe(generator, nfe)
     gen = samplers.make_generator(seed, rng)
@@ -326,7 +332,7 @@ def sample_student(generator, xT: torch.Tensor, nfe: int = 1, mask: Optional[tor
         mask = mask.to(device=xT.device, dtype=xT.dtype)
         xT = fill_hole(xT, mask, ops.draw_seed(gen))
     z = draw_z(generator, xT, gen)
-    return student_sample(generator, xT, z, nfe, mask=mask, noise=SeededNoise(gen), autocast=autocast)
+    return student_sample(generator, xT, z, nfe, mask=mask, noise=SeededNoise(gen), autocast=autocast, y=y)
 
 
 # ----------------------------------------------------------------------------
@@ -344,15 +350,20 @@ def _mask_batch(mask: Optional[torch.Tensor], start: int, stop: int, total: int)
     return mask.expand(stop - start, *mask.shape[1:])
 
 
-def _batches(xT: torch.Tensor, mask, batch_size: int, device, progress: bool, desc: str):
-    """``(images, mask)`` of each batch, float32 on ``device``."""
+def _batches(xT: torch.Tensor, mask, batch_size: int, device, progress: bool, desc: str, labels=None):
+    """``(images, mask, labels)`` of each batch, images float32 and labels int64 on ``device``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     total = xT.shape[0]
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if labels.shape[0] != total:
+            raise ValueError(f"need one class label per image: {total} image(s), {labels.shape[0]} label(s)")
     for start in tqdm(range(0, total, batch_size), desc=desc, disable=not progress, leave=False, unit="batch"):
         stop = min(start + batch_size, total)
         m = _mask_batch(mask, start, stop, total)
-        yield xT[start:stop].to(device, torch.float32), (None if m is None else m.to(device, torch.float32))
+        yield (xT[start:stop].to(device, torch.float32), (None if m is None else m.to(device, torch.float32)),
+               None if labels is None else labels[start:stop].to(device))
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -361,54 +372,84 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def restore_with_teacher(teacher, xT: torch.Tensor, nfe: int, sampler: Optional[str] = None,
                          mask: Optional[torch.Tensor] = None, seed: int = 0, batch_size: int = 16,
-                         progress: bool = False, eta: Optional[float] = None) -> torch.Tensor:
+                         progress: bool = False, eta: Optional[float] = None,
+                         labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Restore ``xT`` [N, C, H, W] with a teacher in ``nfe`` network calls per image (``restore``),
-    in batches drawing from one noise source seeded with ``seed``. ``mask``: [N or 1, 1, H, W].
+    in batches drawing from one noise source seeded with ``seed``. ``mask``: [N or 1, 1, H, W];
+    ``labels``: [N] class labels of a class-conditional teacher.
     Returns float32 images in [-1, 1] on the CPU."""
     sampler = _check_sampler(sampler, teacher.bridge_type)  # before any batch (restore checks nfe)
     check_eta(eta, sampler)  # before any batch; restore() resolves None to DBIM_ETA
     gen = samplers.make_generator(seed)
-    out = [restore(teacher, x, sampler, nfe, eta, mask=m, rng=gen).float().clamp(-1.0, 1.0).cpu()
-           for x, m in _batches(xT, mask, batch_size, _model_device(teacher), progress,
-                                f"teacher {sampler} nfe={nfe}")]
+    out = [restore(teacher, x, sampler, nfe, eta, mask=m, rng=gen, y=y).float().clamp(-1.0, 1.0).cpu()
+           for x, m, y in _batches(xT, mask, batch_size, _model_device(teacher), progress,
+                                   f"teacher {sampler} nfe={nfe}", labels)]
     return torch.cat(out)
 
 
 def restore_with_generator(generator, xT: torch.Tensor, nfe: int = 1, mask: Optional[torch.Tensor] = None,
-                           seed: int = 0, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+                           seed: int = 0, batch_size: int = 16, progress: bool = False,
+                           labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Restore ``xT`` [N, C, H, W] with an IBMD student in ``nfe`` calls per image (the NFE it was
     distilled for; ``sample_student``), in batches drawing from one noise source seeded with
-    ``seed``. ``mask`` as in ``restore_with_teacher``. Returns float32 images in [-1, 1] on the CPU."""
+    ``seed``. ``mask`` and ``labels`` as in ``restore_with_teacher``. Returns float32 images in
+    [-1, 1] on the CPU."""
     _check_student_nfe(generator, nfe)
     gen = samplers.make_generator(seed)
-    out = [sample_student(generator, x, nfe, m, seed=None, rng=gen).float().clamp(-1.0, 1.0).cpu()
-           for x, m in _batches(xT, mask, batch_size, _model_device(generator), progress, f"student nfe={nfe}")]
+    out = [sample_student(generator, x, nfe, m, seed=None, rng=gen, y=y).float().clamp(-1.0, 1.0).cpu()
+           for x, m, y in _batches(xT, mask, batch_size, _model_device(generator), progress, f"student nfe={nfe}",
+                                   labels)]
     return torch.cat(out)
 
 
+def check_labels(model, labels, what: str = "") -> None:
+    """One line when a class-conditional model (``num_classes``) gets no labels, or labels out of its range,
+    or an unconditional one gets labels. A teacher release with a default ``class_label`` needs none."""
+    num_classes = getattr(model, "num_classes", None)
+    where = f" {what}" if what else ""
+    if num_classes is None:
+        if labels is not None:
+            raise ValueError(f"class labels given, but the model{where} is not class-conditional")
+        return
+    if labels is None:
+        if getattr(model, "class_label", None) is None:
+            raise ValueError(f"the model{where} is class-conditional ({num_classes} classes) and needs a class "
+                             "label per image: give labelled data (classes:DIR) or --labels FILE.csv / --class-label N")
+        return
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise ValueError(f"class label {int(bad[0])} is out of range: the model{where} has {num_classes} classes "
+                         f"(labels 0..{num_classes - 1})")
+
+
 def restore_release(loaded, xT, nfe=None, sampler=None, mask=None, seed=0, batch_size=16, progress=False,
-                    eta=None):
+                    eta=None, labels=None):
     """Restore with a loaded release (``release.LoadedModel``), dispatching on its kind. Generators
-    refuse an NFE other than their own, samplers and eta."""
+    refuse an NFE other than their own, samplers and eta. ``labels``: [N] class labels of a
+    class-conditional release (``check_labels``)."""
     if loaded.kind == "teacher":
+        check_labels(loaded.model, labels, loaded.path)
         return restore_with_teacher(loaded.model, xT, nfe or loaded.nfe, sampler, mask, seed, batch_size, progress,
-                                    eta)
+                                    eta, labels)
     if sampler is not None or eta is not None:
         raise ValueError(f"{loaded.path} is a distilled generator; --{'sampler' if sampler else 'eta'} applies "
                          "to teachers only")
     if nfe is not None and nfe != loaded.nfe:
         raise ValueError(f"{loaded.path} is a generator distilled for {loaded.nfe} step(s); it samples with "
                          f"nfe={loaded.nfe} only (--nfe applies to teachers)")
-    return restore_with_generator(loaded.model, xT, loaded.nfe, mask, seed, batch_size, progress)
+    check_labels(loaded.model, labels, loaded.path)
+    return restore_with_generator(loaded.model, xT, loaded.nfe, mask, seed, batch_size, progress, labels)
 
 
-def timed_restore(loaded, xT, nfe, sampler, mask, seed, batch_size, progress, warmup=True, eta=None):
+def timed_restore(loaded, xT, nfe, sampler, mask, seed, batch_size, progress, warmup=True, eta=None, labels=None):
     """(restored, seconds per image) of ``restore_release``. A one-image warm-up call first keeps
     one-time costs out."""
     device = _model_device(loaded.model)
     if warmup:
         restore_release(loaded, xT[:1], 1 if loaded.kind == "teacher" else None, sampler,
-                        None if mask is None else _mask_batch(mask, 0, 1, xT.shape[0]), seed, 1, False, eta)
+                        None if mask is None else _mask_batch(mask, 0, 1, xT.shape[0]), seed, 1, False, eta,
+                        None if labels is None else labels[:1])
     with Stopwatch(device) as watch:
-        restored = restore_release(loaded, xT, nfe, sampler, mask, seed, batch_size, progress, eta)
+        restored = restore_release(loaded, xT, nfe, sampler, mask, seed, batch_size, progress, eta, labels)
     return restored, watch.seconds / xT.shape[0]

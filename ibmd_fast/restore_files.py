@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ibmd_fast.device import resolve_device
 from ibmd_fast.imageio import save_image
 from ibmd_fast.release import DEFAULT_GENERATOR, LoadedModel, check_image_size, load_model
-from ibmd_fast.restore import SAMPLERS, check_eta, natural_sampler, restore_release, used_eta
+from ibmd_fast.restore import SAMPLERS, check_eta, check_labels, natural_sampler, restore_release, used_eta
 
 __all__ = ["restore_files"]
 
@@ -173,6 +173,8 @@ def restore_files(
     num_default: int = 4,
     progress: bool = False,
     log: Log = None,
+    labels: Optional[str] = None,
+    class_label: Optional[int] = None,
 ) -> dict[str, Any]:
     """Restore corrupted images with a release and write PNGs under ``output``.
 
@@ -188,6 +190,10 @@ def restore_files(
                per image from ``seed``); its own inputs need ``mask``.
     nfe, sampler, eta -- teachers only (defaults: the release's NFE, the bridge's natural sampler,
                ``DBIM_ETA``; eta for the dbim sampler only).
+    labels  -- class-conditional releases: the class of each input, as ``classes:`` data gives it
+               (``data.folders.file_labels``): "folders" (the input folder holds one folder per
+               class, index = sorted name) or a CSV file of ``path,label`` lines (paths relative to
+               the input folder). ``class_label``: one class for every image instead.
     Everything is checked before anything is written. Returns a summary dict.
     """
     from ibmd_fast.data import canonical_name, get_degradation
@@ -211,8 +217,13 @@ def restore_files(
     degradation = get_degradation(name, masks=masks) if name and (inputs is None or not freeform) else None
     if mask is not None and not inpainting:
         raise ValueError(f"--mask is for inpainting releases; {loaded.path} restores {loaded.degradation}")
+    if labels is not None and class_label is not None:
+        raise ValueError("give --labels or --class-label, not both")
+    if labels is not None and inputs is None:
+        raise ValueError("--labels names the classes of --input images; the default inputs take --class-label N")
 
     out_root = Path(output).expanduser()
+    label_of: Optional[dict[str, int]] = None  # input -> class (class-conditional releases)
     extra_outputs = []
     drawn_masks: dict[str, torch.Tensor] = {}  # default inputs of a free-form release: the mask each was made with
     if inputs is None:
@@ -230,10 +241,19 @@ def restore_files(
         if out_root.resolve() == root.resolve():
             raise ValueError(f"--output {output} is the input folder; results would overwrite the inputs")
         items, skipped = _read_inputs(root, files, loaded.image_channels)
+        if labels is not None:
+            from ibmd_fast.data.folders import file_labels
+
+            read = [rel for rel, _ in items]
+            label_of = dict(zip(read, file_labels(root, read, None if labels == "folders" else labels)[1]))
         check_memory(loaded, [tuple(x.shape[-2:]) for _, x in items], int(upsample or 1), batch_size, dev)
         if upsample:
             up = _upsampler(loaded, int(upsample))
             items = [(rel, up(x)) for rel, x in items]
+
+    if class_label is not None:
+        label_of = {rel: int(class_label) for rel, _ in items}
+    check_labels(loaded.model, None if label_of is None else list(label_of.values()), loaded.path)
 
     # Output names: same relative path, .png; refuse collisions (a.jpg and a.png) before writing.
     named = []
@@ -271,7 +291,8 @@ def restore_files(
                 m = None if masks[0] is None else torch.stack(masks)
                 if m is not None:
                     xT = xT * (1.0 - m)  # the hole carries no information, as in training
-                restored = restore_release(loaded, xT, nfe, sampler, m, seed + len(results), batch_size, False, eta)
+                y = None if label_of is None else torch.tensor([label_of[rel] for rel, _, _ in chunk])
+                restored = restore_release(loaded, xT, nfe, sampler, m, seed + len(results), batch_size, False, eta, y)
                 results.extend((out_rel, restored[i]) for i, (_, out_rel, _) in enumerate(chunk))
                 bar.update(len(chunk))
     finally:

@@ -488,8 +488,9 @@ def test_corrupted_only_synthetic_never_returns_clean(name: str):
     assert dataset.synthetic
     for i in range(len(dataset)):
         item = dataset[i]
-        expected_keys = {"xT", "mask"} if name == "inpaint-center" else {"xT"}
-        assert set(item) == expected_keys  # no "x0", no "label"
+        expected_keys = {"xT", "mask", "label"} if name == "inpaint-center" else {"xT", "label"}
+        assert set(item) == expected_keys  # no "x0"; the class label stays (a class-conditional teacher takes it)
+        assert item["label"].dtype == torch.int64 and int(item["label"]) == i % 10
         assert torch.isfinite(item["xT"]).all()  # nothing derived from x0 after the degradation
         assert not torch.equal(item["xT"], source.images[i])
     with pytest.raises(ValueError, match="degradation"):
@@ -569,4 +570,4 @@ def test_make_dataset_fashion_mnist():
     assert set(item) == {"x0", "xT", "label"} and item["x0"].shape == (1, 32, 32)
     only = make_dataset(f"fashion-mnist:{FASHION_MNIST_DIR}", "jpeg-10", channels=1, split="test",
                         corrupted_only=True)
-    assert set(only[0]) == {"xT"}
+    assert set(only[0]) == {"xT", "label"}  # the class a class-conditional teacher takes

@@ -137,8 +137,8 @@ def test_inpainting_gradient_ignores_the_teachers_known_pixels(monkeypatch):
 
     predict = ibmd.teacher.predict_x0
 
-    def garbage(x_t, t, xT=None):
-        return predict(x_t, t, xT) + (1 - mask) * 30.0 * torch.tanh(3.0 * x_t + 1.0)
+    def garbage(x_t, t, xT=None, y=None):
+        return predict(x_t, t, xT, y=y) + (1 - mask) * 30.0 * torch.tanh(3.0 * x_t + 1.0)
 
     monkeypatch.setattr(ibmd.teacher, "predict_x0", garbage)
     ibmd.noise.set_state(state)

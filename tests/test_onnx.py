@@ -137,8 +137,8 @@ def test_one_step_export(one_step):
     assert json.loads(meta["image_size"]) == SIZE and meta["degradation"] == "jpeg-10"
     assert meta["precision"] == "float32"
     assert json.loads(meta["noise_inputs"]) == [{"name": "z", "channels": 3}]
-    assert json.loads(meta["graph_inputs"]) == [{"name": "xT", "kind": "image", "channels": 3, "size_divisor": 1},
-                                                {"name": "z", "kind": "noise", "channels": 3, "size_divisor": 1}]
+    assert json.loads(meta["graph_inputs"]) == [{"name": "xT", "kind": "image", "dtype": "float", "channels": 3, "size_divisor": 1},
+                                                {"name": "z", "kind": "noise", "dtype": "float", "channels": 3, "size_divisor": 1}]
     assert json.loads(meta["upsample"]) is None and json.loads(meta["size_multiple"]) == 2
 
     # The plain generator call G(xT, z), at yet another shape.
@@ -217,7 +217,7 @@ def test_super_resolution_export_upsamples_inside(super_resolution, folder, bloc
     assert all(r["max_abs_err"] <= FP32_TOLERANCE for r in report["parity"])
     assert all(r["shape"][2] % 4 == 0 and r["shape"][3] % 4 == 0 for r in report["parity"])
     model, meta = _check_graph(report["onnx"], ["xT", "z"], {"xT": 4})
-    assert json.loads(meta["graph_inputs"])[0] == {"name": "xT", "kind": "image", "channels": 3, "size_divisor": 4}
+    assert json.loads(meta["graph_inputs"])[0] == {"name": "xT", "kind": "image", "dtype": "float", "channels": 3, "size_divisor": 4}
     assert json.loads(meta["upsample"]) == {"factor": 4, "mode": "bicubic"}
     assert json.loads(meta["size_multiple"]) == 4
     resize = _cubic_resize(model)

@@ -48,7 +48,7 @@ from ibmd_fast.data.images import (
 )
 
 __all__ = ["ImageFolder", "LabelledFolder", "PairedFolders", "CorruptedFolder", "UnreadableImageWarning", "Listing",
-           "list_images"]
+           "list_images", "file_labels", "read_labels_csv"]
 
 PathLike = Union[str, os.PathLike]
 _CHECKS = ("load", "open", "none")
@@ -309,28 +309,36 @@ class LabelledFolder(ImageFolder):
 
     def __init__(self, root: PathLike, labels: Optional[PathLike] = None, **kwargs):
         super().__init__(root, **kwargs)
-        if labels is None:
-            self.classes = sorted({rel.split("/", 1)[0] for rel in self.files if "/" in rel})
-            loose = [rel for rel in self.files if "/" not in rel]
-            if loose or not self.classes:
-                raise ValueError(f"LabelledFolder: {str(self.root)!r} must hold one folder per class "
-                                 f"(class index = sorted folder name); {loose[:3] or 'no class folders'} found")
-            index = {name: i for i, name in enumerate(self.classes)}
-            self.labels = [index[rel.split("/", 1)[0]] for rel in self.files]
-        else:
-            table = _read_labels_csv(Path(labels))
-            missing = [rel for rel in self.files if rel not in table]
-            if missing:
-                raise ValueError(f"LabelledFolder: {len(missing)} image(s) of {str(self.root)!r} have no label in "
-                                 f"{str(labels)!r}, e.g. {missing[:3]}")
-            self.classes = None
-            self.labels = [table[rel] for rel in self.files]
+        self.classes, self.labels = file_labels(self.root, self.files, labels)
 
     def _read_item(self, index: int):
         return super()._read_item(index), self.labels[index]
 
 
-def _read_labels_csv(path: Path) -> Dict[str, int]:
+def file_labels(root: PathLike, files: Sequence[str],
+                labels: Optional[PathLike] = None) -> Tuple[Optional[List[str]], List[int]]:
+    """``(classes, labels)`` of image files (paths relative to ``root``), the rules of ``LabelledFolder``:
+    ``labels=None``: the index of each file's first-level folder among the sorted folder names
+    (``classes``); else the CSV file ``labels`` (``path,label``; ``classes`` None). One line when a
+    file has no label."""
+    if labels is None:
+        classes = sorted({rel.split("/", 1)[0] for rel in files if "/" in rel})
+        loose = [rel for rel in files if "/" not in rel]
+        if loose or not classes:
+            raise ValueError(f"{str(root)!r} must hold one folder per class "
+                             f"(class index = sorted folder name); {loose[:3] or 'no class folders'} found")
+        index = {name: i for i, name in enumerate(classes)}
+        return classes, [index[rel.split("/", 1)[0]] for rel in files]
+    table = read_labels_csv(Path(labels))
+    missing = [rel for rel in files if rel not in table]
+    if missing:
+        raise ValueError(f"{len(missing)} image(s) of {str(root)!r} have no label in "
+                         f"{str(labels)!r}, e.g. {missing[:3]}")
+    return None, [table[rel] for rel in files]
+
+
+def read_labels_csv(path: Path) -> Dict[str, int]:
+    """A labels file: lines ``path,label`` (an optional header line ``path,label``) -> {path: label}."""
     import csv
 
     if not path.is_file():

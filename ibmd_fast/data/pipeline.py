@@ -4,7 +4,7 @@
   (inpainting) and ``"label"`` (sources with labels). Teacher training and
   evaluation use it.
 - ``CorruptedOnly(source_or_folder, degradation)``: items ``{"xT"}`` plus
-  ``"mask"``, never a clean image. IBMD distillation uses it (MATH.md section
+  ``"mask"`` and ``"label"`` (labelled sources), never a clean image. IBMD distillation uses it (MATH.md section
   5: only corrupted images are needed). Given a clean source it synthesizes
   ``xT`` from clean pixels it reads internally and drops: that form is for
   synthetic experiments. Given a folder (or a CorruptedFolder, or the
@@ -94,7 +94,7 @@ class BridgePairs(Dataset):
 
 
 class CorruptedOnly(Dataset):
-    """Corrupted images only: ``{"xT"[, "mask"]}``; never returns a clean image.
+    """Corrupted images only: ``{"xT"[, "mask"][, "label"]}``; never returns a clean image.
 
     ``source_or_folder``:
     - a path: read corrupted images from that folder (``CorruptedFolder``;
@@ -107,7 +107,9 @@ class CorruptedOnly(Dataset):
       a clean image;
     - a clean source (images or (image, label)): SYNTHETIC mode, for
       experiments only. Each clean image is read here, degraded, and dropped;
-      only ``xT`` (and the mask) leave. Labels are dropped too.
+      only ``xT`` (and the mask) leave, with the source's class label (int64) when
+      it has one (``classes:``): a class-conditional teacher takes it, as it does
+      at inference.
     """
 
     def __init__(self, source_or_folder, degradation=None, **folder_kwargs):
@@ -136,10 +138,13 @@ class CorruptedOnly(Dataset):
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         if not self.synthetic:
             return self.source[index]
-        clean, _ = _split_item(self.source[index])
+        clean, label = _split_item(self.source[index])
         xT, mask = self.degradation(clean)
         del clean  # synthesize-and-drop: nothing below may see it
-        return {"xT": xT} if mask is None else {"xT": xT, "mask": mask}
+        out = {"xT": xT} if mask is None else {"xT": xT, "mask": mask}
+        if label is not None:
+            out["label"] = torch.tensor(label, dtype=torch.long)
+        return out
 
     def __repr__(self) -> str:
         name = None if self.degradation is None else self.degradation.name

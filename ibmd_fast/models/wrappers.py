@@ -12,8 +12,10 @@ The bridge object (ibmd_fast.bridges) is used through `config()["type"]`,
 preconditioning with the bridge's own `sigma_data` and `cov_xy`).
 
 Class-conditional networks (`net.num_classes`, e.g. DBIM's ImageNet inpainting
-teacher) take labels `y` [B]; without `y` the model's `class_label` (one label
-for every image, set from the release) is used.
+teacher) take labels `y` [B] (int64, through the U-Net's label embedding); without `y`
+the model's `class_label` (one label for every image, set from the release) is used.
+The generator and the fake model are copies of the teacher's network, so they keep its
+`num_classes` and label embedding and take `y` the same way.
 """
 from __future__ import annotations
 
@@ -115,16 +117,24 @@ class BridgeModel(nn.Module):
         if y is None:
             if self.class_label is None:
                 raise ValueError(
-                    f"this teacher is class-conditional ({num_classes} classes) and needs a class label: "
-                    "import it with --label N (or set model.class_label)")
+                    f"this model is class-conditional ({num_classes} classes) and needs a class label per image "
+                    "(labelled data, e.g. classes:DIR; a teacher import takes one default with --label N)")
             y = torch.full((x_t.shape[0],), int(self.class_label), dtype=torch.long)
         y = torch.as_tensor(y, dtype=torch.long, device=x_t.device).reshape(-1)
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return y  # an exported graph takes the labels as an input: no data-dependent check in it
         if y.shape[0] != x_t.shape[0] or bool(((y < 0) | (y >= num_classes)).any()):
             raise ValueError(f"need one class label in [0, {num_classes}) per image, got {y.tolist()[:8]}")
         return y
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, xT: torch.Tensor | None = None) -> torch.Tensor:
-        return self.predict_x0(x_t, t, xT)
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes of a class-conditional network, else None."""
+        return getattr(self.net, "num_classes", None)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, xT: torch.Tensor | None = None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.predict_x0(x_t, t, xT, y=y)
 
 
 class Teacher(BridgeModel):
@@ -173,6 +183,7 @@ class Generator(BridgeModel):
             "z_channels": self.z_channels,
             "conditional": self.conditional,
             "multistep": self.multistep,
+            "num_classes": self.num_classes,  # class-conditional: takes labels y (also in "unet")
             "bridge": self.bridge.config(),
         }
 
@@ -182,8 +193,10 @@ class Generator(BridgeModel):
         z: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
         x_t: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x0 = G(xT, z) at t = T (x_t = xT), or G(x_t, z, t) when `t` is given.
+        """x0 = G(xT, z [, y]) at t = T (x_t = xT), or G(x_t, z, t [, y]) when `t` is given;
+        `y`: the class labels [B] of a class-conditional generator, as its teacher takes them.
 
         The network's prediction over the whole image: inpainting (known pixels
         from xT, the hole of xT filled with noise beforehand) is the chain's job,
@@ -197,7 +210,7 @@ class Generator(BridgeModel):
             raise ValueError("a multi-step generator call with t needs x_t")
         if self.z_channels and z is None:
             raise ValueError(f"the generator takes noise z with {self.z_channels} channels")
-        return self.predict_x0(x_t, t, xT, extra=z if self.z_channels else None)
+        return self.predict_x0(x_t, t, xT, extra=z if self.z_channels else None, y=y)
 
 
 def _widen_first_conv(net: nn.Module, extra_channels: int) -> None:

@@ -18,7 +18,10 @@ For k = 1..K (``IBMD.fake_step`` and ``IBMD.generator_step``):
    gradient and DDP never sees it).
 
 Only corrupted images are read: the training data is ``make_dataset(..., corrupted_only=True)``.
-Conditional teachers see ``xT`` (teacher, fake model and generator alike). Inpainting
+Conditional teachers see ``xT`` (teacher, fake model and generator alike). A class-conditional
+teacher (``num_classes``, e.g. DBIM's ImageNet inpainting one) needs labelled data (``classes:DIR``):
+each batch's ``"label"`` goes, as ``y``, to every call of the teacher, the fake model and the
+generator (copies of the teacher's network: the same label embedding, the same argument). Inpainting
 students predict the hole only (``Generator(mask=...)``); ``xT``'s hole is noise-filled, and
 both losses are taken over the hole only (the ``mask`` of ``ops.bridge_loss`` / ``ops.ibmd_loss``,
 normalised by all D elements as I2SB and DDBM do): a released inpainting teacher was never trained
@@ -163,7 +166,7 @@ class IBMD:
     """
 
     def __init__(self, teacher, cfg: DistillConfig, env: distributed.DistEnv, precision: Precision,
-                 inpainting: bool = False):
+                 inpainting: bool = False, class_conditional: bool = False):
         self.cfg = cfg
         self.env = env
         self.device = env.device
@@ -172,6 +175,10 @@ class IBMD:
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.bridge = teacher.bridge
         self.conditional = bool(teacher.conditional)
+        # the batches' "label" goes to every network call (y); the teacher must take labels then
+        self.class_conditional = bool(class_conditional)
+        if self.class_conditional and teacher.num_classes is None:
+            raise ValueError("class_conditional needs a class-conditional teacher (net.num_classes)")
         self.nfe = int(cfg.nfe)
         self.grid = student_grid(self.bridge, self.nfe).tolist()  # t_1 < ... < t_k = T
 
@@ -213,15 +220,22 @@ class IBMD:
 
     # -- pieces of Algorithm 1
 
-    def corrupted(self, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """xT (hole noise-filled for inpainting) and the mask, on the device."""
+    def corrupted(self, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """xT (hole noise-filled for inpainting), the mask and the class labels ``y`` (a class-conditional
+        teacher; else None), on the device."""
         batch = to_device(batch, self.device, self.cfg.channels_last)
         xT, mask = batch["xT"], batch.get("mask")
         if self.inpainting and mask is not None:
             xT = fill_hole(xT, mask, draw_seed(self.noise))
-        return xT, (mask if self.inpainting else None)
+        y = None
+        if self.class_conditional:
+            if "label" not in batch:
+                raise ValueError("a class-conditional teacher needs a \"label\" in every batch")
+            y = batch["label"].long()
+        return xT, (mask if self.inpainting else None), y
 
-    def generate(self, xT: torch.Tensor, z: torch.Tensor, mask: Optional[torch.Tensor], grad: bool) -> torch.Tensor:
+    def generate(self, xT: torch.Tensor, z: torch.Tensor, mask: Optional[torch.Tensor], grad: bool,
+                 y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x0 from the student: ``G(xT, z)``, or for k > 1 the student's own chain (``multistep``).
 
         In MATH.md 5 terms, with the grid ``t_1 < ... < t_k = T`` and ``x_{t_k} = xT``: for m = k, k-1, ...,
@@ -239,6 +253,8 @@ class IBMD:
           ``x_t`` and ``x0~``). Only the last call goes through the DDP wrapper (its forward arms
           the reducer once; the earlier calls' gradients reach the same parameters before their
           hooks fire, so the all-reduce holds the whole chain's gradient).
+
+        ``y``: the class labels of a class-conditional student, given to every call.
         """
         if self.nfe == 1 or self.full_chain:
             n = 1
@@ -248,34 +264,34 @@ class IBMD:
         with contextlib.nullcontext() if grad else torch.no_grad():
             return student_sample(self.generator, xT, z, self.nfe, mask=mask, noise=SeededNoise(self.noise),
                                   stop=n, last_call=model, autocast=self.precision.autocast, grid=self.grid,
-                                  grad_chain=self.full_chain)
+                                  grad_chain=self.full_chain, y=y)
 
     def fake_step(self, batch: dict) -> tuple[float, float, bool]:
         """Algorithm 1, step 1 (one of the L): bridge matching of phi on the generator's samples."""
-        xT, mask = self.corrupted(batch)
+        xT, mask, y = self.corrupted(batch)
         z = noise_like(xT, draw_seed(self.noise))
-        x0 = self.generate(xT, z, mask, grad=False)
+        x0 = self.generate(xT, z, mask, grad=False, y=y)
         t = self.bridge.sample_t(xT.shape[0], generator=self.noise).to(self.device, non_blocking=True)
         x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.noise))
         with self.precision.autocast():
-            x0_fake = self.fake_ddp(x_t, t, xT if self.conditional else None)
+            x0_fake = self.fake_ddp(x_t, t, xT if self.conditional else None, y)
         loss = ops.bridge_loss(_opmath(x0_fake), x0, self.bridge.loss_weight(t), mask=mask).mean()
         return self.fake_guard(loss)
 
     def generator_step(self, batch: dict) -> tuple[float, float, bool]:
         """Algorithm 1, step 2: the IBMD loss, backpropagated through x_t into the generator."""
-        xT, mask = self.corrupted(batch)
+        xT, mask, y = self.corrupted(batch)
         z = noise_like(xT, draw_seed(self.noise))
         cond = xT if self.conditional else None
         self.fake.requires_grad_(False)  # phi is a fixed function in this step,
         self.fake.eval()  # evaluated as the teacher is (dropout off)
         try:
-            x0 = self.generate(xT, z, mask, grad=True)
+            x0 = self.generate(xT, z, mask, grad=True, y=y)
             t = self.bridge.sample_t(xT.shape[0], generator=self.noise).to(self.device, non_blocking=True)
             x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.noise))  # differentiable in x0
             with self.precision.autocast():
-                x0_teacher = self.teacher.predict_x0(x_t, t, cond)
-                x0_fake = self.fake.predict_x0(x_t, t, cond)  # the plain module: no DDP hooks
+                x0_teacher = self.teacher.predict_x0(x_t, t, cond, y=y)
+                x0_fake = self.fake.predict_x0(x_t, t, cond, y=y)  # the plain module: no DDP hooks
             loss = ops.ibmd_loss(_opmath(x0_teacher), _opmath(x0_fake), x0, self.bridge.loss_weight(t),
                                  mask=mask).mean()
             result = self.gen_guard(loss)
@@ -382,9 +398,6 @@ class DistillTask(TrainingTask):
                  env: distributed.DistEnv, log: RunLog, precision: Precision):
         self.cfg, self.env, self.log = cfg, env, log
         teacher, _ = load_teacher(cfg.teacher, device=env.device)
-        if getattr(teacher.net, "num_classes", None) is not None:  # e.g. DBIM's ImageNet inpainting teacher
-            raise ValueError(f"the teacher {cfg.teacher} is class-conditional ({teacher.net.num_classes} classes): "
-                             f"distilling it needs a class label per image, which the data {cfg.data!r} does not carry")
         self.channels = channels = int(tconf.get("channels", teacher.image_channels))
         # A DDBM layout (edges2handbags, diode) carries its own corruption; a degradation is optional there.
         if degradation is not None:
@@ -393,7 +406,8 @@ class DistillTask(TrainingTask):
         inpainting = degradation is not None and degradation.is_inpainting
         if env.is_main:
             log(f"distill: teacher {cfg.teacher} ({teacher.bridge_type}, "
-                f"{'conditional' if teacher.conditional else 'unconditional'}), "
+                f"{'conditional' if teacher.conditional else 'unconditional'}"
+                f"{'' if teacher.num_classes is None else f', class-conditional ({teacher.num_classes} classes)'}), "
                 f"{degradation.name if degradation else 'the corruption of the data'}, "
                 f"data {cfg.data!r}, {cfg.image_size}px, NFE {cfg.nfe}, L={cfg.inner_steps}, K={cfg.steps}, "
                 f"{env.world_size} process(es) on {env.device}, precision {precision.name}")
@@ -403,9 +417,10 @@ class DistillTask(TrainingTask):
                                                                    channels=channels, split="train",
                                                                    corrupted_only=True, seed=cfg.seed,
                                                                    listing=listing), env, cfg.run_dir)
+        class_conditional = _check_labels(cfg, teacher, _data_labels(self.dataset), log if env.is_main else None)
         self.grid_batch = first_items(self.dataset, GRID_ITEMS) if env.is_main else None
 
-        self.ibmd = ibmd = IBMD(teacher, cfg, env, precision, inpainting)
+        self.ibmd = ibmd = IBMD(teacher, cfg, env, precision, inpainting, class_conditional)
         self.noise = ibmd.noise
         self.guards = {"skipped": ibmd.gen_guard, "skipped_fake": ibmd.fake_guard}
         self.learning_rates = [(ibmd.gen_opt, cfg.lr), (ibmd.fake_opt, cfg.fake_lr)]
@@ -467,6 +482,33 @@ class DistillTask(TrainingTask):
         return {"comparison": self.env.broadcast(comparison)}
 
 
+def _data_labels(dataset) -> Optional[list]:
+    """The class label of every training item (a labelled source: ``classes:``, Fashion-MNIST), or None."""
+    labels = getattr(getattr(dataset, "source", dataset), "labels", None)
+    return None if labels is None else [int(y) for y in labels]
+
+
+def _check_labels(cfg: DistillConfig, teacher, labels: Optional[list], log) -> bool:
+    """Whether the distiller passes class labels: yes for a class-conditional teacher, whose data must
+    label every image within its classes (one line otherwise). An unconditional teacher ignores the
+    labels of labelled data (the same ``classes:`` folder serves the CA metric), said once in ``log``."""
+    num_classes = teacher.num_classes
+    if num_classes is None:
+        if labels is not None and log is not None:
+            log(f"note: the data {cfg.data!r} has class labels; the teacher is not class-conditional, so they "
+                "are not used")
+        return False
+    if labels is None:
+        raise ValueError(f"the teacher {cfg.teacher} is class-conditional ({num_classes} classes) but the data "
+                         f"{cfg.data!r} has no class labels: give class folders (classes:DIR) or a labels file "
+                         "(classes:DIR,labels.csv)")
+    bad = [y for y in labels if not 0 <= int(y) < num_classes]
+    if bad:
+        raise ValueError(f"the data {cfg.data!r} has class label {bad[0]}, out of range for the teacher "
+                         f"{cfg.teacher} ({num_classes} classes: labels 0..{num_classes - 1})")
+    return True
+
+
 def _read_comparison(run_dir: str) -> list[dict]:
     """The comparison a finished run wrote (empty when it wrote none)."""
     try:
@@ -491,7 +533,8 @@ def _write_samples(cfg: DistillConfig, ibmd: IBMD, batch: Optional[dict], step: 
     xT = batch["xT"].to(ibmd.device)
     mask = batch.get("mask") if ibmd.inpainting else None
     mask = None if mask is None else mask.to(ibmd.device)
-    out = sample_student(ibmd.ema.module, xT, cfg.nfe, mask, seed=cfg.seed, autocast=ibmd.precision.autocast)
+    y = batch["label"].to(ibmd.device) if ibmd.class_conditional else None
+    out = sample_student(ibmd.ema.module, xT, cfg.nfe, mask, seed=cfg.seed, autocast=ibmd.precision.autocast, y=y)
     save_grid([xT, out], os.path.join(cfg.run_dir, f"samples-{step}.png"),
               titles=["corrupted", f"student NFE {cfg.nfe}"])
 
@@ -522,6 +565,9 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
     write_text(os.path.join(cfg.run_dir, "comparison.json"), json.dumps(rows, indent=2) + "\n")
     if data_layout(cfg.data):
         log("comparison.png skipped: the held-out photograph is not of the data's kind (a DDBM paired layout)")
+        return rows
+    if ibmd.class_conditional:
+        log("comparison.png skipped: the held-out photograph has no class label for the class-conditional teacher")
         return rows
     teacher_nfe = max((r["nfe"] for r in rows if r["model"] == "teacher"), default=default_teacher_nfe(ibmd.bridge))
     photo = report.photo_comparison(

@@ -170,19 +170,26 @@ def compare(teacher, student, student_nfe: int, batches: list[dict], teacher_nfe
             device: torch.device, seed: int = 0, autocast=None, log=None) -> tuple[list[dict], dict]:
     """PSNR / SSIM / seconds per image of the teacher at each NFE and of the student.
 
-    ``batches``: dicts with ``x0``, ``xT`` (and ``mask``) from the held-out test split. Returns
+    ``batches``: dicts with ``x0``, ``xT`` (and ``mask``; ``label``, which a class-conditional
+    teacher and student take) from the held-out test split. Returns
     the table rows and the restored images ``{label: tensor}`` of the first batch (for a grid).
     Each model runs the first batch once untimed before the timed passes.
     """
-    runs = [("teacher", n, lambda xT, m, s, n=n: sample_teacher(teacher, xT, n, m, s, autocast))
+    runs = [("teacher", n, lambda xT, m, s, y, n=n: sample_teacher(teacher, xT, n, m, s, autocast, y=y))
             for n in valid_teacher_nfe(teacher.bridge, teacher_nfes)]
-    runs.append(("student", student_nfe, lambda xT, m, s: sample_student(student, xT, student_nfe, m, s,
-                                                                         autocast=autocast)))
+    runs.append(("student", student_nfe, lambda xT, m, s, y: sample_student(student, xT, student_nfe, m, s,
+                                                                            autocast=autocast, y=y)))
+    class_conditional = getattr(teacher, "num_classes", None) is not None
+
+    def labels(batch):
+        return batch["label"].to(device) if class_conditional else None
+
     rows, pictures = [], {}
     for name, nfe, run in runs:
         # One untimed pass first: compilation, autotuning and allocator warm-up are not per-image costs.
         first = batches[0]
-        run(first["xT"].to(device), None if first.get("mask") is None else first["mask"].to(device), seed)
+        run(first["xT"].to(device), None if first.get("mask") is None else first["mask"].to(device), seed,
+            labels(first))
         scores_p, scores_s, seconds, count = [], [], 0.0, 0
         for i, batch in enumerate(batches):
             x0 = batch["x0"].to(device)
@@ -190,7 +197,7 @@ def compare(teacher, student, student_nfe: int, batches: list[dict], teacher_nfe
             mask = batch.get("mask")
             mask = None if mask is None else mask.to(device)
             with Stopwatch(device) as watch:
-                out = run(xT, mask, seed + i)
+                out = run(xT, mask, seed + i, labels(batch))
             seconds += watch.seconds
             out = out.float().clamp(-1, 1)
             scores_p.append(psnr(out, x0.float()).cpu())
