@@ -58,7 +58,7 @@ from _common import machine_name  # noqa: E402
 from ibmd_fast.bridges import I2SBBridge  # noqa: E402
 from ibmd_fast.models import Generator, Teacher, build_unet  # noqa: E402
 from ibmd_fast.release import GENERATOR_FORMAT, TEACHER_FORMAT, load_generator, load_teacher, save_release  # noqa: E402
-from ibmd_fast.release import DEFAULT_GENERATOR, DEFAULT_TEACHER  # noqa: E402
+from ibmd_fast.paths import DEFAULT_GENERATOR, DEFAULT_TEACHER
 from ibmd_fast.restore import natural_sampler, restore, sample_student  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

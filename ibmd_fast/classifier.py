@@ -6,9 +6,8 @@ training split of the data set and takes FID on its penultimate features. For un
 folders it is trained on a self-supervised task, rotation prediction (`task="rotation"`), or on
 proxy labels such as the index of the source photograph, so FID features exist for any data.
 
-Moved here from ``ibmd_fast.metrics``, which re-exports every name, so
-``from ibmd_fast.metrics import Classifier, train_classifier`` keeps working. Saved files keep the
-format tag ``ibmd_fast.metrics.Classifier`` so classifiers written before the move still load.
+Saved files carry the format tag ``ibmd_fast.metrics.Classifier`` (where the class lived when the
+embedded classifier was written), so those files load.
 """
 from __future__ import annotations
 

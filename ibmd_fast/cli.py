@@ -198,7 +198,7 @@ _DEFAULT_GENERATOR_HINT = " (it is what a plain `ibmd-fast distill` writes; run 
 def sample_cmd(model, input_path, output, nfe, sampler, eta, upsample, mask_path, masks_path, num_images, seed,
                batch_size, device, progress):
     """Restore corrupted images with a teacher or generator release; writes PNGs to OUTPUT."""
-    from ibmd_fast.evaluate import restore_files
+    from ibmd_fast.restore_files import restore_files
 
     _check_output_parent(output, "--output")
     check_output_outside(output, input_path)
@@ -501,7 +501,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     cli.main(args=argv, prog_name="ibmd-fast")
 
 
-__all__ = ["cli", "main", "friendly_errors", "IntList"]
+__all__ = ["cli", "main"]
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -10,8 +10,7 @@
   cached beside the evaluation); ``classifier_line`` says which, with its held-out accuracy.
 
 Restoring is ``ibmd_fast.restore`` (and ``restore_files`` for image files), loading releases
-``ibmd_fast.release``, pictures ``ibmd_fast.imageio``; their names used to live here and are
-importable from here for one release. Images are float32 ``[B, C, H, W]`` in [-1, 1]. Errors
+``ibmd_fast.release``, pictures ``ibmd_fast.imageio``. Images are float32 ``[B, C, H, W]`` in [-1, 1]. Errors
 the user can fix are raised as ValueError / FileNotFoundError / ReleaseError with one-line
 messages.
 """
@@ -29,41 +28,18 @@ from tqdm.auto import tqdm
 from ibmd_fast.classifier import describe_classifier
 from ibmd_fast.device import resolve_device
 from ibmd_fast.paths import EMBEDDED_CLASSIFIER
-from ibmd_fast.imageio import save_grid, save_image  # noqa: F401  (re-exported)
-from ibmd_fast.release import (  # noqa: F401  (re-exported)
-    DEFAULT_GENERATOR,
-    DEFAULT_TEACHER,
-    LoadedModel,
-    atomic_write,
-    check_image_size,
-    load_model,
-    size_multiple,
-)
-from ibmd_fast.restore import (  # noqa: F401  (re-exported)
-    DBIM_ETA,
-    SAMPLERS,
+from ibmd_fast.imageio import save_grid
+from ibmd_fast.paths import DEFAULT_GENERATOR, DEFAULT_TEACHER
+from ibmd_fast.release import LoadedModel, atomic_write, check_image_size, load_model
+from ibmd_fast.restore import (
     check_eta,
     used_eta,
     natural_sampler,
-    restore_with_generator,
-    restore_with_teacher,
     timed_restore,
     valid_teacher_nfe,
 )
-from ibmd_fast.restore_files import restore_files  # noqa: F401  (re-exported)
 
 __all__ = [
-    "DEFAULT_TEACHER",
-    "DEFAULT_GENERATOR",
-    "SAMPLERS",
-    "LoadedModel",
-    "resolve_device",
-    "load_model",
-    "natural_sampler",
-    "size_multiple",
-    "check_image_size",
-    "restore_with_teacher",
-    "restore_with_generator",
     "load_eval_data",
     "classifier_training_data",
     "fit_classifier",
@@ -71,9 +47,6 @@ __all__ = [
     "classifier_line",
     "evaluate",
     "format_table",
-    "save_grid",
-    "restore_files",
-    "save_image",
 ]
 
 
@@ -206,7 +179,7 @@ def fit_classifier(data, image_size=None, channels: int = 3, task: Optional[str]
     ``model.info`` records the data, the items and epochs, and (for a data spec with a test split)
     the accuracy on the first ``test_items`` test images, which ``describe_classifier`` prints.
     """
-    from ibmd_fast.metrics import train_classifier
+    from ibmd_fast.classifier import train_classifier
 
     if task not in (None, "labels", "photo", "rotation"):
         raise ValueError(f"classifier task must be labels, photo or rotation, got {task!r}")
@@ -258,7 +231,7 @@ def _test_accuracy(model, data, image_size: int, channels: int, task: str, test_
 
 
 def save_classifier_atomic(model, path: str) -> None:
-    from ibmd_fast.metrics import save_classifier
+    from ibmd_fast.classifier import save_classifier
 
     atomic_write(path, lambda tmp: save_classifier(model, tmp))
 
@@ -300,7 +273,7 @@ def get_classifier(classifier, run_dir: Optional[str], data, image_size: int, ch
     The model comes back with ``origin`` ("given", "embedded", "cached" or "trained") and ``path``
     (its file, None for a Classifier given as an object or trained without a run_dir).
     """
-    from ibmd_fast.metrics import Classifier, load_classifier
+    from ibmd_fast.classifier import Classifier, load_classifier
 
     dev = resolve_device(device)
     if isinstance(classifier, Classifier):

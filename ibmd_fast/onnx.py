@@ -27,7 +27,7 @@ holds standard ONNX operators only (domain "" = ai.onnx), opset >= 17.
 Model metadata (``metadata_props``; strings, JSON where not plain text): see
 `onnx_metadata`, and export/README.md for what each key means. What the graph computes
 (`StudentProgram`, `reference_sample`, `precision_copy`, the input names and metadata) is
-`ibmd_fast.onnx_program`; this module exports it and checks it, and re-exports those names.
+`ibmd_fast.onnx_program`; this module exports it and checks it.
 
 Float16 (``fp16=True``): the U-Net's convolutions, activations and skip paths
 run in float16; GroupNorm (statistics and affine), the timestep-embedding MLPs
@@ -69,11 +69,9 @@ import torch
 
 from ibmd_fast import __version__
 from ibmd_fast.models.wrappers import Generator
-from ibmd_fast.onnx_program import (  # noqa: F401  (re-exported: what the graph computes)
-    ONNX_FORMAT,
+from ibmd_fast.onnx_program import (
     StudentProgram,
     downsampling_factor,
-    input_names,
     input_channels,
     onnx_metadata,
     precision_copy,
@@ -82,20 +80,13 @@ from ibmd_fast.onnx_program import (  # noqa: F401  (re-exported: what the graph
 from ibmd_fast.release import ReleaseError, load_generator
 
 __all__ = [
-    "ONNX_FORMAT",
     "FP32_TOLERANCE",
     "FP16_ERROR_RATIO",
     "FP16_SLACK",
     "OnnxExportError",
     "OnnxParityError",
-    "StudentProgram",
     "export_onnx",
     "external_data_name",
-    "downsampling_factor",
-    "input_names",
-    "onnx_metadata",
-    "reference_sample",
-    "precision_copy",
 ]
 
 MIN_OPSET = 17

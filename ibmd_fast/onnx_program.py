@@ -18,7 +18,8 @@ from torch import nn
 from ibmd_fast import __version__
 from ibmd_fast.models.blocks import AttentionBlock, ResBlock
 from ibmd_fast.models.wrappers import Generator
-from ibmd_fast.restore import GivenNoise, impose_known, student_grid, student_sample
+from ibmd_fast.restore import GivenNoise, student_grid, student_sample
+from ibmd_fast.known_pixels import impose_known
 
 __all__ = [
     "ONNX_FORMAT",

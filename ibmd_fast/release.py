@@ -19,7 +19,7 @@ damaged file, refused in one line.
 
 `load_teacher` / `load_generator` rebuild the models; `load_model` loads either kind for
 inference as a `LoadedModel` (with what `sample`, `eval` and `export` need to know about it).
-`DEFAULT_TEACHER` is the embedded default teacher release.
+The embedded default teacher release is `ibmd_fast.paths.DEFAULT_TEACHER`.
 """
 from __future__ import annotations
 
@@ -41,9 +41,6 @@ from ibmd_fast import __version__
 TEACHER_FORMAT = "ibmd_fast.teacher"
 GENERATOR_FORMAT = "ibmd_fast.generator"
 NORMALIZATION = "[-1,1]"
-
-# The embedded default teacher (ibmd_fast/assets/README.md), and where `distill` writes its generator.
-from ibmd_fast.paths import DEFAULT_GENERATOR, DEFAULT_TEACHER  # noqa: E402,F401  (re-exported)
 
 
 class ReleaseError(ValueError):

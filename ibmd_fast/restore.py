@@ -30,13 +30,10 @@ from tqdm.auto import tqdm
 
 from ibmd_fast import ops, reference, samplers
 from ibmd_fast.bridges import Bridge, I2SBBridge
-from ibmd_fast.known_pixels import fill_hole, impose_known, noise_like
+from ibmd_fast.known_pixels import fill_hole, impose_known
 
 __all__ = [
     "SAMPLERS",
-    "impose_known",  # these three from known_pixels.py, where new code imports them
-    "noise_like",
-    "fill_hole",
     "SeededNoise",
     "GivenNoise",
     "student_grid",

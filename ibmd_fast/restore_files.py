@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from ibmd_fast.device import resolve_device
 from ibmd_fast.imageio import save_image
-from ibmd_fast.release import DEFAULT_GENERATOR, LoadedModel, check_image_size, load_model
+from ibmd_fast.paths import DEFAULT_GENERATOR
+from ibmd_fast.release import LoadedModel, check_image_size, load_model
 from ibmd_fast.restore import SAMPLERS, check_eta, natural_sampler, restore_release, used_eta
 
 __all__ = ["restore_files"]

@@ -493,7 +493,7 @@ def test_help_does_not_import_torch():
 def test_log_lines_do_not_print_over_the_progress_bar(tmp_path, monkeypatch):
     from tqdm import tqdm
 
-    from ibmd_fast.train.common import RunLog
+    from ibmd_fast.train.rundir import RunLog
     from ibmd_fast.train.distributed import DistEnv
 
     written = []

@@ -275,7 +275,8 @@ def test_a_damaged_release_is_refused(releases, tmp_path):
 
 
 def test_releases_without_a_checksum_still_load():
-    from ibmd_fast.release import DEFAULT_TEACHER, load_model
+    from ibmd_fast.paths import DEFAULT_TEACHER
+    from ibmd_fast.release import load_model
 
     assert load_model(DEFAULT_TEACHER).kind == "teacher"
 

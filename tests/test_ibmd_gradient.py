@@ -21,7 +21,7 @@ from ibmd_fast import ops
 from ibmd_fast.bridges import I2SBBridge, VPBridge
 from ibmd_fast.models import build_unet
 from ibmd_fast.models.wrappers import Teacher
-from ibmd_fast.restore import noise_like
+from ibmd_fast.known_pixels import noise_like
 from ibmd_fast.train import IBMD, DistillConfig
 from ibmd_fast.train import ibmd as ibmd_module
 from ibmd_fast.train.common import Precision

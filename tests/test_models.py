@@ -18,7 +18,8 @@ from ibmd_fast.models import (
     make_fake_model,
     timestep_embedding,
 )
-from ibmd_fast.models.unet import CONFIGS, QKVAttention, QKVAttentionLegacy
+from ibmd_fast.models.unet import CONFIGS
+from ibmd_fast.models.blocks import QKVAttention, QKVAttentionLegacy
 from ibmd_fast.restore import student_sample
 
 

@@ -22,7 +22,8 @@ from ibmd_fast import ops
 from ibmd_fast.bridges import I2SBBridge
 from ibmd_fast.cli import cli
 from ibmd_fast.models import Generator, Teacher, build_unet
-from ibmd_fast.restore import SeededNoise, noise_like, student_grid, student_sample
+from ibmd_fast.restore import SeededNoise, student_grid, student_sample
+from ibmd_fast.known_pixels import noise_like
 from ibmd_fast.train.ibmd import DistillConfig
 from ibmd_fast.train.ibmd import recipe_config
 from ibmd_fast.train.recipes import RECIPES, apply_recipe

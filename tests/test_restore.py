@@ -10,15 +10,13 @@ from ibmd_fast.models import Generator, Teacher, build_unet
 from ibmd_fast.restore import (
     GivenNoise,
     SeededNoise,
-    fill_hole,
-    impose_known,
-    noise_like,
     restore,
     restore_with_teacher,
     sample_student,
     student_grid,
     student_sample,
 )
+from ibmd_fast.known_pixels import fill_hole, impose_known, noise_like
 
 SHAPE = (4, 3, 8, 8)
 BRIDGES = [pytest.param(I2SBBridge(), id="i2sb"), pytest.param(VPBridge(), id="vp")]
@@ -192,10 +190,11 @@ def test_given_noise_equals_seeded_noise_on_the_same_draws(bridge):
 
 @pytest.mark.parametrize("bridge", BRIDGES)
 def test_the_onnx_program_is_the_student_chain(bridge):
-    """``onnx.StudentProgram`` (what is exported) and ``reference_sample`` both run ``student_sample``."""
-    import ibmd_fast.onnx as ionnx
+    """``onnx_program.StudentProgram`` (what is exported) and ``reference_sample`` both run ``student_sample``."""
+    from ibmd_fast.onnx_program import StudentProgram, reference_sample
+
     _, generator = _tiny(bridge)
-    program = ionnx.StudentProgram(generator, nfe=3, inpainting=True).eval()
+    program = StudentProgram(generator, nfe=3, inpainting=True).eval()
     gen = torch.Generator().manual_seed(2)
     xT = torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1
     inputs = {"xT": xT, "z": torch.randn(xT.shape, generator=gen), "mask": _center_mask(16).expand(2, 1, 16, 16),
@@ -208,7 +207,7 @@ def test_the_onnx_program_is_the_student_chain(bridge):
         chain = student_sample(generator, filled, inputs["z"], 3, mask=inputs["mask"],
                                noise=GivenNoise([inputs["noise_1"], inputs["noise_2"]]))
     torch.testing.assert_close(out, chain, rtol=0, atol=1e-5)
-    torch.testing.assert_close(ionnx.reference_sample(generator, inputs, 3), chain, rtol=0, atol=0)
+    torch.testing.assert_close(reference_sample(generator, inputs, 3), chain, rtol=0, atol=0)
     hole = inputs["mask"].bool().expand_as(out)
     assert torch.equal(out[~hole], xT[~hole])
 
@@ -335,32 +334,6 @@ def test_restore_inpainting_keeps_known_pixels_and_conditions_on_the_filled_imag
     for sampler in ("i2sb", "dbim"):
         out = restore(teacher, xT, sampler, 3, mask=mask, seed=2)
         assert torch.equal(out[known], xT[known]) and not torch.equal(out[~known], xT[~known])
-
-
-def test_old_import_paths_still_work_for_one_release():
-    """Moved names stay importable where they were (ibmd_fast.evaluate, samplers, train.evaluation, models.unet)."""
-    import ibmd_fast.evaluate as evaluate
-    import ibmd_fast.imageio as imageio
-    import ibmd_fast.release as release
-    import ibmd_fast.restore as restore_module
-    from ibmd_fast.device import resolve_device
-    from ibmd_fast.models import checkpoints
-    from ibmd_fast.models import unet
-    from ibmd_fast.samplers import fill_hole as old_fill_hole
-    from ibmd_fast.samplers import impose_known as old_impose_known
-
-    assert (old_fill_hole, old_impose_known) == (fill_hole, impose_known)
-    assert evaluate.restore_with_teacher is restore_with_teacher and evaluate.save_grid is imageio.save_grid
-    assert evaluate.load_model is release.load_model and evaluate.resolve_device is resolve_device
-    assert evaluate.DEFAULT_TEACHER == release.DEFAULT_TEACHER and evaluate.natural_sampler("vp") == "dbim"
-    assert unet.load_state_dict_checked is checkpoints.load_state_dict_checked
-    import ibmd_fast.train as train
-    from ibmd_fast.train import distributed, evaluation
-
-    assert evaluation.sample_teacher is restore_module.sample_teacher and distributed.resolve_device is resolve_device
-    assert train.DEFAULT_TEACHER == release.DEFAULT_TEACHER
-    with pytest.raises(ImportError):
-        from ibmd_fast.samplers import student_sample  # noqa: F401  (its signature changed: restore.student_sample)
 
 
 def test_resolve_device_says_what_is_wrong_in_one_line():

@@ -25,36 +25,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import (  # noqa: F401  (the blocks stay importable from here)
+from .blocks import (
     conv_nd,
-    avg_pool_nd,
     zero_module,
-    GroupNorm32,
     normalization,
     timestep_embedding,
-    TimestepBlock,
     TimestepEmbedSequential,
     Upsample,
     Downsample,
     ResBlock,
-    QKVAttentionLegacy,
-    QKVAttention,
     AttentionBlock,
 )
-
-# Checkpoint parsing lives in models/checkpoints.py; these names stay importable from here.
-from .checkpoints import extract_state_dict, load_checkpoint_file, load_state_dict_checked  # noqa: F401
 
 __all__ = [
     "UNet",
     "CONFIGS",
     "build_unet",
-    "timestep_embedding",
     "attention_rates",
     "count_parameters",
-    "load_state_dict_checked",
-    "load_checkpoint_file",
-    "extract_state_dict",
 ]
 
 

@@ -1,10 +1,10 @@
 """What the teacher trainer and the IBMD distiller share.
 
-- ``RunLog`` (in ``rundir``, re-exported): ``log.txt`` (what was printed), ``stats.jsonl`` (a JSON line per log step),
+- ``RunLog`` (in ``rundir``): ``log.txt`` (what was printed), ``stats.jsonl`` (a JSON line per log step),
   ``config.json``; rank 0 only.
 - ``Precision``: autocast (bf16/fp16, CUDA only) and the fp16 GradScaler.
-- ``OptimizerStep``: gradient clipping and the non-finite guard, with one decision for
-  every rank.
+- ``OptimizerStep`` (in ``optim``): gradient clipping and the non-finite guard, with one decision
+  for every rank.
 - ``as_config``, ``find_checkpoint``, ``restore_rank_rng``, ``RunCheckpoints``, ``set_lr``,
   ``fmt_value``: the config, resume, checkpoint and logging steps every trainer takes.
 """
@@ -21,39 +21,29 @@ from typing import TYPE_CHECKING, Iterable, Optional
 
 import torch
 
-from ibmd_fast.ops import draw_seed  # noqa: F401  (re-exported for the trainers)
 from ibmd_fast.seeds import capture_rng, derive_seed, restore_rng, seed_everything
 from ibmd_fast.train.distributed import DistEnv
-from ibmd_fast.train.rundir import RunLog, write_text  # noqa: F401  (re-exported: they lived here)
+from ibmd_fast.train.optim import TrainingDivergedError
+from ibmd_fast.train.rundir import RunLog
 
 if TYPE_CHECKING:  # checkpoint.py is imported where it is used (it may import this module)
     from ibmd_fast.train.checkpoint import CheckpointIO
-# the optimizer guard lives in its own module; re-exported here, where the trainers import it from
-from ibmd_fast.train.optim import MAX_CONSECUTIVE_SKIPS, OptimizerStep, TrainingDivergedError, make_adamw
 
 __all__ = [
-    "RunLog",
-    "derive_seed",  # from seeds.py, where new code imports it
     "Precision",
-    "OptimizerStep",
-    "TrainingDivergedError",
     "config_dict",
     "check_compatible",
     "check_training_options",
     "check_steps_taken",
     "check_kind",
     "progress_bar",
-    "draw_seed",
-    "write_text",
     "Meter",
-    "MAX_CONSECUTIVE_SKIPS",
     "as_config",
     "set_lr",
     "fmt_value",
     "find_checkpoint",
     "restore_rank_rng",
     "RunCheckpoints",
-    "make_adamw",
 ]
 
 # ----------------------------------------------------------------------------

@@ -62,42 +62,40 @@ from ibmd_fast import ops
 from ibmd_fast.data import LAYOUTS, canonical_name, get_degradation, make_dataset
 from ibmd_fast.imageio import save_grid
 from ibmd_fast.models import Generator, make_fake_model
-from ibmd_fast.release import DEFAULT_TEACHER, GENERATOR_FORMAT, ReleaseError, load_teacher, save_release
-from ibmd_fast.restore import SeededNoise, default_teacher_nfe, fill_hole, noise_like, sample_student, student_grid, student_sample
+from ibmd_fast.paths import DEFAULT_TEACHER
+from ibmd_fast.release import GENERATOR_FORMAT, ReleaseError, load_teacher, save_release
+from ibmd_fast.restore import SeededNoise, default_teacher_nfe, sample_student, student_grid, student_sample
+from ibmd_fast.known_pixels import fill_hole, noise_like
 from ibmd_fast.train import distributed
 from ibmd_fast.train.batches import BatchStream, first_items, shared_dataset, to_device
 from ibmd_fast.train.checkpoint import CheckpointIO
 from ibmd_fast.train.common import (
     Meter,
-    OptimizerStep,
     Precision,
-    RunLog,
     RunCheckpoints,
-    TrainingDivergedError,
     as_config,
     check_compatible,
     check_steps_taken,
     check_training_options,
     check_kind,
     config_dict,
-    derive_seed,
-    draw_seed,
     find_checkpoint,
     fmt_value,
-    make_adamw,
     progress_bar,
     restore_rank_rng,
-    seed_everything,
     set_lr,
-    write_text,
 )
+from ibmd_fast.train.optim import OptimizerStep, TrainingDivergedError, make_adamw
+from ibmd_fast.train.rundir import RunLog, write_text
+from ibmd_fast.seeds import derive_seed, seed_everything
+from ibmd_fast.ops import draw_seed
 from ibmd_fast.train import report
 from ibmd_fast.train.ema import EMA
 from ibmd_fast.train.preflight import check_device, check_image_size, check_settings
 from ibmd_fast.train.recipes import MULTISTEP_MODES, apply_recipe, get_recipe
 from ibmd_fast.train.rundir import finished, finished_summary, run_lock
 
-__all__ = ["DistillConfig", "distill", "recipe_config", "IBMD", "DEFAULT_TEACHER"]
+__all__ = ["DistillConfig", "distill", "recipe_config", "IBMD"]
 
 GRID_ITEMS = 8
 

@@ -24,7 +24,7 @@ from ibmd_fast.metrics import psnr, ssim
 from ibmd_fast.release import atomic_write
 from ibmd_fast.restore import _sync as sync, sample_student, sample_teacher, valid_teacher_nfe
 
-__all__ = ["compare", "corrupted_row", "format_comparison", "reading_line", "draw_columns", "photo_comparison"]
+__all__ = ["compare", "corrupted_row", "format_comparison", "reading_line", "photo_comparison"]
 
 FIGURE_SHORT_SIDE = 48  # pixels: the photo's shorter side in comparison.png (see photo_comparison)
 

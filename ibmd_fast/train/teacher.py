@@ -40,35 +40,33 @@ from ibmd_fast.data import get_degradation, make_dataset
 from ibmd_fast.imageio import save_grid
 from ibmd_fast.models import CONFIGS, Teacher, build_unet
 from ibmd_fast.release import TEACHER_FORMAT, save_release
-from ibmd_fast.restore import default_teacher_nfe, fill_hole, sample_teacher
+from ibmd_fast.restore import default_teacher_nfe, sample_teacher
+from ibmd_fast.known_pixels import fill_hole
 from ibmd_fast.train import distributed
 from ibmd_fast.train.batches import BatchStream, first_items, shared_dataset, to_device
 from ibmd_fast.train.checkpoint import CheckpointIO
 from ibmd_fast.train.common import (
     Meter,
-    OptimizerStep,
     Precision,
-    RunLog,
     RunCheckpoints,
-    TrainingDivergedError,
     as_config,
     check_compatible,
     check_kind,
     check_steps_taken,
     check_training_options,
     config_dict,
-    derive_seed,
-    draw_seed,
     find_checkpoint,
     fmt_value,
     progress_bar,
     restore_rank_rng,
-    seed_everything,
     set_lr,
 )
+from ibmd_fast.train.optim import OptimizerStep, TrainingDivergedError
+from ibmd_fast.seeds import derive_seed, seed_everything
+from ibmd_fast.ops import draw_seed
 from ibmd_fast.train.ema import EMA
 from ibmd_fast.train.preflight import check_device, check_image_size, check_settings
-from ibmd_fast.train.rundir import finished, finished_summary, run_lock
+from ibmd_fast.train.rundir import RunLog, finished, finished_summary, run_lock
 
 __all__ = ["TeacherConfig", "train_teacher", "make_bridge"]
 
