@@ -478,7 +478,7 @@ def _print_export_report(report: Any) -> None:
 def import_teacher_cmd(source, fmt, out, overwrite, model_kwargs, preset, weights, degradation, image_size, label,
                        nfe, **overrides):
     """Import a released I2SB, DDBM or DBIM checkpoint as a teacher release for distill / sample / eval."""
-    from ibmd_fast.teachers import import_teacher
+    from ibmd_fast.importers import import_teacher
 
     _check_output_parent(out, "--out", is_file=True)
     check_output_file(out, "--out", "teacher release", overwrite, inputs=[source])

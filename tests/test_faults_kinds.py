@@ -192,7 +192,7 @@ def test_outputs_of_another_kind_or_inputs_are_refused(releases, tmp_path):
     assert_cli_error(invoke("import-teacher", source, "--format", "ddbm", "--out", gen, "--overwrite",
                             "--preset", "e2h"), str(gen))
     # import-teacher onto its own kind: only with --overwrite
-    from test_teachers import SIZE, write_i2sb_run
+    from test_importers import SIZE, write_i2sb_run
 
     write_i2sb_run(tmp_path / "run", True)
     out = tmp_path / "t.safetensors"

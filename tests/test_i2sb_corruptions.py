@@ -429,7 +429,7 @@ def test_imported_i2sb_teacher_distills_on_its_own_corruption(tmp_path, monkeypa
     import json
 
     from ibmd_fast.release import read_release
-    from ibmd_fast.teachers import import_teacher
+    from ibmd_fast.importers import import_teacher
     from ibmd_fast.train import distill
 
     write_i2sb_run(tmp_path / "run", corrupt)
@@ -465,7 +465,8 @@ def test_imported_i2sb_teacher_distills_on_its_own_corruption(tmp_path, monkeypa
 
 
 def test_import_refuses_mixture_and_unknown_corruptions(tmp_path):
-    from ibmd_fast.teachers import TeacherImportError, import_teacher
+    from ibmd_fast.importers import import_teacher
+    from ibmd_fast.importers.unpickle import TeacherImportError
 
     write_i2sb_run(tmp_path / "mix", "mixture")
     with pytest.raises(TeacherImportError) as info:

@@ -27,7 +27,7 @@ LAYERS = [
     ("samplers, models, data", ["ibmd_fast.samplers", "ibmd_fast.models", "ibmd_fast.data"]),
     ("restore", ["ibmd_fast.restore"]),
     ("releases, importers, ONNX, evaluation",
-     ["ibmd_fast.release", "ibmd_fast.teachers", "ibmd_fast.imageio", "ibmd_fast.restore_files",
+     ["ibmd_fast.release", "ibmd_fast.importers", "ibmd_fast.imageio", "ibmd_fast.restore_files",
       "ibmd_fast.onnx", "ibmd_fast.onnx_program", "ibmd_fast.evaluate", "ibmd_fast.metrics", "ibmd_fast.paper_metrics",
       "ibmd_fast.classifier"]),
     ("train", ["ibmd_fast.train"]),
