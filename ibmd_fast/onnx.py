@@ -1,7 +1,7 @@
 """ONNX export of a generator release, checked against PyTorch (used by `ibmd-fast export --onnx`).
 
 `export_onnx(release, "model.onnx")` writes ONE graph that is the whole student
-sampler, `restore.student_sample` (MATH.md 5) with every random draw made an
+sampler, `restore.student_chain` (MATH.md 5) with every random draw made an
 input, so the model is deterministic and the deployment side
 (`export/run_onnx.py`) needs nothing but onnxruntime and numpy.
 
@@ -17,7 +17,7 @@ multiples of the U-Net's downsampling factor ``2**(len(channel_mult) - 1)``):
                                noise of the posterior step after the n-th generator call
 
 Output ``x0`` [B, C, H, W] float32: the last generator prediction, known pixels
-copied from xT for inpainting students (as `student_sample` returns). The
+copied from xT for inpainting students (as `student_chain` returns). The
 posterior steps between calls are plain arithmetic (``reference.bridge_step``)
 with their coefficients computed by the bridge in float64 and baked in as
 float32 constants, the network's time inputs (t, preconditioning) are constants
@@ -46,7 +46,7 @@ Parity (``check=True``, the default): onnxruntime (CPUExecutionProvider) against
 PyTorch on fresh random inputs at two shapes that differ from the export's
 example in batch, height and width; float32 models must agree within 1e-4
 (max abs), or `OnnxParityError` is raised with the numbers and nothing is
-written. The PyTorch side is `restore.student_sample` itself (with the given
+written. The PyTorch side is `restore.student_chain` itself (with the given
 noises in place of its seeded ones), so the check also holds the exported loop
 to the sampler.
 """

@@ -1,6 +1,6 @@
 """What the exported ONNX graph computes (see ``ibmd_fast.onnx`` for the graph's contract).
 
-- ``StudentProgram``: ``restore.student_sample`` with every random draw a graph input; the module
+- ``StudentProgram``: ``restore.student_chain`` with every random draw a graph input; the module
   the exporter traces. ``reference_sample``: PyTorch's answer to the same inputs (the parity check).
 - ``input_names`` / ``input_channels`` / ``downsampling_factor``: the graph's inputs and the sizes
   it takes; ``onnx_metadata``: its ``metadata_props``.
@@ -18,7 +18,7 @@ from torch import nn
 from ibmd_fast import __version__
 from ibmd_fast.models.blocks import AttentionBlock, ResBlock
 from ibmd_fast.models.wrappers import Generator
-from ibmd_fast.restore import GivenNoise, student_grid, student_sample
+from ibmd_fast.restore import GivenNoise, student_grid, student_chain
 from ibmd_fast.known_pixels import impose_known
 
 __all__ = [
@@ -60,7 +60,7 @@ def input_channels(name: str, image_channels: int, z_channels: int) -> int:
 
 
 class StudentProgram(nn.Module):
-    """`restore.student_sample` with its random draws as inputs: the module that is exported.
+    """`restore.student_chain` with its random draws as inputs: the module that is exported.
 
     ``forward(*inputs)`` takes the tensors named by ``self.input_names`` in that order and
     returns x0: the very chain inference and the distiller run, traced. Generator calls see
@@ -96,17 +96,17 @@ class StudentProgram(nn.Module):
 
 def _chain(generator: Generator, named: dict[str, torch.Tensor], nfe: int, noise: GivenNoise,
            grid=None, time_batch=None) -> torch.Tensor:
-    """`restore.student_sample` on the graph's inputs: the hole of xT filled with ``hole_noise``
+    """`restore.student_chain` on the graph's inputs: the hole of xT filled with ``hole_noise``
     (`restore.fill_hole`'s fill, MATH.md 3), then the chain with the given noises."""
     xT, z, mask = named["xT"], named.get("z"), named.get("mask")
     if mask is not None:
         xT = impose_known(named["hole_noise"], xT, mask)
-    return student_sample(generator, xT, z, nfe, mask=mask, noise=noise, grid=grid, time_batch=time_batch)
+    return student_chain(generator, xT, z, nfe, mask=mask, noise=noise, grid=grid, time_batch=time_batch)
 
 
 @torch.no_grad()
 def reference_sample(generator: Generator, inputs: dict[str, torch.Tensor], nfe: int) -> torch.Tensor:
-    """PyTorch's answer to the ONNX model's inputs: `restore.student_sample` with the given z and noises.
+    """PyTorch's answer to the ONNX model's inputs: `restore.student_chain` with the given z and noises.
 
     ``inputs`` are named as the graph's (`input_names`); their dtype is the computation's
     (float64 for a float64 copy of the generator, see `precision_copy`). Unlike the exported

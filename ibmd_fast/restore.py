@@ -5,7 +5,7 @@ and inference cannot drift apart:
 
 - ``impose_known`` / ``fill_hole`` / ``noise_like``: inpainting's known pixels (MATH.md 3), defined in
   ``known_pixels.py`` below the samplers and this module; the chains here use them.
-- ``student_sample(generator, xT, z, nfe, mask, noise)``: the IBMD student's chain (MATH.md 5) with
+- ``student_chain(generator, xT, z, nfe, mask, noise)``: the IBMD student's chain (MATH.md 5) with
   an injected noise source (``SeededNoise``: the fused op's Philox noise from seeds;
   ``GivenNoise``: tensors, plain arithmetic). Its three callers: inference (``sample_student``),
   the distiller's ``IBMD.generate`` (a chain cut at the drawn grid point) and the ONNX exporter,
@@ -37,7 +37,7 @@ __all__ = [
     "SeededNoise",
     "GivenNoise",
     "student_grid",
-    "student_sample",
+    "student_chain",
     "draw_z",
     "natural_sampler",
     "default_teacher_nfe",
@@ -105,7 +105,7 @@ def student_grid(bridge: Bridge, nfe: int) -> torch.Tensor:
     return bridge.sampling_grid(nfe)[1:]
 
 
-def student_sample(
+def student_chain(
     generator,
     xT: torch.Tensor,
     z: Optional[torch.Tensor],
@@ -266,7 +266,7 @@ def restore(
     ``default_teacher_nfe``. Noise: ``seed`` or ``rng`` (``samplers.make_generator``). Inpainting
     (``mask``): the hole of ``xT`` is filled with noise first (the filled image is also what a
     conditional teacher sees, as in training), the i2sb sampler re-imposes the known pixels at
-    every step, and the result takes them from ``xT``. ``autocast`` as in ``student_sample``.
+    every step, and the result takes them from ``xT``. ``autocast`` as in ``student_chain``.
     Returns the sampler's last prediction, in ``xT``'s dtype, unclamped.
     """
     sampler = _check_sampler(sampler, teacher.bridge_type)
@@ -312,7 +312,7 @@ def _check_student_nfe(generator, nfe: int) -> None:
 def sample_student(generator, xT: torch.Tensor, nfe: int = 1, mask: Optional[torch.Tensor] = None,
                    seed: Optional[int] = 0, rng: Optional[torch.Generator] = None,
                    autocast: Autocast = None) -> torch.Tensor:
-    """Restore one batch ``xT`` with an IBMD student in ``nfe`` calls (MATH.md 5; ``student_sample``).
+    """Restore one batch ``xT`` with an IBMD student in ``nfe`` calls (MATH.md 5; ``student_chain``).
 
     From one noise source (``seed`` or ``rng``), in order: the hole fill (inpainting), ``z``
     (``draw_z``), then one seed per posterior step. Returns ``xT``'s dtype, unclamped.
@@ -323,7 +323,7 @@ def sample_student(generator, xT: torch.Tensor, nfe: int = 1, mask: Optional[tor
         mask = mask.to(device=xT.device, dtype=xT.dtype)
         xT = fill_hole(xT, mask, ops.draw_seed(gen))
     z = draw_z(generator, xT, gen)
-    return student_sample(generator, xT, z, nfe, mask=mask, noise=SeededNoise(gen), autocast=autocast)
+    return student_chain(generator, xT, z, nfe, mask=mask, noise=SeededNoise(gen), autocast=autocast)
 
 
 # ----------------------------------------------------------------------------

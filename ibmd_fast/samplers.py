@@ -1,4 +1,4 @@
-"""Teacher samplers: I2SB posterior/DDPM, DBIM, DDBM Heun (the student's chain is ``restore.student_sample``).
+"""Teacher samplers: I2SB posterior/DDPM, DBIM, DDBM Heun (the student's chain is ``restore.student_chain``).
 
 Flat functions in the manner of EDM's ``edm_sampler``. Each takes
 

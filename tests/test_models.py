@@ -20,7 +20,7 @@ from ibmd_fast.models import (
 )
 from ibmd_fast.models.unet import CONFIGS
 from ibmd_fast.models.blocks import QKVAttention, QKVAttentionLegacy
-from ibmd_fast.restore import student_sample
+from ibmd_fast.restore import student_chain
 
 
 
@@ -410,7 +410,7 @@ def test_generator_z_gets_gradient_and_the_chain_copies_known_pixels():
     mask = torch.zeros(2, 1, 16, 16)
     mask[..., 4:12, 4:12] = 1
     with torch.no_grad():
-        out = student_sample(gen, xT, z, 1, mask=mask, grid=[teacher.T])  # known pixels: the chain's impose_known
+        out = student_chain(gen, xT, z, 1, mask=mask, grid=[teacher.T])  # known pixels: the chain's impose_known
         free = gen(xT, z)
     known = (mask == 0).expand_as(out)
     assert torch.equal(out[known], xT[known])

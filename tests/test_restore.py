@@ -14,7 +14,7 @@ from ibmd_fast.restore import (
     restore_with_teacher,
     sample_student,
     student_grid,
-    student_sample,
+    student_chain,
 )
 from ibmd_fast.known_pixels import fill_hole, impose_known, noise_like
 
@@ -99,7 +99,7 @@ def test_student_one_step(bridge):
     x0, xT = _data()
     student = ToyStudent(lambda x, z, t: x0.clone(), bridge)
     z = torch.randn(SHAPE)
-    out = student_sample(student, xT, z, 1)
+    out = student_chain(student, xT, z, 1)
     assert torch.equal(out, x0)
     (x, z_seen, t), = student.calls
     assert torch.equal(x, xT) and torch.equal(z_seen, z) and torch.all(t == bridge.T)
@@ -110,8 +110,8 @@ def test_student_multi_step_visits_the_student_grid(bridge):
     x0, xT = _data()
     student = ToyStudent(lambda x, z, t: x0.clone(), bridge)
     infos = []
-    out = student_sample(student, xT, torch.randn(SHAPE), 4, noise=SeededNoise(torch.Generator().manual_seed(0)),
-                         callback=infos.append)
+    out = student_chain(student, xT, torch.randn(SHAPE), 4, noise=SeededNoise(torch.Generator().manual_seed(0)),
+                        callback=infos.append)
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-6)
     assert len(student.calls) == 4 and [i["nfe"] for i in infos] == [1, 2, 3, 4]
     grid = student_grid(bridge, 4)
@@ -148,7 +148,7 @@ def test_student_chain_is_the_posterior_recursion_of_math_5(bridge):
             std = a_s * (r_s * (1 - r_s / r_t)).sqrt()
         x = mean + std * noises[i].double()
     expected = x0.float()
-    out = student_sample(ToyStudent(g, bridge), xT, z, 3, noise=GivenNoise(noises))
+    out = student_chain(ToyStudent(g, bridge), xT, z, 3, noise=GivenNoise(noises))
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
@@ -172,7 +172,7 @@ def test_student_inpainting_and_seeds():
     with pytest.raises(ValueError, match="one-step"):
         sample_student(ToyStudent(lambda x, z, t: x, bridge, multistep=False), xT, 2)
     with pytest.raises(ValueError, match="stop"):
-        student_sample(student, xT, None, 2, stop=3)
+        student_chain(student, xT, None, 2, stop=3)
 
 
 @pytest.mark.parametrize("bridge", BRIDGES)
@@ -181,16 +181,16 @@ def test_given_noise_equals_seeded_noise_on_the_same_draws(bridge):
     _, xT = _data()
     student = ToyStudent(lambda x, z, t: torch.tanh(x + z), bridge)
     z = torch.randn(SHAPE)
-    seeded = student_sample(student, xT, z, 3, noise=SeededNoise(torch.Generator().manual_seed(4)))
+    seeded = student_chain(student, xT, z, 3, noise=SeededNoise(torch.Generator().manual_seed(4)))
     rng = torch.Generator().manual_seed(4)
     noises = [noise_like(xT, ops.draw_seed(rng)) for _ in range(2)]
-    given = student_sample(student, xT, z, 3, noise=GivenNoise(noises))
+    given = student_chain(student, xT, z, 3, noise=GivenNoise(noises))
     torch.testing.assert_close(given, seeded, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("bridge", BRIDGES)
 def test_the_onnx_program_is_the_student_chain(bridge):
-    """``onnx_program.StudentProgram`` (what is exported) and ``reference_sample`` both run ``student_sample``."""
+    """``onnx_program.StudentProgram`` (what is exported) and ``reference_sample`` both run ``student_chain``."""
     from ibmd_fast.onnx_program import StudentProgram, reference_sample
 
     _, generator = _tiny(bridge)
@@ -204,8 +204,8 @@ def test_the_onnx_program_is_the_student_chain(bridge):
     with torch.no_grad():
         out = program(*inputs.values())
         filled = impose_known(inputs["hole_noise"], xT, inputs["mask"])
-        chain = student_sample(generator, filled, inputs["z"], 3, mask=inputs["mask"],
-                               noise=GivenNoise([inputs["noise_1"], inputs["noise_2"]]))
+        chain = student_chain(generator, filled, inputs["z"], 3, mask=inputs["mask"],
+                              noise=GivenNoise([inputs["noise_1"], inputs["noise_2"]]))
     torch.testing.assert_close(out, chain, rtol=0, atol=1e-5)
     torch.testing.assert_close(reference_sample(generator, inputs, 3), chain, rtol=0, atol=0)
     hole = inputs["mask"].bool().expand_as(out)
@@ -213,7 +213,7 @@ def test_the_onnx_program_is_the_student_chain(bridge):
 
 
 def _old_generate(ibmd, xT, z, mask, grad):
-    """The distiller's chain as it was written before it went through ``student_sample``."""
+    """The distiller's chain as it was written before it went through ``student_chain``."""
     batch = xT.shape[0]
     n = 1 if ibmd.nfe == 1 else int(torch.randint(1, ibmd.nfe + 1, (), generator=ibmd.noise))
 

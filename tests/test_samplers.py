@@ -250,7 +250,7 @@ def test_probability_flow_keeps_the_marginal():
     torch.testing.assert_close(x, point(times[-1]), rtol=0, atol=1e-5)
 
 
-# The student's chain is restore.student_sample: tests/test_restore.py.
+# The student's chain is restore.student_chain: tests/test_restore.py.
 
 
 # ----------------------------------------------------------------------------

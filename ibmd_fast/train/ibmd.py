@@ -64,7 +64,7 @@ from ibmd_fast.imageio import save_grid
 from ibmd_fast.models import Generator, make_fake_model
 from ibmd_fast.paths import DEFAULT_TEACHER
 from ibmd_fast.release import GENERATOR_FORMAT, ReleaseError, load_teacher, save_release
-from ibmd_fast.restore import SeededNoise, default_teacher_nfe, sample_student, student_grid, student_sample
+from ibmd_fast.restore import SeededNoise, default_teacher_nfe, sample_student, student_grid, student_chain
 from ibmd_fast.known_pixels import fill_hole, noise_like
 from ibmd_fast.train import distributed
 from ibmd_fast.train.batches import BatchStream, first_items, shared_dataset, to_device
@@ -241,7 +241,7 @@ class IBMD:
 
         In MATH.md 5 terms, with the grid ``t_1 < ... < t_k = T`` and ``x_{t_k} = xT``: for m = k, k-1, ...,
         ``x0~ = G_theta(x_{t_m}, z, t_m)`` and ``x_{t_{m-1}}`` is the posterior step (MATH.md 3) from
-        ``x_{t_m}`` with ``x0~`` in place of x0. The chain is inference's (``restore.student_sample``).
+        ``x_{t_m}`` with ``x0~`` in place of x0. The chain is inference's (``restore.student_chain``).
 
         - ``multistep = "random-stop"`` (DDBM teachers, Appendix B.2; DMD's choice): ``n ~ U{1..k}``,
           the chain stops at ``x0 = G_theta(x_{t_n}, z, t_n)``. The calls before it run WITHOUT
@@ -261,9 +261,9 @@ class IBMD:
             n = int(torch.randint(1, self.nfe + 1, (), generator=self.noise))
         model = self.gen_ddp if grad else self.generator
         with contextlib.nullcontext() if grad else torch.no_grad():
-            return student_sample(self.generator, xT, z, self.nfe, mask=mask, noise=SeededNoise(self.noise),
-                                  stop=n, last_call=model, autocast=self.precision.autocast, grid=self.grid,
-                                  grad_chain=self.full_chain)
+            return student_chain(self.generator, xT, z, self.nfe, mask=mask, noise=SeededNoise(self.noise),
+                                 stop=n, last_call=model, autocast=self.precision.autocast, grid=self.grid,
+                                 grad_chain=self.full_chain)
 
     def fake_step(self, batch: dict) -> tuple[float, float, bool]:
         """Algorithm 1, step 1 (one of the L): bridge matching of phi on the generator's samples."""
