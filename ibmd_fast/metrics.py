@@ -299,8 +299,8 @@ def bootstrap_counts(num_items: int, num_resamples: int, seed: int = 0) -> torch
     the same (N, R, seed) resamples the same items."""
     if num_items < 2 or num_resamples < 1:
         raise ValueError(f"bootstrap needs N >= 2 items and R >= 1 resamples, got N={num_items}, R={num_resamples}")
-    gen = torch.Generator().manual_seed(int(seed))
-    draws = torch.randint(0, num_items, (num_resamples, num_items), generator=gen)
+    rng = torch.Generator().manual_seed(int(seed))
+    draws = torch.randint(0, num_items, (num_resamples, num_items), generator=rng)
     counts = torch.zeros(num_resamples, num_items, dtype=torch.float64)
     return counts.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
 

@@ -175,18 +175,18 @@ def _quiet_exporter():
 def _example_inputs(names: list[str], channels: dict[str, int], batch: int, height: int, width: int,
                     seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Random inputs as the ONNX model takes them: xT uniform in [-1, 1], a centered square hole, normals."""
-    gen = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     out = {}
     for name in names:
         shape = (batch, channels[name], height, width)
         if name == "xT":
-            out[name] = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1
+            out[name] = torch.rand(shape, generator=rng, dtype=torch.float64) * 2 - 1
         elif name == "mask":
             mask = torch.zeros(shape, dtype=torch.float64)
             mask[..., height // 4: height // 4 + max(1, height // 2), width // 4: width // 4 + max(1, width // 2)] = 1
             out[name] = mask
         else:
-            out[name] = torch.randn(shape, generator=gen, dtype=torch.float64)
+            out[name] = torch.randn(shape, generator=rng, dtype=torch.float64)
     return {k: v.to(dtype) for k, v in out.items()}
 
 

@@ -121,11 +121,11 @@ def has_cuda_kernels() -> bool:
     return _ext is not None and bool(getattr(_ext, "BUILT_WITH_CUDA", 0))
 
 
-def draw_seed(generator: Optional[torch.Generator] = None) -> int:
-    """A 62-bit seed for the in-kernel noise, drawn from ``generator`` (default: torch's default
+def draw_seed(rng: Optional[torch.Generator] = None) -> int:
+    """A 62-bit seed for the in-kernel noise, drawn from ``rng`` (default: torch's default
     generator, so ``torch.manual_seed`` fixes it)."""
-    device = generator.device if generator is not None else None
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=generator, device=device).item())
+    device = rng.device if rng is not None else None
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=rng, device=device).item())
 
 
 def _coef(value: Coef, batch: int, like: torch.Tensor, name: str) -> torch.Tensor:

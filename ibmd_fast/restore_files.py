@@ -41,7 +41,7 @@ def _default_inputs(model: LoadedModel, count: int, seed: int, degradation):
     photos = SkimagePhotos(size=size, split="test", n_items=count, channels=model.image_channels, seed=seed,
                            flip=False)
     x0 = torch.stack([photos[i] for i in range(count)])
-    xT, mask = degradation(x0, generator=torch.Generator().manual_seed(seed))
+    xT, mask = degradation(x0, rng=torch.Generator().manual_seed(seed))
     names = [f"skimage-{i:03d}.png" for i in range(count)]
     return names, xT, x0, mask
 

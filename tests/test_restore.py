@@ -277,10 +277,10 @@ def test_restore_dispatches_to_the_named_sampler():
 
     with torch.no_grad():
         for teacher, sampler, run in [
-            (i2sb_teacher, "i2sb", lambda p, b, g: samplers.i2sb_sample(p, b, xT, 3, generator=g)),
-            (i2sb_teacher, "dbim", lambda p, b, g: samplers.dbim_sample(p, b, xT, 3, eta=0.5, generator=g)),
-            (vp_teacher, "dbim", lambda p, b, g: samplers.dbim_sample(p, b, xT, 3, eta=0.5, generator=g)),
-            (vp_teacher, "heun", lambda p, b, g: samplers.heun_sample(p, b, xT, 3, generator=g)),
+            (i2sb_teacher, "i2sb", lambda p, b, g: samplers.i2sb_sample(p, b, xT, 3, rng=g)),
+            (i2sb_teacher, "dbim", lambda p, b, g: samplers.dbim_sample(p, b, xT, 3, eta=0.5, rng=g)),
+            (vp_teacher, "dbim", lambda p, b, g: samplers.dbim_sample(p, b, xT, 3, eta=0.5, rng=g)),
+            (vp_teacher, "heun", lambda p, b, g: samplers.heun_sample(p, b, xT, 3, rng=g)),
         ]:
             expected = run(predict(teacher), teacher.bridge, torch.Generator().manual_seed(9))
             got = restore(teacher, xT, sampler, 3, 0.5 if sampler == "dbim" else None, seed=9)

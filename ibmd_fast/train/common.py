@@ -155,9 +155,9 @@ class RunCheckpoints:
     just saved. ``saved_at`` starts at the resumed step (or -1).
     """
 
-    def __init__(self, ckpt: "CheckpointIO", env, noise: torch.Generator, started: float, seconds_before: float,
+    def __init__(self, ckpt: "CheckpointIO", env, rng: torch.Generator, started: float, seconds_before: float,
                  saved_at: int, **fields):
-        self.ckpt, self.env, self.noise = ckpt, env, noise
+        self.ckpt, self.env, self.rng = ckpt, env, rng
         self.started, self.seconds_before = started, seconds_before
         self.saved_at = saved_at
         self.fields = fields
@@ -167,7 +167,7 @@ class RunCheckpoints:
         return self.seconds_before + time.perf_counter() - self.started
 
     def save(self, step: int, data_position: int) -> None:
-        states = self.env.gather(capture_rng(self.noise))
+        states = self.env.gather(capture_rng(self.rng))
         if self.env.is_main:
             self.ckpt.save(step, **self.fields, rng=states, data_position=data_position, seconds=self.seconds())
         self.saved_at = step
@@ -184,15 +184,15 @@ class RunCheckpoints:
             self.save(step, data_position)
 
 
-def restore_rank_rng(payload: dict, gen: torch.Generator, env, log) -> None:
+def restore_rank_rng(payload: dict, rng: torch.Generator, env, log) -> None:
     states = payload["rng"]
     if len(states) == env.world_size:
-        restore_rng(states[env.rank], gen)
+        restore_rng(states[env.rank], rng)
     else:
         # Another number of processes: the run goes on, with fresh noise streams.
         log(f"note: checkpoint written by {len(states)} process(es), resuming with {env.world_size}: "
             "noise streams are re-seeded (the run is not bit-identical to an uninterrupted one)")
-        gen.manual_seed(derive_seed(int(payload["step"]), env.rank, 2))
+        rng.manual_seed(derive_seed(int(payload["step"]), env.rank, 2))
         seed_everything(derive_seed(int(payload["step"]), env.rank, 3) % 2**31)
 
 

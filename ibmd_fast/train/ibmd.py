@@ -208,7 +208,7 @@ class IBMD:
                                        self.gen_scaler, cfg.grad_clip, env, "--lr")
         self.fake_guard = OptimizerStep("fake-model", self.fake_opt, list(self.fake.parameters()),
                                         self.fake_scaler, cfg.grad_clip, env, "--fake-lr")
-        self.noise = torch.Generator().manual_seed(derive_seed(cfg.seed, env.rank, 1))
+        self.rng = torch.Generator().manual_seed(derive_seed(cfg.seed, env.rank, 1))
         self.gen_ddp = self.generator
         self.fake_ddp = self.fake
 
@@ -233,7 +233,7 @@ class IBMD:
         batch = to_device(batch, self.device, self.cfg.channels_last)
         xT, mask = batch["xT"], batch.get("mask")
         if self.inpainting and mask is not None:
-            xT = fill_hole(xT, mask, draw_seed(self.noise))
+            xT = fill_hole(xT, mask, draw_seed(self.rng))
         return xT, (mask if self.inpainting else None)
 
     def generate(self, xT: torch.Tensor, z: torch.Tensor, mask: Optional[torch.Tensor], grad: bool) -> torch.Tensor:
@@ -258,20 +258,20 @@ class IBMD:
         if self.nfe == 1 or self.full_chain:
             n = 1
         else:
-            n = int(torch.randint(1, self.nfe + 1, (), generator=self.noise))
+            n = int(torch.randint(1, self.nfe + 1, (), generator=self.rng))
         model = self.gen_ddp if grad else self.generator
         with contextlib.nullcontext() if grad else torch.no_grad():
-            return student_chain(self.generator, xT, z, self.nfe, mask=mask, noise=SeededNoise(self.noise),
+            return student_chain(self.generator, xT, z, self.nfe, mask=mask, noise=SeededNoise(self.rng),
                                  stop=n, last_call=model, autocast=self.precision.autocast, grid=self.grid,
                                  grad_chain=self.full_chain)
 
     def fake_step(self, batch: dict) -> tuple[float, float, bool]:
         """Algorithm 1, step 1 (one of the L): bridge matching of phi on the generator's samples."""
         xT, mask = self.corrupted(batch)
-        z = noise_like(xT, draw_seed(self.noise))
+        z = noise_like(xT, draw_seed(self.rng))
         x0 = self.generate(xT, z, mask, grad=False)
-        t = self.bridge.sample_t(xT.shape[0], generator=self.noise).to(self.device, non_blocking=True)
-        x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.noise))
+        t = self.bridge.sample_t(xT.shape[0], rng=self.rng).to(self.device, non_blocking=True)
+        x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.rng))
         with self.precision.autocast():
             x0_fake = self.fake_ddp(x_t, t, xT if self.conditional else None)
         loss = ops.bridge_loss(_opmath(x0_fake), x0, self.bridge.loss_weight(t), mask=mask).mean()
@@ -280,14 +280,14 @@ class IBMD:
     def generator_step(self, batch: dict) -> tuple[float, float, bool]:
         """Algorithm 1, step 2: the IBMD loss, backpropagated through x_t into the generator."""
         xT, mask = self.corrupted(batch)
-        z = noise_like(xT, draw_seed(self.noise))
+        z = noise_like(xT, draw_seed(self.rng))
         cond = xT if self.conditional else None
         self.fake.requires_grad_(False)  # phi is a fixed function in this step,
         self.fake.eval()  # evaluated as the teacher is (dropout off)
         try:
             x0 = self.generate(xT, z, mask, grad=True)
-            t = self.bridge.sample_t(xT.shape[0], generator=self.noise).to(self.device, non_blocking=True)
-            x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.noise))  # differentiable in x0
+            t = self.bridge.sample_t(xT.shape[0], rng=self.rng).to(self.device, non_blocking=True)
+            x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.rng))  # differentiable in x0
             with self.precision.autocast():
                 x0_teacher = self.teacher.predict_x0(x_t, t, cond)
                 x0_fake = self.fake.predict_x0(x_t, t, cond)  # the plain module: no DDP hooks
@@ -438,7 +438,7 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
         start_step = int(payload["step"])
         seconds_before = float(payload.get("seconds", 0.0))
         position = int(payload["data_position"])
-        restore_rank_rng(payload, ibmd.noise, env, log)
+        restore_rank_rng(payload, ibmd.rng, env, log)
         log(f"resumed from {path} at step {start_step}")
     log.truncate_stats(start_step)
     log.write_config({**run_config, "world_size": env.world_size, "teacher_config": tconf})
@@ -449,7 +449,7 @@ def _distill(cfg: DistillConfig, tconf: dict, env: distributed.DistEnv) -> dict:
     last = {"loss_theta": None, "loss_phi": None}
     step = start_step
     skipped_before = ibmd.gen_guard.skipped
-    checkpoints = RunCheckpoints(ckpt, env, ibmd.noise, t_start, seconds_before,
+    checkpoints = RunCheckpoints(ckpt, env, ibmd.rng, t_start, seconds_before,
                                  start_step if found is not None else -1,
                                  kind="distill", config=run_config, model=model_config)
     bar = progress_bar(cfg.steps, start_step, cfg.progress and env.is_main, "distill")

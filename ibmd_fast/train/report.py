@@ -96,7 +96,7 @@ def photo_comparison(path: str, teacher, student, student_nfe: int, teacher_nfe:
             top, left = (x0.shape[-2] - side) // 2, (x0.shape[-1] - side) // 2
             x0 = x0[:, top:top + side, left:left + side]
     x0 = x0[None].to(device)
-    xT, mask = degradation(x0, generator=torch.Generator().manual_seed(seed))
+    xT, mask = degradation(x0, rng=torch.Generator().manual_seed(seed))
     mask = None if mask is None else mask.to(device)
 
     def sync():

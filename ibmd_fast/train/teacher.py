@@ -196,7 +196,7 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
 
     # Noise: this rank's generator (t, bridge noise seeds, hole fill) and the global generators
     # (dropout, if any), seeded after everything above so a resumed run restores them exactly.
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, env.rank, 1))
+    rng = torch.Generator().manual_seed(derive_seed(cfg.seed, env.rank, 1))
     seed_everything(cfg.seed + env.rank)
 
     # Resume.
@@ -218,7 +218,7 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
         start_step = int(payload["step"])
         seconds_before = float(payload.get("seconds", 0.0))
         position = int(payload["data_position"])
-        restore_rank_rng(payload, gen, env, log)
+        restore_rank_rng(payload, rng, env, log)
         log(f"resumed from {path} at step {start_step}")
     log.truncate_stats(start_step)
     log.write_config({**run_config, "world_size": env.world_size})
@@ -232,7 +232,7 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
     last_loss = None
     step = start_step
     skipped_before = step_fn.skipped
-    checkpoints = RunCheckpoints(ckpt, env, gen, t_start, seconds_before, start_step if found is not None else -1,
+    checkpoints = RunCheckpoints(ckpt, env, rng, t_start, seconds_before, start_step if found is not None else -1,
                                  kind="teacher", config=run_config)
     bar = progress_bar(cfg.steps, start_step, cfg.progress and env.is_main, "teacher")
 
@@ -241,10 +241,10 @@ def _train_teacher(cfg: TeacherConfig, env: distributed.DistEnv) -> dict:
             batch = to_device(stream.next(), device, cfg.channels_last)
             x0, xT, mask = batch["x0"], batch["xT"], batch.get("mask")
             if inpainting:
-                xT = fill_hole(xT, mask, draw_seed(gen))
+                xT = fill_hole(xT, mask, draw_seed(rng))
             # Bridge matching (MATH.md 4): t, x_t ~ q(x_t | x0, xT), weighted x0 regression.
-            t = bridge.sample_t(x0.shape[0], generator=gen).to(device)
-            x_t = bridge.q_sample(x0, xT, t, seed=draw_seed(gen))
+            t = bridge.sample_t(x0.shape[0], rng=rng).to(device)
+            x_t = bridge.q_sample(x0, xT, t, seed=draw_seed(rng))
             with precision.autocast():
                 x0_hat = model(x_t, t, xT if cfg.conditional else None)
             loss = ops.bridge_loss(x0_hat.float(), x0.float(), bridge.loss_weight(t),
