@@ -30,7 +30,8 @@ from ibmd_fast.device import resolve_device
 from ibmd_fast.paths import EMBEDDED_CLASSIFIER
 from ibmd_fast.imageio import save_grid
 from ibmd_fast.paths import DEFAULT_GENERATOR, DEFAULT_TEACHER
-from ibmd_fast.release import LoadedModel, atomic_write, check_image_size, load_model
+from ibmd_fast.models.unet import check_image_size
+from ibmd_fast.release import LoadedModel, atomic_write, load_model
 from ibmd_fast.restore import (
     check_eta,
     used_eta,
@@ -533,7 +534,7 @@ def evaluate(
 
     for model in (t_model, s_model):
         if model is not None and image_size:
-            check_image_size(model, image_size, image_size, f"--image-size {image_size}")
+            check_image_size(model.channel_mult, image_size, image_size, f"--image-size {image_size}", model.network)
     from ibmd_fast.data import get_degradation
 
     operator = None if degradation is None else get_degradation(degradation, masks=masks)
@@ -543,7 +544,7 @@ def evaluate(
         raise ValueError(f"the data has {x0.shape[1]}-channel images, the models make {channels}-channel ones")
     for model in (t_model, s_model):
         if model is not None:
-            check_image_size(model, x0.shape[-2], x0.shape[-1], "the evaluation image size")
+            check_image_size(model.channel_mult, x0.shape[-2], x0.shape[-1], "the evaluation image size", model.network)
     if min(x0.shape[-2:]) < 11:
         raise ValueError(f"SSIM needs images of at least 11x11 pixels, these are {x0.shape[-2]}x{x0.shape[-1]}")
 

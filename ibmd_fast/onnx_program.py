@@ -17,6 +17,7 @@ from torch import nn
 
 from ibmd_fast import __version__
 from ibmd_fast.models.blocks import AttentionBlock, ResBlock
+from ibmd_fast.models.unet import size_multiple
 from ibmd_fast.models.wrappers import Generator
 from ibmd_fast.restore import GivenNoise, student_grid, student_chain
 from ibmd_fast.known_pixels import impose_known
@@ -40,8 +41,8 @@ ONNX_FORMAT = "ibmd_fast.generator.onnx"
 
 
 def downsampling_factor(generator: Generator) -> int:
-    """Heights and widths the U-Net takes are multiples of this: ``2**(len(channel_mult) - 1)``."""
-    return 2 ** (len(generator.net.config["channel_mult"]) - 1)
+    """Heights and widths the generator's U-Net takes are multiples of this (``models.unet.size_multiple``)."""
+    return size_multiple(generator.net.config["channel_mult"])
 
 
 def input_names(z_channels: int, inpainting: bool, nfe: int) -> list[str]:

@@ -274,8 +274,14 @@ class LoadedModel:
         return self.model.bridge_type
 
     @property
-    def size_multiple(self) -> int:
-        return size_multiple(self.config)
+    def channel_mult(self) -> tuple:
+        return tuple((self.config.get("unet") or {}).get("channel_mult") or (1,))
+
+    @property
+    def network(self) -> str:
+        """The network in words, for ``models.unet.check_image_size``'s message."""
+        trained = f" (trained at {self.image_size}x{self.image_size})" if self.image_size else ""
+        return f"the network of {self.path}{trained}"
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -315,20 +321,3 @@ def _release_format(path: str) -> Optional[str]:
             return (fh.metadata() or {}).get("format")
     except Exception:  # missing, not safetensors, ...: read_release words the error
         return None
-
-
-def size_multiple(config: dict) -> int:
-    """Heights and widths the release's U-Net takes are multiples of this (2 per downsampling)."""
-    unet = config.get("unet") or {}
-    levels = len(unet.get("channel_mult") or (1,))
-    return 2 ** max(0, levels - 1)
-
-
-def check_image_size(model: LoadedModel, height: int, width: int, what: str = "image") -> None:
-    """ValueError when the network cannot take an ``height x width`` image, saying which sizes it can."""
-    m = model.size_multiple
-    if height % m or width % m or height < m or width < m:
-        near = f"{max(1, round(width / m)) * m}x{max(1, round(height / m)) * m}"
-        trained = f"; it was trained at {model.image_size}x{model.image_size}" if model.image_size else ""
-        raise ValueError(f"{what} is {width}x{height} (width x height), but the network of {model.path} takes "
-                         f"widths and heights that are multiples of {m}, e.g. {near}{trained}")

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from ibmd_fast.device import resolve_device
 from ibmd_fast.imageio import save_image
 from ibmd_fast.paths import DEFAULT_GENERATOR
-from ibmd_fast.release import LoadedModel, check_image_size, load_model
+from ibmd_fast.models.unet import check_image_size
+from ibmd_fast.release import LoadedModel, load_model
 from ibmd_fast.restore import SAMPLERS, check_eta, natural_sampler, restore_release, used_eta
 
 __all__ = ["restore_files"]
@@ -244,8 +245,8 @@ def restore_files(
         if out_rel in seen:
             raise ValueError(f"inputs {seen[out_rel]} and {rel} would both be written to {out_rel}")
         seen[out_rel] = rel
-        check_image_size(loaded, x.shape[-2], x.shape[-1], f"input {rel}" + (f" (after --upsample {upsample})"
-                                                                               if upsample else ""))
+        check_image_size(loaded.channel_mult, x.shape[-2], x.shape[-1],
+                         f"input {rel}" + (f" (after --upsample {upsample})" if upsample else ""), loaded.network)
         named.append((rel, out_rel, x))
 
     def mask_for(rel: str, x: torch.Tensor) -> Optional[torch.Tensor]:

@@ -460,3 +460,21 @@ def test_real_bridges():
         with torch.no_grad():
             assert torch.isfinite(teacher(x, t, x)).all()
             assert torch.isfinite(Generator(teacher)(x, torch.randn_like(x))).all()
+
+
+def test_check_image_size_one_rule_for_every_caller():
+    """models.unet.check_image_size: sides must be positive multiples of 2**(len(channel_mult) - 1);
+    the one-line message says what, which network, the multiple and the nearest sizes."""
+    from ibmd_fast.models.unet import check_image_size, size_multiple
+
+    assert [size_multiple(m) for m in ((1,), (1, 2), (1, 2, 2, 2))] == [1, 2, 8]
+    check_image_size((1, 2, 2, 2), 32, 24, "input a.png")  # multiples of 8: fine
+    with pytest.raises(ValueError) as err:
+        check_image_size((1, 2, 2, 2), 30, 30, "--image-size 30", "the small U-Net")
+    assert str(err.value) == ("--image-size 30 is 30x30, but the small U-Net halves the image 3 time(s) and takes "
+                              "widths and heights that are multiples of 8 (nearest: 24 or 32)")
+    with pytest.raises(ValueError, match=r"input a\.png is 17x16 \(width x height\), .*multiples of 2 "
+                                         r"\(nearest: 16x16 or 18x16\)"):
+        check_image_size((1, 2), 16, 17, "input a.png")
+    with pytest.raises(ValueError, match=r"is 4x4, .*multiples of 8 \(nearest: 8\)"):
+        check_image_size((1, 2, 2, 2), 4, 4, "x")

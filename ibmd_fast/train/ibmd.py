@@ -91,7 +91,8 @@ from ibmd_fast.seeds import derive_seed, seed_everything
 from ibmd_fast.ops import draw_seed
 from ibmd_fast.train import report
 from ibmd_fast.train.ema import EMA
-from ibmd_fast.train.preflight import check_device, check_image_size, check_settings
+from ibmd_fast.models.unet import check_image_size
+from ibmd_fast.train.preflight import check_device, check_settings
 from ibmd_fast.train.recipes import MULTISTEP_MODES, apply_recipe, get_recipe
 from ibmd_fast.train.rundir import finished, finished_summary, run_lock
 
@@ -331,7 +332,8 @@ def _resolve(cfg: DistillConfig) -> tuple[DistillConfig, dict]:
     resolved.eval_teacher_nfe = tuple(resolved.eval_teacher_nfe)
     resolved.validate()
     if "channel_mult" in tconf.get("unet", {}):
-        check_image_size(resolved.image_size, tconf["unet"]["channel_mult"], "the teacher's U-Net")
+        size = resolved.image_size
+        check_image_size(tconf["unet"]["channel_mult"], size, size, f"--image-size {size}", "the teacher's U-Net")
     return resolved, tconf
 
 
@@ -565,7 +567,7 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
         torch.manual_seed(cfg.seed)
         items = [test[i] for i in range(n)]
     from ibmd_fast.data import collate
-    from ibmd_fast.release import size_multiple
+    from ibmd_fast.models.unet import size_multiple
 
     batches = [collate(items[i:i + per_batch]) for i in range(0, n, per_batch)]
     if not ibmd.inpainting:
@@ -581,7 +583,7 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
     teacher_nfe = max((r["nfe"] for r in rows if r["model"] == "teacher"), default=default_teacher_nfe(ibmd.bridge))
     photo = report.photo_comparison(
         os.path.join(cfg.run_dir, "comparison.png"), ibmd.teacher, ibmd.ema.module, cfg.nfe, teacher_nfe,
-        degradation, channels, size_multiple({"unet": ibmd.teacher.net.config}), ibmd.device,
+        degradation, channels, size_multiple(ibmd.teacher.net.config["channel_mult"]), ibmd.device,
         seed=cfg.seed, autocast=ibmd.precision.autocast,
         # the hole of the crops the teacher learned, not half the whole photo (larger than any it saw)
         hole=_crop_hole(degradation, cfg.image_size))

@@ -65,7 +65,8 @@ from ibmd_fast.train.optim import OptimizerStep, TrainingDivergedError
 from ibmd_fast.seeds import derive_seed, seed_everything
 from ibmd_fast.ops import draw_seed
 from ibmd_fast.train.ema import EMA
-from ibmd_fast.train.preflight import check_device, check_image_size, check_settings
+from ibmd_fast.models.unet import check_image_size
+from ibmd_fast.train.preflight import check_device, check_settings
 from ibmd_fast.train.rundir import RunLog, finished, finished_summary, run_lock
 
 __all__ = ["TeacherConfig", "train_teacher", "make_bridge"]
@@ -127,7 +128,8 @@ class TeacherConfig:
             raise ValueError(f"--beta-max {self.beta_max}: {exc}") from None
         degradation = get_degradation(self.degradation, masks=self.masks or None)  # unknown names, missing masks
         if self.arch in CONFIGS:
-            check_image_size(self.image_size, CONFIGS[self.arch]["channel_mult"], f"the {self.arch} U-Net")
+            check_image_size(CONFIGS[self.arch]["channel_mult"], self.image_size, self.image_size,
+                             f"--image-size {self.image_size}", f"the {self.arch} U-Net")
         try:
             degradation.check_size(self.image_size, self.image_size)
         except ValueError as exc:
