@@ -215,7 +215,7 @@ def test_the_onnx_program_is_the_student_chain(bridge):
 def _old_generate(ibmd, xT, z, mask, grad):
     """The distiller's chain as it was written before it went through ``student_chain``."""
     batch = xT.shape[0]
-    n = 1 if ibmd.nfe == 1 else int(torch.randint(1, ibmd.nfe + 1, (), generator=ibmd.noise))
+    n = 1 if ibmd.nfe == 1 else int(torch.randint(1, ibmd.nfe + 1, (), generator=ibmd.rng))
 
     def call(model, x, t):
         x0 = model(xT, z, t=t, x_t=x)
@@ -229,7 +229,7 @@ def _old_generate(ibmd, xT, z, mask, grad):
         for m in range(ibmd.nfe, n, -1):
             t = ibmd.bridge.times(ibmd.grid[m - 1], batch, ibmd.device)
             s = ibmd.bridge.times(ibmd.grid[m - 2], batch, ibmd.device)
-            x = ibmd.bridge.posterior_step(x, call(ibmd.generator, x, t), s, t, seed=ops.draw_seed(ibmd.noise))
+            x = ibmd.bridge.posterior_step(x, call(ibmd.generator, x, t), s, t, seed=ops.draw_seed(ibmd.rng))
     t_n = ibmd.bridge.times(ibmd.grid[n - 1], batch, ibmd.device)
     with contextlib.nullcontext() if grad else torch.no_grad():
         return call(ibmd.gen_ddp if grad else ibmd.generator, x, t_n)
@@ -254,9 +254,9 @@ def test_the_distillers_generate_is_the_student_chain_bit_for_bit(inpainting):
     for grad in (False, True):
         seen = set()
         for draw in range(6):  # several draws of n (grid points)
-            state = ibmd.noise.get_state()
+            state = ibmd.rng.get_state()
             old = _old_generate(ibmd, xT, z, mask, grad)
-            ibmd.noise.set_state(state)
+            ibmd.rng.set_state(state)
             new = ibmd.generate(xT, z, mask, grad)
             assert torch.equal(new, old) and new.requires_grad == grad
             seen.add(float(old.detach().sum()))
