@@ -25,12 +25,23 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ibmd_fast.classifier import describe_classifier
+from ibmd_fast import paper_metrics
+from ibmd_fast.classifier import (
+    Classifier,
+    classifier_accuracy,
+    describe_classifier,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
+from ibmd_fast.data import collate, get_degradation, make_dataset, make_source
+from ibmd_fast.data.folders import ImageFolder
+from ibmd_fast.data.layouts import LAYOUTS
 from ibmd_fast.device import resolve_device
-from ibmd_fast.paths import EMBEDDED_CLASSIFIER
 from ibmd_fast.imageio import save_grid
-from ibmd_fast.paths import DEFAULT_GENERATOR, DEFAULT_TEACHER
+from ibmd_fast.metrics import evaluate_restoration, fid_from_stats
 from ibmd_fast.models.unet import check_image_size
+from ibmd_fast.paths import DEFAULT_GENERATOR, DEFAULT_TEACHER, EMBEDDED_CLASSIFIER
 from ibmd_fast.release import LoadedModel, atomic_write, load_model
 from ibmd_fast.restore import (
     check_eta,
@@ -85,8 +96,6 @@ def load_eval_data(data, degradation=None, image_size=None, channels: int = 3, n
     ``data`` is a spec (``ibmd_fast.data.SPEC_HELP``; the test split is read, and ``degradation``
     makes ``xT`` unless the spec is paired) or a Dataset of such dicts.
     """
-    from ibmd_fast.data import collate, make_dataset
-
     if isinstance(data, str):
         dataset = make_dataset(data, degradation=degradation, size=image_size, channels=channels,
                                split="test", seed=seed)
@@ -129,8 +138,6 @@ def _split_items(data, image_size, channels: int, max_items: int, seed: int, pro
     """One read of a split (TRAINING by default): the clean images, the items' own labels (None unless
     every item has one) and the index of the photograph each is cropped from (None unless the data set
     has ``photo_index``, as the scikit-image crops do)."""
-    from ibmd_fast.data import make_source
-
     if isinstance(data, str):
         source = make_source(data, size=image_size, channels=channels, split=split, seed=seed)
     else:
@@ -180,8 +187,6 @@ def fit_classifier(data, image_size=None, channels: int = 3, task: Optional[str]
     ``model.info`` records the data, the items and epochs, and (for a data spec with a test split)
     the accuracy on the first ``test_items`` test images, which ``describe_classifier`` prints.
     """
-    from ibmd_fast.classifier import train_classifier
-
     if task not in (None, "labels", "photo", "rotation"):
         raise ValueError(f"classifier task must be labels, photo or rotation, got {task!r}")
     images, own, photos = _split_items(data, image_size, channels, max_items, seed, progress)
@@ -224,16 +229,12 @@ def _test_accuracy(model, data, image_size: int, channels: int, task: str, test_
     labels = {"labels": own, "photo": photos}.get(task)
     if task != "rotation" and labels is None:
         return {}
-    from ibmd_fast.classifier import classifier_accuracy
-
     accuracy = classifier_accuracy(model, images, labels)
     _say(log, f"classifier accuracy on {images.shape[0]} held-out test images: {100.0 * accuracy:.2f}%")
     return {"test_accuracy": round(accuracy, 4), "test_items": int(images.shape[0])}
 
 
 def save_classifier_atomic(model, path: str) -> None:
-    from ibmd_fast.classifier import save_classifier
-
     atomic_write(path, lambda tmp: save_classifier(model, tmp))
 
 
@@ -274,8 +275,6 @@ def get_classifier(classifier, run_dir: Optional[str], data, image_size: int, ch
     The model comes back with ``origin`` ("given", "embedded", "cached" or "trained") and ``path``
     (its file, None for a Classifier given as an object or trained without a run_dir).
     """
-    from ibmd_fast.classifier import Classifier, load_classifier
-
     dev = resolve_device(device)
     if isinstance(classifier, Classifier):
         _check_classifier(classifier, "given", image_size, channels)
@@ -318,8 +317,6 @@ def get_classifier(classifier, run_dir: Optional[str], data, image_size: int, ch
 
 def classifier_line(model) -> str:
     """One line for the reader: which classifier FID and CA were measured with, and how good it is."""
-    from ibmd_fast.classifier import describe_classifier
-
     where = {"given": "given", "embedded": "embedded", "cached": "cached", "trained": "trained just now"}.get(
         getattr(model, "origin", None), "given")
     path = getattr(model, "path", None)
@@ -350,7 +347,6 @@ def _fid_reference(extractor, fid_ref: Optional[str], clean: torch.Tensor, run_d
     RUN_DIR/fid_ref.npz), or, with no ``fid_ref``, from the clean test images themselves."""
     import numpy as np
 
-    from ibmd_fast import paper_metrics
 
     if fid_ref is None:
         f = _paper_features(extractor, clean, batch_size)[0].numpy()
@@ -363,8 +359,6 @@ def _fid_reference(extractor, fid_ref: Optional[str], clean: torch.Tensor, run_d
         return mu, sigma, fid_ref
     if not os.path.isdir(fid_ref):
         raise FileNotFoundError(f"--fid-ref {fid_ref}: neither an .npz with mu and sigma nor a folder of images")
-    from ibmd_fast.data.folders import ImageFolder
-
     key = {"folder": os.path.abspath(fid_ref), "features": extractor.protocol, "weights": os.path.abspath(extractor.path),
            "image_size": int(image_size)}
     cache = None if run_dir is None else os.path.join(run_dir, "fid_ref.npz")
@@ -491,8 +485,6 @@ def evaluate(
     student | clean) when ``run_dir`` is given. Returns the eval.json payload.
     """
     dev = resolve_device(device)
-    from ibmd_fast import paper_metrics
-
     feature_kind, feature_file = paper_metrics.parse_network_spec(features, FEATURE_KINDS)
     if feature_kind == "classifier" and feature_file is not None:
         classifier = feature_file
@@ -517,8 +509,6 @@ def evaluate(
     image_size = image_size or ref.image_size
     if data is None:
         data = ref.config.get("data") or "skimage"
-    from ibmd_fast.data.layouts import LAYOUTS
-
     # paired specs (paired:, and DDBM's layouts edges2handbags:, diode:) carry their corrupted images
     if isinstance(data, str) and data.partition(":")[0].lower() not in ("paired", *LAYOUTS) and degradation is None:
         raise ValueError(f"{ref.path} names no degradation; pass one to corrupt {data}")
@@ -535,8 +525,6 @@ def evaluate(
     for model in (t_model, s_model):
         if model is not None and image_size:
             check_image_size(model.channel_mult, image_size, image_size, f"--image-size {image_size}", model.network)
-    from ibmd_fast.data import get_degradation
-
     operator = None if degradation is None else get_degradation(degradation, masks=masks)
     batch = load_eval_data(data, operator, image_size, channels, num_images, seed)
     x0, xT, mask, labels = batch["x0"], batch["xT"], batch.get("mask"), batch.get("label")
@@ -551,8 +539,6 @@ def evaluate(
     if resnet is not None and labels is None:
         raise ValueError(f"--ca needs a class label per test image, and {_describe(data)} has none "
                          "(use classes:DIR, an ImageNet-style folder of class folders)")
-    from ibmd_fast.metrics import evaluate_restoration, fid_from_stats
-
     if extractor is None:
         clf = get_classifier(classifier, run_dir, data, x0.shape[-1], channels, classifier_task, classifier_epochs,
                              classifier_items, seed=seed, device=dev, progress=progress, log=log)

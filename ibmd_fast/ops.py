@@ -42,7 +42,7 @@ def _load_extension():
     if os.environ.get("IBMD_FAST_DISABLE_EXT", "0") not in ("", "0"):
         return None, "disabled by IBMD_FAST_DISABLE_EXT"
     try:
-        from ibmd_fast import _C as module  # loading it registers torch.ops.ibmd.*
+        from ibmd_fast import _C as module  # optional: the compiled extension may be missing (then the reference)
     except ImportError as exc:  # pragma: no cover - depends on the install
         text = f"{type(exc).__name__}: {exc}"
         if "undefined symbol" in str(exc) or "symbol not found" in str(exc).lower():

@@ -37,6 +37,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ibmd_fast import __version__
+from ibmd_fast.bridges import bridge_from_config
+from ibmd_fast.models import UNet, load_state_dict_checked
+from ibmd_fast.models.wrappers import Teacher, Generator
 
 TEACHER_FORMAT = "ibmd_fast.teacher"
 GENERATOR_FORMAT = "ibmd_fast.generator"
@@ -194,10 +197,6 @@ def check_release_config(path: str, config: Any) -> None:
 
 def load_teacher(path: str, device="cpu"):
     """Rebuild a `Teacher` from a teacher release. Returns ``(teacher, config)``."""
-    from ibmd_fast.bridges import bridge_from_config
-    from ibmd_fast.models import UNet, load_state_dict_checked
-    from ibmd_fast.models.wrappers import Teacher
-
     state, config, _ = read_release(path, expect=TEACHER_FORMAT)
     bridge = _bridge(path, config, bridge_from_config)
     try:
@@ -213,11 +212,6 @@ def load_teacher(path: str, device="cpu"):
 
 def load_generator(path: str, device="cpu"):
     """Rebuild a `Generator` from a generator release. Returns ``(generator, config)``."""
-    from ibmd_fast.bridges import bridge_from_config
-    from ibmd_fast.models.wrappers import Generator
-
-    from ibmd_fast.models import load_state_dict_checked
-
     state, config, _ = read_release(path, expect=GENERATOR_FORMAT)
     bridge = _bridge(path, config, bridge_from_config)
     try:

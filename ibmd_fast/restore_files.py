@@ -22,6 +22,15 @@ from ibmd_fast.paths import DEFAULT_GENERATOR
 from ibmd_fast.models.unet import check_image_size
 from ibmd_fast.release import LoadedModel, load_model
 from ibmd_fast.restore import SAMPLERS, check_eta, natural_sampler, restore_release, used_eta
+from ibmd_fast.data import (
+    IMAGE_EXTENSIONS,
+    SkimagePhotos,
+    SuperResolution,
+    canonical_name,
+    get_degradation,
+    list_images,
+)
+from ibmd_fast.data.images import load_image, pil_to_tensor
 
 __all__ = ["restore_files"]
 
@@ -34,8 +43,6 @@ def _one_line(text) -> str:
 
 def _default_inputs(model: LoadedModel, count: int, seed: int, degradation):
     """Held-out crops of the bundled photos, degraded as the release was trained: (names, xT, x0, mask)."""
-    from ibmd_fast.data import SkimagePhotos
-
     if degradation is None:
         raise ValueError(f"{model.path} names no degradation, so there are no default inputs; pass --input")
     size = model.image_size or 64
@@ -102,8 +109,6 @@ def check_memory(model: LoadedModel, sizes: list, upsample: int, batch_size: int
 
 def _read_mask(path: str, height: int, width: int) -> torch.Tensor:
     """A mask image -> float [1, H, W], 1 where the pixel is bright (the hole); resized (nearest) to size."""
-    from ibmd_fast.data.images import load_image
-
     try:
         image = load_image(path).convert("L")
     except FileNotFoundError:
@@ -117,8 +122,6 @@ def _read_mask(path: str, height: int, width: int) -> torch.Tensor:
 
 def _list_inputs(path: str) -> tuple[Path, list[str]]:
     """(root, relative paths) of the input images: one file, or every image under a folder."""
-    from ibmd_fast.data import IMAGE_EXTENSIONS, list_images
-
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"input not found: {path}")
@@ -133,8 +136,6 @@ def _list_inputs(path: str) -> tuple[Path, list[str]]:
 
 def _read_inputs(root: Path, files: list[str], channels: int):
     """Decode the inputs; unreadable ones are skipped with one warning, none readable is an error."""
-    from ibmd_fast.data.images import load_image, pil_to_tensor
-
     images, bad = [], []
     for rel in files:
         try:
@@ -151,8 +152,6 @@ def _read_inputs(root: Path, files: list[str], channels: int):
 
 def _upsampler(model: LoadedModel, factor: int):
     """Bring low-resolution inputs to size as the release's degradation did (bicubic otherwise)."""
-    from ibmd_fast.data import SuperResolution, get_degradation
-
     degradation = get_degradation(model.degradation) if str(model.degradation).startswith("sr") else None
     if isinstance(degradation, SuperResolution) and degradation.factor == factor:
         return degradation.upsample
@@ -192,8 +191,6 @@ def restore_files(
                ``DBIM_ETA``; eta for the dbim sampler only).
     Everything is checked before anything is written. Returns a summary dict.
     """
-    from ibmd_fast.data import canonical_name, get_degradation
-
     dev = resolve_device(device)
     loaded = load_model(model, dev)
     if loaded.kind == "generator" and (sampler is not None or eta is not None

@@ -193,6 +193,14 @@ def test_imports_point_down_the_layers():
     assert not wrong, "imports pointing up the layers:\n" + message
 
 
+def test_function_local_imports_say_why():
+    """An import of a package module inside a function carries a comment saying why it is not at
+    module level (start-up time of the CLI, an optional part such as the compiled extension)."""
+    silent = [imp for imp in IMPORTS if imp.local and (not imp.reason or imp.reason.startswith("noqa"))]
+    assert not silent, "function-local imports without a reason comment (move them to module level, or say why):\n" \
+        + "\n".join(repr(imp) for imp in silent)
+
+
 @pytest.mark.parametrize("source", ["ibmd_fast.samplers", "ibmd_fast.train.batches"])
 def test_the_two_former_cycles_stay_broken(source):
     """samplers and train/batches import their helpers from a module below them, at module level."""

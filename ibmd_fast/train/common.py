@@ -17,17 +17,15 @@ import math
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 
 from ibmd_fast.seeds import capture_rng, derive_seed, restore_rng, seed_everything
 from ibmd_fast.train.distributed import DistEnv
 from ibmd_fast.train.optim import TrainingDivergedError
-from ibmd_fast.train.rundir import RunLog
-
-if TYPE_CHECKING:  # checkpoint.py is imported where it is used (it may import this module)
-    from ibmd_fast.train.checkpoint import CheckpointIO
+from ibmd_fast.train.checkpoint import CheckpointIO, CheckpointMismatchError
+from ibmd_fast.train.rundir import RunLog, find_resume
 
 __all__ = [
     "Precision",
@@ -57,8 +55,6 @@ def config_dict(cfg) -> dict:
 
 def check_kind(payload: dict, kind: str, path: str) -> None:
     """A teacher-training checkpoint cannot resume a distillation, and the other way round."""
-    from ibmd_fast.train.checkpoint import CheckpointMismatchError
-
     if payload.get("kind") != kind:
         raise CheckpointMismatchError(f"checkpoint {path} was written by a {payload.get('kind', 'unknown')!r} run, "
                                       f"not a {kind!r} one; use another --run-dir or --resume none")
@@ -66,8 +62,6 @@ def check_kind(payload: dict, kind: str, path: str) -> None:
 
 def check_compatible(saved: dict, current: dict, keys: Iterable[str], path: str) -> None:
     """One ``CheckpointMismatchError`` naming every differing key among ``keys``."""
-    from ibmd_fast.train.checkpoint import CheckpointMismatchError
-
     norm = lambda v: json.loads(json.dumps(v))  # noqa: E731  (tuples vs lists)
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}"
              for k in keys if norm(saved.get(k)) != norm(current.get(k))]
@@ -81,8 +75,6 @@ def check_compatible(saved: dict, current: dict, keys: Iterable[str], path: str)
 def check_training_options(saved: dict, current: dict, keys: Iterable[str], path: str, allow: bool, log) -> None:
     """A resumed run whose training options (``keys``) differ from the checkpoint's: refused with one line
     naming each option, unless ``allow`` (``--allow-config-change``), when the differences are logged."""
-    from ibmd_fast.train.checkpoint import CheckpointMismatchError
-
     diffs = [f"--{k.replace('_', '-')} {current[k]} (checkpoint: {saved[k]})"
              for k in keys if k in saved and k in current and saved[k] != current[k]]
     if not diffs:
@@ -139,8 +131,6 @@ def fmt_value(value) -> str:
 def find_checkpoint(resume: str, ckpt: CheckpointIO, log: RunLog, env) -> Optional[tuple[str, dict]]:
     """The checkpoint to resume from (``rundir.find_resume``: ``auto`` the newest readable one, a path
     that file, ``none`` nothing); its warnings also go to log.txt."""
-    from ibmd_fast.train.rundir import find_resume
-
     ckpt.log = log.record
     return find_resume(resume, ckpt, env)
 

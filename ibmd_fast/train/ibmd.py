@@ -59,11 +59,11 @@ from typing import Optional
 import torch
 
 from ibmd_fast import ops
-from ibmd_fast.data import LAYOUTS, canonical_name, get_degradation, make_dataset
+from ibmd_fast.data import LAYOUTS, canonical_name, get_degradation, make_dataset, collate
 from ibmd_fast.imageio import save_grid
 from ibmd_fast.models import Generator, make_fake_model
 from ibmd_fast.paths import DEFAULT_TEACHER
-from ibmd_fast.release import GENERATOR_FORMAT, ReleaseError, load_teacher, save_release
+from ibmd_fast.release import GENERATOR_FORMAT, ReleaseError, load_teacher, save_release, read_release
 from ibmd_fast.restore import SeededNoise, default_teacher_nfe, sample_student, student_grid, student_chain
 from ibmd_fast.known_pixels import fill_hole, noise_like
 from ibmd_fast.train import distributed
@@ -91,7 +91,7 @@ from ibmd_fast.seeds import derive_seed, seed_everything
 from ibmd_fast.ops import draw_seed
 from ibmd_fast.train import report
 from ibmd_fast.train.ema import EMA
-from ibmd_fast.models.unet import check_image_size
+from ibmd_fast.models.unet import check_image_size, size_multiple
 from ibmd_fast.train.preflight import check_device, check_settings
 from ibmd_fast.train.recipes import MULTISTEP_MODES, apply_recipe, get_recipe
 from ibmd_fast.train.rundir import finished, finished_summary, run_lock
@@ -311,8 +311,6 @@ def _resolve(cfg: DistillConfig) -> tuple[DistillConfig, dict]:
                 f"no teacher given and the embedded default {DEFAULT_TEACHER} is not installed; "
                 "train one with `ibmd-fast train-teacher` and pass its teacher.safetensors")
         raise FileNotFoundError(f"teacher release not found: {path}")
-    from ibmd_fast.release import read_release
-
     _, tconf, _ = read_release(path, expect="ibmd_fast.teacher")
     if cfg.recipe:
         _check_recipe_teacher(cfg, tconf, path)
@@ -566,9 +564,6 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         items = [test[i] for i in range(n)]
-    from ibmd_fast.data import collate
-    from ibmd_fast.models.unet import size_multiple
-
     batches = [collate(items[i:i + per_batch]) for i in range(0, n, per_batch)]
     if not ibmd.inpainting:
         batches = [{k: v for k, v in b.items() if k != "mask"} for b in batches]

@@ -14,6 +14,8 @@ import os
 import warnings
 from typing import Optional
 
+from ibmd_fast.data.images import IMAGE_EXTENSIONS
+
 __all__ = ["DeviceError", "check_device", "check_settings", "out_of_memory", "oom_message"]
 
 
@@ -64,8 +66,6 @@ def _folder_of(data: Optional[str]) -> Optional[str]:
 def _small_images(root: str, sample: int):
     """The first of up to ``sample`` images under ``root`` smaller than 2x2 (name, (w, h)), else None."""
     from PIL import Image
-
-    from ibmd_fast.data.images import IMAGE_EXTENSIONS
 
     seen = 0
     for dirpath, dirnames, filenames in os.walk(root):

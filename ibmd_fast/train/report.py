@@ -23,6 +23,7 @@ from ibmd_fast.imageio import draw_columns
 from ibmd_fast.metrics import psnr, ssim
 from ibmd_fast.release import atomic_write
 from ibmd_fast.restore import _sync as sync, sample_student, sample_teacher, valid_teacher_nfe
+from ibmd_fast.evaluate import format_table
 
 __all__ = ["compare", "corrupted_row", "format_comparison", "reading_line", "photo_comparison"]
 
@@ -46,8 +47,6 @@ def reading_line(run_dir: Optional[str] = None) -> str:
 
 def format_comparison(rows: Sequence[dict], run_dir: Optional[str] = None) -> str:
     """The table of ``rows`` (``evaluate.format_table``) and, under it, ``reading_line``."""
-    from ibmd_fast.evaluate import format_table
-
     return format_table(rows) + "\n" + reading_line(run_dir)
 
 
