@@ -205,7 +205,7 @@ def load_teacher(path: str, device="cpu"):
     except (KeyError, TypeError, ValueError) as exc:
         raise ReleaseError(f"{path}: weights do not match the config they carry: {exc}") from None
     teacher = Teacher(net, bridge, conditional=config.get("conditional", False))
-    if config.get("class_label") is not None:  # class-conditional imports (ibmd_fast.teachers)
+    if config.get("class_label") is not None:  # class-conditional imports (ibmd_fast.importers)
         teacher.class_label = int(config["class_label"])
     return teacher.to(device).eval(), config
 
