@@ -182,10 +182,10 @@ def run_row(spec: dict) -> dict:
     if spec["compile"] == "reduce-overhead":  # CUDA graphs of each network's forward and backward
         for m in (ibmd.teacher, ibmd.fake, ibmd.generator):
             m.net.compile(mode="reduce-overhead")
-    gen = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
     shape = (spec["batch_size"], int(tconf["channels"]), spec["image_size"], spec["image_size"])
     # L + 1 fixed batches on the device: the timing covers the algorithm, not data loading
-    batches = [{"xT": (torch.rand(shape, generator=gen) * 2 - 1).to(env.device)}
+    batches = [{"xT": (torch.rand(shape, generator=rng) * 2 - 1).to(env.device)}
                for _ in range(spec["inner_steps"] + 1)]
     step_begin = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
     graphs = spec["compile"] == "reduce-overhead" and step_begin is not None

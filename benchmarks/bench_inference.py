@@ -58,7 +58,7 @@ from _common import machine_name  # noqa: E402
 from ibmd_fast.bridges import I2SBBridge  # noqa: E402
 from ibmd_fast.models import Generator, Teacher, build_unet  # noqa: E402
 from ibmd_fast.release import GENERATOR_FORMAT, TEACHER_FORMAT, load_generator, load_teacher, save_release  # noqa: E402
-from ibmd_fast.release import DEFAULT_GENERATOR, DEFAULT_TEACHER  # noqa: E402
+from ibmd_fast.paths import DEFAULT_GENERATOR, DEFAULT_TEACHER
 from ibmd_fast.restore import natural_sampler, restore, sample_student  # noqa: E402
 from ibmd_fast.timing import Stopwatch, capture_cuda_graph, measure as _measure  # noqa: E402
 
@@ -78,7 +78,7 @@ def synthetic_releases(folder: str, size: int, channels: int = 3) -> tuple[str, 
         for p in generator.net.parameters():
             p.add_(0.01 * torch.randn_like(p))
     common = {"degradation": "sr4x-bicubic", "image_size": size, "channels": channels, "inpainting": False}
-    teacher_path, generator_path = os.path.join(folder, "teacher.safetensors"), os.path.join(folder, "gen.safetensors")
+    teacher_path, generator_path = os.path.join(folder, "teacher.safetensors"), os.path.join(folder, "rng.safetensors")
     save_release(teacher_path, teacher.net, TEACHER_FORMAT,
                  {"unet": net.config, "conditional": False, "bridge": teacher.bridge.config(), "nfe": 100, **common})
     save_release(generator_path, generator.net, GENERATOR_FORMAT, {**generator.config(), "nfe": 1, **common})
@@ -208,8 +208,8 @@ def main(argv=None) -> int:
               f"{batch / seconds:8.2f} images/s", file=sys.stderr)
 
     def images(batch: int, seed: int = 0) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        return (torch.rand(batch, channels, size, size, generator=gen) * 2 - 1).to(device)
+        rng = torch.Generator().manual_seed(seed)
+        return (torch.rand(batch, channels, size, size, generator=rng) * 2 - 1).to(device)
 
     def mask_for(batch: int):
         if not inpainting:

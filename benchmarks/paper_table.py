@@ -54,7 +54,8 @@ import torch  # noqa: E402
 
 from _common import RESULTS, environment, machine_name, resolve_device, write_json  # noqa: E402
 from ibmd_fast.data import FASHION_MNIST_DIR  # noqa: E402
-from ibmd_fast.evaluate import format_table, save_grid  # noqa: E402
+from ibmd_fast.evaluate import format_table  # noqa: E402
+from ibmd_fast.imageio import save_grid  # noqa: E402
 from ibmd_fast.train import TeacherConfig  # noqa: E402
 from paper.config import MACHINE_COSTS, PRESETS, TASKS, estimate_minutes, reference_nfe, student_seeds, teacher_rows, workload  # noqa: E402,E501
 from paper.measure import (  # noqa: E402

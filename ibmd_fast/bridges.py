@@ -63,10 +63,10 @@ def alpha_rho_posterior(
     return coef_x0, coef_xt, std
 
 
-def _draw_device(generator: Optional[torch.Generator], device: Optional[torch.device]) -> torch.device:
-    """Random draws happen on the generator's device (torch requires it), else on ``device``."""
-    if generator is not None:
-        return generator.device
+def _draw_device(rng: Optional[torch.Generator], device: Optional[torch.device]) -> torch.device:
+    """Random draws happen on ``rng``'s device (torch requires it), else on ``device``."""
+    if rng is not None:
+        return rng.device
     return torch.device(device) if device is not None else torch.device("cpu")
 
 
@@ -236,10 +236,10 @@ class I2SBBridge(Bridge):
         return coef_x0, coef_xt, std
 
     def sample_t(
-        self, batch: int, generator: Optional[torch.Generator] = None, device: Optional[torch.device] = None
+        self, batch: int, rng: Optional[torch.Generator] = None, device: Optional[torch.device] = None
     ) -> torch.Tensor:
         """Step indices uniform over ``[0, n_steps - 1]`` (MATH.md 4), a LongTensor ``[batch]``."""
-        t = torch.randint(0, self.n_steps, (batch,), generator=generator, device=_draw_device(generator, device))
+        t = torch.randint(0, self.n_steps, (batch,), generator=rng, device=_draw_device(rng, device))
         return t.to(device) if device is not None else t
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
@@ -410,10 +410,10 @@ class VPBridge(Bridge):
         return (250.0 * torch.log(self._t(t) + 1e-44)).float()
 
     def sample_t(
-        self, batch: int, generator: Optional[torch.Generator] = None, device: Optional[torch.device] = None
+        self, batch: int, rng: Optional[torch.Generator] = None, device: Optional[torch.device] = None
     ) -> torch.Tensor:
         """Times uniform in ``[t_min, t_max]`` (MATH.md 4), float64 ``[batch]``."""
-        u = torch.rand((batch,), generator=generator, dtype=torch.float64, device=_draw_device(generator, device))
+        u = torch.rand((batch,), generator=rng, dtype=torch.float64, device=_draw_device(rng, device))
         t = self.t_min + (self.t_max - self.t_min) * u
         return t.to(device) if device is not None else t
 

@@ -6,9 +6,8 @@ training split of the data set and takes FID on its penultimate features. For un
 folders it is trained on a self-supervised task, rotation prediction (`task="rotation"`), or on
 proxy labels such as the index of the source photograph, so FID features exist for any data.
 
-Moved here from ``ibmd_fast.metrics``, which re-exports every name, so
-``from ibmd_fast.metrics import Classifier, train_classifier`` keeps working. Saved files keep the
-format tag ``ibmd_fast.metrics.Classifier`` so classifiers written before the move still load.
+Saved files carry the format tag ``ibmd_fast.metrics.Classifier`` (where the class lived when the
+embedded classifier was written), so those files load.
 """
 from __future__ import annotations
 
@@ -146,15 +145,15 @@ def _collate_x0_label(items: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]
     return batch
 
 
-def _augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+def _augment(x: torch.Tensor, mode: str, rng: torch.Generator) -> torch.Tensor:
     """Random shifts of up to 2 pixels (reflect padding) and, for "shift_flip", horizontal flips."""
     if mode == "none":
         return x
     b, _, h, w = x.shape
     pad = 2
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=rng)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=rng)
     # Gather the crops with one index op: rows dy+i, columns dx+j for each image.
     rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)
     cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)
@@ -162,7 +161,7 @@ def _augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Te
                  torch.arange(x.shape[1], device=x.device)[None, :, None, None],
                  rows[:, None, :, None], cols[:, None, None, :]]
     if mode == "shift_flip":
-        flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+        flip = (torch.rand(b, generator=rng) < 0.5).to(x.device)
         out = torch.where(flip[:, None, None, None], out.flip(3), out)
     return out
 
@@ -225,7 +224,7 @@ def train_classifier(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    generator = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
 
     tensors = _as_tensors(data, pseudo_labels)
     if tensors is not None:
@@ -248,7 +247,7 @@ def train_classifier(
             raise ValueError("train_classifier: pseudo_labels needs tensor data; "
                              "for a Dataset put them in its 'label' field")
         loader = torch.utils.data.DataLoader(
-            data, batch_size=batch_size, shuffle=True, drop_last=False, generator=generator,
+            data, batch_size=batch_size, shuffle=True, drop_last=False, generator=rng,
             collate_fn=_collate_x0_label, num_workers=num_workers,
         )
         sample_shape = torch.as_tensor(data[0]["x0"]).shape
@@ -284,7 +283,7 @@ def train_classifier(
             for batch in loader:
                 yield batch["x0"], batch.get("label")
         else:
-            order = torch.randperm(num_items, generator=generator)
+            order = torch.randperm(num_items, generator=rng)
             for start in range(0, num_items, batch_size):
                 idx = order[start:start + batch_size]
                 yield images[idx], (labels[idx] if labels is not None else None)
@@ -300,7 +299,7 @@ def train_classifier(
     for epoch in range(epochs):
         begin, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
         for x, y in batches():
-            x = _augment(x.to(device, torch.float32), augment_mode, generator)
+            x = _augment(x.to(device, torch.float32), augment_mode, rng)
             if task == "rotation":
                 x, y = _rotation_batch(x)
             else:

@@ -117,7 +117,7 @@ def _train_unavailable(name: str, what: str, error: BaseException):
 def _add_train_commands() -> None:
     """Build train-teacher and distill from their config dataclasses (imports torch)."""
     try:
-        from ibmd_fast.train import DistillConfig, TeacherConfig
+        from ibmd_fast.train import DistillConfig, TeacherConfig  # lazy: the CLI starts without torch
     except ImportError as exc:  # the trainers are a separate module; the other commands work without them
         _train_unavailable("train-teacher", "Train a bridge-matching teacher", exc)
         _train_unavailable("distill", "IBMD distillation", exc)
@@ -204,7 +204,7 @@ _DEFAULT_GENERATOR_HINT = " (it is what a plain `ibmd-fast distill` writes; run 
 def sample_cmd(model, input_path, output, nfe, sampler, eta, upsample, mask_path, masks_path, labels, class_label,
                num_images, seed, batch_size, device, progress):
     """Restore corrupted images with a teacher or generator release; writes PNGs to OUTPUT."""
-    from ibmd_fast.evaluate import restore_files
+    from ibmd_fast.restore_files import restore_files  # lazy: the CLI starts without torch
 
     _check_output_parent(output, "--output")
     check_output_outside(output, input_path)
@@ -295,7 +295,7 @@ def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, mas
     Prints a table and writes RUN_DIR/eval.json and RUN_DIR/eval-grid.png (columns: corrupted | teacher
     at its largest NFE | student | clean).
     """
-    from ibmd_fast.evaluate import evaluate, format_differences, format_table
+    from ibmd_fast.evaluate import evaluate, format_differences, format_table  # lazy: the CLI starts without torch
 
     teacher_path = DEFAULT_TEACHER if teacher is None else _none_or_path(teacher)
     student_path = DEFAULT_GENERATOR if student is None else _none_or_path(student)
@@ -359,8 +359,8 @@ def eval_cmd(teacher, teacher_nfe, sampler, eta, student, data, degradation, mas
 def train_classifier_cmd(data, output, image_size, channels, epochs, batch_size, max_items, task, seed, device,
                          overwrite, progress):
     """Train the feature classifier that `eval` measures FID and CA with."""
-    from ibmd_fast.classifier import describe_classifier
-    from ibmd_fast.evaluate import fit_classifier, save_classifier_atomic
+    from ibmd_fast.classifier import describe_classifier  # lazy: the CLI starts without torch
+    from ibmd_fast.evaluate import fit_classifier, save_classifier_atomic  # lazy: the CLI starts without torch
 
     if os.path.isdir(output):
         raise click.ClickException(f"--output {output} is a folder; give a file name such as classifier.safetensors")
@@ -400,7 +400,7 @@ def export_cmd(to_onnx, model, output, fp16, opset, no_check, overwrite, example
     """Export a generator release to ONNX and check it against PyTorch (exit code 1 when parity fails)."""
     if not to_onnx:
         raise click.UsageError("choose the export format: --onnx (the only one for now)")
-    from ibmd_fast.onnx import check_opset
+    from ibmd_fast.onnx import check_opset  # lazy: the CLI starts without torch
 
     check_opset(opset)  # before anything is loaded or exported
     if output is not None:
@@ -414,7 +414,7 @@ def export_cmd(to_onnx, model, output, fp16, opset, no_check, overwrite, example
     if os.path.isdir(output):
         raise click.ClickException(f"--output {output} is a folder; give a file name such as model.onnx")
     check_output_file(output, "--output", "onnx model", overwrite, inputs=[model])
-    from ibmd_fast.onnx import OnnxParityError, export_onnx
+    from ibmd_fast.onnx import OnnxParityError, export_onnx  # lazy: the CLI starts without torch
 
     try:
         report = export_onnx(model, output, fp16=fp16, opset=opset, example_size=example_size, check=not no_check,
@@ -492,7 +492,7 @@ def _print_export_report(report: Any) -> None:
 def import_teacher_cmd(source, fmt, out, overwrite, model_kwargs, preset, weights, degradation, image_size, label,
                        nfe, **overrides):
     """Import a released I2SB, DDBM or DBIM checkpoint as a teacher release for distill / sample / eval."""
-    from ibmd_fast.teachers import import_teacher
+    from ibmd_fast.importers import import_teacher  # lazy: the CLI starts without torch
 
     _check_output_parent(out, "--out", is_file=True)
     check_output_file(out, "--out", "teacher release", overwrite, inputs=[source])
@@ -515,7 +515,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     cli.main(args=argv, prog_name="ibmd-fast")
 
 
-__all__ = ["cli", "main", "friendly_errors", "IntList"]
+__all__ = ["cli", "main"]
 
 if __name__ == "__main__":  # pragma: no cover
     main()

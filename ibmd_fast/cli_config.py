@@ -12,7 +12,7 @@ import click
 from click.core import ParameterSource
 
 from ibmd_fast.cli_errors import FiniteFloat, _check_output_parent, seed_option_type
-from ibmd_fast.config_io import ConfigError, dump_config, resolve_config
+from ibmd_fast.config_io import ConfigError, dump_config, load_config_file, resolve_config
 
 # ----------------------------------------------------------------------------
 # Config dataclasses -> options
@@ -99,8 +99,8 @@ _MASKS_HELP = ("inpaint-freeform1020/2030: Palette's imagenet_freeform_masks.npz
 
 
 def _teacher_options() -> list[tuple[str, dict]]:
-    from ibmd_fast.data import DEGRADATIONS, SPEC_HELP
-    from ibmd_fast.models import CONFIGS
+    from ibmd_fast.data import DEGRADATIONS, SPEC_HELP  # lazy: the CLI starts without torch
+    from ibmd_fast.models import CONFIGS  # lazy: the CLI starts without torch
 
     return [
         ("run_dir", dict(type=str, metavar="DIR", help="Output folder (config.json, stats.jsonl, checkpoints/, "
@@ -123,7 +123,7 @@ def _teacher_options() -> list[tuple[str, dict]]:
 
 
 def _distill_options() -> list[tuple[str, dict]]:
-    from ibmd_fast.data import SPEC_HELP
+    from ibmd_fast.data import SPEC_HELP  # lazy: the CLI starts without torch
 
     return [
         ("run_dir", dict(type=str, metavar="DIR", help="Output folder (config.json, stats.jsonl, checkpoints/, "
@@ -150,7 +150,7 @@ def _distill_options() -> list[tuple[str, dict]]:
 
 def _recipe_options() -> list[tuple[str, dict]]:
     """distill's --recipe (the paper's per-task settings) and the two settings only recipes needed."""
-    from ibmd_fast.train.recipes import MULTISTEP_MODES, RECIPES
+    from ibmd_fast.train.recipes import MULTISTEP_MODES, RECIPES  # lazy: the CLI starts without torch
 
     return [
         ("recipe", dict(type=click.Choice([""] + list(RECIPES)), metavar="NAME",
@@ -231,8 +231,7 @@ def _resolve(ctx: click.Context, cls, options: dict, config_file: Optional[str])
 
     cfg = resolve_config(cls, options, given, config_file, convert)
     if getattr(cfg, "recipe", ""):  # defaults < recipe < config file < command line
-        from ibmd_fast.config_io import load_config_file
-        from ibmd_fast.train.recipes import apply_recipe
+        from ibmd_fast.train.recipes import apply_recipe  # lazy: the CLI starts without torch
 
         cfg = apply_recipe(cfg, keep=given | set(load_config_file(config_file) if config_file else ()))
     if hasattr(cfg, "validate"):
@@ -253,8 +252,8 @@ def _run_trainer(ctx, config_cls, fn_name: str, options: dict, config_file, dry_
     if dry_run:
         click.echo(dump_config(cfg))
         return
-    import ibmd_fast.train
-    from ibmd_fast.train.preflight import oom_message, out_of_memory
+    import ibmd_fast.train  # lazy: the CLI starts without torch
+    from ibmd_fast.train.preflight import oom_message, out_of_memory  # lazy: the CLI starts without torch
 
     _check_output_parent(cfg.run_dir, "--run-dir")
     try:
@@ -269,7 +268,7 @@ def _run_trainer(ctx, config_cls, fn_name: str, options: dict, config_file, dry_
 
 def _print_summary(summary: dict) -> None:
     """The trainer's summary: the comparison table (if any), then the scalar entries."""
-    from ibmd_fast.train.report import format_comparison
+    from ibmd_fast.train.report import format_comparison  # lazy: the CLI starts without torch
 
     comparison = summary.get("comparison")
     if comparison:

@@ -43,7 +43,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def _message(exc: BaseException, sizes: Optional[dict] = None) -> str:
-    from ibmd_fast.train.preflight import oom_message, out_of_memory
+    from ibmd_fast.train.preflight import oom_message, out_of_memory  # lazy: the CLI starts without torch
 
     if out_of_memory(exc):
         sizes = sizes or {}
@@ -68,7 +68,7 @@ def friendly_errors(fn: Callable) -> Callable:
         except _expected_errors() as exc:
             raise click.ClickException(_message(exc, kwargs)) from None
         except RuntimeError as exc:  # the allocator's out-of-memory error is a plain RuntimeError
-            from ibmd_fast.train.preflight import out_of_memory
+            from ibmd_fast.train.preflight import out_of_memory  # lazy: the CLI starts without torch
 
             if not out_of_memory(exc):
                 raise

@@ -10,8 +10,7 @@
   cached beside the evaluation); ``classifier_line`` says which, with its held-out accuracy.
 
 Restoring is ``ibmd_fast.restore`` (and ``restore_files`` for image files), loading releases
-``ibmd_fast.release``, pictures ``ibmd_fast.imageio``; their names used to live here and are
-importable from here for one release. Images are float32 ``[B, C, H, W]`` in [-1, 1]. Errors
+``ibmd_fast.release``, pictures ``ibmd_fast.imageio``. Images are float32 ``[B, C, H, W]`` in [-1, 1]. Errors
 the user can fix are raised as ValueError / FileNotFoundError / ReleaseError with one-line
 messages.
 """
@@ -27,64 +26,50 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ibmd_fast.classifier import describe_classifier
+from ibmd_fast import paper_metrics
+from ibmd_fast.classifier import (
+    Classifier,
+    classifier_accuracy,
+    describe_classifier,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
+from ibmd_fast.data import collate, get_degradation, make_dataset, make_source
+from ibmd_fast.data.folders import ImageFolder
+from ibmd_fast.data.layouts import LAYOUTS
+from ibmd_fast.device import resolve_device
+from ibmd_fast.imageio import save_grid
 from ibmd_fast.data.images import uint8_to_tensor
 from ibmd_fast.metrics import (
     bootstrap_fid,
-    classifier_accuracy,
     compute_features,
     evaluate_restoration,
     fid_from_stats,
     paired_bootstrap_fid_diff,
 )
-from ibmd_fast.device import resolve_device
-from ibmd_fast.paths import EMBEDDED_CLASSIFIER
-from ibmd_fast.imageio import save_grid, save_image  # noqa: F401  (re-exported)
-from ibmd_fast.release import (  # noqa: F401  (re-exported)
-    DEFAULT_GENERATOR,
-    DEFAULT_TEACHER,
-    LoadedModel,
-    atomic_write,
-    check_image_size,
-    load_model,
-    size_multiple,
-)
-from ibmd_fast.restore import (  # noqa: F401  (re-exported)
-    DBIM_ETA,
-    SAMPLERS,
+from ibmd_fast.models.unet import check_image_size
+from ibmd_fast.paths import DEFAULT_GENERATOR, DEFAULT_TEACHER, EMBEDDED_CLASSIFIER
+from ibmd_fast.release import LoadedModel, atomic_write, load_model
+from ibmd_fast.restore import (
     check_eta,
     check_labels,
     used_eta,
     natural_sampler,
-    restore_with_generator,
-    restore_with_teacher,
     timed_restore,
     valid_teacher_nfe,
 )
-from ibmd_fast.restore_files import restore_files  # noqa: F401  (re-exported)
 
 __all__ = [
-    "DEFAULT_TEACHER",
-    "DEFAULT_GENERATOR",
-    "SAMPLERS",
-    "LoadedModel",
-    "resolve_device",
-    "load_model",
-    "natural_sampler",
-    "size_multiple",
-    "check_image_size",
-    "restore_with_teacher",
-    "restore_with_generator",
     "load_eval_data",
     "classifier_training_data",
     "fit_classifier",
     "get_classifier",
     "classifier_line",
     "evaluate",
+    "bootstrap_plan",
     "format_table",
-    "save_grid",
-    "restore_files",
-    "save_image",
+    "format_differences",
 ]
 
 
@@ -122,8 +107,6 @@ def load_eval_data(data, degradation=None, image_size=None, channels: int = 3, n
     ``data`` is a spec (``ibmd_fast.data.SPEC_HELP``; the test split is read, and ``degradation``
     makes ``xT`` unless the spec is paired) or a Dataset of such dicts.
     """
-    from ibmd_fast.data import collate, make_dataset
-
     if isinstance(data, str):
         dataset = make_dataset(data, degradation=degradation, size=image_size, channels=channels,
                                split="test", seed=seed)
@@ -166,8 +149,6 @@ def _split_items(data, image_size, channels: int, max_items: int, seed: int, pro
     """One read of a split (TRAINING by default): the clean images, the items' own labels (None unless
     every item has one) and the index of the photograph each is cropped from (None unless the data set
     has ``photo_index``, as the scikit-image crops do)."""
-    from ibmd_fast.data import make_source
-
     if isinstance(data, str):
         source = make_source(data, size=image_size, channels=channels, split=split, seed=seed)
     else:
@@ -217,8 +198,6 @@ def fit_classifier(data, image_size=None, channels: int = 3, task: Optional[str]
     ``model.info`` records the data, the items and epochs, and (for a data spec with a test split)
     the accuracy on the first ``test_items`` test images, which ``describe_classifier`` prints.
     """
-    from ibmd_fast.metrics import train_classifier
-
     if task not in (None, "labels", "photo", "rotation"):
         raise ValueError(f"classifier task must be labels, photo or rotation, got {task!r}")
     images, own, photos = _split_items(data, image_size, channels, max_items, seed, progress)
@@ -261,16 +240,12 @@ def _test_accuracy(model, data, image_size: int, channels: int, task: str, test_
     labels = {"labels": own, "photo": photos}.get(task)
     if task != "rotation" and labels is None:
         return {}
-    from ibmd_fast.classifier import classifier_accuracy
-
     accuracy = classifier_accuracy(model, images, labels)
     _say(log, f"classifier accuracy on {images.shape[0]} held-out test images: {100.0 * accuracy:.2f}%")
     return {"test_accuracy": round(accuracy, 4), "test_items": int(images.shape[0])}
 
 
 def save_classifier_atomic(model, path: str) -> None:
-    from ibmd_fast.metrics import save_classifier
-
     atomic_write(path, lambda tmp: save_classifier(model, tmp))
 
 
@@ -311,8 +286,6 @@ def get_classifier(classifier, run_dir: Optional[str], data, image_size: int, ch
     The model comes back with ``origin`` ("given", "embedded", "cached" or "trained") and ``path``
     (its file, None for a Classifier given as an object or trained without a run_dir).
     """
-    from ibmd_fast.metrics import Classifier, load_classifier
-
     dev = resolve_device(device)
     if isinstance(classifier, Classifier):
         _check_classifier(classifier, "given", image_size, channels)
@@ -355,8 +328,6 @@ def get_classifier(classifier, run_dir: Optional[str], data, image_size: int, ch
 
 def classifier_line(model) -> str:
     """One line for the reader: which classifier FID and CA were measured with, and how good it is."""
-    from ibmd_fast.classifier import describe_classifier
-
     where = {"given": "given", "embedded": "embedded", "cached": "cached", "trained": "trained just now"}.get(
         getattr(model, "origin", None), "given")
     path = getattr(model, "path", None)
@@ -387,7 +358,6 @@ def _fid_reference(extractor, fid_ref: Optional[str], clean: torch.Tensor, run_d
     the test items by the intervals), else fixed statistics (mu, sigma) from an .npz with mu and sigma,
     from an .npz of reference images (``arr_0``, uint8 [N, H, W, 3] as ADM's and DDBM's reference
     batches; cached as RUN_DIR/fid_ref.npz) or from a folder of clean images (cached likewise)."""
-    from ibmd_fast import paper_metrics
 
     if fid_ref is None:
         return _paper_features(extractor, clean, batch_size)[0], "the clean test images"
@@ -406,8 +376,6 @@ def _fid_reference(extractor, fid_ref: Optional[str], clean: torch.Tensor, run_d
             for i in range(0, images.shape[0], batch_size):
                 yield torch.stack([uint8_to_tensor(image) for image in images[i:i + batch_size]])
     elif os.path.isdir(fid_ref):
-        from ibmd_fast.data.folders import ImageFolder
-
         folder = ImageFolder(fid_ref, size=image_size, channels=3, crop="center")
         what, count = f"{len(folder)} images of {fid_ref}", len(folder)
         key = {"folder": os.path.abspath(fid_ref), "image_size": int(image_size)}
@@ -583,8 +551,6 @@ def evaluate(
     student | clean) when ``run_dir`` is given. Returns the eval.json payload.
     """
     dev = resolve_device(device)
-    from ibmd_fast import paper_metrics
-
     feature_kind, feature_file = paper_metrics.parse_network_spec(features, FEATURE_KINDS)
     if feature_kind == "classifier" and feature_file is not None:
         classifier = feature_file
@@ -609,8 +575,6 @@ def evaluate(
     image_size = image_size or ref.image_size
     if data is None:
         data = ref.config.get("data") or "skimage"
-    from ibmd_fast.data.layouts import LAYOUTS
-
     # paired specs (paired:, and DDBM's layouts edges2handbags:, diode:) carry their corrupted images
     if isinstance(data, str) and data.partition(":")[0].lower() not in ("paired", *LAYOUTS) and degradation is None:
         raise ValueError(f"{ref.path} names no degradation; pass one to corrupt {data}")
@@ -626,9 +590,7 @@ def evaluate(
 
     for model in (t_model, s_model):
         if model is not None and image_size:
-            check_image_size(model, image_size, image_size, f"--image-size {image_size}")
-    from ibmd_fast.data import get_degradation
-
+            check_image_size(model.channel_mult, image_size, image_size, f"--image-size {image_size}", model.network)
     operator = None if degradation is None else get_degradation(degradation, masks=masks)
     batch = load_eval_data(data, operator, image_size, channels, num_images, seed)
     x0, xT, mask, labels = batch["x0"], batch["xT"], batch.get("mask"), batch.get("label")
@@ -636,7 +598,7 @@ def evaluate(
         raise ValueError(f"the data has {x0.shape[1]}-channel images, the models make {channels}-channel ones")
     for model in (t_model, s_model):
         if model is not None:
-            check_image_size(model, x0.shape[-2], x0.shape[-1], "the evaluation image size")
+            check_image_size(model.channel_mult, x0.shape[-2], x0.shape[-1], "the evaluation image size", model.network)
     if min(x0.shape[-2:]) < 11:
         raise ValueError(f"SSIM needs images of at least 11x11 pixels, these are {x0.shape[-2]}x{x0.shape[-1]}")
 
@@ -680,7 +642,7 @@ def evaluate(
         if extractor is None:
             f = features_of(restored)
             if labels is not None and clf.task == "labels":
-                result["ca"] = classifier_accuracy(clf, restored, labels, batch_size)
+                result["ca"] = 100.0 * classifier_accuracy(clf, restored, labels, batch_size)  # a fraction
         else:
             f, logits = features_of(restored)
             if logits is not None:

@@ -2,8 +2,8 @@
 and bootstrap / binomial intervals for them.
 
 FID and CA use the penultimate features and the predictions of the project's own classifier
-(``ibmd_fast.classifier``, re-exported here: ``Classifier``, ``train_classifier``,
-``save_classifier``, ``load_classifier``), trained on the clean training split of the data set in
+(``ibmd_fast.classifier``: ``Classifier``, ``train_classifier``, ``save_classifier``,
+``load_classifier``), trained on the clean training split of the data set in
 place of the paper's Inception network and ImageNet ResNet-50.
 
 Intervals: ``bootstrap_fid`` (a percentile bootstrap over test images), ``paired_bootstrap_fid_diff``
@@ -24,24 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ibmd_fast.classifier import (  # noqa: F401  (re-exported: the classifier lived here)
-    CLASSIFIER_FORMAT,
-    TASKS,
+from ibmd_fast.classifier import (
     Classifier,
-    _augment,
-    _rotation_batch,
-    load_classifier,
-    save_classifier,
-    train_classifier,
 )
 
 __all__ = [
     "psnr",
     "ssim",
-    "Classifier",
-    "train_classifier",
-    "save_classifier",
-    "load_classifier",
     "compute_features",
     "feature_stats",
     "frechet_distance",
@@ -310,8 +299,8 @@ def bootstrap_counts(num_items: int, num_resamples: int, seed: int = 0) -> torch
     the same (N, R, seed) resamples the same items."""
     if num_items < 2 or num_resamples < 1:
         raise ValueError(f"bootstrap needs N >= 2 items and R >= 1 resamples, got N={num_items}, R={num_resamples}")
-    gen = torch.Generator().manual_seed(int(seed))
-    draws = torch.randint(0, num_items, (num_resamples, num_items), generator=gen)
+    rng = torch.Generator().manual_seed(int(seed))
+    draws = torch.randint(0, num_items, (num_resamples, num_items), generator=rng)
     counts = torch.zeros(num_resamples, num_items, dtype=torch.float64)
     return counts.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
 

@@ -1,7 +1,7 @@
 """ONNX export of a generator release, checked against PyTorch (used by `ibmd-fast export --onnx`).
 
 `export_onnx(release, "model.onnx")` writes ONE graph that is the whole student
-sampler, `restore.student_sample` (MATH.md 5) with every random draw made an
+sampler, `restore.student_chain` (MATH.md 5) with every random draw made an
 input, so the model is deterministic and the deployment side
 (`export/run_onnx.py`) needs nothing but onnxruntime and numpy.
 
@@ -24,7 +24,7 @@ srKx models):
                                class of each image, in [0, num_classes), as the teacher took it
 
 Output ``x0`` [B, C, H, W] float32: the last generator prediction, known pixels
-copied from xT for inpainting students (as `student_sample` returns; what xT holds in the
+copied from xT for inpainting students (as `student_chain` returns; what xT holds in the
 hole is never read). The metadata's ``graph_inputs`` lists the inputs with what each is
 (`onnx_program.graph_inputs`), so a runner feeds them without knowing the model's kind. The
 posterior steps between calls are plain arithmetic (``reference.bridge_step``)
@@ -36,7 +36,7 @@ holds standard ONNX operators only (domain "" = ai.onnx), opset >= 17.
 Model metadata (``metadata_props``; strings, JSON where not plain text): see
 `onnx_metadata`, and export/README.md for what each key means. What the graph computes
 (`StudentProgram`, `reference_sample`, `precision_copy`, the input names and metadata) is
-`ibmd_fast.onnx_program`; this module exports it and checks it, and re-exports those names.
+`ibmd_fast.onnx_program`; this module exports it and checks it.
 
 Float16 (``fp16=True``): the U-Net's convolutions, activations and skip paths
 run in float16; GroupNorm (statistics and affine), the timestep-embedding MLPs
@@ -55,7 +55,7 @@ Parity (``check=True``, the default): onnxruntime (CPUExecutionProvider) against
 PyTorch on fresh random inputs at two shapes that differ from the export's
 example in batch, height and width; float32 models must agree within 1e-4
 (max abs), or `OnnxParityError` is raised with the numbers and nothing is
-written. The PyTorch side is `restore.student_sample` itself (with the given
+written. The PyTorch side is `restore.student_chain` itself (with the given
 noises in place of its seeded ones), so the check also holds the exported loop
 to the sampler.
 """
@@ -78,13 +78,10 @@ import torch
 
 from ibmd_fast import __version__
 from ibmd_fast.models.wrappers import Generator
-from ibmd_fast.onnx_program import (  # noqa: F401  (re-exported: what the graph computes)
-    ONNX_FORMAT,
+from ibmd_fast.onnx_program import (
     StudentProgram,
     downsampling_factor,
     graph_inputs,
-    input_names,
-    input_channels,
     onnx_metadata,
     precision_copy,
     reference_sample,
@@ -94,23 +91,13 @@ from ibmd_fast.onnx_program import (  # noqa: F401  (re-exported: what the graph
 from ibmd_fast.release import ReleaseError, load_generator
 
 __all__ = [
-    "ONNX_FORMAT",
     "FP32_TOLERANCE",
     "FP16_ERROR_RATIO",
     "FP16_SLACK",
     "OnnxExportError",
     "OnnxParityError",
-    "StudentProgram",
     "export_onnx",
     "external_data_name",
-    "downsampling_factor",
-    "graph_inputs",
-    "size_multiple",
-    "upsampling",
-    "input_names",
-    "onnx_metadata",
-    "reference_sample",
-    "precision_copy",
 ]
 
 MIN_OPSET = 17
@@ -201,22 +188,22 @@ def _example_inputs(inputs: list[dict], batch: int, height: int, width: int, see
     """Random inputs as the ONNX model takes them (``inputs``: `graph_inputs`; height and width of
     the output): the image uniform in [-1, 1], a centered square hole, normals, class labels
     uniform in [0, num_classes) (int64)."""
-    gen = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     out = {}
     labels = {}
     for item in inputs:
         name, divisor = item["name"], item["size_divisor"]
         shape = (batch, item["channels"], height // divisor, width // divisor)
         if item["kind"] == "label":
-            labels[name] = torch.randint(0, int(num_classes), (batch,), generator=gen, dtype=torch.long)
+            labels[name] = torch.randint(0, int(num_classes), (batch,), generator=rng, dtype=torch.long)
         elif item["kind"] == "image":
-            out[name] = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1
+            out[name] = torch.rand(shape, generator=rng, dtype=torch.float64) * 2 - 1
         elif item["kind"] == "mask":
             mask = torch.zeros(shape, dtype=torch.float64)
             mask[..., height // 4: height // 4 + max(1, height // 2), width // 4: width // 4 + max(1, width // 2)] = 1
             out[name] = mask
         else:
-            out[name] = torch.randn(shape, generator=gen, dtype=torch.float64)
+            out[name] = torch.randn(shape, generator=rng, dtype=torch.float64)
     return {**{k: v.to(dtype) for k, v in out.items()}, **labels}
 
 

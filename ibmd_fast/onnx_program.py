@@ -1,6 +1,6 @@
 """What the exported ONNX graph computes (see ``ibmd_fast.onnx`` for the graph's contract).
 
-- ``StudentProgram``: ``restore.student_sample`` with every random draw a graph input; the module
+- ``StudentProgram``: ``restore.student_chain`` with every random draw a graph input; the module
   the exporter traces. ``reference_sample``: PyTorch's answer to the same inputs (the parity check).
 - ``input_names`` / ``input_channels`` / ``graph_inputs`` / ``downsampling_factor`` /
   ``size_multiple``: the graph's inputs and the sizes it takes; ``upsampling``: the srKx
@@ -20,8 +20,10 @@ from torch import nn
 from ibmd_fast import __version__
 from ibmd_fast.data.degradations import SuperResolution, get_degradation
 from ibmd_fast.models.blocks import AttentionBlock, ResBlock
+from ibmd_fast.models import unet
 from ibmd_fast.models.wrappers import Generator
-from ibmd_fast.restore import GivenNoise, impose_known, student_grid, student_sample
+from ibmd_fast.restore import GivenNoise, student_grid, student_chain
+from ibmd_fast.known_pixels import impose_known
 
 __all__ = [
     "ONNX_FORMAT",
@@ -45,8 +47,8 @@ ONNX_FORMAT = "ibmd_fast.generator.onnx"
 
 
 def downsampling_factor(generator: Generator) -> int:
-    """Heights and widths the U-Net takes are multiples of this: ``2**(len(channel_mult) - 1)``."""
-    return 2 ** (len(generator.net.config["channel_mult"]) - 1)
+    """Heights and widths the generator's U-Net takes are multiples of this (``models.unet.size_multiple``)."""
+    return unet.size_multiple(generator.net.config["channel_mult"])
 
 
 def upsampling(degradation: Optional[str]) -> Optional[SuperResolution]:
@@ -114,7 +116,7 @@ def _input_kind(name: str) -> str:
 
 
 class StudentProgram(nn.Module):
-    """`restore.student_sample` with its random draws as inputs: the module that is exported.
+    """`restore.student_chain` with its random draws as inputs: the module that is exported.
 
     ``forward(*inputs)`` takes the tensors named by ``self.input_names`` in that order and
     returns x0: the very chain inference and the distiller run, traced. With ``upsample`` (an
@@ -156,7 +158,7 @@ class StudentProgram(nn.Module):
 
 def _chain(generator: Generator, named: dict[str, torch.Tensor], nfe: int, noise: GivenNoise,
            grid=None, time_batch=None, upsample: Optional[SuperResolution] = None) -> torch.Tensor:
-    """`restore.student_sample` on the graph's inputs: the low-resolution image brought to size
+    """`restore.student_chain` on the graph's inputs: the low-resolution image brought to size
     (srKx graphs: ``upsample.upsample``, the degradation's), the hole of xT filled with
     ``hole_noise`` (`restore.fill_hole`'s fill, MATH.md 3; what the hole held is not read),
     then the chain with the given noises."""
@@ -165,14 +167,14 @@ def _chain(generator: Generator, named: dict[str, torch.Tensor], nfe: int, noise
         xT = upsample.upsample(xT)
     if mask is not None:
         xT = impose_known(named["hole_noise"], xT, mask)
-    return student_sample(generator, xT, z, nfe, mask=mask, noise=noise, grid=grid, time_batch=time_batch,
+    return student_chain(generator, xT, z, nfe, mask=mask, noise=noise, grid=grid, time_batch=time_batch,
                           y=named.get("class_label"))
 
 
 @torch.no_grad()
 def reference_sample(generator: Generator, inputs: dict[str, torch.Tensor], nfe: int,
                      upsample: Optional[SuperResolution] = None) -> torch.Tensor:
-    """PyTorch's answer to the ONNX model's inputs: `restore.student_sample` with the given z and noises
+    """PyTorch's answer to the ONNX model's inputs: `restore.student_chain` with the given z and noises
     (the low-resolution xT upsampled first by ``upsample``, as the graph does).
 
     ``inputs`` are named as the graph's (`input_names`); their dtype is the computation's

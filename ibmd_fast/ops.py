@@ -42,7 +42,7 @@ def _load_extension():
     if os.environ.get("IBMD_FAST_DISABLE_EXT", "0") not in ("", "0"):
         return None, "disabled by IBMD_FAST_DISABLE_EXT"
     try:
-        from ibmd_fast import _C as module  # loading it registers torch.ops.ibmd.*
+        from ibmd_fast import _C as module  # optional: the compiled extension may be missing (then the reference)
     except ImportError as exc:  # pragma: no cover - depends on the install
         text = f"{type(exc).__name__}: {exc}"
         if "undefined symbol" in str(exc) or "symbol not found" in str(exc).lower():
@@ -121,11 +121,11 @@ def has_cuda_kernels() -> bool:
     return _ext is not None and bool(getattr(_ext, "BUILT_WITH_CUDA", 0))
 
 
-def draw_seed(generator: Optional[torch.Generator] = None) -> int:
-    """A 62-bit seed for the in-kernel noise, drawn from ``generator`` (default: torch's default
+def draw_seed(rng: Optional[torch.Generator] = None) -> int:
+    """A 62-bit seed for the in-kernel noise, drawn from ``rng`` (default: torch's default
     generator, so ``torch.manual_seed`` fixes it)."""
-    device = generator.device if generator is not None else None
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=generator, device=device).item())
+    device = rng.device if rng is not None else None
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=rng, device=device).item())
 
 
 def _coef(value: Coef, batch: int, like: torch.Tensor, name: str) -> torch.Tensor:

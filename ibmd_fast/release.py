@@ -19,7 +19,7 @@ damaged file, refused in one line.
 
 `load_teacher` / `load_generator` rebuild the models; `load_model` loads either kind for
 inference as a `LoadedModel` (with what `sample`, `eval` and `export` need to know about it).
-`DEFAULT_TEACHER` is the embedded default teacher release.
+The embedded default teacher release is `ibmd_fast.paths.DEFAULT_TEACHER`.
 """
 from __future__ import annotations
 
@@ -37,13 +37,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ibmd_fast import __version__
+from ibmd_fast.bridges import bridge_from_config
+from ibmd_fast.models import UNet, load_state_dict_checked
+from ibmd_fast.models.wrappers import Teacher, Generator
 
 TEACHER_FORMAT = "ibmd_fast.teacher"
 GENERATOR_FORMAT = "ibmd_fast.generator"
 NORMALIZATION = "[-1,1]"
-
-# The embedded default teacher (ibmd_fast/assets/README.md), and where `distill` writes its generator.
-from ibmd_fast.paths import DEFAULT_GENERATOR, DEFAULT_TEACHER  # noqa: E402,F401  (re-exported)
 
 
 class ReleaseError(ValueError):
@@ -197,10 +197,6 @@ def check_release_config(path: str, config: Any) -> None:
 
 def load_teacher(path: str, device="cpu"):
     """Rebuild a `Teacher` from a teacher release. Returns ``(teacher, config)``."""
-    from ibmd_fast.bridges import bridge_from_config
-    from ibmd_fast.models import UNet, load_state_dict_checked
-    from ibmd_fast.models.wrappers import Teacher
-
     state, config, _ = read_release(path, expect=TEACHER_FORMAT)
     bridge = _bridge(path, config, bridge_from_config)
     try:
@@ -209,18 +205,13 @@ def load_teacher(path: str, device="cpu"):
     except (KeyError, TypeError, ValueError) as exc:
         raise ReleaseError(f"{path}: weights do not match the config they carry: {exc}") from None
     teacher = Teacher(net, bridge, conditional=config.get("conditional", False))
-    if config.get("class_label") is not None:  # class-conditional imports (ibmd_fast.teachers)
+    if config.get("class_label") is not None:  # class-conditional imports (ibmd_fast.importers)
         teacher.class_label = int(config["class_label"])
     return teacher.to(device).eval(), config
 
 
 def load_generator(path: str, device="cpu"):
     """Rebuild a `Generator` from a generator release. Returns ``(generator, config)``."""
-    from ibmd_fast.bridges import bridge_from_config
-    from ibmd_fast.models.wrappers import Generator
-
-    from ibmd_fast.models import load_state_dict_checked
-
     state, config, _ = read_release(path, expect=GENERATOR_FORMAT)
     bridge = _bridge(path, config, bridge_from_config)
     try:
@@ -277,8 +268,14 @@ class LoadedModel:
         return self.model.bridge_type
 
     @property
-    def size_multiple(self) -> int:
-        return size_multiple(self.config)
+    def channel_mult(self) -> tuple:
+        return tuple((self.config.get("unet") or {}).get("channel_mult") or (1,))
+
+    @property
+    def network(self) -> str:
+        """The network in words, for ``models.unet.check_image_size``'s message."""
+        trained = f" (trained at {self.image_size}x{self.image_size})" if self.image_size else ""
+        return f"the network of {self.path}{trained}"
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -318,20 +315,3 @@ def _release_format(path: str) -> Optional[str]:
             return (fh.metadata() or {}).get("format")
     except Exception:  # missing, not safetensors, ...: read_release words the error
         return None
-
-
-def size_multiple(config: dict) -> int:
-    """Heights and widths the release's U-Net takes are multiples of this (2 per downsampling)."""
-    unet = config.get("unet") or {}
-    levels = len(unet.get("channel_mult") or (1,))
-    return 2 ** max(0, levels - 1)
-
-
-def check_image_size(model: LoadedModel, height: int, width: int, what: str = "image") -> None:
-    """ValueError when the network cannot take an ``height x width`` image, saying which sizes it can."""
-    m = model.size_multiple
-    if height % m or width % m or height < m or width < m:
-        near = f"{max(1, round(width / m)) * m}x{max(1, round(height / m)) * m}"
-        trained = f"; it was trained at {model.image_size}x{model.image_size}" if model.image_size else ""
-        raise ValueError(f"{what} is {width}x{height} (width x height), but the network of {model.path} takes "
-                         f"widths and heights that are multiples of {m}, e.g. {near}{trained}")

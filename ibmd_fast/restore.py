@@ -5,7 +5,7 @@ and inference cannot drift apart:
 
 - ``impose_known`` / ``fill_hole`` / ``noise_like``: inpainting's known pixels (MATH.md 3), defined in
   ``known_pixels.py`` below the samplers and this module; the chains here use them.
-- ``student_sample(generator, xT, z, nfe, mask, noise)``: the IBMD student's chain (MATH.md 5) with
+- ``student_chain(generator, xT, z, nfe, mask, noise)``: the IBMD student's chain (MATH.md 5) with
   an injected noise source (``SeededNoise``: the fused op's Philox noise from seeds;
   ``GivenNoise``: tensors, plain arithmetic). Its three callers: inference (``sample_student``),
   the distiller's ``IBMD.generate`` (a chain cut at the drawn grid point) and the ONNX exporter,
@@ -29,18 +29,15 @@ from tqdm.auto import tqdm
 
 from ibmd_fast import ops, reference, samplers
 from ibmd_fast.bridges import Bridge, I2SBBridge
-from ibmd_fast.known_pixels import fill_hole, impose_known, noise_like
+from ibmd_fast.known_pixels import fill_hole, impose_known
 from ibmd_fast.timing import Stopwatch
 
 __all__ = [
     "SAMPLERS",
-    "impose_known",  # these three from known_pixels.py, where new code imports them
-    "noise_like",
-    "fill_hole",
     "SeededNoise",
     "GivenNoise",
     "student_grid",
-    "student_sample",
+    "student_chain",
     "draw_z",
     "natural_sampler",
     "default_teacher_nfe",
@@ -66,14 +63,14 @@ Autocast = Optional[Callable[[], contextlib.AbstractContextManager]]
 
 class SeededNoise:
     """Fresh noise from the fused op's Philox stream: one seed per posterior step, drawn from
-    ``generator`` (a ``torch.Generator``), so a seed gives the same images on CPU and CUDA.
+    ``rng`` (a ``torch.Generator``), so a seed gives the same images on CPU and CUDA.
     Inference and the distiller use it."""
 
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
+    def __init__(self, rng: torch.Generator):
+        self.rng = rng
 
     def posterior_step(self, bridge: Bridge, x_t, x0_hat, s, t) -> torch.Tensor:
-        return bridge.posterior_step(x_t, x0_hat, s, t, seed=ops.draw_seed(self.generator))
+        return bridge.posterior_step(x_t, x0_hat, s, t, seed=ops.draw_seed(self.rng))
 
 
 class GivenNoise:
@@ -109,7 +106,7 @@ def student_grid(bridge: Bridge, nfe: int) -> torch.Tensor:
     return bridge.sampling_grid(nfe)[1:]
 
 
-def student_sample(
+def student_chain(
     generator,
     xT: torch.Tensor,
     z: Optional[torch.Tensor],
@@ -153,7 +150,7 @@ def student_sample(
     bridge = generator.bridge
     if not 1 <= stop <= nfe:
         raise ValueError(f"stop must be in [1, nfe={nfe}], got {stop}")
-    noise = SeededNoise(samplers.make_generator()) if noise is None else noise
+    noise = SeededNoise(samplers.make_rng()) if noise is None else noise
     grid = student_grid(bridge, nfe).tolist() if grid is None else list(grid)
     batch = xT.shape[0] if time_batch is None else int(time_batch)
     device = xT.device
@@ -270,10 +267,10 @@ def restore(
 
     ``sampler``: "i2sb" (I2SB bridge only), "dbim" (both bridges; ``eta`` in [0, 1]; None: ``DBIM_ETA``,
     DBIM's default; 0 is deterministic; an eta for another sampler is an error) or "heun" (VP bridge only); None picks ``natural_sampler``. ``nfe`` None: the bridge's
-    ``default_teacher_nfe``. Noise: ``seed`` or ``rng`` (``samplers.make_generator``). Inpainting
+    ``default_teacher_nfe``. Noise: ``seed`` or ``rng`` (``samplers.make_rng``). Inpainting
     (``mask``): the hole of ``xT`` is filled with noise first (the filled image is also what a
     conditional teacher sees, as in training), the i2sb sampler re-imposes the known pixels at
-    every step, and the result takes them from ``xT``. ``autocast`` as in ``student_sample``.
+    every step, and the result takes them from ``xT``. ``autocast`` as in ``student_chain``.
     ``y``: class labels [B] of a class-conditional teacher (default: the release's ``class_label``).
     Returns the sampler's last prediction, in ``xT``'s dtype, unclamped.
     """
@@ -282,10 +279,10 @@ def restore(
     nfe = default_teacher_nfe(teacher.bridge) if nfe is None else int(nfe)
     if nfe < 1:
         raise ValueError(f"nfe must be at least 1, got {nfe}")
-    gen = samplers.make_generator(seed, rng)
+    rng = samplers.make_rng(seed, rng)
     if mask is not None:
         mask = mask.to(device=xT.device, dtype=xT.dtype)
-        xT = fill_hole(xT, mask, ops.draw_seed(gen))
+        xT = fill_hole(xT, mask, ops.draw_seed(rng))
     cond = xT if teacher.conditional else None
     ctx = autocast or contextlib.nullcontext
 
@@ -295,11 +292,11 @@ def restore(
 
     bridge = teacher.bridge
     if sampler == "i2sb":
-        x0 = samplers.i2sb_sample(predict_x0, bridge, xT, nfe, mask=mask, generator=gen, noise_fill=False)
+        x0 = samplers.i2sb_sample(predict_x0, bridge, xT, nfe, mask=mask, rng=rng, noise_fill=False)
     elif sampler == "dbim":
-        x0 = samplers.dbim_sample(predict_x0, bridge, xT, nfe, eta=eta, generator=gen)
+        x0 = samplers.dbim_sample(predict_x0, bridge, xT, nfe, eta=eta, rng=rng)
     else:
-        x0 = samplers.heun_sample(predict_x0, bridge, xT, nfe, generator=gen)
+        x0 = samplers.heun_sample(predict_x0, bridge, xT, nfe, rng=rng)
     return x0 if mask is None else impose_known(x0, xT, mask)  # known pixels unchanged
 
 
@@ -320,19 +317,19 @@ def _check_student_nfe(generator, nfe: int) -> None:
 def sample_student(generator, xT: torch.Tensor, nfe: int = 1, mask: Optional[torch.Tensor] = None,
                    seed: Optional[int] = 0, rng: Optional[torch.Generator] = None,
                    autocast: Autocast = None, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Restore one batch ``xT`` with an IBMD student in ``nfe`` calls (MATH.md 5; ``student_sample``).
+    """Restore one batch ``xT`` with an IBMD student in ``nfe`` calls (MATH.md 5; ``student_chain``).
 
     From one noise source (``seed`` or ``rng``), in order: the hole fill (inpainting), ``z``
     (``draw_z``), then one seed per posterior step. ``y``: class labels [B] of a class-conditional
     student. Returns ``xT``'s dtype, unclamped.
     """
     _check_student_nfe(generator, nfe)
-    gen = samplers.make_generator(seed, rng)
+    rng = samplers.make_rng(seed, rng)
     if mask is not None:
         mask = mask.to(device=xT.device, dtype=xT.dtype)
-        xT = fill_hole(xT, mask, ops.draw_seed(gen))
-    z = draw_z(generator, xT, gen)
-    return student_sample(generator, xT, z, nfe, mask=mask, noise=SeededNoise(gen), autocast=autocast, y=y)
+        xT = fill_hole(xT, mask, ops.draw_seed(rng))
+    z = draw_z(generator, xT, rng)
+    return student_chain(generator, xT, z, nfe, mask=mask, noise=SeededNoise(rng), autocast=autocast, y=y)
 
 
 # ----------------------------------------------------------------------------
@@ -380,8 +377,8 @@ def restore_with_teacher(teacher, xT: torch.Tensor, nfe: int, sampler: Optional[
     Returns float32 images in [-1, 1] on the CPU."""
     sampler = _check_sampler(sampler, teacher.bridge_type)  # before any batch (restore checks nfe)
     check_eta(eta, sampler)  # before any batch; restore() resolves None to DBIM_ETA
-    gen = samplers.make_generator(seed)
-    out = [restore(teacher, x, sampler, nfe, eta, mask=m, rng=gen, y=y).float().clamp(-1.0, 1.0).cpu()
+    rng = samplers.make_rng(seed)
+    out = [restore(teacher, x, sampler, nfe, eta, mask=m, rng=rng, y=y).float().clamp(-1.0, 1.0).cpu()
            for x, m, y in _batches(xT, mask, batch_size, _model_device(teacher), progress,
                                    f"teacher {sampler} nfe={nfe}", labels)]
     return torch.cat(out)
@@ -395,8 +392,8 @@ def restore_with_generator(generator, xT: torch.Tensor, nfe: int = 1, mask: Opti
     ``seed``. ``mask`` and ``labels`` as in ``restore_with_teacher``. Returns float32 images in
     [-1, 1] on the CPU."""
     _check_student_nfe(generator, nfe)
-    gen = samplers.make_generator(seed)
-    out = [sample_student(generator, x, nfe, m, seed=None, rng=gen, y=y).float().clamp(-1.0, 1.0).cpu()
+    rng = samplers.make_rng(seed)
+    out = [sample_student(generator, x, nfe, m, seed=None, rng=rng, y=y).float().clamp(-1.0, 1.0).cpu()
            for x, m, y in _batches(xT, mask, batch_size, _model_device(generator), progress, f"student nfe={nfe}",
                                    labels)]
     return torch.cat(out)

@@ -18,8 +18,20 @@ from tqdm.auto import tqdm
 
 from ibmd_fast.device import resolve_device
 from ibmd_fast.imageio import save_image
-from ibmd_fast.release import DEFAULT_GENERATOR, LoadedModel, check_image_size, load_model
+from ibmd_fast.paths import DEFAULT_GENERATOR
+from ibmd_fast.models.unet import check_image_size
+from ibmd_fast.release import LoadedModel, load_model
 from ibmd_fast.restore import SAMPLERS, check_eta, check_labels, natural_sampler, restore_release, used_eta
+from ibmd_fast.data import (
+    IMAGE_EXTENSIONS,
+    SkimagePhotos,
+    SuperResolution,
+    canonical_name,
+    get_degradation,
+    list_images,
+)
+from ibmd_fast.data.folders import file_labels
+from ibmd_fast.data.images import load_image, pil_to_tensor
 
 __all__ = ["restore_files"]
 
@@ -32,15 +44,13 @@ def _one_line(text) -> str:
 
 def _default_inputs(model: LoadedModel, count: int, seed: int, degradation):
     """Held-out crops of the bundled photos, degraded as the release was trained: (names, xT, x0, mask)."""
-    from ibmd_fast.data import SkimagePhotos
-
     if degradation is None:
         raise ValueError(f"{model.path} names no degradation, so there are no default inputs; pass --input")
     size = model.image_size or 64
     photos = SkimagePhotos(size=size, split="test", n_items=count, channels=model.image_channels, seed=seed,
                            flip=False)
     x0 = torch.stack([photos[i] for i in range(count)])
-    xT, mask = degradation(x0, generator=torch.Generator().manual_seed(seed))
+    xT, mask = degradation(x0, rng=torch.Generator().manual_seed(seed))
     names = [f"skimage-{i:03d}.png" for i in range(count)]
     return names, xT, x0, mask
 
@@ -100,8 +110,6 @@ def check_memory(model: LoadedModel, sizes: list, upsample: int, batch_size: int
 
 def _read_mask(path: str, height: int, width: int) -> torch.Tensor:
     """A mask image -> float [1, H, W], 1 where the pixel is bright (the hole); resized (nearest) to size."""
-    from ibmd_fast.data.images import load_image
-
     try:
         image = load_image(path).convert("L")
     except FileNotFoundError:
@@ -115,8 +123,6 @@ def _read_mask(path: str, height: int, width: int) -> torch.Tensor:
 
 def _list_inputs(path: str) -> tuple[Path, list[str]]:
     """(root, relative paths) of the input images: one file, or every image under a folder."""
-    from ibmd_fast.data import IMAGE_EXTENSIONS, list_images
-
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"input not found: {path}")
@@ -131,8 +137,6 @@ def _list_inputs(path: str) -> tuple[Path, list[str]]:
 
 def _read_inputs(root: Path, files: list[str], channels: int):
     """Decode the inputs; unreadable ones are skipped with one warning, none readable is an error."""
-    from ibmd_fast.data.images import load_image, pil_to_tensor
-
     images, bad = [], []
     for rel in files:
         try:
@@ -149,8 +153,6 @@ def _read_inputs(root: Path, files: list[str], channels: int):
 
 def _upsampler(model: LoadedModel, factor: int):
     """Bring low-resolution inputs to size as the release's degradation did (bicubic otherwise)."""
-    from ibmd_fast.data import SuperResolution, get_degradation
-
     degradation = get_degradation(model.degradation) if str(model.degradation).startswith("sr") else None
     if isinstance(degradation, SuperResolution) and degradation.factor == factor:
         return degradation.upsample
@@ -196,8 +198,6 @@ def restore_files(
                the input folder). ``class_label``: one class for every image instead.
     Everything is checked before anything is written. Returns a summary dict.
     """
-    from ibmd_fast.data import canonical_name, get_degradation
-
     dev = resolve_device(device)
     loaded = load_model(model, dev)
     if loaded.kind == "generator" and (sampler is not None or eta is not None
@@ -242,8 +242,6 @@ def restore_files(
             raise ValueError(f"--output {output} is the input folder; results would overwrite the inputs")
         items, skipped = _read_inputs(root, files, loaded.image_channels)
         if labels is not None:
-            from ibmd_fast.data.folders import file_labels
-
             read = [rel for rel, _ in items]
             label_of = dict(zip(read, file_labels(root, read, None if labels == "folders" else labels)[1]))
         check_memory(loaded, [tuple(x.shape[-2:]) for _, x in items], int(upsample or 1), batch_size, dev)
@@ -263,8 +261,8 @@ def restore_files(
         if out_rel in seen:
             raise ValueError(f"inputs {seen[out_rel]} and {rel} would both be written to {out_rel}")
         seen[out_rel] = rel
-        check_image_size(loaded, x.shape[-2], x.shape[-1], f"input {rel}" + (f" (after --upsample {upsample})"
-                                                                               if upsample else ""))
+        check_image_size(loaded.channel_mult, x.shape[-2], x.shape[-1],
+                         f"input {rel}" + (f" (after --upsample {upsample})" if upsample else ""), loaded.network)
         named.append((rel, out_rel, x))
 
     def mask_for(rel: str, x: torch.Tensor) -> Optional[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Teacher samplers: I2SB posterior/DDPM, DBIM, DDBM Heun (the student's chain is ``restore.student_sample``).
+"""Teacher samplers: I2SB posterior/DDPM, DBIM, DDBM Heun (the student's chain is ``restore.student_chain``).
 
 Flat functions in the manner of EDM's ``edm_sampler``. Each takes
 
@@ -6,7 +6,7 @@ Flat functions in the manner of EDM's ``edm_sampler``. Each takes
   time type (LongTensor step indices for ``I2SBBridge``, float64 for ``VPBridge``; feed the
   network ``bridge.net_time(t)``). Conditioning on ``xT`` is the caller's closure.
 - the bridge, the corrupted images ``xT`` and the number of network calls ``nfe``;
-- ``seed`` (an int) or ``generator`` (a ``torch.Generator``): the only noise source. A CPU
+- ``seed`` (an int) or ``rng`` (a ``torch.Generator``): the only noise source. A CPU
   generator seeded from it draws one 62-bit seed per noisy operation, and the noise itself is
   the Philox noise of ``ops.bridge_step``, so a seed gives the same images on CPU and CUDA.
   With neither, the seed is drawn from torch's default generator (``torch.manual_seed`` fixes it).
@@ -38,7 +38,7 @@ __all__ = [
     "heun_sample",
     "heun_schedule",
     "probability_flow_coefficients",
-    "make_generator",
+    "make_rng",
 ]
 
 
@@ -50,16 +50,16 @@ Callback = Optional[Callable[[dict], None]]
 # Noise source and small helpers
 
 
-def make_generator(seed: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Generator:
-    """The samplers' noise source: ``generator`` itself, or a CPU generator seeded with ``seed``
+def make_rng(seed: Optional[int] = None, rng: Optional[torch.Generator] = None) -> torch.Generator:
+    """The samplers' noise source: ``rng`` itself, or a CPU generator seeded with ``seed``
     (drawn from torch's default generator when both are None)."""
-    if seed is not None and generator is not None:
-        raise ValueError("pass seed or generator, not both")
-    if generator is not None:
-        return generator
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(int(seed) if seed is not None else ops.draw_seed())
-    return gen
+    if seed is not None and rng is not None:
+        raise ValueError("pass seed or rng, not both")
+    if rng is not None:
+        return rng
+    rng = torch.Generator(device="cpu")
+    rng.manual_seed(int(seed) if seed is not None else ops.draw_seed())
+    return rng
 
 
 def _per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ def i2sb_sample(
     nfe: int,
     mask: Optional[torch.Tensor] = None,
     seed: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
+    rng: Optional[torch.Generator] = None,
     callback: Callback = None,
     progress: bool = False,
     noise_fill: bool = True,
@@ -103,7 +103,7 @@ def i2sb_sample(
     """
     if not isinstance(bridge, I2SBBridge):
         raise TypeError(f"i2sb_sample needs an I2SBBridge, got {type(bridge).__name__}")
-    gen = make_generator(seed, generator)
+    rng = make_rng(seed, rng)
     grid = bridge.sampling_grid(nfe).tolist()
     batch, device = xT.shape[0], xT.device
 
@@ -111,7 +111,7 @@ def i2sb_sample(
     if mask is not None:
         mask = mask.to(device=device, dtype=xT.dtype)
         if noise_fill:
-            xT = fill_hole(xT, mask, ops.draw_seed(gen))
+            xT = fill_hole(xT, mask, ops.draw_seed(rng))
 
     x = xT
     for i in _steps(nfe, progress, "i2sb"):
@@ -119,11 +119,11 @@ def i2sb_sample(
         s = bridge.times(grid[nfe - i - 1], batch, device)
         x0_hat = predict_x0(x, t).to(x.dtype)
         # Posterior step n -> n' (MATH.md 3).
-        x = bridge.posterior_step(x, x0_hat, s, t, seed=ops.draw_seed(gen))
+        x = bridge.posterior_step(x, x0_hat, s, t, seed=ops.draw_seed(rng))
         std = bridge.posterior(s, t)[2]
         if mask is not None:
             # Known pixels are those of the bridge marginal at n' around the known xT.
-            known = ops.bridge_step(xT, xT, 1.0, 0.0, bridge.marginal(s)[2].to(device), seed=ops.draw_seed(gen))
+            known = ops.bridge_step(xT, xT, 1.0, 0.0, bridge.marginal(s)[2].to(device), seed=ops.draw_seed(rng))
             x = impose_known(x, known, mask)
         _report(callback, step=i, t=t, s=s, x=x, x0_hat=x0_hat, std=std, nfe=i + 1)
 
@@ -173,7 +173,7 @@ def dbim_sample(
     nfe: int,
     eta: float = 1.0,
     seed: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
+    rng: Optional[torch.Generator] = None,
     callback: Callback = None,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -188,7 +188,7 @@ def dbim_sample(
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
-    gen = make_generator(seed, generator)
+    rng = make_rng(seed, rng)
     grid = bridge.sampling_grid(nfe).tolist()
     batch, device = xT.shape[0], xT.device
 
@@ -197,7 +197,7 @@ def dbim_sample(
         t = bridge.times(grid[nfe - i], batch, device)
         s = bridge.times(grid[nfe - i - 1], batch, device)
         x0_hat = predict_x0(x, t).to(x.dtype)
-        step_seed = ops.draw_seed(gen)
+        step_seed = ops.draw_seed(rng)
         if i == 0 or eta == 1.0:
             # Booting step, or eta = 1: the posterior step itself (MATH.md 3).
             x = bridge.posterior_step(x, x0_hat, s, t, seed=step_seed)
@@ -269,7 +269,7 @@ def heun_sample(
     churn: float = 0.33,
     spacing: str = "karras",
     seed: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
+    rng: Optional[torch.Generator] = None,
     callback: Callback = None,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -293,7 +293,7 @@ def heun_sample(
         raise TypeError(f"heun_sample needs a VPBridge, got {type(bridge).__name__}")
     if not 0.0 < churn < 1.0:
         raise ValueError(f"churn must be in (0, 1) (the ODE is singular at T), got {churn}")
-    gen = make_generator(seed, generator)
+    rng = make_rng(seed, rng)
     batch, device = xT.shape[0], xT.device
     n_steps, n_heun = heun_schedule(nfe)
     if n_steps == 0:
@@ -311,7 +311,7 @@ def heun_sample(
 
         # 1. Stochastic step t -> t_hat.
         x0_hat = predict_x0(x, t).to(x.dtype)
-        x = bridge.posterior_step(x, x0_hat, t_hat, t, seed=ops.draw_seed(gen))
+        x = bridge.posterior_step(x, x0_hat, t_hat, t, seed=ops.draw_seed(rng))
         std = bridge.posterior(t_hat, t)[2]
 
         # 2. Euler ODE step t_hat -> t_next ...

@@ -26,7 +26,7 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def capture_rng(gen: torch.Generator) -> dict:
+def capture_rng(rng: torch.Generator) -> dict:
     """Every random state this process uses, as tensors and plain values (``weights_only`` safe)."""
     np_state = np.random.get_state(legacy=False)
     state = {
@@ -39,14 +39,14 @@ def capture_rng(gen: torch.Generator) -> dict:
             "gauss": float(np_state["gauss"]),
         },
         "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
-        "trainer": gen.get_state(),
+        "trainer": rng.get_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng(state: dict, gen: torch.Generator) -> None:
+def restore_rng(state: dict, rng: torch.Generator) -> None:
     """Inverse of ``capture_rng``."""
     torch.set_rng_state(state["torch"])
     npst = state["numpy"]
@@ -58,7 +58,7 @@ def restore_rng(state: dict, gen: torch.Generator) -> None:
     })
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    gen.set_state(state["trainer"])
+    rng.set_state(state["trainer"])
     if "cuda" in state and torch.cuda.is_available():
         for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, i)

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)  # the tests compare bit patterns with runs made under one thread
 
-from ibmd_fast.train import common, distill, train_teacher  # noqa: E402
+from ibmd_fast.train import distill, optim, train_teacher  # noqa: E402
 
 
 def main() -> None:
@@ -34,14 +34,14 @@ def main() -> None:
     config = json.loads(args.config)
 
     if args.slow:
-        step = common.OptimizerStep.__call__
+        step = optim.OptimizerStep.__call__
 
         def slow_step(self, loss):
             out = step(self, loss)
             time.sleep(args.slow)
             return out
 
-        common.OptimizerStep.__call__ = slow_step
+        optim.OptimizerStep.__call__ = slow_step
 
     summaries = {}
     if args.mode in ("teacher", "both"):

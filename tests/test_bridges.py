@@ -283,7 +283,7 @@ def test_q_sample_gradient(make):
     bridge = make()
     x0 = torch.randn(4, 3, 8, 8, requires_grad=True)
     xT = torch.randn(4, 3, 8, 8)
-    t = bridge.sample_t(4, generator=torch.Generator().manual_seed(0))
+    t = bridge.sample_t(4, rng=torch.Generator().manual_seed(0))
     bridge.q_sample(x0, xT, t, seed=0).square().sum().backward()
     assert x0.grad is not None and torch.isfinite(x0.grad).all() and x0.grad.abs().sum() > 0
     # d/dx0 sum(x_t^2) = 2 coef_x0 x_t
@@ -297,7 +297,7 @@ def test_q_sample_gradient(make):
 
 def test_i2sb_training_helpers():
     bridge = I2SBBridge()
-    t = bridge.sample_t(10_000, generator=torch.Generator().manual_seed(0))
+    t = bridge.sample_t(10_000, rng=torch.Generator().manual_seed(0))
     assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999 and len(t.unique()) > 990
     torch.testing.assert_close(bridge.loss_weight(t), 1 / bridge.std_fwd[t] ** 2, rtol=0, atol=0)
     # weighted x0 loss == I2SB's eps-label loss, for x0_hat = x_t - std_fwd * net
@@ -312,7 +312,7 @@ def test_i2sb_training_helpers():
 
 def test_vp_training_helpers():
     bridge = VPBridge()
-    t = bridge.sample_t(10_000, generator=torch.Generator().manual_seed(0))
+    t = bridge.sample_t(10_000, rng=torch.Generator().manual_seed(0))
     assert t.dtype == torch.float64 and t.min() >= 1e-4 and t.max() <= 1.0
     assert abs(t.mean().item() - 0.5) < 0.02
     w = bridge.loss_weight(t)

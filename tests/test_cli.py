@@ -25,22 +25,21 @@ import ibmd_fast.train as train_module
 from ibmd_fast import imageio
 from ibmd_fast.bridges import I2SBBridge, VPBridge
 from ibmd_fast.data import FASHION_MNIST_DIR
-from ibmd_fast.cli import IntList, cli
+from ibmd_fast.cli_config import IntList
+from ibmd_fast.cli import cli
 from ibmd_fast.config_io import ConfigError, check_keys, load_config_file, resolve_config
+from ibmd_fast.paths import DEFAULT_GENERATOR, DEFAULT_TEACHER
 from ibmd_fast.evaluate import (
-    DEFAULT_GENERATOR,
-    DEFAULT_TEACHER,
     classifier_line,
     classifier_training_data,
     evaluate,
     fit_classifier,
     format_table,
     get_classifier,
-    load_model,
-    restore_with_generator,
-    restore_with_teacher,
 )
-from ibmd_fast.metrics import Classifier, load_classifier, save_classifier
+from ibmd_fast.release import load_model
+from ibmd_fast.restore import restore_with_generator, restore_with_teacher
+from ibmd_fast.classifier import Classifier, load_classifier, save_classifier
 from ibmd_fast.models import Generator, build_unet
 from ibmd_fast.release import GENERATOR_FORMAT, TEACHER_FORMAT, save_release
 from ibmd_fast.train import DistillConfig, TeacherConfig

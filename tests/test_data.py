@@ -361,14 +361,14 @@ def test_degradation_shapes_and_range(name: str, channels: int, tmp_path):
     degradation = get_degradation(name, masks=masks)
     assert degradation.name == name and degradation.is_inpainting == name.startswith("inpaint-")
     x0 = _batch_image(channels=channels)
-    xT, mask = degradation(x0, generator=torch.Generator().manual_seed(0))
+    xT, mask = degradation(x0, rng=torch.Generator().manual_seed(0))
     assert xT.shape == x0.shape and xT.dtype == torch.float32
     # I2SB's operators are not clipped (JPEG and bicubic ringing may leave [-1, 1] a little)
     bound = 1.1 if name in I2SB_DEGRADATIONS else 1.0
     assert -bound <= xT.min() and xT.max() <= bound
     assert (mask is not None) == degradation.is_inpainting
     batch = torch.stack([x0, _batch_image(seed=1, channels=channels)])
-    xT_batch, mask_batch = degradation(batch, generator=torch.Generator().manual_seed(0))
+    xT_batch, mask_batch = degradation(batch, rng=torch.Generator().manual_seed(0))
     assert xT_batch.shape == batch.shape
     assert torch.allclose(xT_batch[0], xT, atol=1e-5)
     if mask is not None:
@@ -475,8 +475,8 @@ class _PoisoningDegradation(Degradation):
         self.inner = get_degradation(inner)
         self.name, self.is_inpainting = self.inner.name, self.inner.is_inpainting
 
-    def __call__(self, x0, generator=None):
-        xT, mask = self.inner(x0, generator)
+    def __call__(self, x0, rng=None):
+        xT, mask = self.inner(x0, rng)
         x0.fill_(float("nan"))
         return xT, mask
 

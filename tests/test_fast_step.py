@@ -15,7 +15,8 @@ import torch
 from ibmd_fast.bridges import I2SBBridge
 from ibmd_fast.models import Teacher, UNet, build_unet
 from ibmd_fast.train import EMA, IBMD, DistillConfig, TrainingDivergedError
-from ibmd_fast.train.common import MAX_CONSECUTIVE_SKIPS, Meter, OptimizerStep, Precision, make_adamw
+from ibmd_fast.train.optim import MAX_CONSECUTIVE_SKIPS, OptimizerStep, make_adamw
+from ibmd_fast.train.common import Meter, Precision
 from ibmd_fast.train.distributed import DistEnv
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -411,7 +411,7 @@ def test_device_cuda_without_cuda(tmp_path):
 
 def test_image_size_the_unet_cannot_take(tmp_path):
     result = invoke("train-teacher", "--run-dir", tmp_path, "--arch", "small", "--image-size", 30, "--dry-run")
-    assert_cli_error(result, "--image-size 30", "multiple of 8", "24 or 32")
+    assert_cli_error(result, "--image-size 30", "multiples of 8", "24 or 32")
 
 
 def test_out_of_memory_says_lower_batch_size_with_the_sizes(tmp_path, monkeypatch):
@@ -493,7 +493,7 @@ def test_help_does_not_import_torch():
 def test_log_lines_do_not_print_over_the_progress_bar(tmp_path, monkeypatch):
     from tqdm import tqdm
 
-    from ibmd_fast.train.common import RunLog
+    from ibmd_fast.train.rundir import RunLog
     from ibmd_fast.train.distributed import DistEnv
 
     written = []

@@ -192,7 +192,7 @@ def test_outputs_of_another_kind_or_inputs_are_refused(releases, tmp_path):
     assert_cli_error(invoke("import-teacher", source, "--format", "ddbm", "--out", gen, "--overwrite",
                             "--preset", "e2h"), str(gen))
     # import-teacher onto its own kind: only with --overwrite
-    from test_teachers import SIZE, write_i2sb_run
+    from test_importers import SIZE, write_i2sb_run
 
     write_i2sb_run(tmp_path / "run", True)
     out = tmp_path / "t.safetensors"
@@ -275,7 +275,8 @@ def test_a_damaged_release_is_refused(releases, tmp_path):
 
 
 def test_releases_without_a_checksum_still_load():
-    from ibmd_fast.release import DEFAULT_TEACHER, load_model
+    from ibmd_fast.paths import DEFAULT_TEACHER
+    from ibmd_fast.release import load_model
 
     assert load_model(DEFAULT_TEACHER).kind == "teacher"
 

@@ -346,7 +346,7 @@ def test_freeform_masks_from_palettes_file(tmp_path, ratio, key):
     assert degradation.is_inpainting and not degradation.fixed_mask and len(degradation.masks) == 6
     x = photo_like(4, 256)
     rng = torch.Generator().manual_seed(3)
-    xT, mask = degradation(x, generator=rng)
+    xT, mask = degradation(x, rng=rng)
     index = torch.randint(6, (4,), generator=torch.Generator().manual_seed(3))
     expected = torch.from_numpy(want[index.numpy()]).float()
     assert torch.equal(mask, expected)
@@ -354,9 +354,9 @@ def test_freeform_masks_from_palettes_file(tmp_path, ratio, key):
     i2sb = x * (1 - expected) + expected
     assert torch.equal(xT * (1 - mask), i2sb * (1 - mask)) and torch.all(xT[mask.bool().expand_as(xT)] == 0)
     # seeded: the same generator state gives the same masks; single images get one mask
-    again, _ = degradation(x, generator=torch.Generator().manual_seed(3))
+    again, _ = degradation(x, rng=torch.Generator().manual_seed(3))
     assert torch.equal(again, xT)
-    one, one_mask = degradation(x[0], generator=torch.Generator().manual_seed(3))
+    one, one_mask = degradation(x[0], rng=torch.Generator().manual_seed(3))
     assert one_mask.shape == (1, 256, 256) and torch.equal(one_mask, expected[0])
 
 
@@ -366,7 +366,7 @@ def test_freeform_masks_from_i2sbs_file(tmp_path, size):
     masks = write_i2sb_masks(path, size)
     degradation = get_degradation("inpaint-freeform1020", masks=path)
     x = photo_like(3, size)
-    xT, mask = degradation(x, generator=torch.Generator().manual_seed(0))
+    xT, mask = degradation(x, rng=torch.Generator().manual_seed(0))
     index = torch.randint(5, (3,), generator=torch.Generator().manual_seed(0))
     assert torch.equal(mask, torch.from_numpy(masks[index.numpy()][:, None]).float())
     assert torch.equal(xT, x * (1 - mask))
@@ -429,7 +429,7 @@ def test_imported_i2sb_teacher_distills_on_its_own_corruption(tmp_path, monkeypa
     import json
 
     from ibmd_fast.release import read_release
-    from ibmd_fast.teachers import import_teacher
+    from ibmd_fast.importers import import_teacher
     from ibmd_fast.train import distill
 
     write_i2sb_run(tmp_path / "run", corrupt)
@@ -465,7 +465,8 @@ def test_imported_i2sb_teacher_distills_on_its_own_corruption(tmp_path, monkeypa
 
 
 def test_import_refuses_mixture_and_unknown_corruptions(tmp_path):
-    from ibmd_fast.teachers import TeacherImportError, import_teacher
+    from ibmd_fast.importers import import_teacher
+    from ibmd_fast.importers.unpickle import TeacherImportError
 
     write_i2sb_run(tmp_path / "mix", "mixture")
     with pytest.raises(TeacherImportError) as info:

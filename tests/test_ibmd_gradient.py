@@ -21,7 +21,7 @@ from ibmd_fast import ops
 from ibmd_fast.bridges import I2SBBridge, VPBridge
 from ibmd_fast.models import build_unet
 from ibmd_fast.models.wrappers import Teacher
-from ibmd_fast.restore import noise_like
+from ibmd_fast.known_pixels import noise_like
 from ibmd_fast.train import IBMD, DistillConfig
 from ibmd_fast.train import ibmd as ibmd_module
 from ibmd_fast.train.common import Precision
@@ -89,13 +89,13 @@ def _rel_err(a, b):
 
 def _plain_objective_grads(ibmd, batch, state):
     """MATH.md 5's generator objective in plain PyTorch, with the step's noise replayed."""
-    ibmd.noise.set_state(state)
+    ibmd.rng.set_state(state)
     bridge, xT = ibmd.bridge, batch["xT"]
-    z = noise_like(xT, ibmd_module.draw_seed(ibmd.noise))
+    z = noise_like(xT, ibmd_module.draw_seed(ibmd.rng))
     t_T = bridge.times(ibmd.grid[-1], BATCH, xT.device)
     x0 = ibmd.generator(xT, z, t=t_T, x_t=xT)
-    t = bridge.sample_t(BATCH, generator=ibmd.noise)
-    eps = noise_like(xT, ibmd_module.draw_seed(ibmd.noise))
+    t = bridge.sample_t(BATCH, rng=ibmd.rng)
+    eps = noise_like(xT, ibmd_module.draw_seed(ibmd.rng))
     b_t, a_t, c_t = (c.view(-1, 1, 1, 1) for c in bridge.marginal(t))
     x_t = b_t * x0 + a_t * xT + c_t * eps
     ibmd.teacher.eval().requires_grad_(False)
@@ -113,7 +113,7 @@ def _plain_objective_grads(ibmd, batch, state):
                                     pytest.param(VPBridge(), id="vp")])
 def test_generator_step_gradient_is_the_objectives(bridge, monkeypatch):
     ibmd, batch = _ibmd(bridge), _batch()
-    state = ibmd.noise.get_state()
+    state = ibmd.rng.get_state()
     ours = _step_grads(ibmd, batch)
     want = [torch.zeros_like(p) if g is None else g
             for g, p in zip(_plain_objective_grads(ibmd, batch, state), ibmd.generator.parameters())]
@@ -123,7 +123,7 @@ def test_generator_step_gradient_is_the_objectives(bridge, monkeypatch):
     # The check can fail: a q_sample that cut the gradient path through x_t (x0 detached) is far off.
     q_sample = bridge.q_sample
     monkeypatch.setattr(bridge, "q_sample", lambda x0, xT, t, **k: q_sample(x0.detach(), xT, t, **k))
-    ibmd.noise.set_state(state)
+    ibmd.rng.set_state(state)
     assert _rel_err(_step_grads(ibmd, batch), want) > 1e-2
 
 
@@ -132,7 +132,7 @@ def test_inpainting_gradient_ignores_the_teachers_known_pixels(monkeypatch):
     gradients) gives the generator the same gradient as a clean one: the losses cover the hole."""
     mask = _hole()
     ibmd, batch = _ibmd(I2SBBridge(n_steps=100, beta_max=1.0), inpainting=True), _batch(1, mask)
-    state = ibmd.noise.get_state()
+    state = ibmd.rng.get_state()
     clean = _step_grads(ibmd, batch)
 
     predict = ibmd.teacher.predict_x0
@@ -141,13 +141,13 @@ def test_inpainting_gradient_ignores_the_teachers_known_pixels(monkeypatch):
         return predict(x_t, t, xT, y=y) + (1 - mask) * 30.0 * torch.tanh(3.0 * x_t + 1.0)
 
     monkeypatch.setattr(ibmd.teacher, "predict_x0", garbage)
-    ibmd.noise.set_state(state)
+    ibmd.rng.set_state(state)
     assert _rel_err(_step_grads(ibmd, batch), clean) <= 1e-10
 
     # Without the mask in the loss the garbage does reach the generator.
     ibmd_loss = ops.ibmd_loss
     monkeypatch.setattr(ops, "ibmd_loss", lambda *a, mask=None: ibmd_loss(*a))
-    ibmd.noise.set_state(state)
+    ibmd.rng.set_state(state)
     assert _rel_err(_step_grads(ibmd, batch), clean) > 1e-2
 
 
@@ -181,10 +181,10 @@ def test_frozen_networks_are_evaluated_alike_with_dropout():
 
     ibmd.fake.predict_x0 = spy
     ibmd.generator.eval()  # the student's own dropout is not what is tested here
-    state = ibmd.noise.get_state()
+    state = ibmd.rng.get_state()
     torch.manual_seed(1)
     first = _step_grads(ibmd, batch)
-    ibmd.noise.set_state(state)
+    ibmd.rng.set_state(state)
     torch.manual_seed(2)
     assert _rel_err(_step_grads(ibmd, batch), first) <= 1e-12
     assert modes == [(False, False), (False, False)]
@@ -201,18 +201,18 @@ def test_multistep_student_trains_from_its_own_chain_without_gradient():
     xT = _batch(3)["xT"]
     z = torch.randn(xT.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     for seed in range(100):  # a draw with n = 1: two chain steps before the graded call
-        ibmd.noise.manual_seed(seed)
-        if int(torch.randint(1, 4, (), generator=ibmd.noise)) == 1:
+        ibmd.rng.manual_seed(seed)
+        if int(torch.randint(1, 4, (), generator=ibmd.rng)) == 1:
             break
-    ibmd.noise.manual_seed(seed)
-    state = ibmd.noise.get_state()
+    ibmd.rng.manual_seed(seed)
+    state = ibmd.rng.get_state()
     params = list(ibmd.generator.parameters())
     x0 = ibmd.generate(xT, z, None, grad=True)
     ours = torch.autograd.grad(x0.square().sum(), params, allow_unused=True)
 
     def chain(with_grad):
-        ibmd.noise.set_state(state)
-        n = int(torch.randint(1, 4, (), generator=ibmd.noise))
+        ibmd.rng.set_state(state)
+        n = int(torch.randint(1, 4, (), generator=ibmd.rng))
         assert n == 1
         full = lambda v: ibmd.bridge.times(v, BATCH, xT.device)  # noqa: E731
         x = xT
@@ -220,7 +220,7 @@ def test_multistep_student_trains_from_its_own_chain_without_gradient():
             for m in (3, 2):
                 t, s = full(ibmd.grid[m - 1]), full(ibmd.grid[m - 2])
                 x = ibmd.bridge.posterior_step(x, ibmd.generator(xT, z, t=t, x_t=x), s, t,
-                                               seed=ibmd_module.draw_seed(ibmd.noise))
+                                               seed=ibmd_module.draw_seed(ibmd.rng))
         out = ibmd.generator(xT, z, t=full(ibmd.grid[0]), x_t=x)
         return out, torch.autograd.grad(out.square().sum(), params, allow_unused=True)
 

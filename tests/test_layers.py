@@ -7,6 +7,7 @@ An import names the module it imports, not its parent packages (as import-linter
 from __future__ import annotations
 
 import ast
+import re
 import pathlib
 
 import pytest
@@ -26,7 +27,7 @@ LAYERS = [
     ("samplers, models, data", ["ibmd_fast.samplers", "ibmd_fast.models", "ibmd_fast.data"]),
     ("restore", ["ibmd_fast.restore"]),
     ("releases, importers, ONNX, evaluation",
-     ["ibmd_fast.release", "ibmd_fast.teachers", "ibmd_fast.imageio", "ibmd_fast.restore_files",
+     ["ibmd_fast.release", "ibmd_fast.importers", "ibmd_fast.imageio", "ibmd_fast.restore_files",
       "ibmd_fast.onnx", "ibmd_fast.onnx_program", "ibmd_fast.evaluate", "ibmd_fast.metrics", "ibmd_fast.paper_metrics",
       "ibmd_fast.classifier"]),
     ("train", ["ibmd_fast.train"]),
@@ -192,8 +193,70 @@ def test_imports_point_down_the_layers():
     assert not wrong, "imports pointing up the layers:\n" + message
 
 
+def test_function_local_imports_say_why():
+    """An import of a package module inside a function carries a comment saying why it is not at
+    module level (start-up time of the CLI, an optional part such as the compiled extension)."""
+    silent = [imp for imp in IMPORTS if imp.local and (not imp.reason or imp.reason.startswith("noqa"))]
+    assert not silent, "function-local imports without a reason comment (move them to module level, or say why):\n" \
+        + "\n".join(repr(imp) for imp in silent)
+
+
 @pytest.mark.parametrize("source", ["ibmd_fast.samplers", "ibmd_fast.train.batches"])
 def test_the_two_former_cycles_stay_broken(source):
     """samplers and train/batches import their helpers from a module below them, at module level."""
     targets = {imp.target for imp in IMPORTS if imp.source == source}
     assert {"ibmd_fast.restore", "ibmd_fast.train.common"}.isdisjoint(targets)
+
+
+# Package __init__ files that gather their package's public API from its modules (a re-export is
+# their job). Every other module defines what it lists in __all__ and is imported from where it is.
+API_PACKAGES = {"ibmd_fast.models", "ibmd_fast.data", "ibmd_fast.train", "ibmd_fast.importers"}
+
+
+def _dunder_all(tree: ast.Module) -> set[str]:
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return {elt.value for elt in node.value.elts if isinstance(elt, ast.Constant)}
+    return set()
+
+
+def _module_level(node: ast.AST):
+    """The statements run when the module is imported (not those inside functions or classes)."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        yield child
+        yield from _module_level(child)
+
+
+def _keeps_unused(line: str) -> bool:
+    return re.search(r"#\s*noqa:[^#]*\bF401\b", line) is not None
+
+
+def re_exports() -> list[str]:
+    """Module-level ``from ibmd_fast... import X`` whose X is in the module's ``__all__`` or kept by
+    ``noqa: F401`` (imported only so that others can import it from here)."""
+    found = []
+    for module, path in MODULES.items():
+        if module in API_PACKAGES:
+            continue
+        text = path.read_text(encoding="utf-8")
+        lines, tree = text.splitlines(), ast.parse(text, filename=str(path))
+        exported = _dunder_all(tree)
+        for node in _module_level(tree):
+            if not isinstance(node, ast.ImportFrom) or not _targets(module, node):
+                continue
+            statement = lines[node.lineno - 1:(node.end_lineno or node.lineno)]
+            for alias in node.names:
+                name = alias.asname or alias.name
+                line = next((line for line in statement if re.search(rf"\b{re.escape(alias.name)}\b", line)), "")
+                if name in exported or _keeps_unused(line) or _keeps_unused(statement[0]):
+                    found.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {module} re-exports {name}")
+    return found
+
+
+def test_no_re_exports():
+    """A name is imported from the module that defines it; no module forwards another's names
+    (the package ``__init__`` files in API_PACKAGES excepted)."""
+    found = re_exports()
+    assert not found, "re-exports (import the name from where it is defined):\n" + "\n".join(found)

@@ -325,7 +325,9 @@ def test_imported_teacher_distills_on_its_layout_with_only_data(preset: str, e2h
                                                                  tmp_path: Path):
     from ibmd_fast.models import UNet
     from ibmd_fast.release import read_release
-    from ibmd_fast.teachers import ddbm_kwargs, import_teacher, unet_kwargs
+    from ibmd_fast.importers import import_teacher
+    from ibmd_fast.importers.ddbm import ddbm_kwargs
+    from ibmd_fast.importers.weights import unet_kwargs
     from ibmd_fast.train import distill
 
     small = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",

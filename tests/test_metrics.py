@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from ibmd_fast import classifier as classifier_module
 from ibmd_fast import metrics
 from ibmd_fast.classifier import describe_classifier
 
@@ -173,7 +174,7 @@ def _pattern_dataset(n_per_class=48, size=16, seed=0):
 
 
 def test_classifier_shapes_and_config():
-    model = metrics.Classifier(in_channels=3, num_classes=7, image_size=32, width=16)
+    model = classifier_module.Classifier(in_channels=3, num_classes=7, image_size=32, width=16)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert model.features(x).shape == (2, model.feature_dim)
     assert model(x).shape == (2, 7)
@@ -182,7 +183,7 @@ def test_classifier_shapes_and_config():
 
 def test_train_classifier_separable_patterns():
     images, labels = _pattern_dataset()
-    model = metrics.train_classifier((images, labels), epochs=6, batch_size=32, lr=5e-3, seed=0,
+    model = classifier_module.train_classifier((images, labels), epochs=6, batch_size=32, lr=5e-3, seed=0,
                                      progress=False, augment="shift", width=8, device="cpu")
     assert not model.training
     assert model.config["num_classes"] == 3
@@ -197,7 +198,7 @@ def test_train_classifier_separable_patterns():
         def __getitem__(self, i):
             return {"x0": images[i], "xT": -images[i], "label": int(labels[i])}
 
-    model_ds = metrics.train_classifier(DictDataset(), num_classes=3, epochs=1, batch_size=48, seed=0,
+    model_ds = classifier_module.train_classifier(DictDataset(), num_classes=3, epochs=1, batch_size=48, seed=0,
                                         progress=False, width=8, device="cpu")
     assert model_ds.config == dict(in_channels=1, num_classes=3, image_size=16, width=8, task="labels")
     assert torch.isfinite(metrics.compute_features(model_ds, test_images)).all()
@@ -217,8 +218,8 @@ def test_train_classifier_separable_patterns():
 def test_train_classifier_is_seeded():
     images, labels = _pattern_dataset(n_per_class=8)
     kwargs = dict(epochs=1, batch_size=8, seed=5, progress=False, width=8, device="cpu")
-    a = metrics.train_classifier((images, labels), **kwargs)
-    b = metrics.train_classifier((images, labels), **kwargs)
+    a = classifier_module.train_classifier((images, labels), **kwargs)
+    b = classifier_module.train_classifier((images, labels), **kwargs)
     assert torch.equal(a.features(images), b.features(images))
 
 
@@ -231,11 +232,11 @@ def test_rotation_task_on_unlabeled_images():
     tops = torch.randint(0, photo.shape[0] - 16, (96,), generator=g)
     lefts = torch.randint(0, photo.shape[1] - 16, (96,), generator=g)
     crops = torch.stack([photo[t:t + 16, left:left + 16] for t, left in zip(tops.tolist(), lefts.tolist())])[:, None]
-    model = metrics.train_classifier(crops, epochs=15, batch_size=32, lr=5e-3, seed=0, progress=False,
+    model = classifier_module.train_classifier(crops, epochs=15, batch_size=32, lr=5e-3, seed=0, progress=False,
                                      task="rotation", augment="shift", width=8, device="cpu")
     assert model.task == "rotation" and model.config["num_classes"] == 4
     with torch.no_grad():
-        rotated, rot_labels = metrics._rotation_batch(crops)
+        rotated, rot_labels = classifier_module._rotation_batch(crops)
         accuracy = (model(rotated).argmax(1) == rot_labels).float().mean().item()
     assert accuracy > 0.45  # chance is 0.25
     # FID features exist for it, CA does not.
@@ -248,12 +249,12 @@ def test_rotation_task_on_unlabeled_images():
 
 def test_train_classifier_needs_labels_for_label_task():
     with pytest.raises(ValueError, match="rotation"):
-        metrics.train_classifier(torch.zeros(4, 1, 16, 16), epochs=1, progress=False)
+        classifier_module.train_classifier(torch.zeros(4, 1, 16, 16), epochs=1, progress=False)
 
 
 def test_pseudo_labels():
     images, labels = _pattern_dataset(n_per_class=8)
-    model = metrics.train_classifier(images, pseudo_labels=labels, epochs=1, batch_size=8, progress=False,
+    model = classifier_module.train_classifier(images, pseudo_labels=labels, epochs=1, batch_size=8, progress=False,
                                      width=8, device="cpu")
     assert model.task == "labels" and model.config["num_classes"] == 3
 
@@ -262,11 +263,11 @@ def test_pseudo_labels():
 
 
 def test_save_load_round_trip(tmp_path):
-    model = metrics.Classifier(in_channels=1, num_classes=3, image_size=16, width=8)
+    model = classifier_module.Classifier(in_channels=1, num_classes=3, image_size=16, width=8)
     path = tmp_path / "classifier.safetensors"
     model.info = {"data": "skimage", "test_accuracy": 0.5, "test_items": 4}  # what eval prints beside FID
-    metrics.save_classifier(model, path)
-    loaded = metrics.load_classifier(path)
+    classifier_module.save_classifier(model, path)
+    loaded = classifier_module.load_classifier(path)
     assert loaded.config == model.config and not loaded.training
     assert loaded.info == model.info
     assert describe_classifier(loaded) == ("label classifier (3 classes, 16x16 images), 50.00% accuracy on 4 "
@@ -283,12 +284,12 @@ def test_load_rejects_other_files(tmp_path):
     not_safetensors = tmp_path / "pickle.pt"
     torch.save({"a": torch.zeros(2)}, not_safetensors)
     with pytest.raises(ValueError, match="not a safetensors file"):
-        metrics.load_classifier(not_safetensors)
+        classifier_module.load_classifier(not_safetensors)
 
     other = tmp_path / "other.safetensors"
     save_file({"weight": torch.zeros(2)}, str(other), metadata={"format": "something-else"})
     with pytest.raises(ValueError, match="not a classifier"):
-        metrics.load_classifier(other)
+        classifier_module.load_classifier(other)
 
     with pytest.raises(FileNotFoundError):
-        metrics.load_classifier(tmp_path / "missing.safetensors")
+        classifier_module.load_classifier(tmp_path / "missing.safetensors")

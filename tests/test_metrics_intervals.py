@@ -1,5 +1,5 @@
-"""Bootstrap intervals of FID and of FID differences, the Wilson interval of CA, and the classifier's
-new home (ibmd_fast.classifier, re-exported by ibmd_fast.metrics) with its per-epoch progress line."""
+"""Bootstrap intervals of FID and of FID differences, the Wilson interval of CA, and the
+classifier's per-epoch progress line (ibmd_fast.classifier)."""
 from __future__ import annotations
 
 import math
@@ -104,10 +104,7 @@ def test_wilson_interval_by_hand_and_coverage():
     assert 0.93 <= cover <= 0.97
 
 
-def test_classifier_moved_and_re_exported(capsys):
-    assert metrics.Classifier is classifier_module.Classifier
-    assert metrics.train_classifier is classifier_module.train_classifier
-    assert metrics.load_classifier is classifier_module.load_classifier
+def test_classifier_prints_one_line_per_epoch(capsys):
     images = torch.rand(24, 1, 16, 16) * 2 - 1
     labels = torch.arange(24) % 3
     lines = []

@@ -18,8 +18,9 @@ from ibmd_fast.models import (
     make_fake_model,
     timestep_embedding,
 )
-from ibmd_fast.models.unet import CONFIGS, QKVAttention, QKVAttentionLegacy
-from ibmd_fast.restore import student_sample
+from ibmd_fast.models.unet import CONFIGS
+from ibmd_fast.models.blocks import QKVAttention, QKVAttentionLegacy
+from ibmd_fast.restore import student_chain
 
 
 
@@ -409,7 +410,7 @@ def test_generator_z_gets_gradient_and_the_chain_copies_known_pixels():
     mask = torch.zeros(2, 1, 16, 16)
     mask[..., 4:12, 4:12] = 1
     with torch.no_grad():
-        out = student_sample(gen, xT, z, 1, mask=mask, grid=[teacher.T])  # known pixels: the chain's impose_known
+        out = student_chain(gen, xT, z, 1, mask=mask, grid=[teacher.T])  # known pixels: the chain's impose_known
         free = gen(xT, z)
     known = (mask == 0).expand_as(out)
     assert torch.equal(out[known], xT[known])
@@ -459,3 +460,21 @@ def test_real_bridges():
         with torch.no_grad():
             assert torch.isfinite(teacher(x, t, x)).all()
             assert torch.isfinite(Generator(teacher)(x, torch.randn_like(x))).all()
+
+
+def test_check_image_size_one_rule_for_every_caller():
+    """models.unet.check_image_size: sides must be positive multiples of 2**(len(channel_mult) - 1);
+    the one-line message says what, which network, the multiple and the nearest sizes."""
+    from ibmd_fast.models.unet import check_image_size, size_multiple
+
+    assert [size_multiple(m) for m in ((1,), (1, 2), (1, 2, 2, 2))] == [1, 2, 8]
+    check_image_size((1, 2, 2, 2), 32, 24, "input a.png")  # multiples of 8: fine
+    with pytest.raises(ValueError) as err:
+        check_image_size((1, 2, 2, 2), 30, 30, "--image-size 30", "the small U-Net")
+    assert str(err.value) == ("--image-size 30 is 30x30, but the small U-Net halves the image 3 time(s) and takes "
+                              "widths and heights that are multiples of 8 (nearest: 24 or 32)")
+    with pytest.raises(ValueError, match=r"input a\.png is 17x16 \(width x height\), .*multiples of 2 "
+                                         r"\(nearest: 16x16 or 18x16\)"):
+        check_image_size((1, 2), 16, 17, "input a.png")
+    with pytest.raises(ValueError, match=r"is 4x4, .*multiples of 8 \(nearest: 8\)"):
+        check_image_size((1, 2, 2, 2), 4, 4, "x")

@@ -24,6 +24,7 @@ import onnxruntime as ort  # noqa: E402  (a dependency of the package)
 
 import ibmd_fast
 import ibmd_fast.onnx as ionnx
+import ibmd_fast.onnx_program as onnx_program
 from ibmd_fast.bridges import I2SBBridge, VPBridge
 from ibmd_fast.models import Generator, Teacher, build_unet
 from ibmd_fast.onnx import FP16_ERROR_RATIO, FP16_SLACK, FP32_TOLERANCE, OnnxParityError, export_onnx
@@ -473,7 +474,7 @@ def test_runner_inpainting_multistep(inpainting, folder, blocked_env):
         inputs = {"xT": _as_tensor(images / name)[None], "mask": mask}  # the runner leaves the hole as it is
         inputs.update({k: torch.from_numpy(v)[None] for k, v in
                        runner.draw_noises(rng, noise_inputs, height, width).items()})
-        expected[name] = _uint8(ionnx.reference_sample(generator, inputs, nfe=2)[0])
+        expected[name] = _uint8(onnx_program.reference_sample(generator, inputs, nfe=2)[0])
     _compare_outputs(out, expected)
 
 

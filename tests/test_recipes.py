@@ -3,7 +3,7 @@
 - Recipes: ``--dry-run`` shows a recipe's values; a config file's keys override the recipe and
   the command line overrides both; the Python API does the same with keywords.
 - ``multistep = "full"`` (MATH.md 5, the paper's I2SB students): the gradient of the student's
-  whole chain, ``restore.student_sample(..., grad_chain=True)`` with the fused op's seeded
+  whole chain, ``restore.student_chain(..., grad_chain=True)`` with the fused op's seeded
   posterior steps, against autograd of a plain float64 transcription written here from MATH.md
   2a and 3 (the I2SB schedule, the grid, the x0 parametrization, the posterior coefficients).
 - ``multistep = "random-stop"`` (the DDBM students): the same chain cut at a grid step, its
@@ -22,7 +22,8 @@ from ibmd_fast import ops
 from ibmd_fast.bridges import I2SBBridge
 from ibmd_fast.cli import cli
 from ibmd_fast.models import Generator, Teacher, build_unet
-from ibmd_fast.restore import SeededNoise, noise_like, student_grid, student_sample
+from ibmd_fast.restore import SeededNoise, student_grid, student_chain
+from ibmd_fast.known_pixels import noise_like
 from ibmd_fast.train.ibmd import DistillConfig
 from ibmd_fast.train.ibmd import recipe_config
 from ibmd_fast.train.recipes import RECIPES, apply_recipe
@@ -188,8 +189,8 @@ def test_chain_gradient_matches_float64_transcription(stop, grad_chain):
     xT, z, weight = _inputs()
     params = [p for p in generator.parameters() if p.requires_grad]
 
-    x0 = student_sample(generator, xT, z, NFE, noise=SeededNoise(torch.Generator().manual_seed(7)), stop=stop,
-                        grad_chain=grad_chain)
+    x0 = student_chain(generator, xT, z, NFE, noise=SeededNoise(torch.Generator().manual_seed(7)), stop=stop,
+                       grad_chain=grad_chain)
     grads = torch.autograd.grad((weight * x0).sum(), params)
 
     ref, grid = _transcribed_chain(generator.net, xT, z, NFE, _seeds(7, NFE - stop), stop=stop,

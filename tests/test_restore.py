@@ -10,15 +10,13 @@ from ibmd_fast.models import Generator, Teacher, build_unet
 from ibmd_fast.restore import (
     GivenNoise,
     SeededNoise,
-    fill_hole,
-    impose_known,
-    noise_like,
     restore,
     restore_with_teacher,
     sample_student,
     student_grid,
-    student_sample,
+    student_chain,
 )
+from ibmd_fast.known_pixels import fill_hole, impose_known, noise_like
 
 SHAPE = (4, 3, 8, 8)
 BRIDGES = [pytest.param(I2SBBridge(), id="i2sb"), pytest.param(VPBridge(), id="vp")]
@@ -101,7 +99,7 @@ def test_student_one_step(bridge):
     x0, xT = _data()
     student = ToyStudent(lambda x, z, t: x0.clone(), bridge)
     z = torch.randn(SHAPE)
-    out = student_sample(student, xT, z, 1)
+    out = student_chain(student, xT, z, 1)
     assert torch.equal(out, x0)
     (x, z_seen, t), = student.calls
     assert torch.equal(x, xT) and torch.equal(z_seen, z) and torch.all(t == bridge.T)
@@ -112,8 +110,8 @@ def test_student_multi_step_visits_the_student_grid(bridge):
     x0, xT = _data()
     student = ToyStudent(lambda x, z, t: x0.clone(), bridge)
     infos = []
-    out = student_sample(student, xT, torch.randn(SHAPE), 4, noise=SeededNoise(torch.Generator().manual_seed(0)),
-                         callback=infos.append)
+    out = student_chain(student, xT, torch.randn(SHAPE), 4, noise=SeededNoise(torch.Generator().manual_seed(0)),
+                        callback=infos.append)
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-6)
     assert len(student.calls) == 4 and [i["nfe"] for i in infos] == [1, 2, 3, 4]
     grid = student_grid(bridge, 4)
@@ -150,7 +148,7 @@ def test_student_chain_is_the_posterior_recursion_of_math_5(bridge):
             std = a_s * (r_s * (1 - r_s / r_t)).sqrt()
         x = mean + std * noises[i].double()
     expected = x0.float()
-    out = student_sample(ToyStudent(g, bridge), xT, z, 3, noise=GivenNoise(noises))
+    out = student_chain(ToyStudent(g, bridge), xT, z, 3, noise=GivenNoise(noises))
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
@@ -174,7 +172,7 @@ def test_student_inpainting_and_seeds():
     with pytest.raises(ValueError, match="one-step"):
         sample_student(ToyStudent(lambda x, z, t: x, bridge, multistep=False), xT, 2)
     with pytest.raises(ValueError, match="stop"):
-        student_sample(student, xT, None, 2, stop=3)
+        student_chain(student, xT, None, 2, stop=3)
 
 
 @pytest.mark.parametrize("bridge", BRIDGES)
@@ -183,19 +181,20 @@ def test_given_noise_equals_seeded_noise_on_the_same_draws(bridge):
     _, xT = _data()
     student = ToyStudent(lambda x, z, t: torch.tanh(x + z), bridge)
     z = torch.randn(SHAPE)
-    seeded = student_sample(student, xT, z, 3, noise=SeededNoise(torch.Generator().manual_seed(4)))
+    seeded = student_chain(student, xT, z, 3, noise=SeededNoise(torch.Generator().manual_seed(4)))
     rng = torch.Generator().manual_seed(4)
     noises = [noise_like(xT, ops.draw_seed(rng)) for _ in range(2)]
-    given = student_sample(student, xT, z, 3, noise=GivenNoise(noises))
+    given = student_chain(student, xT, z, 3, noise=GivenNoise(noises))
     torch.testing.assert_close(given, seeded, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("bridge", BRIDGES)
 def test_the_onnx_program_is_the_student_chain(bridge):
-    """``onnx.StudentProgram`` (what is exported) and ``reference_sample`` both run ``student_sample``."""
-    import ibmd_fast.onnx as ionnx
+    """``onnx_program.StudentProgram`` (what is exported) and ``reference_sample`` both run ``student_chain``."""
+    from ibmd_fast.onnx_program import StudentProgram, reference_sample
+
     _, generator = _tiny(bridge)
-    program = ionnx.StudentProgram(generator, nfe=3, inpainting=True).eval()
+    program = StudentProgram(generator, nfe=3, inpainting=True).eval()
     gen = torch.Generator().manual_seed(2)
     xT = torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1
     inputs = {"xT": xT, "z": torch.randn(xT.shape, generator=gen), "mask": _center_mask(16).expand(2, 1, 16, 16),
@@ -205,18 +204,18 @@ def test_the_onnx_program_is_the_student_chain(bridge):
     with torch.no_grad():
         out = program(*inputs.values())
         filled = impose_known(inputs["hole_noise"], xT, inputs["mask"])
-        chain = student_sample(generator, filled, inputs["z"], 3, mask=inputs["mask"],
-                               noise=GivenNoise([inputs["noise_1"], inputs["noise_2"]]))
+        chain = student_chain(generator, filled, inputs["z"], 3, mask=inputs["mask"],
+                              noise=GivenNoise([inputs["noise_1"], inputs["noise_2"]]))
     torch.testing.assert_close(out, chain, rtol=0, atol=1e-5)
-    torch.testing.assert_close(ionnx.reference_sample(generator, inputs, 3), chain, rtol=0, atol=0)
+    torch.testing.assert_close(reference_sample(generator, inputs, 3), chain, rtol=0, atol=0)
     hole = inputs["mask"].bool().expand_as(out)
     assert torch.equal(out[~hole], xT[~hole])
 
 
 def _old_generate(ibmd, xT, z, mask, grad):
-    """The distiller's chain as it was written before it went through ``student_sample``."""
+    """The distiller's chain as it was written before it went through ``student_chain``."""
     batch = xT.shape[0]
-    n = 1 if ibmd.nfe == 1 else int(torch.randint(1, ibmd.nfe + 1, (), generator=ibmd.noise))
+    n = 1 if ibmd.nfe == 1 else int(torch.randint(1, ibmd.nfe + 1, (), generator=ibmd.rng))
 
     def call(model, x, t):
         x0 = model(xT, z, t=t, x_t=x)
@@ -230,7 +229,7 @@ def _old_generate(ibmd, xT, z, mask, grad):
         for m in range(ibmd.nfe, n, -1):
             t = ibmd.bridge.times(ibmd.grid[m - 1], batch, ibmd.device)
             s = ibmd.bridge.times(ibmd.grid[m - 2], batch, ibmd.device)
-            x = ibmd.bridge.posterior_step(x, call(ibmd.generator, x, t), s, t, seed=ops.draw_seed(ibmd.noise))
+            x = ibmd.bridge.posterior_step(x, call(ibmd.generator, x, t), s, t, seed=ops.draw_seed(ibmd.rng))
     t_n = ibmd.bridge.times(ibmd.grid[n - 1], batch, ibmd.device)
     with contextlib.nullcontext() if grad else torch.no_grad():
         return call(ibmd.gen_ddp if grad else ibmd.generator, x, t_n)
@@ -255,9 +254,9 @@ def test_the_distillers_generate_is_the_student_chain_bit_for_bit(inpainting):
     for grad in (False, True):
         seen = set()
         for draw in range(6):  # several draws of n (grid points)
-            state = ibmd.noise.get_state()
+            state = ibmd.rng.get_state()
             old = _old_generate(ibmd, xT, z, mask, grad)
-            ibmd.noise.set_state(state)
+            ibmd.rng.set_state(state)
             new = ibmd.generate(xT, z, mask, grad)
             assert torch.equal(new, old) and new.requires_grad == grad
             seen.add(float(old.detach().sum()))
@@ -278,10 +277,10 @@ def test_restore_dispatches_to_the_named_sampler():
 
     with torch.no_grad():
         for teacher, sampler, run in [
-            (i2sb_teacher, "i2sb", lambda p, b, g: samplers.i2sb_sample(p, b, xT, 3, generator=g)),
-            (i2sb_teacher, "dbim", lambda p, b, g: samplers.dbim_sample(p, b, xT, 3, eta=0.5, generator=g)),
-            (vp_teacher, "dbim", lambda p, b, g: samplers.dbim_sample(p, b, xT, 3, eta=0.5, generator=g)),
-            (vp_teacher, "heun", lambda p, b, g: samplers.heun_sample(p, b, xT, 3, generator=g)),
+            (i2sb_teacher, "i2sb", lambda p, b, g: samplers.i2sb_sample(p, b, xT, 3, rng=g)),
+            (i2sb_teacher, "dbim", lambda p, b, g: samplers.dbim_sample(p, b, xT, 3, eta=0.5, rng=g)),
+            (vp_teacher, "dbim", lambda p, b, g: samplers.dbim_sample(p, b, xT, 3, eta=0.5, rng=g)),
+            (vp_teacher, "heun", lambda p, b, g: samplers.heun_sample(p, b, xT, 3, rng=g)),
         ]:
             expected = run(predict(teacher), teacher.bridge, torch.Generator().manual_seed(9))
             got = restore(teacher, xT, sampler, 3, 0.5 if sampler == "dbim" else None, seed=9)
@@ -335,32 +334,6 @@ def test_restore_inpainting_keeps_known_pixels_and_conditions_on_the_filled_imag
     for sampler in ("i2sb", "dbim"):
         out = restore(teacher, xT, sampler, 3, mask=mask, seed=2)
         assert torch.equal(out[known], xT[known]) and not torch.equal(out[~known], xT[~known])
-
-
-def test_old_import_paths_still_work_for_one_release():
-    """Moved names stay importable where they were (ibmd_fast.evaluate, samplers, train.evaluation, models.unet)."""
-    import ibmd_fast.evaluate as evaluate
-    import ibmd_fast.imageio as imageio
-    import ibmd_fast.release as release
-    import ibmd_fast.restore as restore_module
-    from ibmd_fast.device import resolve_device
-    from ibmd_fast.models import checkpoints
-    from ibmd_fast.models import unet
-    from ibmd_fast.samplers import fill_hole as old_fill_hole
-    from ibmd_fast.samplers import impose_known as old_impose_known
-
-    assert (old_fill_hole, old_impose_known) == (fill_hole, impose_known)
-    assert evaluate.restore_with_teacher is restore_with_teacher and evaluate.save_grid is imageio.save_grid
-    assert evaluate.load_model is release.load_model and evaluate.resolve_device is resolve_device
-    assert evaluate.DEFAULT_TEACHER == release.DEFAULT_TEACHER and evaluate.natural_sampler("vp") == "dbim"
-    assert unet.load_state_dict_checked is checkpoints.load_state_dict_checked
-    import ibmd_fast.train as train
-    from ibmd_fast.train import distributed, evaluation
-
-    assert evaluation.sample_teacher is restore_module.sample_teacher and distributed.resolve_device is resolve_device
-    assert train.DEFAULT_TEACHER == release.DEFAULT_TEACHER
-    with pytest.raises(ImportError):
-        from ibmd_fast.samplers import student_sample  # noqa: F401  (its signature changed: restore.student_sample)
 
 
 def test_resolve_device_says_what_is_wrong_in_one_line():

@@ -250,7 +250,7 @@ def test_probability_flow_keeps_the_marginal():
     torch.testing.assert_close(x, point(times[-1]), rtol=0, atol=1e-5)
 
 
-# The student's chain is restore.student_sample: tests/test_restore.py.
+# The student's chain is restore.student_chain: tests/test_restore.py.
 
 
 # ----------------------------------------------------------------------------
@@ -273,14 +273,14 @@ def test_seeds(run):
     assert torch.isfinite(a).all()
     assert torch.equal(a, run(_toy, xT, seed=7))
     assert not torch.equal(a, run(_toy, xT, seed=8))
-    assert torch.equal(a, run(_toy, xT, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(a, run(_toy, xT, rng=torch.Generator().manual_seed(7)))
     # No seed: drawn from torch's default generator.
     torch.manual_seed(1)
     b = run(_toy, xT)
     torch.manual_seed(1)
     assert torch.equal(b, run(_toy, xT))
     with pytest.raises(ValueError):
-        run(_toy, xT, seed=1, generator=torch.Generator())
+        run(_toy, xT, seed=1, rng=torch.Generator())
 
 
 def test_bad_arguments():

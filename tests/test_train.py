@@ -188,7 +188,7 @@ def test_train_teacher_writes_its_files_and_learns(tmp_path, image_dir):
     batch = collate([data[i] for i in range(4)])
     x0, xT = batch["x0"].repeat(8, 1, 1, 1), batch["xT"].repeat(8, 1, 1, 1)
     bridge = teacher.bridge
-    t = bridge.sample_t(32, generator=torch.Generator().manual_seed(1))
+    t = bridge.sample_t(32, rng=torch.Generator().manual_seed(1))
     x_t = bridge.q_sample(x0, xT, t, seed=5)
     with torch.no_grad():
         trained = ops.bridge_loss(teacher.predict_x0(x_t, t), x0, bridge.loss_weight(t)).mean()

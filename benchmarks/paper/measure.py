@@ -17,8 +17,9 @@ import torch
 from ibmd_fast.evaluate import load_eval_data
 from ibmd_fast.release import load_model
 from ibmd_fast.restore import restore_with_generator, restore_with_teacher
+from ibmd_fast.classifier import load_classifier
+from ibmd_fast.metrics import compute_features, psnr, ssim
 from ibmd_fast.timing import Stopwatch
-from ibmd_fast.metrics import compute_features, load_classifier, psnr, ssim
 from paper.config import CHANNELS, Preset, Task, TeacherRow
 from paper.stages import Stages, task_dir
 

@@ -11,7 +11,8 @@ import torch
 
 from _common import write_json
 from ibmd_fast.data import FASHION_MNIST_DIR, FashionMNIST
-from ibmd_fast.metrics import classifier_accuracy, save_classifier, train_classifier
+from ibmd_fast.metrics import classifier_accuracy
+from ibmd_fast.classifier import save_classifier, train_classifier
 from ibmd_fast.release import atomic_write
 from ibmd_fast.train import DistillConfig, TeacherConfig, distill, train_teacher
 from paper.config import CHANNELS, Preset, Task, reference_nfe

@@ -1,12 +1,12 @@
 """Degradations: clean image x0 -> corrupted image xT at the size of x0.
 
 ``get_degradation(name, masks=None)`` returns an object with ``name``, ``is_inpainting``
-and ``__call__(x0, generator=None) -> (xT, mask_or_None)``; ``x0`` is
+and ``__call__(x0, rng=None) -> (xT, mask_or_None)``; ``x0`` is
 ``[C, H, W]`` or ``[B, C, H, W]`` in [-1, 1] with C = 1 or 3, ``xT`` has the
 same shape, dtype and device. ``mask`` (inpainting only) is float ``[1, H, W]``
 (``[B, 1, H, W]`` for a batch), 1 in the hole.
 
-``generator`` seeds the random ones (free-form masks; torch's default generator
+``rng`` seeds the random ones (free-form masks; torch's default generator
 when None, which the trainers seed).
 
 Names (``DEGRADATIONS``). I2SB's own corruptions, exactly as its ``corruption/``
@@ -103,19 +103,19 @@ class Degradation:
             raise ValueError(f"{self.name} takes square images only, got {height}x{width}")
 
     def __call__(
-        self, x0: torch.Tensor, generator: Optional[torch.Generator] = None
+        self, x0: torch.Tensor, rng: Optional[torch.Generator] = None
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         batch, single = _as_batch(x0)
         if batch.shape[1] not in (1, 3):
             raise ValueError(f"{self.name}: x0 must have 1 or 3 channels, got {batch.shape[1]}")
         with torch.no_grad():
-            xT, mask = self._degrade(batch, generator)
+            xT, mask = self._degrade(batch, rng)
         if single:
             xT = xT[0]
             mask = None if mask is None else mask[0]
         return xT, mask
 
-    def _degrade(self, x0: torch.Tensor, generator):  # pragma: no cover - abstract
+    def _degrade(self, x0: torch.Tensor, rng):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def hole_mask(self, height: int, width: int) -> Optional[torch.Tensor]:
@@ -178,7 +178,7 @@ class SuperResolution(Degradation):
             up = up.clamp(-1.0, 1.0)  # bicubic overshoots
         return up[0] if single else up
 
-    def _degrade(self, x0, generator):
+    def _degrade(self, x0, rng):
         return self.upsample(self.downsample(x0)), None
 
 
@@ -195,7 +195,7 @@ class JPEG(Degradation):
         self.size_multiple = 16 if codec == "ddrm" else 1  # 8x8 blocks of the half-size chroma
         self.name = f"jpeg-{self.quality}" + ("-libjpeg" if codec == "libjpeg" else "")
 
-    def _degrade(self, x0, generator):
+    def _degrade(self, x0, rng):
         if self.codec == "ddrm":
             return i2sb_corruptions.jpeg(x0, self.quality), None
         out = torch.empty_like(x0)
@@ -220,7 +220,7 @@ class Blur(Degradation):
         self.kind, self.square = kind, True
         self.name = f"blur-{kind}"
 
-    def _degrade(self, x0, generator):
+    def _degrade(self, x0, rng):
         return i2sb_corruptions.blur(x0, self.kind), None
 
 
@@ -247,7 +247,7 @@ class CenterInpainting(Degradation):
         mask[:, top:top + side_h, left:left + side_w] = 1.0
         return mask
 
-    def _degrade(self, x0, generator):
+    def _degrade(self, x0, rng):
         mask = self.hole_mask(*x0.shape[-2:]).to(x0.device, x0.dtype)
         mask = mask.expand(x0.shape[0], 1, *x0.shape[-2:]).contiguous()
         return x0 * (1.0 - mask), mask
@@ -274,11 +274,11 @@ class FreeformInpainting(Degradation):
         raise ValueError(f"{self.name} draws a random mask per image, so it has no fixed one: "
                          "give the masks with the corrupted images (sample --mask) or use clean images")
 
-    def _degrade(self, x0, generator):
+    def _degrade(self, x0, rng):
         if tuple(x0.shape[-2:]) != self.masks.size:
             raise ValueError(f"{self.name}: the masks in {self.masks.path} are {self.masks.size[0]}x"
                              f"{self.masks.size[1]}, the images {x0.shape[-2]}x{x0.shape[-1]}")
-        mask = self.masks.draw(x0.shape[0], generator).to(x0.device, x0.dtype)
+        mask = self.masks.draw(x0.shape[0], rng).to(x0.device, x0.dtype)
         return x0 * (1.0 - mask), mask
 
 
@@ -290,7 +290,7 @@ class Sketch(Degradation):
     def __init__(self, sigma: float = 1.5):
         self.sigma = float(sigma)
 
-    def _degrade(self, x0, generator):
+    def _degrade(self, x0, rng):
         from skimage.feature import canny  # imported here: skimage is slow to import
 
         luma = ((to_channels(x0.to(torch.float32), 1) + 1.0) / 2.0).clamp(0.0, 1.0).cpu().numpy()

@@ -37,7 +37,7 @@ wraps these functions as named degradations.
 - ``FreeformMasks(path, ratio)``: Palette's free-form masks (the file
   ``imagenet_freeform_masks.npz``, keys ``"10-20% freeform"``, ... as packed bits of
   ``[N, 256, 256]``) or I2SB's cache of one range (``imagenet_freeform1020_masks.npz``, key
-  ``"mask"``, ``[N, 256, 256]`` uint8); 1 is the hole. ``draw(batch, generator)`` picks one
+  ``"mask"``, ``[N, 256, 256]`` uint8); 1 is the hole. ``draw(batch, rng)`` picks one
   mask per image uniformly, as I2SB's ``np.random.randint(n_masks)`` does.
 
 Gray images (C = 1) go through as RGB with three equal channels (how a gray photo loads in
@@ -275,6 +275,6 @@ class FreeformMasks:
         bits = np.unpackbits(self.packed[index.cpu().numpy()], axis=1)[:, : self.size[0] * self.size[1]]
         return torch.from_numpy(bits.reshape(-1, 1, *self.size).astype(np.float32))
 
-    def draw(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def draw(self, batch: int, rng: Optional[torch.Generator] = None) -> torch.Tensor:
         """One mask per image, each drawn uniformly from the file: ``[batch, 1, H, W]``."""
-        return self.masks(torch.randint(len(self), (batch,), generator=generator))
+        return self.masks(torch.randint(len(self), (batch,), generator=rng))

@@ -122,7 +122,7 @@ def resize_and_crop(
     image: Image.Image,
     size: Size,
     crop: str = "center",
-    generator: Optional[torch.Generator] = None,
+    rng: Optional[torch.Generator] = None,
     box: Optional[Sequence[int]] = None,
 ) -> Tuple[Image.Image, Tuple[int, int, int, int]]:
     """Resize so the image covers ``size`` (aspect kept, bicubic with antialias),
@@ -130,7 +130,7 @@ def resize_and_crop(
 
     Returns the image and the crop box ``(left, top, right, bottom)`` in the
     resized image. ``box`` reuses a crop box (so a clean/corrupted pair gets the
-    same crop). ``crop="random"`` draws the offset from ``generator`` (torch's
+    same crop). ``crop="random"`` draws the offset from ``rng`` (torch's
     default generator when None, which DataLoader seeds per worker).
     """
     hw = as_hw(size)
@@ -146,8 +146,8 @@ def resize_and_crop(
         if crop == "center":
             left, top = (new_w - w) // 2, (new_h - h) // 2
         elif crop == "random":
-            left = int(torch.randint(0, new_w - w + 1, (1,), generator=generator))
-            top = int(torch.randint(0, new_h - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, new_w - w + 1, (1,), generator=rng))
+            top = int(torch.randint(0, new_h - h + 1, (1,), generator=rng))
         else:
             raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
         box = (left, top, left + w, top + h)

@@ -25,41 +25,52 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import (  # noqa: F401  (the blocks stay importable from here)
+from .blocks import (
     conv_nd,
-    avg_pool_nd,
     zero_module,
-    GroupNorm32,
     normalization,
     timestep_embedding,
-    TimestepBlock,
     TimestepEmbedSequential,
     Upsample,
     Downsample,
     ResBlock,
-    QKVAttentionLegacy,
-    QKVAttention,
     AttentionBlock,
 )
-
-# Checkpoint parsing lives in models/checkpoints.py; these names stay importable from here.
-from .checkpoints import extract_state_dict, load_checkpoint_file, load_state_dict_checked  # noqa: F401
 
 __all__ = [
     "UNet",
     "CONFIGS",
     "build_unet",
-    "timestep_embedding",
+    "size_multiple",
+    "check_image_size",
     "attention_rates",
     "count_parameters",
-    "load_state_dict_checked",
-    "load_checkpoint_file",
-    "extract_state_dict",
 ]
 
 
 # ----------------------------------------------------------------------------
 # The U-Net
+
+def size_multiple(channel_mult: Iterable) -> int:
+    """Heights and widths the U-Net takes are multiples of this: 2 per downsampling, ``2**(len(channel_mult) - 1)``."""
+    return 2 ** max(0, len(tuple(channel_mult)) - 1)
+
+
+def check_image_size(channel_mult: Iterable, height: int, width: int, what: str, network: str = "the U-Net") -> None:
+    """One-line ValueError when ``network``, a U-Net with ``channel_mult``, cannot take a ``height x
+    width`` image (``what``, e.g. "--image-size 30" or "input a.png"); it names the nearest sizes it can take."""
+    m, height, width = size_multiple(channel_mult), int(height), int(width)
+    if height % m == 0 and width % m == 0 and height >= m and width >= m:
+        return
+    lower = (max(m, width // m * m), max(m, height // m * m))
+    upper = (-(-width // m) * m, -(-height // m) * m)
+    if height == width:
+        size, near = f"{width}x{height}", " or ".join(dict.fromkeys(str(s[0]) for s in (lower, upper)))
+    else:
+        size, near = f"{width}x{height} (width x height)", " or ".join(dict.fromkeys(f"{w}x{h}" for w, h in (lower, upper)))
+    raise ValueError(f"{what} is {size}, but {network} halves the image {len(tuple(channel_mult)) - 1} time(s) and "
+                     f"takes widths and heights that are multiples of {m} (nearest: {near})")
+
 
 def attention_rates(image_size: int, resolutions: str | Iterable[int]) -> list[int]:
     """guided-diffusion's script convention: "32,16,8" (resolutions) -> downsampling rates.

@@ -200,7 +200,7 @@ class Generator(BridgeModel):
 
         The network's prediction over the whole image: inpainting (known pixels
         from xT, the hole of xT filled with noise beforehand) is the chain's job,
-        `restore.impose_known` in `restore.student_sample`. With
+        `known_pixels.impose_known` in `restore.student_chain`. With
         `z_channels == 0`, `z` is ignored.
         """
         if t is None:

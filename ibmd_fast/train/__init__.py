@@ -9,8 +9,9 @@
 - ``distributed``: torchrun / DDP helpers (``torchrun --nproc_per_node=N ...``).
 """
 from ibmd_fast.train.checkpoint import CheckpointError, CheckpointIO, CheckpointMismatchError, CheckpointWarning
-from ibmd_fast.train.common import TrainingDivergedError
-from ibmd_fast.train.ibmd import DEFAULT_TEACHER, IBMD, DistillConfig, distill
+from ibmd_fast.paths import DEFAULT_TEACHER
+from ibmd_fast.train.ibmd import IBMD, DistillConfig, distill
+from ibmd_fast.train.optim import TrainingDivergedError
 from ibmd_fast.train.ema import EMA
 from ibmd_fast.train.teacher import TeacherConfig, train_teacher
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ibmd_fast.release import NonFiniteError, atomic_write, check_finite
+from ibmd_fast.models import load_state_dict_checked
 
 __all__ = ["CheckpointIO", "CheckpointError", "CheckpointMismatchError", "CheckpointWarning"]
 
@@ -225,8 +226,6 @@ class CheckpointIO:
 
     def load(self, payload: dict, path: str = "<checkpoint>") -> dict:
         """Load every object's state from ``payload`` (see ``read``). Returns the payload."""
-        from ibmd_fast.models import load_state_dict_checked
-
         state = payload["state"]
         missing = sorted(set(self.objects) - set(state))
         if missing:

@@ -1,10 +1,10 @@
 """What the teacher trainer and the IBMD distiller share.
 
-- ``RunLog`` (in ``rundir``, re-exported): ``log.txt`` (what was printed), ``stats.jsonl`` (a JSON line per log step),
+- ``RunLog`` (in ``rundir``): ``log.txt`` (what was printed), ``stats.jsonl`` (a JSON line per log step),
   ``config.json``; rank 0 only.
 - ``Precision``: autocast (bf16/fp16, CUDA only) and the fp16 GradScaler.
-- ``OptimizerStep``: gradient clipping and the non-finite guard, with one decision for
-  every rank.
+- ``OptimizerStep`` (in ``optim``): gradient clipping and the non-finite guard, with one decision
+  for every rank.
 - ``as_config``, ``find_checkpoint``, ``restore_rank_rng``, ``RunCheckpoints``, ``set_lr``,
   ``fmt_value``: the config, resume, checkpoint and logging steps every trainer takes.
 """
@@ -17,43 +17,31 @@ import math
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 
-from ibmd_fast.ops import draw_seed  # noqa: F401  (re-exported for the trainers)
 from ibmd_fast.seeds import capture_rng, derive_seed, restore_rng, seed_everything
 from ibmd_fast.train.distributed import DistEnv
-from ibmd_fast.train.rundir import RunLog, write_text  # noqa: F401  (re-exported: they lived here)
-
-if TYPE_CHECKING:  # checkpoint.py is imported where it is used (it may import this module)
-    from ibmd_fast.train.checkpoint import CheckpointIO
-# the optimizer guard lives in its own module; re-exported here, where the trainers import it from
-from ibmd_fast.train.optim import MAX_CONSECUTIVE_SKIPS, OptimizerStep, TrainingDivergedError, make_adamw
+from ibmd_fast.train.optim import TrainingDivergedError
+from ibmd_fast.train.checkpoint import CheckpointIO, CheckpointMismatchError
+from ibmd_fast.train.rundir import RunLog, find_resume
 
 __all__ = [
-    "RunLog",
-    "derive_seed",  # from seeds.py, where new code imports it
     "Precision",
-    "OptimizerStep",
-    "TrainingDivergedError",
     "config_dict",
     "check_compatible",
     "check_training_options",
     "check_steps_taken",
     "check_kind",
     "progress_bar",
-    "draw_seed",
-    "write_text",
     "Meter",
-    "MAX_CONSECUTIVE_SKIPS",
     "as_config",
     "set_lr",
     "fmt_value",
     "find_checkpoint",
     "restore_rank_rng",
     "RunCheckpoints",
-    "make_adamw",
 ]
 
 # ----------------------------------------------------------------------------
@@ -67,8 +55,6 @@ def config_dict(cfg) -> dict:
 
 def check_kind(payload: dict, kind: str, path: str) -> None:
     """A teacher-training checkpoint cannot resume a distillation, and the other way round."""
-    from ibmd_fast.train.checkpoint import CheckpointMismatchError
-
     if payload.get("kind") != kind:
         raise CheckpointMismatchError(f"checkpoint {path} was written by a {payload.get('kind', 'unknown')!r} run, "
                                       f"not a {kind!r} one; use another --run-dir or --resume none")
@@ -76,8 +62,6 @@ def check_kind(payload: dict, kind: str, path: str) -> None:
 
 def check_compatible(saved: dict, current: dict, keys: Iterable[str], path: str) -> None:
     """One ``CheckpointMismatchError`` naming every differing key among ``keys``."""
-    from ibmd_fast.train.checkpoint import CheckpointMismatchError
-
     norm = lambda v: json.loads(json.dumps(v))  # noqa: E731  (tuples vs lists)
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}"
              for k in keys if norm(saved.get(k)) != norm(current.get(k))]
@@ -91,8 +75,6 @@ def check_compatible(saved: dict, current: dict, keys: Iterable[str], path: str)
 def check_training_options(saved: dict, current: dict, keys: Iterable[str], path: str, allow: bool, log) -> None:
     """A resumed run whose training options (``keys``) differ from the checkpoint's: refused with one line
     naming each option, unless ``allow`` (``--allow-config-change``), when the differences are logged."""
-    from ibmd_fast.train.checkpoint import CheckpointMismatchError
-
     diffs = [f"--{k.replace('_', '-')} {current[k]} (checkpoint: {saved[k]})"
              for k in keys if k in saved and k in current and saved[k] != current[k]]
     if not diffs:
@@ -149,8 +131,6 @@ def fmt_value(value) -> str:
 def find_checkpoint(resume: str, ckpt: CheckpointIO, log: RunLog, env) -> Optional[tuple[str, dict]]:
     """The checkpoint to resume from (``rundir.find_resume``: ``auto`` the newest readable one, a path
     that file, ``none`` nothing); its warnings also go to log.txt."""
-    from ibmd_fast.train.rundir import find_resume
-
     ckpt.log = log.record
     return find_resume(resume, ckpt, env)
 
@@ -165,9 +145,9 @@ class RunCheckpoints:
     just saved. ``saved_at`` starts at the resumed step (or -1).
     """
 
-    def __init__(self, ckpt: "CheckpointIO", env, noise: torch.Generator, started: float, seconds_before: float,
+    def __init__(self, ckpt: "CheckpointIO", env, rng: torch.Generator, started: float, seconds_before: float,
                  saved_at: int, **fields):
-        self.ckpt, self.env, self.noise = ckpt, env, noise
+        self.ckpt, self.env, self.rng = ckpt, env, rng
         self.started, self.seconds_before = started, seconds_before
         self.saved_at = saved_at
         self.fields = fields
@@ -177,7 +157,7 @@ class RunCheckpoints:
         return self.seconds_before + time.perf_counter() - self.started
 
     def save(self, step: int, data_position: int) -> None:
-        states = self.env.gather(capture_rng(self.noise))
+        states = self.env.gather(capture_rng(self.rng))
         if self.env.is_main:
             self.ckpt.save(step, **self.fields, rng=states, data_position=data_position, seconds=self.seconds())
         self.saved_at = step
@@ -194,15 +174,15 @@ class RunCheckpoints:
             self.save(step, data_position)
 
 
-def restore_rank_rng(payload: dict, gen: torch.Generator, env, log) -> None:
+def restore_rank_rng(payload: dict, rng: torch.Generator, env, log) -> None:
     states = payload["rng"]
     if len(states) == env.world_size:
-        restore_rng(states[env.rank], gen)
+        restore_rng(states[env.rank], rng)
     else:
         # Another number of processes: the run goes on, with fresh noise streams.
         log(f"note: checkpoint written by {len(states)} process(es), resuming with {env.world_size}: "
             "noise streams are re-seeded (the run is not bit-identical to an uninterrupted one)")
-        gen.manual_seed(derive_seed(int(payload["step"]), env.rank, 2))
+        rng.manual_seed(derive_seed(int(payload["step"]), env.rank, 2))
         seed_everything(derive_seed(int(payload["step"]), env.rank, 3) % 2**31)
 
 

@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ibmd_fast.device import resolve_device  # noqa: F401  (re-exported: the trainers' name for it)
+from ibmd_fast.device import resolve_device
 
-__all__ = ["DistEnv", "init", "resolve_device", "wrap_ddp", "unwrap", "local_batch_size"]
+__all__ = ["DistEnv", "init", "wrap_ddp", "unwrap", "local_batch_size"]
 
 
 @dataclass

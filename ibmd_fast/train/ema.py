@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ibmd_fast.models import load_state_dict_checked
+
 __all__ = ["EMA"]
 
 
@@ -108,8 +110,6 @@ class EMA:
         return {"module": self.module.state_dict(), "num_updates": self.num_updates, "decay": self.decay}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from ibmd_fast.models import load_state_dict_checked
-
         load_state_dict_checked(self.module, state["module"])
         self.num_updates = int(state["num_updates"])
         # The decay is the run's setting (it may be changed on resume); the count is the state.

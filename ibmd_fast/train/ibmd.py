@@ -61,12 +61,15 @@ from typing import Optional
 import torch
 
 from ibmd_fast import ops
-from ibmd_fast.data import LAYOUTS, Degradation, canonical_name, get_degradation, make_dataset
+from ibmd_fast.data import LAYOUTS, Degradation, canonical_name, collate, get_degradation, make_dataset
 from ibmd_fast.imageio import save_grid
 from ibmd_fast.models import Generator, make_fake_model
 from ibmd_fast.ops import draw_seed
-from ibmd_fast.release import DEFAULT_TEACHER, GENERATOR_FORMAT, ReleaseError, load_teacher, save_release
-from ibmd_fast.restore import SeededNoise, default_teacher_nfe, fill_hole, noise_like, sample_student, student_grid, student_sample
+from ibmd_fast.paths import DEFAULT_TEACHER
+from ibmd_fast.release import GENERATOR_FORMAT, ReleaseError, load_teacher, read_release, save_release
+from ibmd_fast.known_pixels import fill_hole, noise_like
+from ibmd_fast.models.unet import check_image_size, size_multiple
+from ibmd_fast.restore import SeededNoise, default_teacher_nfe, sample_student, student_chain, student_grid
 from ibmd_fast.seeds import derive_seed
 from ibmd_fast.train import distributed, report
 from ibmd_fast.train.batches import BatchStream, first_items, shared_dataset, to_device
@@ -74,11 +77,11 @@ from ibmd_fast.train.common import Meter, Precision, as_config, config_dict, fmt
 from ibmd_fast.train.ema import EMA
 from ibmd_fast.train.loop import TrainingTask, run_training
 from ibmd_fast.train.optim import OptimizerStep, make_adamw
-from ibmd_fast.train.preflight import check_device, check_image_size, check_settings
+from ibmd_fast.train.preflight import check_device, check_settings
 from ibmd_fast.train.recipes import MULTISTEP_MODES, apply_recipe, get_recipe
 from ibmd_fast.train.rundir import RunLog, write_text
 
-__all__ = ["DistillConfig", "distill", "recipe_config", "IBMD", "DistillTask", "DEFAULT_TEACHER"]
+__all__ = ["DistillConfig", "distill", "recipe_config", "IBMD", "DistillTask"]
 
 GRID_ITEMS = 8
 
@@ -200,7 +203,7 @@ class IBMD:
                                        self.gen_scaler, cfg.grad_clip, env, "--lr")
         self.fake_guard = OptimizerStep("fake-model", self.fake_opt, list(self.fake.parameters()),
                                         self.fake_scaler, cfg.grad_clip, env, "--fake-lr")
-        self.noise = torch.Generator().manual_seed(derive_seed(cfg.seed, env.rank, 1))
+        self.rng = torch.Generator().manual_seed(derive_seed(cfg.seed, env.rank, 1))
         self.gen_ddp = self.generator
         self.fake_ddp = self.fake
 
@@ -226,7 +229,7 @@ class IBMD:
         batch = to_device(batch, self.device, self.cfg.channels_last)
         xT, mask = batch["xT"], batch.get("mask")
         if self.inpainting and mask is not None:
-            xT = fill_hole(xT, mask, draw_seed(self.noise))
+            xT = fill_hole(xT, mask, draw_seed(self.rng))
         y = None
         if self.class_conditional:
             if "label" not in batch:
@@ -240,7 +243,7 @@ class IBMD:
 
         In MATH.md 5 terms, with the grid ``t_1 < ... < t_k = T`` and ``x_{t_k} = xT``: for m = k, k-1, ...,
         ``x0~ = G_theta(x_{t_m}, z, t_m)`` and ``x_{t_{m-1}}`` is the posterior step (MATH.md 3) from
-        ``x_{t_m}`` with ``x0~`` in place of x0. The chain is inference's (``restore.student_sample``).
+        ``x_{t_m}`` with ``x0~`` in place of x0. The chain is inference's (``restore.student_chain``).
 
         - ``multistep = "random-stop"`` (DDBM teachers, Appendix B.2; DMD's choice): ``n ~ U{1..k}``,
           the chain stops at ``x0 = G_theta(x_{t_n}, z, t_n)``. The calls before it run WITHOUT
@@ -259,20 +262,20 @@ class IBMD:
         if self.nfe == 1 or self.full_chain:
             n = 1
         else:
-            n = int(torch.randint(1, self.nfe + 1, (), generator=self.noise))
+            n = int(torch.randint(1, self.nfe + 1, (), rng=self.rng))
         model = self.gen_ddp if grad else self.generator
         with contextlib.nullcontext() if grad else torch.no_grad():
-            return student_sample(self.generator, xT, z, self.nfe, mask=mask, noise=SeededNoise(self.noise),
+            return student_chain(self.generator, xT, z, self.nfe, mask=mask, noise=SeededNoise(self.rng),
                                   stop=n, last_call=model, autocast=self.precision.autocast, grid=self.grid,
                                   grad_chain=self.full_chain, y=y)
 
     def fake_step(self, batch: dict) -> tuple[float, float, bool]:
         """Algorithm 1, step 1 (one of the L): bridge matching of phi on the generator's samples."""
         xT, mask, y = self.corrupted(batch)
-        z = noise_like(xT, draw_seed(self.noise))
+        z = noise_like(xT, draw_seed(self.rng))
         x0 = self.generate(xT, z, mask, grad=False, y=y)
-        t = self.bridge.sample_t(xT.shape[0], generator=self.noise).to(self.device, non_blocking=True)
-        x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.noise))
+        t = self.bridge.sample_t(xT.shape[0], rng=self.rng).to(self.device, non_blocking=True)
+        x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.rng))
         with self.precision.autocast():
             x0_fake = self.fake_ddp(x_t, t, xT if self.conditional else None, y)
         loss = ops.bridge_loss(_opmath(x0_fake), x0, self.bridge.loss_weight(t), mask=mask).mean()
@@ -281,14 +284,14 @@ class IBMD:
     def generator_step(self, batch: dict) -> tuple[float, float, bool]:
         """Algorithm 1, step 2: the IBMD loss, backpropagated through x_t into the generator."""
         xT, mask, y = self.corrupted(batch)
-        z = noise_like(xT, draw_seed(self.noise))
+        z = noise_like(xT, draw_seed(self.rng))
         cond = xT if self.conditional else None
         self.fake.requires_grad_(False)  # phi is a fixed function in this step,
         self.fake.eval()  # evaluated as the teacher is (dropout off)
         try:
             x0 = self.generate(xT, z, mask, grad=True, y=y)
-            t = self.bridge.sample_t(xT.shape[0], generator=self.noise).to(self.device, non_blocking=True)
-            x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.noise))  # differentiable in x0
+            t = self.bridge.sample_t(xT.shape[0], rng=self.rng).to(self.device, non_blocking=True)
+            x_t = self.bridge.q_sample(x0, xT, t, seed=draw_seed(self.rng))  # differentiable in x0
             with self.precision.autocast():
                 x0_teacher = self.teacher.predict_x0(x_t, t, cond, y=y)
                 x0_fake = self.fake.predict_x0(x_t, t, cond, y=y)  # the plain module: no DDP hooks
@@ -313,8 +316,6 @@ def _resolve(cfg: DistillConfig, degradation: Optional[Degradation] = None
                 f"no teacher given and the embedded default {DEFAULT_TEACHER} is not installed; "
                 "train one with `ibmd-fast train-teacher` and pass its teacher.safetensors")
         raise FileNotFoundError(f"teacher release not found: {path}")
-    from ibmd_fast.release import read_release
-
     _, tconf, _ = read_release(path, expect="ibmd_fast.teacher")
     if cfg.recipe:
         _check_recipe_teacher(cfg, tconf, path)
@@ -334,7 +335,8 @@ def _resolve(cfg: DistillConfig, degradation: Optional[Degradation] = None
     resolved.eval_teacher_nfe = tuple(resolved.eval_teacher_nfe)
     degradation = resolved.validate(degradation)  # a degradation filled from the release is built here
     if "channel_mult" in tconf.get("unet", {}):
-        check_image_size(resolved.image_size, tconf["unet"]["channel_mult"], "the teacher's U-Net")
+        size = resolved.image_size
+        check_image_size(tconf["unet"]["channel_mult"], size, size, f"--image-size {size}", "the teacher's U-Net")
     return resolved, tconf, degradation
 
 
@@ -421,7 +423,7 @@ class DistillTask(TrainingTask):
         self.grid_batch = first_items(self.dataset, GRID_ITEMS) if env.is_main else None
 
         self.ibmd = ibmd = IBMD(teacher, cfg, env, precision, inpainting, class_conditional)
-        self.noise = ibmd.noise
+        self.rng = ibmd.rng
         self.guards = {"skipped": ibmd.gen_guard, "skipped_fake": ibmd.fake_guard}
         self.learning_rates = [(ibmd.gen_opt, cfg.lr), (ibmd.fake_opt, cfg.fake_lr)]
         self.model_config = {"teacher_unet": teacher.net.config, "bridge": teacher.bridge.config(),
@@ -552,9 +554,6 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         items = [test[i] for i in range(n)]
-    from ibmd_fast.data import collate
-    from ibmd_fast.release import size_multiple
-
     batches = [collate(items[i:i + per_batch]) for i in range(0, n, per_batch)]
     if not ibmd.inpainting:
         batches = [{k: v for k, v in b.items() if k != "mask"} for b in batches]
@@ -572,7 +571,7 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
     teacher_nfe = max((r["nfe"] for r in rows if r["model"] == "teacher"), default=default_teacher_nfe(ibmd.bridge))
     photo = report.photo_comparison(
         os.path.join(cfg.run_dir, "comparison.png"), ibmd.teacher, ibmd.ema.module, cfg.nfe, teacher_nfe,
-        degradation, channels, size_multiple({"unet": ibmd.teacher.net.config}), ibmd.device,
+        degradation, channels, size_multiple(ibmd.teacher.net.config["channel_mult"]), ibmd.device,
         seed=cfg.seed, autocast=ibmd.precision.autocast,
         # the hole of the crops the teacher learned, not half the whole photo (larger than any it saw),
         # restored from the training-size window around it (report.photo_comparison says why)

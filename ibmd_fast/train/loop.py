@@ -155,7 +155,7 @@ def _loop(cfg, task: TrainingTask, env: distributed.DistEnv, log: RunLog, local_
         start_step = int(payload["step"])
         seconds_before = float(payload.get("seconds", 0.0))
         position = int(payload["data_position"])
-        restore_rank_rng(payload, task.noise, env, log)
+        restore_rank_rng(payload, task.rng, env, log)
         log(f"resumed from {path} at step {start_step}")
     log.truncate_stats(start_step)
     log.write_config({**run_config, "world_size": env.world_size, **task.config_extra})
@@ -171,7 +171,7 @@ def _loop(cfg, task: TrainingTask, env: distributed.DistEnv, log: RunLog, local_
     fields = {"kind": task.kind, "config": run_config}
     if task.model_config is not None:
         fields["model"] = task.model_config
-    checkpoints = RunCheckpoints(ckpt, env, task.noise, t_start, seconds_before,
+    checkpoints = RunCheckpoints(ckpt, env, task.rng, t_start, seconds_before,
                                  start_step if found is not None else -1, **fields)
     bar = progress_bar(cfg.steps, start_step, cfg.progress and env.is_main, task.kind)
 

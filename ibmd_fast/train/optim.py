@@ -2,7 +2,7 @@
 
 ``OptimizerStep`` guards a step on the host with a plain optimizer and on the device with a
 fused Adam/AdamW (``make_adamw(..., fused=True)``), where nothing inside a training iteration
-waits for the GPU. ``ibmd_fast.train.common`` re-exports these names.
+waits for the GPU.
 """
 from __future__ import annotations
 

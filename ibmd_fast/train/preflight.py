@@ -1,8 +1,8 @@
 """Checks made before a run's first forward pass, so a user error is one line, not a traceback.
 
 - ``check_device``: ``--device cuda`` on a machine whose torch sees no CUDA device.
-- ``check_image_size``: an ``--image-size`` the U-Net cannot take (not a multiple of its
-  downsampling factor ``2**(len(channel_mult) - 1)``), with the sizes that work.
+- (an ``--image-size`` the U-Net cannot take: ``models.unet.check_image_size``, which ``sample``,
+  ``eval`` and ``export`` use too)
 - ``check_settings``: settings that run but are probably not meant (``--steps 0``, training
   images smaller than 2x2): a warning each.
 - ``out_of_memory``: whether an exception is the CPU allocator's or CUDA's out-of-memory error,
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Iterable, Optional
+from typing import Optional
 
-__all__ = ["DeviceError", "check_device", "check_image_size", "check_settings", "out_of_memory", "oom_message"]
+from ibmd_fast.data.images import IMAGE_EXTENSIONS
+
+__all__ = ["DeviceError", "check_device", "check_settings", "out_of_memory", "oom_message"]
 
 
 class DeviceError(ValueError):
@@ -36,18 +38,6 @@ def check_device(spec: str) -> None:
         index = spec.split(":", 1)[1]
         if index.isdigit() and int(index) >= torch.cuda.device_count():
             raise DeviceError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
-def check_image_size(image_size: int, channel_mult: Iterable, what: str = "the U-Net") -> None:
-    """``image_size`` must be a multiple of the U-Net's downsampling factor."""
-    factor = 2 ** (len(tuple(channel_mult)) - 1)
-    size = int(image_size)
-    if size % factor == 0 and size >= factor:
-        return
-    lower, upper = size // factor * factor, -(-size // factor) * factor
-    near = f"{lower} or {upper}" if lower else str(upper)
-    raise ValueError(f"--image-size {size} does not fit {what}, which halves the image "
-                     f"{len(tuple(channel_mult)) - 1} time(s): use a multiple of {factor} (nearest: {near})")
 
 
 def check_settings(steps: Optional[int] = None, data: Optional[str] = None, image_size: Optional[int] = None,
@@ -76,8 +66,6 @@ def _folder_of(data: Optional[str]) -> Optional[str]:
 def _small_images(root: str, sample: int):
     """The first of up to ``sample`` images under ``root`` smaller than 2x2 (name, (w, h)), else None."""
     from PIL import Image
-
-    from ibmd_fast.data.images import IMAGE_EXTENSIONS
 
     seen = 0
     for dirpath, dirnames, filenames in os.walk(root):

@@ -22,9 +22,10 @@ from ibmd_fast.imageio import draw_columns
 from ibmd_fast.metrics import psnr, ssim
 from ibmd_fast.release import atomic_write
 from ibmd_fast.restore import sample_student, sample_teacher, valid_teacher_nfe
+from ibmd_fast.evaluate import format_table
 from ibmd_fast.timing import Stopwatch
 
-__all__ = ["compare", "corrupted_row", "format_comparison", "reading_line", "draw_columns", "photo_comparison"]
+__all__ = ["compare", "corrupted_row", "format_comparison", "reading_line", "photo_comparison"]
 
 FIGURE_SHORT_SIDE = 48  # pixels: the photo's shorter side in comparison.png (see photo_comparison)
 
@@ -46,8 +47,6 @@ def reading_line(run_dir: Optional[str] = None) -> str:
 
 def format_comparison(rows: Sequence[dict], run_dir: Optional[str] = None) -> str:
     """The table of ``rows`` (``evaluate.format_table``) and, under it, ``reading_line``."""
-    from ibmd_fast.evaluate import format_table
-
     return format_table(rows) + "\n" + reading_line(run_dir)
 
 
@@ -105,7 +104,7 @@ def photo_comparison(path: str, teacher, student, student_nfe: int, teacher_nfe:
             top, left = (x0.shape[-2] - side) // 2, (x0.shape[-1] - side) // 2
             x0 = x0[:, top:top + side, left:left + side]
     x0 = x0[None].to(device)
-    xT, mask = degradation(x0, generator=torch.Generator().manual_seed(seed))
+    xT, mask = degradation(x0, rng=torch.Generator().manual_seed(seed))
     mask = None if mask is None else mask.to(device)
     crop = _window(x0.shape[-2], x0.shape[-1], window if mask is not None else None)
 

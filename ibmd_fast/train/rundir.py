@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Optional
 
-from ibmd_fast.release import atomic_write
+from ibmd_fast.release import atomic_write, read_release
 from ibmd_fast.train.checkpoint import CheckpointError, CheckpointIO
 from ibmd_fast.train.distributed import DistEnv
 
@@ -251,8 +251,6 @@ def finished(payload: Optional[dict], steps: int, release: str) -> bool:
 
 def finished_summary(run_dir: str, release: str, payload: dict, log: RunLog, steps: int) -> dict:
     """A rerun of a finished run: say so, leave the release as it is, return its summary."""
-    from ibmd_fast.release import read_release
-
     _, _, extra = read_release(release)
     step = int(payload["step"])
     log(f"the run in {run_dir} is finished (step {step}, --steps {steps}); {release} is left as it is. "

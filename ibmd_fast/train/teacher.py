@@ -40,7 +40,9 @@ from ibmd_fast.imageio import save_grid
 from ibmd_fast.models import CONFIGS, Teacher, build_unet
 from ibmd_fast.ops import draw_seed
 from ibmd_fast.release import TEACHER_FORMAT, save_release
-from ibmd_fast.restore import default_teacher_nfe, fill_hole, sample_teacher
+from ibmd_fast.known_pixels import fill_hole
+from ibmd_fast.models.unet import check_image_size
+from ibmd_fast.restore import default_teacher_nfe, sample_teacher
 from ibmd_fast.seeds import derive_seed
 from ibmd_fast.train import distributed
 from ibmd_fast.train.batches import BatchStream, first_items, shared_dataset, to_device
@@ -48,7 +50,7 @@ from ibmd_fast.train.common import Meter, Precision, as_config, fmt_value
 from ibmd_fast.train.ema import EMA
 from ibmd_fast.train.loop import TrainingTask, run_training
 from ibmd_fast.train.optim import OptimizerStep, make_adamw
-from ibmd_fast.train.preflight import check_device, check_image_size, check_settings
+from ibmd_fast.train.preflight import check_device, check_settings
 from ibmd_fast.train.rundir import RunLog
 
 __all__ = ["TeacherConfig", "train_teacher", "make_bridge", "TeacherTask"]
@@ -114,7 +116,8 @@ class TeacherConfig:
             raise ValueError(f"--beta-max {self.beta_max}: {exc}") from None
         degradation = get_degradation(self.degradation, masks=self.masks or None)  # unknown names, missing masks
         if self.arch in CONFIGS:
-            check_image_size(self.image_size, CONFIGS[self.arch]["channel_mult"], f"the {self.arch} U-Net")
+            check_image_size(CONFIGS[self.arch]["channel_mult"], self.image_size, self.image_size,
+                             f"--image-size {self.image_size}", f"the {self.arch} U-Net")
         try:
             degradation.check_size(self.image_size, self.image_size)
         except ValueError as exc:
@@ -195,7 +198,7 @@ class TeacherTask(TrainingTask):
 
         # Noise: this rank's generator (t, bridge noise seeds, hole fill); the loop seeds the global
         # generators (dropout, if any) after this, so a resumed run restores both exactly.
-        self.noise = torch.Generator().manual_seed(derive_seed(cfg.seed, env.rank, 1))
+        self.rng = torch.Generator().manual_seed(derive_seed(cfg.seed, env.rank, 1))
 
     def state_objects(self) -> dict:
         return {"teacher": self.teacher, "ema": self.ema, "optimizer": self.optimizer, "scaler": self.scaler,
@@ -211,10 +214,10 @@ class TeacherTask(TrainingTask):
         batch = to_device(stream.next(), self.device, cfg.channels_last)
         x0, xT, mask = batch["x0"], batch["xT"], batch.get("mask")
         if self.inpainting:
-            xT = fill_hole(xT, mask, draw_seed(self.noise))
+            xT = fill_hole(xT, mask, draw_seed(self.rng))
         # Bridge matching (MATH.md 4): t, x_t ~ q(x_t | x0, xT), weighted x0 regression.
-        t = bridge.sample_t(x0.shape[0], generator=self.noise).to(self.device)
-        x_t = bridge.q_sample(x0, xT, t, seed=draw_seed(self.noise))
+        t = bridge.sample_t(x0.shape[0], rng=self.rng).to(self.device)
+        x_t = bridge.q_sample(x0, xT, t, seed=draw_seed(self.rng))
         with self.precision.autocast():
             x0_hat = self.model(x_t, t, xT if cfg.conditional else None)
         loss = ops.bridge_loss(x0_hat.float(), x0.float(), bridge.loss_weight(t),

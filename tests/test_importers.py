@@ -1,4 +1,4 @@
-"""Importing released I2SB / DDBM / DBIM checkpoints (ibmd_fast.teachers) and DDBM's VE bridge.
+"""Importing released I2SB / DDBM / DBIM checkpoints (ibmd_fast.importers) and DDBM's VE bridge.
 
 The exactness tests compare the imported teacher's ``predict_x0`` with transcriptions, written
 here from the released code, of
@@ -31,7 +31,8 @@ from ibmd_fast.bridges import I2SBBridge, VEBridge, bridge_from_config
 from ibmd_fast.models import UNet
 from ibmd_fast.release import GENERATOR_FORMAT, load_teacher, read_release, save_release
 from ibmd_fast.samplers import dbim_sample, heun_sample, probability_flow_coefficients
-from ibmd_fast.teachers import TeacherImportError, UnsafePickleError, import_teacher, restricted_load
+from ibmd_fast.importers import ImportedNet, import_teacher
+from ibmd_fast.importers.unpickle import TeacherImportError, UnsafePickleError, restricted_load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -155,9 +156,39 @@ def test_i2sb_raw_weights_and_options(tmp_path):
             assert rel_err(teacher.predict_x0(xt, step), i2sb_reference_pred_x0(raw, opts, xt, step, None)) <= 1e-5
 
 
+def test_readers_return_what_they_found(tmp_path):
+    """Each reader returns one frozen ImportedNet: the checkpoint, the loaded net, its bridge and task."""
+    import dataclasses
+
+    from ibmd_fast.bridges import I2SBBridge, VPBridge
+    from ibmd_fast.importers.ddbm import read_ddbm
+    from ibmd_fast.importers.i2sb import read_i2sb
+
+    raw, ema = write_i2sb_run(tmp_path / "run", True, interval=200)
+    found = read_i2sb(str(tmp_path / "run"), None, "ema", {})
+    assert isinstance(found, ImportedNet) and found.checkpoint == str(tmp_path / "run" / "latest.pt")
+    assert (found.conditional, found.image_size, found.channels, found.degradation) == (True, SIZE, 3, "sr4x-pool")
+    assert isinstance(found.bridge, I2SBBridge) and found.bridge.config()["n_steps"] == 200
+    assert found.info["options"]["interval"] == 200 and not found.net.training
+    assert all(torch.equal(a, b) for a, b in zip(found.net.parameters(), ema.parameters()))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        found.image_size = 32
+
+    net = random_unet(3, **small_unet_kwargs(6))
+    torch.save(net.state_dict(), tmp_path / "ema_0.9999_000100.pt")
+    kw = dict(GD_KWARGS, in_channels=3, noise_schedule="vp", sigma_max=1.0, sigma_min=1e-4, condition_mode="concat",
+              degradation="sketch")
+    (tmp_path / "kw.json").write_text(json.dumps(kw))
+    found = read_ddbm(str(tmp_path / "ema_0.9999_000100.pt"), str(tmp_path / "kw.json"), None, {})
+    assert (found.conditional, found.image_size, found.channels, found.degradation) == (True, SIZE, 3, "sketch")
+    assert isinstance(found.bridge, VPBridge) and found.info["model_kwargs"]["noise_schedule"] == "vp"
+    assert all(torch.equal(a, b) for a, b in zip(found.net.state_dict().values(), net.state_dict().values()))
+
+
 def test_i2sb_default_architecture_is_adm256():
     from ibmd_fast.models import count_parameters
-    from ibmd_fast.teachers import i2sb_default_kwargs, unet_kwargs
+    from ibmd_fast.importers.i2sb import i2sb_default_kwargs
+    from ibmd_fast.importers.weights import unet_kwargs
 
     with torch.device("meta"):
         net = UNet(**unet_kwargs(i2sb_default_kwargs(False), 3, 3))
@@ -324,7 +355,8 @@ def test_ddbm_import_is_exact(tmp_path, case):
 
 
 def test_presets_build_the_released_architectures():
-    from ibmd_fast.teachers import PRESETS, ddbm_bridge, ddbm_kwargs, unet_kwargs
+    from ibmd_fast.importers.ddbm import PRESETS, ddbm_bridge, ddbm_kwargs
+    from ibmd_fast.importers.weights import unet_kwargs
 
     expect = {  # DiffusionBridge scripts/args.sh on its model_and_diffusion_defaults()
         "e2h": (64, 192, 3, [2, 4, 8], [1, 2, 3, 4], True, None, 0.1, "vp"),
@@ -348,7 +380,7 @@ def test_presets_build_the_released_architectures():
 
 def test_class_conditional_teacher_samples_with_a_label(tmp_path):
     """DBIM's ImageNet inpainting preset: labels reach the U-Net; distilling it is refused in one message."""
-    from ibmd_fast.teachers import PRESETS
+    from ibmd_fast.importers.ddbm import PRESETS
 
     kw = dict(PRESETS["imagenet-inpaint"], image_size=SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,2",
               attention_resolutions="8", num_heads=2, num_head_channels=-1, sigma_data=0.5, cov_xy=0.0)
@@ -543,7 +575,8 @@ def test_ve_sampler_steps():
 
 
 def test_end_to_end_import_distill_sample_export(tmp_path):
-    from ibmd_fast.evaluate import load_model, restore_with_generator
+    from ibmd_fast.release import load_model
+    from ibmd_fast.restore import restore_with_generator
     from ibmd_fast.onnx import export_onnx
     from ibmd_fast.train import distill
 
@@ -577,7 +610,7 @@ def test_end_to_end_import_distill_sample_export(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# Full size (slow: excluded by default, run with `python -m pytest -m slow tests/test_teachers.py`)
+# Full size (slow: excluded by default, run with `python -m pytest -m slow tests/test_importers.py`)
 
 _MEASURE = """
 import json, resource, sys, time
@@ -607,7 +640,8 @@ def test_adm256_import_memory_and_sample(tmp_path):
     from PIL import Image
 
     from ibmd_fast.models import count_parameters
-    from ibmd_fast.teachers import i2sb_default_kwargs, unet_kwargs
+    from ibmd_fast.importers.i2sb import i2sb_default_kwargs
+    from ibmd_fast.importers.weights import unet_kwargs
 
     run = tmp_path / "run"
     run.mkdir()
@@ -627,7 +661,7 @@ def test_adm256_import_memory_and_sample(tmp_path):
     with open(run / "options.pkl", "wb") as fh:
         pickle.dump(argparse.Namespace(interval=1000, beta_max=0.3, t0=1e-4, T=1.0, ot_ode=False, cond_x1=False,
                                        corrupt="sr4x-pool", image_size=256, ckpt_path=Path("results/sr4x")), fh)
-    imported = _measured(f"from ibmd_fast.teachers import import_teacher\n"
+    imported = _measured(f"from ibmd_fast.importers import import_teacher\n"
                          f"import_teacher({str(run)!r}, 'i2sb', {str(tmp_path / 't.safetensors')!r})", tmp_path)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(tmp_path / "in.png")
     sampled = _measured(
@@ -661,7 +695,8 @@ def test_adm256_student_onnx_export_and_runner(tmp_path):
 
     from ibmd_fast.models import Generator, Teacher, count_parameters
     from ibmd_fast.release import load_generator
-    from ibmd_fast.teachers import i2sb_default_kwargs, unet_kwargs
+    from ibmd_fast.importers.i2sb import i2sb_default_kwargs
+    from ibmd_fast.importers.weights import unet_kwargs
 
     torch.manual_seed(0)
     net = UNet(**unet_kwargs(i2sb_default_kwargs(False), 3, 3))
