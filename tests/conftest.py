@@ -2,9 +2,12 @@
 import os
 import signal
 import subprocess
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -16,6 +19,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def write_smooth_images(root: Path, count: int, seed: int = 0) -> Path:
+    """``count`` smooth random RGB PNGs of 24x20 (5x6 noise, bicubic up) in ``root``: a folder the
+    trainers crop to 16 px. The training, loop and fault tests share it."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        small = rng.integers(0, 256, (5, 6, 3)).astype(np.uint8)
+        Image.fromarray(small).resize((24, 20), Image.BICUBIC).save(root / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    """8 smooth images (``write_smooth_images``): two batches of 4 per epoch."""
+    return write_smooth_images(tmp_path_factory.mktemp("images"), 8)
 
 
 def run_torchrun(cmd: list, cwd, env: dict, timeout: float) -> str:

@@ -33,16 +33,6 @@ def _env() -> dict:
             "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        small = rng.integers(0, 256, (5, 6, 3)).astype(np.uint8)
-        Image.fromarray(small).resize((24, 20), Image.BICUBIC).save(root / f"{i:02d}.png")
-    return root
-
-
 def teacher_kwargs(run_dir, image_dir, **overrides) -> dict:
     kwargs = dict(run_dir=str(run_dir), data=f"folder:{image_dir}", image_size=16, batch_size=4, n_steps=50,
                   steps=4, lr=1e-3, log_every=1, ckpt_every=2, sample_nfe=2, device="cpu", progress=False)

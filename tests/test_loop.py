@@ -6,12 +6,10 @@ On CPU with the tiny U-Net at 16 px, one thread.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ibmd_fast.release import read_release
 from ibmd_fast.train import TeacherConfig, TrainingDivergedError, distill, train_teacher
@@ -21,16 +19,6 @@ from ibmd_fast.train.rundir import RunLog
 from ibmd_fast.train.teacher import TeacherTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        small = rng.integers(0, 256, (5, 6, 3)).astype(np.uint8)
-        Image.fromarray(small).resize((24, 20), Image.BICUBIC).save(root / f"{i:02d}.png")
-    return root
 
 
 def _teacher_kwargs(run_dir, image_dir, **overrides) -> dict:

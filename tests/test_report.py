@@ -151,7 +151,7 @@ def test_photo_comparison_restores_the_hole_from_its_training_size_window(tmp_pa
     assert info["window"] == 16 and info["hole"] == 8
     h, w = load_skimage_photo(HELD_OUT_PHOTO).shape[:2]
     x0 = held_out_photo(3, 24 / min(h, w), 2)[None]
-    xT, mask = CenterInpainting(hole=8)(x0, generator=torch.Generator().manual_seed(0))
+    xT, mask = CenterInpainting(hole=8)(x0, rng=torch.Generator().manual_seed(0))
     top, left = (x0.shape[-2] - 16) // 2, (x0.shape[-1] - 16) // 2
     rows, cols = slice(top, top + 16), slice(left, left + 16)
     with torch.no_grad():

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -42,7 +41,7 @@ from ibmd_fast.train.common import Precision
 from ibmd_fast.train.distributed import DistEnv
 from ibmd_fast.restore import sample_student
 
-from conftest import run_torchrun
+from conftest import run_torchrun, write_smooth_images
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "_train_worker.py"
@@ -64,12 +63,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory) -> Path:
     """10 smooth random RGB images of 20x24: random crops to 16 px, flips, 2 batches of 4 per epoch."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(10):
-        small = rng.integers(0, 256, (5, 6, 3)).astype(np.uint8)
-        Image.fromarray(small).resize((24, 20), Image.BICUBIC).save(root / f"{i:02d}.png")
-    return root
+    return write_smooth_images(tmp_path_factory.mktemp("images"), 10)
 
 
 def teacher_kwargs(run_dir, image_dir, **overrides) -> dict:

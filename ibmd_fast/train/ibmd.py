@@ -265,7 +265,7 @@ class IBMD:
         if self.nfe == 1 or self.full_chain:
             n = 1
         else:
-            n = int(torch.randint(1, self.nfe + 1, (), rng=self.rng))
+            n = int(torch.randint(1, self.nfe + 1, (), generator=self.rng))
         model = self.gen_ddp if grad else self.generator
         with contextlib.nullcontext() if grad else torch.no_grad():
             return student_chain(self.generator, xT, z, self.nfe, mask=mask, noise=SeededNoise(self.rng),
