@@ -12,6 +12,7 @@ toolkit (nvcc) and a CUDA build of torch are both present. Switches:
 Install with `pip install --no-build-isolation .` after torch: build isolation
 would pull a multi-GB CUDA torch into a throwaway build environment.
 """
+
 from __future__ import annotations
 
 import glob
@@ -64,7 +65,9 @@ def _cuda_include_dirs() -> list[str]:
 def _extension():
     cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     openmp = os.environ.get("IBMD_FAST_OPENMP", "1") not in ("0", "false", "no", "off")
-    cxx_flags = ["-O3", "-DIBMD_PYTHON_MODULE", "-fno-math-errno", "-ffp-contract=off"] + (["-fopenmp"] if openmp else [])
+    cxx_flags = ["-O3", "-DIBMD_PYTHON_MODULE", "-fno-math-errno", "-ffp-contract=off"] + (
+        ["-fopenmp"] if openmp else []
+    )
     link_flags = ["-fopenmp"] if openmp else []
     if not _want_cuda():
         return CppExtension(

@@ -4,6 +4,7 @@
 Imported by the scripts in this folder as ``from _common import ...`` (a script's own folder is
 on ``sys.path`` when it runs).
 """
+
 from __future__ import annotations
 
 import json

@@ -10,6 +10,7 @@ forward+backward (training, batch 16), and writes ``benchmarks/results/attention
     python benchmarks/bench_attention.py                 # about a minute on 2 CPU cores
     python benchmarks/bench_attention.py --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,11 +75,23 @@ def main(argv=None) -> int:
             blocks._sdpa_heads = heads
             with torch.inference_mode():
                 seconds = timed(lambda: net(x_inf, t_inf), device, args.repeats)
-            rows.append({"what": "tiny U-Net forward, 64x2x32x32", "variant": name, "ms": seconds * 1e3,
-                         "ms_per_image": seconds * 1e3 / 64})
+            rows.append(
+                {
+                    "what": "tiny U-Net forward, 64x2x32x32",
+                    "variant": name,
+                    "ms": seconds * 1e3,
+                    "ms_per_image": seconds * 1e3 / 64,
+                }
+            )
             seconds = timed(train_step, device, args.repeats)
-            rows.append({"what": "tiny U-Net forward+backward, 16x2x32x32", "variant": name, "ms": seconds * 1e3,
-                         "ms_per_image": seconds * 1e3 / 16})
+            rows.append(
+                {
+                    "what": "tiny U-Net forward+backward, 16x2x32x32",
+                    "variant": name,
+                    "ms": seconds * 1e3,
+                    "ms_per_image": seconds * 1e3 / 16,
+                }
+            )
     finally:
         blocks._sdpa_heads = fused
 
@@ -92,8 +105,17 @@ def main(argv=None) -> int:
     for what, ratio in speedups.items():
         print(f"speedup, {what}: {ratio:.2f}x")
     out = os.path.join(args.out_dir, f"attention-{machine}.json")
-    write_json(out, {"benchmark": "attention", "machine": machine, "repeats": args.repeats, "rows": rows,
-                     "speedup_contiguous_over_strided": speedups, "environment": environment(device, machine)})
+    write_json(
+        out,
+        {
+            "benchmark": "attention",
+            "machine": machine,
+            "repeats": args.repeats,
+            "rows": rows,
+            "speedup_contiguous_over_strided": speedups,
+            "environment": environment(device, machine),
+        },
+    )
     print(f"wrote {out}")
     return 0
 

@@ -33,6 +33,7 @@ also an upper bound of one H100's share.
 
 Prints a table and writes ``benchmarks/results/bench_data-<machine>.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,11 @@ def _make_part(args) -> int:
         photo = photos[i % len(photos)]
         width, height = rng.randint(min_side, max_side), rng.randint(min_side, max_side)
         # a crop of the photo at a random scale (between the target size and the whole photo)
-        scale = rng.uniform(max(width / photo.width, height / photo.height), 1.0) if \
-            width <= photo.width and height <= photo.height else 1.0
+        scale = (
+            rng.uniform(max(width / photo.width, height / photo.height), 1.0)
+            if width <= photo.width and height <= photo.height
+            else 1.0
+        )
         cw, ch = max(1, min(photo.width, round(width / scale))), max(1, min(photo.height, round(height / scale)))
         left, top = rng.randint(0, photo.width - cw), rng.randint(0, photo.height - ch)
         image = photo.crop((left, top, left + cw, top + ch)).resize((width, height), Image.BILINEAR)
@@ -109,8 +113,16 @@ def make_folder(root: str, n: int, min_side: int, max_side: int, bad: int, proce
             with open(victim, "w") as fh:
                 fh.write("not an image\n")
     size = sum(e.stat().st_size for d in os.scandir(root) if d.is_dir() for e in os.scandir(d.path))
-    return {"files": made + bad, "jpegs": made, "bad_files": bad, "min_side": min_side, "max_side": max_side,
-            "bytes": size, "seconds_to_make": round(time.perf_counter() - t0, 1), "processes": processes}
+    return {
+        "files": made + bad,
+        "jpegs": made,
+        "bad_files": bad,
+        "min_side": min_side,
+        "max_side": max_side,
+        "bytes": size,
+        "seconds_to_make": round(time.perf_counter() - t0, 1),
+        "processes": processes,
+    }
 
 
 # ----------------------------------------------------------------------------
@@ -126,8 +138,7 @@ def _dataset(root: str, image_size: int, degradation: str, listing=None, check: 
     return images if degradation == "none" else CorruptedOnly(images, degradation)
 
 
-def time_first_batch(root: str, image_size: int, degradation: str, batch_size: int, workers: int,
-                     run_dir: str) -> dict:
+def time_first_batch(root: str, image_size: int, degradation: str, batch_size: int, workers: int, run_dir: str) -> dict:
     """Seconds from nothing to the first batch, for rank 0 (lists, writes) and for any other rank (reads)."""
     import torch
 
@@ -142,15 +153,19 @@ def time_first_batch(root: str, image_size: int, degradation: str, batch_size: i
         dataset = _dataset(root, image_size, degradation, listing)
         t_list = time.perf_counter() - t0
         # the trainers' stream: DistributedSampler order, per-item seeds, workers started once
-        stream = BatchStream(dataset, batch_size, DistEnv(rank=0, world_size=1, device=torch.device("cpu")),
-                             seed=rank, workers=workers)
+        stream = BatchStream(
+            dataset, batch_size, DistEnv(rank=0, world_size=1, device=torch.device("cpu")), seed=rank, workers=workers
+        )
         batch = stream.next()
         total = time.perf_counter() - t0
         del stream
         out["rank0" if rank == 0 else "other_ranks"] = {
             "listing": "walked and written" if write else "read from rank 0's file",
-            "build_s": round(t_list, 3), "first_batch_s": round(total, 3), "items": len(dataset),
-            "batch": list(batch["xT"].shape)}
+            "build_s": round(t_list, 3),
+            "first_batch_s": round(total, 3),
+            "items": len(dataset),
+            "batch": list(batch["xT"].shape),
+        }
     return out
 
 
@@ -166,9 +181,13 @@ def time_load_check(root: str, classes: int) -> dict:
         for d in folders:
             ImageFolder(os.path.join(root, d), check="load")
     seconds = time.perf_counter() - t0
-    return {"files": files, "seconds": round(seconds, 2), "files_per_s": round(files / seconds, 1),
-            "extrapolated_100k_s": round(seconds / files * 100_000, 1),
-            "extrapolated_imagenet_1281167_s": round(seconds / files * 1_281_167, 1)}
+    return {
+        "files": files,
+        "seconds": round(seconds, 2),
+        "files_per_s": round(files / seconds, 1),
+        "extrapolated_100k_s": round(seconds / files * 100_000, 1),
+        "extrapolated_imagenet_1281167_s": round(seconds / files * 1_281_167, 1),
+    }
 
 
 def time_pipeline(root: str, image_size: int, degradation: str, images: int, run_dir: str) -> dict:
@@ -182,7 +201,7 @@ def time_pipeline(root: str, image_size: int, degradation: str, images: int, run
     torch.set_num_threads(1)  # DataLoader workers run their torch ops on one thread
     try:
         dataset = _dataset(root, image_size, degradation, Listing(os.path.join(run_dir, "listings"), write=False))
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1))[:images + 5].tolist()
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1))[: images + 5].tolist()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for i in order[:5]:  # warm-up: imports, first allocations
@@ -193,12 +212,18 @@ def time_pipeline(root: str, image_size: int, degradation: str, images: int, run
             wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:
         torch.set_num_threads(threads)
-    return {"degradation": degradation, "images": images, "seconds": round(wall, 3),
-            "images_per_s_per_worker": round(images / wall, 1), "images_per_cpu_s": round(images / max(cpu, 1e-9), 1)}
+    return {
+        "degradation": degradation,
+        "images": images,
+        "seconds": round(wall, 3),
+        "images_per_s_per_worker": round(images / wall, 1),
+        "images_per_cpu_s": round(images / max(cpu, 1e-9), 1),
+    }
 
 
-def time_loader(root: str, image_size: int, degradation: str, images: int, batch_size: int, workers: int,
-                run_dir: str) -> dict:
+def time_loader(
+    root: str, image_size: int, degradation: str, images: int, batch_size: int, workers: int, run_dir: str
+) -> dict:
     """Images per second through a DataLoader with ``workers`` processes (after its first batch)."""
     import torch
     from torch.utils.data import DataLoader
@@ -206,7 +231,7 @@ def time_loader(root: str, image_size: int, degradation: str, images: int, batch
     from ibmd_fast.data import Listing, collate
 
     dataset = _dataset(root, image_size, degradation, Listing(os.path.join(run_dir, "listings"), write=False))
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(2))[:images + batch_size].tolist()
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(2))[: images + batch_size].tolist()
     loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers, collate_fn=collate)
     it = iter(loader)
     next(it)  # workers started, first batch out
@@ -214,8 +239,13 @@ def time_loader(root: str, image_size: int, degradation: str, images: int, batch
     for batch in it:
         n += batch["xT"].shape[0]
     wall = time.perf_counter() - t0
-    return {"degradation": degradation, "workers": workers, "images": n, "seconds": round(wall, 3),
-            "images_per_s": round(n / wall, 1)}
+    return {
+        "degradation": degradation,
+        "workers": workers,
+        "images": n,
+        "seconds": round(wall, 3),
+        "images_per_s": round(n / wall, 1),
+    }
 
 
 def main() -> None:
@@ -231,10 +261,18 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=400, help="items timed per degradation")
     parser.add_argument("--batch-size", type=int, default=32, help="per-rank batch (the paper: 256 over 8 GPUs)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    parser.add_argument("--load-check-classes", type=int, default=5,
-                        help="class folders timed with the old check='load' start (0: skip)")
-    parser.add_argument("--step-it-per-s", type=float, default=0.382,
-                        help="IBMD iterations per second of one GPU at --step-batch (H200, ADM-256, bf16 eager)")
+    parser.add_argument(
+        "--load-check-classes",
+        type=int,
+        default=5,
+        help="class folders timed with the old check='load' start (0: skip)",
+    )
+    parser.add_argument(
+        "--step-it-per-s",
+        type=float,
+        default=0.382,
+        help="IBMD iterations per second of one GPU at --step-batch (H200, ADM-256, bf16 eager)",
+    )
     parser.add_argument("--step-batch", type=int, default=8)
     parser.add_argument("--inner-steps", type=int, default=5, help="L: one iteration reads L + 1 batches")
     parser.add_argument("--gpus", type=int, default=8)
@@ -261,17 +299,26 @@ def main() -> None:
     run_dir = tempfile.mkdtemp(prefix="bench_data-run-")
     try:
         first = time_first_batch(args.root, args.image_size, degradations[0], args.batch_size, args.workers, run_dir)
-        print(f"first batch: rank 0 {first['rank0']['first_batch_s']:.2f} s (listing {first['rank0']['build_s']:.2f} s), "
-              f"other ranks {first['other_ranks']['first_batch_s']:.2f} s "
-              f"(listing read {first['other_ranks']['build_s']:.2f} s), {first['rank0']['items']} files")
+        print(
+            f"first batch: rank 0 {first['rank0']['first_batch_s']:.2f} s (listing {first['rank0']['build_s']:.2f} s), "
+            f"other ranks {first['other_ranks']['first_batch_s']:.2f} s "
+            f"(listing read {first['other_ranks']['build_s']:.2f} s), {first['rank0']['items']} files"
+        )
         load = time_load_check(args.root, args.load_check_classes) if args.load_check_classes else None
         if load:
-            print(f"check='load' (the old start): {load['files_per_s']:.0f} files/s -> "
-                  f"{load['extrapolated_100k_s']:.0f} s for 100k files, "
-                  f"{load['extrapolated_imagenet_1281167_s'] / 60:.0f} min for ImageNet")
+            print(
+                f"check='load' (the old start): {load['files_per_s']:.0f} files/s -> "
+                f"{load['extrapolated_100k_s']:.0f} s for 100k files, "
+                f"{load['extrapolated_imagenet_1281167_s'] / 60:.0f} min for ImageNet"
+            )
         pipeline = [time_pipeline(args.root, args.image_size, d, args.images, run_dir) for d in degradations]
-        loader = time_loader(args.root, args.image_size, degradations[0], args.images, args.batch_size,
-                             args.workers, run_dir) if args.workers else None
+        loader = (
+            time_loader(
+                args.root, args.image_size, degradations[0], args.images, args.batch_size, args.workers, run_dir
+            )
+            if args.workers
+            else None
+        )
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -280,38 +327,53 @@ def main() -> None:
         "images_per_s_per_gpu": round(per_gpu, 2),
         "images_per_s_all_gpus": round(per_gpu * args.gpus, 1),
         "gpus": args.gpus,
-        "assumption": (f"one Algorithm-1 iteration reads L + 1 = {args.inner_steps + 1} batches; one H200 runs "
-                       f"{args.step_it_per_s} it/s at batch {args.step_batch} (ADM-256, bf16 eager, "
-                       "benchmarks/results/distill-adm256-nocap-h200.json), so "
-                       f"{args.inner_steps + 1} x {args.step_batch} x {args.step_it_per_s} images/s per GPU; the "
-                       "paper's batch 256 over 8 GPUs (32 per GPU) at a step time linear in the batch consumes the "
-                       "same per GPU; an H100 has the H200's compute (same GH100 chip), so this bounds one H100's "
-                       "share from above"),
+        "assumption": (
+            f"one Algorithm-1 iteration reads L + 1 = {args.inner_steps + 1} batches; one H200 runs "
+            f"{args.step_it_per_s} it/s at batch {args.step_batch} (ADM-256, bf16 eager, "
+            "benchmarks/results/distill-adm256-nocap-h200.json), so "
+            f"{args.inner_steps + 1} x {args.step_batch} x {args.step_it_per_s} images/s per GPU; the "
+            "paper's batch 256 over 8 GPUs (32 per GPU) at a step time linear in the batch consumes the "
+            "same per GPU; an H100 has the H200's compute (same GH100 chip), so this bounds one H100's "
+            "share from above"
+        ),
     }
     rows = []
     for row in pipeline:
         rate = row["images_per_s_per_worker"]
-        rows.append({**row, "times_one_gpu_need": round(rate / per_gpu, 2),
-                     "workers_per_gpu_needed": round(per_gpu / rate, 2)})
+        rows.append(
+            {**row, "times_one_gpu_need": round(rate / per_gpu, 2), "workers_per_gpu_needed": round(per_gpu / rate, 2)}
+        )
 
     print(f"\n{'pipeline (one worker, 1 thread)':34s} {'img/s':>8s} {'img/CPU-s':>10s} {'x one GPU':>10s}")
     for row in rows:
-        print(f"{row['degradation']:34s} {row['images_per_s_per_worker']:8.1f} {row['images_per_cpu_s']:10.1f} "
-              f"{row['times_one_gpu_need']:10.2f}")
+        print(
+            f"{row['degradation']:34s} {row['images_per_s_per_worker']:8.1f} {row['images_per_cpu_s']:10.1f} "
+            f"{row['times_one_gpu_need']:10.2f}"
+        )
     if loader:
         print(f"DataLoader, {loader['workers']} workers, {loader['degradation']}: {loader['images_per_s']:.1f} img/s")
     print(f"an IBMD step consumes {per_gpu:.1f} img/s per GPU, {per_gpu * args.gpus:.0f} img/s on {args.gpus} GPUs")
 
     payload = {
         **environment("cpu", args.machine),
-        "what": ("the data pipeline of distill on a folder of JPEGs: time to the first batch (listing, DataLoader "
-                 "start, one batch) and images per second per worker process (decode, resize, random crop and "
-                 "flip, corrupt) against what an IBMD step consumes"),
+        "what": (
+            "the data pipeline of distill on a folder of JPEGs: time to the first batch (listing, DataLoader "
+            "start, one batch) and images per second per worker process (decode, resize, random crop and "
+            "flip, corrupt) against what an IBMD step consumes"
+        ),
         "note": args.note,
-        "folder": {**folder, "root": args.root, "layout": f"class folders of {PER_CLASS} files, as ImageNet's train/",
-                   "page_cache": "warm (the folder had just been written; caches were not dropped)"},
-        "settings": {"image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
-                     "images_timed": args.images},
+        "folder": {
+            **folder,
+            "root": args.root,
+            "layout": f"class folders of {PER_CLASS} files, as ImageNet's train/",
+            "page_cache": "warm (the folder had just been written; caches were not dropped)",
+        },
+        "settings": {
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "images_timed": args.images,
+        },
         "first_batch": first,
         "load_check_before": load,
         "pipeline_per_worker": rows,

@@ -25,6 +25,7 @@ then read from the run's own records (``stats.jsonl``'s ``seconds``).
     OMP_NUM_THREADS=2 python benchmarks/bench_default.py              # about 10 min on 2 CPU cores
     python benchmarks/bench_default.py --from-run runs/bench-default --machine cpu-2core
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,14 @@ def _run(args: list[str], log_path: str) -> float:
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.run([sys.executable, "-m", "ibmd_fast", *args], cwd=REPO, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "ibmd_fast", *args],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         with open(log_path, encoding="utf-8") as fh:
@@ -86,7 +93,9 @@ def _beats_input(rows: list[dict], keys: tuple[str, ...]) -> dict:
             continue
         out[f"{row['model']}-{row['nfe']}"] = {
             k: (row[k] < base[k] if k == "fid" else row[k] > base[k])
-            for k in keys if row.get(k) is not None and base.get(k) is not None}
+            for k in keys
+            if row.get(k) is not None and base.get(k) is not None
+        }
     return out
 
 
@@ -116,30 +125,47 @@ def targets(payload: dict) -> dict:
         if teacher and student and teacher.get("fid") and student.get("fid") is not None:
             ratio = student["fid"] / teacher["fid"]
             gap = teacher["psnr"] - student["psnr"]
-            out["student_vs_teacher_100"] = {"fid_ratio": round(ratio, 3), "fid_ratio_target": 1.25,
-                                             "psnr_gap_db": round(gap, 3), "psnr_gap_target": 0.3,
-                                             "met": ratio <= 1.25 and gap <= 0.3}
-            paired = next((d for d in report.get("fid_differences", [])
-                           if d["b"] == f"teacher NFE {teacher['nfe']}"), None)
+            out["student_vs_teacher_100"] = {
+                "fid_ratio": round(ratio, 3),
+                "fid_ratio_target": 1.25,
+                "psnr_gap_db": round(gap, 3),
+                "psnr_gap_target": 0.3,
+                "met": ratio <= 1.25 and gap <= 0.3,
+            }
+            paired = next(
+                (d for d in report.get("fid_differences", []) if d["b"] == f"teacher NFE {teacher['nfe']}"), None
+            )
             if paired is not None:  # student FID minus teacher FID, with its paired bootstrap interval
                 out["student_vs_teacher_100"]["fid_diff"] = {k: paired[k] for k in ("diff", "ci", "resamples")}
         if report.get("wall_seconds") is not None:
             origin = (report.get("classifier") or {}).get("origin")
-            out["eval_seconds"] = {"value": report["wall_seconds"], "target": "about 60",
-                                   "classifier": origin, "met": origin == "embedded"
-                                   and report["wall_seconds"] <= 90}
+            out["eval_seconds"] = {
+                "value": report["wall_seconds"],
+                "target": "about 60",
+                "classifier": origin,
+                "met": origin == "embedded" and report["wall_seconds"] <= 90,
+            }
     minutes = payload["distill"]["wall_seconds"] / 60.0
-    out["distill_minutes"] = {"value": round(minutes, 2), "target": 10.0, "met": minutes <= 10.0,
-                              "load_average_1min": payload["environment"].get("load_average_1min")}
+    out["distill_minutes"] = {
+        "value": round(minutes, 2),
+        "target": 10.0,
+        "met": minutes <= 10.0,
+        "load_average_1min": payload["environment"].get("load_average_1min"),
+    }
     return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run-dir", default=os.path.join(REPO, "runs", "bench-default"), metavar="DIR",
-                        help="where distill/ and eval/ are written (default: runs/bench-default)")
-    parser.add_argument("--from-run", default=None, metavar="DIR",
-                        help="read a finished run instead of running the two commands")
+    parser.add_argument(
+        "--run-dir",
+        default=os.path.join(REPO, "runs", "bench-default"),
+        metavar="DIR",
+        help="where distill/ and eval/ are written (default: runs/bench-default)",
+    )
+    parser.add_argument(
+        "--from-run", default=None, metavar="DIR", help="read a finished run instead of running the two commands"
+    )
     parser.add_argument("--machine", default=None, help="results file key (default: cpu-<n>core or the GPU)")
     parser.add_argument("--out-dir", default=RESULTS, metavar="DIR", help="where the JSON and PNG go")
     parser.add_argument("--no-eval", action="store_true", help="skip `ibmd-fast eval` (no FID)")
@@ -153,12 +179,23 @@ def main(argv=None) -> int:
         eval_seconds = None
     else:
         os.makedirs(run_dir, exist_ok=True)
-        distill_seconds = _run(["distill", "--run-dir", distill_dir, "--no-progress", "--resume", "none"],
-                               os.path.join(run_dir, "distill.log"))
+        distill_seconds = _run(
+            ["distill", "--run-dir", distill_dir, "--no-progress", "--resume", "none"],
+            os.path.join(run_dir, "distill.log"),
+        )
         eval_seconds = None
         if not args.no_eval:
-            eval_seconds = _run(["eval", "--student", os.path.join(distill_dir, "generator.safetensors"),
-                                 "--run-dir", eval_dir, "--no-progress"], os.path.join(run_dir, "eval.log"))
+            eval_seconds = _run(
+                [
+                    "eval",
+                    "--student",
+                    os.path.join(distill_dir, "generator.safetensors"),
+                    "--run-dir",
+                    eval_dir,
+                    "--no-progress",
+                ],
+                os.path.join(run_dir, "eval.log"),
+            )
 
     rows = _read_json(os.path.join(distill_dir, "comparison.json"))
     photo = _read_json(os.path.join(distill_dir, "comparison-photo.json"))

@@ -48,6 +48,7 @@ Prints a table and writes (merging with the sizes already there) ``benchmarks/re
 distill-<machine>.json``: for each size its settings and rows, and ``speedup_best_over_naive``
 (the best row's iterations per second over rung 1's) per size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,14 @@ LADDER = {
     6: ("+fused-adamw", {"fused_adam": True}, True),
     7: ("+cuda-graphs", {"compile": "reduce-overhead"}, False),
 }
-NAIVE = {"ops": "reference", "precision": "fp32", "tf32": False, "channels_last": False, "compile": None,
-         "fused_adam": False}
+NAIVE = {
+    "ops": "reference",
+    "precision": "fp32",
+    "tf32": False,
+    "channels_last": False,
+    "compile": None,
+    "fused_adam": False,
+}
 SIZES = {  # size -> U-Net config, image side, batch, timed / warm-up iterations
     "tiny": {"arch": "tiny", "image_size": 32, "batch_size": 4, "steps": 5, "warmup": 1},
     "small": {"arch": "small", "image_size": 64, "batch_size": 64, "steps": 10, "warmup": 3},
@@ -123,9 +130,21 @@ def synthetic_teacher(folder: str, arch: str, size: int, channels: int) -> str:
             p.add_(0.02 * torch.randn_like(p))  # zero-initialized output layers would make trivial work
     teacher = Teacher(net, I2SBBridge(n_steps=1000, beta_max=0.3))
     path = os.path.join(folder, "teacher.safetensors")
-    save_release(path, teacher.net, TEACHER_FORMAT, {
-        "unet": net.config, "conditional": False, "bridge": teacher.bridge.config(), "nfe": 100,
-        "degradation": "sr4x-bicubic", "image_size": size, "channels": channels, "data": "synthetic"})
+    save_release(
+        path,
+        teacher.net,
+        TEACHER_FORMAT,
+        {
+            "unet": net.config,
+            "conditional": False,
+            "bridge": teacher.bridge.config(),
+            "nfe": 100,
+            "degradation": "sr4x-bicubic",
+            "image_size": size,
+            "channels": channels,
+            "data": "synthetic",
+        },
+    )
     return path
 
 
@@ -172,11 +191,19 @@ def run_row(spec: dict) -> dict:
         total = torch.cuda.get_device_properties(env.device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_cap_gb"] * 2**30 / total), env.device)
     teacher, tconf = load_teacher(spec["teacher"], device=env.device)
-    cfg = DistillConfig(teacher=spec["teacher"], nfe=1, inner_steps=spec["inner_steps"],
-                        batch_size=spec["batch_size"], precision=spec["precision"],
-                        channels_last=spec["channels_last"], compile=spec["compile"] == "default",
-                        fused_adam=spec["fused_adam"], checkpoint_activations=spec["checkpoint_activations"],
-                        device=spec["device"], seed=0)
+    cfg = DistillConfig(
+        teacher=spec["teacher"],
+        nfe=1,
+        inner_steps=spec["inner_steps"],
+        batch_size=spec["batch_size"],
+        precision=spec["precision"],
+        channels_last=spec["channels_last"],
+        compile=spec["compile"] == "default",
+        fused_adam=spec["fused_adam"],
+        checkpoint_activations=spec["checkpoint_activations"],
+        device=spec["device"],
+        seed=0,
+    )
     ibmd = IBMD(teacher, cfg, env, Precision(cfg.precision, env.device), inpainting=False)
     ibmd.prepare()
     if spec["compile"] == "reduce-overhead":  # CUDA graphs of each network's forward and backward
@@ -185,8 +212,9 @@ def run_row(spec: dict) -> dict:
     rng = torch.Generator().manual_seed(0)
     shape = (spec["batch_size"], int(tconf["channels"]), spec["image_size"], spec["image_size"])
     # L + 1 fixed batches on the device: the timing covers the algorithm, not data loading
-    batches = [{"xT": (torch.rand(shape, generator=rng) * 2 - 1).to(env.device)}
-               for _ in range(spec["inner_steps"] + 1)]
+    batches = [
+        {"xT": (torch.rand(shape, generator=rng) * 2 - 1).to(env.device)} for _ in range(spec["inner_steps"] + 1)
+    ]
     step_begin = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
     graphs = spec["compile"] == "reduce-overhead" and step_begin is not None
 
@@ -243,8 +271,11 @@ def run_row(spec: dict) -> dict:
         "ms_per_iteration": 1e3 * median,
         "ms_per_iteration_each": [round(1e3 * t, 3) for t in times],
         "first_iteration_s": first_s,
-        "peak_memory_mb": (torch.cuda.max_memory_allocated(env.device) / 2**20 if cuda
-                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_memory_mb": (
+            torch.cuda.max_memory_allocated(env.device) / 2**20
+            if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        ),
         "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
         "host_syncs_per_iteration": syncs,
         "generator_skipped": ibmd.gen_guard.skipped,
@@ -266,7 +297,7 @@ def spawn(spec: dict, timeout: float) -> dict:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
-            return {**json.loads(line[len("RESULT "):]), "process_s": time.perf_counter() - started}
+            return {**json.loads(line[len("RESULT ") :]), "process_s": time.perf_counter() - started}
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()] or ["(no output)"]
     oom = next((ln for ln in lines if "OutOfMemoryError" in ln or "out of memory" in ln), None)
     return {"error": f"exit {proc.returncode}: {(oom or lines[-1])[:300]}"}
@@ -280,8 +311,13 @@ def summarize(rungs: list[int], runs: dict[int, list[dict]], settings: dict) -> 
         if not tried:
             continue
         done = [r for r in tried if "error" not in r]
-        row = {"rung": rung, "name": LADDER[rung][0], "levers": rung_settings(rung, rungs),
-               "rounds": len(tried), "errors": [r["error"] for r in tried if "error" in r]}
+        row = {
+            "rung": rung,
+            "name": LADDER[rung][0],
+            "levers": rung_settings(rung, rungs),
+            "rounds": len(tried),
+            "errors": [r["error"] for r in tried if "error" in r],
+        }
         if done:
             order = sorted(done, key=lambda r: r["it_per_s"])
             middle = order[(len(order) - 1) // 2]  # the lower median: a real round's record (its details)
@@ -300,11 +336,15 @@ def summarize(rungs: list[int], runs: dict[int, list[dict]], settings: dict) -> 
         row["speedup_over_naive"] = row["it_per_s"] / naive["it_per_s"] if naive else None
         row["model_tflops_per_s"] = flops * row["it_per_s"] / 1e12 if flops else None
         row["model_flop_utilisation"] = (flops * row["it_per_s"] / (peak * 1e12)) if (flops and peak) else None
-    return {"settings": settings, "rows": rows, "best_rung": best["rung"] if best else None,
-            "flops_per_iteration": flops,
-            "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode, one eager iteration" if flops else None,
-            "speedup_best_over_naive": best["it_per_s"] / naive["it_per_s"] if (best and naive) else None,
-            "best_model_flop_utilisation": best.get("model_flop_utilisation") if best else None}
+    return {
+        "settings": settings,
+        "rows": rows,
+        "best_rung": best["rung"] if best else None,
+        "flops_per_iteration": flops,
+        "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode, one eager iteration" if flops else None,
+        "speedup_best_over_naive": best["it_per_s"] / naive["it_per_s"] if (best and naive) else None,
+        "best_model_flop_utilisation": best.get("model_flop_utilisation") if best else None,
+    }
 
 
 def merge(out: str, machine: str, size: str, section: dict, env: dict, note) -> dict:
@@ -322,9 +362,9 @@ def merge(out: str, machine: str, size: str, section: dict, env: dict, note) -> 
     return {
         **env,
         "what": "IBMD Algorithm-1 iterations per second (L fake-model steps + 1 generator step, three U-Nets), "
-                "a ladder of speed levers, one process per row; random-weight I2SB teacher; fixed random "
-                "batches already on the device; per-iteration median (CUDA events on GPU, wall clock on CPU), "
-                "median over interleaved rounds",
+        "a ladder of speed levers, one process per row; random-weight I2SB teacher; fixed random "
+        "batches already on the device; per-iteration median (CUDA events on GPU, wall clock on CPU), "
+        "median over interleaved rounds",
         "ladder": {str(r): LADDER[r][0] for r in LADDER},
         "sizes": sizes,
         "speedup_best_over_naive": {k: v.get("speedup_best_over_naive") for k, v in sizes.items()},
@@ -332,23 +372,29 @@ def merge(out: str, machine: str, size: str, section: dict, env: dict, note) -> 
 
 
 def print_table(section: dict) -> None:
-    print(f"{'rung':>4s} {'row':16s} {'backend':14s} {'it/s':>9s} {'ms/it':>10s} {'x naive':>8s} "
-          f"{'peak MB':>9s} {'syncs':>6s} {'1st it s':>9s} {'TFLOP/s':>8s} {'MFU':>6s}")
+    print(
+        f"{'rung':>4s} {'row':16s} {'backend':14s} {'it/s':>9s} {'ms/it':>10s} {'x naive':>8s} "
+        f"{'peak MB':>9s} {'syncs':>6s} {'1st it s':>9s} {'TFLOP/s':>8s} {'MFU':>6s}"
+    )
     for row in section["rows"]:
         if "it_per_s" not in row:
             print(f"{row['rung']:4d} {row['name']:16s} failed: {row['errors'][-1]}")
             continue
         syncs = "-" if row["host_syncs_per_iteration"] is None else str(row["host_syncs_per_iteration"])
         speedup = row.get("speedup_over_naive")
-        print(f"{row['rung']:4d} {row['name']:16s} {row['backend']:14s} {row['it_per_s']:9.3f} "
-              f"{row['ms_per_iteration']:10.1f} {'-' if speedup is None else f'{speedup:.2f}x':>8s} "
-              f"{row['peak_memory_mb']:9.0f} {syncs:>6s} {row['first_iteration_s']:9.1f} "
-              f"{'-' if row.get('model_tflops_per_s') is None else format(row['model_tflops_per_s'], '8.1f'):>8s} "
-              f"{'-' if row.get('model_flop_utilisation') is None else format(row['model_flop_utilisation'], '6.1%'):>6s}")
+        print(
+            f"{row['rung']:4d} {row['name']:16s} {row['backend']:14s} {row['it_per_s']:9.3f} "
+            f"{row['ms_per_iteration']:10.1f} {'-' if speedup is None else f'{speedup:.2f}x':>8s} "
+            f"{row['peak_memory_mb']:9.0f} {syncs:>6s} {row['first_iteration_s']:9.1f} "
+            f"{'-' if row.get('model_tflops_per_s') is None else format(row['model_tflops_per_s'], '8.1f'):>8s} "
+            f"{'-' if row.get('model_flop_utilisation') is None else format(row['model_flop_utilisation'], '6.1%'):>6s}"
+        )
     if section.get("flops_per_iteration"):
         peak = section["settings"].get("peak_tflops")
-        print(f"model FLOPs per iteration: {section['flops_per_iteration'] / 1e12:.3f} TFLOP (counted once, eager)"
-              + (f"; MFU against {peak:g} TFLOP/s" if peak else ""))
+        print(
+            f"model FLOPs per iteration: {section['flops_per_iteration'] / 1e12:.3f} TFLOP (counted once, eager)"
+            + (f"; MFU against {peak:g} TFLOP/s" if peak else "")
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -364,18 +410,37 @@ def main(argv=None) -> int:
     parser.add_argument("--inner-steps", type=int, default=5, help="L: fake-model steps per iteration")
     parser.add_argument("--steps", type=int, default=None, help="timed iterations per row")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations first, at least 1")
-    parser.add_argument("--rounds", type=int, default=None, help="runs of every row, interleaved; the median "
-                        "counts (default: 3 on CPU, 1 on CUDA)")
-    parser.add_argument("--rungs", default=None, metavar="LIST", help="comma-separated rungs (default: all that "
-                        "the device can run: 1,2,4,5,6 on CPU, 1-7 on CUDA)")
-    parser.add_argument("--checkpoint-activations", action="store_true",
-                        help="activation checkpointing in the U-Nets (the distiller's option), every row")
-    parser.add_argument("--memory-cap-gb", type=float, default=None,
-                        help="cap this process's GPU memory (e.g. 80: an 80 GB card's budget on an H200)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="runs of every row, interleaved; the median counts (default: 3 on CPU, 1 on CUDA)",
+    )
+    parser.add_argument(
+        "--rungs",
+        default=None,
+        metavar="LIST",
+        help="comma-separated rungs (default: all that the device can run: 1,2,4,5,6 on CPU, 1-7 on CUDA)",
+    )
+    parser.add_argument(
+        "--checkpoint-activations",
+        action="store_true",
+        help="activation checkpointing in the U-Nets (the distiller's option), every row",
+    )
+    parser.add_argument(
+        "--memory-cap-gb",
+        type=float,
+        default=None,
+        help="cap this process's GPU memory (e.g. 80: an 80 GB card's budget on an H200)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the device's measured dense bf16 matrix rate, for model-FLOP utilisation "
-                             "(default: 790 on an H200, as measured there; none elsewhere)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's measured dense bf16 matrix rate, for model-FLOP utilisation "
+        "(default: 790 on an H200, as measured there; none elsewhere)",
+    )
     parser.add_argument("--note", default=None, help="a remark stored in the JSON (e.g. what else ran meanwhile)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per row at most")
     parser.add_argument("--machine", default=None, help="results name (default: GPU name or cpu-<n>core)")
@@ -408,21 +473,35 @@ def main(argv=None) -> int:
 
     from ibmd_fast.models import build_unet
 
-    params = sum(p.numel() for p in build_unet(settings["arch"], settings["image_size"], args.channels,
-                                               args.channels).parameters())
+    params = sum(
+        p.numel()
+        for p in build_unet(settings["arch"], settings["image_size"], args.channels, args.channels).parameters()
+    )
     peak = args.peak_tflops
     if peak is None and cuda and "h200" in torch.cuda.get_device_name().lower():
         peak = 790.0  # 8192^3 bf16 products on random data, measured on this workplace's H200s
     settings["peak_tflops"] = peak
-    settings.update({"size": size, "channels": args.channels, "inner_steps": args.inner_steps, "rounds": rounds,
-                     "unet_parameters": params, "student_nfe": 1,
-                     "checkpoint_activations": args.checkpoint_activations, "memory_cap_gb": args.memory_cap_gb})
-    print(f"IBMD iteration ladder on {machine} ({device}): {size} ({settings['arch']}, {params / 1e6:.1f}M "
-          f"parameters per U-Net), {args.channels}x{settings['image_size']}x{settings['image_size']}, batch "
-          f"{settings['batch_size']}, L = {args.inner_steps}, {settings['warmup']} warm-up + {settings['steps']} "
-          f"timed iterations, {rounds} round(s), rungs {rungs}"
-          + (", activation checkpointing" if args.checkpoint_activations else "")
-          + (f", GPU memory capped at {args.memory_cap_gb:g} GB" if args.memory_cap_gb else ""), flush=True)
+    settings.update(
+        {
+            "size": size,
+            "channels": args.channels,
+            "inner_steps": args.inner_steps,
+            "rounds": rounds,
+            "unet_parameters": params,
+            "student_nfe": 1,
+            "checkpoint_activations": args.checkpoint_activations,
+            "memory_cap_gb": args.memory_cap_gb,
+        }
+    )
+    print(
+        f"IBMD iteration ladder on {machine} ({device}): {size} ({settings['arch']}, {params / 1e6:.1f}M "
+        f"parameters per U-Net), {args.channels}x{settings['image_size']}x{settings['image_size']}, batch "
+        f"{settings['batch_size']}, L = {args.inner_steps}, {settings['warmup']} warm-up + {settings['steps']} "
+        f"timed iterations, {rounds} round(s), rungs {rungs}"
+        + (", activation checkpointing" if args.checkpoint_activations else "")
+        + (f", GPU memory capped at {args.memory_cap_gb:g} GB" if args.memory_cap_gb else ""),
+        flush=True,
+    )
     out = args.out or os.path.join(RESULTS, f"distill-{machine}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     runs: dict[int, list[dict]] = {}
@@ -430,23 +509,33 @@ def main(argv=None) -> int:
         teacher = synthetic_teacher(scratch, settings["arch"], settings["image_size"], args.channels)
         for round_ in range(rounds):
             for rung in rungs:
-                spec = {**rung_settings(rung, rungs), "teacher": teacher, "device": device,
-                        "inner_steps": args.inner_steps, "checkpoint_activations": args.checkpoint_activations,
-                        "memory_cap_gb": args.memory_cap_gb,
-                        **{k: settings[k] for k in ("image_size", "batch_size", "steps", "warmup")}}
+                spec = {
+                    **rung_settings(rung, rungs),
+                    "teacher": teacher,
+                    "device": device,
+                    "inner_steps": args.inner_steps,
+                    "checkpoint_activations": args.checkpoint_activations,
+                    "memory_cap_gb": args.memory_cap_gb,
+                    **{k: settings[k] for k in ("image_size", "batch_size", "steps", "warmup")},
+                }
                 run = spawn(spec, args.timeout)
                 runs.setdefault(rung, []).append(run)
-                shown = (f"failed: {run['error']}" if "error" in run else
-                         f"{run['it_per_s']:.3f} it/s, {run['ms_per_iteration']:.1f} ms/it, "
-                         f"first iteration {run['first_iteration_s']:.1f} s")
+                shown = (
+                    f"failed: {run['error']}"
+                    if "error" in run
+                    else f"{run['it_per_s']:.3f} it/s, {run['ms_per_iteration']:.1f} ms/it, "
+                    f"first iteration {run['first_iteration_s']:.1f} s"
+                )
                 print(f"round {round_ + 1} rung {rung} {LADDER[rung][0]:16s} {shown}", flush=True)
                 # written after every row, so an outer timeout keeps the rows already measured
                 section = summarize(rungs, runs, settings)
                 write_json(out, merge(out, machine, size, section, env, args.note))
     print_table(section)
     if section["speedup_best_over_naive"] is not None:
-        print(f"best (rung {section['best_rung']}) over naive: {section['speedup_best_over_naive']:.2f}x "
-              "iterations per second")
+        print(
+            f"best (rung {section['best_rung']}) over naive: {section['speedup_best_over_naive']:.2f}x "
+            "iterations per second"
+        )
     print(f"wrote {out}")
     return 0 if all("it_per_s" in r and not r["errors"] for r in section["rows"]) else 1
 

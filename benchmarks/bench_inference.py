@@ -38,6 +38,7 @@ On a CPU that other jobs also use, pass ``--threads 1``: with several threads ea
 waits for a thread that may be descheduled, which slows torch.compile's generated kernels by up to
 100x and makes every row noisy. The JSON records the thread counts and the load average.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,12 @@ def synthetic_releases(folder: str, size: int, channels: int = 3) -> tuple[str, 
             p.add_(0.01 * torch.randn_like(p))
     common = {"degradation": "sr4x-bicubic", "image_size": size, "channels": channels, "inpainting": False}
     teacher_path, generator_path = os.path.join(folder, "teacher.safetensors"), os.path.join(folder, "rng.safetensors")
-    save_release(teacher_path, teacher.net, TEACHER_FORMAT,
-                 {"unet": net.config, "conditional": False, "bridge": teacher.bridge.config(), "nfe": 100, **common})
+    save_release(
+        teacher_path,
+        teacher.net,
+        TEACHER_FORMAT,
+        {"unet": net.config, "conditional": False, "bridge": teacher.bridge.config(), "nfe": 100, **common},
+    )
     save_release(generator_path, generator.net, GENERATOR_FORMAT, {**generator.config(), "nfe": 1, **common})
     return teacher_path, generator_path
 
@@ -121,7 +126,7 @@ class GraphReplay:
             static = [t.clone() if isinstance(t, torch.Tensor) else t for t in tensors]
 
             def call():
-                return self.module(*static[: len(args)], **dict(zip(names, static[len(args):])))
+                return self.module(*static[: len(args)], **dict(zip(names, static[len(args) :])))
 
             graph, out = capture_cuda_graph(call)
             self.graphs[key] = (graph, static, out)
@@ -144,19 +149,25 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher", default=DEFAULT_TEACHER, metavar="PATH", help="teacher release")
     parser.add_argument("--generator", default=DEFAULT_GENERATOR, metavar="PATH", help="generator release")
     parser.add_argument("--synthetic", action="store_true", help="random-weight small teacher + generator")
-    parser.add_argument("--size", type=int, default=None, help="image side (default: the generator's image_size; "
-                        "32 for --synthetic)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="image side (default: the generator's image_size; 32 for --synthetic)"
+    )
     parser.add_argument("--batches", default="1,16", help="batch sizes (default 1,16)")
     parser.add_argument("--teacher-nfe", default="100,10", help="teacher NFEs (default 100,10)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per row (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per row")
     parser.add_argument("--budget", type=float, default=30.0, help="about this many timed seconds per row at most")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads for torch and onnxruntime (default: their own choice)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads for torch and onnxruntime (default: their own choice)"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    parser.add_argument("--modes", default=None, metavar="LIST",
-                        help="eager,compile,graph (default: all three on CUDA, eager,compile on CPU)")
+    parser.add_argument(
+        "--modes",
+        default=None,
+        metavar="LIST",
+        help="eager,compile,graph (default: all three on CUDA, eager,compile on CPU)",
+    )
     parser.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows")
     parser.add_argument("--machine", default=None, help="results name (default: GPU name or cpu-<n>core)")
     parser.add_argument("--out-dir", default=RESULTS)
@@ -168,8 +179,11 @@ def main(argv=None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     machine = args.machine or machine_name(device)
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
-    modes = [m.strip() for m in (args.modes or ("eager,compile,graph" if device == "cuda" else "eager,compile"))
-             .split(",") if m.strip()]
+    modes = [
+        m.strip()
+        for m in (args.modes or ("eager,compile,graph" if device == "cuda" else "eager,compile")).split(",")
+        if m.strip()
+    ]
     if args.no_compile:
         modes = [m for m in modes if m != "compile"]
     unknown = set(modes) - {"eager", "compile", "graph"}
@@ -183,8 +197,11 @@ def main(argv=None) -> int:
     synthetic = args.synthetic or not (os.path.isfile(args.teacher) and os.path.isfile(args.generator))
     if synthetic:
         if not args.synthetic:
-            print(f"note: {args.teacher if not os.path.isfile(args.teacher) else args.generator} not found; "
-                  "using a random-weight `small` teacher and generator (--synthetic)", file=sys.stderr)
+            print(
+                f"note: {args.teacher if not os.path.isfile(args.teacher) else args.generator} not found; "
+                "using a random-weight `small` teacher and generator (--synthetic)",
+                file=sys.stderr,
+            )
         teacher_path, generator_path = synthetic_releases(scratch.name, args.size or 32)
     else:
         teacher_path, generator_path = args.teacher, args.generator
@@ -196,16 +213,32 @@ def main(argv=None) -> int:
     size = -(-size // factor) * factor
     channels = generator.image_channels
     inpainting = bool(generator_config.get("inpainting", False))
-    print(f"device {device} ({machine}), image {channels}x{size}x{size}, student NFE {nfe}, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} torch threads", file=sys.stderr)
+    print(
+        f"device {device} ({machine}), image {channels}x{size}x{size}, student NFE {nfe}, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} torch threads",
+        file=sys.stderr,
+    )
 
     rows = []
 
     def add(method: str, row_nfe: int, batch: int, seconds: float, runs: int, **extra):
-        rows.append({"method": method, "nfe": row_nfe, "batch": batch, "seconds_per_batch": seconds,
-                     "ms_per_image": seconds / batch * 1e3, "images_per_s": batch / seconds, "runs": runs, **extra})
-        print(f"  {method:<26} nfe {row_nfe:>3}  batch {batch:>3}: {seconds / batch * 1e3:9.2f} ms/image  "
-              f"{batch / seconds:8.2f} images/s", file=sys.stderr)
+        rows.append(
+            {
+                "method": method,
+                "nfe": row_nfe,
+                "batch": batch,
+                "seconds_per_batch": seconds,
+                "ms_per_image": seconds / batch * 1e3,
+                "images_per_s": batch / seconds,
+                "runs": runs,
+                **extra,
+            }
+        )
+        print(
+            f"  {method:<26} nfe {row_nfe:>3}  batch {batch:>3}: {seconds / batch * 1e3:9.2f} ms/image  "
+            f"{batch / seconds:8.2f} images/s",
+            file=sys.stderr,
+        )
 
     def images(batch: int, seed: int = 0) -> torch.Tensor:
         rng = torch.Generator().manual_seed(seed)
@@ -215,7 +248,7 @@ def main(argv=None) -> int:
         if not inpainting:
             return None
         mask = torch.zeros(batch, 1, size, size, device=device)
-        mask[..., size // 4: size // 4 + size // 2, size // 4: size // 4 + size // 2] = 1
+        mask[..., size // 4 : size // 4 + size // 2, size // 4 : size // 4 + size // 2] = 1
         return mask
 
     compile_error = None
@@ -243,12 +276,15 @@ def main(argv=None) -> int:
             label = f"teacher {mode} ({sampler}_sample)"
             try:
                 for teacher_nfe in teacher_nfes:
+
                     def run_teacher(n=teacher_nfe):
                         # no_grad, not inference_mode: inductor's freezing and graph capture want plain tensors
                         with torch.no_grad():
                             return restore(net, xT, sampler, n, seed=0)
-                    seconds, runs = measure(run_teacher, device, args.warmup, args.repeats, args.budget,
-                                            warm=lambda: run_teacher(1))
+
+                    seconds, runs = measure(
+                        run_teacher, device, args.warmup, args.repeats, args.budget, warm=lambda: run_teacher(1)
+                    )
                     add(label, teacher_nfe, batch, seconds, runs, mode=mode)
             except Exception as exc:  # inductor needs a C++ compiler (and Triton on GPU); report, don't die
                 compile_error = f"{label}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
@@ -262,16 +298,20 @@ def main(argv=None) -> int:
 
     for mode in modes:
         model = CalledAs(generator, network(generator, mode))
-        method = {"eager": "student eager (PyTorch)", "compile": "student torch.compile",
-                  "graph": "student CUDA graph"}[mode]
+        method = {
+            "eager": "student eager (PyTorch)",
+            "compile": "student torch.compile",
+            "graph": "student CUDA graph",
+        }[mode]
         for batch in batches:
             xT, mask = images(batch), mask_for(batch)
             try:
                 with Stopwatch(device) as first_call:
                     student(model, xT, mask)  # the first call compiles (or captures)
                 first = first_call.seconds
-                seconds, runs = measure(lambda: student(model, xT, mask), device, args.warmup, args.repeats,
-                                        args.budget)
+                seconds, runs = measure(
+                    lambda: student(model, xT, mask), device, args.warmup, args.repeats, args.budget
+                )
             except Exception as exc:
                 compile_error = f"{method}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
                 print(f"  {method}: failed ({compile_error})", file=sys.stderr)
@@ -323,8 +363,11 @@ def main(argv=None) -> int:
     # -- summary
     def find(prefix: str, row_nfe: int | None, batch: int):
         for row in rows:
-            if (row["method"].startswith(prefix) and row["batch"] == batch
-                    and (row_nfe is None or row["nfe"] == row_nfe)):
+            if (
+                row["method"].startswith(prefix)
+                and row["batch"] == batch
+                and (row_nfe is None or row["nfe"] == row_nfe)
+            ):
                 return row
         return None
 
@@ -348,8 +391,10 @@ def main(argv=None) -> int:
 
     print(f"\n{'method':<28}{'nfe':>5}{'batch':>7}{'ms/image':>12}{'images/s':>11}")
     for row in rows:
-        print(f"{row['method']:<28}{row['nfe']:>5}{row['batch']:>7}{row['ms_per_image']:>12.2f}"
-              f"{row['images_per_s']:>11.2f}")
+        print(
+            f"{row['method']:<28}{row['nfe']:>5}{row['batch']:>7}{row['ms_per_image']:>12.2f}"
+            f"{row['images_per_s']:>11.2f}"
+        )
     for batch, entry in summary.items():
         print(f"batch {batch}: " + ", ".join(f"{k} {v:.2f}" for k, v in entry.items()))
 
@@ -364,8 +409,9 @@ def main(argv=None) -> int:
         "torch_threads": torch.get_num_threads(),
         "ort_threads": args.threads or "default",
         "onnxruntime": ort_version,
-        "onnxruntime_cuda": "unmeasured: onnxruntime-gpu does not reach the lent GPU machine" if device == "cuda"
-                            and not any(r["method"] == "student onnxruntime CUDA" for r in rows) else None,
+        "onnxruntime_cuda": "unmeasured: onnxruntime-gpu does not reach the lent GPU machine"
+        if device == "cuda" and not any(r["method"] == "student onnxruntime CUDA" for r in rows)
+        else None,
         "modes": modes,
         "ibmd_fast": ibmd_fast.__version__,
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,

@@ -16,6 +16,7 @@ and its replays are timed (the JSON also has the plain per-call times, which
 include Python and launch overhead). Prints a table and writes
 benchmarks/results/ops-<machine>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,27 +101,41 @@ def bench_device(device, dtypes, shapes, warmup, repeats, use_compile):
             cad, cbd, sdd = (x.to(dtype) for x in (ca, cb, sd))
 
             cases = {
-                "bridge_step": (3 * n * es, {
-                    "fused": lambda: ops.bridge_step(a, b, ca, cb, sd, seed=1234),
-                    "eager": lambda: eager_bridge_step(a, b, cad, cbd, sdd),
-                    "compile": (eager_bridge_step, (a, b, cad, cbd, sdd)),
-                }),
+                "bridge_step": (
+                    3 * n * es,
+                    {
+                        "fused": lambda: ops.bridge_step(a, b, ca, cb, sd, seed=1234),
+                        "eager": lambda: eager_bridge_step(a, b, cad, cbd, sdd),
+                        "compile": (eager_bridge_step, (a, b, cad, cbd, sdd)),
+                    },
+                ),
             }
             p, t = (x.clone().requires_grad_() for x in (a, b))
             tf, ff, xf = (x.clone().requires_grad_() for x in (a, b, c))
-            cases["bridge_loss fwd+bwd"] = (4 * n * es, {
-                "fused": fwd_bwd(ops.bridge_loss, (p, t), w),
-                "eager": fwd_bwd(eager_bridge_loss, (p, t), w),
-                "compile": ("loss2", (p, t)),
-            })
-            cases["ibmd_loss fwd+bwd"] = (6 * n * es, {
-                "fused": fwd_bwd(ops.ibmd_loss, (tf, ff, xf), w),
-                "eager": fwd_bwd(eager_ibmd_loss, (tf, ff, xf), w),
-                "compile": ("loss3", (tf, ff, xf)),
-            })
+            cases["bridge_loss fwd+bwd"] = (
+                4 * n * es,
+                {
+                    "fused": fwd_bwd(ops.bridge_loss, (p, t), w),
+                    "eager": fwd_bwd(eager_bridge_loss, (p, t), w),
+                    "compile": ("loss2", (p, t)),
+                },
+            )
+            cases["ibmd_loss fwd+bwd"] = (
+                6 * n * es,
+                {
+                    "fused": fwd_bwd(ops.ibmd_loss, (tf, ff, xf), w),
+                    "eager": fwd_bwd(eager_ibmd_loss, (tf, ff, xf), w),
+                    "compile": ("loss3", (tf, ff, xf)),
+                },
+            )
             for op_name, (floor_bytes, variants) in cases.items():
-                result = {"device": device, "dtype": dtype_name, "shape": list(shape), "op": op_name,
-                          "floor_bytes": floor_bytes}
+                result = {
+                    "device": device,
+                    "dtype": dtype_name,
+                    "shape": list(shape),
+                    "op": op_name,
+                    "floor_bytes": floor_bytes,
+                }
                 for variant, fn in variants.items():
                     if variant == "compile":
                         if not use_compile:
@@ -157,8 +172,11 @@ def print_row(r):
     vs_c = f"{r['speedup_vs_compile']:6.2f}x" if "speedup_vs_compile" in r else "      -"
     pct = f"{r['fused_pct_of_copy_bw']:5.1f}%" if "fused_pct_of_copy_bw" in r else "    -"
     shape = "x".join(map(str, r["shape"]))
-    print(f"{r['device']:5s} {r['dtype']:9s} {shape:15s} {r['op']:20s} {r['fused_' + key]:9.3f} {r['eager_' + key]:9.3f} "
-          f"{cmp} {r['speedup_vs_eager']:6.2f}x {vs_c} {r['fused_GBps']:8.1f} {pct}", flush=True)
+    print(
+        f"{r['device']:5s} {r['dtype']:9s} {shape:15s} {r['op']:20s} {r['fused_' + key]:9.3f} {r['eager_' + key]:9.3f} "
+        f"{cmp} {r['speedup_vs_eager']:6.2f}x {vs_c} {r['fused_GBps']:8.1f} {pct}",
+        flush=True,
+    )
 
 
 def main():
@@ -180,10 +198,14 @@ def main():
         shapes = [(16, 3, 128, 128)]
         warmup, repeats = 3, args.repeats or 30
     machine = args.machine or machine_name(device)
-    print(f"ibmd-fast ops benchmark on {machine} ({device}), backend {ops.backend()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'dev':5s} {'dtype':9s} {'shape':15s} {'op':20s} {'fused ms':>9s} {'eager ms':>9s} {'compile':>9s} "
-          f"{'vs eag':>7s} {'vs cmp':>7s} {'GB/s':>8s} {'%copy':>6s}")
+    print(
+        f"ibmd-fast ops benchmark on {machine} ({device}), backend {ops.backend()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"{'dev':5s} {'dtype':9s} {'shape':15s} {'op':20s} {'fused ms':>9s} {'eager ms':>9s} {'compile':>9s} "
+        f"{'vs eag':>7s} {'vs cmp':>7s} {'GB/s':>8s} {'%copy':>6s}"
+    )
     rows, bw = bench_device(device, dtypes, shapes, warmup, repeats, not args.no_compile)
     if bw:
         print(f"device copy bandwidth (read + write): {bw / 1e9:.1f} GB/s")

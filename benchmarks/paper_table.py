@@ -36,6 +36,7 @@ per task ``-<task>.png``, ``-fid-vs-time.png`` (matplotlib: ``pip install .[benc
 per-image classifier features ``-features.npz`` (presets with save_features; else in the work dir).
 Needs the Debian package ``dataset-fashion-mnist``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,13 +58,33 @@ from ibmd_fast.data import FASHION_MNIST_DIR  # noqa: E402
 from ibmd_fast.evaluate import format_table  # noqa: E402
 from ibmd_fast.imageio import save_grid  # noqa: E402
 from ibmd_fast.train import TeacherConfig  # noqa: E402
-from paper.config import MACHINE_COSTS, PRESETS, TASKS, estimate_minutes, reference_nfe, student_seeds, teacher_rows, workload  # noqa: E402,E501
+from paper.config import (  # noqa: E402
+    MACHINE_COSTS,
+    PRESETS,
+    TASKS,
+    estimate_minutes,
+    reference_nfe,
+    student_seeds,
+    teacher_rows,
+    workload,
+)  # noqa: E402,E501
 from paper.measure import (  # noqa: E402
-    corrupted_and_clean, corrupted_row, load_npz, load_task_images, student_row, teacher_row,
+    corrupted_and_clean,
+    corrupted_row,
+    load_npz,
+    load_task_images,
+    student_row,
+    teacher_row,
 )
 from paper.report import labelled_grid, markdown, plot_fid_vs_time  # noqa: E402
 from paper.stages import (  # noqa: E402
-    Stages, check_data, classifier_stage, data_spec, distill_task_student, task_dir, train_task_teacher,
+    Stages,
+    check_data,
+    classifier_stage,
+    data_spec,
+    distill_task_student,
+    task_dir,
+    train_task_teacher,
 )
 from paper.summary import add_intervals, add_speedups, add_student_diffs, reading, reference_name, summarize  # noqa: E402,E501
 
@@ -80,13 +101,20 @@ def bridge_missing(task) -> str | None:
 def run_task(stages: Stages, preset, name: str, data: str, device: str, seed: int, clf: dict) -> dict:
     task = TASKS[name]
     teacher, tkey = train_task_teacher(stages, preset, name, task, data, stages.work, device, seed)
-    students = {(nfe, s): distill_task_student(stages, preset, name, teacher, tkey, nfe, s, stages.work, device)
-                for nfe in task.student_nfe for s in student_seeds(preset, task, nfe, seed)}
+    students = {
+        (nfe, s): distill_task_student(stages, preset, name, teacher, tkey, nfe, s, stages.work, device)
+        for nfe in task.student_nfe
+        for s in student_seeds(preset, task, nfe, seed)
+    }
     batch = load_task_images(data, task, preset, seed)
-    results = [teacher_row(stages, preset, name, batch, teacher, tkey, row, clf, device, seed)
-               for row in teacher_rows(preset, task)]
-    results += [student_row(stages, preset, name, batch, release, skey, nfe, s, clf, device, seed)
-                for (nfe, s), (release, skey) in students.items()]
+    results = [
+        teacher_row(stages, preset, name, batch, teacher, tkey, row, clf, device, seed)
+        for row in teacher_rows(preset, task)
+    ]
+    results += [
+        student_row(stages, preset, name, batch, release, skey, nfe, s, clf, device, seed)
+        for (nfe, s), (release, skey) in students.items()
+    ]
     corrupted, clean = corrupted_and_clean(clf, batch, device)
     rows = [corrupted_row(corrupted)] + [r["row"] for r in results]
     features = {"corrupted": corrupted["features"], "clean": clean["features"]}
@@ -100,8 +128,9 @@ def run_task(stages: Stages, preset, name: str, data: str, device: str, seed: in
     ref = next(r for r in rows if r["name"] == reference_name(rows))
     add_speedups(rows, ref)
     add_student_diffs(rows, features, clean["features"], preset.bootstrap_resamples, seed, device)
-    summary = summarize(name, task, rows, features, clean["features"], reference_nfe(preset),
-                        preset.bootstrap_resamples, seed, device)
+    summary = summarize(
+        name, task, rows, features, clean["features"], reference_nfe(preset), preset.bootstrap_resamples, seed, device
+    )
 
     g = preset.grid_images
     first_seed = {}
@@ -113,25 +142,41 @@ def run_task(stages: Stages, preset, name: str, data: str, device: str, seed: in
     columns.append(("clean", batch["x0"][:g]))
     grid_path = os.path.join(task_dir(stages.work, name), "grid.png")
     save_grid([c for _, c in columns], grid_path, cell=0)  # labelled_grid enlarges and titles it
-    return {"degradation": task.degradation, "bridge": task.bridge, "conditional": task.conditional,
-            "beta_max": task.beta_max if task.bridge == "i2sb" else None, "student_nfe": list(task.student_nfe),
-            "paper_nfe": task.paper_nfe, "teacher": teacher, "rows": rows, "summary": summary,
-            "grid": grid_path, "grid_columns": [n for n, _ in columns], "features": features}
+    return {
+        "degradation": task.degradation,
+        "bridge": task.bridge,
+        "conditional": task.conditional,
+        "beta_max": task.beta_max if task.bridge == "i2sb" else None,
+        "student_nfe": list(task.student_nfe),
+        "paper_nfe": task.paper_nfe,
+        "teacher": teacher,
+        "rows": rows,
+        "summary": summary,
+        "grid": grid_path,
+        "grid_columns": [n for n, _ in columns],
+        "features": features,
+    }
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--scale", choices=sorted(PRESETS), default="cpu", help="preset (paper/config.py)")
     parser.add_argument("--tasks", default=",".join(TASKS), metavar="LIST", help="comma-separated tasks")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--data-dir", default=str(FASHION_MNIST_DIR), metavar="DIR",
-                        help="folder of the Fashion-MNIST idx files")
+    parser.add_argument(
+        "--data-dir", default=str(FASHION_MNIST_DIR), metavar="DIR", help="folder of the Fashion-MNIST idx files"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--machine", default=None, help="results name (default: GPU name or cpu-<n>core)")
     parser.add_argument("--out-dir", default=RESULTS, metavar="DIR", help="where the JSON, Markdown and PNGs go")
-    parser.add_argument("--work-dir", default=os.path.join("runs", "paper_table"), metavar="DIR",
-                        help="run directories (one subfolder per scale); finished stages there are reused")
+    parser.add_argument(
+        "--work-dir",
+        default=os.path.join("runs", "paper_table"),
+        metavar="DIR",
+        help="run directories (one subfolder per scale); finished stages there are reused",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
     args = parser.parse_args(argv)
 
@@ -142,9 +187,12 @@ def main(argv=None) -> int:
         parser.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     problem = check_data(args.data_dir)
     if problem is not None:
-        print(f"error: Fashion-MNIST is not available: {problem}\n"
-              f"Install it with `apt-get install dataset-fashion-mnist` (it puts the idx files in "
-              f"{FASHION_MNIST_DIR}), or pass --data-dir DIR.", file=sys.stderr)
+        print(
+            f"error: Fashion-MNIST is not available: {problem}\n"
+            f"Install it with `apt-get install dataset-fashion-mnist` (it puts the idx files in "
+            f"{FASHION_MNIST_DIR}), or pass --data-dir DIR.",
+            file=sys.stderr,
+        )
         return 1
     device = resolve_device(args.device)
     machine = args.machine or machine_name(device)
@@ -154,21 +202,43 @@ def main(argv=None) -> int:
     skipped = [{"task": t, "why": why} for t in tasks if (why := bridge_missing(TASKS[t])) is not None]
     runnable = [t for t in tasks if t not in {s["task"] for s in skipped}]
     if args.dry_run:
-        print(json.dumps({
-            "scale": args.scale, "preset": {**dataclasses.asdict(preset), "note": preset.describe()},
-            "tasks": {t: {**dataclasses.asdict(TASKS[t]), "teacher_rows": [r.name + f" ({r.images} images)"
-                                                                          for r in teacher_rows(preset, TASKS[t])],
-                          "students": {str(k): student_seeds(preset, TASKS[t], k, args.seed)
-                                       for k in TASKS[t].student_nfe}} for t in tasks},
-            "skipped_tasks": skipped, "device": device, "machine": machine,
-            "approx_image_network_calls": workload(preset, tasks),
-            "estimated_minutes_2_idle_cpu_cores": estimate_minutes(preset, tasks),
-            "estimated_minutes_by_machine": {m: estimate_minutes(preset, tasks, m)["total"] for m in MACHINE_COSTS},
-            "data": data, "work_dir": work, "outputs": stem + ".{json,md,png}"}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "scale": args.scale,
+                    "preset": {**dataclasses.asdict(preset), "note": preset.describe()},
+                    "tasks": {
+                        t: {
+                            **dataclasses.asdict(TASKS[t]),
+                            "teacher_rows": [r.name + f" ({r.images} images)" for r in teacher_rows(preset, TASKS[t])],
+                            "students": {
+                                str(k): student_seeds(preset, TASKS[t], k, args.seed) for k in TASKS[t].student_nfe
+                            },
+                        }
+                        for t in tasks
+                    },
+                    "skipped_tasks": skipped,
+                    "device": device,
+                    "machine": machine,
+                    "approx_image_network_calls": workload(preset, tasks),
+                    "estimated_minutes_2_idle_cpu_cores": estimate_minutes(preset, tasks),
+                    "estimated_minutes_by_machine": {
+                        m: estimate_minutes(preset, tasks, m)["total"] for m in MACHINE_COSTS
+                    },
+                    "data": data,
+                    "work_dir": work,
+                    "outputs": stem + ".{json,md,png}",
+                },
+                indent=2,
+            )
+        )
         return 0
 
-    print(f"paper_table: scale {args.scale} on {machine} ({device}, {torch.get_num_threads()} threads), "
-          f"tasks {', '.join(runnable)}, work dir {work}", flush=True)
+    print(
+        f"paper_table: scale {args.scale} on {machine} ({device}, {torch.get_num_threads()} threads), "
+        f"tasks {', '.join(runnable)}, work dir {work}",
+        flush=True,
+    )
     for s in skipped:
         print(f"note: task {s['task']} not run: {s['why']}", flush=True)
     print(f"note: {preset.describe()}", flush=True)
@@ -179,15 +249,19 @@ def main(argv=None) -> int:
 
     os.makedirs(args.out_dir, exist_ok=True)
     features_path = (stem + "-features.npz") if preset.save_features else os.path.join(work, "features.npz")
-    np.savez_compressed(features_path, **{f"{t}/{k}": v for t, task in results.items()
-                                          for k, v in task.pop("features").items()})
+    np.savez_compressed(
+        features_path, **{f"{t}/{k}": v for t, task in results.items() for k, v in task.pop("features").items()}
+    )
     for name, task in results.items():
         task["grid_png"] = f"{stem}-{name}.png"
         labelled_grid(task["grid"], task["grid_png"], task["grid_columns"], preset.image_size)
     plot = f"{stem}-fid-vs-time.png"
     try:
-        plot_fid_vs_time({n: t["rows"] for n, t in results.items()}, plot,
-                         f"IBMD on Fashion-MNIST, scale {args.scale}, {machine}: FID (95% CI) vs seconds per image")
+        plot_fid_vs_time(
+            {n: t["rows"] for n, t in results.items()},
+            plot,
+            f"IBMD on Fashion-MNIST, scale {args.scale}, {machine}: FID (95% CI) vs seconds per image",
+        )
     except ImportError:  # the numbers are worth keeping without the picture
         print("note: matplotlib is not installed (pip install .[bench]): no FID-vs-time plot", file=sys.stderr)
         plot = None
@@ -205,8 +279,12 @@ def main(argv=None) -> int:
         "reading": [reading(e) for e in summary],
         "tasks": results,
         "skipped_tasks": skipped,
-        "features": {"file": features_path, "dim": clf["feature_dim"], "dtype": "float32",
-                     "keys": "<task>/<row name>, <task>/clean, <task>/corrupted: [images, dim], test items in order"},
+        "features": {
+            "file": features_path,
+            "dim": clf["feature_dim"],
+            "dtype": "float32",
+            "keys": "<task>/<row name>, <task>/clean, <task>/corrupted: [images, dim], test items in order",
+        },
         "plot": plot,
         "stages": stages.log,
         "total_stage_seconds": sum(s["seconds"] for s in stages.log),
@@ -220,13 +298,17 @@ def main(argv=None) -> int:
         fh.write(markdown(report))
     shown = ("name", "nfe", "images", "fid", "ca", "psnr", "ssim", "sec_per_image", "speedup_vs_reference")
     for name, task in results.items():
-        print(f"\n{name}\n" + format_table([{k: r.get(k) for k in shown if r.get(k) is not None} for r in task["rows"]]))
+        print(
+            f"\n{name}\n" + format_table([{k: r.get(k) for k in shown if r.get(k) is not None} for r in task["rows"]])
+        )
     print(f"\nclassifier: {clf['clean_test_accuracy']:.2f}% top-1 on {clf['clean_test_images']} clean test images")
     print("targets:")
     for line in report["reading"]:
         print(f"  {line}")
-    print(f"\nwrote {stem}.json, {stem}.md, the grids {stem}-<task>.png, {plot} and {features_path} "
-          f"({report['wall_seconds']:.0f} s)")
+    print(
+        f"\nwrote {stem}.json, {stem}.md, the grids {stem}-<task>.png, {plot} and {features_path} "
+        f"({report['wall_seconds']:.0f} s)"
+    )
     return 0
 
 

@@ -50,6 +50,7 @@ consecutive images of one size. The feed is made from the model's ``graph_inputs
 each input is: the image, the mask, or noise), so the runner knows nothing of the model's kind
 beyond it. Errors print one line (``run_onnx: error: ...``) and exit 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,8 +97,10 @@ class Model:
             raise RunnerError(f"model file not found: {path}")
         available = ort.get_available_providers()
         if provider == "cuda" and "CUDAExecutionProvider" not in available:
-            raise RunnerError("--provider cuda: this onnxruntime has no CUDAExecutionProvider "
-                              f"(available: {', '.join(available)}); install onnxruntime-gpu")
+            raise RunnerError(
+                "--provider cuda: this onnxruntime has no CUDAExecutionProvider "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu"
+            )
         use_cuda = provider == "cuda" or (provider == "auto" and "CUDAExecutionProvider" in available)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
         options = ort.SessionOptions()
@@ -110,20 +113,26 @@ class Model:
             data = path + ".data"
             hint = ""
             if "external" in str(exc).lower() and not os.path.isfile(data):
-                hint = (f"; its weights live in {os.path.basename(data)}, which must sit beside it "
-                        "(move or copy the two files together)")
+                hint = (
+                    f"; its weights live in {os.path.basename(data)}, which must sit beside it "
+                    "(move or copy the two files together)"
+                )
             raise RunnerError(f"cannot load {path} as an ONNX model: {_first_line(exc)}{hint}") from None
         if provider == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
-            raise RunnerError("--provider cuda: onnxruntime could not start CUDA (check the CUDA and cuDNN "
-                              "libraries onnxruntime-gpu needs)")
+            raise RunnerError(
+                "--provider cuda: onnxruntime could not start CUDA (check the CUDA and cuDNN "
+                "libraries onnxruntime-gpu needs)"
+            )
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.metadata = self._read_metadata(path)
 
     def _read_metadata(self, path: str) -> dict:
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("format") != FORMAT:
-            raise RunnerError(f"{path} is not an ibmd-fast generator (its metadata has no format={FORMAT!r}); "
-                              "export one with `ibmd-fast export --onnx`")
+            raise RunnerError(
+                f"{path} is not an ibmd-fast generator (its metadata has no format={FORMAT!r}); "
+                "export one with `ibmd-fast export --onnx`"
+            )
         try:
             info = {
                 "graph_inputs": json.loads(meta["graph_inputs"]),
@@ -140,8 +149,10 @@ class Model:
             raise RunnerError(f"{path}: damaged ibmd-fast metadata ({type(exc).__name__}: {exc})") from None
         names = [i.name for i in self.session.get_inputs()]
         if names != [i["name"] for i in info["graph_inputs"]]:
-            raise RunnerError(f"{path}: the graph's inputs {names} differ from its metadata "
-                              f"{[i['name'] for i in info['graph_inputs']]}")
+            raise RunnerError(
+                f"{path}: the graph's inputs {names} differ from its metadata "
+                f"{[i['name'] for i in info['graph_inputs']]}"
+            )
         unknown = [i["name"] for i in info["graph_inputs"] if i["kind"] not in ("image", "mask", "noise", "label")]
         if unknown:
             raise RunnerError(f"{path}: the model takes inputs this runner does not know how to make: {unknown}")
@@ -171,8 +182,10 @@ class Model:
 
 def draw_noises(rng: np.random.Generator, noise_inputs: list, height: int, width: int) -> dict:
     """One image's noise inputs, in metadata order: ``rng.standard_normal((C, H, W), float32)`` each."""
-    return {item["name"]: rng.standard_normal((int(item["channels"]), height, width), dtype=np.float32)
-            for item in noise_inputs}
+    return {
+        item["name"]: rng.standard_normal((int(item["channels"]), height, width), dtype=np.float32)
+        for item in noise_inputs
+    }
 
 
 def center_mask(height: int, width: int) -> np.ndarray:
@@ -180,7 +193,7 @@ def center_mask(height: int, width: int) -> np.ndarray:
     mask = np.zeros((1, height, width), np.float32)
     side_h, side_w = height // 2, width // 2
     top, left = (height - side_h) // 2, (width - side_w) // 2
-    mask[:, top:top + side_h, left:left + side_w] = 1.0
+    mask[:, top : top + side_h, left : left + side_w] = 1.0
     return mask
 
 
@@ -246,8 +259,11 @@ def _load_uint8(path: Path, channels: int) -> np.ndarray:
             raise UnreadableInput(path, exc) from None
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # high bit depth: scale, don't clip
             a = np.asarray(image, dtype=np.float64)
-            peak = 1.0 if image.mode == "F" and a.max() <= 1.0 else (
-                65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0)
+            peak = (
+                1.0
+                if image.mode == "F" and a.max() <= 1.0
+                else (65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0)
+            )
             image = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
         array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
     return array[:, :, None] if array.ndim == 2 else array
@@ -272,8 +288,10 @@ def _tensor_shape(path: Path, channels: int) -> tuple:
     if array.ndim != 3:
         raise RunnerError(f"{path}: a tensor input must be [C, H, W], got shape {list(array.shape)}")
     if array.shape[0] != channels:
-        raise RunnerError(f"{path}: has {array.shape[0]} channels, the model takes {channels} "
-                          f"(a tensor input is float32 [C, H, W] in [-1, 1])")
+        raise RunnerError(
+            f"{path}: has {array.shape[0]} channels, the model takes {channels} "
+            f"(a tensor input is float32 [C, H, W] in [-1, 1])"
+        )
     return array.shape[1], array.shape[2]
 
 
@@ -288,8 +306,9 @@ def save_png(x: np.ndarray, path: Path) -> None:
     pixels = to_uint8(x)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels,
-                        "L" if pixels.shape[2] == 1 else "RGB").save(path)
+        Image.fromarray(
+            pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, "L" if pixels.shape[2] == 1 else "RGB"
+        ).save(path)
     except OSError as exc:
         raise RunnerError(f"cannot write {path}: {exc.strerror or _first_line(exc)}") from None
 
@@ -300,11 +319,14 @@ def check_output(out_dir: str, input_root: str) -> None:
     if out.resolve() == root.resolve():
         raise RunnerError(f"--output {out_dir} is the input folder; results would overwrite the inputs")
     if root.is_dir() and root.resolve() in out.resolve().parents:
-        raise RunnerError(f"--output {out_dir} is inside the input folder {input_root}: its results would be read "
-                          "back as inputs next time; give a folder outside it")
+        raise RunnerError(
+            f"--output {out_dir} is inside the input folder {input_root}: its results would be read "
+            "back as inputs next time; give a folder outside it"
+        )
     if root.is_file() and out.resolve() == root.resolve().parent:
-        raise RunnerError(f"--output {out_dir} is the folder of the input {root.name}; results would overwrite "
-                          "the inputs")
+        raise RunnerError(
+            f"--output {out_dir} is the folder of the input {root.name}; results would overwrite the inputs"
+        )
     for parent in [out, *out.parents]:
         if parent.exists():
             if not parent.is_dir():
@@ -349,8 +371,10 @@ class MaskSource:
             else:
                 self.file = path
         elif degradation != "inpaint-center":
-            raise RunnerError(f"this inpainting model ({degradation or 'no degradation named'}) has no fixed mask: "
-                              "pass --mask MASK_IMAGE_OR_FOLDER (white = the hole to fill)")
+            raise RunnerError(
+                f"this inpainting model ({degradation or 'no degradation named'}) has no fixed mask: "
+                "pass --mask MASK_IMAGE_OR_FOLDER (white = the hole to fill)"
+            )
 
     def path_for(self, relname: str) -> Path | None:
         if self.file is not None:
@@ -370,8 +394,9 @@ class MaskSource:
             return center_mask(height, width)
         pixels = _load_uint8(path, 1)[:, :, 0]
         if pixels.shape != (height, width):
-            raise RunnerError(f"mask {path} is {pixels.shape[0]}x{pixels.shape[1]}, "
-                              f"the image {relname} is {height}x{width}")
+            raise RunnerError(
+                f"mask {path} is {pixels.shape[0]}x{pixels.shape[1]}, the image {relname} is {height}x{width}"
+            )
         return (pixels >= 128).astype(np.float32)[None]
 
 
@@ -390,8 +415,9 @@ def read_labels(path: str) -> dict:
                 if not row or (n == 1 and [c.strip().lower() for c in row] == ["path", "label"]):
                     continue
                 if len(row) != 2 or not row[1].strip().isdigit():
-                    raise RunnerError(f"labels file {path}, line {n}: expected 'path,label' with a label >= 0, "
-                                      f"got {','.join(row)!r}")
+                    raise RunnerError(
+                        f"labels file {path}, line {n}: expected 'path,label' with a label >= 0, got {','.join(row)!r}"
+                    )
                 table[Path(row[0].strip()).as_posix()] = int(row[1])
     except OSError as exc:
         raise RunnerError(f"cannot read the labels file {path}: {exc.strerror}") from None
@@ -409,23 +435,37 @@ def class_labels(info: dict, items: list, labels: dict | None, class_label: int 
     if labels is not None and class_label is not None:
         raise RunnerError("give --labels or --class-label, not both")
     if labels is None and class_label is None:
-        raise RunnerError(f"this model is class-conditional ({num_classes} classes): give the class of each input "
-                          "with --labels FILE.csv (lines path,label) or --class-label N")
+        raise RunnerError(
+            f"this model is class-conditional ({num_classes} classes): give the class of each input "
+            "with --labels FILE.csv (lines path,label) or --class-label N"
+        )
     out = {}
     for relname, _ in items:
         label = class_label if labels is None else labels.get(relname)
         if label is None:
             raise RunnerError(f"{relname} has no label in the --labels file")
         if not 0 <= int(label) < num_classes:
-            raise RunnerError(f"class label {label} of {relname} is out of range: the model has {num_classes} classes "
-                              f"(labels 0..{num_classes - 1})")
+            raise RunnerError(
+                f"class label {label} of {relname} is out of range: the model has {num_classes} classes "
+                f"(labels 0..{num_classes - 1})"
+            )
         out[relname] = int(label)
     return out
 
 
-def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int = 0,
-            mask: str | None = None, log=None, warn=None, input_root: str | None = None,
-            labels: dict | None = None, class_label: int | None = None) -> int:
+def restore(
+    model: Model,
+    items: list,
+    out_dir: str,
+    batch: int = 8,
+    seed: int = 0,
+    mask: str | None = None,
+    log=None,
+    warn=None,
+    input_root: str | None = None,
+    labels: dict | None = None,
+    class_label: int | None = None,
+) -> int:
     """Run every input through the model; returns the number of images written.
 
     ``labels`` ({relative name: class}) or ``class_label``: the classes of a class-conditional model.
@@ -453,10 +493,15 @@ def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int =
             continue
         height, width = height * divisor, width * divisor  # the output's size
         if height % multiple or width % multiple:
-            what = f"size {height // divisor}x{width // divisor} (x{divisor}: {height}x{width})" if divisor > 1 \
+            what = (
+                f"size {height // divisor}x{width // divisor} (x{divisor}: {height}x{width})"
+                if divisor > 1
                 else f"size {height}x{width}"
-            raise RunnerError(f"{relname}: {what} does not fit the network, which gives heights and widths that are "
-                              f"multiples of {multiple} (nearest: {_size_hint(height, width, multiple)})")
+            )
+            raise RunnerError(
+                f"{relname}: {what} does not fit the network, which gives heights and widths that are "
+                f"multiples of {multiple} (nearest: {_size_hint(height, width, multiple)})"
+            )
         if masks is not None:
             masks.path_for(relname)
         sizes.append((height, width))
@@ -467,10 +512,15 @@ def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int =
     if input_root is not None:
         check_output(out_dir, input_root)
     if log:
-        log(f"{info['nfe']}-step {info['degradation'] or 'generator'}, {info['precision']}, on {model.device} "
+        log(
+            f"{info['nfe']}-step {info['degradation'] or 'generator'}, {info['precision']}, on {model.device} "
             f"({', '.join(model.session.get_providers())}); {len(items)} inputs"
-            + (f", upsampled x{info['upsample']['factor']} ({info['upsample']['mode']}) in the model"
-               if info["upsample"] else ""))
+            + (
+                f", upsampled x{info['upsample']['factor']} ({info['upsample']['mode']}) in the model"
+                if info["upsample"]
+                else ""
+            )
+        )
 
     rng = np.random.default_rng(seed)
     out_root = Path(out_dir)
@@ -486,8 +536,10 @@ def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int =
         finite = np.isfinite(x0)
         if not finite.all():  # a model with NaN/Inf weights gives black images: never write them
             names = ", ".join(p[0] for p in pending[:3])
-            raise RunnerError(f"the model gives {int(finite.size - finite.sum())} non-finite value(s) (NaN or Inf) "
-                              f"for {names}; its weights are damaged or diverged, so nothing more is written")
+            raise RunnerError(
+                f"the model gives {int(finite.size - finite.sum())} non-finite value(s) (NaN or Inf) "
+                f"for {names}; its weights are damaged or diverged, so nothing more is written"
+            )
         for (relname, path, _), out in zip(pending, x0):
             target = out_root / Path(relname).with_suffix(".png")
             save_png(out, target)
@@ -512,8 +564,12 @@ def restore(model: Model, items: list, out_dir: str, batch: int = 8, seed: int =
             continue
         previous = (height, width)
         noises = draw_noises(rng, info["noise_inputs"], height, width)
-        made = {"image": lambda i: image, "mask": lambda i: masks.mask(relname, height, width),
-                "noise": lambda i: noises[i["name"]], "label": lambda i: np.int64(label_of[relname])}
+        made = {
+            "image": lambda i: image,
+            "mask": lambda i: masks.mask(relname, height, width),
+            "noise": lambda i: noises[i["name"]],
+            "label": lambda i: np.int64(label_of[relname]),
+        }
         pending.append((relname, path, {i["name"]: made[i["kind"]](i) for i in info["graph_inputs"]}))
     flush()
     if not written:
@@ -537,19 +593,24 @@ def _positive(value: str) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="run_onnx.py",
-        description="Restore images with an ibmd-fast ONNX generator (onnxruntime only; no torch).")
+        prog="run_onnx.py", description="Restore images with an ibmd-fast ONNX generator (onnxruntime only; no torch)."
+    )
     parser.add_argument("--model", required=True, metavar="MODEL.onnx", help="the exported generator")
     parser.add_argument("--input", required=True, metavar="PATH", help="an image, a .npy tensor, or a folder of them")
     parser.add_argument("--output", required=True, metavar="DIR", help="where the PNGs go (same relative names)")
     parser.add_argument("--batch", type=_positive, default=8, metavar="N", help="images per run (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise inputs (default 0)")
-    parser.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="onnxruntime execution provider (default auto: CUDA when available)")
+    parser.add_argument(
+        "--provider",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="onnxruntime execution provider (default auto: CUDA when available)",
+    )
     parser.add_argument("--mask", metavar="PATH", help="inpainting: a mask image, or a folder of per-input masks")
     parser.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads (default: onnxruntime's)")
-    parser.add_argument("--labels", metavar="FILE.csv",
-                        help="class-conditional models: lines path,label (paths relative to --input)")
+    parser.add_argument(
+        "--labels", metavar="FILE.csv", help="class-conditional models: lines path,label (paths relative to --input)"
+    )
     parser.add_argument("--class-label", type=int, metavar="N", help="class-conditional models: one class for all")
     parser.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
     args = parser.parse_args(argv)
@@ -565,8 +626,19 @@ def main(argv=None) -> int:
         model = Model(args.model, args.provider, args.threads)
         started = time.perf_counter()
         labels = None if args.labels is None else read_labels(args.labels)
-        count = restore(model, items, args.output, batch=args.batch, seed=args.seed, mask=args.mask, log=log,
-                        warn=warn, input_root=args.input, labels=labels, class_label=args.class_label)
+        count = restore(
+            model,
+            items,
+            args.output,
+            batch=args.batch,
+            seed=args.seed,
+            mask=args.mask,
+            log=log,
+            warn=warn,
+            input_root=args.input,
+            labels=labels,
+            class_label=args.class_label,
+        )
         if log:
             seconds = time.perf_counter() - started
             per_image = seconds / max(count, 1) * 1e3

@@ -8,6 +8,7 @@ float times in ``[sigma_min, sigma_max]``; VPBridge's machinery with its own sch
 ``times(value, batch, device)``, ``net_time(t)`` and ``config()``. Schedule arithmetic is float64;
 coefficients are float64 ``[B]`` tensors on t's device (``ops.bridge_step`` casts them).
 """
+
 from __future__ import annotations
 
 import math
@@ -167,8 +168,15 @@ class I2SBBridge(Bridge):
 
     is_discrete = True
 
-    def __init__(self, n_steps: int = 1000, beta_max: float = 0.3, ot_ode: bool = False,
-                 t0: float = 1e-4, T: float = 1.0, float32_levels: bool = False):
+    def __init__(
+        self,
+        n_steps: int = 1000,
+        beta_max: float = 0.3,
+        ot_ode: bool = False,
+        t0: float = 1e-4,
+        T: float = 1.0,
+        float32_levels: bool = False,
+    ):
         if int(n_steps) < 2:
             raise ValueError(f"n_steps must be at least 2, got {n_steps}")
         _check_finite(beta_max=beta_max, t0=t0, T=T)
@@ -199,8 +207,10 @@ class I2SBBridge(Bridge):
             "noise_levels": self.noise_levels,
         }
         if not all(bool(torch.isfinite(v).all()) for v in self._cpu.values()):
-            raise ValueError(f"beta_max {beta_max} overflows the noise schedule of {n_steps} steps; "
-                             "I2SB uses 0.3 (super-resolution, JPEG) or 1.0 (inpainting)")
+            raise ValueError(
+                f"beta_max {beta_max} overflows the noise schedule of {n_steps} steps; "
+                "I2SB uses 0.3 (super-resolution, JPEG) or 1.0 (inpainting)"
+            )
         self._tables: dict[torch.device, dict[str, torch.Tensor]] = {torch.device("cpu"): self._cpu}
 
     def _table(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -285,8 +295,15 @@ class VPBridge(Bridge):
 
     is_discrete = False
 
-    def __init__(self, beta_min: float = 0.1, beta_d: float = 2.0, t_min: float = 1e-4, t_max: float = 1.0,
-                 sigma_data: float = 0.5, cov_xy: float = 0.0):
+    def __init__(
+        self,
+        beta_min: float = 0.1,
+        beta_d: float = 2.0,
+        t_min: float = 1e-4,
+        t_max: float = 1.0,
+        sigma_data: float = 0.5,
+        cov_xy: float = 0.0,
+    ):
         self._set_precond(sigma_data, cov_xy)
         _check_finite(beta_min=beta_min, beta_d=beta_d, t_min=t_min, t_max=t_max)
         if not 0 < t_min < t_max:
@@ -465,8 +482,7 @@ class VEBridge(VPBridge):
     is ``VPBridge``'s; only the schedule differs. ``t_min``/``t_max`` are the sigma range.
     """
 
-    def __init__(self, sigma_max: float = 80.0, sigma_min: float = 0.002, sigma_data: float = 0.5,
-                 cov_xy: float = 0.0):
+    def __init__(self, sigma_max: float = 80.0, sigma_min: float = 0.002, sigma_data: float = 0.5, cov_xy: float = 0.0):
         self._set_precond(sigma_data, cov_xy)
         _check_finite(sigma_min=sigma_min, sigma_max=sigma_max)
         if not 0 < sigma_min < sigma_max:

@@ -9,6 +9,7 @@ proxy labels such as the index of the source photograph, so FID features exist f
 Saved files carry the format tag ``ibmd_fast.metrics.Classifier`` (where the class lived when the
 embedded classifier was written), so those files load.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Classifier", "train_classifier", "save_classifier", "load_classifier", "classifier_accuracy",
-           "describe_classifier", "CLASSIFIER_FORMAT", "TASKS"]
+__all__ = [
+    "Classifier",
+    "train_classifier",
+    "save_classifier",
+    "load_classifier",
+    "classifier_accuracy",
+    "describe_classifier",
+    "CLASSIFIER_FORMAT",
+    "TASKS",
+]
 
 CLASSIFIER_FORMAT = "ibmd_fast.metrics.Classifier"  # the tag in saved files (kept from before the move)
 TASKS = ("labels", "rotation")
@@ -157,9 +166,12 @@ def _augment(x: torch.Tensor, mode: str, rng: torch.Generator) -> torch.Tensor:
     # Gather the crops with one index op: rows dy+i, columns dx+j for each image.
     rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)
     cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)
-    out = padded[torch.arange(b, device=x.device)[:, None, None, None],
-                 torch.arange(x.shape[1], device=x.device)[None, :, None, None],
-                 rows[:, None, :, None], cols[:, None, None, :]]
+    out = padded[
+        torch.arange(b, device=x.device)[:, None, None, None],
+        torch.arange(x.shape[1], device=x.device)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
     if mode == "shift_flip":
         flip = (torch.rand(b, generator=rng) < 0.5).to(x.device)
         out = torch.where(flip[:, None, None, None], out.flip(3), out)
@@ -218,8 +230,9 @@ def train_classifier(
         raise ValueError(f"train_classifier: task must be one of {TASKS}, got {task!r}")
     modes = {True: "shift_flip", False: "none", "shift_flip": "shift_flip", "shift": "shift", "none": "none"}
     if augment not in modes:
-        raise ValueError("train_classifier: augment must be a bool or one of 'shift_flip', 'shift', 'none', "
-                         f"got {augment!r}")
+        raise ValueError(
+            f"train_classifier: augment must be a bool or one of 'shift_flip', 'shift', 'none', got {augment!r}"
+        )
     augment_mode = modes[augment]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -231,12 +244,15 @@ def train_classifier(
         images, labels = tensors
         if task == "labels":
             if labels is None:
-                raise ValueError("train_classifier: task='labels' needs labels (a tensor pair or pseudo_labels); "
-                                 "use task='rotation' for unlabeled images")
+                raise ValueError(
+                    "train_classifier: task='labels' needs labels (a tensor pair or pseudo_labels); "
+                    "use task='rotation' for unlabeled images"
+                )
             labels = torch.as_tensor(labels).long()
             if labels.shape != (images.shape[0],):
-                raise ValueError(f"train_classifier: labels must have shape [{images.shape[0]}], "
-                                 f"got {tuple(labels.shape)}")
+                raise ValueError(
+                    f"train_classifier: labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}"
+                )
             if num_classes is None:
                 num_classes = int(labels.max()) + 1
         sample_shape = images.shape[1:]
@@ -244,17 +260,25 @@ def train_classifier(
         loader = None
     else:
         if pseudo_labels is not None:
-            raise ValueError("train_classifier: pseudo_labels needs tensor data; "
-                             "for a Dataset put them in its 'label' field")
+            raise ValueError(
+                "train_classifier: pseudo_labels needs tensor data; for a Dataset put them in its 'label' field"
+            )
         loader = torch.utils.data.DataLoader(
-            data, batch_size=batch_size, shuffle=True, drop_last=False, generator=rng,
-            collate_fn=_collate_x0_label, num_workers=num_workers,
+            data,
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=False,
+            generator=rng,
+            collate_fn=_collate_x0_label,
+            num_workers=num_workers,
         )
         sample_shape = torch.as_tensor(data[0]["x0"]).shape
         num_items = len(data)
         if task == "labels" and "label" not in data[0]:
-            raise ValueError("train_classifier: task='labels' needs a 'label' field in the data set items; "
-                             "use task='rotation' for unlabeled images")
+            raise ValueError(
+                "train_classifier: task='labels' needs a 'label' field in the data set items; "
+                "use task='rotation' for unlabeled images"
+            )
         if task == "labels" and num_classes is None:
             raise ValueError("train_classifier: num_classes is required for a Dataset")
     if len(sample_shape) != 3:
@@ -268,8 +292,9 @@ def train_classifier(
     # Fork the global RNG so that seeding the initialisation leaves the caller's stream alone.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Classifier(channels, num_classes, max(height, width_px), width=width, task=task,
-                           label_source=label_source).to(device)
+        model = Classifier(
+            channels, num_classes, max(height, width_px), width=width, task=task, label_source=label_source
+        ).to(device)
     name = f"{label_source or ('rotation' if task == 'rotation' else 'label')} classifier"
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(num_items / batch_size)
@@ -285,16 +310,19 @@ def train_classifier(
         else:
             order = torch.randperm(num_items, generator=rng)
             for start in range(0, num_items, batch_size):
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 yield images[idx], (labels[idx] if labels is not None else None)
 
     bar = None
     if progress and sys.stderr.isatty():  # a bar redrawn with carriage returns is noise in a log file
         from tqdm.auto import tqdm
+
         bar = tqdm(total=total_steps, desc=name, leave=False)
     if log is None:
+
         def log(message: str) -> None:
             print(message, file=sys.stderr, flush=True)
+
     model.train()
     for epoch in range(epochs):
         begin, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
@@ -317,17 +345,20 @@ def train_classifier(
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         # one line per epoch, bar or not: a log file of a long evaluation shows where it is
-        log(f"{name} epoch {epoch + 1}/{epochs}: loss {loss_sum / max(seen, 1):.4f}, "
+        log(
+            f"{name} epoch {epoch + 1}/{epochs}: loss {loss_sum / max(seen, 1):.4f}, "
             f"training accuracy {100.0 * correct / max(seen, 1):.2f}% (augmented batches), "
-            f"{time.perf_counter() - begin:.1f} s")
+            f"{time.perf_counter() - begin:.1f} s"
+        )
     if bar is not None:
         bar.close()
     return model.eval()
 
 
 @torch.no_grad()
-def classifier_accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor | None = None,
-                        batch_size: int = 256) -> float:
+def classifier_accuracy(
+    model: Classifier, images: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 256
+) -> float:
     """Top-1 accuracy (a fraction) of ``model`` on ``images`` [N, C, H, W] in [-1, 1].
 
     For a rotation classifier ``labels`` is ignored: every image is scored in its four rotations.
@@ -337,13 +368,13 @@ def classifier_accuracy(model: Classifier, images: torch.Tensor, labels: torch.T
     device = next(model.parameters()).device
     correct = seen = 0
     for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device, torch.float32)
+        x = images[start : start + batch_size].to(device, torch.float32)
         if model.task == "rotation":
             x, y = _rotation_batch(x)
         else:
             if labels is None:
                 raise ValueError("classifier_accuracy: a label classifier needs labels")
-            y = torch.as_tensor(labels[start:start + batch_size]).long().to(device)
+            y = torch.as_tensor(labels[start : start + batch_size]).long().to(device)
         correct += int((model(x).argmax(dim=1) == y).sum())
         seen += y.shape[0]
     model.train(was_training)
@@ -362,8 +393,7 @@ def describe_classifier(model: Classifier) -> str:
     else:
         what = f"label classifier ({config['num_classes']} classes, {size} images)"
     if info.get("test_accuracy") is not None:
-        what += (f", {100.0 * info['test_accuracy']:.2f}% accuracy on {info.get('test_items', '?')} "
-                 f"held-out test images")
+        what += f", {100.0 * info['test_accuracy']:.2f}% accuracy on {info.get('test_items', '?')} held-out test images"
     else:
         what += ", accuracy not measured"
     return what
@@ -419,5 +449,3 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu")
     except ValueError as exc:
         raise ValueError(f"load_classifier: {path!r} holds unreadable training info ({exc})") from exc
     return model.to(device).eval()
-
-

@@ -1,6 +1,7 @@
 """The training commands' options, built from their config dataclasses (one source for defaults):
 dataclass < ``--config FILE`` (YAML/JSON) < options given on the command line; ``--dry-run``
 prints the resolved config. Used by ``ibmd_fast.cli`` when it builds train-teacher and distill."""
+
 from __future__ import annotations
 
 import contextlib
@@ -66,36 +67,78 @@ _SHARED_TRAIN_OPTIONS: list[tuple[str, dict]] = [
     ("precision", dict(type=click.Choice(["fp32", "bf16", "fp16"]), help="Arithmetic precision (autocast).")),
     ("channels_last", dict(flag="--channels-last/--no-channels-last", help="Channels-last memory format.")),
     ("compile", dict(flag="--compile/--no-compile", help="torch.compile the networks.")),
-    ("fused_adam", dict(flag="--fused-adam/--no-fused-adam", help="torch's fused AdamW (CUDA): the non-finite-step "
-                        "guard stays on the device, no host sync inside an iteration.")),
-    ("checkpoint_activations", dict(flag="--checkpoint-activations/--no-checkpoint-activations",
-                                    help="Recompute the U-Nets' block activations in backward: less memory for "
-                                         "about one more forward.")),
+    (
+        "fused_adam",
+        dict(
+            flag="--fused-adam/--no-fused-adam",
+            help="torch's fused AdamW (CUDA): the non-finite-step "
+            "guard stays on the device, no host sync inside an iteration.",
+        ),
+    ),
+    (
+        "checkpoint_activations",
+        dict(
+            flag="--checkpoint-activations/--no-checkpoint-activations",
+            help="Recompute the U-Nets' block activations in backward: less memory for about one more forward.",
+        ),
+    ),
     ("seed", dict(type=seed_option_type(), metavar="INT", help="Random seed.")),
     ("device", dict(type=str, metavar="DEV", help="auto, cpu, cuda or cuda:N.")),
     ("workers", dict(type=click.IntRange(min=0), metavar="N", help="DataLoader worker processes.")),
     ("log_every", dict(type=click.IntRange(min=1), metavar="STEPS", help="Steps between log lines / stats.jsonl.")),
-    ("ckpt_every", dict(type=click.IntRange(min=1), metavar="STEPS",
-                        help="Steps between checkpoints (one is always written at the end).")),
+    (
+        "ckpt_every",
+        dict(
+            type=click.IntRange(min=1),
+            metavar="STEPS",
+            help="Steps between checkpoints (one is always written at the end).",
+        ),
+    ),
     ("keep_ckpts", dict(type=click.IntRange(min=1), metavar="N", help="Checkpoints kept (newest).")),
-    ("sample_every", dict(type=click.IntRange(min=0), metavar="STEPS",
-                          help="Steps between PNG sample grids; 0: at the end only.")),
-    ("sample_nfe", dict(type=click.IntRange(min=0), metavar="N",
-                        help="Teacher NFE of sample grids and the release's default NFE; 0: 100 (capped by "
-                             "n_steps - 1).")),
-    ("resume", dict(type=str, metavar="auto|none|PATH",
-                    help="Resume from the newest checkpoint in the run dir (auto), start fresh (none), "
-                         "or from a checkpoint file.")),
-    ("allow_config_change", dict(flag="--allow-config-change", is_flag=True,
-                                 help="Resume even when --batch-size, --lr (distill: --fake-lr, --inner-steps) "
-                                      "differ from the checkpoint's.")),
-    ("progress", dict(flag="--progress/--no-progress", show_default=False,
-                      help="Progress bar (default: on when stderr is a terminal).")),
+    (
+        "sample_every",
+        dict(type=click.IntRange(min=0), metavar="STEPS", help="Steps between PNG sample grids; 0: at the end only."),
+    ),
+    (
+        "sample_nfe",
+        dict(
+            type=click.IntRange(min=0),
+            metavar="N",
+            help="Teacher NFE of sample grids and the release's default NFE; 0: 100 (capped by n_steps - 1).",
+        ),
+    ),
+    (
+        "resume",
+        dict(
+            type=str,
+            metavar="auto|none|PATH",
+            help="Resume from the newest checkpoint in the run dir (auto), start fresh (none), "
+            "or from a checkpoint file.",
+        ),
+    ),
+    (
+        "allow_config_change",
+        dict(
+            flag="--allow-config-change",
+            is_flag=True,
+            help="Resume even when --batch-size, --lr (distill: --fake-lr, --inner-steps) "
+            "differ from the checkpoint's.",
+        ),
+    ),
+    (
+        "progress",
+        dict(
+            flag="--progress/--no-progress",
+            show_default=False,
+            help="Progress bar (default: on when stderr is a terminal).",
+        ),
+    ),
 ]
 
 
-_MASKS_HELP = ("inpaint-freeform1020/2030: Palette's imagenet_freeform_masks.npz or I2SB's "
-               "imagenet_freeform<range>_masks.npz.")
+_MASKS_HELP = (
+    "inpaint-freeform1020/2030: Palette's imagenet_freeform_masks.npz or I2SB's imagenet_freeform<range>_masks.npz."
+)
 
 
 def _teacher_options() -> list[tuple[str, dict]]:
@@ -103,17 +146,33 @@ def _teacher_options() -> list[tuple[str, dict]]:
     from ibmd_fast.models import CONFIGS  # lazy: the CLI starts without torch
 
     return [
-        ("run_dir", dict(type=str, metavar="DIR", help="Output folder (config.json, stats.jsonl, checkpoints/, "
-                                                      "teacher.safetensors).")),
+        (
+            "run_dir",
+            dict(
+                type=str,
+                metavar="DIR",
+                help="Output folder (config.json, stats.jsonl, checkpoints/, teacher.safetensors).",
+            ),
+        ),
         ("data", dict(type=str, metavar="SPEC", help=f"Training data; {SPEC_HELP}")),
-        ("degradation", dict(type=str, metavar="NAME",
-                             help=f"Corruption x0 -> xT: {', '.join(DEGRADATIONS)} (also srKx-*, jpeg-Q).")),
+        (
+            "degradation",
+            dict(
+                type=str, metavar="NAME", help=f"Corruption x0 -> xT: {', '.join(DEGRADATIONS)} (also srKx-*, jpeg-Q)."
+            ),
+        ),
         ("masks", dict(type=str, metavar="FILE", help=_MASKS_HELP)),
         ("image_size", dict(type=click.IntRange(min=4), metavar="PX", help="Training crop size.")),
         ("channels", dict(type=click.Choice([1, 3]), help="Image channels (1 gray, 3 RGB).")),
         ("bridge", dict(type=click.Choice(["i2sb", "vp", "ve"]), help="Bridge: I2SB (discrete), DDBM VP or VE.")),
-        ("beta_max", dict(type=FiniteFloat(min=0.0, min_open=True), metavar="FLOAT",
-                          help="I2SB beta_max (0.3 SR/JPEG, 1.0 inpainting).")),
+        (
+            "beta_max",
+            dict(
+                type=FiniteFloat(min=0.0, min_open=True),
+                metavar="FLOAT",
+                help="I2SB beta_max (0.3 SR/JPEG, 1.0 inpainting).",
+            ),
+        ),
         ("n_steps", dict(type=click.IntRange(min=2), metavar="N", help="I2SB discretization steps.")),
         ("conditional", dict(flag="--conditional/--unconditional", help="Feed xT to the network too.")),
         ("arch", dict(type=click.Choice(sorted(CONFIGS)), help="U-Net configuration.")),
@@ -125,27 +184,58 @@ def _teacher_options() -> list[tuple[str, dict]]:
 def _distill_options() -> list[tuple[str, dict]]:
     from ibmd_fast.data import SPEC_HELP  # lazy: the CLI starts without torch
 
-    return [
-        ("run_dir", dict(type=str, metavar="DIR", help="Output folder (config.json, stats.jsonl, checkpoints/, "
-                                                      "generator.safetensors).")),
-        ("teacher", dict(type=str, metavar="PATH",
-                         help="Teacher release; empty: the embedded ibmd_fast/assets/teacher-inpaint.safetensors.")),
-        ("data", dict(type=str, metavar="SPEC",
-                      help=f"Corrupted images to distill on; empty: the teacher's data set. {SPEC_HELP}")),
-        ("degradation", dict(type=str, metavar="NAME", help="Empty: the teacher's degradation.")),
-        ("masks", dict(type=str, metavar="FILE", help=_MASKS_HELP)),
-        ("image_size", dict(type=click.IntRange(min=0), metavar="PX", help="0: the teacher's training size.")),
-        ("nfe", dict(type=click.IntRange(min=1), metavar="N", help="Student steps (1 = one-step generator).")),
-        ("inner_steps", dict(type=click.IntRange(min=1), metavar="L",
-                             help="Fake-model steps per generator step (Algorithm 1).")),
-        ("steps", dict(type=click.IntRange(min=0), metavar="K", help="Generator steps.")),
-        ("lr", dict(type=FiniteFloat(min=0.0, min_open=True), metavar="LR", help="Generator learning rate.")),
-        ("fake_lr", dict(type=FiniteFloat(min=0.0, min_open=True), metavar="LR",
-                         help="Fake-model learning rate.")),
-        ("eval_items", dict(type=click.IntRange(min=0), metavar="N",
-                            help="Held-out images for the final teacher/student comparison; 0: none.")),
-        ("eval_teacher_nfe", dict(type=IntList(), help="Teacher NFEs in the final comparison.")),
-    ] + _recipe_options() + _SHARED_TRAIN_OPTIONS
+    return (
+        [
+            (
+                "run_dir",
+                dict(
+                    type=str,
+                    metavar="DIR",
+                    help="Output folder (config.json, stats.jsonl, checkpoints/, generator.safetensors).",
+                ),
+            ),
+            (
+                "teacher",
+                dict(
+                    type=str,
+                    metavar="PATH",
+                    help="Teacher release; empty: the embedded ibmd_fast/assets/teacher-inpaint.safetensors.",
+                ),
+            ),
+            (
+                "data",
+                dict(
+                    type=str,
+                    metavar="SPEC",
+                    help=f"Corrupted images to distill on; empty: the teacher's data set. {SPEC_HELP}",
+                ),
+            ),
+            ("degradation", dict(type=str, metavar="NAME", help="Empty: the teacher's degradation.")),
+            ("masks", dict(type=str, metavar="FILE", help=_MASKS_HELP)),
+            ("image_size", dict(type=click.IntRange(min=0), metavar="PX", help="0: the teacher's training size.")),
+            ("nfe", dict(type=click.IntRange(min=1), metavar="N", help="Student steps (1 = one-step generator).")),
+            (
+                "inner_steps",
+                dict(
+                    type=click.IntRange(min=1), metavar="L", help="Fake-model steps per generator step (Algorithm 1)."
+                ),
+            ),
+            ("steps", dict(type=click.IntRange(min=0), metavar="K", help="Generator steps.")),
+            ("lr", dict(type=FiniteFloat(min=0.0, min_open=True), metavar="LR", help="Generator learning rate.")),
+            ("fake_lr", dict(type=FiniteFloat(min=0.0, min_open=True), metavar="LR", help="Fake-model learning rate.")),
+            (
+                "eval_items",
+                dict(
+                    type=click.IntRange(min=0),
+                    metavar="N",
+                    help="Held-out images for the final teacher/student comparison; 0: none.",
+                ),
+            ),
+            ("eval_teacher_nfe", dict(type=IntList(), help="Teacher NFEs in the final comparison.")),
+        ]
+        + _recipe_options()
+        + _SHARED_TRAIN_OPTIONS
+    )
 
 
 def _recipe_options() -> list[tuple[str, dict]]:
@@ -153,15 +243,31 @@ def _recipe_options() -> list[tuple[str, dict]]:
     from ibmd_fast.train.recipes import MULTISTEP_MODES, RECIPES  # lazy: the CLI starts without torch
 
     return [
-        ("recipe", dict(type=click.Choice([""] + list(RECIPES)), metavar="NAME",
-                        help=f"The paper's settings for a task (Appendix B): {', '.join(RECIPES)}. Options and "
-                             "--config keys given explicitly override it; --dry-run shows the result.")),
-        ("multistep", dict(type=click.Choice(list(MULTISTEP_MODES)),
-                           help="How a multi-step student trains: full = x0 from its whole chain, gradient through "
-                                "every call (I2SB, B.1); random-stop = its chain stopped at a uniformly drawn grid "
-                                "step, gradient through the last call (DDBM, B.2).")),
-        ("noise_input", dict(flag="--noise-input/--no-noise-input",
-                             help="The student takes noise z as extra input channels (zero-initialized).")),
+        (
+            "recipe",
+            dict(
+                type=click.Choice([""] + list(RECIPES)),
+                metavar="NAME",
+                help=f"The paper's settings for a task (Appendix B): {', '.join(RECIPES)}. Options and "
+                "--config keys given explicitly override it; --dry-run shows the result.",
+            ),
+        ),
+        (
+            "multistep",
+            dict(
+                type=click.Choice(list(MULTISTEP_MODES)),
+                help="How a multi-step student trains: full = x0 from its whole chain, gradient through "
+                "every call (I2SB, B.1); random-stop = its chain stopped at a uniformly drawn grid "
+                "step, gradient through the last call (DDBM, B.2).",
+            ),
+        ),
+        (
+            "noise_input",
+            dict(
+                flag="--noise-input/--no-noise-input",
+                help="The student takes noise z as extra input channels (zero-initialized).",
+            ),
+        ),
     ]
 
 
@@ -206,16 +312,24 @@ def _config_options(cls, specs: list[tuple[str, dict]]):
 
 def _common_config_options(fn):
     fn = click.option("--dry-run", is_flag=True, help="Print the resolved config (JSON) and exit.")(fn)
-    fn = click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
-                      help="YAML or JSON file of config keys; options given here override it.")(fn)
+    fn = click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        metavar="FILE",
+        help="YAML or JSON file of config keys; options given here override it.",
+    )(fn)
     return fn
 
 
 def _resolve(ctx: click.Context, cls, options: dict, config_file: Optional[str]):
     """The config: dataclass defaults < config file < options given on the command line."""
     params = {p.name: p for p in ctx.command.params}
-    given = {name for name in options
-             if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    given = {
+        name
+        for name in options
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
     options = dict(options)
     if "progress" in options and "progress" not in given:
         options["progress"] = bool(options["progress"]) and sys.stderr.isatty()
@@ -240,8 +354,9 @@ def _resolve(ctx: click.Context, cls, options: dict, config_file: Optional[str])
         except ValueError as exc:
             if config_file is None:
                 raise
-            raise ConfigError(f"{' '.join(str(exc).split())} (settings from the options and config file "
-                              f"{config_file})") from None
+            raise ConfigError(
+                f"{' '.join(str(exc).split())} (settings from the options and config file {config_file})"
+            ) from None
     return cfg
 
 

@@ -1,6 +1,7 @@
 """The command line's error handling: one line naming the problem, a non-zero exit, no traceback
 for what the user can fix (``IBMD_FAST_DEBUG=1`` shows tracebacks). Kept free of torch, like the
 rest of the ``ibmd-fast`` group, so that ``--help`` answers at once."""
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         if module is None or not name.startswith(prefixes):
             continue
         for value in list(vars(module).values()):
-            if (isinstance(value, type) and issubclass(value, Exception)
-                    and getattr(value, "__module__", "").startswith(prefixes)):
+            if (
+                isinstance(value, type)
+                and issubclass(value, Exception)
+                and getattr(value, "__module__", "").startswith(prefixes)
+            ):
                 types.append(value)
     return tuple(types)
 
@@ -141,9 +145,11 @@ def file_kind(path: str) -> str:
                             meta = None
                         if meta is not None:
                             fmt = str(meta.get("format", ""))
-                            return {"ibmd_fast.teacher": "teacher release",
-                                    "ibmd_fast.generator": "generator release",
-                                    "ibmd_fast.metrics.Classifier": "classifier"}.get(fmt, "safetensors file")
+                            return {
+                                "ibmd_fast.teacher": "teacher release",
+                                "ibmd_fast.generator": "generator release",
+                                "ibmd_fast.metrics.Classifier": "classifier",
+                            }.get(fmt, "safetensors file")
     except OSError:
         return "file"
     if head[:1] == b"\x08" and path.lower().endswith(".onnx"):  # ModelProto field 1 (ir_version)
@@ -163,11 +169,14 @@ def check_output_file(path: str, option: str, kind: str, overwrite: bool, inputs
         return
     found = file_kind(path)
     if found != kind:
-        raise click.ClickException(f"{option} {path} already holds a {found}, not a {kind}; "
-                                   "give another file name (nothing was written)")
+        raise click.ClickException(
+            f"{option} {path} already holds a {found}, not a {kind}; give another file name (nothing was written)"
+        )
     if not overwrite:
-        raise click.ClickException(f"{option} {path} already exists; pass --overwrite to replace it "
-                                   "(it is replaced only once the new one is complete)")
+        raise click.ClickException(
+            f"{option} {path} already exists; pass --overwrite to replace it "
+            "(it is replaced only once the new one is complete)"
+        )
 
 
 def check_output_outside(output: str, inputs: Optional[str], option: str = "--output") -> None:
@@ -181,8 +190,10 @@ def check_output_outside(output: str, inputs: Optional[str], option: str = "--ou
     if out == root:
         raise click.ClickException(f"{option} {output} is the input folder; results would overwrite the inputs")
     if root in out.parents:
-        raise click.ClickException(f"{option} {output} is inside the input folder {inputs}: its results would be "
-                                   "read back as inputs next time; give a folder outside it")
+        raise click.ClickException(
+            f"{option} {output} is inside the input folder {inputs}: its results would be "
+            "read back as inputs next time; give a folder outside it"
+        )
 
 
 def check_writable(folder: str, option: str) -> None:

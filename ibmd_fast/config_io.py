@@ -6,6 +6,7 @@ options given on the command line. ``resolve_config`` does the merge; values fro
 the file go through the same click types (ranges, choices) as the options, so a
 file cannot smuggle in what the command line would refuse.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(f"config file {path} is not valid YAML: {reason}") from None
         data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys to values, "
-                          f"found a {type(data).__name__}")
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, found a {type(data).__name__}")
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
         raise ConfigError(f"config file {path}: keys must be strings, found {bad!r}")
@@ -77,13 +77,18 @@ def check_keys(cls, values: Mapping[str, Any], source: str) -> None:
     # Accept the command-line spelling (dashes) as well as the field name.
     unknown = sorted(k for k in values if k.replace("-", "_") not in names)
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; "
-                          f"known keys: {', '.join(names)}")
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(names)}")
 
 
 def _describe(value: Any) -> str:
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "text", list: "a list",
-            dict: "a mapping"}.get(type(value), type(value).__name__)
+    kind = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "text",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
     return f"{json.dumps(value) if isinstance(value, (bool, int, float, str)) else value!r} ({kind})"
 
 

@@ -1,4 +1,5 @@
 """``resolve_device``: the one reading of a ``--device`` setting, for every command and trainer."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -26,8 +27,10 @@ def resolve_device(device: str | torch.device | None = "auto", local_rank: Optio
         raise ValueError(f"unknown device {device!r} ({detail}); use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} asked for, but this torch build ({torch.__version__}) sees no "
-                             "CUDA GPU; use --device cpu")
+            raise ValueError(
+                f"device {spec!r} asked for, but this torch build ({torch.__version__}) sees no "
+                "CUDA GPU; use --device cpu"
+            )
         if dev.index is None and local_rank is not None:
             dev = torch.device("cuda", int(local_rank))
         if dev.index is not None and dev.index >= torch.cuda.device_count():

@@ -14,6 +14,7 @@ Restoring is ``ibmd_fast.restore`` (and ``restore_files`` for image files), load
 the user can fix are raised as ValueError / FileNotFoundError / ReleaseError with one-line
 messages.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,8 +79,9 @@ Log = Optional[Callable[[str], None]]
 
 def _done_line(row: dict) -> str:
     """One line per evaluated NFE, so a long evaluation shows its progress in a log file too."""
-    numbers = ", ".join(f"{k.upper()} {row[k]:.4g}" for k in ("psnr", "ssim", "fid", "is", "ca")
-                        if isinstance(row.get(k), float))
+    numbers = ", ".join(
+        f"{k.upper()} {row[k]:.4g}" for k in ("psnr", "ssim", "fid", "is", "ca") if isinstance(row.get(k), float)
+    )
     return f"{row['model']}, NFE {row['nfe']}: {numbers}, {row['sec_per_image']:.3g} s/image"
 
 
@@ -100,16 +102,18 @@ def _describe(data) -> str:
     return data if isinstance(data, str) else type(data).__name__
 
 
-def load_eval_data(data, degradation=None, image_size=None, channels: int = 3, num_images: int = 64,
-                   seed: int = 0) -> dict[str, torch.Tensor]:
+def load_eval_data(
+    data, degradation=None, image_size=None, channels: int = 3, num_images: int = 64, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """The first ``num_images`` test items as tensors ``{"x0", "xT"[, "mask"][, "label"]}``.
 
     ``data`` is a spec (``ibmd_fast.data.SPEC_HELP``; the test split is read, and ``degradation``
     makes ``xT`` unless the spec is paired) or a Dataset of such dicts.
     """
     if isinstance(data, str):
-        dataset = make_dataset(data, degradation=degradation, size=image_size, channels=channels,
-                               split="test", seed=seed)
+        dataset = make_dataset(
+            data, degradation=degradation, size=image_size, channels=channels, split="test", seed=seed
+        )
     else:
         dataset = data
     n = len(dataset) if num_images is None or num_images <= 0 else min(int(num_images), len(dataset))
@@ -122,13 +126,15 @@ def load_eval_data(data, degradation=None, image_size=None, channels: int = 3, n
         raise ValueError(f"evaluation data {_describe(data)} must yield clean and corrupted images (x0, xT)")
     shapes = {tuple(item["x0"].shape) for item in items}
     if len(shapes) > 1:
-        raise ValueError(f"evaluation images of {_describe(data)} have different sizes {sorted(shapes)[:3]}; "
-                         "pass an image size")
+        raise ValueError(
+            f"evaluation images of {_describe(data)} have different sizes {sorted(shapes)[:3]}; pass an image size"
+        )
     batch = collate(items)
     batch = {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)) for k, v in batch.items()}
     if batch["x0"].shape != batch["xT"].shape:
-        raise ValueError(f"clean and corrupted images differ in shape: {tuple(batch['x0'].shape)} vs "
-                         f"{tuple(batch['xT'].shape)}")
+        raise ValueError(
+            f"clean and corrupted images differ in shape: {tuple(batch['x0'].shape)} vs {tuple(batch['xT'].shape)}"
+        )
     return batch
 
 
@@ -144,8 +150,15 @@ def _clean_and_label(item) -> tuple[torch.Tensor, Optional[int]]:
     raise ValueError(f"unsupported data item {type(item).__name__} for classifier training")
 
 
-def _split_items(data, image_size, channels: int, max_items: int, seed: int, progress: bool, split: str = "train",
-                 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+def _split_items(
+    data,
+    image_size,
+    channels: int,
+    max_items: int,
+    seed: int,
+    progress: bool,
+    split: str = "train",
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One read of a split (TRAINING by default): the clean images, the items' own labels (None unless
     every item has one) and the index of the photograph each is cropped from (None unless the data set
     has ``photo_index``, as the scikit-image crops do)."""
@@ -170,9 +183,15 @@ def _split_items(data, image_size, channels: int, max_items: int, seed: int, pro
     return torch.stack(images), own, photos
 
 
-def classifier_training_data(data, image_size=None, channels: int = 3, max_items: int = 8192, seed: int = 0,
-                             progress: bool = False, labels_from: str = "data",
-                             ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def classifier_training_data(
+    data,
+    image_size=None,
+    channels: int = 3,
+    max_items: int = 8192,
+    seed: int = 0,
+    progress: bool = False,
+    labels_from: str = "data",
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Clean images of the TRAINING split and their labels: with ``labels_from="data"`` the items'
     own (None unless every item has one), with ``"photo"`` the index of the photograph each item
     is cropped from (data sets with ``photo_index``, e.g. the scikit-image crops; else None).
@@ -185,9 +204,20 @@ def classifier_training_data(data, image_size=None, channels: int = 3, max_items
     return images, (own if labels_from == "data" else photos)
 
 
-def fit_classifier(data, image_size=None, channels: int = 3, task: Optional[str] = None, epochs: int = 5,
-                   batch_size: int = 128, max_items: int = 8192, seed: int = 0, device="auto",
-                   progress: bool = False, log: Log = None, test_items: int = 512):
+def fit_classifier(
+    data,
+    image_size=None,
+    channels: int = 3,
+    task: Optional[str] = None,
+    epochs: int = 5,
+    batch_size: int = 128,
+    max_items: int = 8192,
+    seed: int = 0,
+    device="auto",
+    progress: bool = False,
+    log: Log = None,
+    test_items: int = 512,
+):
     """Train the FID/CA feature classifier on the clean training split of ``data``.
 
     ``task``: "labels" (needs labels), "photo" (which photograph a crop comes from: the proxy
@@ -206,28 +236,48 @@ def fit_classifier(data, image_size=None, channels: int = 3, task: Optional[str]
     if task == "labels" and own is None:
         raise ValueError(f"{_describe(data)} has no labels; train the classifier with task 'rotation'")
     if task == "photo" and photos is None:
-        raise ValueError(f"{_describe(data)} does not say which photograph each image comes from; "
-                         "train the classifier with task 'rotation'")
+        raise ValueError(
+            f"{_describe(data)} does not say which photograph each image comes from; "
+            "train the classifier with task 'rotation'"
+        )
     if task == "rotation" and images.shape[-1] != images.shape[-2]:
         raise ValueError(f"the rotation task needs square images, got {images.shape[-2]}x{images.shape[-1]}")
     if task == "photo":
         what = f"a photo classifier: which of {int(photos.max()) + 1} photographs a crop comes from"
     else:
         what = {"labels": "a label classifier", "rotation": "a rotation classifier: which of 4 rotations"}[task]
-    _say(log, f"training the feature classifier ({what}) on {images.shape[0]} clean training images "
-              f"of {_describe(data)}, {epochs} epoch(s)")
+    _say(
+        log,
+        f"training the feature classifier ({what}) on {images.shape[0]} clean training images "
+        f"of {_describe(data)}, {epochs} epoch(s)",
+    )
     data_arg = {"labels": (images, own), "photo": (images, photos)}.get(task, images)
-    model = train_classifier(data_arg, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
-                             task="labels" if task == "photo" else task, device=resolve_device(device), log=log,
-                             label_source="photo" if task == "photo" else None)
-    model.info = {"data": _describe(data), "image_size": int(images.shape[-1]), "channels": int(images.shape[1]),
-                  "train_items": int(images.shape[0]), "epochs": int(epochs), "seed": int(seed)}
+    model = train_classifier(
+        data_arg,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        task="labels" if task == "photo" else task,
+        device=resolve_device(device),
+        log=log,
+        label_source="photo" if task == "photo" else None,
+    )
+    model.info = {
+        "data": _describe(data),
+        "image_size": int(images.shape[-1]),
+        "channels": int(images.shape[1]),
+        "train_items": int(images.shape[0]),
+        "epochs": int(epochs),
+        "seed": int(seed),
+    }
     model.info.update(_test_accuracy(model, data, images.shape[-1], images.shape[1], task, test_items, seed, log))
     return model
 
 
-def _test_accuracy(model, data, image_size: int, channels: int, task: str, test_items: int, seed: int,
-                   log: Log) -> dict:
+def _test_accuracy(
+    model, data, image_size: int, channels: int, task: str, test_items: int, seed: int, log: Log
+) -> dict:
     """``{"test_accuracy", "test_items"}`` of ``model`` on the TEST split of ``data`` (its own task's
     labels), or ``{}`` where the data has no test split or no labels of that kind."""
     if not isinstance(data, str) or test_items <= 0:
@@ -252,8 +302,10 @@ def save_classifier_atomic(model, path: str) -> None:
 def _check_classifier(model, path: str, image_size: int, channels: int) -> None:
     config = getattr(model, "config", {})
     if config.get("in_channels") != channels or config.get("image_size") != image_size:
-        raise ValueError(f"classifier {path} was trained on {config.get('in_channels')}-channel "
-                         f"{config.get('image_size')}px images; these are {channels}-channel {image_size}px")
+        raise ValueError(
+            f"classifier {path} was trained on {config.get('in_channels')}-channel "
+            f"{config.get('image_size')}px images; these are {channels}-channel {image_size}px"
+        )
 
 
 def _embedded_classifier(data, image_size: int, channels: int, task: Optional[str]) -> Optional[str]:
@@ -265,7 +317,7 @@ def _embedded_classifier(data, image_size: int, channels: int, task: Optional[st
 
     with safe_open(EMBEDDED_CLASSIFIER, framework="pt", device="cpu") as f:
         info = json.loads((f.metadata() or {}).get("info", "{}"))
-    fits = (info.get("data") == data and info.get("image_size") == image_size and info.get("channels") == channels)
+    fits = info.get("data") == data and info.get("image_size") == image_size and info.get("channels") == channels
     return EMBEDDED_CLASSIFIER if fits else None
 
 
@@ -275,9 +327,21 @@ def _labelled(model, origin: str, path: Optional[str]):
     return model
 
 
-def get_classifier(classifier, run_dir: Optional[str], data, image_size: int, channels: int,
-                   task: Optional[str] = None, epochs: int = 5, max_items: int = 8192, batch_size: int = 128,
-                   seed: int = 0, device="auto", progress: bool = False, log: Log = None):
+def get_classifier(
+    classifier,
+    run_dir: Optional[str],
+    data,
+    image_size: int,
+    channels: int,
+    task: Optional[str] = None,
+    epochs: int = 5,
+    max_items: int = 8192,
+    batch_size: int = 128,
+    seed: int = 0,
+    device="auto",
+    progress: bool = False,
+    log: Log = None,
+):
     """The classifier for FID/CA: ``classifier`` (a path or a Classifier) or, when None, the one that
     ships for the embedded default where it fits (``EMBEDDED_CLASSIFIER``: the scikit-image crops at
     the default size), else the one cached in ``run_dir/classifier.safetensors`` if it was trained
@@ -303,8 +367,15 @@ def get_classifier(classifier, run_dir: Optional[str], data, image_size: int, ch
         _check_classifier(model, embedded, image_size, channels)
         return _labelled(model, "embedded", embedded)
 
-    key = {"data": _describe(data), "image_size": image_size, "channels": channels, "task": task,
-           "epochs": epochs, "max_items": max_items, "seed": seed}
+    key = {
+        "data": _describe(data),
+        "image_size": image_size,
+        "channels": channels,
+        "task": task,
+        "epochs": epochs,
+        "max_items": max_items,
+        "seed": seed,
+    }
     cache = sidecar = None
     if run_dir is not None and isinstance(data, str):
         cache = os.path.join(run_dir, "classifier.safetensors")
@@ -329,7 +400,8 @@ def get_classifier(classifier, run_dir: Optional[str], data, image_size: int, ch
 def classifier_line(model) -> str:
     """One line for the reader: which classifier FID and CA were measured with, and how good it is."""
     where = {"given": "given", "embedded": "embedded", "cached": "cached", "trained": "trained just now"}.get(
-        getattr(model, "origin", None), "given")
+        getattr(model, "origin", None), "given"
+    )
     path = getattr(model, "path", None)
     return f"FID/CA classifier ({where}{', ' + path if path else ''}): {describe_classifier(model)}"
 
@@ -345,15 +417,22 @@ def _paper_features(extractor, images: torch.Tensor, batch_size: int) -> tuple[t
     """Inception features [N, 2048] (float64, CPU) and, for the TorchScript Inception, its logits."""
     feats, logits = [], []
     for i in range(0, images.shape[0], batch_size):
-        f, g = extractor.features_and_logits(images[i:i + batch_size])
+        f, g = extractor.features_and_logits(images[i : i + batch_size])
         feats.append(f.double().cpu())
         if g is not None:
             logits.append(g.float().cpu())
     return torch.cat(feats), (torch.cat(logits) if logits else None)
 
 
-def _fid_reference(extractor, fid_ref: Optional[str], clean: torch.Tensor, run_dir: Optional[str],
-                   image_size: int, batch_size: int, log: Log):
+def _fid_reference(
+    extractor,
+    fid_ref: Optional[str],
+    clean: torch.Tensor,
+    run_dir: Optional[str],
+    image_size: int,
+    batch_size: int,
+    log: Log,
+):
     """(reference, what): the clean test images' features [N, F] with no ``fid_ref`` (resampled with
     the test items by the intervals), else fixed statistics (mu, sigma) from an .npz with mu and sigma,
     from an .npz of reference images (``arr_0``, uint8 [N, H, W, 3] as ADM's and DDBM's reference
@@ -366,15 +445,16 @@ def _fid_reference(extractor, fid_ref: Optional[str], clean: torch.Tensor, run_d
         if images is None:
             mu, sigma = paper_metrics.reference_stats(fid_ref)
             if mu.shape[0] != extractor.feature_dim:
-                raise ValueError(f"--fid-ref {fid_ref} holds {mu.shape[0]}-d statistics, the features are "
-                                 f"{extractor.feature_dim}-d")
+                raise ValueError(
+                    f"--fid-ref {fid_ref} holds {mu.shape[0]}-d statistics, the features are {extractor.feature_dim}-d"
+                )
             return (mu, sigma), fid_ref
         what, count = f"the {images.shape[0]} reference images (arr_0) of {fid_ref}", images.shape[0]
         key = {"npz": os.path.abspath(fid_ref), "bytes": os.path.getsize(fid_ref)}
 
         def batches():  # as the data sets convert pixels (the features quantise again, truncating)
             for i in range(0, images.shape[0], batch_size):
-                yield torch.stack([uint8_to_tensor(image) for image in images[i:i + batch_size]])
+                yield torch.stack([uint8_to_tensor(image) for image in images[i : i + batch_size]])
     elif os.path.isdir(fid_ref):
         folder = ImageFolder(fid_ref, size=image_size, channels=3, crop="center")
         what, count = f"{len(folder)} images of {fid_ref}", len(folder)
@@ -384,8 +464,9 @@ def _fid_reference(extractor, fid_ref: Optional[str], clean: torch.Tensor, run_d
             for i in range(0, len(folder), batch_size):
                 yield torch.stack([folder[j] for j in range(i, min(i + batch_size, len(folder)))])
     else:
-        raise FileNotFoundError(f"--fid-ref {fid_ref}: neither an .npz (mu and sigma, or reference images arr_0) "
-                                "nor a folder of images")
+        raise FileNotFoundError(
+            f"--fid-ref {fid_ref}: neither an .npz (mu and sigma, or reference images arr_0) nor a folder of images"
+        )
     key.update(features=extractor.protocol, weights=os.path.abspath(extractor.path))
     cache = None if run_dir is None else os.path.join(run_dir, "fid_ref.npz")
     if cache is not None and os.path.isfile(cache):
@@ -409,9 +490,17 @@ def _fid_reference(extractor, fid_ref: Optional[str], clean: torch.Tensor, run_d
 # Output: tables and grids
 
 
-_COLUMNS = (("model", "model", "{}"), ("nfe", "NFE", "{}"), ("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
-            ("fid", "FID", "{:.3f}"), ("fid_ci", "FID 95% CI", "[{0[0]:.3f}, {0[1]:.3f}]"), ("is", "IS", "{:.2f}"), ("ca", "CA %", "{:.2f}"),
-            ("sec_per_image", "s/image", "{:.4f}"))
+_COLUMNS = (
+    ("model", "model", "{}"),
+    ("nfe", "NFE", "{}"),
+    ("psnr", "PSNR", "{:.2f}"),
+    ("ssim", "SSIM", "{:.4f}"),
+    ("fid", "FID", "{:.3f}"),
+    ("fid_ci", "FID 95% CI", "[{0[0]:.3f}, {0[1]:.3f}]"),
+    ("is", "IS", "{:.2f}"),
+    ("ca", "CA %", "{:.2f}"),
+    ("sec_per_image", "s/image", "{:.4f}"),
+)
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -431,8 +520,10 @@ def format_table(rows: Sequence[dict]) -> str:
 
     table = [[title for _, title, _ in columns]] + [[cell(r, k, f) for k, _, f in columns] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    lines = ["  ".join(text.rjust(w) if i else text.ljust(w) for i, (text, w) in enumerate(zip(line, widths)))
-             for line in table]
+    lines = [
+        "  ".join(text.rjust(w) if i else text.ljust(w) for i, (text, w) in enumerate(zip(line, widths)))
+        for line in table
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -453,8 +544,10 @@ def bootstrap_plan(bootstrap: Optional[int], num_images: int, feature_dim: int) 
         return int(bootstrap), ""
     if num_images < feature_dim or feature_dim <= CHEAP_BOOTSTRAP_DIM:
         return DEFAULT_RESAMPLES, ""
-    return 0, (f"FID intervals off: {num_images} images of {feature_dim}-d features need a "
-               f"{feature_dim}x{feature_dim} eigensolve per resample; ask with --bootstrap R (quick on a GPU)")
+    return 0, (
+        f"FID intervals off: {num_images} images of {feature_dim}-d features need a "
+        f"{feature_dim}x{feature_dim} eigensolve per resample; ask with --bootstrap R (quick on a GPU)"
+    )
 
 
 def _fid(features: torch.Tensor, reference) -> float:
@@ -470,9 +563,11 @@ def _fid(features: torch.Tensor, reference) -> float:
 
 def format_differences(differences: Sequence[dict]) -> str:
     """One line per paired FID difference (student minus teacher) with its interval."""
-    return "\n".join(f"FID {d['a']} - {d['b']}: {d['diff']:+.3f}, {int(100 * d['level'])}% paired bootstrap "
-                     f"interval [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] ({d['resamples']} resamples)"
-                     for d in differences)
+    return "\n".join(
+        f"FID {d['a']} - {d['b']}: {d['diff']:+.3f}, {int(100 * d['level'])}% paired bootstrap "
+        f"interval [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] ({d['resamples']} resamples)"
+        for d in differences
+    )
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -488,11 +583,15 @@ def _release_check(teacher: Optional[LoadedModel], student: Optional[LoadedModel
     if teacher is None or student is None:
         return
     if teacher.image_channels != student.image_channels:
-        raise ValueError(f"teacher {teacher.path} makes {teacher.image_channels}-channel images, student "
-                         f"{student.path} {student.image_channels}-channel ones")
+        raise ValueError(
+            f"teacher {teacher.path} makes {teacher.image_channels}-channel images, student "
+            f"{student.path} {student.image_channels}-channel ones"
+        )
     if teacher.degradation and student.degradation and teacher.degradation != student.degradation:
-        raise ValueError(f"teacher {teacher.path} restores {teacher.degradation}, student {student.path} "
-                         f"{student.degradation}: they cannot be compared on one data set")
+        raise ValueError(
+            f"teacher {teacher.path} restores {teacher.degradation}, student {student.path} "
+            f"{student.degradation}: they cannot be compared on one data set"
+        )
 
 
 def evaluate(
@@ -558,7 +657,9 @@ def evaluate(
         raise ValueError("--fid-ref needs Inception features: --features inception-pytorch:FILE or inception-tf:FILE")
     # the weight files are checked before anything runs
     extractor = None if feature_kind == "classifier" else paper_metrics.load_inception(feature_kind, feature_file, dev)
-    resnet = None if ca is None else paper_metrics.load_resnet50(paper_metrics.parse_network_spec(ca, ("resnet50",))[1], dev)
+    resnet = (
+        None if ca is None else paper_metrics.load_resnet50(paper_metrics.parse_network_spec(ca, ("resnet50",))[1], dev)
+    )
     t_model = None if teacher is None else load_model(teacher, dev, expect="teacher")
     s_model = None if student is None else load_model(student, dev, expect="generator")
     if t_model is None and s_model is None:
@@ -611,11 +712,25 @@ def evaluate(
 
     t_labels, s_labels = class_labels(t_model), class_labels(s_model)
     if resnet is not None and labels is None:
-        raise ValueError(f"--ca needs a class label per test image, and {_describe(data)} has none "
-                         "(use classes:DIR, an ImageNet-style folder of class folders)")
+        raise ValueError(
+            f"--ca needs a class label per test image, and {_describe(data)} has none "
+            "(use classes:DIR, an ImageNet-style folder of class folders)"
+        )
     if extractor is None:
-        clf = get_classifier(classifier, run_dir, data, x0.shape[-1], channels, classifier_task, classifier_epochs,
-                             classifier_items, seed=seed, device=dev, progress=progress, log=log)
+        clf = get_classifier(
+            classifier,
+            run_dir,
+            data,
+            x0.shape[-1],
+            channels,
+            classifier_task,
+            classifier_epochs,
+            classifier_items,
+            seed=seed,
+            device=dev,
+            progress=progress,
+            log=log,
+        )
         _say(log, classifier_line(clf))
 
         def features_of(images):
@@ -652,8 +767,12 @@ def evaluate(
             row_features[key] = f
             result["fid_ci"] = bootstrap_fid(f, fid_reference, resamples, seed=seed)["ci"]
         if resnet is not None:
-            correct = torch.cat([resnet.correct(restored[i:i + batch_size], labels[i:i + batch_size])
-                                 for i in range(0, restored.shape[0], batch_size)])
+            correct = torch.cat(
+                [
+                    resnet.correct(restored[i : i + batch_size], labels[i : i + batch_size])
+                    for i in range(0, restored.shape[0], batch_size)
+                ]
+            )
             result["ca"] = 100.0 * correct.double().mean().item()
         return result
 
@@ -661,26 +780,45 @@ def evaluate(
     restored_by_row = {}
     for nfe in teacher_nfe:
         _say(log, f"teacher, NFE {nfe} ...")
-        restored, seconds = timed_restore(t_model, xT, nfe, sampler, mask, seed, batch_size, progress, eta=eta,
-                                          labels=t_labels)
+        restored, seconds = timed_restore(
+            t_model, xT, nfe, sampler, mask, seed, batch_size, progress, eta=eta, labels=t_labels
+        )
         rows.append({"model": "teacher", "nfe": nfe, **measure(restored, ("teacher", nfe)), "sec_per_image": seconds})
         _say(log, _done_line(rows[-1]))
         restored_by_row[("teacher", nfe)] = restored
     if s_model is not None:
         _say(log, f"student, NFE {s_model.nfe} ...")
-        restored, seconds = timed_restore(s_model, xT, None, None, mask, seed, batch_size, progress,
-                                          labels=s_labels)
-        rows.append({"model": "student", "nfe": s_model.nfe, **measure(restored, ("student", s_model.nfe)),
-                     "sec_per_image": seconds})
+        restored, seconds = timed_restore(s_model, xT, None, None, mask, seed, batch_size, progress, labels=s_labels)
+        rows.append(
+            {
+                "model": "student",
+                "nfe": s_model.nfe,
+                **measure(restored, ("student", s_model.nfe)),
+                "sec_per_image": seconds,
+            }
+        )
         _say(log, _done_line(rows[-1]))
         restored_by_row[("student", s_model.nfe)] = restored
     differences = []
     if resamples and s_model is not None and t_model is not None:
         for nfe in teacher_nfe:  # the same resampled items for both models (a paired interval)
-            out = paired_bootstrap_fid_diff(row_features[("student", s_model.nfe)], row_features[("teacher", nfe)],
-                                            fid_reference, resamples, seed=seed)
-            differences.append({"a": f"student NFE {s_model.nfe}", "b": f"teacher NFE {nfe}", "diff": out["diff"],
-                                "ci": out["ci"], "level": out["level"], "resamples": resamples})
+            out = paired_bootstrap_fid_diff(
+                row_features[("student", s_model.nfe)],
+                row_features[("teacher", nfe)],
+                fid_reference,
+                resamples,
+                seed=seed,
+            )
+            differences.append(
+                {
+                    "a": f"student NFE {s_model.nfe}",
+                    "b": f"teacher NFE {nfe}",
+                    "diff": out["diff"],
+                    "ci": out["ci"],
+                    "level": out["level"],
+                    "resamples": resamples,
+                }
+            )
     for row in rows:
         for key, value in list(row.items()):
             if isinstance(value, float) and not math.isfinite(value):
@@ -696,11 +834,23 @@ def evaluate(
         "student": None if s_model is None else s_model.path,
         "sampler": (sampler or natural_sampler(t_model.bridge_type)) if t_model is not None else None,
         "eta": used_eta(t_model, sampler, eta),
-        "classifier": ({"path": clf.path, "origin": clf.origin, "task": clf.task,
-                        "description": describe_classifier(clf), "config": getattr(clf, "config", None),
-                        "info": getattr(clf, "info", {})} if extractor is None
-                       else {"path": extractor.path, "task": feature_kind, "fid_reference": ref_what,
-                             "description": f"features {feature_kind} ({extractor.path}), FID against {ref_what}"}),
+        "classifier": (
+            {
+                "path": clf.path,
+                "origin": clf.origin,
+                "task": clf.task,
+                "description": describe_classifier(clf),
+                "config": getattr(clf, "config", None),
+                "info": getattr(clf, "info", {}),
+            }
+            if extractor is None
+            else {
+                "path": extractor.path,
+                "task": feature_kind,
+                "fid_reference": ref_what,
+                "description": f"features {feature_kind} ({extractor.path}), FID against {ref_what}",
+            }
+        ),
         "ca_network": None if resnet is None else resnet.path,
         "device": str(dev),
         "seed": seed,

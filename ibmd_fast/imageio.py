@@ -13,6 +13,7 @@
 
 Files are written atomically (``release.atomic_write``): a reader never sees half a PNG.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -26,9 +27,9 @@ from ibmd_fast.release import atomic_write
 
 __all__ = ["save_image", "save_grid", "write_png", "draw_columns", "grid_zoom", "GRID_CELL"]
 
-GRID_CELL = 96      # pixels: about the side a small image is enlarged to in a grid
-LABEL_PAD = 4       # pixels around each text line
-LINE_HEIGHT = 12    # PIL's default bitmap font is 11 px high
+GRID_CELL = 96  # pixels: about the side a small image is enlarged to in a grid
+LABEL_PAD = 4  # pixels around each text line
+LINE_HEIGHT = 12  # PIL's default bitmap font is 11 px high
 
 
 def write_png(pixels: np.ndarray, path: str) -> None:
@@ -61,8 +62,14 @@ def _title_band(canvas: np.ndarray, titles: Sequence[str], lefts: Sequence[int])
     return np.asarray(image)
 
 
-def save_grid(columns: Sequence[torch.Tensor], path: str, titles: Optional[Sequence[str]] = None,
-              max_rows: Optional[int] = None, pad: int = 2, cell: int = GRID_CELL) -> None:
+def save_grid(
+    columns: Sequence[torch.Tensor],
+    path: str,
+    titles: Optional[Sequence[str]] = None,
+    max_rows: Optional[int] = None,
+    pad: int = 2,
+    cell: int = GRID_CELL,
+) -> None:
     """A PNG grid: one column per tensor ``[N, C, H, W]`` in [-1, 1], one row per image (module docstring).
 
     ``titles``: one per column, drawn above it (None: no title band). ``max_rows``: the first
@@ -77,7 +84,7 @@ def save_grid(columns: Sequence[torch.Tensor], path: str, titles: Optional[Seque
     sizes = {tuple(c.shape[-2:]) for c in columns}
     if len(sizes) > 1:
         raise ValueError(f"grid columns differ in image size: {sorted(sizes)}")
-    (h0, w0), = sizes
+    ((h0, w0),) = sizes
     zoom = grid_zoom(h0, w0, cell) if cell else 1
     h, w = h0 * zoom, w0 * zoom
     rows = max(c.shape[0] for c in columns)
@@ -88,7 +95,7 @@ def save_grid(columns: Sequence[torch.Tensor], path: str, titles: Optional[Seque
             top, left = pad + i * (h + pad), pad + j * (w + pad)
             pixels = tensor_to_uint8(images[i].clamp(-1.0, 1.0))
             pixels = pixels.repeat(zoom, axis=0).repeat(zoom, axis=1)  # nearest: a pixel stays a square
-            grid[top:top + h, left:left + w] = np.repeat(pixels, channels // pixels.shape[2], axis=2)
+            grid[top : top + h, left : left + w] = np.repeat(pixels, channels // pixels.shape[2], axis=2)
     if titles is not None:
         grid = _title_band(grid, titles, [pad + j * (w + pad) for j in range(len(columns))])
     write_png(grid, path)
@@ -102,8 +109,9 @@ def _panel(image: torch.Tensor, zoom: int) -> Image.Image:
     return panel.resize((panel.width * zoom, panel.height * zoom), Image.NEAREST) if zoom > 1 else panel
 
 
-def draw_columns(columns: Sequence[tuple[str, torch.Tensor, Sequence[str]]], zoom: int = 2,
-                 pad: int = 6) -> Image.Image:
+def draw_columns(
+    columns: Sequence[tuple[str, torch.Tensor, Sequence[str]]], zoom: int = 2, pad: int = 6
+) -> Image.Image:
     """Labeled columns side by side: each ``(title, image [C, H, W] in [-1, 1], lines under it)``.
 
     Every image is enlarged ``zoom`` times (nearest), its title drawn above and its lines below in

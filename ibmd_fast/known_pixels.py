@@ -4,6 +4,7 @@ Below the samplers and ``restore`` so that both import them from here: the teach
 the student chain, the trainers and the ONNX graph share one definition. Masks are 1 inside
 the hole.
 """
+
 from __future__ import annotations
 
 import torch

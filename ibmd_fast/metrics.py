@@ -13,6 +13,7 @@ binomial proportion).
 Images everywhere are float tensors [B, C, H, W] in [-1, 1] (data_range 2).
 Evaluation is deterministic: eval mode, no gradients, float64 statistics.
 """
+
 from __future__ import annotations
 
 import math
@@ -115,9 +116,7 @@ def ssim(
     cov_xy = mu_xy - mu_x * mu_y
     c1 = (k1 * data_range) ** 2
     c2 = (k2 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / (
-        (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
-    )
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
     return ssim_map.reshape(b, c, -1).mean(dim=2).mean(dim=1)
 
 
@@ -135,8 +134,10 @@ def _batched(model: nn.Module, fn, images: torch.Tensor, batch_size: int) -> tor
     model.eval()
     device = _model_device(model)
     try:
-        outs = [fn(images[i:i + batch_size].to(device, torch.float32)).double().cpu()
-                for i in range(0, images.shape[0], batch_size)]
+        outs = [
+            fn(images[i : i + batch_size].to(device, torch.float32)).double().cpu()
+            for i in range(0, images.shape[0], batch_size)
+        ]
     finally:
         model.train(was_training)
     return torch.cat(outs)
@@ -180,8 +181,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if mu1.shape != mu2.shape or mu1.ndim != 1:
         raise ValueError(f"frechet_distance: means have shapes {mu1.shape} and {mu2.shape}")
     if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"frechet_distance: covariances have shapes {sigma1.shape} and {sigma2.shape}, "
-                         f"expected {(mu1.size, mu1.size)}")
+        raise ValueError(
+            f"frechet_distance: covariances have shapes {sigma1.shape} and {sigma2.shape}, "
+            f"expected {(mu1.size, mu1.size)}"
+        )
 
     def sqrt_product(s1: np.ndarray, s2: np.ndarray) -> np.ndarray:
         with warnings.catch_warnings():
@@ -198,8 +201,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = sqrt_product(sigma1 + offset, sigma2 + offset)
         if not usable(covmean):
-            raise ValueError("frechet_distance: the square root of sigma1 @ sigma2 is not finite or has a "
-                             "large imaginary component; check the covariances")
+            raise ValueError(
+                "frechet_distance: the square root of sigma1 @ sigma2 is not finite or has a "
+                "large imaginary component; check the covariances"
+            )
     covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
@@ -213,8 +218,10 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = (torch.as_tensor(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
     cov1, cov2 = (torch.as_tensor(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or mu1.dim() != 1 or cov1.shape != cov2.shape or cov1.shape != (mu1.numel(),) * 2:
-        raise ValueError(f"fid_from_stats: means {tuple(mu1.shape)}, {tuple(mu2.shape)} and covariances "
-                         f"{tuple(cov1.shape)}, {tuple(cov2.shape)} do not match")
+        raise ValueError(
+            f"fid_from_stats: means {tuple(mu1.shape)}, {tuple(mu2.shape)} and covariances "
+            f"{tuple(cov1.shape)}, {tuple(cov2.shape)} do not match"
+        )
     cov1, cov2 = 0.5 * (cov1 + cov1.T), 0.5 * (cov2 + cov2.T)
     return float(_frechet_batched(mu1, cov1, mu2, cov2, _sqrt_psd(cov2)))
 
@@ -231,8 +238,10 @@ def classifier_accuracy(
 ) -> float:
     """CA: top-1 accuracy of the classifier on `images`, in percent."""
     if getattr(classifier, "task", "labels") != "labels":
-        raise ValueError(f"classifier_accuracy: the classifier was trained for task={classifier.task!r}; "
-                         "CA needs one trained on labels")
+        raise ValueError(
+            f"classifier_accuracy: the classifier was trained for task={classifier.task!r}; "
+            "CA needs one trained on labels"
+        )
     labels = torch.as_tensor(labels).long().cpu()
     if labels.shape != (images.shape[0],):
         raise ValueError(f"classifier_accuracy: labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}")
@@ -257,7 +266,7 @@ def evaluate_restoration(
     _check_pair(restored, clean, "evaluate_restoration")
     psnr_values, ssim_values = [], []
     for i in range(0, restored.shape[0], batch_size):
-        r, c = restored[i:i + batch_size], clean[i:i + batch_size]
+        r, c = restored[i : i + batch_size], clean[i : i + batch_size]
         psnr_values.append(psnr(r, c, data_range).cpu())
         ssim_values.append(ssim(r, c, data_range).cpu())
     result = {"psnr": torch.cat(psnr_values).mean().item(), "ssim": torch.cat(ssim_values).mean().item()}
@@ -289,8 +298,10 @@ def _as_float64(features, name: str) -> torch.Tensor:
 
 def _same_items(name: str, *sets: torch.Tensor) -> None:
     if len({tuple(f.shape) for f in sets}) != 1:
-        raise ValueError(f"{name}: the feature sets must hold the same N test items and F features, got shapes "
-                         f"{[tuple(f.shape) for f in sets]}")
+        raise ValueError(
+            f"{name}: the feature sets must hold the same N test items and F features, got shapes "
+            f"{[tuple(f.shape) for f in sets]}"
+        )
 
 
 def bootstrap_counts(num_items: int, num_resamples: int, seed: int = 0) -> torch.Tensor:
@@ -329,8 +340,12 @@ def _frechet_batched(mu1, cov1, mu2, cov2, root2) -> torch.Tensor:
     middle = 0.5 * (middle + middle.transpose(-1, -2))
     trace_root = torch.linalg.eigvalsh(middle).clamp_min(0).sqrt().sum(dim=-1)
     diff = mu1 - mu2
-    return (diff * diff).sum(-1) + cov1.diagonal(dim1=-2, dim2=-1).sum(-1) \
-        + cov2.diagonal(dim1=-2, dim2=-1).sum(-1) - 2.0 * trace_root
+    return (
+        (diff * diff).sum(-1)
+        + cov1.diagonal(dim1=-2, dim2=-1).sum(-1)
+        + cov2.diagonal(dim1=-2, dim2=-1).sum(-1)
+        - 2.0 * trace_root
+    )
 
 
 # The clean reference's resampled fits (means, covariances, square roots) are the same for every model
@@ -347,8 +362,9 @@ def _fixed_reference(reference) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         raise ValueError(f"a fixed FID reference is (mu, sigma), got {len(reference)} arrays")
     mu, sigma = (torch.as_tensor(np.asarray(v, dtype=np.float64)) for v in reference)
     if mu.dim() != 1 or sigma.shape != (mu.numel(), mu.numel()):
-        raise ValueError(f"a fixed FID reference needs mu [F] and sigma [F, F], got {tuple(mu.shape)} and "
-                         f"{tuple(sigma.shape)}")
+        raise ValueError(
+            f"a fixed FID reference needs mu [F] and sigma [F, F], got {tuple(mu.shape)} and {tuple(sigma.shape)}"
+        )
     return mu, 0.5 * (sigma + sigma.T)
 
 
@@ -359,8 +375,12 @@ def _reference_fits(reference, counts: torch.Tensor, chunk: int, device) -> list
 
     fixed = _fixed_reference(reference)
     arrays = fixed if fixed is not None else (reference,)
-    key = (tuple(hashlib.sha1(a.numpy().tobytes()).hexdigest() for a in arrays),
-           hashlib.sha1(counts.numpy().tobytes()).hexdigest(), chunk, str(device))
+    key = (
+        tuple(hashlib.sha1(a.numpy().tobytes()).hexdigest() for a in arrays),
+        hashlib.sha1(counts.numpy().tobytes()).hexdigest(),
+        chunk,
+        str(device),
+    )
     if key not in _REFERENCE_CACHE:
         if len(_REFERENCE_CACHE) >= 4:
             _REFERENCE_CACHE.pop(next(iter(_REFERENCE_CACHE)))
@@ -371,7 +391,7 @@ def _reference_fits(reference, counts: torch.Tensor, chunk: int, device) -> list
             ref = reference.to(device)
             fits = []
             for start in range(0, counts.shape[0], chunk):
-                mu, cov = _weighted_gaussians(ref, counts[start:start + chunk].to(device))
+                mu, cov = _weighted_gaussians(ref, counts[start : start + chunk].to(device))
                 fits.append((mu, cov, _sqrt_psd(cov)))
         _REFERENCE_CACHE[key] = fits
     return _REFERENCE_CACHE[key]
@@ -410,8 +430,9 @@ def _frechet_low_rank(features: torch.Tensor, counts: torch.Tensor, reference) -
     return (diff * diff).sum(-1) + (a * a).sum(dim=(-1, -2)) + trace2 - 2.0 * trace_root
 
 
-def _resampled_fids(features: torch.Tensor, reference, counts: torch.Tensor,
-                    device: Optional[str | torch.device] = None) -> torch.Tensor:
+def _resampled_fids(
+    features: torch.Tensor, reference, counts: torch.Tensor, device: Optional[str | torch.device] = None
+) -> torch.Tensor:
     """FID of each resample [R] (float64, on the CPU); the work runs on ``device`` (default CPU) in
     chunks of resamples that keep the [chunk, F, N] product near 200 MB. ``reference``: the clean
     features [N, F] of the same items (resampled with them) or fixed statistics (mu, sigma).
@@ -424,11 +445,11 @@ def _resampled_fids(features: torch.Tensor, reference, counts: torch.Tensor,
     if n < f:
         ref = reference if _fixed_reference(reference) is not None else reference.to(device)
         for start in range(0, counts.shape[0], chunk):
-            out.append(_frechet_low_rank(features, counts[start:start + chunk].to(device), ref).cpu())
+            out.append(_frechet_low_rank(features, counts[start : start + chunk].to(device), ref).cpu())
         return torch.cat(out)
     fits = _reference_fits(reference, counts, chunk, device)
     for i, start in enumerate(range(0, counts.shape[0], chunk)):
-        mu, cov = _weighted_gaussians(features, counts[start:start + chunk].to(device))
+        mu, cov = _weighted_gaussians(features, counts[start : start + chunk].to(device))
         out.append(_frechet_batched(mu, cov, *fits[i]).cpu())
     return torch.cat(out)
 
@@ -439,8 +460,9 @@ def _reference_arg(reference, name: str, *items: torch.Tensor):
     fixed = _fixed_reference(reference)
     if fixed is not None:
         if fixed[0].numel() != items[0].shape[1]:
-            raise ValueError(f"{name}: the reference statistics are {fixed[0].numel()}-d, the features "
-                             f"{items[0].shape[1]}-d")
+            raise ValueError(
+                f"{name}: the reference statistics are {fixed[0].numel()}-d, the features {items[0].shape[1]}-d"
+            )
         return fixed
     r = _as_float64(reference, name)
     _same_items(name, *items, r)
@@ -467,8 +489,14 @@ def _interval(estimate: float, values: torch.Tensor, level: float) -> tuple[list
     return [low - bias, high - bias], [low, high]
 
 
-def bootstrap_fid(features, reference, num_resamples: int = 1000, level: float = 0.95,
-                  seed: int = 0, device: Optional[str | torch.device] = None) -> dict[str, Any]:
+def bootstrap_fid(
+    features,
+    reference,
+    num_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    device: Optional[str | torch.device] = None,
+) -> dict[str, Any]:
     """FID of restored-image ``features`` [N, F] against the clean ``reference`` [N, F] of the same
     N test items, with a percentile bootstrap interval over test items. ``reference`` may instead be
     fixed statistics ``(mu, sigma)`` (an .npz reference such as ADM's): then only the restored
@@ -484,12 +512,26 @@ def bootstrap_fid(features, reference, num_resamples: int = 1000, level: float =
     fid = float(_resampled_fids(f, r, full, device)[0])
     counts = bootstrap_counts(f.shape[0], num_resamples, seed)
     ci, percentile = _interval(fid, _resampled_fids(f, r, counts, device), level)
-    return {"fid": fid, "ci": ci, "percentile_ci": percentile, "level": level, "method": "percentile bootstrap, shifted by the bootstrap bias",
-            "resamples": int(num_resamples), "seed": int(seed)}
+    return {
+        "fid": fid,
+        "ci": ci,
+        "percentile_ci": percentile,
+        "level": level,
+        "method": "percentile bootstrap, shifted by the bootstrap bias",
+        "resamples": int(num_resamples),
+        "seed": int(seed),
+    }
 
 
-def paired_bootstrap_fid_diff(features_a, features_b, reference, num_resamples: int = 1000, level: float = 0.95,
-                              seed: int = 0, device: Optional[str | torch.device] = None) -> dict[str, Any]:
+def paired_bootstrap_fid_diff(
+    features_a,
+    features_b,
+    reference,
+    num_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    device: Optional[str | torch.device] = None,
+) -> dict[str, Any]:
     """FID(a) - FID(b) for two models' restorations of the same N test items (``features_a``,
     ``features_b`` [N, F], clean ``reference`` [N, F]; ``features_a`` may be a list of [N, F], e.g. one
     student per distillation seed, and FID(a) is then their mean FID), with the PAIRED bootstrap
@@ -518,25 +560,44 @@ def paired_bootstrap_fid_diff(features_a, features_b, reference, num_resamples: 
     values = fid_a(counts) - _resampled_fids(b, r, counts, device)
     diff = float(fid_a(full)[0] - _resampled_fids(b, r, full, device)[0])
     ci, percentile = _interval(diff, values, level)
-    return {"diff": diff, "ci": ci, "percentile_ci": percentile, "level": level, "method": "percentile bootstrap, shifted by the bootstrap bias",
-            "resamples": int(num_resamples), "seed": int(seed)}
+    return {
+        "diff": diff,
+        "ci": ci,
+        "percentile_ci": percentile,
+        "level": level,
+        "method": "percentile bootstrap, shifted by the bootstrap bias",
+        "resamples": int(num_resamples),
+        "seed": int(seed),
+    }
 
 
-def unpaired_bootstrap_fid_diff(features_a, features_b, reference, num_resamples: int = 1000,
-                                level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+def unpaired_bootstrap_fid_diff(
+    features_a, features_b, reference, num_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict[str, Any]:
     """FID(a) - FID(b) with independent resamples for a and for b (what a reader gets by combining two
     separate FID intervals): the baseline the paired interval is narrower than when a and b are
     correlated. Same returns as ``paired_bootstrap_fid_diff``."""
-    a, b = _as_float64(features_a, "unpaired_bootstrap_fid_diff"), _as_float64(features_b, "unpaired_bootstrap_fid_diff")
+    a, b = (
+        _as_float64(features_a, "unpaired_bootstrap_fid_diff"),
+        _as_float64(features_b, "unpaired_bootstrap_fid_diff"),
+    )
     r = _as_float64(reference, "unpaired_bootstrap_fid_diff")
     _same_items("unpaired_bootstrap_fid_diff", a, b, r)
-    values = (_resampled_fids(a, r, bootstrap_counts(a.shape[0], num_resamples, seed))
-              - _resampled_fids(b, r, bootstrap_counts(a.shape[0], num_resamples, seed + 1)))
+    values = _resampled_fids(a, r, bootstrap_counts(a.shape[0], num_resamples, seed)) - _resampled_fids(
+        b, r, bootstrap_counts(a.shape[0], num_resamples, seed + 1)
+    )
     full = torch.ones(1, a.shape[0], dtype=torch.float64)
     diff = float(_resampled_fids(a, r, full)[0] - _resampled_fids(b, r, full)[0])
     ci, percentile = _interval(diff, values, level)
-    return {"diff": diff, "ci": ci, "percentile_ci": percentile, "level": level, "method": "percentile bootstrap, shifted by the bootstrap bias",
-            "resamples": int(num_resamples), "seed": int(seed)}
+    return {
+        "diff": diff,
+        "ci": ci,
+        "percentile_ci": percentile,
+        "level": level,
+        "method": "percentile bootstrap, shifted by the bootstrap bias",
+        "resamples": int(num_resamples),
+        "seed": int(seed),
+    }
 
 
 def wilson_interval(successes: int, trials: int, level: float = 0.95) -> list[float]:

@@ -59,6 +59,7 @@ written. The PyTorch side is `restore.student_chain` itself (with the given
 noises in place of its seeded ones), so the check also holds the exported loop
 to the sampler.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -121,8 +122,9 @@ def max_opset(exporter: str = "auto") -> int:
     try:
         import onnx
     except ImportError:
-        raise OnnxExportError("ibmd-fast export needs the onnx package, which is not installed: "
-                              "pip install onnx onnxscript") from None
+        raise OnnxExportError(
+            "ibmd-fast export needs the onnx package, which is not installed: pip install onnx onnxscript"
+        ) from None
 
     top = int(onnx.defs.onnx_opset_version())
     if exporter == "torchscript":
@@ -144,8 +146,10 @@ def require_runtime() -> None:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise OnnxExportError("the parity check needs onnxruntime, which is not installed: pip install onnxruntime "
-                              "(onnxruntime-gpu on CUDA machines), or pass --no-check") from None
+        raise OnnxExportError(
+            "the parity check needs onnxruntime, which is not installed: pip install onnxruntime "
+            "(onnxruntime-gpu on CUDA machines), or pass --no-check"
+        ) from None
 
 
 class OnnxParityError(OnnxExportError):
@@ -172,8 +176,13 @@ def _quiet_exporter():
     level = logger.level
     logger.setLevel(logging.ERROR)
     with warnings.catch_warnings():
-        for pattern in (r".*LeafSpec.*", r".*axis name.*", r".*TorchScript-based ONNX export.*",
-                        r".*torch\.onnx\.dynamo_export.*", r".*legacy TorchScript.*"):
+        for pattern in (
+            r".*LeafSpec.*",
+            r".*axis name.*",
+            r".*TorchScript-based ONNX export.*",
+            r".*torch\.onnx\.dynamo_export.*",
+            r".*legacy TorchScript.*",
+        ):
             warnings.filterwarnings("ignore", message=pattern)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=r".*feature will be removed.*", category=DeprecationWarning)
@@ -183,8 +192,15 @@ def _quiet_exporter():
             logger.setLevel(level)
 
 
-def _example_inputs(inputs: list[dict], batch: int, height: int, width: int, seed: int,
-                    dtype=torch.float32, num_classes: Optional[int] = None) -> dict[str, torch.Tensor]:
+def _example_inputs(
+    inputs: list[dict],
+    batch: int,
+    height: int,
+    width: int,
+    seed: int,
+    dtype=torch.float32,
+    num_classes: Optional[int] = None,
+) -> dict[str, torch.Tensor]:
     """Random inputs as the ONNX model takes them (``inputs``: `graph_inputs`; height and width of
     the output): the image uniform in [-1, 1], a centered square hole, normals, class labels
     uniform in [0, num_classes) (int64)."""
@@ -200,7 +216,7 @@ def _example_inputs(inputs: list[dict], batch: int, height: int, width: int, see
             out[name] = torch.rand(shape, generator=rng, dtype=torch.float64) * 2 - 1
         elif item["kind"] == "mask":
             mask = torch.zeros(shape, dtype=torch.float64)
-            mask[..., height // 4: height // 4 + max(1, height // 2), width // 4: width // 4 + max(1, width // 2)] = 1
+            mask[..., height // 4 : height // 4 + max(1, height // 2), width // 4 : width // 4 + max(1, width // 2)] = 1
             out[name] = mask
         else:
             out[name] = torch.randn(shape, generator=rng, dtype=torch.float64)
@@ -212,8 +228,9 @@ def _as_float64(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
 
 
-def _export_dynamo(program: StudentProgram, args: tuple, inputs: list[dict], multiple: int, opset: int,
-                   path: str, progress: bool) -> None:
+def _export_dynamo(
+    program: StudentProgram, args: tuple, inputs: list[dict], multiple: int, opset: int, path: str, progress: bool
+) -> None:
     """Dynamic batch, height and width: full sizes ``multiple * d``, an input ``size_divisor`` times
     smaller ``multiple / size_divisor * d`` (derived from the same ``d``, so the two stay tied)."""
     batch = torch.export.Dim("batch", min=1)
@@ -225,10 +242,17 @@ def _export_dynamo(program: StudentProgram, args: tuple, inputs: list[dict], mul
 
     names = [i["name"] for i in inputs]
     onnx_program = torch.onnx.export(
-        program, args, dynamo=True, opset_version=opset, input_names=names, output_names=["x0"],
-        dynamic_shapes={"inputs": tuple({0: batch} if i["kind"] == "label" else spec(i["size_divisor"])
-                                        for i in inputs)},
-        optimize=True, verbose=progress,
+        program,
+        args,
+        dynamo=True,
+        opset_version=opset,
+        input_names=names,
+        output_names=["x0"],
+        dynamic_shapes={
+            "inputs": tuple({0: batch} if i["kind"] == "label" else spec(i["size_divisor"]) for i in inputs)
+        },
+        optimize=True,
+        verbose=progress,
     )
     onnx_program.save(path)
 
@@ -236,8 +260,15 @@ def _export_dynamo(program: StudentProgram, args: tuple, inputs: list[dict], mul
 def _export_torchscript(program: StudentProgram, args: tuple, inputs: list[dict], opset: int, path: str) -> None:
     axes = {i["name"]: {0: "batch"} if i["kind"] == "label" else _dim_names(i["size_divisor"]) for i in inputs}
     torch.onnx.export(
-        program, args, path, dynamo=False, opset_version=opset, input_names=list(axes), output_names=["x0"],
-        dynamic_axes={**axes, "x0": _dim_names(1)}, do_constant_folding=True,
+        program,
+        args,
+        path,
+        dynamo=False,
+        opset_version=opset,
+        input_names=list(axes),
+        output_names=["x0"],
+        dynamic_axes={**axes, "x0": _dim_names(1)},
+        do_constant_folding=True,
     )
 
 
@@ -327,8 +358,14 @@ def _save_with_external_data(model, path: str) -> None:
     load_external_data_for_model(model, folder)
     for name in old:  # onnx appends to an existing data file: start from none
         os.remove(os.path.join(folder, name))
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=external_data_name(path), size_threshold=1024)
+    onnx.save_model(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=external_data_name(path),
+        size_threshold=1024,
+    )
 
 
 def external_data_name(path: str) -> str:
@@ -351,8 +388,16 @@ def _parity_shapes(height: int, width: int, factor: int) -> list[tuple[int, int,
     return [(1, height + factor, width + 2 * factor), (3, smaller_h, width + factor)]
 
 
-def _check_parity(session, generator: Generator, generator16: Optional[Generator], graph_inputs: list[dict],
-                  shapes, nfe: int, progress: bool, upsample=None) -> list[dict]:
+def _check_parity(
+    session,
+    generator: Generator,
+    generator16: Optional[Generator],
+    graph_inputs: list[dict],
+    shapes,
+    nfe: int,
+    progress: bool,
+    upsample=None,
+) -> list[dict]:
     results, failures = [], []
     generator64 = precision_copy(generator, torch.float64) if generator16 is not None else None
     for i, (batch, height, width) in enumerate(shapes):
@@ -373,18 +418,27 @@ def _check_parity(session, generator: Generator, generator16: Optional[Generator
             err_torch = float(np.abs(torch16 - ref64).max())
             bound = FP16_ERROR_RATIO * err_torch + FP16_SLACK
             ok = err_ort <= bound
-            res = {"shape": shape, "max_abs_err": err_ort, "torch_fp16_max_abs_err": err_torch,
-                   "ort_vs_torch_fp16_max_abs_err": float(np.abs(ort_out - torch16).max()),
-                   "tolerance": bound, "ok": ok}
-            _say(progress, f"fp16 parity at {shape}: max |ORT - fp64| = {err_ort:.3g}, "
-                           f"max |PyTorch fp16 - fp64| = {err_torch:.3g}, bound {bound:.3g}")
+            res = {
+                "shape": shape,
+                "max_abs_err": err_ort,
+                "torch_fp16_max_abs_err": err_torch,
+                "ort_vs_torch_fp16_max_abs_err": float(np.abs(ort_out - torch16).max()),
+                "tolerance": bound,
+                "ok": ok,
+            }
+            _say(
+                progress,
+                f"fp16 parity at {shape}: max |ORT - fp64| = {err_ort:.3g}, "
+                f"max |PyTorch fp16 - fp64| = {err_torch:.3g}, bound {bound:.3g}",
+            )
         results.append(res)
         if not ok:
             failures.append(res)
     if failures:
         what = "|ORT fp16 - PyTorch fp64|" if generator16 is not None else "|ORT - PyTorch|"
-        detail = "; ".join(f"max {what} = {r['max_abs_err']:.3g} > {r['tolerance']:.3g} at shape {r['shape']}"
-                           for r in failures)
+        detail = "; ".join(
+            f"max {what} = {r['max_abs_err']:.3g} > {r['tolerance']:.3g} at shape {r['shape']}" for r in failures
+        )
         raise OnnxParityError(f"ONNX parity check failed: {detail}", results)
     return results
 
@@ -425,8 +479,9 @@ def export_onnx(
     try:
         generator, config = load_generator(release_path)
     except ReleaseError as exc:
-        raise ReleaseError(f"{exc} (export --onnx takes a generator release, as written by `ibmd-fast distill`)") \
-            from None
+        raise ReleaseError(
+            f"{exc} (export --onnx takes a generator release, as written by `ibmd-fast distill`)"
+        ) from None
     nfe = int(config.get("nfe", 1))
     inpainting = bool(config.get("inpainting", str(config.get("degradation", "")).startswith("inpaint")))
     upsample = upsampling(config.get("degradation"))
@@ -439,13 +494,16 @@ def export_onnx(
         example_size = (example_size, example_size)
     height, width = (int(s) for s in example_size)
     if height % factor or width % factor or min(height, width) < factor:
-        raise ValueError(f"example_size {height}x{width} must be positive multiples of {factor} (the U-Net's "
-                         f"downsampling factor{', and the super-resolution factor' if upsample else ''})")
+        raise ValueError(
+            f"example_size {height}x{width} must be positive multiples of {factor} (the U-Net's "
+            f"downsampling factor{', and the super-resolution factor' if upsample else ''})"
+        )
 
     precision = "float16" if fp16 else "float32"
     generator16 = precision_copy(generator, torch.float16) if fp16 else None
-    program = StudentProgram(generator16 if fp16 else generator, nfe=nfe, inpainting=inpainting,
-                             upsample=upsample).eval()
+    program = StudentProgram(
+        generator16 if fp16 else generator, nfe=nfe, inpainting=inpainting, upsample=upsample
+    ).eval()
     inputs = graph_inputs(generator, inpainting, nfe, upsample.factor if upsample is not None else 1)
     names = [i["name"] for i in inputs]
     example = _example_inputs(inputs, EXAMPLE_BATCH, height, width, seed=0, num_classes=generator.num_classes)
@@ -464,15 +522,17 @@ def export_onnx(
     scratch = tempfile.mkdtemp(prefix=".onnx-export-", dir=out_dir)
     try:
         tmp_path = os.path.join(scratch, os.path.basename(out_path))
-        used, fallback_reason = _export(program, args, inputs, factor, int(opset), tmp_path, exporter, metadata,
-                                        progress)
+        used, fallback_reason = _export(
+            program, args, inputs, factor, int(opset), tmp_path, exporter, metadata, progress
+        )
         _say(progress, f"exported with the {used} exporter, opset {opset}, {precision}; onnx.checker passed")
 
         parity: list[dict] = []
         if check:
             session = _ort_session(tmp_path)
-            parity = _check_parity(session, generator, generator16, inputs,
-                                   _parity_shapes(height, width, factor), nfe, progress, upsample)
+            parity = _check_parity(
+                session, generator, generator16, inputs, _parity_shapes(height, width, factor), nfe, progress, upsample
+            )
         files = []
         for name in sorted(os.listdir(scratch), key=lambda n: n == os.path.basename(out_path)):
             os.replace(os.path.join(scratch, name), os.path.join(out_dir, name))  # the model last
@@ -541,7 +601,7 @@ def _export(program, args, inputs, factor, opset, path, exporter, metadata, prog
         return "torchscript", errors[0] if errors else None
     except Exception as exc:
         errors.append(f"{type(exc).__name__}: {_first_line(exc)}")
-        tried = ("dynamo", "torchscript")[-len(errors):]
+        tried = ("dynamo", "torchscript")[-len(errors) :]
         raise OnnxExportError("ONNX export failed: " + "; ".join(f"{n}: {e}" for n, e in zip(tried, errors))) from exc
 
 

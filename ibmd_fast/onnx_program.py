@@ -7,6 +7,7 @@
   degradation whose upsampling the graph does first; ``onnx_metadata``: its ``metadata_props``.
 - ``precision_copy``: the float16 (exported) and float64 (reference) copies of a generator.
 """
+
 from __future__ import annotations
 
 import copy
@@ -100,10 +101,16 @@ def graph_inputs(generator: Generator, inpainting: bool, nfe: int, upsample_fact
     the others). A new input is one more entry in `input_names` and a kind in `_input_kind`.
     """
     names = input_names(generator.z_channels, inpainting, nfe, generator.num_classes is not None)
-    return [{"name": name, "kind": _input_kind(name), "dtype": "int64" if name == "class_label" else "float",
-             "channels": input_channels(name, generator.image_channels, generator.z_channels),
-             "size_divisor": int(upsample_factor) if name == "xT" else 1}
-            for name in names]
+    return [
+        {
+            "name": name,
+            "kind": _input_kind(name),
+            "dtype": "int64" if name == "class_label" else "float",
+            "channels": input_channels(name, generator.image_channels, generator.z_channels),
+            "size_divisor": int(upsample_factor) if name == "xT" else 1,
+        }
+        for name in names
+    ]
 
 
 def _input_kind(name: str) -> str:
@@ -128,8 +135,9 @@ class StudentProgram(nn.Module):
     computed here once, as Python floats.
     """
 
-    def __init__(self, generator: Generator, nfe: int = 1, inpainting: bool = False,
-                 upsample: Optional[SuperResolution] = None):
+    def __init__(
+        self, generator: Generator, nfe: int = 1, inpainting: bool = False, upsample: Optional[SuperResolution] = None
+    ):
         super().__init__()
         if nfe < 1:
             raise ValueError(f"nfe must be at least 1, got {nfe}")
@@ -137,8 +145,9 @@ class StudentProgram(nn.Module):
         self.nfe = int(nfe)
         self.inpainting = bool(inpainting)
         self.upsample = upsample
-        self.input_names = input_names(generator.z_channels, self.inpainting, self.nfe,
-                                       generator.num_classes is not None)
+        self.input_names = input_names(
+            generator.z_channels, self.inpainting, self.nfe, generator.num_classes is not None
+        )
         bridge = generator.bridge
         self.grid = student_grid(bridge, self.nfe).tolist()  # t_1 < ... < t_k = T
         call_times = self.grid[::-1]  # the generator is called at t_k, ..., t_1
@@ -152,12 +161,26 @@ class StudentProgram(nn.Module):
             raise ValueError(f"expected {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
         named = dict(zip(self.input_names, inputs))
         noises = [named[f"noise_{n}"] for n in range(1, self.nfe)]
-        return _chain(self.generator, named, self.nfe, GivenNoise(noises, self.step_coefs), self.grid, time_batch=1,
-                      upsample=self.upsample)
+        return _chain(
+            self.generator,
+            named,
+            self.nfe,
+            GivenNoise(noises, self.step_coefs),
+            self.grid,
+            time_batch=1,
+            upsample=self.upsample,
+        )
 
 
-def _chain(generator: Generator, named: dict[str, torch.Tensor], nfe: int, noise: GivenNoise,
-           grid=None, time_batch=None, upsample: Optional[SuperResolution] = None) -> torch.Tensor:
+def _chain(
+    generator: Generator,
+    named: dict[str, torch.Tensor],
+    nfe: int,
+    noise: GivenNoise,
+    grid=None,
+    time_batch=None,
+    upsample: Optional[SuperResolution] = None,
+) -> torch.Tensor:
     """`restore.student_chain` on the graph's inputs: the low-resolution image brought to size
     (srKx graphs: ``upsample.upsample``, the degradation's), the hole of xT filled with
     ``hole_noise`` (`restore.fill_hole`'s fill, MATH.md 3; what the hole held is not read),
@@ -167,13 +190,15 @@ def _chain(generator: Generator, named: dict[str, torch.Tensor], nfe: int, noise
         xT = upsample.upsample(xT)
     if mask is not None:
         xT = impose_known(named["hole_noise"], xT, mask)
-    return student_chain(generator, xT, z, nfe, mask=mask, noise=noise, grid=grid, time_batch=time_batch,
-                          y=named.get("class_label"))
+    return student_chain(
+        generator, xT, z, nfe, mask=mask, noise=noise, grid=grid, time_batch=time_batch, y=named.get("class_label")
+    )
 
 
 @torch.no_grad()
-def reference_sample(generator: Generator, inputs: dict[str, torch.Tensor], nfe: int,
-                     upsample: Optional[SuperResolution] = None) -> torch.Tensor:
+def reference_sample(
+    generator: Generator, inputs: dict[str, torch.Tensor], nfe: int, upsample: Optional[SuperResolution] = None
+) -> torch.Tensor:
     """PyTorch's answer to the ONNX model's inputs: `restore.student_chain` with the given z and noises
     (the low-resolution xT upsampled first by ``upsample``, as the graph does).
 
@@ -182,8 +207,7 @@ def reference_sample(generator: Generator, inputs: dict[str, torch.Tensor], nfe:
     program, the posterior coefficients come from the bridge at run time and the times have
     the batch's size.
     """
-    return _chain(generator, inputs, nfe, GivenNoise([inputs[f"noise_{n}"] for n in range(1, nfe)]),
-                  upsample=upsample)
+    return _chain(generator, inputs, nfe, GivenNoise([inputs[f"noise_{n}"] for n in range(1, nfe)]), upsample=upsample)
 
 
 class _Float32(nn.Module):
@@ -234,8 +258,9 @@ def precision_copy(generator: Generator, dtype: torch.dtype) -> Generator:
 # Metadata
 
 
-def onnx_metadata(generator: Generator, config: dict[str, Any], nfe: int, inpainting: bool,
-                  precision: str) -> dict[str, str]:
+def onnx_metadata(
+    generator: Generator, config: dict[str, Any], nfe: int, inpainting: bool, precision: str
+) -> dict[str, str]:
     """The model's ``metadata_props``: plain strings for names, JSON for everything else."""
     upsample = upsampling(config.get("degradation"))
     factor = upsample.factor if upsample is not None else 1

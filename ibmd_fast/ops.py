@@ -13,6 +13,7 @@ The ops are registered with ``register_fake`` and ``register_autograd`` (each
 backward is an op of its own), so they work under autograd,
 ``torch.compile(fullgraph=True)`` and ``torch.export``.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,10 @@ Coef = Union[float, torch.Tensor]
 
 __all__ = ["bridge_step", "bridge_loss", "ibmd_loss", "backend", "has_cuda_kernels", "draw_seed"]
 
-_REBUILD = ("rebuild it against the torch that runs: `pip install --no-build-isolation .` "
-            "(or `python setup.py build_ext --inplace` in a checkout)")
+_REBUILD = (
+    "rebuild it against the torch that runs: `pip install --no-build-isolation .` "
+    "(or `python setup.py build_ext --inplace` in a checkout)"
+)
 
 
 def _torch_release(version) -> str:
@@ -46,18 +49,27 @@ def _load_extension():
     except ImportError as exc:  # pragma: no cover - depends on the install
         text = f"{type(exc).__name__}: {exc}"
         if "undefined symbol" in str(exc) or "symbol not found" in str(exc).lower():
-            advice = (f"it was built against another torch than the installed {torch.__version__} "
-                      f"(ABI mismatch); {_REBUILD}")
+            advice = (
+                f"it was built against another torch than the installed {torch.__version__} (ABI mismatch); {_REBUILD}"
+            )
         else:
             advice = "install with `pip install --no-build-isolation .` to build it"
-        warnings.warn(f"ibmd_fast: the compiled extension ibmd_fast._C is not available ({text}): {advice}; "
-                      "using the pure-PyTorch reference ops, which are slower.", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"ibmd_fast: the compiled extension ibmd_fast._C is not available ({text}): {advice}; "
+            "using the pure-PyTorch reference ops, which are slower.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None, text
     built = getattr(module, "TORCH_VERSION", None)
     if built is not None and _torch_release(built) != _torch_release(torch.__version__):
         text = f"built against torch {built}, running torch {torch.__version__}"
-        warnings.warn(f"ibmd_fast: the compiled extension ibmd_fast._C was {text}, whose C++ ABI may differ: "
-                      f"{_REBUILD}; using the pure-PyTorch reference ops until then.", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"ibmd_fast: the compiled extension ibmd_fast._C was {text}, whose C++ ABI may differ: "
+            f"{_REBUILD}; using the pure-PyTorch reference ops until then.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None, text
     return module, None
 
@@ -80,8 +92,7 @@ def _has_kernel(op: str, device_type: str) -> bool:
     return _compiled_cache[key]
 
 
-_OPS = ("bridge_step", "bridge_step_backward", "bridge_loss", "bridge_loss_backward", "ibmd_loss",
-        "ibmd_loss_backward")
+_OPS = ("bridge_step", "bridge_step_backward", "bridge_loss", "bridge_loss_backward", "ibmd_loss", "ibmd_loss_backward")
 
 
 def _use_compiled(op: str, x: torch.Tensor) -> bool:
@@ -93,9 +104,13 @@ def _use_compiled(op: str, x: torch.Tensor) -> bool:
         return True
     if device_type not in _warned_devices:
         _warned_devices.add(device_type)
-        warnings.warn(f"ibmd_fast: the compiled extension has no {device_type} kernels (built "
-                      f"{'with' if has_cuda_kernels() else 'without'} CUDA); using the pure-PyTorch reference "
-                      f"ops for {device_type} tensors, which are slower.", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"ibmd_fast: the compiled extension has no {device_type} kernels (built "
+            f"{'with' if has_cuda_kernels() else 'without'} CUDA); using the pure-PyTorch reference "
+            f"ops for {device_type} tensors, which are slower.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return False
 
 
@@ -144,8 +159,10 @@ def _mask(mask: Optional[torch.Tensor], like: torch.Tensor, materialize: bool) -
     try:
         expanded = mask.detach().to(device=like.device, dtype=like.dtype).expand_as(like)
     except RuntimeError:
-        raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to the images' shape "
-                         f"{list(like.shape)} (e.g. [B, 1, H, W] for [B, C, H, W])") from None
+        raise ValueError(
+            f"mask of shape {list(mask.shape)} does not broadcast to the images' shape "
+            f"{list(like.shape)} (e.g. [B, 1, H, W] for [B, C, H, W])"
+        ) from None
     if not materialize:
         return expanded
     return torch.empty_like(like).copy_(expanded)
@@ -196,8 +213,9 @@ def bridge_step(
     return torch.ops.ibmd.bridge_step.default(a, b, ca, cb, s, noise, int(seed))
 
 
-def bridge_loss(pred: torch.Tensor, target: torch.Tensor, weight: Coef,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def bridge_loss(
+    pred: torch.Tensor, target: torch.Tensor, weight: Coef, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Per-sample bridge-matching loss ``w_b * sum_i m_bi (pred - target)_bi^2 / D`` (MATH.md 4, 6), ``[B]``.
 
     ``mask`` (broadcastable to ``pred``, e.g. ``[B, 1, H, W]``; None: all ones) restricts the loss to
@@ -211,8 +229,13 @@ def bridge_loss(pred: torch.Tensor, target: torch.Tensor, weight: Coef,
     return torch.ops.ibmd.bridge_loss.default(pred, target, w, _mask(mask, pred, materialize=True))
 
 
-def ibmd_loss(teacher_pred: torch.Tensor, fake_pred: torch.Tensor, x0: torch.Tensor, weight: Coef,
-              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def ibmd_loss(
+    teacher_pred: torch.Tensor,
+    fake_pred: torch.Tensor,
+    x0: torch.Tensor,
+    weight: Coef,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Per-sample IBMD generator loss ``w_b * sum_i m_bi [(t - x)^2 - (f - x)^2]_bi / D`` (MATH.md 5, 6).
 
     ``t`` the teacher's prediction, ``f`` the fake model's, ``x`` the generator's output; ``mask``
@@ -296,8 +319,9 @@ def _register() -> None:
         grad, coef_a, coef_b = ctx.saved_tensors
         gg_a = torch.zeros_like(grad) if gg_a is None else gg_a
         gg_b = torch.zeros_like(grad) if gg_b is None else gg_b
-        gg = torch.ops.ibmd.bridge_step.default(gg_a, gg_b, coef_a, coef_b, torch.zeros_like(coef_a), None,
-                                                NO_NOISE_SEED)
+        gg = torch.ops.ibmd.bridge_step.default(
+            gg_a, gg_b, coef_a, coef_b, torch.zeros_like(coef_a), None, NO_NOISE_SEED
+        )
         return gg, None, None
 
     torch.library.register_autograd(

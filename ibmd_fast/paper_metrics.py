@@ -19,6 +19,7 @@ Images given to this module are float tensors [B, 3, H, W] in [-1, 1], as everyw
 clean-fid and torchvision come with the optional extra ``pip install .[metrics]``; this module
 imports them only when a network is built, so the package imports without them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,15 +60,18 @@ WEIGHTS = {
     "inception-pytorch": WeightsFile(
         "pt_inception-2015-12-05-6726825d.pth",
         "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
-        "pytorch-fid's FID Inception weights (I2SB's FID, clean-fid legacy_pytorch)"),
+        "pytorch-fid's FID Inception weights (I2SB's FID, clean-fid legacy_pytorch)",
+    ),
     "inception-tf": WeightsFile(
         "inception-2015-12-05.pt",
         "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
-        "the TorchScript Inception of StyleGAN2-ADA (DDBM/DBIM's FID and IS, clean-fid legacy_tensorflow)"),
+        "the TorchScript Inception of StyleGAN2-ADA (DDBM/DBIM's FID and IS, clean-fid legacy_tensorflow)",
+    ),
     "resnet50": WeightsFile(
         "resnet50-0676ba61.pth",
         "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-        "torchvision's ResNet-50 IMAGENET1K_V1 weights (I2SB's CA)"),
+        "torchvision's ResNet-50 IMAGENET1K_V1 weights (I2SB's CA)",
+    ),
 }
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,9 +97,11 @@ def _need(module: str):
     try:
         return importlib.import_module(module)
     except Exception as exc:  # ImportError, or torchvision's compiled part failing to load (OSError)
-        raise ValueError(f"the paper's metrics need {module.split('.')[0]} ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())}): pip install '.[metrics]' with a torch whose torchvision "
-                         "loads (e.g. torch==2.14.1 torchvision==0.29.1; see README.md)") from None
+        raise ValueError(
+            f"the paper's metrics need {module.split('.')[0]} ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())}): pip install '.[metrics]' with a torch whose torchvision "
+            "loads (e.g. torch==2.14.1 torchvision==0.29.1; see README.md)"
+        ) from None
 
 
 def parse_network_spec(spec: str, kinds: tuple[str, ...]) -> tuple[str, Optional[str]]:
@@ -125,6 +131,7 @@ def quantize_uint8(images: torch.Tensor) -> torch.Tensor:
 def _local_state_dict(module, url: str, path: str, kind: str):
     """clean-fid's ``fid_inception_v3`` calls ``load_state_dict_from_url(FID_WEIGHTS_URL)``: answer that
     one call from the local file (a plain state dict, read with ``weights_only=True``) and refuse any other."""
+
     def load(requested, *args, **kwargs):
         if requested != url:
             raise ValueError(f"clean-fid asked to download {requested}; ibmd-fast never downloads")
@@ -159,8 +166,7 @@ class InceptionFeatures(nn.Module):
         if self.protocol == "inception-tf":  # DBIM's evaluator: torch.from_numpy(batch.transpose).float()
             return torch.from_numpy(pixels.transpose(0, 3, 1, 2)).float()
         # I2SB's NumpyResizeDataset: clean-fid's resizer per image (float32 [0, 255], 299x299), then CHW
-        return torch.stack([torch.from_numpy(np.ascontiguousarray(self._resize(p).transpose(2, 0, 1)))
-                            for p in pixels])
+        return torch.stack([torch.from_numpy(np.ascontiguousarray(self._resize(p).transpose(2, 0, 1))) for p in pixels])
 
     @torch.inference_mode()
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -185,7 +191,9 @@ def load_inception(protocol: str, path: str, device="cpu") -> InceptionFeatures:
                 network = module.InceptionV3(output_blocks=[3], resize_input=False)
         except RuntimeError as exc:  # load_state_dict: missing / unexpected keys, wrong shapes
             first = " ".join(str(exc).split())[:200]
-            raise ValueError(f"{path} does not fit pytorch-fid's FID Inception ({first}); {_expected(protocol)}") from None
+            raise ValueError(
+                f"{path} does not fit pytorch-fid's FID Inception ({first}); {_expected(protocol)}"
+            ) from None
     elif protocol == "inception-tf":
         module = _need("cleanfid.inception_torchscript")
         name = WEIGHTS[protocol].name
@@ -218,7 +226,7 @@ def inception_score(logits, split_size: int = 5000) -> float:
     preds = torch.softmax(logits, dim=-1).numpy()
     scores = []
     for i in range(0, len(preds), split_size):
-        part = preds[i:i + split_size]
+        part = preds[i : i + split_size]
         kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
         scores.append(np.exp(np.mean(np.sum(kl, 1))))
     return float(np.mean(scores))
@@ -249,7 +257,9 @@ class ResNet50Accuracy(nn.Module):
         """[B] bool: top-1 prediction == label."""
         labels = torch.as_tensor(labels).long().cpu()
         if labels.shape != (images.shape[0],):
-            raise ValueError(f"CA needs one class label per image: {images.shape[0]} images, labels {tuple(labels.shape)}")
+            raise ValueError(
+                f"CA needs one class label per image: {images.shape[0]} images, labels {tuple(labels.shape)}"
+            )
         return self.logits(images).argmax(dim=1).cpu() == labels
 
 
@@ -262,8 +272,9 @@ def load_resnet50(path: str, device="cpu") -> ResNet50Accuracy:
         network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:
         first = " ".join(str(exc).split())[:200]
-        raise ValueError(f"{path} does not fit torchvision's resnet50 ({type(exc).__name__}: {first}); "
-                         f"{_expected('resnet50')}") from None
+        raise ValueError(
+            f"{path} does not fit torchvision's resnet50 ({type(exc).__name__}: {first}); {_expected('resnet50')}"
+        ) from None
     return ResNet50Accuracy(network.eval(), path).to(device).eval()
 
 
@@ -283,14 +294,17 @@ def reference_images(path: str) -> Optional[np.ndarray]:
             if "mu" in data and "sigma" in data:
                 return None
             if "arr_0" not in data:
-                raise ValueError(f"{path} has neither 'mu' and 'sigma' nor reference images 'arr_0' "
-                                 f"(keys: {', '.join(data.files) or 'none'})")
+                raise ValueError(
+                    f"{path} has neither 'mu' and 'sigma' nor reference images 'arr_0' "
+                    f"(keys: {', '.join(data.files) or 'none'})"
+                )
             images = data["arr_0"]
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{path} is not a readable .npz: {exc}") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] < 2:
-        raise ValueError(f"{path}: arr_0 must be uint8 images [N >= 2, H, W, 3], got {images.dtype} "
-                         f"{tuple(images.shape)}")
+        raise ValueError(
+            f"{path}: arr_0 must be uint8 images [N >= 2, H, W, 3], got {images.dtype} {tuple(images.shape)}"
+        )
     return images
 
 

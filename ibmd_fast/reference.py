@@ -11,6 +11,7 @@ call become four normals by two Box-Muller transforms. ``philox_normal`` below
 reproduces it with int64 tensor arithmetic; ``philox4x32_10_numpy`` is an
 independent numpy implementation used by the tests.
 """
+
 from __future__ import annotations
 
 import math

@@ -21,6 +21,7 @@ damaged file, refused in one line.
 inference as a `LoadedModel` (with what `sample`, `eval` and `export` need to know about it).
 The embedded default teacher release is `ibmd_fast.paths.DEFAULT_TEACHER`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,8 +89,11 @@ def atomic_write(path: str, write_fn) -> None:
 def _disk_full(exc: OSError, path: str) -> OSError:
     """A full disk as one line naming the file; other OSErrors as they are."""
     if exc.errno in _DISK_FULL:
-        return OSError(exc.errno, f"no space left on the device while writing {path}; nothing was written "
-                                  "(an older file of that name is unchanged): free some space and run again")
+        return OSError(
+            exc.errno,
+            f"no space left on the device while writing {path}; nothing was written "
+            "(an older file of that name is unchanged): free some space and run again",
+        )
     return exc
 
 
@@ -121,8 +125,9 @@ def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
         finite = torch.isfinite(tensor)
         if not bool(finite.all()):
             bad = int(tensor.numel() - int(finite.sum()))
-            raise NonFiniteError(f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or Inf) "
-                                 f"of {tensor.numel()}")
+            raise NonFiniteError(
+                f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or Inf) of {tensor.numel()}"
+            )
 
 
 def save_release(path: str, net: torch.nn.Module, fmt: str, config: dict[str, Any], extra: dict | None = None):
@@ -130,8 +135,10 @@ def save_release(path: str, net: torch.nn.Module, fmt: str, config: dict[str, An
 
     Both teachers and generators store their network (``teacher.net``, ``generator.net``).
     """
-    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in net.state_dict().items()}
+    state = {
+        k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in net.state_dict().items()
+    }
     check_finite(state, f"not writing the release {path}")
     config = {"normalization": NORMALIZATION, "version": __version__, **config}
     metadata = {"format": fmt, "config": json.dumps(config)}
@@ -154,8 +161,9 @@ def read_release(path: str, expect: str | None = None) -> tuple[dict[str, torch.
     except (SafetensorError, OSError, ValueError) as exc:
         raise ReleaseError(f"{path} is not a readable safetensors file ({exc})") from None
     if "sha256" in metadata and content_digest(state, metadata) != metadata["sha256"]:
-        raise ReleaseError(f"{path} is damaged: its contents do not match the sha256 checksum it carries; "
-                           "use an intact copy")
+        raise ReleaseError(
+            f"{path} is damaged: its contents do not match the sha256 checksum it carries; use an intact copy"
+        )
     fmt = metadata.get("format")
     if fmt not in (TEACHER_FORMAT, GENERATOR_FORMAT):
         raise ReleaseError(f"{path} is not an ibmd-fast release (format={fmt!r})")
@@ -278,8 +286,9 @@ class LoadedModel:
         return f"the network of {self.path}{trained}"
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               expect: Optional[str] = None) -> LoadedModel:
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", expect: Optional[str] = None
+) -> LoadedModel:
     """Load a teacher or generator release; ``expect`` ("teacher" / "generator") refuses the other kind.
 
     Raises ReleaseError (missing file, not a safetensors file, not a release, wrong kind, weights
@@ -302,8 +311,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         detail = " ".join(str(exc).split())
         raise ReleaseError(f"{path}: damaged release config ({detail})") from None
     model.requires_grad_(False)
-    return LoadedModel(path=path, kind="teacher" if fmt == TEACHER_FORMAT else "generator", model=model,
-                       config=config)
+    return LoadedModel(path=path, kind="teacher" if fmt == TEACHER_FORMAT else "generator", model=model, config=config)
 
 
 def _release_format(path: str) -> Optional[str]:

@@ -19,6 +19,7 @@ and inference cannot drift apart:
 
 Images are float ``[B, C, H, W]`` in [-1, 1]; masks are 1 inside the hole.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -170,8 +171,7 @@ def student_chain(
             # Posterior step t_n -> t_{n-1} (MATH.md 3) with x0~ in place of x0.
             x = noise.posterior_step(bridge, x, x0, s, t)
             if callback is not None:
-                callback(dict(step=nfe - n, t=t, s=s, x=x, x0_hat=x0, std=bridge.posterior(s, t)[2],
-                              nfe=nfe - n + 1))
+                callback(dict(step=nfe - n, t=t, s=s, x=x, x0_hat=x0, std=bridge.posterior(s, t)[2], nfe=nfe - n + 1))
     t = bridge.times(grid[stop - 1], batch, device)
     x0 = call(last_call or generator, x, t)
     if callback is not None:
@@ -241,11 +241,14 @@ def _check_sampler(sampler: Optional[str], bridge_type: str) -> str:
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
     if sampler == "i2sb" and bridge_type != "i2sb":
-        raise ValueError(f"the i2sb sampler needs an I2SB teacher; this one has a {bridge_type.upper()} (DDBM) bridge: "
-                         "use dbim or heun")
+        raise ValueError(
+            f"the i2sb sampler needs an I2SB teacher; this one has a {bridge_type.upper()} (DDBM) bridge: "
+            "use dbim or heun"
+        )
     if sampler == "heun" and bridge_type not in ("vp", "ve"):
-        raise ValueError("the heun sampler needs a VP or VE (DDBM) teacher; this one has an I2SB bridge: "
-                         "use i2sb or dbim")
+        raise ValueError(
+            "the heun sampler needs a VP or VE (DDBM) teacher; this one has an I2SB bridge: use i2sb or dbim"
+        )
     return sampler
 
 
@@ -266,7 +269,8 @@ def restore(
     """Restore one batch ``xT`` with a ``Teacher`` in ``nfe`` network calls (MATH.md 3).
 
     ``sampler``: "i2sb" (I2SB bridge only), "dbim" (both bridges; ``eta`` in [0, 1]; None: ``DBIM_ETA``,
-    DBIM's default; 0 is deterministic; an eta for another sampler is an error) or "heun" (VP bridge only); None picks ``natural_sampler``. ``nfe`` None: the bridge's
+    DBIM's default; 0 is deterministic; an eta for another sampler is an error) or "heun" (VP bridge
+    only); None picks ``natural_sampler``. ``nfe`` None: the bridge's
     ``default_teacher_nfe``. Noise: ``seed`` or ``rng`` (``samplers.make_rng``). Inpainting
     (``mask``): the hole of ``xT`` is filled with noise first (the filled image is also what a
     conditional teacher sees, as in training), the i2sb sampler re-imposes the known pixels at
@@ -300,8 +304,15 @@ def restore(
     return x0 if mask is None else impose_known(x0, xT, mask)  # known pixels unchanged
 
 
-def sample_teacher(teacher, xT: torch.Tensor, nfe: int, mask: Optional[torch.Tensor] = None, seed: int = 0,
-                   autocast: Autocast = None, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sample_teacher(
+    teacher,
+    xT: torch.Tensor,
+    nfe: int,
+    mask: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    autocast: Autocast = None,
+    y: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """``restore`` with the natural sampler: the trainers' sample grids and ``compare``."""
     return restore(teacher, xT, None, nfe, mask=mask, seed=seed, autocast=autocast, y=y)
 
@@ -314,9 +325,16 @@ def _check_student_nfe(generator, nfe: int) -> None:
 
 
 @torch.no_grad()
-def sample_student(generator, xT: torch.Tensor, nfe: int = 1, mask: Optional[torch.Tensor] = None,
-                   seed: Optional[int] = 0, rng: Optional[torch.Generator] = None,
-                   autocast: Autocast = None, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sample_student(
+    generator,
+    xT: torch.Tensor,
+    nfe: int = 1,
+    mask: Optional[torch.Tensor] = None,
+    seed: Optional[int] = 0,
+    rng: Optional[torch.Generator] = None,
+    autocast: Autocast = None,
+    y: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Restore one batch ``xT`` with an IBMD student in ``nfe`` calls (MATH.md 5; ``student_chain``).
 
     From one noise source (``seed`` or ``rng``), in order: the hole fill (inpainting), ``z``
@@ -359,18 +377,29 @@ def _batches(xT: torch.Tensor, mask, batch_size: int, device, progress: bool, de
     for start in tqdm(range(0, total, batch_size), desc=desc, disable=not progress, leave=False, unit="batch"):
         stop = min(start + batch_size, total)
         m = _mask_batch(mask, start, stop, total)
-        yield (xT[start:stop].to(device, torch.float32), (None if m is None else m.to(device, torch.float32)),
-               None if labels is None else labels[start:stop].to(device))
+        yield (
+            xT[start:stop].to(device, torch.float32),
+            (None if m is None else m.to(device, torch.float32)),
+            None if labels is None else labels[start:stop].to(device),
+        )
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def restore_with_teacher(teacher, xT: torch.Tensor, nfe: int, sampler: Optional[str] = None,
-                         mask: Optional[torch.Tensor] = None, seed: int = 0, batch_size: int = 16,
-                         progress: bool = False, eta: Optional[float] = None,
-                         labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+def restore_with_teacher(
+    teacher,
+    xT: torch.Tensor,
+    nfe: int,
+    sampler: Optional[str] = None,
+    mask: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = False,
+    eta: Optional[float] = None,
+    labels: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Restore ``xT`` [N, C, H, W] with a teacher in ``nfe`` network calls per image (``restore``),
     in batches drawing from one noise source seeded with ``seed``. ``mask``: [N or 1, 1, H, W];
     ``labels``: [N] class labels of a class-conditional teacher.
@@ -378,24 +407,35 @@ def restore_with_teacher(teacher, xT: torch.Tensor, nfe: int, sampler: Optional[
     sampler = _check_sampler(sampler, teacher.bridge_type)  # before any batch (restore checks nfe)
     check_eta(eta, sampler)  # before any batch; restore() resolves None to DBIM_ETA
     rng = samplers.make_rng(seed)
-    out = [restore(teacher, x, sampler, nfe, eta, mask=m, rng=rng, y=y).float().clamp(-1.0, 1.0).cpu()
-           for x, m, y in _batches(xT, mask, batch_size, _model_device(teacher), progress,
-                                   f"teacher {sampler} nfe={nfe}", labels)]
+    out = [
+        restore(teacher, x, sampler, nfe, eta, mask=m, rng=rng, y=y).float().clamp(-1.0, 1.0).cpu()
+        for x, m, y in _batches(
+            xT, mask, batch_size, _model_device(teacher), progress, f"teacher {sampler} nfe={nfe}", labels
+        )
+    ]
     return torch.cat(out)
 
 
-def restore_with_generator(generator, xT: torch.Tensor, nfe: int = 1, mask: Optional[torch.Tensor] = None,
-                           seed: int = 0, batch_size: int = 16, progress: bool = False,
-                           labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+def restore_with_generator(
+    generator,
+    xT: torch.Tensor,
+    nfe: int = 1,
+    mask: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = False,
+    labels: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Restore ``xT`` [N, C, H, W] with an IBMD student in ``nfe`` calls per image (the NFE it was
     distilled for; ``sample_student``), in batches drawing from one noise source seeded with
     ``seed``. ``mask`` and ``labels`` as in ``restore_with_teacher``. Returns float32 images in
     [-1, 1] on the CPU."""
     _check_student_nfe(generator, nfe)
     rng = samplers.make_rng(seed)
-    out = [sample_student(generator, x, nfe, m, seed=None, rng=rng, y=y).float().clamp(-1.0, 1.0).cpu()
-           for x, m, y in _batches(xT, mask, batch_size, _model_device(generator), progress, f"student nfe={nfe}",
-                                   labels)]
+    out = [
+        sample_student(generator, x, nfe, m, seed=None, rng=rng, y=y).float().clamp(-1.0, 1.0).cpu()
+        for x, m, y in _batches(xT, mask, batch_size, _model_device(generator), progress, f"student nfe={nfe}", labels)
+    ]
     return torch.cat(out)
 
 
@@ -410,31 +450,40 @@ def check_labels(model, labels, what: str = "") -> None:
         return
     if labels is None:
         if getattr(model, "class_label", None) is None:
-            raise ValueError(f"the model{where} is class-conditional ({num_classes} classes) and needs a class "
-                             "label per image: give labelled data (classes:DIR) or --labels FILE.csv / --class-label N")
+            raise ValueError(
+                f"the model{where} is class-conditional ({num_classes} classes) and needs a class "
+                "label per image: give labelled data (classes:DIR) or --labels FILE.csv / --class-label N"
+            )
         return
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.numel():
-        raise ValueError(f"class label {int(bad[0])} is out of range: the model{where} has {num_classes} classes "
-                         f"(labels 0..{num_classes - 1})")
+        raise ValueError(
+            f"class label {int(bad[0])} is out of range: the model{where} has {num_classes} classes "
+            f"(labels 0..{num_classes - 1})"
+        )
 
 
-def restore_release(loaded, xT, nfe=None, sampler=None, mask=None, seed=0, batch_size=16, progress=False,
-                    eta=None, labels=None):
+def restore_release(
+    loaded, xT, nfe=None, sampler=None, mask=None, seed=0, batch_size=16, progress=False, eta=None, labels=None
+):
     """Restore with a loaded release (``release.LoadedModel``), dispatching on its kind. Generators
     refuse an NFE other than their own, samplers and eta. ``labels``: [N] class labels of a
     class-conditional release (``check_labels``)."""
     if loaded.kind == "teacher":
         check_labels(loaded.model, labels, loaded.path)
-        return restore_with_teacher(loaded.model, xT, nfe or loaded.nfe, sampler, mask, seed, batch_size, progress,
-                                    eta, labels)
+        return restore_with_teacher(
+            loaded.model, xT, nfe or loaded.nfe, sampler, mask, seed, batch_size, progress, eta, labels
+        )
     if sampler is not None or eta is not None:
-        raise ValueError(f"{loaded.path} is a distilled generator; --{'sampler' if sampler else 'eta'} applies "
-                         "to teachers only")
+        raise ValueError(
+            f"{loaded.path} is a distilled generator; --{'sampler' if sampler else 'eta'} applies to teachers only"
+        )
     if nfe is not None and nfe != loaded.nfe:
-        raise ValueError(f"{loaded.path} is a generator distilled for {loaded.nfe} step(s); it samples with "
-                         f"nfe={loaded.nfe} only (--nfe applies to teachers)")
+        raise ValueError(
+            f"{loaded.path} is a generator distilled for {loaded.nfe} step(s); it samples with "
+            f"nfe={loaded.nfe} only (--nfe applies to teachers)"
+        )
     check_labels(loaded.model, labels, loaded.path)
     return restore_with_generator(loaded.model, xT, loaded.nfe, mask, seed, batch_size, progress, labels)
 
@@ -444,9 +493,18 @@ def timed_restore(loaded, xT, nfe, sampler, mask, seed, batch_size, progress, wa
     one-time costs out."""
     device = _model_device(loaded.model)
     if warmup:
-        restore_release(loaded, xT[:1], 1 if loaded.kind == "teacher" else None, sampler,
-                        None if mask is None else _mask_batch(mask, 0, 1, xT.shape[0]), seed, 1, False, eta,
-                        None if labels is None else labels[:1])
+        restore_release(
+            loaded,
+            xT[:1],
+            1 if loaded.kind == "teacher" else None,
+            sampler,
+            None if mask is None else _mask_batch(mask, 0, 1, xT.shape[0]),
+            seed,
+            1,
+            False,
+            eta,
+            None if labels is None else labels[:1],
+        )
     with Stopwatch(device) as watch:
         restored = restore_release(loaded, xT, nfe, sampler, mask, seed, batch_size, progress, eta, labels)
     return restored, watch.seconds / xT.shape[0]

@@ -5,6 +5,7 @@ default: held-out crops of the bundled photos, degraded as the release was train
 them with a release through ``restore.restore_release`` and writes PNGs (``imageio.save_image``)
 under ``output``, keeping relative names. Everything is checked before anything is written.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -47,8 +48,7 @@ def _default_inputs(model: LoadedModel, count: int, seed: int, degradation):
     if degradation is None:
         raise ValueError(f"{model.path} names no degradation, so there are no default inputs; pass --input")
     size = model.image_size or 64
-    photos = SkimagePhotos(size=size, split="test", n_items=count, channels=model.image_channels, seed=seed,
-                           flip=False)
+    photos = SkimagePhotos(size=size, split="test", n_items=count, channels=model.image_channels, seed=seed, flip=False)
     x0 = torch.stack([photos[i] for i in range(count)])
     xT, mask = degradation(x0, rng=torch.Generator().manual_seed(seed))
     names = [f"skimage-{i:03d}.png" for i in range(count)]
@@ -100,12 +100,20 @@ def check_memory(model: LoadedModel, sizes: list, upsample: int, batch_size: int
     if available is None or needed <= available:
         return
     gib = 2.0**30
-    how = (f"--upsample {upsample} makes the {width}x{height} inputs {width * upsample}x{height * upsample}: "
-           if upsample > 1 else f"inputs of {width}x{height}: ")
-    lower = "lower --upsample" + (" or --batch-size" if count > 1 else "") if upsample > 1 else \
-        ("lower --batch-size" if count > 1 else "use smaller inputs")
-    raise ValueError(f"{how}a batch of {count} needs at least {needed / gib:.1f} GiB on {device}, more than the "
-                     f"{available / gib:.1f} GiB available; {lower}")
+    how = (
+        f"--upsample {upsample} makes the {width}x{height} inputs {width * upsample}x{height * upsample}: "
+        if upsample > 1
+        else f"inputs of {width}x{height}: "
+    )
+    lower = (
+        "lower --upsample" + (" or --batch-size" if count > 1 else "")
+        if upsample > 1
+        else ("lower --batch-size" if count > 1 else "use smaller inputs")
+    )
+    raise ValueError(
+        f"{how}a batch of {count} needs at least {needed / gib:.1f} GiB on {device}, more than the "
+        f"{available / gib:.1f} GiB available; {lower}"
+    )
 
 
 def _read_mask(path: str, height: int, width: int) -> torch.Tensor:
@@ -129,8 +137,9 @@ def _list_inputs(path: str) -> tuple[Path, list[str]]:
     if p.is_dir():
         files = list_images(p)
         if not files:
-            raise ValueError(f"input folder {path} contains no images (looked recursively for "
-                             f"{', '.join(IMAGE_EXTENSIONS)})")
+            raise ValueError(
+                f"input folder {path} contains no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
+            )
         return p, files
     return p.parent, [p.name]
 
@@ -200,8 +209,9 @@ def restore_files(
     """
     dev = resolve_device(device)
     loaded = load_model(model, dev)
-    if loaded.kind == "generator" and (sampler is not None or eta is not None
-                                       or (nfe is not None and nfe != loaded.nfe)):
+    if loaded.kind == "generator" and (
+        sampler is not None or eta is not None or (nfe is not None and nfe != loaded.nfe)
+    ):
         restore_release(loaded, torch.zeros(0), nfe, sampler, eta=eta)  # raises the explanatory error
     if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
@@ -211,8 +221,9 @@ def restore_files(
     inpainting = bool(name) and name.startswith("inpaint-")
     freeform = bool(name) and "freeform" in name
     if freeform and inputs is not None and mask is None:
-        raise ValueError(f"{loaded.path} restores {name}, whose masks are drawn per image: pass --mask with "
-                         "the hole of your inputs")
+        raise ValueError(
+            f"{loaded.path} restores {name}, whose masks are drawn per image: pass --mask with the hole of your inputs"
+        )
     # a free-form release's own inputs come with --mask, so its mask file is needed for default inputs only
     degradation = get_degradation(name, masks=masks) if name and (inputs is None or not freeform) else None
     if mask is not None and not inpainting:
@@ -261,8 +272,13 @@ def restore_files(
         if out_rel in seen:
             raise ValueError(f"inputs {seen[out_rel]} and {rel} would both be written to {out_rel}")
         seen[out_rel] = rel
-        check_image_size(loaded.channel_mult, x.shape[-2], x.shape[-1],
-                         f"input {rel}" + (f" (after --upsample {upsample})" if upsample else ""), loaded.network)
+        check_image_size(
+            loaded.channel_mult,
+            x.shape[-2],
+            x.shape[-1],
+            f"input {rel}" + (f" (after --upsample {upsample})" if upsample else ""),
+            loaded.network,
+        )
         named.append((rel, out_rel, x))
 
     def mask_for(rel: str, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -283,7 +299,7 @@ def restore_files(
     try:
         for shape, entries in groups.items():
             for start in range(0, len(entries), batch_size):
-                chunk = entries[start:start + batch_size]
+                chunk = entries[start : start + batch_size]
                 xT = torch.stack([x for _, _, x in chunk])
                 masks = [mask_for(rel, x) for rel, _, x in chunk]
                 m = None if masks[0] is None else torch.stack(masks)

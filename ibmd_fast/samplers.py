@@ -19,6 +19,7 @@ grid: the I2SB and DBIM state at the first grid point still carries ``coef_xt(0,
 and (VP) ``c_{t_min}`` noise, whereas ``x0_hat`` is the model's clean estimate. The state
 is in the last callback's ``x`` (the released I2SB ``sample.py`` reports that state).
 """
+
 from __future__ import annotations
 
 import math
@@ -215,9 +216,7 @@ def dbim_sample(
 # DDBM's Heun sampler (VP bridge)
 
 
-def probability_flow_coefficients(
-    bridge: VPBridge, t: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def probability_flow_coefficients(bridge: VPBridge, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Probability-flow ODE of the bridge: ``dx/dt = coef_x x + coef_x0 x0_hat + coef_xT xT``.
 
     From the marginal ``x_t = b_t x0 + a_t xT + c_t eps`` (MATH.md 2): along a path of fixed
@@ -298,8 +297,16 @@ def heun_sample(
     n_steps, n_heun = heun_schedule(nfe)
     if n_steps == 0:
         x0_hat = predict_x0(xT, bridge.times(bridge.T, batch, device)).to(xT.dtype)
-        _report(callback, step=0, t=bridge.times(bridge.T, batch, device), s=None, x=xT, x0_hat=x0_hat,
-                std=torch.zeros(batch, dtype=torch.float64), nfe=1)
+        _report(
+            callback,
+            step=0,
+            t=bridge.times(bridge.T, batch, device),
+            s=None,
+            x=xT,
+            x0_hat=x0_hat,
+            std=torch.zeros(batch, dtype=torch.float64),
+            nfe=1,
+        )
         return x0_hat
     grid = bridge.sampling_grid(n_steps, spacing=spacing).tolist()
 

@@ -4,6 +4,7 @@ Below the trainers' modules (``train/batches.py`` and ``train/common.py`` both i
 ``capture_rng`` / ``restore_rng`` cover torch CPU and CUDA, numpy, python and the trainer's own
 noise generator, for bit-identical resumption on CPU.
 """
+
 from __future__ import annotations
 
 import random
@@ -50,12 +51,14 @@ def restore_rng(state: dict, rng: torch.Generator) -> None:
     """Inverse of ``capture_rng``."""
     torch.set_rng_state(state["torch"])
     npst = state["numpy"]
-    np.random.set_state({
-        "bit_generator": npst["bit_generator"],
-        "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": int(npst["pos"])},
-        "has_gauss": int(npst["has_gauss"]),
-        "gauss": float(npst["gauss"]),
-    })
+    np.random.set_state(
+        {
+            "bit_generator": npst["bit_generator"],
+            "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": int(npst["pos"])},
+            "has_gauss": int(npst["has_gauss"]),
+            "gauss": float(npst["gauss"]),
+        }
+    )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     rng.set_state(state["trainer"])

@@ -10,6 +10,7 @@
   a side stream first, as ``torch.cuda.graphs`` asks), and ``fn``'s output, the graph's static
   output that each ``graph.replay()`` overwrites.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -50,9 +51,15 @@ class Stopwatch:
         self.seconds = time.perf_counter() - self._start
 
 
-def measure(fn: Callable[[], Any], device: Device = "cpu", warmup: int = 1, repeats: int = 10,
-            budget: Optional[float] = None, warm: Optional[Callable[[], Any]] = None,
-            events: bool = True) -> tuple[float, int]:
+def measure(
+    fn: Callable[[], Any],
+    device: Device = "cpu",
+    warmup: int = 1,
+    repeats: int = 10,
+    budget: Optional[float] = None,
+    warm: Optional[Callable[[], Any]] = None,
+    events: bool = True,
+) -> tuple[float, int]:
     """(median seconds of ``fn()``, number of timed calls).
 
     ``warm`` (default ``fn``) runs ``warmup`` times first, untimed. Then ``repeats`` timed calls,

@@ -7,6 +7,7 @@ MODE ``teacher`` or ``distill`` (CONFIG_JSON: that config's fields), or ``both``
 ``--slow`` sleeps after every optimizer step, so a test can kill the process mid-run.
 Rank 0 writes the summaries as JSON to ``--summary``. Works under torchrun.
 """
+
 import argparse
 import importlib.util
 import json

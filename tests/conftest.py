@@ -1,4 +1,5 @@
 """Fixtures shared by the test modules, and the expected-backend check."""
+
 import os
 import signal
 import subprocess
@@ -41,8 +42,9 @@ def run_torchrun(cmd: list, cwd, env: dict, timeout: float) -> str:
     """Run a ``torch.distributed.run`` command and return its output (stdout and stderr together),
     asserting that it ended within ``timeout`` seconds with exit 0. It runs in a session of its own,
     so a hang is cleaned up with the workers torchrun started."""
-    proc = subprocess.Popen(cmd, cwd=str(cwd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=str(cwd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -64,5 +66,6 @@ def pytest_configure(config):
 
     if ops.backend() != expected:
         reason = f" ({ops._ext_error})" if ops._ext_error else ""
-        raise pytest.UsageError(f"IBMD_FAST_EXPECT_BACKEND={expected} but ibmd_fast.ops.backend() is "
-                                f"{ops.backend()!r}{reason}")
+        raise pytest.UsageError(
+            f"IBMD_FAST_EXPECT_BACKEND={expected} but ibmd_fast.ops.backend() is {ops.backend()!r}{reason}"
+        )

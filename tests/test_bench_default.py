@@ -4,6 +4,7 @@ The run itself (``ibmd-fast distill`` then ``ibmd-fast eval``, about 10 minutes)
 times; here a run folder with the same files is written by hand, so only the reading and the
 JSON are tested, in a second.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,37 +37,69 @@ def _fake_run(root: Path) -> None:
     distill.mkdir(parents=True)
     evaluation.mkdir()
     (distill / "comparison.json").write_text(json.dumps(DISTILL_ROWS))
-    columns = [{"title": "corrupted", "psnr": 20.0, "ms": None},
-               {"title": "teacher NFE 100", "psnr": 23.5, "ms": 9000.0},
-               {"title": "student NFE 1", "psnr": 22.0, "ms": 90.0}, {"title": "clean", "psnr": None, "ms": None}]
-    (distill / "comparison-photo.json").write_text(json.dumps({"photo": "chelsea", "height": 48, "width": 72,
-                                                               "hole": 16, "zoom": 3, "columns": columns}))
-    (distill / "config.json").write_text(json.dumps({"device": "auto", "teacher": "t.safetensors", "steps": 200,
-                                                     "data": "skimage", "degradation": "inpaint-center"}))
-    (distill / "stats.jsonl").write_text("".join(json.dumps({"step": s, "seconds": 3.0 * s}) + "\n"
-                                                 for s in (10, 20)))
+    columns = [
+        {"title": "corrupted", "psnr": 20.0, "ms": None},
+        {"title": "teacher NFE 100", "psnr": 23.5, "ms": 9000.0},
+        {"title": "student NFE 1", "psnr": 22.0, "ms": 90.0},
+        {"title": "clean", "psnr": None, "ms": None},
+    ]
+    (distill / "comparison-photo.json").write_text(
+        json.dumps({"photo": "chelsea", "height": 48, "width": 72, "hole": 16, "zoom": 3, "columns": columns})
+    )
+    (distill / "config.json").write_text(
+        json.dumps(
+            {
+                "device": "auto",
+                "teacher": "t.safetensors",
+                "steps": 200,
+                "data": "skimage",
+                "degradation": "inpaint-center",
+            }
+        )
+    )
+    (distill / "stats.jsonl").write_text("".join(json.dumps({"step": s, "seconds": 3.0 * s}) + "\n" for s in (10, 20)))
     Image.new("RGB", (8, 4), "white").save(distill / "comparison.png")
-    (evaluation / "eval.json").write_text(json.dumps({"num_images": 64, "classifier": {"task": "rotation"},
-                                                      "results": EVAL_ROWS}))
+    (evaluation / "eval.json").write_text(
+        json.dumps({"num_images": 64, "classifier": {"task": "rotation"}, "results": EVAL_ROWS})
+    )
 
 
 def test_bench_default_from_run_writes_the_table_the_time_and_the_picture(tmp_path):
     _fake_run(tmp_path / "run")
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, str(BENCH / "bench_default.py"), "--from-run", str(tmp_path / "run"),
-                           "--machine", "test", "--out-dir", str(out), "--note", "a test"], env=env,
-                          capture_output=True, text=True,
-                          timeout=120)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_default.py"),
+            "--from-run",
+            str(tmp_path / "run"),
+            "--machine",
+            "test",
+            "--out-dir",
+            str(out),
+            "--note",
+            "a test",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "default-test.json").read_text())
     assert report["machine"] == "test"
     distill = report["distill"]
     assert distill["rows"] == DISTILL_ROWS and distill["wall_seconds"] == 60.0  # stats.jsonl's last seconds
     assert distill["degradation"] == "inpaint-center" and distill["photo"]["photo"] == "chelsea"
-    assert distill["beats_input"] == {"teacher-100": {"psnr": True, "ssim": True},
-                                      "student-1": {"psnr": False, "ssim": True}}
+    assert distill["beats_input"] == {
+        "teacher-100": {"psnr": True, "ssim": True},
+        "student-1": {"psnr": False, "ssim": True},
+    }
     assert report["eval"]["rows"] == EVAL_ROWS
     assert report["eval"]["beats_input"]["teacher-100"] == {"fid": True, "psnr": True, "ssim": True}
     assert report["eval"]["beats_input"]["student-1"]["fid"] is False  # FID: lower is better
@@ -86,7 +119,19 @@ def test_bench_default_from_an_unfinished_run_says_what_is_missing(tmp_path):
     _fake_run(tmp_path / "run")
     os.remove(tmp_path / "run" / "distill" / "comparison-photo.json")
     env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, str(BENCH / "bench_default.py"), "--from-run", str(tmp_path / "run"),
-                           "--out-dir", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_default.py"),
+            "--from-run",
+            str(tmp_path / "run"),
+            "--out-dir",
+            str(tmp_path / "out"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "comparison-photo.json" in proc.stderr
     assert not (tmp_path / "out").exists()

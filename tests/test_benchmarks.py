@@ -5,6 +5,7 @@ Each script runs in a subprocess with one thread, writing into a temporary folde
 benchmarks/results). The paper_table smoke run (five tasks, both halves) takes about 2 minutes of
 one idle core, twice that with the rerun that must skip every stage.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -39,15 +40,20 @@ def _fashion_mnist_missing() -> bool:
     return False
 
 
-needs_fashion_mnist = pytest.mark.skipif(_fashion_mnist_missing(),
-                                         reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR}")
+needs_fashion_mnist = pytest.mark.skipif(
+    _fashion_mnist_missing(), reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR}"
+)
 
 
 def _run(script: str, *args, timeout: float = 150) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @needs_fashion_mnist
@@ -57,8 +63,22 @@ def test_paper_table_smoke_cuda(tmp_path):
     students, evaluation) in the smoke preset's fp32; tests/test_train.py's CUDA test covers bf16/fp16
     and channels_last."""
     out = tmp_path / "out"
-    proc = _run("paper_table.py", "--scale", "smoke", "--device", "cuda", "--tasks", "inpaint-center,sketch",
-                "--out-dir", out, "--work-dir", tmp_path / "work", "--machine", "test", timeout=600)
+    proc = _run(
+        "paper_table.py",
+        "--scale",
+        "smoke",
+        "--device",
+        "cuda",
+        "--tasks",
+        "inpaint-center,sketch",
+        "--out-dir",
+        out,
+        "--work-dir",
+        tmp_path / "work",
+        "--machine",
+        "test",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "paper_table-smoke-test.json").read_text())
     assert report["environment"]["device"].startswith("cuda")
@@ -67,8 +87,21 @@ def test_paper_table_smoke_cuda(tmp_path):
     assert all(math.isfinite(r["fid"]) and (r["model"] == "corrupted" or r["sec_per_image"] > 0) for r in rows)
 
 
-SUMMARY_KEYS = {"task", "bridge", "conditional", "student_nfe", "seeds", "teacher_fid", "student_fid", "fid_diff_ci",
-                "ca_student", "ca_teacher", "speedup", "paper_student", "met"}
+SUMMARY_KEYS = {
+    "task",
+    "bridge",
+    "conditional",
+    "student_nfe",
+    "seeds",
+    "teacher_fid",
+    "student_fid",
+    "fid_diff_ci",
+    "ca_student",
+    "ca_teacher",
+    "speedup",
+    "paper_student",
+    "met",
+}
 
 
 def _check_rows(task: dict, name: str, images: int) -> None:
@@ -77,11 +110,20 @@ def _check_rows(task: dict, name: str, images: int) -> None:
     if task["bridge"] == "i2sb":
         teachers = ["teacher-i2sb-nfe19", "teacher-i2sb-nfe10", "teacher-i2sb-nfe4", "teacher-i2sb-nfe1"]
     else:
-        teachers = ["teacher-dbim-eta0-nfe19", "teacher-dbim-eta0-nfe10", "teacher-dbim-eta0-nfe4",
-                    "teacher-dbim-eta0-nfe1", "teacher-dbim-eta1-nfe19", "teacher-heun-nfe19"]
+        teachers = [
+            "teacher-dbim-eta0-nfe19",
+            "teacher-dbim-eta0-nfe10",
+            "teacher-dbim-eta0-nfe4",
+            "teacher-dbim-eta0-nfe1",
+            "teacher-dbim-eta1-nfe19",
+            "teacher-heun-nfe19",
+        ]
     students = {"inpaint-center": ["student-nfe4-seed0", "student-nfe4-seed1", "student-nfe1-seed0"]}.get(
-        name, ["student-nfe1-seed0", "student-nfe1-seed1"] if task["bridge"] == "i2sb"
-        else ["student-nfe2-seed0", "student-nfe2-seed1", "student-nfe1-seed0"])
+        name,
+        ["student-nfe1-seed0", "student-nfe1-seed1"]
+        if task["bridge"] == "i2sb"
+        else ["student-nfe2-seed0", "student-nfe2-seed1", "student-nfe1-seed0"],
+    )
     assert names == ["corrupted"] + teachers + students, names
     for r in rows:
         n = r["images"]
@@ -120,8 +162,9 @@ def test_paper_table_smoke(tmp_path):
             assert features[f"{name}/{r['name']}"].shape == (8, report["features"]["dim"])
         # every FID of the JSON is recomputable from the stored features
         r = task["rows"][1]
-        assert r["fid"] == pytest.approx(fid_from_features(features[f"{name}/{r['name']}"], features[f"{name}/clean"]),
-                                         rel=1e-6, abs=1e-8)
+        assert r["fid"] == pytest.approx(
+            fid_from_features(features[f"{name}/{r['name']}"], features[f"{name}/clean"]), rel=1e-6, abs=1e-8
+        )
         with Image.open(task["grid_png"]) as grid:
             columns = len(task["grid_columns"])
             assert task["grid_columns"][0] == "corrupted" and task["grid_columns"][-1] == "clean"
@@ -129,16 +172,21 @@ def test_paper_table_smoke(tmp_path):
             assert columns == 2 + len(task["student_nfe"]) + 1 and grid.width == scale * (2 + columns * 18)
     summary = report["summary"]
     assert [(e["task"], e["student_nfe"]) for e in summary] == [
-        (name, k) for name in report["tasks"] for k in report["tasks"][name]["student_nfe"]]
+        (name, k) for name in report["tasks"] for k in report["tasks"][name]["student_nfe"]
+    ]
     for e in summary:
         assert SUMMARY_KEYS <= set(e)
-        assert e["paper_student"] == (e["student_nfe"] == {"inpaint-center": 4, "sr4x-pool": 1, "jpeg-10": 1}.get(
-            e["task"], 2))
+        assert e["paper_student"] == (
+            e["student_nfe"] == {"inpaint-center": 4, "sr4x-pool": 1, "jpeg-10": 1}.get(e["task"], 2)
+        )
         assert len(e["seeds"]) == (2 if e["paper_student"] else 1)
         assert e["student_fid"] == pytest.approx(np.mean([s["fid"] for s in e["seeds"]]))
         assert e["conditional"] == (e["bridge"] != "i2sb")
-        assert e["met"] == all(v for k, v in e["targets"].items() if k in (
-            "fid_diff_upper_at_most_5pct", "ca_within_1_point", "speedup_at_least"))
+        assert e["met"] == all(
+            v
+            for k, v in e["targets"].items()
+            if k in ("fid_diff_upper_at_most_5pct", "ca_within_1_point", "speedup_at_least")
+        )
     assert len(report["reading"]) == len(summary)
     assert "targets:" in proc.stdout and "clean test images" in proc.stdout
 
@@ -163,8 +211,20 @@ def test_paper_table_smoke(tmp_path):
 def test_paper_table_smoke_ve(tmp_path):
     """The sketch task on the DDBM VE bridge, alone."""
     out = tmp_path / "out"
-    proc = _run("paper_table.py", "--scale", "smoke", "--tasks", "sketch-ve", "--out-dir", out, "--work-dir",
-                tmp_path / "work", "--machine", "test", timeout=900)
+    proc = _run(
+        "paper_table.py",
+        "--scale",
+        "smoke",
+        "--tasks",
+        "sketch-ve",
+        "--out-dir",
+        out,
+        "--work-dir",
+        tmp_path / "work",
+        "--machine",
+        "test",
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "paper_table-smoke-test.json").read_text())
     task = report["tasks"]["sketch-ve"]
@@ -173,8 +233,17 @@ def test_paper_table_smoke_ve(tmp_path):
 
 
 def test_paper_table_without_data(tmp_path):
-    proc = _run("paper_table.py", "--scale", "smoke", "--data-dir", tmp_path / "nothing-here",
-                "--out-dir", tmp_path / "out", "--work-dir", tmp_path / "work")
+    proc = _run(
+        "paper_table.py",
+        "--scale",
+        "smoke",
+        "--data-dir",
+        tmp_path / "nothing-here",
+        "--out-dir",
+        tmp_path / "out",
+        "--work-dir",
+        tmp_path / "work",
+    )
     assert proc.returncode == 1
     assert "apt-get install dataset-fashion-mnist" in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -187,12 +256,20 @@ def test_paper_table_dry_run():
     plan = json.loads(proc.stdout)
     tasks = plan["tasks"]
     assert tasks["sr4x-pool"]["teacher_rows"] == [
-        "teacher-i2sb-nfe100 (256 images)", "teacher-i2sb-nfe10 (256 images)", "teacher-i2sb-nfe4 (256 images)",
-        "teacher-i2sb-nfe1 (256 images)", "teacher-i2sb-nfe999 (16 images)"]
+        "teacher-i2sb-nfe100 (256 images)",
+        "teacher-i2sb-nfe10 (256 images)",
+        "teacher-i2sb-nfe4 (256 images)",
+        "teacher-i2sb-nfe1 (256 images)",
+        "teacher-i2sb-nfe999 (16 images)",
+    ]
     assert tasks["sketch"]["teacher_rows"] == [
-        "teacher-dbim-eta0-nfe100 (256 images)", "teacher-dbim-eta0-nfe10 (256 images)",
-        "teacher-dbim-eta0-nfe4 (256 images)", "teacher-dbim-eta0-nfe1 (256 images)",
-        "teacher-dbim-eta1-nfe100 (256 images)", "teacher-heun-nfe100 (256 images)"]
+        "teacher-dbim-eta0-nfe100 (256 images)",
+        "teacher-dbim-eta0-nfe10 (256 images)",
+        "teacher-dbim-eta0-nfe4 (256 images)",
+        "teacher-dbim-eta0-nfe1 (256 images)",
+        "teacher-dbim-eta1-nfe100 (256 images)",
+        "teacher-heun-nfe100 (256 images)",
+    ]
     assert tasks["inpaint-center"]["students"] == {"4": [0, 1], "1": [0]}
     assert tasks["jpeg-5"]["students"] == {"2": [0, 1], "1": [0]} and tasks["jpeg-5"]["conditional"]
     # the committed results ran on libjpeg; I2SB's torch JPEG would be another operator (and stage key)
@@ -214,13 +291,16 @@ def paper_summary(monkeypatch):
     return importlib.import_module("paper.summary")
 
 
-@pytest.mark.parametrize("case, met, missed", [
-    (dict(ci=[-0.2, 0.04], ca=69.5, speedup=60.0), True, None),                      # all three met
-    (dict(ci=[-0.2, 0.06], ca=70.0, speedup=60.0), False, "fid_diff_upper_at_most_5pct"),  # 0.06 > 5% of 1.0
-    (dict(ci=[-0.2, 0.04], ca=68.9, speedup=60.0), False, "ca_within_1_point"),      # 1.1 points below
-    (dict(ci=[-0.2, 0.04], ca=70.0, speedup=49.0), False, "speedup_at_least"),       # 1-NFE needs 100/2 = 50x
-    (dict(ci=None, ca=70.0, speedup=60.0), False, "fid_diff_upper_at_most_5pct"),    # no interval: fails
-])
+@pytest.mark.parametrize(
+    "case, met, missed",
+    [
+        (dict(ci=[-0.2, 0.04], ca=69.5, speedup=60.0), True, None),  # all three met
+        (dict(ci=[-0.2, 0.06], ca=70.0, speedup=60.0), False, "fid_diff_upper_at_most_5pct"),  # 0.06 > 5% of 1.0
+        (dict(ci=[-0.2, 0.04], ca=68.9, speedup=60.0), False, "ca_within_1_point"),  # 1.1 points below
+        (dict(ci=[-0.2, 0.04], ca=70.0, speedup=49.0), False, "speedup_at_least"),  # 1-NFE needs 100/2 = 50x
+        (dict(ci=None, ca=70.0, speedup=60.0), False, "fid_diff_upper_at_most_5pct"),  # no interval: fails
+    ],
+)
 def test_paper_table_targets(paper_summary, case, met, missed):
     """Each of the issue's three targets fails on its own: teacher FID 1.0 and CA 70%, a 1-NFE student."""
     t = paper_summary.targets(case["ci"], 1.0, case["ca"], 70.0, case["speedup"], reference_nfe=100, student_nfe=1)
@@ -242,21 +322,37 @@ def test_paper_table_summary_pairs_seeds(paper_summary):
     rng = np.random.default_rng(0)
     clean = rng.standard_normal((64, 4))
     teacher = clean + 0.5 * rng.standard_normal((64, 4))
-    features = {"teacher-x-nfe100": teacher, "student-nfe1-seed0": teacher.copy(),
-                "student-nfe1-seed1": teacher + 0.3 * rng.standard_normal((64, 4))}
+    features = {
+        "teacher-x-nfe100": teacher,
+        "student-nfe1-seed0": teacher.copy(),
+        "student-nfe1-seed1": teacher + 0.3 * rng.standard_normal((64, 4)),
+    }
 
     def row(name, model, nfe, sec, seed=None):
-        return {"name": name, "model": model, "nfe": nfe, "seed": seed, "sec_per_image": sec, "psnr": 20.0,
-                "ssim": 0.5, "ca": 70.0, "per_image": {"correct": [1] * 45 + [0] * 19}}
+        return {
+            "name": name,
+            "model": model,
+            "nfe": nfe,
+            "seed": seed,
+            "sec_per_image": sec,
+            "psnr": 20.0,
+            "ssim": 0.5,
+            "ca": 70.0,
+            "per_image": {"correct": [1] * 45 + [0] * 19},
+        }
 
-    rows = [row("teacher-x-nfe100", "teacher", 100, 1.0), row("student-nfe1-seed0", "student", 1, 0.01, 0),
-            row("student-nfe1-seed1", "student", 1, 0.01, 1)]
+    rows = [
+        row("teacher-x-nfe100", "teacher", 100, 1.0),
+        row("student-nfe1-seed0", "student", 1, 0.01, 0),
+        row("student-nfe1-seed1", "student", 1, 0.01, 1),
+    ]
     paper_summary.add_intervals(rows, features, clean, 200, 0)
     paper_summary.add_speedups(rows, rows[0])
     paper_summary.add_student_diffs(rows, features, clean, 200, 0)
     assert rows[1]["fid_diff_vs_reference"]["ci"] == [0.0, 0.0]
-    task = type("T", (), {"student_nfe": (1,), "paper_nfe": 1, "degradation": "x", "bridge": "i2sb",
-                          "conditional": False})()
+    task = type(
+        "T", (), {"student_nfe": (1,), "paper_nfe": 1, "degradation": "x", "bridge": "i2sb", "conditional": False}
+    )()
     (entry,) = paper_summary.summarize("x", task, rows, features, clean, 100, 200, 0)
     assert entry["student_fid"] == pytest.approx(0.5 * (rows[1]["fid"] + rows[2]["fid"]))
     assert entry["fid_diff"] == pytest.approx(entry["student_fid"] - entry["teacher_fid"])
@@ -269,9 +365,30 @@ def test_bench_distill_ladder_two_steps(tmp_path):
     """Rungs 1, 2 and 6 of the ladder at 16 px (torch.compile's rungs are too slow for a unit test): one
     process per row, the reference ops in rung 1 only, the per-size section and the speed-up."""
     out = tmp_path / "distill.json"
-    proc = _run("bench_distill.py", "--steps", 2, "--warmup", 1, "--rounds", 1, "--device", "cpu", "--rungs", "1,2,6",
-                "--image-size", 16, "--batch-size", 2, "--inner-steps", 2, "--machine", "test", "--out", out,
-                timeout=600)  # three row processes, each importing torch: minutes on a crowded 2-core machine
+    proc = _run(
+        "bench_distill.py",
+        "--steps",
+        2,
+        "--warmup",
+        1,
+        "--rounds",
+        1,
+        "--device",
+        "cpu",
+        "--rungs",
+        "1,2,6",
+        "--image-size",
+        16,
+        "--batch-size",
+        2,
+        "--inner-steps",
+        2,
+        "--machine",
+        "test",
+        "--out",
+        out,
+        timeout=600,
+    )  # three row processes, each importing torch: minutes on a crowded 2-core machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     section = report["sizes"]["tiny"]
@@ -295,8 +412,14 @@ def test_bench_distill_ladder_is_cumulative_and_refuses_gpu_rungs_on_cpu():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     six = module.rung_settings(6, [1, 2, 4, 5, 6])
-    assert six == {"ops": "fused", "precision": "fp32", "tf32": False, "channels_last": True, "compile": "default",
-                   "fused_adam": True}
+    assert six == {
+        "ops": "fused",
+        "precision": "fp32",
+        "tf32": False,
+        "channels_last": True,
+        "compile": "default",
+        "fused_adam": True,
+    }
     assert module.rung_settings(1, [1, 2, 3])["ops"] == "reference"
     assert module.rung_settings(7, list(range(1, 8)))["compile"] == "reduce-overhead"
     with pytest.raises(ValueError, match="rung 3 .* needs CUDA"):
@@ -310,6 +433,12 @@ def test_gpu_check_script_parses_and_names_its_parts(tmp_path):
     before it touches the GPU or builds anything."""
     script = BENCH / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    proc = subprocess.run(["bash", str(script), "everything"], cwd=str(tmp_path),
-                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(script), "everything"],
+        cwd=str(tmp_path),
+        env={**os.environ, "OUT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2 and "tests|default|ladder|adm256|ops|inference|paper" in proc.stderr

@@ -1,4 +1,5 @@
 """Bridges vs closed forms written from MATH.md (sections 2, 3, 4), in float64."""
+
 import math
 
 import numpy as np
@@ -79,9 +80,7 @@ def test_i2sb_schedule_and_marginal(N, beta_max):
     np.testing.assert_allclose(coef_xT.numpy(), var_fwd / (var_fwd + var_bwd), rtol=1e-13)
     np.testing.assert_allclose(std.numpy(), np.sqrt(var_fwd * var_bwd / (var_fwd + var_bwd)), rtol=1e-13)
     np.testing.assert_allclose(bridge.std_sb.numpy(), std.numpy(), rtol=0)
-    np.testing.assert_allclose(
-        bridge.noise_levels.numpy(), np.linspace(1e-4, 1, N) * N, rtol=1e-13
-    )
+    np.testing.assert_allclose(bridge.noise_levels.numpy(), np.linspace(1e-4, 1, N) * N, rtol=1e-13)
     assert bridge.T == N - 1
 
     # Ends: t = 0 is (almost) x0, t = N-1 (almost) xT, up to beta[0] / sum(beta).
@@ -338,8 +337,14 @@ def test_sampling_grids():
     torch.testing.assert_close(vp.sampling_grid(4), torch.linspace(1e-4, 1, 5, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("make", BRIDGES + [pytest.param(lambda: I2SBBridge(10, 0.5, True), id="ot-ode"),
-                                            pytest.param(lambda: VPBridge(0.2, 1.5, 1e-3, 0.9), id="vp-custom")])
+@pytest.mark.parametrize(
+    "make",
+    BRIDGES
+    + [
+        pytest.param(lambda: I2SBBridge(10, 0.5, True), id="ot-ode"),
+        pytest.param(lambda: VPBridge(0.2, 1.5, 1e-3, 0.9), id="vp-custom"),
+    ],
+)
 def test_config_round_trip(make):
     bridge = make()
     config = bridge.config()
@@ -368,5 +373,5 @@ def test_times_is_the_grid_value_as_the_bridges_time_tensor():
     for bridge in (i2sb, vp):
         grid = bridge.sampling_grid(3)
         for i, value in enumerate(grid.tolist()):
-            for a, b in zip(bridge.marginal(bridge.times(value, 2)), bridge.marginal(grid[i:i + 1])):
+            for a, b in zip(bridge.marginal(bridge.times(value, 2)), bridge.marginal(grid[i : i + 1])):
                 assert torch.equal(a, b.expand(2))

@@ -4,6 +4,7 @@ A tiny class-conditional I2SB teacher (3 classes, random perturbed weights) and 
 labelled folder (one subfolder per class, as ImageNet's train/) go through distill, sample and
 the ONNX export + torch-free runner; unlabelled data stops with one line.
 """
+
 import csv
 import importlib.util
 import subprocess
@@ -66,15 +67,39 @@ def teacher_release(folder) -> str:
             p.add_(0.05 * torch.randn_like(p))  # the zero-initialized output layer too: the label matters
     bridge = I2SBBridge(n_steps=50)
     path = folder / "teacher.safetensors"
-    save_release(str(path), net, TEACHER_FORMAT, {
-        "unet": net.config, "conditional": False, "bridge": bridge.config(), "nfe": 4,
-        "degradation": "inpaint-center", "image_size": SIZE, "channels": 3})
+    save_release(
+        str(path),
+        net,
+        TEACHER_FORMAT,
+        {
+            "unet": net.config,
+            "conditional": False,
+            "bridge": bridge.config(),
+            "nfe": 4,
+            "degradation": "inpaint-center",
+            "image_size": SIZE,
+            "channels": 3,
+        },
+    )
     return str(path)
 
 
 def _distill_kwargs(run_dir, teacher, data, **overrides) -> dict:
-    kwargs = dict(run_dir=str(run_dir), teacher=teacher, data=data, batch_size=4, steps=2, inner_steps=1,
-                  lr=1e-4, fake_lr=1e-4, log_every=1, ckpt_every=2, eval_items=0, device="cpu", progress=False)
+    kwargs = dict(
+        run_dir=str(run_dir),
+        teacher=teacher,
+        data=data,
+        batch_size=4,
+        steps=2,
+        inner_steps=1,
+        lr=1e-4,
+        fake_lr=1e-4,
+        log_every=1,
+        ckpt_every=2,
+        eval_items=0,
+        device="cpu",
+        progress=False,
+    )
     kwargs.update(overrides)
     return kwargs
 
@@ -153,6 +178,7 @@ def test_sample_with_labels(distilled, folder):
         csv.writer(fh).writerows([("path", "label"), *table.items()])
     restore_files(summary["release"], str(inputs), str(folder / "s2"), labels=str(labels_csv), device="cpu")
     restore_files(summary["release"], str(inputs), str(folder / "s3"), class_label=2, device="cpu")
+
     def read(run, rel):
         return np.asarray(Image.open(folder / run / rel))
 
@@ -168,8 +194,7 @@ def test_sample_with_labels(distilled, folder):
 
 
 def _run_runner(args):
-    return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
 def test_onnx_export_takes_class_label_and_the_runner_matches_pytorch(distilled, folder):
@@ -190,8 +215,23 @@ def test_onnx_export_takes_class_label_and_the_runner_matches_pytorch(distilled,
     labels_csv = folder / "onnx-labels.csv"
     labels_csv.write_text("".join(f"{rel},{label}\n" for rel, label in table.items()))
     out = folder / "onnx-out"
-    result = _run_runner(["--model", report["onnx"], "--input", images, "--output", out, "--seed", 3,
-                          "--provider", "cpu", "--labels", labels_csv, "--quiet"])
+    result = _run_runner(
+        [
+            "--model",
+            report["onnx"],
+            "--input",
+            images,
+            "--output",
+            out,
+            "--seed",
+            3,
+            "--provider",
+            "cpu",
+            "--labels",
+            labels_csv,
+            "--quiet",
+        ]
+    )
     assert result.returncode == 0, result.stderr
 
     generator, _ = load_generator(summary["release"])
@@ -201,8 +241,9 @@ def test_onnx_export_takes_class_label_and_the_runner_matches_pytorch(distilled,
     rng = np.random.default_rng(3)
     for rel in sorted(table):
         xT = torch.from_numpy(runner.load_input(images / rel, 3))[None]
-        noises = runner.draw_noises(rng, [{"name": "z", "channels": 3}, {"name": "hole_noise", "channels": 3}],
-                                    SIZE, SIZE)
+        noises = runner.draw_noises(
+            rng, [{"name": "z", "channels": 3}, {"name": "hole_noise", "channels": 3}], SIZE, SIZE
+        )
         mask = torch.from_numpy(runner.center_mask(SIZE, SIZE))[None]
         xT = xT * (1 - mask)
         hole = torch.from_numpy(noises["hole_noise"])[None]
@@ -214,22 +255,50 @@ def test_onnx_export_takes_class_label_and_the_runner_matches_pytorch(distilled,
         pixels = np.clip(np.round((expected.numpy() + 1) * 127.5), 0, 255).astype(int).transpose(1, 2, 0)
         assert np.abs(written - pixels).max() <= 1, rel
 
-    missing = _run_runner(["--model", report["onnx"], "--input", images, "--output", folder / "o2",
-                           "--provider", "cpu"])
+    missing = _run_runner(
+        ["--model", report["onnx"], "--input", images, "--output", folder / "o2", "--provider", "cpu"]
+    )
     assert missing.returncode == 1
     lines = [line for line in missing.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "class-conditional (3 classes)" in lines[0], missing.stderr
-    bad = _run_runner(["--model", report["onnx"], "--input", images, "--output", folder / "o3",
-                       "--provider", "cpu", "--class-label", 3])
+    bad = _run_runner(
+        [
+            "--model",
+            report["onnx"],
+            "--input",
+            images,
+            "--output",
+            folder / "o3",
+            "--provider",
+            "cpu",
+            "--class-label",
+            3,
+        ]
+    )
     assert bad.returncode == 1 and "out of range" in bad.stderr
 
 
 def test_unlabelled_data_with_a_class_conditional_teacher_is_one_line(teacher_release, folder, labelled_dir):
     from test_cli import assert_one_error_line, invoke
 
-    result = invoke("distill", "--teacher", teacher_release, "--data", f"folder:{labelled_dir}",
-                    "--run-dir", folder / "unlabelled", "--steps", 1, "--batch-size", 2, "--eval-items", 0,
-                    "--device", "cpu", "--no-progress")
+    result = invoke(
+        "distill",
+        "--teacher",
+        teacher_release,
+        "--data",
+        f"folder:{labelled_dir}",
+        "--run-dir",
+        folder / "unlabelled",
+        "--steps",
+        1,
+        "--batch-size",
+        2,
+        "--eval-items",
+        0,
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert_one_error_line(result, "is class-conditional (3 classes)", "has no class labels", "classes:DIR")
 
 
@@ -255,8 +324,17 @@ def test_eval_passes_the_data_labels(distilled, teacher_release, labelled_dir, f
     from ibmd_fast.restore import restore_with_generator
 
     summary, _ = distilled
-    common = dict(teacher=teacher_release, student=summary["release"], teacher_nfe=(2,), classifier_task="labels",
-                  classifier_epochs=1, classifier_items=9, num_images=6, batch_size=4, device="cpu")
+    common = dict(
+        teacher=teacher_release,
+        student=summary["release"],
+        teacher_nfe=(2,),
+        classifier_task="labels",
+        classifier_epochs=1,
+        classifier_items=9,
+        num_images=6,
+        batch_size=4,
+        device="cpu",
+    )
     result = evaluate(data=f"classes:{labelled_dir}", run_dir=str(folder / "eval"), **common)
     student_row = next(row for row in result["results"] if row["model"] == "student")
     # the student's row is the restoration with the data's labels (from the same seed), not with any others
@@ -280,11 +358,26 @@ def test_sample_cli_takes_labels_and_refuses_none(distilled, folder):
     summary, _ = distilled
     inputs = folder / "cli-in"
     _images(inputs, 1, (SIZE, SIZE), seed=7)
-    ok = invoke("sample", "--model", summary["release"], "--input", inputs, "--output", folder / "cli-out",
-                "--labels", "folders", "--device", "cpu")
+    ok = invoke(
+        "sample",
+        "--model",
+        summary["release"],
+        "--input",
+        inputs,
+        "--output",
+        folder / "cli-out",
+        "--labels",
+        "folders",
+        "--device",
+        "cpu",
+    )
     assert ok.exit_code == 0, ok.output
-    assert sorted(p.relative_to(folder / "cli-out").as_posix() for p in (folder / "cli-out").rglob("*.png")) == \
-        ["cat/0.png", "dog/0.png", "eel/0.png"]
-    missing = invoke("sample", "--model", summary["release"], "--input", inputs, "--output", folder / "cli-none",
-                     "--device", "cpu")
+    assert sorted(p.relative_to(folder / "cli-out").as_posix() for p in (folder / "cli-out").rglob("*.png")) == [
+        "cat/0.png",
+        "dog/0.png",
+        "eel/0.png",
+    ]
+    missing = invoke(
+        "sample", "--model", summary["release"], "--input", inputs, "--output", folder / "cli-none", "--device", "cpu"
+    )
     assert_one_error_line(missing, "class-conditional (3 classes)", "--class-label")

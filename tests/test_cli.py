@@ -4,6 +4,7 @@ Tiny releases (16 px, the "tiny" U-Net, a 100-step I2SB bridge) are built here w
 `save_release`, so nothing needs a trained model. Most commands run in-process through
 click's CliRunner; a few through `python -m ibmd_fast` to check the real entry point.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,7 +49,6 @@ REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
 
 
-
 # tiny networks on shared cores: one thread per module (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,24 +65,56 @@ def _randomized(net, seed):
     return net.eval()
 
 
-def make_teacher_release(path, bridge="i2sb", degradation="sr4x-bicubic", conditional=False, nfe=2, seed=0,
-                         channels=3, unet_config_override=None):
-    bridge_obj = I2SBBridge(n_steps=100, beta_max=1.0 if degradation.startswith("inpaint") else 0.3) \
-        if bridge == "i2sb" else VPBridge()
+def make_teacher_release(
+    path,
+    bridge="i2sb",
+    degradation="sr4x-bicubic",
+    conditional=False,
+    nfe=2,
+    seed=0,
+    channels=3,
+    unet_config_override=None,
+):
+    bridge_obj = (
+        I2SBBridge(n_steps=100, beta_max=1.0 if degradation.startswith("inpaint") else 0.3)
+        if bridge == "i2sb"
+        else VPBridge()
+    )
     net = _randomized(build_unet("tiny", SIZE, channels * (2 if conditional else 1), channels), seed)
     unet = dict(net.config, **(unet_config_override or {}))
-    save_release(str(path), net, TEACHER_FORMAT, {
-        "unet": unet, "conditional": conditional, "bridge": bridge_obj.config(), "nfe": nfe,
-        "degradation": degradation, "image_size": SIZE, "channels": channels, "data": "skimage"})
+    save_release(
+        str(path),
+        net,
+        TEACHER_FORMAT,
+        {
+            "unet": unet,
+            "conditional": conditional,
+            "bridge": bridge_obj.config(),
+            "nfe": nfe,
+            "degradation": degradation,
+            "image_size": SIZE,
+            "channels": channels,
+            "data": "skimage",
+        },
+    )
     return str(path)
 
 
 def make_generator_release(path, teacher_path, nfe=1):
     loaded = load_model(teacher_path, expect="teacher")
     generator = Generator(loaded.model, multistep=nfe > 1)
-    save_release(str(path), generator.net, GENERATOR_FORMAT, {
-        **generator.config(), "nfe": nfe, "degradation": loaded.degradation, "image_size": SIZE,
-        "channels": loaded.image_channels})
+    save_release(
+        str(path),
+        generator.net,
+        GENERATOR_FORMAT,
+        {
+            **generator.config(),
+            "nfe": nfe,
+            "degradation": loaded.degradation,
+            "image_size": SIZE,
+            "channels": loaded.image_channels,
+        },
+    )
     return str(path)
 
 
@@ -97,8 +129,9 @@ def releases(tmp_path_factory):
         "generator2": make_generator_release(root / "generator-2step.safetensors", teacher, nfe=2),
         "inpaint": make_teacher_release(root / "inpaint.safetensors", degradation="inpaint-center"),
         "vp": make_teacher_release(root / "vp.safetensors", bridge="vp", conditional=True),
-        "other_arch": make_teacher_release(root / "other-arch.safetensors",
-                                           unet_config_override={"model_channels": 64}),
+        "other_arch": make_teacher_release(
+            root / "other-arch.safetensors", unet_config_override={"model_channels": 64}
+        ),
     }
     text = root / "notes.txt"
     text.write_text("not a release\n")
@@ -138,10 +171,17 @@ def assert_one_error_line(result, *fragments):
 
 
 def run_module(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "ibmd_fast", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "ibmd_fast", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -224,8 +264,9 @@ def test_every_config_field_is_an_option_with_the_dataclass_default(command, cls
     for f in dataclasses.fields(cls):
         assert f.name in params, f"{command} has no option for {cls.__name__}.{f.name}"
         assert params[f.name].default == getattr(cls(), f.name), f.name
-        assert "see its docstring" not in (params[f.name].help or ""), \
+        assert "see its docstring" not in (params[f.name].help or ""), (
             f"{command}: {f.name} has only a generic option; give it an explicit one in cli.py"
+        )
 
 
 def test_dry_run_precedence(tmp_path):
@@ -304,15 +345,17 @@ def test_sample_generator_folder_names_and_a_corrupt_file(releases, tmp_path):
     # A two-step student samples with its own NFE; --nfe other than that is refused.
     result = invoke("sample", "--model", releases["generator2"], "--input", inputs / "a.png", "--output", out)
     assert result.exit_code == 0 and "generator, NFE 2" in result.stdout
-    assert_one_error_line(invoke("sample", "--model", releases["generator2"], "--nfe", 1, "--output", out),
-                          "distilled for 2 step")
+    assert_one_error_line(
+        invoke("sample", "--model", releases["generator2"], "--nfe", 1, "--output", out), "distilled for 2 step"
+    )
 
 
 def test_sample_upsample_and_gray_input(releases, tmp_path):
     low = _png(tmp_path / "low.png", size=(SIZE // 4, SIZE // 4), mode="L")
     out = tmp_path / "out"
-    result = invoke("sample", "--model", releases["teacher"], "--input", low, "--upsample", 4, "--output", out,
-                    "--nfe", 1)
+    result = invoke(
+        "sample", "--model", releases["teacher"], "--input", low, "--upsample", 4, "--output", out, "--nfe", 1
+    )
     assert result.exit_code == 0, result.output
     assert _pixels(out / "low.png").shape == (SIZE, SIZE, 3)
 
@@ -322,7 +365,7 @@ def test_sample_inpainting_keeps_known_pixels(releases, tmp_path):
     result = invoke("sample", "--model", releases["inpaint"], "--output", out, "--num-images", 2, "--nfe", 2)
     assert result.exit_code == 0, result.output
     known = np.ones((SIZE, SIZE), bool)
-    known[SIZE // 4: 3 * SIZE // 4, SIZE // 4: 3 * SIZE // 4] = False  # inpaint-center's hole
+    known[SIZE // 4 : 3 * SIZE // 4, SIZE // 4 : 3 * SIZE // 4] = False  # inpaint-center's hole
     restored, given = _pixels(out / "skimage-000.png"), _pixels(out / "inputs" / "skimage-000.png")
     assert np.array_equal(restored[known], given[known])
     assert not np.array_equal(restored[~known], given[~known])
@@ -333,8 +376,19 @@ def test_sample_inpainting_keeps_known_pixels(releases, tmp_path):
     Image.fromarray(mask, "L").save(tmp_path / "mask.png")
     image = _png(tmp_path / "img.png", seed=3)
     out = tmp_path / "masked"
-    result = invoke("sample", "--model", releases["inpaint"], "--input", image, "--mask", tmp_path / "mask.png",
-                    "--output", out, "--nfe", 1)
+    result = invoke(
+        "sample",
+        "--model",
+        releases["inpaint"],
+        "--input",
+        image,
+        "--mask",
+        tmp_path / "mask.png",
+        "--output",
+        out,
+        "--nfe",
+        1,
+    )
     assert result.exit_code == 0, result.output
     hole = np.zeros((SIZE, SIZE), bool)
     hole[: SIZE // 2, : SIZE // 2] = True
@@ -347,8 +401,10 @@ def test_sample_vp_teacher_samplers(releases, tmp_path):
         result = invoke("sample", "--model", releases["vp"], "--input", image, "--output", tmp_path / "o", *args)
         assert result.exit_code == 0, result.output
         assert ("heun" if "heun" in args else "dbim") in result.stdout
-    assert_one_error_line(invoke("sample", "--model", releases["vp"], "--sampler", "i2sb", "--output", tmp_path),
-                          "i2sb sampler needs an I2SB teacher")
+    assert_one_error_line(
+        invoke("sample", "--model", releases["vp"], "--sampler", "i2sb", "--output", tmp_path),
+        "i2sb sampler needs an I2SB teacher",
+    )
 
 
 def test_sample_eta_reaches_dbim_and_is_refused_elsewhere(releases, tmp_path):
@@ -356,22 +412,41 @@ def test_sample_eta_reaches_dbim_and_is_refused_elsewhere(releases, tmp_path):
     pixels = {}
     for eta in (None, "1", "0"):
         out = tmp_path / f"out-{eta}"
-        result = invoke("sample", "--model", releases["vp"], "--input", image, "--output", out, "--nfe", 3,
-                        *(() if eta is None else ("--eta", eta)))
+        result = invoke(
+            "sample",
+            "--model",
+            releases["vp"],
+            "--input",
+            image,
+            "--output",
+            out,
+            "--nfe",
+            3,
+            *(() if eta is None else ("--eta", eta)),
+        )
         assert result.exit_code == 0, result.output
         pixels[eta] = _pixels(out / "x.png")
     assert np.array_equal(pixels[None], pixels["1"])  # the default is DBIM's, eta = 1
     assert not np.array_equal(pixels["0"], pixels["1"])
     out = tmp_path / "refused"
-    assert_one_error_line(invoke("sample", "--model", releases["vp"], "--sampler", "heun", "--eta", 0,
-                                 "--output", out), "--eta applies to the dbim sampler only")
-    assert_one_error_line(invoke("sample", "--model", releases["teacher"], "--eta", 0, "--output", out),
-                          "--eta applies to the dbim sampler only", "i2sb")
-    assert_one_error_line(invoke("sample", "--model", releases["generator"], "--eta", 0, "--output", out),
-                          "--eta applies to teachers only")
+    assert_one_error_line(
+        invoke("sample", "--model", releases["vp"], "--sampler", "heun", "--eta", 0, "--output", out),
+        "--eta applies to the dbim sampler only",
+    )
+    assert_one_error_line(
+        invoke("sample", "--model", releases["teacher"], "--eta", 0, "--output", out),
+        "--eta applies to the dbim sampler only",
+        "i2sb",
+    )
+    assert_one_error_line(
+        invoke("sample", "--model", releases["generator"], "--eta", 0, "--output", out),
+        "--eta applies to teachers only",
+    )
     assert_one_error_line(invoke("sample", "--model", releases["vp"], "--eta", 1.5, "--output", out), "1.5")
-    assert_one_error_line(invoke("eval", "--teacher", releases["teacher"], "--student", "none", "--eta", 0.5,
-                                 "--run-dir", out), "--eta applies to the dbim sampler only")
+    assert_one_error_line(
+        invoke("eval", "--teacher", releases["teacher"], "--student", "none", "--eta", 0.5, "--run-dir", out),
+        "--eta applies to the dbim sampler only",
+    )
     assert not out.exists()
 
 
@@ -436,8 +511,7 @@ def test_sample_bad_inputs(releases, tmp_path, earlier_output, monkeypatch):
         _untouched(out)
     # The default model is the default distill's output; without it, say how to get one.
     monkeypatch.chdir(tmp_path)
-    assert_one_error_line(invoke("sample", "--output", out), "runs/distill/generator.safetensors",
-                          "ibmd-fast distill")
+    assert_one_error_line(invoke("sample", "--output", out), "runs/distill/generator.safetensors", "ibmd-fast distill")
     _untouched(out)
 
 
@@ -449,15 +523,30 @@ def test_eval_bad_inputs(releases, tmp_path, earlier_output, monkeypatch):
         (("--teacher", "none", "--student", releases["teacher"]), ("holds a teacher, not a generator",)),
         (("--teacher", "none", "--student", releases["random"]), ("not an ibmd-fast release",)),
         (("--teacher", "none", "--student", "none"), ("nothing to evaluate",)),
-        (("--teacher", releases["teacher"], "--student", releases["generator"], "--classifier",
-          tmp_path / "none.safetensors"), ("classifier file not found",)),
-        (("--teacher", releases["teacher"], "--student", "none", "--classifier", releases["teacher"]),
-         ("not a classifier",)),
-        (("--teacher", releases["teacher"], "--student", "none", "--data", f"folder:{tmp_path / 'nope'}"),
-         ("does not exist",)),
+        (
+            (
+                "--teacher",
+                releases["teacher"],
+                "--student",
+                releases["generator"],
+                "--classifier",
+                tmp_path / "none.safetensors",
+            ),
+            ("classifier file not found",),
+        ),
+        (
+            ("--teacher", releases["teacher"], "--student", "none", "--classifier", releases["teacher"]),
+            ("not a classifier",),
+        ),
+        (
+            ("--teacher", releases["teacher"], "--student", "none", "--data", f"folder:{tmp_path / 'nope'}"),
+            ("does not exist",),
+        ),
         (("--teacher", releases["teacher"], "--student", "none", "--image-size", 17), ("multiples of 2",)),
-        (("--teacher", releases["teacher"], "--student", releases["generator"], "--degradation", "blur-3"),
-         ("unknown degradation",)),
+        (
+            ("--teacher", releases["teacher"], "--student", releases["generator"], "--degradation", "blur-3"),
+            ("unknown degradation",),
+        ),
     ]
     for args, fragments in cases:
         assert_one_error_line(invoke(*base, *args), *fragments)
@@ -471,8 +560,17 @@ def test_eval_bad_inputs(releases, tmp_path, earlier_output, monkeypatch):
 
 
 def test_eval_with_mismatched_releases(releases, tmp_path):
-    result = invoke("eval", "--teacher", releases["inpaint"], "--student", releases["generator"],
-                    "--run-dir", tmp_path, "--num-images", 2)
+    result = invoke(
+        "eval",
+        "--teacher",
+        releases["inpaint"],
+        "--student",
+        releases["generator"],
+        "--run-dir",
+        tmp_path,
+        "--num-images",
+        2,
+    )
     assert_one_error_line(result, "inpaint-center", "sr4x-bicubic")
 
 
@@ -484,15 +582,21 @@ def test_training_errors_are_one_line(releases, tmp_path, monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(train_module, "train_teacher", diverge)
-        assert_one_error_line(invoke("train-teacher", "--run-dir", tmp_path / "t", "--lr", "1e30"),
-                              "training diverged", "lower --lr")
+        assert_one_error_line(
+            invoke("train-teacher", "--run-dir", tmp_path / "t", "--lr", "1e30"), "training diverged", "lower --lr"
+        )
     # Real distiller, bad teachers: a generator, a text file, a missing file.
-    for teacher, fragment in ((releases["generator"], "not a teacher"), (releases["text"], "not a readable"),
-                              (tmp_path / "none.safetensors", "none.safetensors")):
-        assert_one_error_line(invoke("distill", "--teacher", teacher, "--run-dir", tmp_path / "d", "--steps", 1),
-                              fragment)
-    assert_one_error_line(invoke("train-teacher", "--run-dir", tmp_path / "t", "--data", tmp_path / "nowhere",
-                                 "--steps", 1), "nowhere")
+    for teacher, fragment in (
+        (releases["generator"], "not a teacher"),
+        (releases["text"], "not a readable"),
+        (tmp_path / "none.safetensors", "none.safetensors"),
+    ):
+        assert_one_error_line(
+            invoke("distill", "--teacher", teacher, "--run-dir", tmp_path / "d", "--steps", 1), fragment
+        )
+    assert_one_error_line(
+        invoke("train-teacher", "--run-dir", tmp_path / "t", "--data", tmp_path / "nowhere", "--steps", 1), "nowhere"
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -501,9 +605,25 @@ def test_training_errors_are_one_line(releases, tmp_path, monkeypatch):
 
 def test_eval_writes_json_table_and_grid(releases, tmp_path):
     run_dir = tmp_path / "eval"
-    result = invoke("eval", "--teacher", releases["teacher"], "--student", releases["generator"],
-                    "--teacher-nfe", "1,2", "--num-images", 4, "--classifier-epochs", 1,
-                    "--classifier-items", 16, "--run-dir", run_dir, "--batch-size", 4)
+    result = invoke(
+        "eval",
+        "--teacher",
+        releases["teacher"],
+        "--student",
+        releases["generator"],
+        "--teacher-nfe",
+        "1,2",
+        "--num-images",
+        4,
+        "--classifier-epochs",
+        1,
+        "--classifier-items",
+        16,
+        "--run-dir",
+        run_dir,
+        "--batch-size",
+        4,
+    )
     assert result.exit_code == 0, result.output
     assert "PSNR" in result.stdout and "FID" in result.stdout and "student" in result.stdout
     for line in ("teacher, NFE 1: PSNR", "teacher, NFE 2: PSNR", "student, NFE 1: PSNR"):
@@ -531,7 +651,9 @@ def test_eval_writes_json_table_and_grid(releases, tmp_path):
     assert set(diffs) == {"teacher NFE 1", "teacher NFE 2"}
     for nfe in (1, 2):
         d = diffs[f"teacher NFE {nfe}"]
-        assert d["diff"] == pytest.approx(rows[("student", 1)]["fid"] - rows[("teacher", nfe)]["fid"], rel=1e-6, abs=1e-9)
+        assert d["diff"] == pytest.approx(
+            rows[("student", 1)]["fid"] - rows[("teacher", nfe)]["fid"], rel=1e-6, abs=1e-9
+        )
         assert d["ci"][0] <= d["diff"] <= d["ci"][1]
         assert f"FID student NFE 1 - teacher NFE {nfe}: " in result.stdout
     cell = imageio.grid_zoom(SIZE, SIZE) * SIZE  # small crops enlarged to about 96 px
@@ -548,9 +670,21 @@ def test_eval_on_paired_folders(releases, tmp_path):
         for i in range(3):
             _png(tmp_path / side / f"{i}.png", seed=i + (10 if side == "corrupted" else 0))
     run_dir = tmp_path / "eval"
-    result = invoke("eval", "--teacher", releases["teacher"], "--student", "none", "--teacher-nfe", 1,
-                    "--data", f"paired:{tmp_path / 'clean'},{tmp_path / 'corrupted'}", "--run-dir", run_dir,
-                    "--classifier-epochs", 1)
+    result = invoke(
+        "eval",
+        "--teacher",
+        releases["teacher"],
+        "--student",
+        "none",
+        "--teacher-nfe",
+        1,
+        "--data",
+        f"paired:{tmp_path / 'clean'},{tmp_path / 'corrupted'}",
+        "--run-dir",
+        run_dir,
+        "--classifier-epochs",
+        1,
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads((run_dir / "eval.json").read_text())
     assert payload["num_images"] == 3 and payload["grid_columns"] == ["corrupted", "teacher NFE 1", "clean"]
@@ -560,8 +694,25 @@ def test_eval_on_paired_folders(releases, tmp_path):
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason=f"Fashion-MNIST is not installed in {FASHION_MNIST_DIR}")
 def test_eval_fashion_mnist_reports_ca(tmp_path):
     teacher = make_teacher_release(tmp_path / "fm.safetensors", channels=1, degradation="sr4x-pool")
-    result = invoke("eval", "--teacher", teacher, "--student", "none", "--teacher-nfe", 1, "--data", "fashion-mnist",
-                    "--num-images", 4, "--classifier-epochs", 1, "--classifier-items", 32, "--run-dir", tmp_path)
+    result = invoke(
+        "eval",
+        "--teacher",
+        teacher,
+        "--student",
+        "none",
+        "--teacher-nfe",
+        1,
+        "--data",
+        "fashion-mnist",
+        "--num-images",
+        4,
+        "--classifier-epochs",
+        1,
+        "--classifier-items",
+        32,
+        "--run-dir",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads((tmp_path / "eval.json").read_text())
     assert payload["classifier"]["task"] == "labels" and payload["channels"] == 1
@@ -571,8 +722,16 @@ def test_eval_fashion_mnist_reports_ca(tmp_path):
 
 def test_eval_caps_teacher_nfe_at_the_bridge_steps(releases):
     logs = []
-    result = evaluate(teacher=releases["teacher"], student=None, teacher_nfe=(1, 500), num_images=2, device="cpu",
-                      classifier=Classifier(3, 4, SIZE, width=8, task="rotation"), run_dir=None, log=logs.append)
+    result = evaluate(
+        teacher=releases["teacher"],
+        student=None,
+        teacher_nfe=(1, 500),
+        num_images=2,
+        device="cpu",
+        classifier=Classifier(3, 4, SIZE, width=8, task="rotation"),
+        run_dir=None,
+        log=logs.append,
+    )
     assert [row["nfe"] for row in result["results"]] == [0, 1, 99]
     assert any("capped at 99" in line for line in logs)
 
@@ -598,14 +757,30 @@ def test_evaluate_reports_ca_with_labels(releases, tmp_path):
     data = _LabeledPairs()
     classifier = fit_classifier(data, task=None, epochs=1, batch_size=8)
     assert classifier.task == "labels" and classifier.num_classes == 4
-    result = evaluate(teacher=releases["teacher"], student=releases["generator"], data=data, teacher_nfe=(1,),
-                      classifier=classifier, num_images=8, run_dir=str(tmp_path), device="cpu")
+    result = evaluate(
+        teacher=releases["teacher"],
+        student=releases["generator"],
+        data=data,
+        teacher_nfe=(1,),
+        classifier=classifier,
+        num_images=8,
+        run_dir=str(tmp_path),
+        device="cpu",
+    )
     for row in result["results"]:
         assert 0.0 <= row["ca"] <= 100.0 and row["fid"] >= -1e-6
     assert json.loads((tmp_path / "eval.json").read_text())["results"][1]["ca"] == result["results"][1]["ca"]
     with pytest.raises(ValueError, match="trained on 1-channel"):
-        evaluate(teacher=releases["teacher"], student=None, data=data, teacher_nfe=(1,), num_images=2,
-                 classifier=Classifier(1, 4, SIZE, width=8), run_dir=None, device="cpu")
+        evaluate(
+            teacher=releases["teacher"],
+            student=None,
+            data=data,
+            teacher_nfe=(1,),
+            num_images=2,
+            classifier=Classifier(1, 4, SIZE, width=8),
+            run_dir=None,
+            device="cpu",
+        )
 
 
 def test_classifier_of_the_skimage_crops_learns_their_photographs(tmp_path):
@@ -668,26 +843,75 @@ def test_eval_on_the_embedded_default_uses_the_shipped_classifier(tmp_path, monk
 
 def test_train_classifier_command(tmp_path):
     out = tmp_path / "clf.safetensors"
-    result = invoke("train-classifier", "--data", "skimage", "--image-size", SIZE, "--epochs", 1,
-                    "--max-items", 8, "--batch-size", 8, "--output", out)
+    result = invoke(
+        "train-classifier",
+        "--data",
+        "skimage",
+        "--image-size",
+        SIZE,
+        "--epochs",
+        1,
+        "--max-items",
+        8,
+        "--batch-size",
+        8,
+        "--output",
+        out,
+    )
     assert result.exit_code == 0, result.output
     model = load_classifier(out)
     assert model.config["label_source"] == "photo" and model.config["image_size"] == SIZE  # the default here
     assert "photo classifier (which of 6 photographs" in result.output and "held-out test images" in result.output
     assert 0.0 <= model.info["test_accuracy"] <= 1.0 and model.info["test_items"] == 512
     rotation = tmp_path / "rotation.safetensors"
-    assert invoke("train-classifier", "--data", "skimage", "--task", "rotation", "--image-size", SIZE, "--epochs", 1,
-                  "--max-items", 8, "--batch-size", 8, "--output", rotation).exit_code == 0
+    assert (
+        invoke(
+            "train-classifier",
+            "--data",
+            "skimage",
+            "--task",
+            "rotation",
+            "--image-size",
+            SIZE,
+            "--epochs",
+            1,
+            "--max-items",
+            8,
+            "--batch-size",
+            8,
+            "--output",
+            rotation,
+        ).exit_code
+        == 0
+    )
     assert load_classifier(rotation).task == "rotation"
-    assert_one_error_line(invoke("train-classifier", "--data", "skimage", "--task", "labels", "--image-size", SIZE,
-                                 "--max-items", 4, "--output", out, "--overwrite"), "no labels")
+    assert_one_error_line(
+        invoke(
+            "train-classifier",
+            "--data",
+            "skimage",
+            "--task",
+            "labels",
+            "--image-size",
+            SIZE,
+            "--max-items",
+            4,
+            "--output",
+            out,
+            "--overwrite",
+        ),
+        "no labels",
+    )
     assert load_classifier(out).config == model.config  # the earlier file is intact
 
 
 def test_format_table():
-    table = format_table([{"model": "teacher", "nfe": 10, "psnr": 25.123, "ssim": 0.7, "sec_per_image": 0.5},
-                          {"model": "student", "nfe": 1, "psnr": 26.0, "ssim": 0.8, "fid": 1.5,
-                           "sec_per_image": 0.01}])
+    table = format_table(
+        [
+            {"model": "teacher", "nfe": 10, "psnr": 25.123, "ssim": 0.7, "sec_per_image": 0.5},
+            {"model": "student", "nfe": 1, "psnr": 26.0, "ssim": 0.8, "fid": 1.5, "sec_per_image": 0.01},
+        ]
+    )
     lines = table.splitlines()
     assert lines[0].split() == ["model", "NFE", "PSNR", "SSIM", "FID", "s/image"]
     assert "25.12" in lines[2] and "-" in lines[2].split() and "1.500" in lines[3]
@@ -704,20 +928,57 @@ def test_defaults_point_at_the_same_files():
 
 def test_train_teacher_then_distill_then_sample(tmp_path):
     teacher_dir, distill_dir = tmp_path / "teacher", tmp_path / "distill"
-    result = invoke("train-teacher", "--run-dir", teacher_dir, "--image-size", SIZE, "--steps", 2,
-                    "--batch-size", 2, "--n-steps", 100, "--sample-nfe", 2, "--log-every", 1, "--no-progress")
+    result = invoke(
+        "train-teacher",
+        "--run-dir",
+        teacher_dir,
+        "--image-size",
+        SIZE,
+        "--steps",
+        2,
+        "--batch-size",
+        2,
+        "--n-steps",
+        100,
+        "--sample-nfe",
+        2,
+        "--log-every",
+        1,
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     release = teacher_dir / "teacher.safetensors"
     assert release.is_file() and f"release: {release}" in result.stdout
     assert json.loads((teacher_dir / "config.json").read_text())["image_size"] == SIZE
 
-    result = invoke("distill", "--teacher", release, "--run-dir", distill_dir, "--steps", 2, "--inner-steps", 1,
-                    "--batch-size", 2, "--eval-items", 2, "--eval-teacher-nfe", "1,2", "--log-every", 1)
+    result = invoke(
+        "distill",
+        "--teacher",
+        release,
+        "--run-dir",
+        distill_dir,
+        "--steps",
+        2,
+        "--inner-steps",
+        1,
+        "--batch-size",
+        2,
+        "--eval-items",
+        2,
+        "--eval-teacher-nfe",
+        "1,2",
+        "--log-every",
+        1,
+    )
     assert result.exit_code == 0, result.output
     table = result.stdout.splitlines()
     assert table[0].split()[:4] == ["model", "NFE", "PSNR", "SSIM"]
-    assert [line.split()[:2] for line in table[2:6]] == [["corrupted", "0"], ["teacher", "1"], ["teacher", "2"],
-                                                         ["student", "1"]]
+    assert [line.split()[:2] for line in table[2:6]] == [
+        ["corrupted", "0"],
+        ["teacher", "1"],
+        ["teacher", "2"],
+        ["student", "1"],
+    ]
     assert "higher is better" in table[6] and f"files in {distill_dir}/" in table[6]  # how to read it
     generator = distill_dir / "generator.safetensors"
     assert generator.is_file()
@@ -734,14 +995,16 @@ def test_export_onnx(releases, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert out.is_file() and f"wrote {out}" in result.stdout and "parity [" in result.stdout
 
-    assert_one_error_line(invoke("export", "--onnx", "--model", releases["teacher"], "--output", out, "--overwrite"),
-                          "holds a teacher")
+    assert_one_error_line(
+        invoke("export", "--onnx", "--model", releases["teacher"], "--output", out, "--overwrite"), "holds a teacher"
+    )
     result = invoke("export", "--model", releases["generator"])
     assert result.exit_code == 2 and "--onnx" in result.stderr
 
     def failing(*args, **kwargs):
-        raise onnx_module.OnnxParityError("ONNX parity check failed: max |ORT - PyTorch| = 0.5 > 0.0001 "
-                                          "at shape [1, 3, 18, 20]", [])
+        raise onnx_module.OnnxParityError(
+            "ONNX parity check failed: max |ORT - PyTorch| = 0.5 > 0.0001 at shape [1, 3, 18, 20]", []
+        )
 
     monkeypatch.setattr(onnx_module, "export_onnx", failing)
     before = out.read_bytes()

@@ -1,4 +1,5 @@
 """Tests for ibmd_fast.data: sources, degradations, pair and corrupted-only pipelines."""
+
 from __future__ import annotations
 
 import gzip
@@ -45,6 +46,7 @@ from ibmd_fast.data.degradations import Degradation
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def _smooth_image(rng: np.random.Generator, h: int, w: int, channels: int = 3) -> np.ndarray:
     """A uint8 test picture with gradients, a disk and a little texture."""
@@ -97,6 +99,7 @@ def image_tree(tmp_path: Path) -> Path:
 
 
 # ---------------------------------------------------------------- ImageFolder
+
 
 def test_image_folder_skips_unreadable_with_one_warning(image_tree: Path):
     with warnings.catch_warnings(record=True) as caught:
@@ -158,6 +161,7 @@ def test_image_folder_empty_or_missing(tmp_path: Path):
 
 # ---------------------------------------------------------------- PairedFolders
 
+
 def _make_pairs(tmp_path: Path, n: int = 3, corrupted_ext: str = ".png", low_res: bool = False):
     rng = np.random.default_rng(1)
     clean_root, corrupted_root = tmp_path / "clean", tmp_path / "corrupted"
@@ -204,6 +208,7 @@ def test_paired_folders_unmatched(tmp_path: Path):
 
 # ---------------------------------------------------------------- SkimagePhotos
 
+
 @pytest.fixture(scope="module")
 def photos_train():
     return SkimagePhotos(size=32, split="train", n_items=24, seed=0)
@@ -235,7 +240,7 @@ def test_skimage_photos_default_scale_and_held_out_photo():
             assert tuple(ds.photos[name].shape[-2:]) == expected, (split, name)
         for i in range(len(ds)):
             name, top, left, _ = ds.crop_params(i)
-            assert torch.equal(ds[i], ds.photos[name][:, top:top + 32, left:left + 32])
+            assert torch.equal(ds[i], ds.photos[name][:, top : top + 32, left : left + 32])
 
 
 def test_skimage_default_scale_leaves_something_to_restore():
@@ -285,6 +290,7 @@ def test_skimage_photos_epochs_and_grayscale(photos_train):
 
 # ---------------------------------------------------------------- Fashion-MNIST
 
+
 def _write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     data = header + array.astype(np.uint8).tobytes()
@@ -323,10 +329,15 @@ def test_fashion_mnist_default_folder_from_the_environment(tmp_path: Path):
     images = np.random.default_rng(1).integers(0, 256, (3, 28, 28), dtype=np.uint8)
     _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images, True)
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([4, 5, 6], np.uint8), True)
-    code = ("from ibmd_fast.data import FASHION_MNIST_DIR, FashionMNIST; ds = FashionMNIST(split='test'); "
-            "print(FASHION_MNIST_DIR, len(ds), ds[1][1])")
-    env = {**os.environ, "IBMD_FAST_FASHION_MNIST": str(tmp_path),
-           "PYTHONPATH": str(Path(ibmd_fast.__file__).resolve().parent.parent)}
+    code = (
+        "from ibmd_fast.data import FASHION_MNIST_DIR, FashionMNIST; ds = FashionMNIST(split='test'); "
+        "print(FASHION_MNIST_DIR, len(ds), ds[1][1])"
+    )
+    env = {
+        **os.environ,
+        "IBMD_FAST_FASHION_MNIST": str(tmp_path),
+        "PYTHONPATH": str(Path(ibmd_fast.__file__).resolve().parent.parent),
+    }
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(tmp_path), "3", "5"]
@@ -335,8 +346,9 @@ def test_fashion_mnist_default_folder_from_the_environment(tmp_path: Path):
     assert out.returncode != 0 and "gone" in out.stderr and "IBMD_FAST_FASHION_MNIST" in out.stderr
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
-                    reason=f"{FASHION_MNIST_DIR} missing: apt-get install dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not FASHION_MNIST_DIR.is_dir(), reason=f"{FASHION_MNIST_DIR} missing: apt-get install dataset-fashion-mnist"
+)
 def test_fashion_mnist_installed():
     test = FashionMNIST(split="test")
     train = FashionMNIST(split="train", channels=3)
@@ -350,6 +362,7 @@ def test_fashion_mnist_installed():
 
 
 # ---------------------------------------------------------------- degradations
+
 
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("name", DEGRADATIONS)
@@ -442,6 +455,7 @@ def test_get_degradation_names():
 
 # ---------------------------------------------------------------- pipelines
 
+
 class _LabelledSource(Dataset):
     def __init__(self, n: int = 4, channels: int = 3):
         self.images = [_batch_image(seed=i, channels=channels) for i in range(n)]
@@ -532,6 +546,7 @@ def test_corrupted_only_paired_reads_only_corrupted_side(tmp_path: Path):
 
 # ---------------------------------------------------------------- specs
 
+
 def test_make_source_specs(tmp_path: Path, image_tree: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnreadableImageWarning)
@@ -562,12 +577,12 @@ def test_make_source_specs(tmp_path: Path, image_tree: Path):
         make_source(str(tmp_path / "missing_dir"))
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
-                    reason=f"{FASHION_MNIST_DIR} missing: apt-get install dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not FASHION_MNIST_DIR.is_dir(), reason=f"{FASHION_MNIST_DIR} missing: apt-get install dataset-fashion-mnist"
+)
 def test_make_dataset_fashion_mnist():
     pairs = make_dataset("fashion-mnist", "sr4x-pool", channels=1, split="test")
     item = pairs[0]
     assert set(item) == {"x0", "xT", "label"} and item["x0"].shape == (1, 32, 32)
-    only = make_dataset(f"fashion-mnist:{FASHION_MNIST_DIR}", "jpeg-10", channels=1, split="test",
-                        corrupted_only=True)
+    only = make_dataset(f"fashion-mnist:{FASHION_MNIST_DIR}", "jpeg-10", channels=1, split="test", corrupted_only=True)
     assert set(only[0]) == {"xT", "label"}  # the class a class-conditional teacher takes

@@ -1,4 +1,5 @@
 """docs/MATH.md is in the repository, and every citation of it in the code names a section it has."""
+
 from __future__ import annotations
 
 import pathlib
@@ -16,7 +17,13 @@ SUFFIXES = {".py", ".cpp", ".cu", ".cuh", ".h", ".md", ".txt", ".sh", ".toml", "
 _GAP = r"(?:\s|#|//|\*)*"
 _SECTION = r"\d+[a-z]?\b"
 CITATION = re.compile(
-    re.escape(NAME) + r"[,:]?" + _GAP + r"\(?" + _GAP + r"(?:sections?|§)?" + _GAP
+    re.escape(NAME)
+    + r"[,:]?"
+    + _GAP
+    + r"\(?"
+    + _GAP
+    + r"(?:sections?|§)?"
+    + _GAP
     + rf"({_SECTION}(?:{_GAP}(?:,|and|&){_GAP}{_SECTION})*)"
 )
 HEADING = re.compile(r"^#{2,3} (\d+[a-z]?)\. ", re.MULTILINE)
@@ -39,8 +46,11 @@ def citations(text: str) -> list[tuple[int, str]]:
 def scanned_files() -> list[pathlib.Path]:
     files = [REPO / name for name in SCANNED_ROOT if (REPO / name).is_file()]
     for folder in SCANNED_DIRS:
-        files.extend(p for p in sorted((REPO / folder).rglob("*"))
-                     if p.is_file() and p.suffix in SUFFIXES and "__pycache__" not in p.parts)
+        files.extend(
+            p
+            for p in sorted((REPO / folder).rglob("*"))
+            if p.is_file() and p.suffix in SUFFIXES and "__pycache__" not in p.parts
+        )
     return files
 
 
@@ -72,7 +82,12 @@ def test_every_citation_names_a_section_of_math_md():
 def test_the_citation_pattern():
     assert citations(f"x (MATH{'.md'} 3)") == [(1, "3")]
     assert [n for _, n in citations(f"{NAME} sections 3 and 6, {NAME} 2a, 4; {NAME} 5: Algorithm 1")] == [
-        "3", "6", "2a", "4", "5"]
+        "3",
+        "6",
+        "2a",
+        "4",
+        "5",
+    ]
     assert [n for _, n in citations(f"from {NAME} (sections 2, 3, 4)")] == ["2", "3", "4"]
     assert citations(f"use it ({NAME} section\n    # 5: only corrupted images)") == [(1, "5")]
     assert citations(f"we follow {NAME}.") == [] and citations(f"{NAME} 2.") == [(1, "2")]

@@ -3,6 +3,7 @@ iteration, activation checkpointing, and bf16 autocast + torch.compile training 
 
 All on CPU with one thread; the same checks run on CUDA where a GPU is present.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,16 @@ def _env(device: str) -> DistEnv:
 def _micro_teacher(seed: int = 0, size: int = 8) -> Teacher:
     """The smallest U-Net the blocks allow (32 channels, one level, no attention), random weights."""
     torch.manual_seed(seed)
-    net = UNet(image_size=size, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-               attention_resolutions=(), channel_mult=(1,), use_scale_shift_norm=True)
+    net = UNet(
+        image_size=size,
+        in_channels=3,
+        model_channels=32,
+        out_channels=3,
+        num_res_blocks=1,
+        attention_resolutions=(),
+        channel_mult=(1,),
+        use_scale_shift_norm=True,
+    )
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))  # the zero-initialized output layer would make trivial work
@@ -48,8 +57,9 @@ def _guarded(device: str, fused: bool = True):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3).to(device)
     opt = make_adamw(model.parameters(), 1e-2, fused=fused)
-    guard = OptimizerStep("test", opt, list(model.parameters()), torch.amp.GradScaler(device, enabled=False),
-                          1.0, _env(device))
+    guard = OptimizerStep(
+        "test", opt, list(model.parameters()), torch.amp.GradScaler(device, enabled=False), 1.0, _env(device)
+    )
     return model, opt, guard
 
 
@@ -149,8 +159,14 @@ class _HostReads:
                 stack = traceback.extract_stack()[:-1]
                 # the CPU noise generator's seed draws (ops.draw_seed) never touch the device
                 if not any(f.name == "draw_seed" for f in stack):
-                    where = next((f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(stack)
-                                  if "ibmd_fast" in f.filename), "?")
+                    where = next(
+                        (
+                            f"{os.path.basename(f.filename)}:{f.lineno}"
+                            for f in reversed(stack)
+                            if "ibmd_fast" in f.filename
+                        ),
+                        "?",
+                    )
                     self.calls.append(f"{_name} at {where}")
                 return _original(tensor, *args, **kwargs)
 
@@ -257,8 +273,9 @@ def _loss_curve(device: str, precision: Precision, compile: bool, seed: int, ste
     # backend: Dynamo's capture and AOTAutograd's traced forward and backward (where a compiled-training bug
     # in the ops' fake or autograd registrations shows), run by eager kernels.
     inductor = compile and device != "cpu"
-    cfg = DistillConfig(batch_size=8, inner_steps=1, lr=1e-3, fake_lr=1e-3, device=device, compile=inductor,
-                        fused_adam=True, seed=seed)
+    cfg = DistillConfig(
+        batch_size=8, inner_steps=1, lr=1e-3, fake_lr=1e-3, device=device, compile=inductor, fused_adam=True, seed=seed
+    )
     env = _env(device)
     ibmd = IBMD(_micro_teacher(), cfg, env, precision)
     ibmd.prepare()
@@ -328,11 +345,34 @@ def test_distill_with_fused_adam_resumes_bit_identically(tmp_path):
         Image.fromarray(rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)).save(images / f"{i}.png")
     teacher = _micro_teacher()
     release = str(tmp_path / "teacher.safetensors")
-    save_release(release, teacher.net, TEACHER_FORMAT, {
-        "unet": teacher.net.config, "conditional": False, "bridge": teacher.bridge.config(), "nfe": 10,
-        "degradation": "sr4x-bicubic", "image_size": 8, "channels": 3, "data": f"corrupted:{images}"})
-    common = dict(teacher=release, batch_size=4, inner_steps=1, lr=1e-3, fake_lr=1e-3, log_every=1, ckpt_every=2,
-                  eval_items=0, device="cpu", progress=False, fused_adam=True)
+    save_release(
+        release,
+        teacher.net,
+        TEACHER_FORMAT,
+        {
+            "unet": teacher.net.config,
+            "conditional": False,
+            "bridge": teacher.bridge.config(),
+            "nfe": 10,
+            "degradation": "sr4x-bicubic",
+            "image_size": 8,
+            "channels": 3,
+            "data": f"corrupted:{images}",
+        },
+    )
+    common = dict(
+        teacher=release,
+        batch_size=4,
+        inner_steps=1,
+        lr=1e-3,
+        fake_lr=1e-3,
+        log_every=1,
+        ckpt_every=2,
+        eval_items=0,
+        device="cpu",
+        progress=False,
+        fused_adam=True,
+    )
     whole = distill(run_dir=str(tmp_path / "whole"), steps=4, **common)
     distill(run_dir=str(tmp_path / "cut"), steps=2, **common)
     resumed = distill(run_dir=str(tmp_path / "cut"), steps=4, **common)

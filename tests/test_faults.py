@@ -5,6 +5,7 @@ checkpoints (a truncated high-step file), ``--resume none`` keeping the old chec
 new one exists, finished runs left as they are, the ONNX runner's output folder. Then one line,
 not a traceback, for the errors of issue 15.
 """
+
 import json
 import os
 import signal
@@ -29,13 +30,28 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def teacher_kwargs(run_dir, image_dir, **overrides) -> dict:
-    kwargs = dict(run_dir=str(run_dir), data=f"folder:{image_dir}", image_size=16, batch_size=4, n_steps=50,
-                  steps=4, lr=1e-3, log_every=1, ckpt_every=2, sample_nfe=2, device="cpu", progress=False)
+    kwargs = dict(
+        run_dir=str(run_dir),
+        data=f"folder:{image_dir}",
+        image_size=16,
+        batch_size=4,
+        n_steps=50,
+        steps=4,
+        lr=1e-3,
+        log_every=1,
+        ckpt_every=2,
+        sample_nfe=2,
+        device="cpu",
+        progress=False,
+    )
     kwargs.update(overrides)
     return kwargs
 
@@ -51,8 +67,14 @@ def _cli_args(kwargs: dict) -> list[str]:
 
 
 def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ibmd_fast", *map(str, args)], cwd=str(REPO), env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ibmd_fast", *map(str, args)],
+        cwd=str(REPO),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_one_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -76,8 +98,14 @@ def _steps(run_dir) -> list[int]:
 def test_a_second_run_on_a_locked_run_dir_refuses_naming_the_pid(tmp_path, image_dir):
     run_dir = tmp_path / "run"
     kwargs = teacher_kwargs(run_dir, image_dir, steps=40, ckpt_every=1000, log_every=1)
-    first = subprocess.Popen([sys.executable, str(WORKER), "teacher", json.dumps(kwargs), "--slow", "0.5"],
-                             cwd=str(REPO), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [sys.executable, str(WORKER), "teacher", json.dumps(kwargs), "--slow", "0.5"],
+        cwd=str(REPO),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         stats = run_dir / "stats.jsonl"
         deadline = time.monotonic() + 120
@@ -226,16 +254,24 @@ def onnx_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     torch.manual_seed(0)
     generator = Generator(Teacher(build_unet("tiny", 16, 3, 3), I2SBBridge()))
-    config = {**generator.config(), "nfe": 1, "degradation": "sr4x-bicubic", "image_size": 16, "channels": 3,
-              "inpainting": False}
+    config = {
+        **generator.config(),
+        "nfe": 1,
+        "degradation": "sr4x-bicubic",
+        "image_size": 16,
+        "channels": 3,
+        "inpainting": False,
+    }
     save_release(str(root / "g.safetensors"), generator.net, GENERATOR_FORMAT, config)
-    return export_onnx(str(root / "g.safetensors"), str(root / "model.onnx"), check=False, progress=False,
-                       exporter="torchscript")["onnx"]  # the quicker exporter: the runner is under test
+    return export_onnx(
+        str(root / "g.safetensors"), str(root / "model.onnx"), check=False, progress=False, exporter="torchscript"
+    )["onnx"]  # the quicker exporter: the runner is under test
 
 
 def run_runner(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], capture_output=True, text=True,
-                          timeout=120, env=_env())
+    return subprocess.run(
+        [sys.executable, str(RUNNER), *map(str, args)], capture_output=True, text=True, timeout=120, env=_env()
+    )
 
 
 def assert_runner_error(proc, *fragments) -> str:
@@ -307,8 +343,7 @@ def test_runner_output_that_cannot_be_written(onnx_model, tmp_path, monkeypatch,
         raise PermissionError(13, "Permission denied", str(tmp_path / "ro"))
 
     monkeypatch.setattr(runner.tempfile, "mkstemp", refuse)
-    assert runner.main(["--model", onnx_model, "--input", str(tmp_path / "in"), "--output",
-                        str(tmp_path / "ro")]) == 1
+    assert runner.main(["--model", onnx_model, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "ro")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "run_onnx: error:" in err[0] and "cannot write" in err[0], err
 
@@ -335,8 +370,7 @@ def test_runner_inputs_vanishing_mid_run(onnx_model, tmp_path, monkeypatch, caps
         return items
 
     monkeypatch.setattr(runner, "list_inputs", list_then_delete)
-    assert runner.main(["--model", onnx_model, "--input", str(tmp_path / "in"), "--output",
-                        str(tmp_path / "out")]) == 1
+    assert runner.main(["--model", onnx_model, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 1
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
     assert len(err) == 1 and "no readable input image" in err[0], err
 
@@ -407,8 +441,11 @@ def test_image_size_the_unet_cannot_take(tmp_path):
 def test_out_of_memory_says_lower_batch_size_with_the_sizes(tmp_path, monkeypatch):
     import ibmd_fast.train
 
-    for exc in (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1234 bytes."),
-                torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")):
+    for exc in (
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1234 bytes."),
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ):
+
         def boom(cfg, exc=exc):
             raise exc
 
@@ -418,9 +455,15 @@ def test_out_of_memory_says_lower_batch_size_with_the_sizes(tmp_path, monkeypatc
 
 
 def test_config_nulls_and_wrong_types_are_refused(tmp_path):
-    cases = {"steps: null": "steps", "run_dir: null": "run_dir", "steps: true": "integer",
-             "steps: 2.7": "integer", "lr: yes": "number", "conditional: 1": "true or false",
-             "data: 3": "text"}
+    cases = {
+        "steps: null": "steps",
+        "run_dir: null": "run_dir",
+        "steps: true": "integer",
+        "steps: 2.7": "integer",
+        "lr: yes": "number",
+        "conditional: 1": "true or false",
+        "data: 3": "text",
+    }
     for text, fragment in cases.items():
         path = tmp_path / "c.yaml"
         path.write_text(text + "\n")
@@ -472,9 +515,11 @@ def test_steps_zero_and_one_pixel_images_warn(tmp_path):
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; from ibmd_fast.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    code = (
+        "import sys; from ibmd_fast.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.stdout.strip().splitlines()[-1] == "NO-TORCH", proc.stdout + proc.stderr
     assert "train-teacher" in proc.stdout and "export" in proc.stdout
@@ -487,8 +532,7 @@ def test_log_lines_do_not_print_over_the_progress_bar(tmp_path, monkeypatch):
     from ibmd_fast.train.distributed import DistEnv
 
     written = []
-    monkeypatch.setattr(tqdm, "write", classmethod(lambda cls, s, file=None, end="\n", nolock=False:
-                                                   written.append(s)))
+    monkeypatch.setattr(tqdm, "write", classmethod(lambda cls, s, file=None, end="\n", nolock=False: written.append(s)))
     RunLog(str(tmp_path), DistEnv())("a line")
     assert written == ["a line"]
 
@@ -540,8 +584,18 @@ def test_rerunning_a_finished_distillation_leaves_the_release(tmp_path, image_di
     from ibmd_fast.train import distill
 
     teacher = train_teacher(**teacher_kwargs(tmp_path / "t", image_dir, steps=1, ckpt_every=1))["release"]
-    kwargs = dict(run_dir=str(tmp_path / "d"), teacher=teacher, batch_size=4, steps=1, inner_steps=1,
-                  log_every=1, ckpt_every=1, eval_items=0, device="cpu", progress=False)
+    kwargs = dict(
+        run_dir=str(tmp_path / "d"),
+        teacher=teacher,
+        batch_size=4,
+        steps=1,
+        inner_steps=1,
+        log_every=1,
+        ckpt_every=1,
+        eval_items=0,
+        device="cpu",
+        progress=False,
+    )
     first = distill(**kwargs)
     before = Path(first["release"]).read_bytes()
     again = distill(**kwargs)

@@ -3,6 +3,7 @@
 Every check: a non-zero exit, one ``Error:`` line without a traceback, and every file that was
 there before byte-identical after. Tiny releases (the ``tiny`` U-Net at 16 px) keep it fast.
 """
+
 import errno
 import json
 import os
@@ -55,10 +56,24 @@ def _generator_config():
     torch.manual_seed(0)
     teacher = Teacher(build_unet("tiny", 16, 3, 3), I2SBBridge(n_steps=50))
     generator = Generator(teacher)
-    config = {**generator.config(), "nfe": 1, "degradation": "sr4x-bicubic", "image_size": 16, "channels": 3,
-              "inpainting": False}
-    tconfig = {"unet": teacher.net.config, "conditional": False, "bridge": teacher.bridge.config(), "nfe": 2,
-               "degradation": "sr4x-bicubic", "image_size": 16, "channels": 3, "data": "skimage"}
+    config = {
+        **generator.config(),
+        "nfe": 1,
+        "degradation": "sr4x-bicubic",
+        "image_size": 16,
+        "channels": 3,
+        "inpainting": False,
+    }
+    tconfig = {
+        "unet": teacher.net.config,
+        "conditional": False,
+        "bridge": teacher.bridge.config(),
+        "nfe": 2,
+        "degradation": "sr4x-bicubic",
+        "image_size": 16,
+        "channels": 3,
+        "data": "skimage",
+    }
     return teacher, generator, tconfig, config
 
 
@@ -80,14 +95,19 @@ def release_files(tmp_path_factory):
     teacher, generator, tconfig, gconfig = _generator_config()
     save_release(str(root / "teacher.safetensors"), teacher.net, TEACHER_FORMAT, tconfig)
     save_release(str(root / "generator.safetensors"), generator.net, GENERATOR_FORMAT, gconfig)
-    for name, fmt, config, net in (("teacher", TEACHER_FORMAT, tconfig, teacher.net),
-                                   ("generator", GENERATOR_FORMAT, gconfig, generator.net)):
+    for name, fmt, config, net in (
+        ("teacher", TEACHER_FORMAT, tconfig, teacher.net),
+        ("generator", GENERATOR_FORMAT, gconfig, generator.net),
+    ):
         state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
         key = next(k for k in sorted(state) if k.endswith("weight") and state[k].numel() > 8)
         state[key].view(-1)[:3] = float("nan")
         state[key].view(-1)[3] = float("inf")
-        save_file(state, str(root / f"{name}-nan.safetensors"),
-                  metadata={"format": fmt, "config": json.dumps({"normalization": "[-1,1]", **config})})
+        save_file(
+            state,
+            str(root / f"{name}-nan.safetensors"),
+            metadata={"format": fmt, "config": json.dumps({"normalization": "[-1,1]", **config})},
+        )
     return root, key
 
 
@@ -108,14 +128,56 @@ def test_nonfinite_releases_are_refused_by_every_command(releases, tmp_path):
     inputs = _inputs(tmp_path / "in")
     before = snapshot(root, inputs)
     gen_nan, teacher_nan = root / "generator-nan.safetensors", root / "teacher-nan.safetensors"
-    for args in (("sample", "--model", gen_nan, "--input", inputs, "--output", tmp_path / "out", "--device", "cpu"),
-                 ("sample", "--model", teacher_nan, "--input", inputs, "--output", tmp_path / "o2", "--nfe", 2,
-                  "--device", "cpu"),
-                 ("export", "--onnx", "--model", gen_nan, "--output", tmp_path / "m.onnx", "--no-check"),
-                 ("eval", "--teacher", "none", "--student", gen_nan, "--run-dir", tmp_path / "eval",
-                  "--num-images", 2, "--device", "cpu", "--classifier-epochs", 1, "--classifier-items", 8),
-                 ("distill", "--teacher", teacher_nan, "--run-dir", tmp_path / "d", "--steps", 1, "--batch-size", 2,
-                  "--eval-items", 0, "--device", "cpu", "--no-progress")):
+    for args in (
+        ("sample", "--model", gen_nan, "--input", inputs, "--output", tmp_path / "out", "--device", "cpu"),
+        (
+            "sample",
+            "--model",
+            teacher_nan,
+            "--input",
+            inputs,
+            "--output",
+            tmp_path / "o2",
+            "--nfe",
+            2,
+            "--device",
+            "cpu",
+        ),
+        ("export", "--onnx", "--model", gen_nan, "--output", tmp_path / "m.onnx", "--no-check"),
+        (
+            "eval",
+            "--teacher",
+            "none",
+            "--student",
+            gen_nan,
+            "--run-dir",
+            tmp_path / "eval",
+            "--num-images",
+            2,
+            "--device",
+            "cpu",
+            "--classifier-epochs",
+            1,
+            "--classifier-items",
+            8,
+        ),
+        (
+            "distill",
+            "--teacher",
+            teacher_nan,
+            "--run-dir",
+            tmp_path / "d",
+            "--steps",
+            1,
+            "--batch-size",
+            2,
+            "--eval-items",
+            0,
+            "--device",
+            "cpu",
+            "--no-progress",
+        ),
+    ):
         result = invoke(*args)
         assert_cli_error(result, key, "4 non-finite")
     assert_unchanged(before)
@@ -124,18 +186,21 @@ def test_nonfinite_releases_are_refused_by_every_command(releases, tmp_path):
 
 
 def test_nonfinite_and_out_of_range_options_name_the_option(tmp_path):
-    for args, name in ((("train-teacher", "--lr", "inf"), "--lr"),
-                       (("train-teacher", "--lr", "nan"), "--lr"),
-                       (("train-teacher", "--beta-max", "1e308"), "--beta-max"),
-                       (("train-teacher", "--grad-clip", "nan"), "--grad-clip"),
-                       (("distill", "--fake-lr", "inf"), "--fake-lr"),
-                       (("sample", "--eta", "nan"), "--eta")):
+    for args, name in (
+        (("train-teacher", "--lr", "inf"), "--lr"),
+        (("train-teacher", "--lr", "nan"), "--lr"),
+        (("train-teacher", "--beta-max", "1e308"), "--beta-max"),
+        (("train-teacher", "--grad-clip", "nan"), "--grad-clip"),
+        (("distill", "--fake-lr", "inf"), "--fake-lr"),
+        (("sample", "--eta", "nan"), "--eta"),
+    ):
         result = invoke(*args, "--dry-run") if args[0] != "sample" else invoke(*args, "--model", tmp_path / "x")
         assert_cli_error(result, name)
     source = tmp_path / "ddbm.pt"
     source.write_bytes(b"")
-    result = invoke("import-teacher", source, "--format", "ddbm", "--out", tmp_path / "t.safetensors",
-                    "--beta-d", "nan")
+    result = invoke(
+        "import-teacher", source, "--format", "ddbm", "--out", tmp_path / "t.safetensors", "--beta-d", "nan"
+    )
     assert_cli_error(result, "--beta-d")
     config = tmp_path / "c.yaml"
     for text, name in (("lr: .inf\n", "lr"), ("beta_max: 1.0e+308\n", "beta_max"), ("ema_decay: .nan\n", "ema_decay")):
@@ -183,14 +248,32 @@ def test_outputs_of_another_kind_or_inputs_are_refused(releases, tmp_path):
     before = snapshot(root, inputs)
     assert_cli_error(invoke("export", "--onnx", "--model", gen, "--output", gen, "--no-check"), str(gen))
     assert_cli_error(invoke("export", "--onnx", "--model", gen, "--output", teacher, "--no-check"), str(teacher))
-    assert_cli_error(invoke("train-classifier", "--output", teacher, "--epochs", 1, "--max-items", 8,
-                            "--image-size", 8, "--device", "cpu"), str(teacher))
+    assert_cli_error(
+        invoke(
+            "train-classifier",
+            "--output",
+            teacher,
+            "--epochs",
+            1,
+            "--max-items",
+            8,
+            "--image-size",
+            8,
+            "--device",
+            "cpu",
+        ),
+        str(teacher),
+    )
     source = tmp_path / "ddbm.pt"
     torch.save({}, source)
-    assert_cli_error(invoke("import-teacher", source, "--format", "ddbm", "--out", teacher, "--preset", "e2h"),
-                     str(teacher), "--overwrite")
-    assert_cli_error(invoke("import-teacher", source, "--format", "ddbm", "--out", gen, "--overwrite",
-                            "--preset", "e2h"), str(gen))
+    assert_cli_error(
+        invoke("import-teacher", source, "--format", "ddbm", "--out", teacher, "--preset", "e2h"),
+        str(teacher),
+        "--overwrite",
+    )
+    assert_cli_error(
+        invoke("import-teacher", source, "--format", "ddbm", "--out", gen, "--overwrite", "--preset", "e2h"), str(gen)
+    )
     # import-teacher onto its own kind: only with --overwrite
     from test_importers import SIZE, write_i2sb_run
 
@@ -205,8 +288,11 @@ def test_outputs_of_another_kind_or_inputs_are_refused(releases, tmp_path):
     assert result.exit_code == 0, result.output
     assert out.read_bytes() != first
     # sample: the output inside the input folder would be read back as input next time
-    assert_cli_error(invoke("sample", "--model", gen, "--input", inputs, "--output", inputs / "restored",
-                            "--device", "cpu"), "--output", "input")
+    assert_cli_error(
+        invoke("sample", "--model", gen, "--input", inputs, "--output", inputs / "restored", "--device", "cpu"),
+        "--output",
+        "input",
+    )
     assert_unchanged(before)
     assert sorted(p.name for p in inputs.iterdir()) == ["0.png", "1.png"]
 
@@ -219,8 +305,9 @@ def test_an_existing_output_of_its_own_kind_needs_overwrite(releases, tmp_path):
 
     export_onnx(str(gen), str(onnx_path), check=False, progress=False, exporter="torchscript")
     before = snapshot(tmp_path)
-    assert_cli_error(invoke("export", "--onnx", "--model", gen, "--output", onnx_path, "--no-check"),
-                     str(onnx_path), "--overwrite")
+    assert_cli_error(
+        invoke("export", "--onnx", "--model", gen, "--output", onnx_path, "--no-check"), str(onnx_path), "--overwrite"
+    )
     assert_unchanged(before)
 
 
@@ -269,8 +356,11 @@ def test_a_damaged_release_is_refused(releases, tmp_path):
     _flip(damaged, damaged.stat().st_size // 2)
     inputs = _inputs(tmp_path / "in")
     before = snapshot(tmp_path)
-    assert_cli_error(invoke("sample", "--model", damaged, "--input", inputs, "--output", tmp_path / "out",
-                            "--device", "cpu"), str(damaged), "damaged")
+    assert_cli_error(
+        invoke("sample", "--model", damaged, "--input", inputs, "--output", tmp_path / "out", "--device", "cpu"),
+        str(damaged),
+        "damaged",
+    )
     assert_unchanged(before)
 
 
@@ -309,12 +399,19 @@ def test_messages_name_the_thing(releases, tmp_path, image_dir):
     root, _ = releases
     folder = tmp_path / "folder"
     folder.mkdir()
-    assert_cli_error(invoke("distill", "--teacher", folder, "--run-dir", tmp_path / "d", "--steps", 1,
-                            "--device", "cpu"), str(folder), "is a folder")
-    assert_cli_error(invoke("train-teacher", *_cli_args(teacher_kwargs(tmp_path / "t", image_dir, steps=1)),
-                            "--resume", folder), str(folder), "is a folder")
-    assert_cli_error(invoke("export", "--onnx", "--model", folder, "--output", tmp_path / "m.onnx"),
-                     str(folder), "is a folder")
+    assert_cli_error(
+        invoke("distill", "--teacher", folder, "--run-dir", tmp_path / "d", "--steps", 1, "--device", "cpu"),
+        str(folder),
+        "is a folder",
+    )
+    assert_cli_error(
+        invoke("train-teacher", *_cli_args(teacher_kwargs(tmp_path / "t", image_dir, steps=1)), "--resume", folder),
+        str(folder),
+        "is a folder",
+    )
+    assert_cli_error(
+        invoke("export", "--onnx", "--model", folder, "--output", tmp_path / "m.onnx"), str(folder), "is a folder"
+    )
     assert_cli_error(invoke("sample", "--model", folder), str(folder), "is a folder")
     assert_cli_error(invoke("sample", "--model", root / "generator.safetensors", "--seed", 2**64), "--seed")
     assert_cli_error(invoke("train-teacher", "--seed", 2**64, "--dry-run"), "--seed")
@@ -330,14 +427,28 @@ def test_messages_name_the_thing(releases, tmp_path, image_dir):
     metadata["config"] = json.dumps(config)
     metadata.pop("sha256", None)
     save_file(state, str(bad), metadata=metadata)
-    assert_cli_error(invoke("sample", "--model", bad, "--input", _inputs(tmp_path / "in"), "--output",
-                            tmp_path / "out", "--device", "cpu"), str(bad), "nfe")
+    assert_cli_error(
+        invoke(
+            "sample",
+            "--model",
+            bad,
+            "--input",
+            _inputs(tmp_path / "in"),
+            "--output",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+        ),
+        str(bad),
+        "nfe",
+    )
 
 
 def test_run_onnx_seed_out_of_range_is_one_line(tmp_path):
     _inputs(tmp_path / "in")
-    proc = run_runner("--model", tmp_path / "missing.onnx", "--input", tmp_path / "in", "--output", tmp_path / "o",
-                      "--seed", -1)
+    proc = run_runner(
+        "--model", tmp_path / "missing.onnx", "--input", tmp_path / "in", "--output", tmp_path / "o", "--seed", -1
+    )
     assert_runner_error(proc, "--seed")
 
 
@@ -370,10 +481,14 @@ def test_eval_and_train_classifier_check_their_output_before_training(tmp_path, 
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     locked.mkdir()
-    assert_cli_error(invoke("train-classifier", "--output", locked / "c.safetensors", "--device", "cpu"),
-                     str(locked), "cannot write")
-    assert_cli_error(invoke("eval", "--run-dir", locked / "eval", "--student", "none", "--device", "cpu"), str(locked),
-                     "cannot write")
+    assert_cli_error(
+        invoke("train-classifier", "--output", locked / "c.safetensors", "--device", "cpu"), str(locked), "cannot write"
+    )
+    assert_cli_error(
+        invoke("eval", "--run-dir", locked / "eval", "--student", "none", "--device", "cpu"),
+        str(locked),
+        "cannot write",
+    )
 
 
 def test_resuming_with_other_training_options_says_which(tmp_path, image_dir):
@@ -405,8 +520,20 @@ def test_sample_upsample_beyond_memory_is_refused_with_the_figure(releases, tmp_
     root, _ = releases
     inputs = _inputs(tmp_path / "in", size=(4, 4))
     before = snapshot(inputs)
-    proc = run_cli("sample", "--model", root / "generator.safetensors", "--input", inputs, "--output",
-                   tmp_path / "out", "--upsample", 4000, "--device", "cpu", timeout=120)
+    proc = run_cli(
+        "sample",
+        "--model",
+        root / "generator.safetensors",
+        "--input",
+        inputs,
+        "--output",
+        tmp_path / "out",
+        "--upsample",
+        4000,
+        "--device",
+        "cpu",
+        timeout=120,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "--upsample 4000" in errors[0] and "GiB" in errors[0], proc.stderr

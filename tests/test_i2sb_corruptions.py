@@ -13,6 +13,7 @@ whose order of equal products is the device's; here it is the stable order (what
 sort gives on the GPU that built I2SB's operators at 256 px, by our reading of torch's sort;
 not checked on a GPU). The CPU's default order moves blur outputs by up to 0.04.
 """
+
 from __future__ import annotations
 
 
@@ -43,12 +44,14 @@ DDRM_ZERO = 3e-2
 
 def ref_sr_bicubic(img: torch.Tensor, factor: int = 4) -> torch.Tensor:
     """build_sr_bicubic + SRConv.H + nearest Upsample, as I2SB's sr4x('bicubic')."""
+
     def keys(x, a=-0.5):
         if abs(x) <= 1:
             return (a + 2) * abs(x) ** 3 - (a + 3) * abs(x) ** 2 + 1
         if 1 < abs(x) < 2:
             return a * abs(x) ** 3 - 5 * a * abs(x) ** 2 + 8 * a * abs(x) - 4 * a
         return 0
+
     k = np.zeros(factor * 4)
     for i in range(factor * 4):
         k[i] = keys((1 / factor) * (i - np.floor(factor * 4 / 2) + 0.5))
@@ -68,17 +71,19 @@ def ref_sr_bicubic(img: torch.Tensor, factor: int = 4) -> torch.Tensor:
             H_small[i // factor, je] += kernel[j - i + kernel.shape[0] // 2]
     U, s, V = torch.svd(H_small, some=False)
     s[s < DDRM_ZERO] = 0
-    singulars = (s.reshape(small, 1) @ s.reshape(1, small)).reshape(small ** 2)
-    perm = torch.tensor([dim * i + j for i in range(small) for j in range(small)]
-                        + [dim * i + j for i in range(small) for j in range(small, dim)]).long()
+    singulars = (s.reshape(small, 1) @ s.reshape(1, small)).reshape(small**2)
+    perm = torch.tensor(
+        [dim * i + j for i in range(small) for j in range(small)]
+        + [dim * i + j for i in range(small) for j in range(small, dim)]
+    ).long()
     # Vt: V^T x V, the permutation, channels interleaved
     t = (V.t() @ img.reshape(b * c, dim, dim) @ V).reshape(b, c, -1)
-    t[:, :, :perm.shape[0]] = t[:, :, perm]
+    t[:, :, : perm.shape[0]] = t[:, :, perm]
     t = t.permute(0, 2, 1).reshape(b, -1)
     sing = singulars.repeat_interleave(3).reshape(-1)
-    t = sing * t[:, :sing.shape[0]]
+    t = sing * t[:, : sing.shape[0]]
     # U: back to [C, small, small], U y U^T
-    u = t.reshape(b, small ** 2, c).permute(0, 2, 1).reshape(b * c, small, small)
+    u = t.reshape(b, small**2, c).permute(0, 2, 1).reshape(b * c, small, small)
     low = (U @ u @ U.t()).reshape(b, c, small, small)
     return F.interpolate(low, scale_factor=factor, mode="nearest")
 
@@ -101,15 +106,15 @@ def ref_blur(img: torch.Tensor, kind: str, stable: bool = True) -> torch.Tensor:
             H_small[i, j] = kernel[j - i + kernel.shape[0] // 2]
     U, s, V = torch.svd(H_small, some=False)
     s[s < DDRM_ZERO] = 0
-    singulars = (s.reshape(dim, 1) @ s.reshape(1, dim)).reshape(dim ** 2)
+    singulars = (s.reshape(dim, 1) @ s.reshape(1, dim)).reshape(dim**2)
     singulars, perm = singulars.sort(descending=True, stable=stable)
     x = (img + 1) / 2
     t = (V.t() @ x.reshape(b * c, dim, dim) @ V).reshape(b, c, -1)
     t = t[:, :, perm].permute(0, 2, 1).reshape(b, -1)
     sing = singulars.repeat(1, 3).reshape(-1)
-    t = sing * t[:, :sing.shape[0]]
-    u = torch.zeros(b, dim ** 2, c)
-    u[:, perm, :] = t.reshape(b, dim ** 2, c)
+    t = sing * t[:, : sing.shape[0]]
+    u = torch.zeros(b, dim**2, c)
+    u[:, perm, :] = t.reshape(b, dim**2, c)
     u = u.permute(0, 2, 1).reshape(b * c, dim, dim)
     y = (U @ u @ U.t()).reshape(b, c, dim, dim)
     return y * 2 - 1
@@ -148,8 +153,8 @@ def ref_idct_ortho(X: torch.Tensor) -> torch.Tensor:
     V = torch.cat([V_r.unsqueeze(2), V_i.unsqueeze(2)], dim=2)
     v = torch.fft.irfft(torch.view_as_complex(V), n=V.shape[1], dim=1)
     x = v.new_zeros(v.shape)
-    x[:, ::2] += v[:, :N - (N // 2)]
-    x[:, 1::2] += v.flip([1])[:, :N // 2]
+    x[:, ::2] += v[:, : N - (N // 2)]
+    x[:, 1::2] += v.flip([1])[:, : N // 2]
     return x.view(*shape)
 
 
@@ -160,11 +165,111 @@ def ref_linear_2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def ref_tables(qf: int):
-    q1 = torch.tensor([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69,
-                       56, 14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81,
-                       104, 113, 92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99])
-    q2 = torch.tensor([17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24, 26, 56, 99, 99, 99, 99,
-                       99, 47, 66, 99, 99, 99, 99, 99, 99] + [99] * 32)
+    q1 = torch.tensor(
+        [
+            16,
+            11,
+            10,
+            16,
+            24,
+            40,
+            51,
+            61,
+            12,
+            12,
+            14,
+            19,
+            26,
+            58,
+            60,
+            55,
+            14,
+            13,
+            16,
+            24,
+            40,
+            57,
+            69,
+            56,
+            14,
+            17,
+            22,
+            29,
+            51,
+            87,
+            80,
+            62,
+            18,
+            22,
+            37,
+            56,
+            68,
+            109,
+            103,
+            77,
+            24,
+            35,
+            55,
+            64,
+            81,
+            104,
+            113,
+            92,
+            49,
+            64,
+            78,
+            87,
+            103,
+            121,
+            120,
+            101,
+            72,
+            92,
+            95,
+            98,
+            112,
+            100,
+            103,
+            99,
+        ]
+    )
+    q2 = torch.tensor(
+        [
+            17,
+            18,
+            24,
+            47,
+            99,
+            99,
+            99,
+            99,
+            18,
+            21,
+            26,
+            66,
+            99,
+            99,
+            99,
+            99,
+            24,
+            26,
+            56,
+            99,
+            99,
+            99,
+            99,
+            99,
+            47,
+            66,
+            99,
+            99,
+            99,
+            99,
+            99,
+            99,
+        ]
+        + [99] * 32
+    )
     s = (5000 / qf) if qf < 50 else (200 - 2 * qf)
     q1 = torch.floor((s * q1 + 50) / 100)
     q1[q1 <= 0] = 1
@@ -183,7 +288,7 @@ def ref_jpeg(img: torch.Tensor, qf: int) -> torch.Tensor:
     # encode
     x = (img + 1) / 2 * 255
     n_batch, _, n_size, _ = x.shape
-    to_ycc = torch.tensor([[.299, .587, .114], [-.1687, -.3313, .5], [.5, -.4187, -.0813]])
+    to_ycc = torch.tensor([[0.299, 0.587, 0.114], [-0.1687, -0.3313, 0.5], [0.5, -0.4187, -0.0813]])
     x = torch.tensordot(x, to_ycc, dims=([1], [1])).transpose(3, 2).transpose(2, 1)
     x[:, 1:] += 128
     luma, chroma = x[:, 0:1], x[:, 1:, ::2, ::2]
@@ -212,8 +317,13 @@ def ref_jpeg(img: torch.Tensor, qf: int) -> torch.Tensor:
         for dx in (0, 1):
             up[:, :, dy::2, dx::2] = chroma
     x = torch.cat([luma, up], dim=1)
-    to_rgb = torch.tensor([[1.0, -3.68199903e-05, 1.40198758e+00], [1.0, -3.44113281e-01, -7.14103821e-01],
-                           [1.0, 1.77197812e+00, -1.34583413e-04]])
+    to_rgb = torch.tensor(
+        [
+            [1.0, -3.68199903e-05, 1.40198758e00],
+            [1.0, -3.44113281e-01, -7.14103821e-01],
+            [1.0, 1.77197812e00, -1.34583413e-04],
+        ]
+    )
     x[:, 1:] -= 128
     x = torch.tensordot(x, to_rgb, dims=([1], [1])).transpose(3, 2).transpose(2, 1)
     return x / 255 * 2 - 1
@@ -334,7 +444,7 @@ def ref_load_masks(filename, count):
     """inpaint.py load_masks with its fixed shape (count instead of 10000)."""
     shape = [count, 256, 256]
     data = dict(np.load(filename))
-    return {k: np.unpackbits(v, axis=None)[:np.prod(shape)].reshape(shape).astype(np.uint8) for k, v in data.items()}
+    return {k: np.unpackbits(v, axis=None)[: np.prod(shape)].reshape(shape).astype(np.uint8) for k, v in data.items()}
 
 
 @pytest.mark.parametrize("ratio,key", [("1020", "10-20% freeform"), ("2030", "20-30% freeform")])
@@ -402,22 +512,62 @@ def write_i2sb_run(folder, corrupt: str, size: int = 16):
     from ibmd_fast.models import UNet
 
     folder.mkdir(parents=True, exist_ok=True)
-    gd = dict(image_size=size, num_channels=32, num_res_blocks=1, channel_mult="1,2", learn_sigma=False,
-              class_cond=False, attention_resolutions="8", num_heads=2, num_head_channels=-1, num_heads_upsample=-1,
-              use_scale_shift_norm=True, dropout=0.0, resblock_updown=True, use_fp16=False,
-              use_new_attention_order=False)
+    gd = dict(
+        image_size=size,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult="1,2",
+        learn_sigma=False,
+        class_cond=False,
+        attention_resolutions="8",
+        num_heads=2,
+        num_head_channels=-1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=True,
+        dropout=0.0,
+        resblock_updown=True,
+        use_fp16=False,
+        use_new_attention_order=False,
+    )
     torch.manual_seed(0)
-    net = UNet(image_size=size, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-               attention_resolutions=[2], channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True,
-               resblock_updown=True)
+    net = UNet(
+        image_size=size,
+        in_channels=3,
+        model_channels=32,
+        out_channels=3,
+        num_res_blocks=1,
+        attention_resolutions=[2],
+        channel_mult=(1, 2),
+        num_heads=2,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+    )
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn_like(p) * 0.05)
-    torch.save({"net": {f"diffusion_model.{k}": v for k, v in net.state_dict().items()},
-                "ema": {"decay": 0.99, "num_updates": 1, "collected_params": None,
-                        "shadow_params": [p.detach().clone() for p in net.parameters()]}}, folder / "latest.pt")
-    options = argparse.Namespace(image_size=size, corrupt=corrupt, t0=1e-4, T=1.0, interval=50, beta_max=0.3,
-                                 ot_ode=False, cond_x1=False, device="cuda")
+    torch.save(
+        {
+            "net": {f"diffusion_model.{k}": v for k, v in net.state_dict().items()},
+            "ema": {
+                "decay": 0.99,
+                "num_updates": 1,
+                "collected_params": None,
+                "shadow_params": [p.detach().clone() for p in net.parameters()],
+            },
+        },
+        folder / "latest.pt",
+    )
+    options = argparse.Namespace(
+        image_size=size,
+        corrupt=corrupt,
+        t0=1e-4,
+        T=1.0,
+        interval=50,
+        beta_max=0.3,
+        ot_ode=False,
+        cond_x1=False,
+        device="cuda",
+    )
     with open(folder / "options.pkl", "wb") as fh:
         pickle.dump(options, fh)
     with open(folder / "256x256_diffusion_uncond_fixedsigma.pkl", "wb") as fh:
@@ -447,9 +597,23 @@ def test_imported_i2sb_teacher_distills_on_its_own_corruption(tmp_path, monkeypa
         return original(x, arg)
 
     monkeypatch.setattr(ops, operator, spy)
-    summary = distill(run_dir=str(tmp_path / "distill"), teacher=str(release), data="skimage", image_size=16,
-                      batch_size=2, steps=2, inner_steps=1, log_every=1, ckpt_every=2, eval_items=2,
-                      eval_teacher_nfe=(1,), device="cpu", progress=False, lr=1e-6, fake_lr=1e-6)
+    summary = distill(
+        run_dir=str(tmp_path / "distill"),
+        teacher=str(release),
+        data="skimage",
+        image_size=16,
+        batch_size=2,
+        steps=2,
+        inner_steps=1,
+        log_every=1,
+        ckpt_every=2,
+        eval_items=2,
+        eval_teacher_nfe=(1,),
+        device="cpu",
+        progress=False,
+        lr=1e-6,
+        fake_lr=1e-6,
+    )
     assert np.isfinite(summary["loss_theta"]) and np.isfinite(summary["loss_phi"])
     want = 10 if corrupt == "jpeg-10" else "gauss"
     training = [shape for shape, arg in calls if shape[-2:] == (16, 16)]
@@ -473,15 +637,18 @@ def test_import_refuses_mixture_and_unknown_corruptions(tmp_path):
         import_teacher(tmp_path / "mix", "i2sb", tmp_path / "t.safetensors")
     assert "\n" not in str(info.value) and "mixture" in str(info.value) and "no single operator" in str(info.value)
     # the user may pick one of the mixture's corruptions
-    assert import_teacher(tmp_path / "mix", "i2sb", tmp_path / "t.safetensors",
-                          degradation="blur-uni")["degradation"] == "blur-uni"
+    assert (
+        import_teacher(tmp_path / "mix", "i2sb", tmp_path / "t.safetensors", degradation="blur-uni")["degradation"]
+        == "blur-uni"
+    )
     write_i2sb_run(tmp_path / "odd", "jpeg-10-libjpeg")
     with pytest.raises(TeacherImportError, match="not one of I2SB's corruptions"):
         import_teacher(tmp_path / "odd", "i2sb", tmp_path / "t.safetensors")
     # a free-form teacher imports without the mask file (distilling it needs --masks)
     write_i2sb_run(tmp_path / "free", "inpaint-freeform2030")
-    assert import_teacher(tmp_path / "free", "i2sb", tmp_path / "f.safetensors")["degradation"] == \
-        "inpaint-freeform2030"
+    assert (
+        import_teacher(tmp_path / "free", "i2sb", tmp_path / "f.safetensors")["degradation"] == "inpaint-freeform2030"
+    )
 
 
 def _one_error_line(result, *fragments):
@@ -502,24 +669,95 @@ def test_cli_masks_option(tmp_path):
 
     # without the file: one line naming the file and where it comes from, for every command that corrupts
     for command in ("train-teacher", "distill"):
-        _one_error_line(invoke(command, "--degradation", "inpaint-freeform1020", "--dry-run"),
-                        "--masks", "imagenet_freeform_masks.npz", "drive.google.com")
+        _one_error_line(
+            invoke(command, "--degradation", "inpaint-freeform1020", "--dry-run"),
+            "--masks",
+            "imagenet_freeform_masks.npz",
+            "drive.google.com",
+        )
     masks = tmp_path / "imagenet_freeform1020_masks.npz"
     write_i2sb_masks(masks, 16)
-    result = invoke("train-teacher", "--degradation", "inpaint-freeform1020", "--masks", masks, "--image-size", 16,
-                    "--steps", 1, "--batch-size", 2, "--beta-max", 1.0, "--run-dir", tmp_path / "teacher",
-                    "--device", "cpu", "--no-progress", "--sample-nfe", 2, "--n-steps", 20)
+    result = invoke(
+        "train-teacher",
+        "--degradation",
+        "inpaint-freeform1020",
+        "--masks",
+        masks,
+        "--image-size",
+        16,
+        "--steps",
+        1,
+        "--batch-size",
+        2,
+        "--beta-max",
+        1.0,
+        "--run-dir",
+        tmp_path / "teacher",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--sample-nfe",
+        2,
+        "--n-steps",
+        20,
+    )
     assert result.exit_code == 0, result.output
     release = tmp_path / "teacher" / "teacher.safetensors"
-    _one_error_line(invoke("eval", "--teacher", release, "--student", "none", "--teacher-nfe", 1,
-                           "--num-images", 2, "--run-dir", tmp_path / "eval"), "--masks", "freeform1020")
-    result = invoke("eval", "--teacher", release, "--student", "none", "--teacher-nfe", 1, "--num-images", 2,
-                    "--masks", masks, "--run-dir", tmp_path / "eval", "--classifier-epochs", 1,
-                    "--classifier-items", 8, "--device", "cpu", "--no-progress")
+    _one_error_line(
+        invoke(
+            "eval",
+            "--teacher",
+            release,
+            "--student",
+            "none",
+            "--teacher-nfe",
+            1,
+            "--num-images",
+            2,
+            "--run-dir",
+            tmp_path / "eval",
+        ),
+        "--masks",
+        "freeform1020",
+    )
+    result = invoke(
+        "eval",
+        "--teacher",
+        release,
+        "--student",
+        "none",
+        "--teacher-nfe",
+        1,
+        "--num-images",
+        2,
+        "--masks",
+        masks,
+        "--run-dir",
+        tmp_path / "eval",
+        "--classifier-epochs",
+        1,
+        "--classifier-items",
+        8,
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     _one_error_line(invoke("sample", "--model", release, "--output", tmp_path / "s"), "--masks")
-    result = invoke("sample", "--model", release, "--masks", masks, "--output", tmp_path / "s", "--num-images", 2,
-                    "--device", "cpu", "--no-progress")
+    result = invoke(
+        "sample",
+        "--model",
+        release,
+        "--masks",
+        masks,
+        "--output",
+        tmp_path / "s",
+        "--num-images",
+        2,
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
 
 

@@ -12,6 +12,7 @@ eps) is replayed from the step's generator. Also here: inpainting losses cover t
 both frozen networks run in eval mode, and multi-step students train from their own chain
 without gradient.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -109,14 +110,17 @@ def _plain_objective_grads(ibmd, batch, state):
     return torch.autograd.grad(loss, list(ibmd.generator.parameters()), allow_unused=True)
 
 
-@pytest.mark.parametrize("bridge", [pytest.param(I2SBBridge(n_steps=100), id="i2sb"),
-                                    pytest.param(VPBridge(), id="vp")])
+@pytest.mark.parametrize(
+    "bridge", [pytest.param(I2SBBridge(n_steps=100), id="i2sb"), pytest.param(VPBridge(), id="vp")]
+)
 def test_generator_step_gradient_is_the_objectives(bridge, monkeypatch):
     ibmd, batch = _ibmd(bridge), _batch()
     state = ibmd.rng.get_state()
     ours = _step_grads(ibmd, batch)
-    want = [torch.zeros_like(p) if g is None else g
-            for g, p in zip(_plain_objective_grads(ibmd, batch, state), ibmd.generator.parameters())]
+    want = [
+        torch.zeros_like(p) if g is None else g
+        for g, p in zip(_plain_objective_grads(ibmd, batch, state), ibmd.generator.parameters())
+    ]
     assert _rel_err(ours, want) <= 1e-6
     assert torch.cat([g.flatten() for g in want]).norm() > 0
 
@@ -219,8 +223,9 @@ def test_multistep_student_trains_from_its_own_chain_without_gradient():
         with torch.set_grad_enabled(with_grad):
             for m in (3, 2):
                 t, s = full(ibmd.grid[m - 1]), full(ibmd.grid[m - 2])
-                x = ibmd.bridge.posterior_step(x, ibmd.generator(xT, z, t=t, x_t=x), s, t,
-                                               seed=ibmd_module.draw_seed(ibmd.rng))
+                x = ibmd.bridge.posterior_step(
+                    x, ibmd.generator(xT, z, t=t, x_t=x), s, t, seed=ibmd_module.draw_seed(ibmd.rng)
+                )
         out = ibmd.generator(xT, z, t=full(ibmd.grid[0]), x_t=x)
         return out, torch.autograd.grad(out.square().sum(), params, allow_unused=True)
 
@@ -231,4 +236,3 @@ def test_multistep_student_trains_from_its_own_chain_without_gradient():
     # Backpropagating through the chain would be another gradient: the test can tell them apart.
     _, through_chain = chain(with_grad=True)
     assert _rel_err(fill(through_chain), fill(want)) > 1e-3
-

@@ -14,6 +14,7 @@ torch_ema shadow list, options.pkl as a pickled Namespace with Paths, DDBM's 2-d
 DBIM's squeezed ones), with small configs and every weight random (ADM zero-inits its output
 convolutions, which would make the network output 0 and the test vacuous).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 16
 # guided-diffusion create_model keywords of a small ADM (attention at 8 px, both orders tested)
-GD_KWARGS = dict(image_size=SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,2", learn_sigma=False,
-                 class_cond=False, attention_resolutions="8", num_heads=2, num_head_channels=-1,
-                 num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0, resblock_updown=True,
-                 use_fp16=False, use_new_attention_order=False)
+GD_KWARGS = dict(
+    image_size=SIZE,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    learn_sigma=False,
+    class_cond=False,
+    attention_resolutions="8",
+    num_heads=2,
+    num_head_channels=-1,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=True,
+    dropout=0.0,
+    resblock_updown=True,
+    use_fp16=False,
+    use_new_attention_order=False,
+)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -60,35 +74,73 @@ def random_unet(seed: int, **kwargs) -> UNet:
 
 
 def small_unet_kwargs(in_channels: int, out_channels: int = 3, new_order=False, classes=None) -> dict:
-    return dict(image_size=SIZE, in_channels=in_channels, model_channels=32, out_channels=out_channels,
-                num_res_blocks=1, attention_resolutions=[2], channel_mult=(1, 2), num_heads=2,
-                use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=new_order,
-                num_classes=classes)
+    return dict(
+        image_size=SIZE,
+        in_channels=in_channels,
+        model_channels=32,
+        out_channels=out_channels,
+        num_res_blocks=1,
+        attention_resolutions=[2],
+        channel_mult=(1, 2),
+        num_heads=2,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        use_new_attention_order=new_order,
+        num_classes=classes,
+    )
 
 
 # ----------------------------------------------------------------------------
 # I2SB: checkpoint layout and transcription
 
 
-def write_i2sb_run(folder: Path, cond: bool, interval=1000, beta_max=0.3, t0=1e-4, T=1.0, seed=0,
-                   kwargs_in_folder=True):
+def write_i2sb_run(
+    folder: Path, cond: bool, interval=1000, beta_max=0.3, t0=1e-4, T=1.0, seed=0, kwargs_in_folder=True
+):
     """An I2SB run folder: latest.pt (net with diffusion_model. keys, torch_ema state, optimizer,
     sched), options.pkl (a Namespace holding Paths) and the architecture pickle."""
     folder.mkdir(parents=True, exist_ok=True)
     raw = random_unet(seed, **small_unet_kwargs(6 if cond else 3))
     ema = random_unet(seed + 100, **small_unet_kwargs(6 if cond else 3))  # differs from raw everywhere
-    torch.save({
-        "net": {f"diffusion_model.{k}": v for k, v in raw.state_dict().items()},
-        "ema": {"decay": 0.99, "num_updates": 7, "shadow_params": [p.detach().clone() for p in ema.parameters()],
-                "collected_params": None},
-        "optimizer": {"state": {}, "param_groups": [{"lr": 5e-5, "params": list(range(5))}]},
-        "sched": None,
-    }, folder / "latest.pt")
+    torch.save(
+        {
+            "net": {f"diffusion_model.{k}": v for k, v in raw.state_dict().items()},
+            "ema": {
+                "decay": 0.99,
+                "num_updates": 7,
+                "shadow_params": [p.detach().clone() for p in ema.parameters()],
+                "collected_params": None,
+            },
+            "optimizer": {"state": {}, "param_groups": [{"lr": 5e-5, "params": list(range(5))}]},
+            "sched": None,
+        },
+        folder / "latest.pt",
+    )
     opt = argparse.Namespace(
-        seed=0, name="test", image_size=SIZE, corrupt="sr4x-pool", t0=t0, T=T, interval=interval,
-        beta_max=beta_max, ot_ode=False, clip_denoise=False, cond_x1=cond, add_x1_noise=False, batch_size=256,
-        microbatch=2, lr=5e-5, ema=0.99, dataset_dir=PosixPath("/dataset"), log_dir=Path(".log"),
-        ckpt_path=Path("results") / "test", load=None, device="cuda", distributed=False, use_fp16=False)
+        seed=0,
+        name="test",
+        image_size=SIZE,
+        corrupt="sr4x-pool",
+        t0=t0,
+        T=T,
+        interval=interval,
+        beta_max=beta_max,
+        ot_ode=False,
+        clip_denoise=False,
+        cond_x1=cond,
+        add_x1_noise=False,
+        batch_size=256,
+        microbatch=2,
+        lr=5e-5,
+        ema=0.99,
+        dataset_dir=PosixPath("/dataset"),
+        log_dir=Path(".log"),
+        ckpt_path=Path("results") / "test",
+        load=None,
+        device="cuda",
+        distributed=False,
+        use_fp16=False,
+    )
     with open(folder / "options.pkl", "wb") as fh:
         pickle.dump(opt, fh)
     kw = dict(GD_KWARGS, in_channels=6) if cond else dict(GD_KWARGS)
@@ -141,14 +193,20 @@ def test_i2sb_import_is_exact(tmp_path, cond):
 def test_i2sb_raw_weights_and_options(tmp_path):
     """--weights raw, a non-default interval / t0 / T / beta_max, and JSON model keywords."""
     opts = dict(interval=200, beta_max=1.0, t0=1e-3, T=0.9, cond_x1=False)
-    raw, _ = write_i2sb_run(tmp_path / "run", False, interval=200, beta_max=1.0, t0=1e-3, T=0.9,
-                            kwargs_in_folder=False)
+    raw, _ = write_i2sb_run(tmp_path / "run", False, interval=200, beta_max=1.0, t0=1e-3, T=0.9, kwargs_in_folder=False)
     (tmp_path / "kw.json").write_text(json.dumps(GD_KWARGS))
     out = tmp_path / "t.safetensors"
     import_teacher(tmp_path / "run" / "latest.pt", "i2sb", out, weights="raw", model_kwargs=str(tmp_path / "kw.json"))
     teacher, config = load_teacher(str(out))
-    assert config["bridge"] == {"type": "i2sb", "n_steps": 200, "beta_max": 1.0, "ot_ode": False, "t0": 1e-3,
-                                "T": 0.9, "float32_levels": True}
+    assert config["bridge"] == {
+        "type": "i2sb",
+        "n_steps": 200,
+        "beta_max": 1.0,
+        "ot_ode": False,
+        "t0": 1e-3,
+        "T": 0.9,
+        "float32_levels": True,
+    }
     xt = torch.randn(2, 3, SIZE, SIZE)
     for n in (0, 77, 199):
         step = torch.full((2,), n, dtype=torch.long)
@@ -176,8 +234,15 @@ def test_readers_return_what_they_found(tmp_path):
 
     net = random_unet(3, **small_unet_kwargs(6))
     torch.save(net.state_dict(), tmp_path / "ema_0.9999_000100.pt")
-    kw = dict(GD_KWARGS, in_channels=3, noise_schedule="vp", sigma_max=1.0, sigma_min=1e-4, condition_mode="concat",
-              degradation="sketch")
+    kw = dict(
+        GD_KWARGS,
+        in_channels=3,
+        noise_schedule="vp",
+        sigma_max=1.0,
+        sigma_min=1e-4,
+        condition_mode="concat",
+        degradation="sketch",
+    )
     (tmp_path / "kw.json").write_text(json.dumps(kw))
     found = read_ddbm(str(tmp_path / "ema_0.9999_000100.pt"), str(tmp_path / "kw.json"), None, {})
     assert (found.conditional, found.image_size, found.channels, found.degradation) == (True, SIZE, 3, "sketch")
@@ -256,13 +321,18 @@ def ddbm_reference_denoise(net: UNet, kw: dict, x_t, t, xT, y=None):
 
 
 def ddbm_original_scalings(schedule: str, t: torch.Tensor, kw: dict):
-    """alexzhou907/DDBM ``KarrasDenoiser.get_bridge_scalings`` (pred_mode ve / vp), transcribed: ``(c_skip, c_out, c_in)``."""
+    """alexzhou907/DDBM ``KarrasDenoiser.get_bridge_scalings`` (pred_mode ve / vp), transcribed:
+    ``(c_skip, c_out, c_in)``."""
     sd = sd_end = kw["sigma_data"]
     cov, c, t = kw["cov_xy"], 1.0, t.double()
     if schedule == "ve":
         T = kw["sigma_max"]
-        A = (t**4 / T**4 * sd_end**2 + (1 - t**2 / T**2) ** 2 * sd**2 + 2 * t**2 / T**2 * (1 - t**2 / T**2) * cov
-             + c**2 * t**2 * (1 - t**2 / T**2))
+        A = (
+            t**4 / T**4 * sd_end**2
+            + (1 - t**2 / T**2) ** 2 * sd**2
+            + 2 * t**2 / T**2 * (1 - t**2 / T**2) * cov
+            + c**2 * t**2 * (1 - t**2 / T**2)
+        )
         c_in = 1 / A**0.5
         c_skip = ((1 - t**2 / T**2) * sd**2 + t**2 / T**2 * cov) / A
         c_out = ((t / T) ** 4 * (sd_end**2 * sd**2 - cov**2) + sd**2 * c**2 * t**2 * (1 - t**2 / T**2)) ** 0.5 * c_in
@@ -283,8 +353,10 @@ def ddbm_original_scalings(schedule: str, t: torch.Tensor, kw: dict):
 
 def test_ddbm_and_dbim_scalings_agree():
     """DDBM's own get_bridge_scalings and DBIM's get_abc-based ones are the same functions (both transcribed)."""
-    for schedule, kw, times in (("vp", dict(beta_d=2.0, beta_min=0.1), [1e-4, 0.3, 0.99]),
-                                ("ve", dict(sigma_max=80.0), [0.002, 5.0, 79.9])):
+    for schedule, kw, times in (
+        ("vp", dict(beta_d=2.0, beta_min=0.1), [1e-4, 0.3, 0.99]),
+        ("ve", dict(sigma_max=80.0), [0.002, 5.0, 79.9]),
+    ):
         kw = dict(kw, sigma_data=0.6, cov_xy=0.1)
         t = torch.tensor(times, dtype=torch.float64)
         a, b, c = dbim_abc(schedule, t, kw)
@@ -293,8 +365,11 @@ def test_ddbm_and_dbim_scalings_agree():
         for ddbm, theirs in zip(ddbm_original_scalings(schedule, t, kw), dbim):
             # DDBM evaluates its VP logsnr_T = vp_logsnr(1, ...) on th.as_tensor(1): in float32
             torch.testing.assert_close(ddbm, theirs, rtol=1e-10 if schedule == "ve" else 1e-6, atol=0)
-        bridge = VEBridge(sigma_data=0.6, cov_xy=0.1) if schedule == "ve" else \
-            bridge_from_config({"type": "vp", "sigma_data": 0.6, "cov_xy": 0.1})
+        bridge = (
+            VEBridge(sigma_data=0.6, cov_xy=0.1)
+            if schedule == "ve"
+            else bridge_from_config({"type": "vp", "sigma_data": 0.6, "cov_xy": 0.1})
+        )
         c_skip, c_out, c_in, _ = bridge.precond(t)
         for ours, theirs in zip((c_skip, c_out, c_in), dbim):
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=0)
@@ -318,21 +393,41 @@ def write_ddbm_ckpt(path: Path, net: UNet, layout: str) -> None:
 
 DDBM_CASES = {
     # name: (kwargs for the import, kwargs of the transcription, checkpoint layout, times)
-    "vp": (dict(noise_schedule="vp", beta_d=2.0, beta_min=0.1, sigma_max=1.0, sigma_min=1e-4),
-           "ddbm", [1e-4, 0.05, 0.5, 0.9, 1.0]),
-    "ve": (dict(noise_schedule="ve", sigma_max=80.0, sigma_min=0.002, sigma_data=0.6, cov_xy=0.1),
-           "squeezed", [0.002, 0.3, 10.0, 79.0, 80.0]),
-    "i2sb_cond": (dict(noise_schedule="i2sb_cond", beta_max=1.0, beta_min=0.1, sigma_max=1.0, sigma_min=1e-4),
-                  "adapted", [1e-4, 0.25, 0.5, 0.777, 1.0]),
+    "vp": (
+        dict(noise_schedule="vp", beta_d=2.0, beta_min=0.1, sigma_max=1.0, sigma_min=1e-4),
+        "ddbm",
+        [1e-4, 0.05, 0.5, 0.9, 1.0],
+    ),
+    "ve": (
+        dict(noise_schedule="ve", sigma_max=80.0, sigma_min=0.002, sigma_data=0.6, cov_xy=0.1),
+        "squeezed",
+        [0.002, 0.3, 10.0, 79.0, 80.0],
+    ),
+    "i2sb_cond": (
+        dict(noise_schedule="i2sb_cond", beta_max=1.0, beta_min=0.1, sigma_max=1.0, sigma_min=1e-4),
+        "adapted",
+        [1e-4, 0.25, 0.5, 0.777, 1.0],
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(DDBM_CASES))
 def test_ddbm_import_is_exact(tmp_path, case):
     schedule_kw, layout, times = DDBM_CASES[case]
-    kw = dict(image_size=SIZE, in_channels=3, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-              attention_resolutions="8", num_heads=2, num_head_channels=-1, use_new_attention_order=(case != "vp"),
-              condition_mode="concat", sigma_data=0.5, cov_xy=0.0)
+    kw = dict(
+        image_size=SIZE,
+        in_channels=3,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult="1,2",
+        attention_resolutions="8",
+        num_heads=2,
+        num_head_channels=-1,
+        use_new_attention_order=(case != "vp"),
+        condition_mode="concat",
+        sigma_data=0.5,
+        cov_xy=0.0,
+    )
     kw.update(schedule_kw)
     net = random_unet(3, **small_unet_kwargs(6, new_order=kw["use_new_attention_order"]))
     ckpt = tmp_path / "e2h_ema_0.9999_420000.pt"
@@ -366,14 +461,26 @@ def test_presets_build_the_released_architectures():
     for name, (size, ch, blocks, rates, mult, new_order, classes, dropout, bridge) in expect.items():
         kw = ddbm_kwargs(name, None, {})
         unet = unet_kwargs(kw, 6, 3)
-        assert (unet["image_size"], unet["model_channels"], unet["num_res_blocks"], unet["attention_resolutions"],
-                list(unet["channel_mult"]), unet["use_new_attention_order"], unet["num_classes"], unet["dropout"]) \
-            == (size, ch, blocks, rates, mult, new_order, classes, dropout), name
+        assert (
+            unet["image_size"],
+            unet["model_channels"],
+            unet["num_res_blocks"],
+            unet["attention_resolutions"],
+            list(unet["channel_mult"]),
+            unet["use_new_attention_order"],
+            unet["num_classes"],
+            unet["dropout"],
+        ) == (size, ch, blocks, rates, mult, new_order, classes, dropout), name
         assert unet["num_heads"] == 4 and unet["num_head_channels"] == 64 and unet["resblock_updown"]
         assert unet["use_scale_shift_norm"] and kw["condition_mode"] == "concat"
         assert ddbm_bridge(kw).config()["type"] == bridge
-    assert ddbm_bridge(ddbm_kwargs("e2h", None, {})).config() == {"type": "vp", "beta_min": 0.1, "beta_d": 2.0,
-                                                                   "t_min": 1e-4, "t_max": 1.0}
+    assert ddbm_bridge(ddbm_kwargs("e2h", None, {})).config() == {
+        "type": "vp",
+        "beta_min": 0.1,
+        "beta_d": 2.0,
+        "t_min": 1e-4,
+        "t_max": 1.0,
+    }
     assert ddbm_bridge(ddbm_kwargs("imagenet-inpaint", None, {})).config()["beta_max"] == 1.0
     assert set(PRESETS) == set(expect)
 
@@ -382,14 +489,36 @@ def test_class_conditional_teacher_samples_with_a_label(tmp_path):
     """DBIM's ImageNet inpainting preset: labels reach the U-Net; distilling it is refused in one message."""
     from ibmd_fast.importers.ddbm import PRESETS
 
-    kw = dict(PRESETS["imagenet-inpaint"], image_size=SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-              attention_resolutions="8", num_heads=2, num_head_channels=-1, sigma_data=0.5, cov_xy=0.0)
+    kw = dict(
+        PRESETS["imagenet-inpaint"],
+        image_size=SIZE,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult="1,2",
+        attention_resolutions="8",
+        num_heads=2,
+        num_head_channels=-1,
+        sigma_data=0.5,
+        cov_xy=0.0,
+    )
     net = random_unet(4, **small_unet_kwargs(6, classes=1000))
     ckpt = tmp_path / "imagenet256_inpaint_ema_0.9999_400000.pt"
     write_ddbm_ckpt(ckpt, net, "adapted")
     out = tmp_path / "t.safetensors"
-    import_teacher(ckpt, "ddbm", out, preset="imagenet-inpaint", image_size=SIZE, label=207, num_channels=32,
-                   num_res_blocks=1, channel_mult="1,2", attention_resolutions="8", num_heads=2, num_head_channels=-1)
+    import_teacher(
+        ckpt,
+        "ddbm",
+        out,
+        preset="imagenet-inpaint",
+        image_size=SIZE,
+        label=207,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult="1,2",
+        attention_resolutions="8",
+        num_heads=2,
+        num_head_channels=-1,
+    )
     teacher, config = load_teacher(str(out))
     assert config["class_label"] == 207 and config["degradation"] == "inpaint-center"
     x_t, xT = torch.randn(2, 3, SIZE, SIZE), torch.randn(2, 3, SIZE, SIZE)
@@ -409,9 +538,18 @@ def test_class_conditional_teacher_samples_with_a_label(tmp_path):
 
     from ibmd_fast.train import distill
 
-    with pytest.raises(ValueError, match=r"class-conditional \(1000 classes\) but the data .skimage. has no class labels"):
-        distill(run_dir=str(tmp_path / "d"), teacher=str(out), data="skimage", steps=1, device="cpu",
-                progress=False, eval_items=0)
+    with pytest.raises(
+        ValueError, match=r"class-conditional \(1000 classes\) but the data .skimage. has no class labels"
+    ):
+        distill(
+            run_dir=str(tmp_path / "d"),
+            teacher=str(out),
+            data="skimage",
+            steps=1,
+            device="cpu",
+            progress=False,
+            eval_items=0,
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -461,11 +599,24 @@ def test_bad_inputs_one_clear_message_each(tmp_path):
     net = random_unet(0, **small_unet_kwargs(6))
     ckpt = tmp_path / "model_100000.pt"
     write_ddbm_ckpt(ckpt, net, "adapted")
-    base = dict(image_size=SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
-                num_heads=2, num_head_channels=-1, condition_mode="concat", noise_schedule="vp", sigma_max=1.0)
+    base = dict(
+        image_size=SIZE,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult="1,2",
+        attention_resolutions="8",
+        num_heads=2,
+        num_head_channels=-1,
+        condition_mode="concat",
+        noise_schedule="vp",
+        sigma_max=1.0,
+    )
     (tmp_path / "kw.json").write_text(json.dumps({**base, "num_channels": 64}))
-    with pytest.raises(TeacherImportError, match=r"first mismatched key 'time_embed.0.weight': "
-                                                 r"checkpoint \(128, 32\) vs model \(256, 64\)"):
+    with pytest.raises(
+        TeacherImportError,
+        match=r"first mismatched key 'time_embed.0.weight': "
+        r"checkpoint \(128, 32\) vs model \(256, 64\)",
+    ):
         import_teacher(ckpt, "ddbm", tmp_path / "o.safetensors", model_kwargs=str(tmp_path / "kw.json"))
     (tmp_path / "kw.json").write_text(json.dumps({**base, "noise_schedule": "cosine"}))
     with pytest.raises(TeacherImportError, match="unknown noise_schedule 'cosine'"):
@@ -478,8 +629,11 @@ def test_bad_inputs_one_clear_message_each(tmp_path):
     save_release(str(generator), net, GENERATOR_FORMAT, {"unet": net.config})
     onnx_file = tmp_path / "model.onnx"
     onnx_file.write_bytes(b"\x08\x07onnx")
-    for source, fmt, what in ((generator, "ddbm", "generator release"), (generator, "i2sb", "generator release"),
-                              (onnx_file, "ddbm", "ONNX model")):
+    for source, fmt, what in (
+        (generator, "ddbm", "generator release"),
+        (generator, "i2sb", "generator release"),
+        (onnx_file, "ddbm", "ONNX model"),
+    ):
         with pytest.raises(TeacherImportError, match=what):
             import_teacher(source, fmt, tmp_path / "o.safetensors", preset="e2h")
 
@@ -488,14 +642,32 @@ def test_cli_import_teacher(tmp_path):
     from tests.test_cli import assert_one_error_line, invoke
 
     write_i2sb_run(tmp_path / "run", True)
-    result = invoke("import-teacher", tmp_path / "run", "--format", "i2sb", "--out", tmp_path / "t.safetensors",
-                    "--beta-max", "0.5", "--image-size", str(SIZE))
+    result = invoke(
+        "import-teacher",
+        tmp_path / "run",
+        "--format",
+        "i2sb",
+        "--out",
+        tmp_path / "t.safetensors",
+        "--beta-max",
+        "0.5",
+        "--image-size",
+        str(SIZE),
+    )
     assert result.exit_code == 0, result.output
     assert "teacher release" in result.stdout and read_release(str(tmp_path / "t.safetensors"))[1]["conditional"]
     config = read_release(str(tmp_path / "t.safetensors"))[1]
     assert config["bridge"]["beta_max"] == 0.5 and config["image_size"] == SIZE == config["unet"]["image_size"]
-    result = invoke("import-teacher", tmp_path / "run", "--format", "i2sb", "--out", tmp_path / "u.safetensors",
-                    "--sigma-data", "0.3")
+    result = invoke(
+        "import-teacher",
+        tmp_path / "run",
+        "--format",
+        "i2sb",
+        "--out",
+        tmp_path / "u.safetensors",
+        "--sigma-data",
+        "0.3",
+    )
     assert_one_error_line(result, "unknown I2SB setting", "sigma_data")
     os.remove(tmp_path / "run" / "latest.pt")
     result = invoke("import-teacher", tmp_path / "run", "--format", "i2sb", "--out", tmp_path / "u.safetensors")
@@ -516,8 +688,11 @@ def test_ve_marginal_matches_ddbm_float64():
     torch.testing.assert_close(coef_xT, mu_xT, rtol=1e-14, atol=0)
     torch.testing.assert_close(coef_x0, mu_x0, rtol=1e-14, atol=1e-17)
     torch.testing.assert_close(std, std_t, rtol=1e-14, atol=0)
-    assert bridge_from_config(bridge.config()).config() == bridge.config() == {
-        "type": "ve", "sigma_max": 80.0, "sigma_min": 0.002}
+    assert (
+        bridge_from_config(bridge.config()).config()
+        == bridge.config()
+        == {"type": "ve", "sigma_max": 80.0, "sigma_min": 0.002}
+    )
     # loss weight: DDBM's 'bridge_karras' weighting for ve is 1 / c_out^2
     A = t**4 / 80**4 * 0.25 + (1 - t**2 / 80**2) ** 2 * 0.25 + t**2 * (1 - t**2 / 80**2)
     weight = A / ((t / 80) ** 4 * 0.25**2 + 0.25 * t**2 * (1 - t**2 / 80**2))
@@ -562,8 +737,10 @@ def test_ve_sampler_steps():
     k0, kt, sigma = bridge.posterior(s, t)
     noise = (states[0]["x"] - kt.view(-1, 1, 1, 1) * xT - k0.view(-1, 1, 1, 1) * x0) / sigma.view(-1, 1, 1, 1)
     assert abs(float(noise.std()) - 1.0) < 0.3 and torch.equal(out, x0)  # the rest is unit Gaussian noise
-    for sampler in (lambda f: heun_sample(f, bridge, xT, 8, seed=0, callback=states.append),
-                    lambda f: dbim_sample(f, bridge, xT, 8, eta=0.0, seed=0, callback=states.append)):
+    for sampler in (
+        lambda f: heun_sample(f, bridge, xT, 8, seed=0, callback=states.append),
+        lambda f: dbim_sample(f, bridge, xT, 8, eta=0.0, seed=0, callback=states.append),
+    ):
         states.clear()
         sampler(lambda x, t: x0)
         final = states[-1]["x"]  # the state at t_min = 0.002: within a few c_{t_min} of x0
@@ -584,28 +761,58 @@ def test_end_to_end_import_distill_sample_export(tmp_path):
     net = random_unet(5, **small_unet_kwargs(6, new_order=True))
     ckpt = tmp_path / "e2h_ema_0.9999_420000.pt"
     write_ddbm_ckpt(ckpt, net, "ddbm")
-    small = dict(image_size=SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
-                 num_heads=2, num_head_channels=-1)
+    small = dict(
+        image_size=SIZE,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult="1,2",
+        attention_resolutions="8",
+        num_heads=2,
+        num_head_channels=-1,
+    )
     releases = {
         "i2sb": import_teacher(tmp_path / "i2sb", "i2sb", tmp_path / "i2sb.safetensors", nfe=4),
-        "ddbm": import_teacher(ckpt, "ddbm", tmp_path / "ddbm.safetensors", preset="e2h", nfe=4,
-                               degradation="sr4x-bicubic", **small),
-        "ve": import_teacher(ckpt, "ddbm", tmp_path / "ve.safetensors", preset="e2h", nfe=4, noise_schedule="ve",
-                             sigma_max=80.0, sigma_min=0.002, degradation="jpeg-10", **small),
+        "ddbm": import_teacher(
+            ckpt, "ddbm", tmp_path / "ddbm.safetensors", preset="e2h", nfe=4, degradation="sr4x-bicubic", **small
+        ),
+        "ve": import_teacher(
+            ckpt,
+            "ddbm",
+            tmp_path / "ve.safetensors",
+            preset="e2h",
+            nfe=4,
+            noise_schedule="ve",
+            sigma_max=80.0,
+            sigma_min=0.002,
+            degradation="jpeg-10",
+            **small,
+        ),
     }
     assert releases["ddbm"]["bridge"]["type"] == "vp" and releases["ve"]["bridge"]["type"] == "ve"
     for name in releases:
-        summary = distill(run_dir=str(tmp_path / f"run-{name}"), teacher=str(tmp_path / f"{name}.safetensors"),
-                          data="skimage", image_size=SIZE, batch_size=2, steps=2, inner_steps=1, log_every=1,
-                          ckpt_every=2, eval_items=0, device="cpu", progress=False, lr=1e-6, fake_lr=1e-6)
+        summary = distill(
+            run_dir=str(tmp_path / f"run-{name}"),
+            teacher=str(tmp_path / f"{name}.safetensors"),
+            data="skimage",
+            image_size=SIZE,
+            batch_size=2,
+            steps=2,
+            inner_steps=1,
+            log_every=1,
+            ckpt_every=2,
+            eval_items=0,
+            device="cpu",
+            progress=False,
+            lr=1e-6,
+            fake_lr=1e-6,
+        )
         assert np.isfinite(summary["loss_theta"]) and np.isfinite(summary["loss_phi"])
         student = load_model(summary["release"], expect="generator")
         xT = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
         restored = restore_with_generator(student.model, xT, seed=0)
         assert restored.shape == xT.shape and torch.isfinite(restored).all()
         # the TorchScript exporter: ~10x faster here than the dynamo one, which tests/test_onnx.py covers
-        report = export_onnx(summary["release"], str(tmp_path / f"{name}.onnx"), progress=False,
-                             exporter="torchscript")
+        report = export_onnx(summary["release"], str(tmp_path / f"{name}.onnx"), progress=False, exporter="torchscript")
         assert os.path.exists(tmp_path / f"{name}.onnx") and report["exporter"] == "torchscript"
 
 
@@ -626,11 +833,17 @@ def _measured(body: str, cwd) -> dict:
     import sys
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.run([sys.executable, "-c", _MEASURE.format(body=body)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE.format(body=body)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("MEASURED ")][-1]
-    return json.loads(line[len("MEASURED "):])
+    return json.loads(line[len("MEASURED ") :])
 
 
 @pytest.mark.slow
@@ -654,15 +867,36 @@ def test_adm256_import_memory_and_sample(tmp_path):
         for p in net.parameters():
             p.normal_(0, 0.02)
         shadow = [p.detach() * 0.999 for p in net.parameters()]
-    torch.save({"net": {f"diffusion_model.{k}": v for k, v in net.state_dict().items()},
-                "ema": {"decay": 0.99, "num_updates": 1, "shadow_params": shadow}, "optimizer": {}, "sched": None},
-               run / "latest.pt")
+    torch.save(
+        {
+            "net": {f"diffusion_model.{k}": v for k, v in net.state_dict().items()},
+            "ema": {"decay": 0.99, "num_updates": 1, "shadow_params": shadow},
+            "optimizer": {},
+            "sched": None,
+        },
+        run / "latest.pt",
+    )
     del net, shadow
     with open(run / "options.pkl", "wb") as fh:
-        pickle.dump(argparse.Namespace(interval=1000, beta_max=0.3, t0=1e-4, T=1.0, ot_ode=False, cond_x1=False,
-                                       corrupt="sr4x-pool", image_size=256, ckpt_path=Path("results/sr4x")), fh)
-    imported = _measured(f"from ibmd_fast.importers import import_teacher\n"
-                         f"import_teacher({str(run)!r}, 'i2sb', {str(tmp_path / 't.safetensors')!r})", tmp_path)
+        pickle.dump(
+            argparse.Namespace(
+                interval=1000,
+                beta_max=0.3,
+                t0=1e-4,
+                T=1.0,
+                ot_ode=False,
+                cond_x1=False,
+                corrupt="sr4x-pool",
+                image_size=256,
+                ckpt_path=Path("results/sr4x"),
+            ),
+            fh,
+        )
+    imported = _measured(
+        f"from ibmd_fast.importers import import_teacher\n"
+        f"import_teacher({str(run)!r}, 'i2sb', {str(tmp_path / 't.safetensors')!r})",
+        tmp_path,
+    )
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(tmp_path / "in.png")
     sampled = _measured(
         "from ibmd_fast.cli import main\n"
@@ -670,10 +904,14 @@ def test_adm256_import_memory_and_sample(tmp_path):
         f"    main(['sample', '--model', {str(tmp_path / 't.safetensors')!r}, '--input', "
         f"{str(tmp_path / 'in.png')!r}, '--output', {str(tmp_path / 'out')!r}, '--nfe', '1', '--device', 'cpu'])\n"
         "except SystemExit as exc:\n"
-        "    assert not exc.code, exc.code", tmp_path)
-    print(f"\nADM-256 ({params} parameters, {weight_bytes / 2**30:.2f} GiB): import {imported['seconds']:.1f} s, "
-          f"peak RSS {imported['peak_rss_bytes'] / 2**30:.2f} GiB ({imported['peak_rss_bytes'] / weight_bytes:.2f}x); "
-          f"sample NFE 1 at 256x256 {sampled['seconds']:.1f} s, peak RSS {sampled['peak_rss_bytes'] / 2**30:.2f} GiB")
+        "    assert not exc.code, exc.code",
+        tmp_path,
+    )
+    print(
+        f"\nADM-256 ({params} parameters, {weight_bytes / 2**30:.2f} GiB): import {imported['seconds']:.1f} s, "
+        f"peak RSS {imported['peak_rss_bytes'] / 2**30:.2f} GiB ({imported['peak_rss_bytes'] / weight_bytes:.2f}x); "
+        f"sample NFE 1 at 256x256 {sampled['seconds']:.1f} s, peak RSS {sampled['peak_rss_bytes'] / 2**30:.2f} GiB"
+    )
     assert imported["peak_rss_bytes"] < 3 * weight_bytes
     assert list((tmp_path / "out").glob("*.png"))
 
@@ -709,9 +947,19 @@ def test_adm256_student_onnx_export_and_runner(tmp_path):
     params = count_parameters(generator.net)
     assert params > 552_807_171
     release = tmp_path / "student.safetensors"
-    save_release(str(release), generator.net, GENERATOR_FORMAT,
-                 {**generator.config(), "nfe": 1, "degradation": "jpeg-10", "image_size": 256, "channels": 3,
-                  "inpainting": False})
+    save_release(
+        str(release),
+        generator.net,
+        GENERATOR_FORMAT,
+        {
+            **generator.config(),
+            "nfe": 1,
+            "degradation": "jpeg-10",
+            "image_size": 256,
+            "channels": 3,
+            "inpainting": False,
+        },
+    )
     del net, generator
 
     rng = np.random.default_rng(0)
@@ -722,13 +970,25 @@ def test_adm256_student_onnx_export_and_runner(tmp_path):
     figures = {"parameters": params}
     for precision in ("fp32", "fp16"):
         out = tmp_path / precision / "model.onnx"
-        args = ["export", "--onnx", "--model", str(release), "--output", str(out), "--example-size", "64",
-                "--no-progress"] + (["--fp16"] if precision == "fp16" else [])
-        exported = _measured("from ibmd_fast.cli import main\n"
-                             "try:\n"
-                             f"    main({args!r})\n"
-                             "except SystemExit as exc:\n"
-                             "    assert not exc.code, exc.code", tmp_path)
+        args = [
+            "export",
+            "--onnx",
+            "--model",
+            str(release),
+            "--output",
+            str(out),
+            "--example-size",
+            "64",
+            "--no-progress",
+        ] + (["--fp16"] if precision == "fp16" else [])
+        exported = _measured(
+            "from ibmd_fast.cli import main\n"
+            "try:\n"
+            f"    main({args!r})\n"
+            "except SystemExit as exc:\n"
+            "    assert not exc.code, exc.code",
+            tmp_path,
+        )
         files = sorted(os.listdir(out.parent))
         sizes = {name: (out.parent / name).stat().st_size for name in files}
         if precision == "fp32":
@@ -740,17 +1000,33 @@ def test_adm256_student_onnx_export_and_runner(tmp_path):
         moved = tmp_path / f"{precision}-moved"
         shutil.move(str(out.parent), str(moved))
         result_dir = tmp_path / f"{precision}-out"
-        command = [sys.executable, str(runner), "--model", str(moved / "model.onnx"), "--input", str(inputs),
-                   "--output", str(result_dir), "--seed", "7", "--provider", "cpu", "--quiet"]
+        command = [
+            sys.executable,
+            str(runner),
+            "--model",
+            str(moved / "model.onnx"),
+            "--input",
+            str(inputs),
+            "--output",
+            str(result_dir),
+            "--seed",
+            "7",
+            "--provider",
+            "cpu",
+            "--quiet",
+        ]
         started = time.perf_counter()
         proc = subprocess.run(command, capture_output=True, text=True, timeout=3600)
         run_seconds = time.perf_counter() - started
         assert proc.returncode == 0, proc.stderr[-3000:]
         out_png = np.asarray(Image.open(result_dir / "in.png"))
         assert out_png.shape == (256, 256, 3)
-        figures[precision] = {"export_seconds": round(exported["seconds"], 1),
-                              "export_peak_rss_gib": round(exported["peak_rss_bytes"] / 2**30, 2),
-                              "files_bytes": sizes, "runner_256px_seconds": round(run_seconds, 1)}
+        figures[precision] = {
+            "export_seconds": round(exported["seconds"], 1),
+            "export_peak_rss_gib": round(exported["peak_rss_bytes"] / 2**30, 2),
+            "files_bytes": sizes,
+            "runner_256px_seconds": round(run_seconds, 1),
+        }
         figures[precision + "_png"] = out_png
 
     # The runner's float32 result at 256x256 against PyTorch (z as the runner draws it).

@@ -4,6 +4,7 @@ The graph is read from the source with ``ast`` (nothing is imported): an edge fr
 module B for every ``import`` / ``from ... import`` of B in A, at module level or inside a function.
 An import names the module it imports, not its parent packages (as import-linter counts them).
 """
+
 from __future__ import annotations
 
 import ast
@@ -19,17 +20,37 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
 # An entry names a module and everything below it (``ibmd_fast.train`` is the whole package);
 # ``ibmd_fast`` itself names only the package's ``__init__``.
 LAYERS = [
-    ("kernels, their reference, plain utilities",
-     ["ibmd_fast", "ibmd_fast.reference", "ibmd_fast.ops", "ibmd_fast.device", "ibmd_fast.paths",
-      "ibmd_fast.config_io", "ibmd_fast.timing"]),
+    (
+        "kernels, their reference, plain utilities",
+        [
+            "ibmd_fast",
+            "ibmd_fast.reference",
+            "ibmd_fast.ops",
+            "ibmd_fast.device",
+            "ibmd_fast.paths",
+            "ibmd_fast.config_io",
+            "ibmd_fast.timing",
+        ],
+    ),
     ("seeds, noise and known pixels", ["ibmd_fast.seeds", "ibmd_fast.known_pixels"]),
     ("bridges", ["ibmd_fast.bridges"]),
     ("samplers, models, data", ["ibmd_fast.samplers", "ibmd_fast.models", "ibmd_fast.data"]),
     ("restore", ["ibmd_fast.restore"]),
-    ("releases, importers, ONNX, evaluation",
-     ["ibmd_fast.release", "ibmd_fast.importers", "ibmd_fast.imageio", "ibmd_fast.restore_files",
-      "ibmd_fast.onnx", "ibmd_fast.onnx_program", "ibmd_fast.evaluate", "ibmd_fast.metrics", "ibmd_fast.paper_metrics",
-      "ibmd_fast.classifier"]),
+    (
+        "releases, importers, ONNX, evaluation",
+        [
+            "ibmd_fast.release",
+            "ibmd_fast.importers",
+            "ibmd_fast.imageio",
+            "ibmd_fast.restore_files",
+            "ibmd_fast.onnx",
+            "ibmd_fast.onnx_program",
+            "ibmd_fast.evaluate",
+            "ibmd_fast.metrics",
+            "ibmd_fast.paper_metrics",
+            "ibmd_fast.classifier",
+        ],
+    ),
     ("train", ["ibmd_fast.train"]),
     ("cli", ["ibmd_fast.cli", "ibmd_fast.cli_config", "ibmd_fast.cli_errors", "ibmd_fast.__main__"]),
 ]
@@ -130,7 +151,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:
@@ -185,11 +206,15 @@ def _has_layer(module: str) -> bool:
 
 def test_imports_point_down_the_layers():
     """No import of a higher layer at module level; a function-local one only with a comment saying why."""
-    upward = [imp for imp in IMPORTS if _has_layer(imp.source) and _has_layer(imp.target)
-              and layer_of(imp.target) > layer_of(imp.source)]
+    upward = [
+        imp
+        for imp in IMPORTS
+        if _has_layer(imp.source) and _has_layer(imp.target) and layer_of(imp.target) > layer_of(imp.source)
+    ]
     wrong = [imp for imp in upward if not imp.local or not imp.reason or imp.reason.startswith("noqa")]
-    message = "\n".join(f"{imp!r}: {LAYERS[layer_of(imp.source)][0]} imports {LAYERS[layer_of(imp.target)][0]}"
-                        for imp in wrong)
+    message = "\n".join(
+        f"{imp!r}: {LAYERS[layer_of(imp.source)][0]} imports {LAYERS[layer_of(imp.target)][0]}" for imp in wrong
+    )
     assert not wrong, "imports pointing up the layers:\n" + message
 
 
@@ -197,8 +222,10 @@ def test_function_local_imports_say_why():
     """An import of a package module inside a function carries a comment saying why it is not at
     module level (start-up time of the CLI, an optional part such as the compiled extension)."""
     silent = [imp for imp in IMPORTS if imp.local and (not imp.reason or imp.reason.startswith("noqa"))]
-    assert not silent, "function-local imports without a reason comment (move them to module level, or say why):\n" \
+    assert not silent, (
+        "function-local imports without a reason comment (move them to module level, or say why):\n"
         + "\n".join(repr(imp) for imp in silent)
+    )
 
 
 @pytest.mark.parametrize("source", ["ibmd_fast.samplers", "ibmd_fast.train.batches"])
@@ -246,7 +273,7 @@ def re_exports() -> list[str]:
         for node in _module_level(tree):
             if not isinstance(node, ast.ImportFrom) or not _targets(module, node):
                 continue
-            statement = lines[node.lineno - 1:(node.end_lineno or node.lineno)]
+            statement = lines[node.lineno - 1 : (node.end_lineno or node.lineno)]
             for alias in node.names:
                 name = alias.asname or alias.name
                 line = next((line for line in statement if re.search(rf"\b{re.escape(alias.name)}\b", line)), "")

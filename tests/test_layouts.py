@@ -1,4 +1,6 @@
-"""DDBM / DBIM paired layouts (edges2handbags, diode) and folders that start in seconds (lazy check, shared listings)."""
+"""DDBM / DBIM paired layouts (edges2handbags, diode) and folders that start in seconds (lazy check,
+shared listings)."""
+
 from __future__ import annotations
 
 import os
@@ -36,6 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # __flip (params["flip"], the same for both images), ToTensor, then t * 2 - 1. EdgesDataset splits the
 # pix2pix file at int(w / 2) and returns (B, A); DIODE returns (image, normal map resized with NEAREST).
 
+
 def reference_transform(image: Image.Image, size: int, method, flip: bool) -> torch.Tensor:
     image = image.resize((size, size), method)
     if flip:
@@ -60,10 +63,13 @@ def reference_diode(folder: Path, name: str, size: int, flip: bool):
 
 # ---------------------------------------------------------------- generated folders
 
+
 def _photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    planes = [0.5 + 0.3 * (rng.uniform(-1, 1) * xx + rng.uniform(-1, 1) * yy) + 0.05 * rng.standard_normal((h, w))
-              for _ in range(3)]
+    planes = [
+        0.5 + 0.3 * (rng.uniform(-1, 1) * xx + rng.uniform(-1, 1) * yy) + 0.05 * rng.standard_normal((h, w))
+        for _ in range(3)
+    ]
     return np.clip(np.stack(planes, -1) * 255, 0, 255).astype(np.uint8)
 
 
@@ -118,11 +124,11 @@ def _item(dataset, index: int, seed: int) -> dict:
 
 
 def _match(item: dict, expected_x0: torch.Tensor, expected_xT: torch.Tensor) -> bool:
-    return (torch.allclose(item["x0"], expected_x0, atol=1e-6)
-            and torch.allclose(item["xT"], expected_xT, atol=1e-6))
+    return torch.allclose(item["x0"], expected_x0, atol=1e-6) and torch.allclose(item["xT"], expected_xT, atol=1e-6)
 
 
 # ---------------------------------------------------------------- edges2handbags
+
 
 def test_e2h_pairs_shapes_ranges_and_transforms(e2h_root: Path):
     train = EdgesToHandbags(e2h_root, "train", size=32)
@@ -175,6 +181,7 @@ def test_e2h_specs_corrupted_only_and_bridge_pairs(e2h_root: Path):
 
 # ---------------------------------------------------------------- diode
 
+
 def test_diode_pairs_nearest_condition_and_transforms(diode_root: Path):
     train = DIODE(diode_root, "train", size=32)
     assert len(train) == 4 and all(n.endswith("_normal.png") and not p.endswith("_depth.png") for p, n in train.pairs)
@@ -215,6 +222,7 @@ def test_diode_missing_normal_map(diode_root: Path):
 
 
 # ---------------------------------------------------------------- lazy check and shared listings
+
 
 @pytest.fixture()
 def folder_with_bad_files(tmp_path: Path) -> Path:
@@ -298,7 +306,9 @@ def test_shared_dataset_rank0_lists_others_read(e2h_root: Path, tmp_path: Path, 
 
     walks = []
     real = folders._walk_images
-    monkeypatch.setattr(folders, "_walk_images", lambda root, recursive=True: walks.append(root) or real(root, recursive))
+    monkeypatch.setattr(
+        folders, "_walk_images", lambda root, recursive=True: walks.append(root) or real(root, recursive)
+    )
 
     def build(listing):
         return make_dataset(f"edges2handbags:{e2h_root}", size=16, corrupted_only=True, listing=listing)
@@ -320,9 +330,11 @@ def test_shared_dataset_rank0_lists_others_read(e2h_root: Path, tmp_path: Path, 
 
 # ---------------------------------------------------------------- a DDBM teacher distills on its layout
 
+
 @pytest.mark.parametrize("preset", ["e2h", "diode"])
-def test_imported_teacher_distills_on_its_layout_with_only_data(preset: str, e2h_root: Path, diode_root: Path,
-                                                                 tmp_path: Path):
+def test_imported_teacher_distills_on_its_layout_with_only_data(
+    preset: str, e2h_root: Path, diode_root: Path, tmp_path: Path
+):
     from ibmd_fast.models import UNet
     from ibmd_fast.release import read_release
     from ibmd_fast.importers import import_teacher
@@ -330,8 +342,15 @@ def test_imported_teacher_distills_on_its_layout_with_only_data(preset: str, e2h
     from ibmd_fast.importers.weights import unet_kwargs
     from ibmd_fast.train import distill
 
-    small = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
-                 num_heads=2, num_head_channels=-1)
+    small = dict(
+        image_size=16,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult="1,2",
+        attention_resolutions="8",
+        num_heads=2,
+        num_head_channels=-1,
+    )
     torch.manual_seed(0)
     net = UNet(**unet_kwargs(ddbm_kwargs(preset, None, small), 6, 3))
     ckpt = tmp_path / f"{preset}_ema_0.9999_1.pt"
@@ -343,8 +362,18 @@ def test_imported_teacher_distills_on_its_layout_with_only_data(preset: str, e2h
     root = e2h_root if preset == "e2h" else diode_root
 
     run = tmp_path / f"run-{preset}"
-    summary = distill(run_dir=str(run), teacher=str(teacher), data=str(root), steps=1, inner_steps=1, batch_size=2,
-                      eval_items=2, eval_teacher_nfe=(1,), device="cpu", progress=False)
+    summary = distill(
+        run_dir=str(run),
+        teacher=str(teacher),
+        data=str(root),
+        steps=1,
+        inner_steps=1,
+        batch_size=2,
+        eval_items=2,
+        eval_teacher_nfe=(1,),
+        device="cpu",
+        progress=False,
+    )
     assert np.isfinite(summary["loss_theta"]) and np.isfinite(summary["loss_phi"])
     assert [row["model"] for row in summary["comparison"]][:2] == ["corrupted", "teacher"]
     _, released, _ = read_release(summary["release"], expect="ibmd_fast.generator")
@@ -355,8 +384,16 @@ def test_imported_teacher_distills_on_its_layout_with_only_data(preset: str, e2h
     from ibmd_fast.classifier import Classifier
     from ibmd_fast.evaluate import evaluate
 
-    result = evaluate(teacher=str(teacher), student=summary["release"], data=f"{layout}:{root}", teacher_nfe=(1,),
-                      num_images=2, classifier=Classifier(3, 4, 16, width=8), run_dir=None, device="cpu")
+    result = evaluate(
+        teacher=str(teacher),
+        student=summary["release"],
+        data=f"{layout}:{root}",
+        teacher_nfe=(1,),
+        num_images=2,
+        classifier=Classifier(3, 4, 16, width=8),
+        run_dir=None,
+        device="cpu",
+    )
     assert [row["model"] for row in result["results"]] == ["corrupted", "teacher", "student"]
 
 
@@ -390,9 +427,22 @@ def test_torchrun_ranks_share_one_listing(e2h_root: Path, tmp_path: Path):
     script = tmp_path / "ranks.py"
     script.write_text(_RANKS_SCRIPT)
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           f"edges2handbags:{e2h_root}", str(tmp_path / "run"), str(tmp_path / "out")]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        f"edges2handbags:{e2h_root}",
+        str(tmp_path / "run"),
+        str(tmp_path / "out"),
+    ]
     run_torchrun(cmd, repo, env, timeout=120)
     ranks = [json.loads((tmp_path / f"out.{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
@@ -409,19 +459,44 @@ def test_bench_data_makes_a_folder_and_measures_it(tmp_path: Path):
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
     root, out = tmp_path / "jpegs", tmp_path / "bench.json"
 
     def run(*args):
-        proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_data.py"), "--root", str(root),
-                               *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, str(repo / "benchmarks" / "bench_data.py"), "--root", str(root), *map(str, args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         return proc.stdout
 
     run("--make", 40, "--bad", 2, "--processes", 1, "--min-side", 32, "--max-side", 48)
     assert len(list(root.rglob("*.jpg"))) == 42
-    printed = run("--images", 4, "--batch-size", 4, "--workers", 1, "--image-size", 32, "--load-check-classes", 1,
-                  "--degradations", "jpeg-10,none", "--machine", "test", "--out", out)
+    printed = run(
+        "--images",
+        4,
+        "--batch-size",
+        4,
+        "--workers",
+        1,
+        "--image-size",
+        32,
+        "--load-check-classes",
+        1,
+        "--degradations",
+        "jpeg-10,none",
+        "--machine",
+        "test",
+        "--out",
+        out,
+    )
     report = json.loads(out.read_text())
     assert report["folder"]["jpegs"] == 40 and report["first_batch"]["rank0"]["items"] == 42
     assert report["first_batch"]["other_ranks"]["listing"] == "read from rank 0's file"

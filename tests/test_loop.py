@@ -4,6 +4,7 @@ degradation once (a free-form mask file is read once).
 
 On CPU with the tiny U-Net at 16 px, one thread.
 """
+
 from __future__ import annotations
 
 
@@ -22,8 +23,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _teacher_kwargs(run_dir, image_dir, **overrides) -> dict:
-    kwargs = dict(run_dir=str(run_dir), data=f"folder:{image_dir}", image_size=16, batch_size=4, n_steps=50,
-                  steps=4, lr=1e-3, log_every=1, ckpt_every=2, sample_nfe=2, device="cpu", progress=False)
+    kwargs = dict(
+        run_dir=str(run_dir),
+        data=f"folder:{image_dir}",
+        image_size=16,
+        batch_size=4,
+        n_steps=50,
+        steps=4,
+        lr=1e-3,
+        log_every=1,
+        ckpt_every=2,
+        sample_nfe=2,
+        device="cpu",
+        progress=False,
+    )
     kwargs.update(overrides)
     return kwargs
 
@@ -46,13 +59,17 @@ def _same(a, b, path="") -> None:
 def test_teacher_options_reach_the_optimizer_guard_and_network(tmp_path, image_dir):
     cfg = TeacherConfig(**_teacher_kwargs(tmp_path, image_dir, fused_adam=True, checkpoint_activations=True))
     env = DistEnv()
-    task = TeacherTask(cfg, cfg.validate(), env, RunLog(str(tmp_path), env, quiet=True),
-                       Precision("fp32", env.device))
+    task = TeacherTask(cfg, cfg.validate(), env, RunLog(str(tmp_path), env, quiet=True), Precision("fp32", env.device))
     assert task.optimizer.defaults.get("fused") is True and task.step_fn.on_device
     blocks = [m for m in task.teacher.net.modules() if hasattr(m, "use_checkpoint") and m is not task.teacher.net]
     assert blocks and all(m.use_checkpoint for m in blocks)
-    plain = TeacherTask(TeacherConfig(**_teacher_kwargs(tmp_path, image_dir)), cfg.validate(), env,
-                        RunLog(str(tmp_path), env, quiet=True), Precision("fp32", env.device))
+    plain = TeacherTask(
+        TeacherConfig(**_teacher_kwargs(tmp_path, image_dir)),
+        cfg.validate(),
+        env,
+        RunLog(str(tmp_path), env, quiet=True),
+        Precision("fp32", env.device),
+    )
     assert not plain.optimizer.defaults.get("fused") and not plain.step_fn.on_device
     assert not any(m.use_checkpoint for m in plain.teacher.net.modules() if hasattr(m, "use_checkpoint"))
 
@@ -106,10 +123,30 @@ def test_each_trainer_reads_a_freeform_mask_file_once(tmp_path, image_dir, monke
         real_init(self, path, ratio)
 
     monkeypatch.setattr(i2sb_corruptions.FreeformMasks, "__init__", counting)
-    teacher = train_teacher(**_teacher_kwargs(tmp_path / "teacher", image_dir, degradation="inpaint-freeform1020",
-                                              masks=str(masks), beta_max=1.0, steps=1, ckpt_every=1))
+    teacher = train_teacher(
+        **_teacher_kwargs(
+            tmp_path / "teacher",
+            image_dir,
+            degradation="inpaint-freeform1020",
+            masks=str(masks),
+            beta_max=1.0,
+            steps=1,
+            ckpt_every=1,
+        )
+    )
     assert reads == [str(masks)]
     reads.clear()
-    distill(run_dir=str(tmp_path / "distill"), teacher=teacher["release"], masks=str(masks), batch_size=4, steps=1,
-            inner_steps=1, log_every=1, ckpt_every=1, eval_items=0, device="cpu", progress=False)
+    distill(
+        run_dir=str(tmp_path / "distill"),
+        teacher=teacher["release"],
+        masks=str(masks),
+        batch_size=4,
+        steps=1,
+        inner_steps=1,
+        log_every=1,
+        ckpt_every=1,
+        eval_items=0,
+        device="cpu",
+        progress=False,
+    )
     assert reads == [str(masks)]

@@ -1,4 +1,5 @@
 """Tests for ibmd_fast.metrics: PSNR, SSIM (vs skimage), Frechet distance, the feature classifier."""
+
 import math
 
 import numpy as np
@@ -123,8 +124,9 @@ def test_frechet_distance_diagonal_closed_form_and_symmetric():
     assert d12 == pytest.approx(expected, rel=1e-10)
     assert d21 == pytest.approx(d12, rel=1e-10)
     # Torch tensors are accepted as well.
-    dt = metrics.frechet_distance(torch.from_numpy(m1), torch.from_numpy(np.diag(s1)),
-                                  torch.from_numpy(m2), torch.from_numpy(np.diag(s2)))
+    dt = metrics.frechet_distance(
+        torch.from_numpy(m1), torch.from_numpy(np.diag(s1)), torch.from_numpy(m2), torch.from_numpy(np.diag(s2))
+    )
     assert dt == pytest.approx(expected, rel=1e-10)
 
 
@@ -151,7 +153,7 @@ def test_fid_from_features_approaches_closed_form():
     expected = _diag_closed_form(m1, s1, m2, s2)
     got = metrics.fid_from_features(torch.from_numpy(f1), torch.from_numpy(f2))
     assert got == pytest.approx(expected, abs=0.05)
-    assert metrics.fid_from_features(f1, f2) > metrics.fid_from_features(f1[: n // 2], f1[n // 2:]) >= -1e-9
+    assert metrics.fid_from_features(f1, f2) > metrics.fid_from_features(f1[: n // 2], f1[n // 2 :]) >= -1e-9
 
 
 # ---------------------------------------------------------------------------- Classifier
@@ -183,8 +185,17 @@ def test_classifier_shapes_and_config():
 
 def test_train_classifier_separable_patterns():
     images, labels = _pattern_dataset()
-    model = classifier_module.train_classifier((images, labels), epochs=6, batch_size=32, lr=5e-3, seed=0,
-                                     progress=False, augment="shift", width=8, device="cpu")
+    model = classifier_module.train_classifier(
+        (images, labels),
+        epochs=6,
+        batch_size=32,
+        lr=5e-3,
+        seed=0,
+        progress=False,
+        augment="shift",
+        width=8,
+        device="cpu",
+    )
     assert not model.training
     assert model.config["num_classes"] == 3
     test_images, test_labels = _pattern_dataset(n_per_class=20, seed=1)
@@ -198,8 +209,9 @@ def test_train_classifier_separable_patterns():
         def __getitem__(self, i):
             return {"x0": images[i], "xT": -images[i], "label": int(labels[i])}
 
-    model_ds = classifier_module.train_classifier(DictDataset(), num_classes=3, epochs=1, batch_size=48, seed=0,
-                                        progress=False, width=8, device="cpu")
+    model_ds = classifier_module.train_classifier(
+        DictDataset(), num_classes=3, epochs=1, batch_size=48, seed=0, progress=False, width=8, device="cpu"
+    )
     assert model_ds.config == dict(in_channels=1, num_classes=3, image_size=16, width=8, task="labels")
     assert torch.isfinite(metrics.compute_features(model_ds, test_images)).all()
 
@@ -211,8 +223,9 @@ def test_train_classifier_separable_patterns():
     assert result["psnr"] > 20 and 0 < result["ssim"] < 1 and result["fid"] >= 0 and result["ca"] >= 90.0
     assert set(metrics.evaluate_restoration(restored, test_images)) == {"psnr", "ssim"}
     # Evaluation is deterministic.
-    assert metrics.evaluate_restoration(restored, test_images, classifier=model, labels=test_labels) == \
-        metrics.evaluate_restoration(restored, test_images, classifier=model, labels=test_labels)
+    assert metrics.evaluate_restoration(
+        restored, test_images, classifier=model, labels=test_labels
+    ) == metrics.evaluate_restoration(restored, test_images, classifier=model, labels=test_labels)
 
 
 def test_train_classifier_is_seeded():
@@ -231,9 +244,21 @@ def test_rotation_task_on_unlabeled_images():
     g = torch.Generator().manual_seed(0)
     tops = torch.randint(0, photo.shape[0] - 16, (96,), generator=g)
     lefts = torch.randint(0, photo.shape[1] - 16, (96,), generator=g)
-    crops = torch.stack([photo[t:t + 16, left:left + 16] for t, left in zip(tops.tolist(), lefts.tolist())])[:, None]
-    model = classifier_module.train_classifier(crops, epochs=15, batch_size=32, lr=5e-3, seed=0, progress=False,
-                                     task="rotation", augment="shift", width=8, device="cpu")
+    crops = torch.stack([photo[t : t + 16, left : left + 16] for t, left in zip(tops.tolist(), lefts.tolist())])[
+        :, None
+    ]
+    model = classifier_module.train_classifier(
+        crops,
+        epochs=15,
+        batch_size=32,
+        lr=5e-3,
+        seed=0,
+        progress=False,
+        task="rotation",
+        augment="shift",
+        width=8,
+        device="cpu",
+    )
     assert model.task == "rotation" and model.config["num_classes"] == 4
     with torch.no_grad():
         rotated, rot_labels = classifier_module._rotation_batch(crops)
@@ -254,8 +279,9 @@ def test_train_classifier_needs_labels_for_label_task():
 
 def test_pseudo_labels():
     images, labels = _pattern_dataset(n_per_class=8)
-    model = classifier_module.train_classifier(images, pseudo_labels=labels, epochs=1, batch_size=8, progress=False,
-                                     width=8, device="cpu")
+    model = classifier_module.train_classifier(
+        images, pseudo_labels=labels, epochs=1, batch_size=8, progress=False, width=8, device="cpu"
+    )
     assert model.task == "labels" and model.config["num_classes"] == 3
 
 
@@ -270,8 +296,9 @@ def test_save_load_round_trip(tmp_path):
     loaded = classifier_module.load_classifier(path)
     assert loaded.config == model.config and not loaded.training
     assert loaded.info == model.info
-    assert describe_classifier(loaded) == ("label classifier (3 classes, 16x16 images), 50.00% accuracy on 4 "
-                                           "held-out test images")
+    assert describe_classifier(loaded) == (
+        "label classifier (3 classes, 16x16 images), 50.00% accuracy on 4 held-out test images"
+    )
     x = torch.rand(3, 1, 16, 16) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded.features(x), model.features(x))

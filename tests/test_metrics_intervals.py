@@ -1,5 +1,6 @@
 """Bootstrap intervals of FID and of FID differences, the Wilson interval of CA, and the
 classifier's per-epoch progress line (ibmd_fast.classifier)."""
+
 from __future__ import annotations
 
 import math
@@ -43,14 +44,19 @@ def test_bootstrap_fid_covers_its_expectation(dim, shift, scale, trials, repeats
     the basic (reflected) interval covers about 87%; in 32 the plain percentile and the basic ones cover
     none (the resample FIDs are biased above the estimate), so each would fail here."""
     n = 200
-    expected = np.mean([metrics.fid_from_features(_gauss(n, dim, 10_000 + i, shift, scale), _gauss(n, dim, 50_000 + i))
-                        for i in range(repeats)])
+    expected = np.mean(
+        [
+            metrics.fid_from_features(_gauss(n, dim, 10_000 + i, shift, scale), _gauss(n, dim, 50_000 + i))
+            for i in range(repeats)
+        ]
+    )
     population = dim * (shift**2 + (scale - 1) ** 2)
     assert expected > population  # FID's small-sample bias is upwards
     hits = 0
     for i in range(trials):
-        ci = metrics.bootstrap_fid(_gauss(n, dim, i, shift, scale), _gauss(n, dim, 100_000 + i), num_resamples=300,
-                                   seed=i)["ci"]
+        ci = metrics.bootstrap_fid(
+            _gauss(n, dim, i, shift, scale), _gauss(n, dim, 100_000 + i), num_resamples=300, seed=i
+        )["ci"]
         hits += ci[0] <= expected <= ci[1]
     assert 0.90 <= hits / trials <= (0.99 if trials >= 100 else 1.0), hits / trials
 
@@ -99,8 +105,11 @@ def test_wilson_interval_by_hand_and_coverage():
     assert metrics.wilson_interval(0, 20)[0] == 0.0 and metrics.wilson_interval(20, 20)[1] == 1.0
     # exact coverage for n = 256 at p = 0.7 (the binomial pmf over every outcome): close to 95%
     n, p = 256, 0.7
-    cover = sum(stats.binom.pmf(k, n, p) for k in range(n + 1)
-                if metrics.wilson_interval(k, n)[0] <= p <= metrics.wilson_interval(k, n)[1])
+    cover = sum(
+        stats.binom.pmf(k, n, p)
+        for k in range(n + 1)
+        if metrics.wilson_interval(k, n)[0] <= p <= metrics.wilson_interval(k, n)[1]
+    )
     assert 0.93 <= cover <= 0.97
 
 
@@ -108,13 +117,13 @@ def test_classifier_prints_one_line_per_epoch(capsys):
     images = torch.rand(24, 1, 16, 16) * 2 - 1
     labels = torch.arange(24) % 3
     lines = []
-    classifier_module.train_classifier((images, labels), epochs=2, batch_size=8, width=8, progress=True,
-                                       device="cpu", log=lines.append)
+    classifier_module.train_classifier(
+        (images, labels), epochs=2, batch_size=8, width=8, progress=True, device="cpu", log=lines.append
+    )
     assert len(lines) == 2 and lines[0].startswith("label classifier epoch 1/2: loss ")
     assert "training accuracy" in lines[1]
     # stderr is no terminal under pytest: no tqdm bar, and the default log prints the epoch lines there
-    classifier_module.train_classifier((images, labels), epochs=1, batch_size=8, width=8, progress=True,
-                                       device="cpu")
+    classifier_module.train_classifier((images, labels), epochs=1, batch_size=8, width=8, progress=True, device="cpu")
     err = capsys.readouterr().err
     assert err.count("epoch 1/1") == 1 and "\r" not in err
 

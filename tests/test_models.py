@@ -1,4 +1,5 @@
 """ADM U-Net (guided-diffusion compatibility) and teacher / generator / fake wrappers."""
+
 import math
 import os
 
@@ -23,7 +24,6 @@ from ibmd_fast.models.blocks import QKVAttention, QKVAttentionLegacy
 from ibmd_fast.restore import student_chain
 
 
-
 # tiny convolutions on shared cores: one thread per module (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,6 +34,7 @@ ADM256_UNCOND_PARAMS = 552_814_086
 
 # ----------------------------------------------------------------------------
 # helpers
+
 
 class StubI2SB(Bridge):
     """Stand-in for ibmd_fast.bridges.I2SBBridge: only what the wrappers use (and ``Bridge.times``)."""
@@ -94,6 +95,7 @@ def inputs(batch=2, channels=3, size=16, seed=1):
 
 # ----------------------------------------------------------------------------
 # parameter counts and state-dict layout
+
 
 def test_parameter_counts_per_config():
     assert set(CONFIGS) >= {"tiny", "small", "adm256"}
@@ -172,6 +174,7 @@ def test_config_is_json_and_rebuilds():
 # ----------------------------------------------------------------------------
 # forward math
 
+
 def test_timestep_embedding_matches_formula():
     t = torch.tensor([0.0, 1.5, 999.0])
     for dim in (8, 9):
@@ -207,8 +210,8 @@ def test_attention_matches_einsum_reference(legacy):
     torch.testing.assert_close(module(qkv), _einsum_attention(qkv, 4, legacy), rtol=1e-10, atol=1e-10)
     # the gradient too: the fused SDPA kernel has its own backward
     cotangent = torch.randn(2, 4 * 8, 20, dtype=torch.float64)
-    ours, = torch.autograd.grad(module(qkv.requires_grad_()), qkv, cotangent)
-    ref, = torch.autograd.grad(_einsum_attention(qkv, 4, legacy), qkv, cotangent)
+    (ours,) = torch.autograd.grad(module(qkv.requires_grad_()), qkv, cotangent)
+    (ref,) = torch.autograd.grad(_einsum_attention(qkv, 4, legacy), qkv, cotangent)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
 
@@ -265,6 +268,7 @@ def test_autocast_bf16_runs_close():
 
 # ----------------------------------------------------------------------------
 # loading
+
 
 def test_state_dict_round_trip_all_forms():
     src, dst = tiny(seed=0), tiny(seed=1)
@@ -345,6 +349,7 @@ def test_load_checkpoint_file(tmp_path):
 
 # ----------------------------------------------------------------------------
 # teacher, generator, fake model
+
 
 def make_teacher(kind, conditional, seed=0):
     bridge = StubI2SB() if kind == "i2sb" else StubVP()
@@ -454,7 +459,10 @@ def test_fake_model_is_independent_trainable_copy():
 def test_real_bridges():
     from ibmd_fast import bridges
 
-    for bridge, t in ((bridges.I2SBBridge(n_steps=20), torch.tensor([0, 19])), (bridges.VPBridge(), torch.tensor([0.3, 1.0]))):
+    for bridge, t in (
+        (bridges.I2SBBridge(n_steps=20), torch.tensor([0, 19])),
+        (bridges.VPBridge(), torch.tensor([0.3, 1.0])),
+    ):
         teacher = Teacher(tiny(in_channels=6), bridge, conditional=True).eval()
         x, _ = inputs()
         with torch.no_grad():
@@ -471,10 +479,15 @@ def test_check_image_size_one_rule_for_every_caller():
     check_image_size((1, 2, 2, 2), 32, 24, "input a.png")  # multiples of 8: fine
     with pytest.raises(ValueError) as err:
         check_image_size((1, 2, 2, 2), 30, 30, "--image-size 30", "the small U-Net")
-    assert str(err.value) == ("--image-size 30 is 30x30, but the small U-Net halves the image 3 time(s) and takes "
-                              "widths and heights that are multiples of 8 (nearest: 24 or 32)")
-    with pytest.raises(ValueError, match=r"input a\.png is 17x16 \(width x height\), .*multiples of 2 "
-                                         r"\(nearest: 16x16 or 18x16\)"):
+    assert str(err.value) == (
+        "--image-size 30 is 30x30, but the small U-Net halves the image 3 time(s) and takes "
+        "widths and heights that are multiples of 8 (nearest: 24 or 32)"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"input a\.png is 17x16 \(width x height\), .*multiples of 2 "
+        r"\(nearest: 16x16 or 18x16\)",
+    ):
         check_image_size((1, 2), 16, 17, "input a.png")
     with pytest.raises(ValueError, match=r"is 4x4, .*multiples of 8 \(nearest: 8\)"):
         check_image_size((1, 2, 2, 2), 4, 4, "x")

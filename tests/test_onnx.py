@@ -7,6 +7,7 @@ parity check at two shapes unlike the example (in batch, height and width); the 
 the numbers to the tolerances, check the graph, and run the runner in a subprocess where torch
 and ibmd_fast cannot be imported.
 """
+
 import importlib.util
 import json
 import os
@@ -52,8 +53,14 @@ def _make_release(path, bridge, nfe=1, inpainting=False, seed=0, degradation="jp
         for p in generator.net.parameters():
             p.add_(0.02 * torch.randn_like(p))
     assert generator.net.input_blocks[0][0].weight[:, 3:].abs().sum() > 0
-    config = {**generator.config(), "nfe": nfe, "degradation": "inpaint-center" if inpainting else degradation,
-              "image_size": SIZE, "channels": 3, "inpainting": inpainting}
+    config = {
+        **generator.config(),
+        "nfe": nfe,
+        "degradation": "inpaint-center" if inpainting else degradation,
+        "image_size": SIZE,
+        "channels": 3,
+        "inpainting": inpainting,
+    }
     save_release(str(path), generator.net, GENERATOR_FORMAT, config)
     return str(path), teacher
 
@@ -78,8 +85,7 @@ def two_step_vp(folder):
 
 @pytest.fixture(scope="module")
 def inpainting(folder):
-    release, _ = _make_release(folder / "inpaint.safetensors", I2SBBridge(beta_max=1.0), nfe=2, inpainting=True,
-                               seed=2)
+    release, _ = _make_release(folder / "inpaint.safetensors", I2SBBridge(beta_max=1.0), nfe=2, inpainting=True, seed=2)
     return release, export_onnx(release, str(folder / "inpaint.onnx"), progress=False)
 
 
@@ -138,8 +144,10 @@ def test_one_step_export(one_step):
     assert json.loads(meta["image_size"]) == SIZE and meta["degradation"] == "jpeg-10"
     assert meta["precision"] == "float32"
     assert json.loads(meta["noise_inputs"]) == [{"name": "z", "channels": 3}]
-    assert json.loads(meta["graph_inputs"]) == [{"name": "xT", "kind": "image", "dtype": "float", "channels": 3, "size_divisor": 1},
-                                                {"name": "z", "kind": "noise", "dtype": "float", "channels": 3, "size_divisor": 1}]
+    assert json.loads(meta["graph_inputs"]) == [
+        {"name": "xT", "kind": "image", "dtype": "float", "channels": 3, "size_divisor": 1},
+        {"name": "z", "kind": "noise", "dtype": "float", "channels": 3, "size_divisor": 1},
+    ]
     assert json.loads(meta["upsample"]) is None and json.loads(meta["size_multiple"]) == 2
 
     # The plain generator call G(xT, z), at yet another shape.
@@ -201,8 +209,9 @@ def test_inpainting_export(inpainting):
 
 def _cubic_resize(model):
     """The Resize node of the torch-bicubic upsampling (the U-Net's own upsampling is nearest)."""
-    found = [n for n in model.graph.node if n.op_type == "Resize"
-             and onnx.helper.get_node_attr_value(n, "mode") == b"cubic"]
+    found = [
+        n for n in model.graph.node if n.op_type == "Resize" and onnx.helper.get_node_attr_value(n, "mode") == b"cubic"
+    ]
     assert len(found) == 1
     return found[0]
 
@@ -218,7 +227,13 @@ def test_super_resolution_export_upsamples_inside(super_resolution, folder, bloc
     assert all(r["max_abs_err"] <= FP32_TOLERANCE for r in report["parity"])
     assert all(r["shape"][2] % 4 == 0 and r["shape"][3] % 4 == 0 for r in report["parity"])
     model, meta = _check_graph(report["onnx"], ["xT", "z"], {"xT": 4})
-    assert json.loads(meta["graph_inputs"])[0] == {"name": "xT", "kind": "image", "dtype": "float", "channels": 3, "size_divisor": 4}
+    assert json.loads(meta["graph_inputs"])[0] == {
+        "name": "xT",
+        "kind": "image",
+        "dtype": "float",
+        "channels": 3,
+        "size_divisor": 4,
+    }
     assert json.loads(meta["upsample"]) == {"factor": 4, "mode": "bicubic"}
     assert json.loads(meta["size_multiple"]) == 4
     resize = _cubic_resize(model)
@@ -237,8 +252,11 @@ def test_super_resolution_export_upsamples_inside(super_resolution, folder, bloc
     expected = torch.nn.functional.interpolate(low, scale_factor=4, mode="bicubic", align_corners=False).numpy()
     assert upsampled.shape == expected.shape == (2, 3, 20, 28)
     error = np.abs(upsampled - expected)
-    assert error.max() <= 1e-6 and max(error[..., :2, :].max(), error[..., -2:, :].max(),
-                                       error[..., :, :2].max(), error[..., :, -2:].max()) <= 1e-6
+    assert (
+        error.max() <= 1e-6
+        and max(error[..., :2, :].max(), error[..., -2:, :].max(), error[..., :, :2].max(), error[..., :, -2:].max())
+        <= 1e-6
+    )
     assert np.abs(expected).max() > 1.0  # bicubic overshoots at the stripes: the clamp after it matters
 
     # The runner: low-resolution images in, 4x larger restorations out, as PyTorch makes them.
@@ -246,8 +264,7 @@ def test_super_resolution_export_upsamples_inside(super_resolution, folder, bloc
     sizes = {"a.png": (4, 4), "b.png": (5, 6)}
     _write_images(images, sizes, seed=8)
     out = folder / "upsampled"
-    result = _run(["--model", report["onnx"], "--input", images, "--output", out, "--seed", 2, "--quiet"],
-                  blocked_env)
+    result = _run(["--model", report["onnx"], "--input", images, "--output", out, "--seed", 2, "--quiet"], blocked_env)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     generator, _ = load_generator(release)
     rng = np.random.default_rng(2)
@@ -269,8 +286,11 @@ def test_nearest_upsampling_of_i2sb_super_resolution(folder):
     assert all(r["ok"] and r["max_abs_err"] <= FP32_TOLERANCE for r in report["parity"])
     model, meta = _check_graph(report["onnx"], ["xT", "z"], {"xT": 4})
     assert json.loads(meta["upsample"]) == {"factor": 4, "mode": "nearest"}
-    assert not [n for n in model.graph.node if n.op_type == "Resize"
-                and onnx.helper.get_node_attr_value(n, "mode") != b"nearest"]
+    assert not [
+        n
+        for n in model.graph.node
+        if n.op_type == "Resize" and onnx.helper.get_node_attr_value(n, "mode") != b"nearest"
+    ]
 
 
 def test_fp16_export(one_step, folder):
@@ -322,8 +342,12 @@ def test_bad_release_inputs(one_step, folder):
     with pytest.raises(ReleaseError, match="not found"):
         export_onnx(str(folder / "missing.safetensors"), str(folder / "x.onnx"), progress=False)
     teacher_release = folder / "teacher.safetensors"
-    save_release(str(teacher_release), teacher.net, TEACHER_FORMAT,
-                 {"unet": teacher.net.config, "conditional": False, "bridge": teacher.bridge.config()})
+    save_release(
+        str(teacher_release),
+        teacher.net,
+        TEACHER_FORMAT,
+        {"unet": teacher.net.config, "conditional": False, "bridge": teacher.bridge.config()},
+    )
     with pytest.raises(ReleaseError, match="teacher, not a generator"):
         export_onnx(str(teacher_release), str(folder / "x.onnx"), progress=False)
     junk = folder / "junk.safetensors"
@@ -359,8 +383,9 @@ def blocked_env(tmp_path_factory):
 
 
 def _run(args, env):
-    return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, str(RUNNER), *map(str, args)], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _write_images(root, sizes, seed):
@@ -395,8 +420,23 @@ def test_runner_matches_pytorch_without_torch(one_step, folder, blocked_env):
     sizes = {"b.png": (16, 16), "a.png": (16, 16), "c.png": (16, 16), "sub/d.png": (20, 24)}
     _write_images(images, sizes, seed=3)
     out = folder / "restored"
-    result = _run(["--model", report["onnx"], "--input", images, "--output", out, "--batch", 2, "--seed", 11,
-                   "--provider", "cpu"], blocked_env)
+    result = _run(
+        [
+            "--model",
+            report["onnx"],
+            "--input",
+            images,
+            "--output",
+            out,
+            "--batch",
+            2,
+            "--seed",
+            11,
+            "--provider",
+            "cpu",
+        ],
+        blocked_env,
+    )
     assert result.returncode == 0, result.stderr
 
     # z as the runner documents it: one default_rng(seed), image by image in sorted order.
@@ -438,15 +478,40 @@ def test_external_data_moves_with_the_model(one_step, folder, blocked_env, monke
     _write_images(images, {"a.png": (16, 16)}, seed=6)
     runs = {}
     for name, path in (("external", moved / "model.onnx"), ("single", report_one["onnx"])):
-        result = _run(["--model", path, "--input", images, "--output", folder / f"ext-out-{exporter}-{name}",
-                       "--seed", 3, "--provider", "cpu", "--quiet"], blocked_env)
+        result = _run(
+            [
+                "--model",
+                path,
+                "--input",
+                images,
+                "--output",
+                folder / f"ext-out-{exporter}-{name}",
+                "--seed",
+                3,
+                "--provider",
+                "cpu",
+                "--quiet",
+            ],
+            blocked_env,
+        )
         assert result.returncode == 0, result.stderr
         runs[name] = np.asarray(Image.open(folder / f"ext-out-{exporter}-{name}" / "a.png"))
     assert np.array_equal(runs["external"], runs["single"])  # the same weights, read from the data file
 
     os.remove(moved / "model.onnx.data")
-    result = _run(["--model", moved / "model.onnx", "--input", images, "--output", folder / f"ext-none-{exporter}",
-                   "--provider", "cpu"], blocked_env)
+    result = _run(
+        [
+            "--model",
+            moved / "model.onnx",
+            "--input",
+            images,
+            "--output",
+            folder / f"ext-none-{exporter}",
+            "--provider",
+            "cpu",
+        ],
+        blocked_env,
+    )
     assert result.returncode == 1
     assert "model.onnx.data, which must sit beside it" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -458,22 +523,25 @@ def test_runner_inpainting_multistep(inpainting, folder, blocked_env):
     sizes = {"x.png": (16, 16), "y.png": (16, 16), "z.png": (24, 16)}
     _write_images(images, sizes, seed=4)
     out = folder / "filled"
-    result = _run(["--model", report["onnx"], "--input", images, "--output", out, "--seed", 5, "--quiet"],
-                  blocked_env)
+    result = _run(["--model", report["onnx"], "--input", images, "--output", out, "--seed", 5, "--quiet"], blocked_env)
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
     runner = _runner_module()
     generator, _ = load_generator(release)
-    noise_inputs = [{"name": "z", "channels": 3}, {"name": "hole_noise", "channels": 3},
-                    {"name": "noise_1", "channels": 3}]
+    noise_inputs = [
+        {"name": "z", "channels": 3},
+        {"name": "hole_noise", "channels": 3},
+        {"name": "noise_1", "channels": 3},
+    ]
     rng = np.random.default_rng(5)
     expected = {}
     for name in sorted(sizes):
         height, width = sizes[name]
         mask = torch.from_numpy(runner.center_mask(height, width))[None]
         inputs = {"xT": _as_tensor(images / name)[None], "mask": mask}  # the runner leaves the hole as it is
-        inputs.update({k: torch.from_numpy(v)[None] for k, v in
-                       runner.draw_noises(rng, noise_inputs, height, width).items()})
+        inputs.update(
+            {k: torch.from_numpy(v)[None] for k, v in runner.draw_noises(rng, noise_inputs, height, width).items()}
+        )
         expected[name] = _uint8(onnx_program.reference_sample(generator, inputs, nfe=2)[0])
     _compare_outputs(out, expected)
 
@@ -483,10 +551,14 @@ def test_runner_bad_inputs(one_step, folder, blocked_env):
     model = report["onnx"]
     bad = folder / "bad"
     bad.mkdir()
-    plain = onnx.helper.make_model(onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["x"], ["y"])], "plain",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
+    plain = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])],
+            "plain",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        )
+    )
     onnx.save(plain, bad / "plain.onnx")
     Image.fromarray(np.zeros((15, 16, 3), np.uint8)).save(bad / "odd.png")
     np.save(bad / "four.npy", np.zeros((4, 16, 16), np.float32))

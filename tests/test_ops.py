@@ -4,6 +4,7 @@ Low-precision tolerances follow flash-attention's rule: the op's error against a
 float64 reference is at most twice the error of plain PyTorch in the same dtype
 (plus a tiny absolute slack for cases where plain PyTorch happens to be exact).
 """
+
 from __future__ import annotations
 
 import os
@@ -65,8 +66,15 @@ def test_bridge_step_matches_reference(device, dtype, mode):
     kwargs = {"noise": noise} if mode == "noise" else {"seed": 1234} if mode == "seed" else {}
     std = 0.0 if mode == "deterministic" else sd
     out = ops.bridge_step(a, b, ca, cb, std, **kwargs)
-    ref = reference.bridge_step(a, b, ca, cb, std if mode != "deterministic" else torch.zeros_like(sd),
-                                seed=kwargs.get("seed", reference.NO_NOISE_SEED), noise=kwargs.get("noise"))
+    ref = reference.bridge_step(
+        a,
+        b,
+        ca,
+        cb,
+        std if mode != "deterministic" else torch.zeros_like(sd),
+        seed=kwargs.get("seed", reference.NO_NOISE_SEED),
+        noise=kwargs.get("noise"),
+    )
     assert out.dtype == dtype and out.shape == a.shape and out.device == a.device
     # Same arithmetic as the reference: at most one rounding of the output dtype apart.
     tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
@@ -144,12 +152,15 @@ def test_loss_gradients_match_reference(device, dtype):
         xs = [x.clone().requires_grad_() for x in xs]
         return torch.autograd.grad(fn(*xs), xs, up)
 
-    for got, want in zip(grads(lambda a, b: ops.bridge_loss(a, b, w), p, t),
-                         grads(lambda a, b: reference.bridge_loss(a, b, w), p, t)):
+    for got, want in zip(
+        grads(lambda a, b: ops.bridge_loss(a, b, w), p, t), grads(lambda a, b: reference.bridge_loss(a, b, w), p, t)
+    ):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * 1e-2)
-    for got, want in zip(grads(lambda a, b, c: ops.ibmd_loss(a, b, c, w), t, f, p),
-                         grads(lambda a, b, c: reference.ibmd_loss(a, b, c, w), t, f, p)):
+    for got, want in zip(
+        grads(lambda a, b, c: ops.ibmd_loss(a, b, c, w), t, f, p),
+        grads(lambda a, b, c: reference.ibmd_loss(a, b, c, w), t, f, p),
+    ):
         torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * 1e-2)
 
 
@@ -208,12 +219,16 @@ def test_masked_loss_gradients_match_reference(device, dtype):
         xs = [x.clone().requires_grad_() for x in xs]
         return torch.autograd.grad(fn(*xs), xs, up)
 
-    for got, want in zip(grads(lambda a, b: ops.bridge_loss(a, b, w, mask=m), p, t),
-                         grads(lambda a, b: reference.bridge_loss(a, b, w, m), p, t)):
+    for got, want in zip(
+        grads(lambda a, b: ops.bridge_loss(a, b, w, mask=m), p, t),
+        grads(lambda a, b: reference.bridge_loss(a, b, w, m), p, t),
+    ):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * 1e-2)
-    for got, want in zip(grads(lambda a, b, c: ops.ibmd_loss(a, b, c, w, mask=m), t, f, p),
-                         grads(lambda a, b, c: reference.ibmd_loss(a, b, c, w, m), t, f, p)):
+    for got, want in zip(
+        grads(lambda a, b, c: ops.ibmd_loss(a, b, c, w, mask=m), t, f, p),
+        grads(lambda a, b, c: reference.ibmd_loss(a, b, c, w, m), t, f, p),
+    ):
         torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * 1e-2)
 
 
@@ -323,8 +338,12 @@ def test_torch_compile_fullgraph(device):
 
     def step(a, b, x0):
         x_t = ops.bridge_step(a, b, ca, cb, sd, seed=21)
-        return (ops.bridge_loss(x_t, x0, ca).sum() + ops.ibmd_loss(x_t, b, a, cb).sum()
-                + ops.bridge_loss(x_t, x0, cb, mask=mask).sum() + ops.ibmd_loss(x_t, b, a, ca, mask=mask).sum())
+        return (
+            ops.bridge_loss(x_t, x0, ca).sum()
+            + ops.ibmd_loss(x_t, b, a, cb).sum()
+            + ops.bridge_loss(x_t, x0, cb, mask=mask).sum()
+            + ops.ibmd_loss(x_t, b, a, ca, mask=mask).sum()
+        )
 
     torch._dynamo.reset()
     compiled_step = torch.compile(step, fullgraph=True)
@@ -347,8 +366,11 @@ def test_numpy_philox_known_answers():
     cases = [
         ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
         ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
     ]
     for counter, key, want in cases:
         got = reference.philox4x32_10_numpy(np.array([counter], dtype=np.uint32), key)[0]
@@ -445,8 +467,9 @@ def test_channels_last_and_strided_inputs(device, width):
         assert torch.equal(got, want), name  # the noise follows the logical index, not memory
         if name == "channels_last":
             assert got.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(ops.bridge_step(xa, xb, ca, cb, sd, noise=make(noise)),
-                                   ops.bridge_step(a, b, ca, cb, sd, noise=noise))
+        torch.testing.assert_close(
+            ops.bridge_step(xa, xb, ca, cb, sd, noise=make(noise)), ops.bridge_step(a, b, ca, cb, sd, noise=noise)
+        )
         torch.testing.assert_close(ops.bridge_loss(xa, make(t), ca), ops.bridge_loss(a, t, ca))
         torch.testing.assert_close(ops.ibmd_loss(make(t), make(f), xa, ca), ops.ibmd_loss(t, f, a, ca))
         xa_, xt_ = xa.clone().requires_grad_(), make(t).requires_grad_()
@@ -518,8 +541,14 @@ def test_reference_backend_forced_and_consistent():
         "z = torch.zeros(2, 3, 5, 7)\n"
         "torch.save(o.bridge_step(z, z, 0.0, 0.0, 1.0, seed=77), 'ref_noise.pt')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd(),
-                          env={**os.environ, "IBMD_FAST_DISABLE_EXT": "1"}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=os.getcwd(),
+        env={**os.environ, "IBMD_FAST_DISABLE_EXT": "1"},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "reference"
     ref = torch.load("ref_noise.pt", weights_only=True)
@@ -659,8 +688,20 @@ def _cmake_library() -> str:
     lib = os.path.join(build, "libibmd_ops.so")
     if not os.path.exists(os.path.join(build, "CMakeCache.txt")):
         prefix = torch.utils.cmake_prefix_path
-        subprocess.run(["cmake", "-S", root, "-B", build, f"-DCMAKE_PREFIX_PATH={prefix}",
-                        "-DIBMD_WITH_CUDA=OFF", "-DCMAKE_BUILD_TYPE=Release"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "cmake",
+                "-S",
+                root,
+                "-B",
+                build,
+                f"-DCMAKE_PREFIX_PATH={prefix}",
+                "-DIBMD_WITH_CUDA=OFF",
+                "-DCMAKE_BUILD_TYPE=Release",
+            ],
+            check=True,
+            capture_output=True,
+        )
     # Always build: incremental, so a library left by an older checkout is rebuilt from these sources.
     subprocess.run(["cmake", "--build", build, "-j2"], check=True, capture_output=True)
     return lib
@@ -737,5 +778,9 @@ def test_cuda_large_and_half_precision_paths():
             cpu = ops.bridge_step(a, b, w, w, w, seed=3)
             gpu = ops.bridge_step(a.cuda(), b.cuda(), w.cuda(), w.cuda(), w.cuda(), seed=3).cpu()
             torch.testing.assert_close(gpu.float(), cpu.float(), **tol)
-            torch.testing.assert_close(ops.ibmd_loss(t.cuda(), f.cuda(), a.cuda(), w.cuda()).cpu(),
-                                       ops.ibmd_loss(t, f, a, w), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                ops.ibmd_loss(t.cuda(), f.cuda(), a.cuda(), w.cuda()).cpu(),
+                ops.ibmd_loss(t, f, a, w),
+                rtol=1e-4,
+                atol=1e-5,
+            )

@@ -10,6 +10,7 @@ DBIM's evaluations/evaluator.py compute them, through clean-fid itself.
 These need torchvision and clean-fid (pip install '.[metrics]', a torch whose torchvision loads). They
 skip without them, unless IBMD_FAST_REQUIRE_METRICS=1 (set by .ci/run), where a missing library fails.
 """
+
 import os
 
 import numpy as np
@@ -37,6 +38,7 @@ cleanfid_torchscript = _require("cleanfid.inception_torchscript")
 pytorch_fid_inception = _require("pytorch_fid.inception")
 
 from torchvision.transforms import ToTensor  # noqa: E402
+
 
 def _images(n, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -99,8 +101,12 @@ class _TorchScriptInception(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.layers = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 32, 7, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(32, 2048, 5, stride=4),
-            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1))
+            torch.nn.Conv2d(3, 32, 7, stride=4),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 2048, 5, stride=4),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+        )
         self.output = torch.nn.Linear(2048, 1008)
 
     def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
@@ -245,8 +251,9 @@ def test_inception_features_feed_the_bootstrap(tf_inception_file):
     boot = metrics.bootstrap_fid(f, fixed, num_resamples=20)
     # fid_from_stats solves in 2048 dimensions, where the rank-9 covariance leaves ~2000 round-off
     # eigenvalues whose square roots add about 1e-6 relative; the N x N route has none
-    assert boot["fid"] == pytest.approx(metrics.fid_from_stats(f.mean(0).numpy(), np.cov(f.numpy(), rowvar=False), *fixed),
-                                        rel=1e-5)
+    assert boot["fid"] == pytest.approx(
+        metrics.fid_from_stats(f.mean(0).numpy(), np.cov(f.numpy(), rowvar=False), *fixed), rel=1e-5
+    )
     assert boot["ci"][0] <= boot["fid"] <= boot["ci"][1]
 
 
@@ -291,7 +298,9 @@ def test_resnet50_ca_equals_i2sb(resnet_file):
 def test_missing_and_wrong_weights_name_the_file(tmp_path, tf_inception_file, fid_inception_file, resnet_file):
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth.*github.com/mseitzer"):
         paper_metrics.load_inception("inception-pytorch", str(tmp_path / "nope.pth"))
-    with pytest.raises(ValueError, match="inception-2015-12-05.pt is not a readable state dict.*pt_inception-2015-12-05-6726825d.pth"):
+    with pytest.raises(
+        ValueError, match="inception-2015-12-05.pt is not a readable state dict.*pt_inception-2015-12-05-6726825d.pth"
+    ):
         paper_metrics.load_inception("inception-pytorch", tf_inception_file)
     with pytest.raises(ValueError, match="does not fit pytorch-fid's FID Inception.*github.com/mseitzer"):
         paper_metrics.load_inception("inception-pytorch", resnet_file)  # a state dict, of another network
@@ -329,9 +338,21 @@ def _tiny_teacher(path):
 
     torch.manual_seed(0)
     net = build_unet("tiny", SIZE, 3, 3).eval()
-    save_release(str(path), net, TEACHER_FORMAT, {
-        "unet": net.config, "conditional": False, "bridge": I2SBBridge(n_steps=100).config(), "nfe": 1,
-        "degradation": "sr4x-bicubic", "image_size": SIZE, "channels": 3, "data": "skimage"})
+    save_release(
+        str(path),
+        net,
+        TEACHER_FORMAT,
+        {
+            "unet": net.config,
+            "conditional": False,
+            "bridge": I2SBBridge(n_steps=100).config(),
+            "nfe": 1,
+            "degradation": "sr4x-bicubic",
+            "image_size": SIZE,
+            "channels": 3,
+            "data": "skimage",
+        },
+    )
     return str(path)
 
 
@@ -362,9 +383,29 @@ def test_eval_cli_with_inception_and_resnet(tmp_path, tf_inception_file, resnet_
     teacher = _tiny_teacher(tmp_path / "teacher.safetensors")
     data = _labelled_folder(tmp_path / "imagenet")
     run_dir = tmp_path / "eval"
-    args = ["eval", "--teacher", teacher, "--student", "none", "--teacher-nfe", "1", "--num-images", 6,
-            "--data", f"classes:{data}", "--features", f"inception-tf:{tf_inception_file}",
-            "--ca", f"resnet50:{resnet_file}", "--fid-ref", str(data), "--run-dir", str(run_dir), "--device", "cpu"]
+    args = [
+        "eval",
+        "--teacher",
+        teacher,
+        "--student",
+        "none",
+        "--teacher-nfe",
+        "1",
+        "--num-images",
+        6,
+        "--data",
+        f"classes:{data}",
+        "--features",
+        f"inception-tf:{tf_inception_file}",
+        "--ca",
+        f"resnet50:{resnet_file}",
+        "--fid-ref",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        "--device",
+        "cpu",
+    ]
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     assert "IS" in result.stdout and "CA %" in result.stdout and "features inception-tf" in result.stdout
@@ -375,7 +416,9 @@ def test_eval_cli_with_inception_and_resnet(tmp_path, tf_inception_file, resnet_
     assert (run_dir / "fid_ref.npz").is_file() and payload["classifier"]["fid_reference"].endswith("fid_ref.npz")
 
     # the reference statistics of the folder: the clean test images here, so the FID equals the one without
-    again = CliRunner().invoke(cli, [str(a) for a in args[:-6] + ["--run-dir", str(tmp_path / "eval2"), "--device", "cpu"]])
+    again = CliRunner().invoke(
+        cli, [str(a) for a in args[:-6] + ["--run-dir", str(tmp_path / "eval2"), "--device", "cpu"]]
+    )
     assert again.exit_code == 0, again.output
     rows2 = {r["model"]: r for r in json.loads((tmp_path / "eval2" / "eval.json").read_text())["results"]}
     assert rows2["teacher"]["fid"] == pytest.approx(rows["teacher"]["fid"], rel=1e-6)
@@ -384,11 +427,14 @@ def test_eval_cli_with_inception_and_resnet(tmp_path, tf_inception_file, resnet_
     # folder, so the same statistics and FID; fixed statistics, so the intervals resample the restored side only
     from PIL import Image
 
-    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for c in sorted(data.iterdir())
-                       for p in sorted(c.iterdir())])
+    pixels = np.stack(
+        [np.asarray(Image.open(p).convert("RGB")) for c in sorted(data.iterdir()) for p in sorted(c.iterdir())]
+    )
     np.savez(tmp_path / "ref_batch.npz", arr_0=pixels)
-    third = CliRunner().invoke(cli, [str(a) for a in args[:-5] + [tmp_path / "ref_batch.npz", "--run-dir",
-                                                                  tmp_path / "eval3", "--device", "cpu"]])
+    third = CliRunner().invoke(
+        cli,
+        [str(a) for a in args[:-5] + [tmp_path / "ref_batch.npz", "--run-dir", tmp_path / "eval3", "--device", "cpu"]],
+    )
     assert third.exit_code == 0, third.output
     payload3 = json.loads((tmp_path / "eval3" / "eval.json").read_text())
     rows3 = {r["model"]: r for r in payload3["results"]}
@@ -398,12 +444,16 @@ def test_eval_cli_with_inception_and_resnet(tmp_path, tf_inception_file, resnet_
     low, high = rows3["teacher"]["fid_ci"]
     assert low <= rows3["teacher"]["fid"] <= high
     np.savez(tmp_path / "neither.npz", images=pixels)
-    bad_ref = CliRunner().invoke(cli, [str(a) for a in args[:-5] + [tmp_path / "neither.npz", "--run-dir",
-                                                                    tmp_path / "eval4", "--device", "cpu"]])
+    bad_ref = CliRunner().invoke(
+        cli,
+        [str(a) for a in args[:-5] + [tmp_path / "neither.npz", "--run-dir", tmp_path / "eval4", "--device", "cpu"]],
+    )
     assert bad_ref.exit_code != 0 and "neither 'mu' and 'sigma' nor reference images 'arr_0'" in bad_ref.output
 
     # a missing weights file: one line naming the file expected and where it is published
     bad = CliRunner().invoke(cli, [str(a) for a in args[:11] + ["--features", f"inception-pytorch:{tmp_path}/x.pth"]])
     assert bad.exit_code != 0
     lines = [line for line in bad.output.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1 and "pt_inception-2015-12-05-6726825d.pth" in lines[0] and "github.com" in lines[0], bad.output
+    assert len(lines) == 1 and "pt_inception-2015-12-05-6726825d.pth" in lines[0] and "github.com" in lines[0], (
+        bad.output
+    )

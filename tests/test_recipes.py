@@ -9,6 +9,7 @@
 - ``multistep = "random-stop"`` (the DDBM students): the same chain cut at a grid step, its
   gradient through the last call only.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,13 @@ def test_every_recipe_prints(name):
 
 def test_recipe_values_from_the_paper():
     i2sb = [RECIPES[n] for n in ("sr4x-bicubic", "sr4x-pool", "jpeg-5", "jpeg-10")]
-    assert all(r.settings["nfe"] == 1 and r.settings["inner_steps"] == 5 and r.settings["lr"] == 5e-5
-               and r.settings["noise_input"] for r in i2sb)
+    assert all(
+        r.settings["nfe"] == 1
+        and r.settings["inner_steps"] == 5
+        and r.settings["lr"] == 5e-5
+        and r.settings["noise_input"]
+        for r in i2sb
+    )
     inpaint = RECIPES["inpaint-center"].settings
     assert inpaint["nfe"] == 4 and inpaint["noise_input"] is False and inpaint["multistep"] == "full"
     for task in ("e2h", "diode"):
@@ -111,8 +117,18 @@ def test_full_chain_recipe_distills(tmp_path):
     from ibmd_fast.release import load_generator
     from ibmd_fast.train import distill
 
-    summary = distill(recipe="inpaint-center", run_dir=str(tmp_path / "run"), device="cpu", nfe=2, steps=2,
-                      batch_size=2, inner_steps=1, eval_items=0, log_every=1, progress=False)
+    summary = distill(
+        recipe="inpaint-center",
+        run_dir=str(tmp_path / "run"),
+        device="cpu",
+        nfe=2,
+        steps=2,
+        batch_size=2,
+        inner_steps=1,
+        eval_items=0,
+        log_every=1,
+        progress=False,
+    )
     assert summary["steps"] == 2 and math.isfinite(summary["loss_theta"])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["recipe"], config["multistep"], config["noise_input"]) == ("inpaint-center", "full", False)
@@ -189,12 +205,14 @@ def test_chain_gradient_matches_float64_transcription(stop, grad_chain):
     xT, z, weight = _inputs()
     params = [p for p in generator.parameters() if p.requires_grad]
 
-    x0 = student_chain(generator, xT, z, NFE, noise=SeededNoise(torch.Generator().manual_seed(7)), stop=stop,
-                       grad_chain=grad_chain)
+    x0 = student_chain(
+        generator, xT, z, NFE, noise=SeededNoise(torch.Generator().manual_seed(7)), stop=stop, grad_chain=grad_chain
+    )
     grads = torch.autograd.grad((weight * x0).sum(), params)
 
-    ref, grid = _transcribed_chain(generator.net, xT, z, NFE, _seeds(7, NFE - stop), stop=stop,
-                                   detach_before_last=not grad_chain)
+    ref, grid = _transcribed_chain(
+        generator.net, xT, z, NFE, _seeds(7, NFE - stop), stop=stop, detach_before_last=not grad_chain
+    )
     assert grid == student_grid(generator.bridge, NFE).tolist()
     ref_grads = torch.autograd.grad((weight * ref).sum(), params)
 

@@ -1,5 +1,6 @@
 """The end of a distillation run (ibmd_fast/train/report.py): the corrupted-input row, the reading line,
 and comparison.png (a whole held-out photograph in four labeled columns)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,9 +33,11 @@ def test_corrupted_row_scores_the_input_itself():
 
 
 def test_table_has_the_input_row_and_one_reading_line():
-    rows = [report.corrupted_row(_batches()[0]),
-            {"model": "teacher", "nfe": 100, "psnr": 30.0, "ssim": 0.9, "sec_per_image": 0.5},
-            {"model": "student", "nfe": 1, "psnr": 31.0, "ssim": 0.91, "sec_per_image": 0.005}]
+    rows = [
+        report.corrupted_row(_batches()[0]),
+        {"model": "teacher", "nfe": 100, "psnr": 30.0, "ssim": 0.9, "sec_per_image": 0.5},
+        {"model": "student", "nfe": 1, "psnr": 31.0, "ssim": 0.91, "sec_per_image": 0.005},
+    ]
     text = report.format_comparison(rows, "runs/distill")
     lines = text.splitlines()
     assert len(lines) == 2 + len(rows) + 1  # header, rule, rows, the reading line
@@ -57,9 +60,9 @@ def test_draw_columns_lays_out_four_labeled_columns():
     for j, image in enumerate(images):
         left = pad + j * (14 * zoom + pad)
         expected = np.repeat(np.repeat(tensor_to_uint8(image), zoom, 0), zoom, 1)
-        assert np.array_equal(picture[top:top + 10 * zoom, left:left + 14 * zoom], expected)
-        title_band = picture[:top, left:left + 14 * zoom]
-        label_band = picture[top + 10 * zoom:, left:left + 14 * zoom]
+        assert np.array_equal(picture[top : top + 10 * zoom, left : left + 14 * zoom], expected)
+        title_band = picture[:top, left : left + 14 * zoom]
+        label_band = picture[top + 10 * zoom :, left : left + 14 * zoom]
         assert (title_band < 128).any() and (label_band < 128).any()  # text drawn above and below
     with pytest.raises(ValueError, match="differ in size"):
         imageio.draw_columns([("a", images[0], []), ("b", torch.zeros(3, 8, 8), [])])
@@ -81,8 +84,8 @@ def test_save_grid_enlarges_small_images_and_titles_the_columns(tmp_path):
             top, left = band + 2 + i * 98, 2 + j * 98
             expected = np.repeat(np.repeat(tensor_to_uint8(images[i]), 3, 0), 3, 1)
             expected = np.repeat(expected, 3 // expected.shape[2], axis=2)  # gray next to colour: RGB
-            assert np.array_equal(pixels[top:top + 96, left:left + 96], expected)
-        assert (pixels[:band, 2 + j * 98:2 + j * 98 + 96] < 128).any()  # its title
+            assert np.array_equal(pixels[top : top + 96, left : left + 96], expected)
+        assert (pixels[:band, 2 + j * 98 : 2 + j * 98 + 96] < 128).any()  # its title
     assert imageio.grid_zoom(256, 256) == 1 and imageio.grid_zoom(28, 28) == 3
     imageio.save_grid(columns, str(path), cell=0)  # at their own size, untitled
     with Image.open(path) as grid:
@@ -102,8 +105,9 @@ def _tiny_pair(degradation: str):
 def test_photo_comparison_restores_the_whole_held_out_photo(tmp_path, degradation):
     teacher, student = _tiny_pair(degradation)
     path = tmp_path / "comparison.png"
-    info = report.photo_comparison(str(path), teacher, student, 1, 2, get_degradation(degradation), 3, 2, "cpu",
-                                   short_side=24, zoom=2)
+    info = report.photo_comparison(
+        str(path), teacher, student, 1, 2, get_degradation(degradation), 3, 2, "cpu", short_side=24, zoom=2
+    )
     h, w = load_skimage_photo(HELD_OUT_PHOTO).shape[:2]
     multiple = 4 if degradation.startswith("sr4x") else 2  # the SR factor, else the network's multiple
     assert info["photo"] == HELD_OUT_PHOTO and min(info["height"], info["width"]) in range(20, 25)
@@ -126,15 +130,38 @@ def test_photo_comparison_cuts_the_hole_the_teacher_learned(tmp_path):
     from ibmd_fast.data.degradations import CenterInpainting
 
     teacher, student = _tiny_pair("inpaint-center")
-    info = report.photo_comparison(str(tmp_path / "c.png"), teacher, student, 1, 2, get_degradation("inpaint-center"),
-                                   3, 2, "cpu", short_side=24, zoom=2, hole=8)
+    info = report.photo_comparison(
+        str(tmp_path / "c.png"),
+        teacher,
+        student,
+        1,
+        2,
+        get_degradation("inpaint-center"),
+        3,
+        2,
+        "cpu",
+        short_side=24,
+        zoom=2,
+        hole=8,
+    )
     assert info["hole"] == 8
     h, w = load_skimage_photo(HELD_OUT_PHOTO).shape[:2]
     x0 = held_out_photo(3, 24 / min(h, w), 2)
     xT, mask = CenterInpainting(hole=8)(x0[None])
     assert int(mask.sum()) == 64 and info["columns"][0]["psnr"] == pytest.approx(float(psnr(xT, x0[None])), rel=1e-5)
-    whole = report.photo_comparison(str(tmp_path / "d.png"), teacher, student, 1, 2,
-                                    get_degradation("inpaint-center"), 3, 2, "cpu", short_side=24, zoom=2)
+    whole = report.photo_comparison(
+        str(tmp_path / "d.png"),
+        teacher,
+        student,
+        1,
+        2,
+        get_degradation("inpaint-center"),
+        3,
+        2,
+        "cpu",
+        short_side=24,
+        zoom=2,
+    )
     assert whole["hole"] == info["height"] // 2  # the degradation's own: half the side
 
 
@@ -146,8 +173,21 @@ def test_photo_comparison_restores_the_hole_from_its_training_size_window(tmp_pa
     from ibmd_fast.restore import sample_student
 
     teacher, student = _tiny_pair("inpaint-center")
-    info = report.photo_comparison(str(tmp_path / "w.png"), teacher, student, 1, 2, get_degradation("inpaint-center"),
-                                   3, 2, "cpu", short_side=24, zoom=2, hole=8, window=16)
+    info = report.photo_comparison(
+        str(tmp_path / "w.png"),
+        teacher,
+        student,
+        1,
+        2,
+        get_degradation("inpaint-center"),
+        3,
+        2,
+        "cpu",
+        short_side=24,
+        zoom=2,
+        hole=8,
+        window=16,
+    )
     assert info["window"] == 16 and info["hole"] == 8
     h, w = load_skimage_photo(HELD_OUT_PHOTO).shape[:2]
     x0 = held_out_photo(3, 24 / min(h, w), 2)[None]
@@ -162,8 +202,21 @@ def test_photo_comparison_restores_the_hole_from_its_training_size_window(tmp_pa
     with torch.no_grad():
         whole = sample_student(student, xT, 1, mask, seed=0)
     assert float(psnr(whole.clamp(-1, 1), x0)) != pytest.approx(info["columns"][2]["psnr"], rel=1e-6)
-    same = report.photo_comparison(str(tmp_path / "x.png"), teacher, student, 1, 2, get_degradation("inpaint-center"),
-                                   3, 2, "cpu", short_side=24, zoom=2, hole=8, window=max(x0.shape[-2:]))
+    same = report.photo_comparison(
+        str(tmp_path / "x.png"),
+        teacher,
+        student,
+        1,
+        2,
+        get_degradation("inpaint-center"),
+        3,
+        2,
+        "cpu",
+        short_side=24,
+        zoom=2,
+        hole=8,
+        window=max(x0.shape[-2:]),
+    )
     assert same["window"] is None
 
 

@@ -1,4 +1,5 @@
 """restore.py: known pixels, the one student chain (and its three callers), the teacher dispatch."""
+
 import contextlib
 
 import pytest
@@ -33,7 +34,7 @@ def _data(seed=0):
 
 def _center_mask(size=8):
     mask = torch.zeros(1, 1, size, size)
-    mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
+    mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0
     return mask
 
 
@@ -101,7 +102,7 @@ def test_student_one_step(bridge):
     z = torch.randn(SHAPE)
     out = student_chain(student, xT, z, 1)
     assert torch.equal(out, x0)
-    (x, z_seen, t), = student.calls
+    ((x, z_seen, t),) = student.calls
     assert torch.equal(x, xT) and torch.equal(z_seen, z) and torch.all(t == bridge.T)
 
 
@@ -110,8 +111,9 @@ def test_student_multi_step_visits_the_student_grid(bridge):
     x0, xT = _data()
     student = ToyStudent(lambda x, z, t: x0.clone(), bridge)
     infos = []
-    out = student_chain(student, xT, torch.randn(SHAPE), 4, noise=SeededNoise(torch.Generator().manual_seed(0)),
-                        callback=infos.append)
+    out = student_chain(
+        student, xT, torch.randn(SHAPE), 4, noise=SeededNoise(torch.Generator().manual_seed(0)), callback=infos.append
+    )
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-6)
     assert len(student.calls) == 4 and [i["nfe"] for i in infos] == [1, 2, 3, 4]
     grid = student_grid(bridge, 4)
@@ -163,8 +165,9 @@ def test_student_inpainting_and_seeds():
         assert torch.equal(out[known], xT[known])  # known pixels copied from xT, exactly
         assert torch.equal(out, sample_student(student, xT, nfe, mask=mask, seed=0))
         assert not torch.equal(out, sample_student(student, xT, nfe, mask=mask, seed=1))
-        assert torch.equal(out, sample_student(student, xT, nfe, mask=mask, seed=None,
-                                               rng=torch.Generator().manual_seed(0)))
+        assert torch.equal(
+            out, sample_student(student, xT, nfe, mask=mask, seed=None, rng=torch.Generator().manual_seed(0))
+        )
     torch.manual_seed(1)
     a = sample_student(student, xT, 3, seed=None)
     torch.manual_seed(1)
@@ -197,15 +200,26 @@ def test_the_onnx_program_is_the_student_chain(bridge):
     program = StudentProgram(generator, nfe=3, inpainting=True).eval()
     gen = torch.Generator().manual_seed(2)
     xT = torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1
-    inputs = {"xT": xT, "z": torch.randn(xT.shape, generator=gen), "mask": _center_mask(16).expand(2, 1, 16, 16),
-              "hole_noise": torch.randn(xT.shape, generator=gen),
-              "noise_1": torch.randn(xT.shape, generator=gen), "noise_2": torch.randn(xT.shape, generator=gen)}
+    inputs = {
+        "xT": xT,
+        "z": torch.randn(xT.shape, generator=gen),
+        "mask": _center_mask(16).expand(2, 1, 16, 16),
+        "hole_noise": torch.randn(xT.shape, generator=gen),
+        "noise_1": torch.randn(xT.shape, generator=gen),
+        "noise_2": torch.randn(xT.shape, generator=gen),
+    }
     assert program.input_names == list(inputs)
     with torch.no_grad():
         out = program(*inputs.values())
         filled = impose_known(inputs["hole_noise"], xT, inputs["mask"])
-        chain = student_chain(generator, filled, inputs["z"], 3, mask=inputs["mask"],
-                              noise=GivenNoise([inputs["noise_1"], inputs["noise_2"]]))
+        chain = student_chain(
+            generator,
+            filled,
+            inputs["z"],
+            3,
+            mask=inputs["mask"],
+            noise=GivenNoise([inputs["noise_1"], inputs["noise_2"]]),
+        )
     torch.testing.assert_close(out, chain, rtol=0, atol=1e-5)
     torch.testing.assert_close(reference_sample(generator, inputs, 3), chain, rtol=0, atol=0)
     hole = inputs["mask"].bool().expand_as(out)
@@ -298,15 +312,20 @@ def test_restore_dispatches_to_the_named_sampler():
             hook.remove()
         assert len(calls) == 2 * 19
         # many images: batches from one noise source; one batch is restore itself, clamped
-        assert torch.equal(restore_with_teacher(vp_teacher, xT, 2, seed=1, batch_size=4),
-                           restore(vp_teacher, xT, "dbim", 2, seed=1).clamp(-1, 1))
+        assert torch.equal(
+            restore_with_teacher(vp_teacher, xT, 2, seed=1, batch_size=4),
+            restore(vp_teacher, xT, "dbim", 2, seed=1).clamp(-1, 1),
+        )
 
 
-@pytest.mark.parametrize("sampler, bridge, message", [
-    ("euler", "i2sb", "unknown sampler 'euler'"),
-    ("i2sb", "vp", "i2sb sampler needs an I2SB teacher"),
-    ("heun", "i2sb", "heun sampler needs a VP"),
-])
+@pytest.mark.parametrize(
+    "sampler, bridge, message",
+    [
+        ("euler", "i2sb", "unknown sampler 'euler'"),
+        ("i2sb", "vp", "i2sb sampler needs an I2SB teacher"),
+        ("heun", "i2sb", "heun sampler needs a VP"),
+    ],
+)
 def test_restore_refuses_what_the_bridge_cannot_run(sampler, bridge, message):
     teacher, _ = _tiny(I2SBBridge(n_steps=20) if bridge == "i2sb" else VPBridge(), size=8)
     _, xT = _data()

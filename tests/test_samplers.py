@@ -1,5 +1,6 @@
 """Samplers on a one-point data set (with the oracle denoiser every sampler must end at x0), and their
 trajectories against transcriptions of the released I2SB, DBIM and DDBM samplers."""
+
 import math
 
 import numpy as np
@@ -317,9 +318,11 @@ def _traj_data(seed=11):
 
 def _denoiser(scale):
     """A fixed non-oracle x0 predictor: nonlinear in x, mixing neighbours, depending on t."""
+
     def predict(x, t):
         tt = (t.double() / scale).view(-1, 1, 1, 1)
         return torch.tanh(0.8 * x + 0.3 * x.roll(1, dims=-1)) * (1.0 - 0.5 * tt) + 0.1 * tt
+
     return predict
 
 
@@ -428,8 +431,11 @@ class _DBIMVP:
 
     def abc(self, t):
         alpha_t, alpha_bar_t, rho_t, rho_bar_t = self.alpha_rho(t)
-        return (alpha_bar_t * rho_t**2 / self.rho_T**2, alpha_t * rho_bar_t**2 / self.rho_T**2,
-                alpha_t * rho_bar_t * rho_t / self.rho_T)
+        return (
+            alpha_bar_t * rho_t**2 / self.rho_T**2,
+            alpha_t * rho_bar_t**2 / self.rho_T**2,
+            alpha_t * rho_bar_t * rho_t / self.rho_T,
+        )
 
     def f_g2(self, t):
         return -0.5 * self.beta_min - 0.5 * self.beta_d * t, self.beta_min + self.beta_d * t
@@ -454,8 +460,12 @@ def _dbim_sample(denoiser, x, ts, t_max, eta, noise):
         omega_st = eta * (alpha_t * rho_t) * math.sqrt(1 - rho_t**2 / rho_s**2)
         tmp_var = math.sqrt(c_t**2 - omega_st**2) / c_s
         eps = noise()
-        x = (b_t - tmp_var * b_s) * x0_hat + (a_t - tmp_var * a_s) * x_T + tmp_var * x \
+        x = (
+            (b_t - tmp_var * b_s) * x0_hat
+            + (a_t - tmp_var * a_s) * x_T
+            + tmp_var * x
             + (1 if i != len(ts) - 2 else 0) * omega_st * eps
+        )
         path.append(x)
         pred_x0.append(x0_hat)
     return path, pred_x0

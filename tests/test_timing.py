@@ -1,4 +1,5 @@
 """ibmd_fast.timing: the Stopwatch, measure's warm-up / repeats / budget, and CUDA-graph capture (GPU only)."""
+
 import time
 
 import pytest

@@ -4,6 +4,7 @@ Everything runs on CPU with the tiny U-Net at 16 px and batches of 4. Bit-identi
 is checked against uninterrupted runs made in this process with one thread; the killed runs
 happen in subprocesses (tests/_train_worker.py) that also use one thread.
 """
+
 import hashlib
 import json
 import math
@@ -51,8 +52,11 @@ PACKAGE_ROOT = Path(ibmd_fast.__file__).resolve().parent.parent
 
 
 def _subprocess_env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 # tiny convolutions on shared cores, and the bit-identity checks compare with 1-thread workers
@@ -67,15 +71,39 @@ def image_dir(tmp_path_factory) -> Path:
 
 
 def teacher_kwargs(run_dir, image_dir, **overrides) -> dict:
-    kwargs = dict(run_dir=str(run_dir), data=f"folder:{image_dir}", image_size=16, batch_size=4, n_steps=50,
-                  steps=6, lr=1e-3, log_every=1, ckpt_every=3, sample_nfe=2, device="cpu", progress=False)
+    kwargs = dict(
+        run_dir=str(run_dir),
+        data=f"folder:{image_dir}",
+        image_size=16,
+        batch_size=4,
+        n_steps=50,
+        steps=6,
+        lr=1e-3,
+        log_every=1,
+        ckpt_every=3,
+        sample_nfe=2,
+        device="cpu",
+        progress=False,
+    )
     kwargs.update(overrides)
     return kwargs
 
 
 def distill_kwargs(run_dir, teacher, **overrides) -> dict:
-    kwargs = dict(run_dir=str(run_dir), teacher=str(teacher), batch_size=4, steps=2, inner_steps=2, lr=1e-4,
-                  fake_lr=1e-4, log_every=1, ckpt_every=2, eval_items=0, device="cpu", progress=False)
+    kwargs = dict(
+        run_dir=str(run_dir),
+        teacher=str(teacher),
+        batch_size=4,
+        steps=2,
+        inner_steps=2,
+        lr=1e-4,
+        fake_lr=1e-4,
+        log_every=1,
+        ckpt_every=2,
+        eval_items=0,
+        device="cpu",
+        progress=False,
+    )
     kwargs.update(overrides)
     return kwargs
 
@@ -120,8 +148,9 @@ def _spawn(mode: str, config: dict, slow: float = 0.0, summary: str = "") -> sub
     cmd = [sys.executable, str(WORKER), mode, json.dumps(config), "--slow", str(slow)]
     if summary:
         cmd += ["--summary", summary]
-    return subprocess.Popen(cmd, cwd=str(REPO), env=_subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd, cwd=str(REPO), env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _kill_after(proc: subprocess.Popen, path: Path, timeout: float = 120.0) -> None:
@@ -152,8 +181,9 @@ def test_train_teacher_writes_its_files_and_learns(tmp_path, image_dir):
     for i in range(4):  # exactly 16 px: no crop, so every batch holds the same four images
         Image.open(image_dir / f"{i:02d}.png").resize((16, 16)).save(tmp_path / f"{i}.png")
     (tmp_path / "run").mkdir()
-    kwargs = teacher_kwargs(tmp_path / "run", tmp_path, steps=50, lr=2e-3, ema_decay=0.9, log_every=10,
-                            ckpt_every=20, keep_ckpts=2)
+    kwargs = teacher_kwargs(
+        tmp_path / "run", tmp_path, steps=50, lr=2e-3, ema_decay=0.9, log_every=10, ckpt_every=20, keep_ckpts=2
+    )
     kwargs["data"] = f"folder:{tmp_path}"
     summary = train_teacher(TeacherConfig(**kwargs))
     run = tmp_path / "run"
@@ -350,8 +380,7 @@ def test_distill_reads_corrupted_images_only(tmp_path, teacher_release, image_di
         return real(spec, *args, **kwargs)
 
     monkeypatch.setattr(ibmd_module, "make_dataset", recording)
-    summary = distill(**distill_kwargs(tmp_path, teacher_release, data=f"corrupted:{image_dir}", steps=2,
-                                       eval_items=4))
+    summary = distill(**distill_kwargs(tmp_path, teacher_release, data=f"corrupted:{image_dir}", steps=2, eval_items=4))
     assert [c for c in calls if c[1] == "train"] == [(f"corrupted:{image_dir}", "train", True)]
     assert summary["comparison"] == []  # a corrupted folder holds no clean images to compare with
     assert "no clean held-out images" in (tmp_path / "log.txt").read_text()
@@ -366,8 +395,7 @@ def test_distill_reads_corrupted_images_only(tmp_path, teacher_release, image_di
 
 
 def test_distill_sigkill_and_resume_is_bit_identical(tmp_path, teacher_release, image_dir):
-    kwargs = distill_kwargs(tmp_path / "ref", teacher_release, data=f"corrupted:{image_dir}", steps=6,
-                            ckpt_every=3)
+    kwargs = distill_kwargs(tmp_path / "ref", teacher_release, data=f"corrupted:{image_dir}", steps=6, ckpt_every=3)
     distill(**kwargs)
 
     killed = tmp_path / "killed"
@@ -387,14 +415,34 @@ def test_distill_vp_conditional_inpainting_multistep_student(tmp_path, image_dir
     """The other branches: VP bridge, conditional teacher, inpainting (hole only), NFE-2 student, comparison."""
     masks = {"bridge_loss": [], "ibmd_loss": []}  # every training loss covers the hole only
     for name in masks:
+
         def spy(*args, _op=getattr(ops, name), _seen=masks[name], mask=None):
             _seen.append(None if mask is None else tuple(mask.shape))
             return _op(*args, mask=mask)
+
         monkeypatch.setattr(ops, name, spy)
-    teacher = train_teacher(**teacher_kwargs(tmp_path / "teacher", image_dir, bridge="vp", conditional=True,
-                                             degradation="inpaint-center", steps=2, ckpt_every=2))
-    summary = distill(**distill_kwargs(tmp_path / "student", teacher["release"], nfe=2, inner_steps=1,
-                                       steps=2, eval_items=4, eval_teacher_nfe=(1, 2)))
+    teacher = train_teacher(
+        **teacher_kwargs(
+            tmp_path / "teacher",
+            image_dir,
+            bridge="vp",
+            conditional=True,
+            degradation="inpaint-center",
+            steps=2,
+            ckpt_every=2,
+        )
+    )
+    summary = distill(
+        **distill_kwargs(
+            tmp_path / "student",
+            teacher["release"],
+            nfe=2,
+            inner_steps=1,
+            steps=2,
+            eval_items=4,
+            eval_teacher_nfe=(1, 2),
+        )
+    )
     # 2 teacher steps, 2 x 1 fake-model steps; 2 generator steps; masks [B, 1, H, W]
     assert masks == {"bridge_loss": [(4, 1, 16, 16)] * 4, "ibmd_loss": [(4, 1, 16, 16)] * 2}, masks
     rows = summary["comparison"]
@@ -426,14 +474,32 @@ def test_distill_vp_conditional_inpainting_multistep_student(tmp_path, image_dir
 def test_torchrun_two_processes_teacher_and_distill(tmp_path):
     common = dict(image_size=16, batch_size=4, log_every=1, device="cpu", progress=False)
     config = {
-        "teacher": dict(common, run_dir=str(tmp_path / "t"), data="skimage", n_steps=50, steps=3, ckpt_every=2,
-                        sample_nfe=2),
-        "distill": dict(common, run_dir=str(tmp_path / "d"), steps=2, inner_steps=1, ckpt_every=2, eval_items=2,
-                        eval_teacher_nfe=[1, 2]),
+        "teacher": dict(
+            common, run_dir=str(tmp_path / "t"), data="skimage", n_steps=50, steps=3, ckpt_every=2, sample_nfe=2
+        ),
+        "distill": dict(
+            common,
+            run_dir=str(tmp_path / "d"),
+            steps=2,
+            inner_steps=1,
+            ckpt_every=2,
+            eval_items=2,
+            eval_teacher_nfe=[1, 2],
+        ),
     }
     summary_path = tmp_path / "summary.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           "both", json.dumps(config), "--summary", str(summary_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(WORKER),
+        "both",
+        json.dumps(config),
+        "--summary",
+        str(summary_path),
+    ]
     run_torchrun(cmd, REPO, _subprocess_env(), timeout=180)
     summary = json.loads(summary_path.read_text())
     assert summary["teacher"]["steps"] == 3 and summary["distill"]["steps"] == 2

@@ -37,6 +37,7 @@ The project's own variants, under names of their own:
 
 Any ``sr<k>x-bicubic`` / ``sr<k>x-bicubic-aa`` / ``sr<k>x-pool`` also parses.
 """
+
 from __future__ import annotations
 
 import io
@@ -66,8 +67,17 @@ __all__ = [
 ]
 
 # I2SB's nine tasks except its training-time "mixture", then the project's own
-I2SB_DEGRADATIONS = ("sr4x-bicubic", "sr4x-pool", "jpeg-5", "jpeg-10", "blur-uni", "blur-gauss",
-                     "inpaint-center", "inpaint-freeform1020", "inpaint-freeform2030")
+I2SB_DEGRADATIONS = (
+    "sr4x-bicubic",
+    "sr4x-pool",
+    "jpeg-5",
+    "jpeg-10",
+    "blur-uni",
+    "blur-gauss",
+    "inpaint-center",
+    "inpaint-freeform1020",
+    "inpaint-freeform2030",
+)
 DEGRADATIONS = I2SB_DEGRADATIONS + ("sr4x-bicubic-aa", "jpeg-5-libjpeg", "jpeg-10-libjpeg", "sketch")
 
 
@@ -85,8 +95,8 @@ class Degradation:
     name: str = ""
     is_inpainting: bool = False
     fixed_mask: bool = True  # False: the mask is drawn per image (no hole_mask)
-    size_multiple: int = 1   # image sides must be multiples of this
-    square: bool = False     # only square images (DDRM's blur)
+    size_multiple: int = 1  # image sides must be multiples of this
+    square: bool = False  # only square images (DDRM's blur)
 
     def frame(self) -> Optional[Tuple[int, int]]:
         """The one image size the degradation takes (free-form masks), or None."""
@@ -164,7 +174,7 @@ class SuperResolution(Degradation):
 
     @property
     def upsample_mode(self) -> str:
-        """"nearest" (I2SB's sr-bicubic and sr-pool) or "bicubic" (sr-bicubic-aa): how `upsample` interpolates."""
+        """ "nearest" (I2SB's sr-bicubic and sr-pool) or "bicubic" (sr-bicubic-aa): how `upsample` interpolates."""
         return "nearest" if self.mode in ("pool", "bicubic") else "bicubic"
 
     def upsample(self, low: torch.Tensor) -> torch.Tensor:
@@ -201,8 +211,9 @@ class JPEG(Degradation):
         out = torch.empty_like(x0)
         for b in range(x0.shape[0]):
             pixels = tensor_to_uint8(x0[b])
-            image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels,
-                                    "L" if pixels.shape[2] == 1 else "RGB")
+            image = Image.fromarray(
+                pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, "L" if pixels.shape[2] == 1 else "RGB"
+            )
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=self.quality)
             buffer.seek(0)
@@ -244,7 +255,7 @@ class CenterInpainting(Degradation):
         else:
             side_h, side_w = min(self.hole, height), min(self.hole, width)
         top, left = (height - side_h) // 2, (width - side_w) // 2
-        mask[:, top:top + side_h, left:left + side_w] = 1.0
+        mask[:, top : top + side_h, left : left + side_w] = 1.0
         return mask
 
     def _degrade(self, x0, rng):
@@ -271,13 +282,17 @@ class FreeformInpainting(Degradation):
         return self.masks.size
 
     def hole_mask(self, height: int, width: int):
-        raise ValueError(f"{self.name} draws a random mask per image, so it has no fixed one: "
-                         "give the masks with the corrupted images (sample --mask) or use clean images")
+        raise ValueError(
+            f"{self.name} draws a random mask per image, so it has no fixed one: "
+            "give the masks with the corrupted images (sample --mask) or use clean images"
+        )
 
     def _degrade(self, x0, rng):
         if tuple(x0.shape[-2:]) != self.masks.size:
-            raise ValueError(f"{self.name}: the masks in {self.masks.path} are {self.masks.size[0]}x"
-                             f"{self.masks.size[1]}, the images {x0.shape[-2]}x{x0.shape[-1]}")
+            raise ValueError(
+                f"{self.name}: the masks in {self.masks.path} are {self.masks.size[0]}x"
+                f"{self.masks.size[1]}, the images {x0.shape[-2]}x{x0.shape[-1]}"
+            )
         mask = self.masks.draw(x0.shape[0], rng).to(x0.device, x0.dtype)
         return x0 * (1.0 - mask), mask
 
@@ -332,10 +347,14 @@ def get_degradation(name, masks: Optional[str | os.PathLike] = None) -> Degradat
         return CenterInpainting()
     if match := _FREEFORM.match(key):
         if not masks:
-            raise ValueError(f"{key} needs its mask file: pass --masks FILE (masks=FILE) with "
-                             + i2sb_corruptions.FREEFORM_SOURCE.format(ratio=match.group(1)))
+            raise ValueError(
+                f"{key} needs its mask file: pass --masks FILE (masks=FILE) with "
+                + i2sb_corruptions.FREEFORM_SOURCE.format(ratio=match.group(1))
+            )
         return FreeformInpainting(match.group(1), masks)
     if key == "sketch":
         return Sketch()
-    raise ValueError(f"unknown degradation {name!r}; known: {', '.join(DEGRADATIONS)} "
-                     "(also sr<k>x-bicubic[-aa], sr<k>x-pool, jpeg-<quality>[-libjpeg])")
+    raise ValueError(
+        f"unknown degradation {name!r}; known: {', '.join(DEGRADATIONS)} "
+        "(also sr<k>x-bicubic[-aa], sr<k>x-pool, jpeg-<quality>[-libjpeg])"
+    )

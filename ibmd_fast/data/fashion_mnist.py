@@ -7,6 +7,7 @@ Looks in ``root`` or, by default, ``$IBMD_FAST_FASHION_MNIST`` when set, else
 Images are padded 28 -> 32 with black (-1), so the 4x and 2x downsamplings of
 the degradations and the U-Net divide evenly.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,8 +28,16 @@ __all__ = ["FashionMNIST", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "read_i
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_DIR = Path(os.environ.get("IBMD_FAST_FASHION_MNIST") or DEBIAN_FASHION_MNIST_DIR)
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -48,7 +57,7 @@ def read_idx(path) -> np.ndarray:
     if data[2] != 0x08:
         raise ValueError(f"{path}: idx element type 0x{data[2]:02x} is not unsigned byte (0x08)")
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
     offset = 4 + 4 * ndim
     count = int(np.prod(shape)) if shape else 0
     if len(data) - offset != count:
@@ -72,8 +81,10 @@ def _load(images_path: Path, labels_path: Path) -> Tuple[torch.Tensor, torch.Ten
     images = read_idx(images_path)
     labels = read_idx(labels_path)
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"Fashion-MNIST files disagree: images {images.shape} in {images_path}, "
-                         f"labels {labels.shape} in {labels_path}")
+        raise ValueError(
+            f"Fashion-MNIST files disagree: images {images.shape} in {images_path}, "
+            f"labels {labels.shape} in {labels_path}"
+        )
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
@@ -109,8 +120,9 @@ class FashionMNIST(Dataset):
         x = self.images[index].to(torch.float32).div(127.5).sub(1.0)[None]
         x = F.pad(x, (_PAD, _PAD, _PAD, _PAD), value=-1.0)
         if tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x[None], size=self.size, mode="bilinear", antialias=True,
-                              align_corners=False)[0].clamp_(-1.0, 1.0)
+            x = F.interpolate(x[None], size=self.size, mode="bilinear", antialias=True, align_corners=False)[0].clamp_(
+                -1.0, 1.0
+            )
         return to_channels(x, self.channels), int(self.labels[index])
 
     def __repr__(self) -> str:

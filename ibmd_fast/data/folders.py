@@ -22,6 +22,7 @@ writes the listing to ``dir``, and the other ranks, given
 ``Listing(dir, write=False)``, read that file after a barrier instead of
 walking (``train/batches.shared_dataset`` does this in the run folder).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,8 +48,17 @@ from ibmd_fast.data.images import (
     resize_and_crop,
 )
 
-__all__ = ["ImageFolder", "LabelledFolder", "PairedFolders", "CorruptedFolder", "UnreadableImageWarning", "Listing",
-           "list_images", "file_labels", "read_labels_csv"]
+__all__ = [
+    "ImageFolder",
+    "LabelledFolder",
+    "PairedFolders",
+    "CorruptedFolder",
+    "UnreadableImageWarning",
+    "Listing",
+    "list_images",
+    "file_labels",
+    "read_labels_csv",
+]
 
 PathLike = Union[str, os.PathLike]
 _CHECKS = ("load", "open", "none")
@@ -67,8 +77,12 @@ def _walk_images(root: Path, recursive: bool = True) -> List[str]:
         prefix = "" if rel == "." else rel + "/"
         for name in filenames:
             # a name with a line break cannot be one line of a listing file; no image set has one
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS) and "\n" not in name \
-                    and "\r" not in name:
+            if (
+                not name.startswith(".")
+                and name.lower().endswith(IMAGE_EXTENSIONS)
+                and "\n" not in name
+                and "\r" not in name
+            ):
                 found.append(prefix + name)
     return sorted(found)
 
@@ -104,11 +118,15 @@ class Listing:
                     lines = fh.read().split("\n")
                 if lines[0] == header:
                     return [line for line in lines[1:] if line]
-                reason = f"it lists {lines[0][len(self._HEADER):]!r}"
+                reason = f"it lists {lines[0][len(self._HEADER) :]!r}"
             except OSError as exc:
                 reason = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"the listing {str(path)!r} of {str(root)!r} written by rank 0 cannot be used ({reason}); "
-                          "listing the folder here instead", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"the listing {str(path)!r} of {str(root)!r} written by rank 0 cannot be used ({reason}); "
+                "listing the folder here instead",
+                UserWarning,
+                stacklevel=3,
+            )
             return walk(root)
         found = walk(root)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -191,8 +209,7 @@ def _require_some(owner: str, root: Path, good: Sequence[str], bad: Sequence[Tup
             f"all {len(bad)} failed to decode: {_describe_bad(bad)}"
         )
     raise ValueError(
-        f"{owner}: folder {str(root)!r} contains no images "
-        f"(looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
+        f"{owner}: folder {str(root)!r} contains no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
     )
 
 
@@ -237,8 +254,14 @@ class _FolderBase(Dataset):
         count = len(self.runtime_skipped)
         if count > _SHOW:
             return
-        more = (f" This is the {_SHOW}th such file in this process; further ones are skipped without a warning "
-                "(counted in .runtime_skipped).") if count == _SHOW else ""
+        more = (
+            (
+                f" This is the {_SHOW}th such file in this process; further ones are skipped without a warning "
+                "(counted in .runtime_skipped)."
+            )
+            if count == _SHOW
+            else ""
+        )
         warnings.warn(
             f"{type(self).__name__}: skipped {self._describe_item(index)}, which could not be read "
             f"({self.runtime_skipped[index]}); using the next readable item instead.{more}",
@@ -293,8 +316,10 @@ class ImageFolder(_FolderBase):
         return x.flip(-1) if self._flip_now() else x
 
     def __repr__(self) -> str:
-        return (f"ImageFolder(root={str(self.root)!r}, n={len(self)}, size={self.size}, "
-                f"channels={self.channels}, crop={self.crop!r}, flip={self.flip}, skipped={len(self.skipped)})")
+        return (
+            f"ImageFolder(root={str(self.root)!r}, n={len(self)}, size={self.size}, "
+            f"channels={self.channels}, crop={self.crop!r}, flip={self.flip}, skipped={len(self.skipped)})"
+        )
 
 
 class LabelledFolder(ImageFolder):
@@ -315,8 +340,9 @@ class LabelledFolder(ImageFolder):
         return super()._read_item(index), self.labels[index]
 
 
-def file_labels(root: PathLike, files: Sequence[str],
-                labels: Optional[PathLike] = None) -> Tuple[Optional[List[str]], List[int]]:
+def file_labels(
+    root: PathLike, files: Sequence[str], labels: Optional[PathLike] = None
+) -> Tuple[Optional[List[str]], List[int]]:
     """``(classes, labels)`` of image files (paths relative to ``root``), the rules of ``LabelledFolder``:
     ``labels=None``: the index of each file's first-level folder among the sorted folder names
     (``classes``); else the CSV file ``labels`` (``path,label``; ``classes`` None). One line when a
@@ -325,15 +351,18 @@ def file_labels(root: PathLike, files: Sequence[str],
         classes = sorted({rel.split("/", 1)[0] for rel in files if "/" in rel})
         loose = [rel for rel in files if "/" not in rel]
         if loose or not classes:
-            raise ValueError(f"{str(root)!r} must hold one folder per class "
-                             f"(class index = sorted folder name); {loose[:3] or 'no class folders'} found")
+            raise ValueError(
+                f"{str(root)!r} must hold one folder per class "
+                f"(class index = sorted folder name); {loose[:3] or 'no class folders'} found"
+            )
         index = {name: i for i, name in enumerate(classes)}
         return classes, [index[rel.split("/", 1)[0]] for rel in files]
     table = read_labels_csv(Path(labels))
     missing = [rel for rel in files if rel not in table]
     if missing:
-        raise ValueError(f"{len(missing)} image(s) of {str(root)!r} have no label in "
-                         f"{str(labels)!r}, e.g. {missing[:3]}")
+        raise ValueError(
+            f"{len(missing)} image(s) of {str(root)!r} have no label in {str(labels)!r}, e.g. {missing[:3]}"
+        )
     return None, [table[rel] for rel in files]
 
 
@@ -349,8 +378,10 @@ def read_labels_csv(path: Path) -> Dict[str, int]:
             if not row or (n == 1 and [c.strip().lower() for c in row] == ["path", "label"]):
                 continue
             if len(row) != 2 or not row[1].strip().lstrip("-").isdigit() or int(row[1]) < 0:
-                raise ValueError(f"labels file {str(path)!r}, line {n}: expected 'path,label' with a label >= 0, "
-                                 f"got {','.join(row)!r}")
+                raise ValueError(
+                    f"labels file {str(path)!r}, line {n}: expected 'path,label' with a label >= 0, "
+                    f"got {','.join(row)!r}"
+                )
             table[Path(row[0].strip()).as_posix()] = int(row[1])
     return table
 
@@ -363,8 +394,10 @@ def _hole_mask_for(degradation, owner: str, crop: str) -> Optional[Degradation]:
     if not degradation.is_inpainting:
         return None
     if not degradation.fixed_mask:
-        raise ValueError(f"{owner}: {degradation.name} draws a random mask per image, which corrupted image "
-                         "files do not record; train on clean images (folder:, skimage) instead")
+        raise ValueError(
+            f"{owner}: {degradation.name} draws a random mask per image, which corrupted image "
+            "files do not record; train on clean images (folder:, skimage) instead"
+        )
     if crop != "center":
         raise ValueError(
             f"{owner}: inpainting ({degradation.name}) uses a mask fixed in the image frame, "
@@ -449,8 +482,7 @@ class PairedFolders(_FolderBase):
         self.pairs: List[Tuple[str, str]] = [(clean[s], corrupted[s]) for s in stems if s in readable]
         if not self.pairs:
             raise ValueError(f"PairedFolders: no pair is readable on both sides: {_describe_bad(bad)}")
-        _warn_unreadable(f"PairedFolders({str(self.clean_root)!r}, {str(self.corrupted_root)!r})",
-                         bad, 2 * len(stems))
+        _warn_unreadable(f"PairedFolders({str(self.clean_root)!r}, {str(self.corrupted_root)!r})", bad, 2 * len(stems))
         self.skipped: List[Tuple[str, str]] = bad
 
     def __len__(self) -> int:
@@ -479,8 +511,10 @@ class PairedFolders(_FolderBase):
         return item
 
     def __repr__(self) -> str:
-        return (f"PairedFolders(clean_root={str(self.clean_root)!r}, corrupted_root={str(self.corrupted_root)!r}, "
-                f"n={len(self)}, size={self.size}, channels={self.channels}, skipped={len(self.skipped)})")
+        return (
+            f"PairedFolders(clean_root={str(self.clean_root)!r}, corrupted_root={str(self.corrupted_root)!r}, "
+            f"n={len(self)}, size={self.size}, channels={self.channels}, skipped={len(self.skipped)})"
+        )
 
 
 class CorruptedFolder(Dataset):
@@ -506,8 +540,9 @@ class CorruptedFolder(Dataset):
     ):
         self.hole = _hole_mask_for(degradation, "CorruptedFolder", crop)
         self.degradation_name = None if degradation is None else get_degradation(degradation).name
-        self.images = ImageFolder(root, size=size, channels=channels, crop=crop, flip=flip, check=check,
-                                  listing=listing)
+        self.images = ImageFolder(
+            root, size=size, channels=channels, crop=crop, flip=flip, check=check, listing=listing
+        )
         self.root = self.images.root
 
     def __len__(self) -> int:

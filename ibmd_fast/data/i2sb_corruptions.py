@@ -43,6 +43,7 @@ wraps these functions as named degradations.
 Gray images (C = 1) go through as RGB with three equal channels (how a gray photo loads in
 I2SB's ImageNet reader) and come back as the mean of the three.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,8 +55,17 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["bicubic_kernel", "bicubic_matrix", "bicubic_downsample", "blur_kernel", "blur", "jpeg",
-           "jpeg_tables", "FreeformMasks", "FREEFORM_SOURCE"]
+__all__ = [
+    "bicubic_kernel",
+    "bicubic_matrix",
+    "bicubic_downsample",
+    "blur_kernel",
+    "blur",
+    "jpeg",
+    "jpeg_tables",
+    "FreeformMasks",
+    "FREEFORM_SOURCE",
+]
 
 # DDRM treats singular values below this as zero (svd_replacement.py's ZERO)
 SINGULAR_FLOOR = 3e-2
@@ -75,12 +85,13 @@ def _back(y: torch.Tensor, channels: int) -> torch.Tensor:
 
 def bicubic_kernel(factor: int = 4, a: float = -0.5) -> torch.Tensor:
     """DDRM's ``4 factor`` taps of Keys' cubic at ``(i - 2 factor + 1/2) / factor``, sum 1 (float64)."""
+
     def cubic(x: float) -> float:
         x = abs(x)
         if x <= 1:
-            return (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1
+            return (a + 2) * x**3 - (a + 3) * x**2 + 1
         if x < 2:
-            return a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a
+            return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
         return 0.0
 
     taps = torch.tensor([cubic((i - 2 * factor + 0.5) / factor) for i in range(4 * factor)], dtype=torch.float64)
@@ -163,16 +174,113 @@ def blur(x: torch.Tensor, kind: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------
 # JPEG: DDRM-JPEG's torch round trip
 
-_LUMA_TABLE = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
-               14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
-               18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-               49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
-_CHROMA_TABLE = (17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99,
-                 24, 26, 56, 99, 99, 99, 99, 99, 47, 66, 99, 99, 99, 99, 99, 99) + (99,) * 32
+_LUMA_TABLE = (
+    16,
+    11,
+    10,
+    16,
+    24,
+    40,
+    51,
+    61,
+    12,
+    12,
+    14,
+    19,
+    26,
+    58,
+    60,
+    55,
+    14,
+    13,
+    16,
+    24,
+    40,
+    57,
+    69,
+    56,
+    14,
+    17,
+    22,
+    29,
+    51,
+    87,
+    80,
+    62,
+    18,
+    22,
+    37,
+    56,
+    68,
+    109,
+    103,
+    77,
+    24,
+    35,
+    55,
+    64,
+    81,
+    104,
+    113,
+    92,
+    49,
+    64,
+    78,
+    87,
+    103,
+    121,
+    120,
+    101,
+    72,
+    92,
+    95,
+    98,
+    112,
+    100,
+    103,
+    99,
+)
+_CHROMA_TABLE = (
+    17,
+    18,
+    24,
+    47,
+    99,
+    99,
+    99,
+    99,
+    18,
+    21,
+    26,
+    66,
+    99,
+    99,
+    99,
+    99,
+    24,
+    26,
+    56,
+    99,
+    99,
+    99,
+    99,
+    99,
+    47,
+    66,
+    99,
+    99,
+    99,
+    99,
+    99,
+    99,
+) + (99,) * 32
 _RGB_TO_YCC = ((0.299, 0.587, 0.114), (-0.1687, -0.3313, 0.5), (0.5, -0.4187, -0.0813))
 # DDRM-JPEG's inverse (the numerical inverse of the rounded matrix above)
-_YCC_TO_RGB = ((1.0, -3.68199903e-05, 1.40198758e+00), (1.0, -3.44113281e-01, -7.14103821e-01),
-               (1.0, 1.77197812e+00, -1.34583413e-04))
+_YCC_TO_RGB = (
+    (1.0, -3.68199903e-05, 1.40198758e00),
+    (1.0, -3.44113281e-01, -7.14103821e-01),
+    (1.0, 1.77197812e00, -1.34583413e-04),
+)
 
 
 def jpeg_tables(quality: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,9 +331,11 @@ def jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------
 # Free-form inpainting masks
 
-FREEFORM_SOURCE = ("Palette's imagenet_freeform_masks.npz, which I2SB downloads into data/ from "
-                   "https://drive.google.com/file/d/1-5YRGsekjiRKQWqo0BV5RVQu0bagc12w, or I2SB's own "
-                   "data/imagenet_freeform{ratio}_masks.npz")
+FREEFORM_SOURCE = (
+    "Palette's imagenet_freeform_masks.npz, which I2SB downloads into data/ from "
+    "https://drive.google.com/file/d/1-5YRGsekjiRKQWqo0BV5RVQu0bagc12w, or I2SB's own "
+    "data/imagenet_freeform{ratio}_masks.npz"
+)
 _PALETTE_KEYS = {"1020": "10-20% freeform", "2030": "20-30% freeform", "3040": "30-40% freeform"}
 _PALETTE_SIDE = 256  # Palette's packed file does not record its shape; I2SB's load_masks fixes 256x256
 
@@ -237,8 +347,9 @@ class FreeformMasks:
         self.path, self.ratio = os.fspath(path), ratio
         name = f"inpaint-freeform{ratio}"
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"{name}: mask file {self.path} not found; it is "
-                                    f"{FREEFORM_SOURCE.format(ratio=ratio)}")
+            raise FileNotFoundError(
+                f"{name}: mask file {self.path} not found; it is {FREEFORM_SOURCE.format(ratio=ratio)}"
+            )
         try:
             with open(self.path, "rb") as fh:
                 data = dict(np.load(io.BytesIO(fh.read())))
@@ -255,15 +366,18 @@ class FreeformMasks:
         elif "mask" in data:
             other = re.search(r"freeform(\d{4})", os.path.basename(self.path))
             if other and other.group(1) != ratio:
-                raise ValueError(f"{name}: {self.path} holds I2SB's freeform{other.group(1)} masks, "
-                                 f"not freeform{ratio}")
+                raise ValueError(
+                    f"{name}: {self.path} holds I2SB's freeform{other.group(1)} masks, not freeform{ratio}"
+                )
             masks = np.asarray(data["mask"])
             masks = masks.reshape(-1, *masks.shape[-2:])  # I2SB's [N, H, W] (or [N, 1, H, W])
             self.size = (int(masks.shape[-2]), int(masks.shape[-1]))
             self.packed = np.packbits(masks.reshape(masks.shape[0], -1) != 0, axis=1)
         else:
-            raise ValueError(f"{name}: {self.path} has neither Palette's {palette_key!r} nor I2SB's "
-                             f"'mask' (keys: {', '.join(data) or 'none'})")
+            raise ValueError(
+                f"{name}: {self.path} has neither Palette's {palette_key!r} nor I2SB's "
+                f"'mask' (keys: {', '.join(data) or 'none'})"
+            )
         if self.packed.shape[0] == 0:
             raise ValueError(f"{name}: {self.path} holds no masks")
 

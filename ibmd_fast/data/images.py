@@ -5,6 +5,7 @@ Every image the data package hands out is a float32 tensor ``[C, H, W]`` in
 ITU-R 601 luma weights, the ones PIL's ``convert("L")`` uses, so a photo read
 from a file and one converted from a tensor give the same gray.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union

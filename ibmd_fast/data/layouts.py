@@ -27,6 +27,7 @@ generator, as every folder of this package (seeded per item by the trainers), wi
 DIODE's photo is then never opened). Nothing is decoded when the data set is built: see
 ``folders`` for the lazy check and ``Listing``.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,10 @@ def layout_split_dir(root: PathLike, split: str, layout: str) -> Path:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     folder = Path(root) / _SPLIT_DIRS[split]
     if not folder.is_dir():
-        raise FileNotFoundError(f"{layout} layout: {str(folder)!r} does not exist (expected {str(root)!r} to hold "
-                                f"train/ and val/, as DiffusionBridge's {layout} data set does)")
+        raise FileNotFoundError(
+            f"{layout} layout: {str(folder)!r} does not exist (expected {str(root)!r} to hold "
+            f"train/ and val/, as DiffusionBridge's {layout} data set does)"
+        )
     return folder
 
 
@@ -72,8 +75,9 @@ class _PairLayout(_FolderBase):
     yields_pairs = True  # BridgePairs needs no degradation for it
     layout = ""
 
-    def _init(self, root: PathLike, split: str, size: Size, channels: int, flip: Optional[bool],
-              corrupted_only: bool) -> None:
+    def _init(
+        self, root: PathLike, split: str, size: Size, channels: int, flip: Optional[bool], corrupted_only: bool
+    ) -> None:
         self._setup(size, channels, "center", split == "train" if flip is None else flip)
         self.dataset_root = Path(root)
         self.split = split
@@ -100,8 +104,10 @@ class _PairLayout(_FolderBase):
         return twin
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(root={str(self.dataset_root)!r}, split={self.split!r}, n={len(self)}, "
-                f"size={self.size}, flip={self.flip}, corrupted_only={self.corrupted_only})")
+        return (
+            f"{type(self).__name__}(root={str(self.dataset_root)!r}, split={self.split!r}, n={len(self)}, "
+            f"size={self.size}, flip={self.flip}, corrupted_only={self.corrupted_only})"
+        )
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -120,8 +126,16 @@ class EdgesToHandbags(_PairLayout):
 
     layout = "edges2handbags"
 
-    def __init__(self, root: PathLike, split: str = "train", size: Size = 64, channels: int = 3,
-                 flip: Optional[bool] = None, corrupted_only: bool = False, listing: Optional[Listing] = None):
+    def __init__(
+        self,
+        root: PathLike,
+        split: str = "train",
+        size: Size = 64,
+        channels: int = 3,
+        flip: Optional[bool] = None,
+        corrupted_only: bool = False,
+        listing: Optional[Listing] = None,
+    ):
         self._init(root, split, size, channels, flip, corrupted_only)
         self.files: List[str] = list_images(self.root, listing)
         if not self.files:
@@ -154,9 +168,17 @@ class DIODE(_PairLayout):
 
     layout = "diode"
 
-    def __init__(self, root: PathLike, split: str = "train", size: Size = 256, channels: int = 3,
-                 flip: Optional[bool] = None, corrupted_only: bool = False, listing: Optional[Listing] = None,
-                 allow_unmatched: bool = False):
+    def __init__(
+        self,
+        root: PathLike,
+        split: str = "train",
+        size: Size = 256,
+        channels: int = 3,
+        flip: Optional[bool] = None,
+        corrupted_only: bool = False,
+        listing: Optional[Listing] = None,
+        allow_unmatched: bool = False,
+    ):
         self._init(root, split, size, channels, flip, corrupted_only)
         listed = list_images(self.root, listing, recursive=False)
         photos = [n for n in listed if not (n.endswith(_NORMAL) or n.endswith(_DEPTH))]
@@ -164,8 +186,10 @@ class DIODE(_PairLayout):
         pairs = [(p, p.rsplit(".", 1)[0] + _NORMAL) for p in photos]
         alone = [p for p, normal in pairs if normal not in names]
         if alone:
-            message = (f"diode layout: {len(alone)} photo(s) in {str(self.root)!r} have no normal map beside them "
-                       f"(e.g. {alone[:_SHOW]}; expected X.png with X_normal.png)")
+            message = (
+                f"diode layout: {len(alone)} photo(s) in {str(self.root)!r} have no normal map beside them "
+                f"(e.g. {alone[:_SHOW]}; expected X.png with X_normal.png)"
+            )
             if not allow_unmatched:
                 raise ValueError(message)
             warnings.warn(message + "; dropping them (allow_unmatched=True)", UserWarning, stacklevel=2)
@@ -186,8 +210,15 @@ class DIODE(_PairLayout):
         return self._transform(photo, normal, Image.NEAREST)
 
 
-def make_layout(layout: str, root: PathLike, split: str, size: Size, channels: int = 3,
-                corrupted_only: bool = False, listing: Optional[Listing] = None) -> _PairLayout:
+def make_layout(
+    layout: str,
+    root: PathLike,
+    split: str,
+    size: Size,
+    channels: int = 3,
+    corrupted_only: bool = False,
+    listing: Optional[Listing] = None,
+) -> _PairLayout:
     """The data set of ``layout`` (one of ``LAYOUTS``) under ``root``."""
     if layout == "edges2handbags":
         return EdgesToHandbags(root, split, size, channels, corrupted_only=corrupted_only, listing=listing)

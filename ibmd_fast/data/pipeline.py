@@ -12,6 +12,7 @@
   real-data form.
 - ``make_source`` / ``make_dataset``: the CLI's data specs.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,8 +66,10 @@ class BridgePairs(Dataset):
         self.degradation: Optional[Degradation] = None if degradation is None else get_degradation(degradation)
         self.yields_pairs = bool(getattr(source, "yields_pairs", False))
         if self.degradation is None and not self.yields_pairs:
-            raise ValueError(f"BridgePairs: {type(source).__name__} yields clean images only; "
-                             "pass a degradation to make the corrupted ones")
+            raise ValueError(
+                f"BridgePairs: {type(source).__name__} yields clean images only; "
+                "pass a degradation to make the corrupted ones"
+            )
 
     def __len__(self) -> int:
         return len(self.source)
@@ -119,8 +122,12 @@ class CorruptedOnly(Dataset):
             source = CorruptedFolder(source, degradation=self.degradation, **folder_kwargs)
         elif isinstance(source, PairedFolders):
             source = CorruptedFolder(
-                source.corrupted_root, size=source.size, channels=source.channels,
-                degradation=self.degradation or source.hole, crop=source.crop, flip=source.flip,
+                source.corrupted_root,
+                size=source.size,
+                channels=source.channels,
+                degradation=self.degradation or source.hole,
+                crop=source.crop,
+                flip=source.flip,
             )
         elif getattr(source, "corrupted_side", None) is not None:
             source = source.corrupted_side()
@@ -128,8 +135,10 @@ class CorruptedOnly(Dataset):
             raise TypeError(f"CorruptedOnly: folder options {sorted(folder_kwargs)} need a folder path")
         self.synthetic = not (isinstance(source, CorruptedFolder) or getattr(source, "corrupted_only", False))
         if self.synthetic and self.degradation is None:
-            raise ValueError(f"CorruptedOnly: {type(source).__name__} yields clean images; "
-                             "pass the degradation that makes the corrupted ones")
+            raise ValueError(
+                f"CorruptedOnly: {type(source).__name__} yields clean images; "
+                "pass the degradation that makes the corrupted ones"
+            )
         self.source = source
 
     def __len__(self) -> int:
@@ -164,9 +173,16 @@ def _existing_dir(text: str, spec: str) -> Path:
     return path
 
 
-def make_source(spec: str, size=None, channels: int = 3, split: str = "train",
-                degradation=None, seed: int = 0, listing: Optional[Listing] = None,
-                corrupted_only: bool = False) -> Dataset:
+def make_source(
+    spec: str,
+    size=None,
+    channels: int = 3,
+    split: str = "train",
+    degradation=None,
+    seed: int = 0,
+    listing: Optional[Listing] = None,
+    corrupted_only: bool = False,
+) -> Dataset:
     """Build a source from a spec string (``SPEC_HELP`` lists the forms).
 
     ``size`` defaults to 64 for 'skimage' and 32 for 'fashion-mnist'; folders
@@ -199,37 +215,78 @@ def make_source(spec: str, size=None, channels: int = 3, split: str = "train",
     if kind in LAYOUTS:
         if not arg:
             raise ValueError(f"data spec {spec!r}: expected '{kind}:/dir' (the folder holding train/ and val/)")
-        return make_layout(kind, _existing_dir(arg, spec), split, size, channels, corrupted_only=corrupted_only,
-                           listing=listing)
+        return make_layout(
+            kind, _existing_dir(arg, spec), split, size, channels, corrupted_only=corrupted_only, listing=listing
+        )
     if kind == "paired":
         roots = [p.strip() for p in arg.split(",")]
         if len(roots) != 2 or not all(roots):
             raise ValueError(f"data spec {spec!r}: expected 'paired:/clean_dir,/corrupted_dir'")
         clean, corrupted = (_split_dir(_existing_dir(r, spec), split) for r in roots)
-        return PairedFolders(clean, corrupted, size=size, channels=channels, crop=crop,
-                             flip=train, degradation=degradation, listing=listing, check=check)
+        return PairedFolders(
+            clean,
+            corrupted,
+            size=size,
+            channels=channels,
+            crop=crop,
+            flip=train,
+            degradation=degradation,
+            listing=listing,
+            check=check,
+        )
     if kind == "corrupted":
         root = _split_dir(_existing_dir(arg, spec), split)
-        return CorruptedFolder(root, size=size, channels=channels, degradation=degradation,
-                               crop=crop, flip=train, listing=listing, check=check)
+        return CorruptedFolder(
+            root,
+            size=size,
+            channels=channels,
+            degradation=degradation,
+            crop=crop,
+            flip=train,
+            listing=listing,
+            check=check,
+        )
     if kind == "classes":
         folder, _, labels = arg.partition(",")
         root = _split_dir(_existing_dir(folder.strip(), spec), split)
-        return LabelledFolder(root, labels=labels.strip() or None, size=size, channels=channels, crop=crop,
-                              flip=train, listing=listing, check=check)
+        return LabelledFolder(
+            root,
+            labels=labels.strip() or None,
+            size=size,
+            channels=channels,
+            crop=crop,
+            flip=train,
+            listing=listing,
+            check=check,
+        )
     if kind == "folder":
         root = _split_dir(_existing_dir(arg, spec), split)
         return ImageFolder(root, size=size, channels=channels, crop=crop, flip=train, listing=listing, check=check)
     if Path(text).expanduser().is_dir():
-        return ImageFolder(_split_dir(Path(text).expanduser(), split), size=size, channels=channels,
-                           crop=crop, flip=train, listing=listing, check=check)
+        return ImageFolder(
+            _split_dir(Path(text).expanduser(), split),
+            size=size,
+            channels=channels,
+            crop=crop,
+            flip=train,
+            listing=listing,
+            check=check,
+        )
     if "/" in text or "\\" in text or text.startswith("."):
         raise FileNotFoundError(f"data spec {spec!r}: folder {text!r} does not exist")
     raise ValueError(f"unknown data spec {spec!r}; {SPEC_HELP}")
 
 
-def make_dataset(spec: str, degradation=None, size=None, channels: int = 3, split: str = "train",
-                 corrupted_only: bool = False, seed: int = 0, listing: Optional[Listing] = None) -> Dataset:
+def make_dataset(
+    spec: str,
+    degradation=None,
+    size=None,
+    channels: int = 3,
+    split: str = "train",
+    corrupted_only: bool = False,
+    seed: int = 0,
+    listing: Optional[Listing] = None,
+) -> Dataset:
     """A BridgePairs (default) or, with ``corrupted_only``, a corrupted-only dataset.
 
     With ``corrupted_only``: 'corrupted:', 'paired:' and the DDBM layout specs
@@ -237,15 +294,24 @@ def make_dataset(spec: str, degradation=None, size=None, channels: int = 3, spli
     synthesize ``xT`` from clean images (synthetic experiments, see
     CorruptedOnly). ``listing``: see ``make_source``.
     """
-    source = make_source(spec, size=size, channels=channels, split=split, degradation=degradation, seed=seed,
-                         listing=listing, corrupted_only=corrupted_only)
+    source = make_source(
+        spec,
+        size=size,
+        channels=channels,
+        split=split,
+        degradation=degradation,
+        seed=seed,
+        listing=listing,
+        corrupted_only=corrupted_only,
+    )
     if corrupted_only:
         if isinstance(source, CorruptedFolder) or getattr(source, "corrupted_only", False):
             return source
         return CorruptedOnly(source, degradation)
     if isinstance(source, CorruptedFolder):
-        raise ValueError(f"data spec {spec!r} holds corrupted images only (no x0); "
-                         "use it with corrupted_only=True (distillation)")
+        raise ValueError(
+            f"data spec {spec!r} holds corrupted images only (no x0); use it with corrupted_only=True (distillation)"
+        )
     return BridgePairs(source, degradation)
 
 

@@ -28,6 +28,7 @@ items ignore the epoch, so they are the same crops forever; train items change
 when ``set_epoch(epoch)`` is called (call it once per epoch, before building
 the DataLoader iterator) and are otherwise fixed too.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,18 +42,25 @@ from torch.utils.data import Dataset
 
 from ibmd_fast.data.images import check_channels, to_channels, uint8_to_tensor
 
-__all__ = ["SkimagePhotos", "SKIMAGE_PHOTOS", "DATASET_PHOTOS", "HELD_OUT_PHOTO", "DEFAULT_SCALE",
-           "load_skimage_photo", "held_out_photo"]
+__all__ = [
+    "SkimagePhotos",
+    "SKIMAGE_PHOTOS",
+    "DATASET_PHOTOS",
+    "HELD_OUT_PHOTO",
+    "DEFAULT_SCALE",
+    "load_skimage_photo",
+    "held_out_photo",
+]
 
 # Color photographs that ship inside the scikit-image package (no pooch download).
 SKIMAGE_PHOTOS = (
-    "astronaut",             # 512 x 512
-    "coffee",                # 400 x 600
-    "chelsea",               # 300 x 451 (the same file as data.cat)
-    "rocket",                # 427 x 640
-    "hubble_deep_field",     # 872 x 1000
+    "astronaut",  # 512 x 512
+    "coffee",  # 400 x 600
+    "chelsea",  # 300 x 451 (the same file as data.cat)
+    "rocket",  # 427 x 640
+    "hubble_deep_field",  # 872 x 1000
     "immunohistochemistry",  # 512 x 512
-    "motorcycle",            # 500 x 741, left view of data.stereo_motorcycle
+    "motorcycle",  # 500 x 741, left view of data.stereo_motorcycle
 )
 HELD_OUT_PHOTO = "chelsea"
 DATASET_PHOTOS = tuple(name for name in SKIMAGE_PHOTOS if name != HELD_OUT_PHOTO)  # both splits, by default
@@ -79,12 +87,14 @@ def _resize(photo: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """``[C, H, W]`` in [-1, 1] -> ``[C, height, width]`` (bicubic with antialias, clamped)."""
     if tuple(photo.shape[-2:]) == (height, width):
         return photo
-    return F.interpolate(photo[None], size=(height, width), mode="bicubic", antialias=True,
-                         align_corners=False)[0].clamp_(-1.0, 1.0)
+    return F.interpolate(photo[None], size=(height, width), mode="bicubic", antialias=True, align_corners=False)[
+        0
+    ].clamp_(-1.0, 1.0)
 
 
-def held_out_photo(channels: int = 3, scale: float = DEFAULT_SCALE, multiple: int = 8,
-                   name: str = HELD_OUT_PHOTO) -> torch.Tensor:
+def held_out_photo(
+    channels: int = 3, scale: float = DEFAULT_SCALE, multiple: int = 8, name: str = HELD_OUT_PHOTO
+) -> torch.Tensor:
     """The whole held-out photo in [-1, 1], ``[C, H, W]``: resized by ``scale``, then
     center-cropped to sides divisible by ``multiple`` (what a U-Net with that many
     downsamplings takes)."""
@@ -95,7 +105,7 @@ def held_out_photo(channels: int = 3, scale: float = DEFAULT_SCALE, multiple: in
     h, w = max(multiple, round(h * scale)), max(multiple, round(w * scale))
     photo = _resize(photo, h, w)
     top, left = (h % multiple) // 2, (w % multiple) // 2
-    photo = photo[:, top:top + h - h % multiple, left:left + w - w % multiple]
+    photo = photo[:, top : top + h - h % multiple, left : left + w - w % multiple]
     return to_channels(photo, check_channels(channels)).contiguous()
 
 
@@ -163,8 +173,11 @@ class SkimagePhotos(Dataset):
                 photo = _resize(photo, max(size, round(h * factor)), max(size, round(w * factor)))
             self.photos[name] = to_channels(photo, self.channels).contiguous()
         if failed:
-            warnings.warn(f"SkimagePhotos: left out {len(failed)} photo(s) that did not load: "
-                          + "; ".join(failed), UserWarning, stacklevel=2)
+            warnings.warn(
+                f"SkimagePhotos: left out {len(failed)} photo(s) that did not load: " + "; ".join(failed),
+                UserWarning,
+                stacklevel=2,
+            )
         if not self.photos:
             raise RuntimeError("SkimagePhotos: none of the scikit-image photos could be loaded: " + "; ".join(failed))
         self._names = list(self.photos)
@@ -201,9 +214,11 @@ class SkimagePhotos(Dataset):
         if not -self.n_items <= index < self.n_items:
             raise IndexError(f"index {index} out of range for SkimagePhotos of length {self.n_items}")
         name, top, left, flipped = self.crop_params(index % self.n_items)
-        crop = self.photos[name][:, top:top + self.size, left:left + self.size]
+        crop = self.photos[name][:, top : top + self.size, left : left + self.size]
         return crop.flip(-1) if flipped else crop.clone()
 
     def __repr__(self) -> str:
-        return (f"SkimagePhotos(size={self.size}, split={self.split!r}, n_items={self.n_items}, "
-                f"channels={self.channels}, seed={self.seed}, photos={self._names})")
+        return (
+            f"SkimagePhotos(size={self.size}, split={self.split!r}, n_items={self.n_items}, "
+            f"channels={self.channels}, seed={self.seed}, photos={self._names})"
+        )

@@ -33,6 +33,7 @@ formats share: ``ImportedNet``, U-Net keywords, loading weights by name and shap
 ``ddbm`` (one reader per source, each returning an ``ImportedNet``); ``import_teacher`` here writes
 the release.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,10 +52,20 @@ from ibmd_fast.restore import default_teacher_nfe
 __all__ = ["import_teacher", "ImportedNet", "TeacherImportError", "UnsafePickleError", "PRESETS"]
 
 
-def import_teacher(source: str | os.PathLike, format: str, out: str | os.PathLike, *,
-                   model_kwargs: Optional[str] = None, weights: str = "ema", degradation: Optional[str] = None,
-                   image_size: Optional[int] = None, preset: Optional[str] = None, label: Optional[int] = None,
-                   nfe: Optional[int] = None, **overrides) -> dict[str, Any]:
+def import_teacher(
+    source: str | os.PathLike,
+    format: str,
+    out: str | os.PathLike,
+    *,
+    model_kwargs: Optional[str] = None,
+    weights: str = "ema",
+    degradation: Optional[str] = None,
+    image_size: Optional[int] = None,
+    preset: Optional[str] = None,
+    label: Optional[int] = None,
+    nfe: Optional[int] = None,
+    **overrides,
+) -> dict[str, Any]:
     """Import a released checkpoint (``format`` "i2sb" or "ddbm") into the teacher release ``out``.
 
     ``overrides`` replace what the source says: I2SB options (``interval``, ``beta_max``, ``t0``,
@@ -88,9 +99,14 @@ def import_teacher(source: str | os.PathLike, format: str, out: str | os.PathLik
     if label is not None and not 0 <= int(label) < net.num_classes:
         raise TeacherImportError(f"--label must be in [0, {net.num_classes}), got {label}")
 
-    config: dict[str, Any] = {"unet": net.config, "conditional": imported.conditional,
-                              "bridge": imported.bridge.config(), "nfe": int(nfe or default_teacher_nfe(imported.bridge)),
-                              "image_size": imported.image_size, "channels": imported.channels}
+    config: dict[str, Any] = {
+        "unet": net.config,
+        "conditional": imported.conditional,
+        "bridge": imported.bridge.config(),
+        "nfe": int(nfe or default_teacher_nfe(imported.bridge)),
+        "image_size": imported.image_size,
+        "channels": imported.channels,
+    }
     if degradation:
         config["degradation"] = canonical_name(degradation)
     elif found_deg and format == "i2sb":
@@ -105,8 +121,13 @@ def import_teacher(source: str | os.PathLike, format: str, out: str | os.PathLik
         config["data_layout"] = layout
     if net.num_classes is not None:
         config["class_label"] = None if label is None else int(label)
-    config["source"] = {"format": format, "file": os.path.basename(ckpt), "sha256": sha256(ckpt),
-                        "weights": weights if format == "i2sb" else "as stored", **info}
+    config["source"] = {
+        "format": format,
+        "file": os.path.basename(ckpt),
+        "sha256": sha256(ckpt),
+        "weights": weights if format == "i2sb" else "as stored",
+        **info,
+    }
     json.dumps(config)  # fail here, not half-way through writing, if something is not plain data
     save_release(out, net, TEACHER_FORMAT, config, extra={"imported_from": os.path.abspath(ckpt)})
     return config

@@ -6,6 +6,7 @@
 architecture is guided-diffusion's ``create_model`` keyword arguments: ``model_kwargs``, else
 such a pickle in the run folder, else I2SB's ImageNet-256 configuration (``i2sb_default_kwargs``).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,16 +23,30 @@ __all__ = ["i2sb_default_kwargs", "i2sb_degradation", "read_i2sb"]
 
 def i2sb_default_kwargs(cond: bool) -> dict[str, Any]:
     """I2SB's ImageNet-256 network (its ``ckpt_util.create_argparser`` with learn_sigma off)."""
-    return dict(image_size=256, num_channels=256, num_res_blocks=2, channel_mult="", learn_sigma=False,
-                class_cond=False, attention_resolutions="32,16,8", num_heads=4, num_head_channels=64,
-                num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0, resblock_updown=True,
-                use_new_attention_order=False, in_channels=6 if cond else 3)
+    return dict(
+        image_size=256,
+        num_channels=256,
+        num_res_blocks=2,
+        channel_mult="",
+        learn_sigma=False,
+        class_cond=False,
+        attention_resolutions="32,16,8",
+        num_heads=4,
+        num_head_channels=64,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=True,
+        dropout=0.0,
+        resblock_updown=True,
+        use_new_attention_order=False,
+        in_channels=6 if cond else 3,
+    )
 
 
 # I2SB's corruption names (corruption/__init__.py build_corruption), each the operator of the same name
 # in ibmd_fast.data (i2sb_corruptions: DDRM's operators, exactly)
 _I2SB_CORRUPT = re.compile(
-    r"^(sr4x-(pool|bicubic)|jpeg-\d+|blur-(uni|gauss)|inpaint-(center|freeform1020|freeform2030))$")
+    r"^(sr4x-(pool|bicubic)|jpeg-\d+|blur-(uni|gauss)|inpaint-(center|freeform1020|freeform2030))$"
+)
 
 
 def i2sb_degradation(corrupt: Any) -> str:
@@ -41,12 +56,15 @@ def i2sb_degradation(corrupt: Any) -> str:
         raise TeacherImportError(
             "options.pkl says corrupt='mixture': I2SB trained this network on nine corruptions drawn at random per "
             "image (corruption/mixture.py), so there is no single operator to distill on; pass --degradation NAME "
-            "to distill it on one of them")
+            "to distill it on one of them"
+        )
     known = _I2SB_CORRUPT.match(text)
-    if not known or (text.startswith("jpeg-") and not 1 <= int(text[len("jpeg-"):]) <= 100):
-        raise TeacherImportError(f"options.pkl says corrupt={text!r}, which is not one of I2SB's corruptions "
-                                 "(sr4x-pool|bicubic, jpeg-<q>, blur-uni|gauss, inpaint-center|freeform1020|"
-                                 "freeform2030); pass --degradation NAME")
+    if not known or (text.startswith("jpeg-") and not 1 <= int(text[len("jpeg-") :]) <= 100):
+        raise TeacherImportError(
+            f"options.pkl says corrupt={text!r}, which is not one of I2SB's corruptions "
+            "(sr4x-pool|bicubic, jpeg-<q>, blur-uni|gauss, inpaint-center|freeform1020|"
+            "freeform2030); pass --degradation NAME"
+        )
     return canonical_name(text)
 
 
@@ -69,8 +87,11 @@ def read_i2sb(source: str, model_kwargs: Optional[str], weights: str, overrides:
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise TeacherImportError(f"unknown I2SB setting(s) {unknown}; known: {list(known)}")
-    opt = {**dict(interval=1000, beta_max=0.3, t0=1e-4, T=1.0, ot_ode=False, cond_x1=False),
-           **{k: options[k] for k in known if k in options}, **overrides}
+    opt = {
+        **dict(interval=1000, beta_max=0.3, t0=1e-4, T=1.0, ot_ode=False, cond_x1=False),
+        **{k: options[k] for k in known if k in options},
+        **overrides,
+    }
     cond = bool(opt["cond_x1"])
     pkl = os.path.join(folder, f"256x256_diffusion_{'cond' if cond else 'uncond'}_fixedsigma.pkl")
     kw_source = model_kwargs or (pkl if os.path.isfile(pkl) else None)
@@ -81,8 +102,14 @@ def read_i2sb(source: str, model_kwargs: Optional[str], weights: str, overrides:
     in_channels = int(kw.get("in_channels", 3))
     if in_channels != (6 if cond else 3):
         raise TeacherImportError(f"options say cond_x1={cond} but the network takes {in_channels} input channels")
-    bridge = I2SBBridge(n_steps=int(opt["interval"]), beta_max=float(opt["beta_max"]), ot_ode=bool(opt["ot_ode"]),
-                        t0=float(opt["t0"]), T=float(opt["T"]), float32_levels=True)
+    bridge = I2SBBridge(
+        n_steps=int(opt["interval"]),
+        beta_max=float(opt["beta_max"]),
+        ot_ode=bool(opt["ot_ode"]),
+        t0=float(opt["t0"]),
+        T=float(opt["T"]),
+        float32_levels=True,
+    )
     checkpoint = torch_load(ckpt)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("net"), dict):
         raise TeacherImportError(f"{ckpt} is not an I2SB checkpoint (expected a dict with 'net' and 'ema')")
@@ -94,6 +121,13 @@ def read_i2sb(source: str, model_kwargs: Optional[str], weights: str, overrides:
         shadow = list(ema["shadow_params"])
     net = load_net(unet_kwargs(kw, in_channels, 3), checkpoint["net"], ckpt, shadow)
     info = dict(options=options, model_kwargs=plain(kw), model_kwargs_file=kw_source and os.path.basename(kw_source))
-    return ImportedNet(checkpoint=ckpt, net=net, bridge=bridge, conditional=cond,
-                       image_size=int(size or options.get("image_size", kw["image_size"])), channels=3,
-                       degradation=options.get("corrupt"), info=info)
+    return ImportedNet(
+        checkpoint=ckpt,
+        net=net,
+        bridge=bridge,
+        conditional=cond,
+        image_size=int(size or options.get("image_size", kw["image_size"])),
+        channels=3,
+        degradation=options.get("corrupt"),
+        info=info,
+    )

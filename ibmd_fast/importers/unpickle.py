@@ -2,6 +2,7 @@
 unpickler that builds argparse namespaces, paths and builtin containers and refuses every other
 global, so nothing in the file is run; and the importers' error classes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,11 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("argparse", "Namespace"): argparse.Namespace,
     **{(m, n): getattr(pathlib, n) for m in ("pathlib", "pathlib._local") for n in _PATHS},
     # Windows paths cannot be instantiated on POSIX; their pure form keeps the text
-    **{(m, n): pathlib.PureWindowsPath for m in ("pathlib", "pathlib._local")
-       for n in ("WindowsPath", "PureWindowsPath")},
+    **{
+        (m, n): pathlib.PureWindowsPath
+        for m in ("pathlib", "pathlib._local")
+        for n in ("WindowsPath", "PureWindowsPath")
+    },
     **{("builtins", n): getattr(builtins, n) for n in ("set", "frozenset", "complex", "object")},
     ("collections", "OrderedDict"): collections.OrderedDict,
     # protocol 0/1 objects: object.__new__ of a class that itself went through this table
@@ -54,7 +58,8 @@ class _PlainUnpickler(pickle.Unpickler):
         if found is None:
             raise UnsafePickleError(
                 f"{self._path}: refusing to unpickle {module}.{name} (only argparse.Namespace, pathlib "
-                "paths and builtin containers/scalars are allowed; nothing in the file was run)")
+                "paths and builtin containers/scalars are allowed; nothing in the file was run)"
+            )
         return found
 
     def persistent_load(self, pid):

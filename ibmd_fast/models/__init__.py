@@ -1,4 +1,5 @@
 """Networks: the ADM U-Net, the teacher / generator / fake-model wrappers, and checkpoint reading."""
+
 from .checkpoints import extract_state_dict, load_checkpoint_file, load_state_dict_checked
 from .blocks import timestep_embedding
 from .unet import CONFIGS, UNet, attention_rates, build_unet, count_parameters

@@ -4,6 +4,7 @@ Convolution / pooling / normalization factories, the sinusoidal timestep embeddi
 downsampling, the timestep-conditioned residual block and self-attention (both head orders).
 `models/unet.py` assembles them; the module tree fixes every state_dict key.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
     if dims == 1:
@@ -60,9 +62,7 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     first then sines, a zero column appended when `dim` is odd.
     """
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
-    )
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
     args = timesteps[:, None].float() * freqs[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

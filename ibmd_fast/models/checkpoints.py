@@ -6,6 +6,7 @@
 - `load_state_dict_checked(model, state_dict)`: load it, explaining any mismatch in one ValueError.
 - `load_checkpoint_file(path)`: safetensors, or `torch.load(weights_only=True)`: never unpickles code.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,20 +29,20 @@ def _strip_prefixes(state_dict: Mapping[str, Any], extra: tuple[str, ...] = ()) 
         changed = False
         for prefix in prefixes:
             if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                sd = {k[len(prefix) :]: v for k, v in sd.items()}
                 changed = True
     return sd
 
 
 def _is_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     )
 
 
-def extract_state_dict(
-    model: nn.Module, checkpoint: Mapping[str, Any], prefer: str = "ema"
-) -> dict[str, torch.Tensor]:
+def extract_state_dict(model: nn.Module, checkpoint: Mapping[str, Any], prefer: str = "ema") -> dict[str, torch.Tensor]:
     """Find the network weights inside a checkpoint.
 
     Accepts a plain state dict, or a dict holding one under "ema" / "net" /
@@ -80,9 +81,7 @@ def _shadow_params_to_state_dict(
 ) -> dict[str, torch.Tensor]:
     names = [n for n, _ in model.named_parameters()]
     if len(shadow) != len(names):
-        raise ValueError(
-            f"EMA checkpoint holds {len(shadow)} shadow parameters, the model has {len(names)} parameters"
-        )
+        raise ValueError(f"EMA checkpoint holds {len(shadow)} shadow parameters, the model has {len(names)} parameters")
     sd = dict(net_sd) if net_sd is not None else dict(model.state_dict())
     sd.update(zip(names, shadow))
     return sd

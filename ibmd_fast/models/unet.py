@@ -17,6 +17,7 @@ This file assembles the network and holds the named configurations (`CONFIGS`,
 `build_unet`); the layers are in models/blocks.py, and reading checkpoints (a checked
 state-dict loader, a reader that never unpickles) in models/checkpoints.py.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -51,6 +52,7 @@ __all__ = [
 # ----------------------------------------------------------------------------
 # The U-Net
 
+
 def size_multiple(channel_mult: Iterable) -> int:
     """Heights and widths the U-Net takes are multiples of this: 2 per downsampling, ``2**(len(channel_mult) - 1)``."""
     return 2 ** max(0, len(tuple(channel_mult)) - 1)
@@ -67,9 +69,14 @@ def check_image_size(channel_mult: Iterable, height: int, width: int, what: str,
     if height == width:
         size, near = f"{width}x{height}", " or ".join(dict.fromkeys(str(s[0]) for s in (lower, upper)))
     else:
-        size, near = f"{width}x{height} (width x height)", " or ".join(dict.fromkeys(f"{w}x{h}" for w, h in (lower, upper)))
-    raise ValueError(f"{what} is {size}, but {network} halves the image {len(tuple(channel_mult)) - 1} time(s) and "
-                     f"takes widths and heights that are multiples of {m} (nearest: {near})")
+        size, near = (
+            f"{width}x{height} (width x height)",
+            " or ".join(dict.fromkeys(f"{w}x{h}" for w, h in (lower, upper))),
+        )
+    raise ValueError(
+        f"{what} is {size}, but {network} halves the image {len(tuple(channel_mult)) - 1} time(s) and "
+        f"takes widths and heights that are multiples of {m} (nearest: {near})"
+    )
 
 
 def attention_rates(image_size: int, resolutions: str | Iterable[int]) -> list[int]:
@@ -163,14 +170,24 @@ class UNet(nn.Module):
 
         def res_block(ch_in: int, ch_out: int | None = None, up: bool = False, down: bool = False) -> ResBlock:
             return ResBlock(
-                ch_in, time_embed_dim, dropout, out_channels=ch_out, dims=dims,
-                use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm, up=up, down=down,
+                ch_in,
+                time_embed_dim,
+                dropout,
+                out_channels=ch_out,
+                dims=dims,
+                use_checkpoint=use_checkpoint,
+                use_scale_shift_norm=use_scale_shift_norm,
+                up=up,
+                down=down,
             )
 
         def attn_block(ch: int, heads: int) -> AttentionBlock:
             return AttentionBlock(
-                ch, num_heads=heads, num_head_channels=num_head_channels,
-                use_checkpoint=use_checkpoint, use_new_attention_order=use_new_attention_order,
+                ch,
+                num_heads=heads,
+                num_head_channels=num_head_channels,
+                use_checkpoint=use_checkpoint,
+                use_new_attention_order=use_new_attention_order,
             )
 
         time_embed_dim = model_channels * 4

@@ -17,6 +17,7 @@ the model's `class_label` (one label for every image, set from the release) is u
 The generator and the fake model are copies of the teacher's network, so they keep its
 `num_classes` and label embedding and take `y` the same way.
 """
+
 from __future__ import annotations
 
 import copy
@@ -118,7 +119,8 @@ class BridgeModel(nn.Module):
             if self.class_label is None:
                 raise ValueError(
                     f"this model is class-conditional ({num_classes} classes) and needs a class label per image "
-                    "(labelled data, e.g. classes:DIR; a teacher import takes one default with --label N)")
+                    "(labelled data, e.g. classes:DIR; a teacher import takes one default with --label N)"
+                )
             y = torch.full((x_t.shape[0],), int(self.class_label), dtype=torch.long)
         y = torch.as_tensor(y, dtype=torch.long, device=x_t.device).reshape(-1)
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
@@ -132,8 +134,9 @@ class BridgeModel(nn.Module):
         """The number of classes of a class-conditional network, else None."""
         return getattr(self.net, "num_classes", None)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, xT: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, xT: torch.Tensor | None = None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.predict_x0(x_t, t, xT, y=y)
 
 

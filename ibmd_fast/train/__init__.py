@@ -8,6 +8,7 @@
 - ``EMA``: exponential moving average by ``lerp``.
 - ``distributed``: torchrun / DDP helpers (``torchrun --nproc_per_node=N ...``).
 """
+
 from ibmd_fast.train.checkpoint import CheckpointError, CheckpointIO, CheckpointMismatchError, CheckpointWarning
 from ibmd_fast.paths import DEFAULT_TEACHER
 from ibmd_fast.train.ibmd import IBMD, DistillConfig, distill

@@ -6,6 +6,7 @@ batches an uninterrupted run sees, with any number of DataLoader workers (starte
 Also ``shared_dataset`` (the folders listed once per run, by rank 0), ``to_device`` and
 ``first_items`` (the fixed pictures of sample grids).
 """
+
 from __future__ import annotations
 
 import os
@@ -105,7 +106,7 @@ class _EndlessSampler(Sampler):
         epoch, offset = divmod(self.start, self.per_epoch)
         while True:
             self.sampler.set_epoch(epoch)
-            indices = list(self.sampler)[offset * self.local_batch: self.per_epoch * self.local_batch]
+            indices = list(self.sampler)[offset * self.local_batch : self.per_epoch * self.local_batch]
             for index in indices:
                 yield epoch, int(index)
             epoch, offset = epoch + 1, 0
@@ -120,18 +121,20 @@ class BatchStream:
     back as ``start``).
     """
 
-    def __init__(self, dataset: Dataset, local_batch: int, env: DistEnv, seed: int, workers: int = 0,
-                 start: int = 0):
+    def __init__(self, dataset: Dataset, local_batch: int, env: DistEnv, seed: int, workers: int = 0, start: int = 0):
         self.dataset = dataset
         self.local_batch = int(local_batch)
         workers = cap_workers(int(workers))
         self.position = int(start)
-        sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank,
-                                     shuffle=True, seed=int(seed), drop_last=True)
+        sampler = DistributedSampler(
+            dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=int(seed), drop_last=True
+        )
         self.per_epoch = len(sampler) // self.local_batch
         if self.per_epoch < 1:
-            raise ValueError(f"the data set has {len(dataset)} items, fewer than one global batch "
-                             f"({self.local_batch * env.world_size}); lower batch_size or add data")
+            raise ValueError(
+                f"the data set has {len(dataset)} items, fewer than one global batch "
+                f"({self.local_batch * env.world_size}); lower batch_size or add data"
+            )
         self.loader = DataLoader(
             _SeededItems(dataset, seed),
             batch_size=self.local_batch,
@@ -157,11 +160,15 @@ class BatchStream:
             if "could be read" not in str(exc):
                 raise
             if self.position == 0:  # folders are checked lazily: an unreadable folder shows here
-                raise DataUnreadableError(f"none of the training images can be read{_data_root(self.dataset)}; "
-                                          "check that they are image files (png, jpg, webp, bmp, tif)") from None
-            raise DataUnreadableError(f"the training images can no longer be read{_data_root(self.dataset)} "
-                                      "(moved or deleted during the run?); the checkpoints written so far are "
-                                      "kept: restore the images and rerun to resume") from None
+                raise DataUnreadableError(
+                    f"none of the training images can be read{_data_root(self.dataset)}; "
+                    "check that they are image files (png, jpg, webp, bmp, tif)"
+                ) from None
+            raise DataUnreadableError(
+                f"the training images can no longer be read{_data_root(self.dataset)} "
+                "(moved or deleted during the run?); the checkpoints written so far are "
+                "kept: restore the images and rerun to resume"
+            ) from None
         self.position += 1
         return batch
 
@@ -210,7 +217,10 @@ def cap_workers(workers: int) -> int:
     ``--workers 100000`` would try to start a hundred thousand processes."""
     cpus = os.cpu_count() or 1
     if workers > cpus:
-        warnings.warn(f"--workers {workers} is more than the {cpus} CPU(s) of this machine; using {cpus}",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            f"--workers {workers} is more than the {cpus} CPU(s) of this machine; using {cpus}",
+            UserWarning,
+            stacklevel=2,
+        )
         return cpus
     return workers

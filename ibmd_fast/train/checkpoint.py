@@ -12,6 +12,7 @@ damaged and moved aside like a truncated one (checkpoints from before the checks
 Module weights are checked to be finite before they are written: a run whose weights turned
 NaN/Inf stops there instead of saving them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -104,8 +105,9 @@ class CheckpointIO:
                 try:
                     check_finite(payload["state"][name], f"step {step}: the {name} weights turned non-finite")
                 except NonFiniteError as exc:
-                    raise NonFiniteError(f"{exc}; no checkpoint or release written (lower --lr, or resume from "
-                                         "an earlier checkpoint)") from None
+                    raise NonFiniteError(
+                        f"{exc}; no checkpoint or release written (lower --lr, or resume from an earlier checkpoint)"
+                    ) from None
         payload["sha256"] = payload_digest(payload)
         path = self.path(step)
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
@@ -167,8 +169,11 @@ class CheckpointIO:
         """Checkpoints moved aside by ``quarantine`` (sorted names)."""
         if not os.path.isdir(self.directory):
             return []
-        return sorted(os.path.join(self.directory, n) for n in os.listdir(self.directory)
-                      if n.startswith("ckpt-") and n.endswith(".corrupt"))
+        return sorted(
+            os.path.join(self.directory, n)
+            for n in os.listdir(self.directory)
+            if n.startswith("ckpt-") and n.endswith(".corrupt")
+        )
 
     def set_aside(self) -> list[str]:
         """``--resume none``: the old checkpoints stay on disk until this run's first ``save``, then go."""
@@ -279,7 +284,8 @@ def _reason(exc: BaseException) -> str:
 
         found = _re.search(r"GLOBAL ([\w.]+)", text)
         what = f" ({found.group(1)})" if found else ""
-        return (f"it holds Python objects{what} that are never loaded from checkpoints "
-                "(only tensors and plain values are)")
+        return (
+            f"it holds Python objects{what} that are never loaded from checkpoints (only tensors and plain values are)"
+        )
     first = text.split(". ")[0]  # torch's zip errors go on for lines about possible causes
     return f"{type(exc).__name__}: {first[:300]}"

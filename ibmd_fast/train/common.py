@@ -8,6 +8,7 @@
 - ``as_config``, ``find_checkpoint``, ``restore_rank_rng``, ``RunCheckpoints``, ``set_lr``,
   ``fmt_value``: the config, resume, checkpoint and logging steps every trainer takes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,18 +57,24 @@ def config_dict(cfg) -> dict:
 def check_kind(payload: dict, kind: str, path: str) -> None:
     """A teacher-training checkpoint cannot resume a distillation, and the other way round."""
     if payload.get("kind") != kind:
-        raise CheckpointMismatchError(f"checkpoint {path} was written by a {payload.get('kind', 'unknown')!r} run, "
-                                      f"not a {kind!r} one; use another --run-dir or --resume none")
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was written by a {payload.get('kind', 'unknown')!r} run, "
+            f"not a {kind!r} one; use another --run-dir or --resume none"
+        )
 
 
 def check_compatible(saved: dict, current: dict, keys: Iterable[str], path: str) -> None:
     """One ``CheckpointMismatchError`` naming every differing key among ``keys``."""
     norm = lambda v: json.loads(json.dumps(v))  # noqa: E731  (tuples vs lists)
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}"
-             for k in keys if norm(saved.get(k)) != norm(current.get(k))]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}"
+        for k in keys
+        if norm(saved.get(k)) != norm(current.get(k))
+    ]
     if diffs:
         raise CheckpointMismatchError(
-            f"checkpoint {path} was written for another model or task:\n  " + "\n  ".join(diffs)
+            f"checkpoint {path} was written for another model or task:\n  "
+            + "\n  ".join(diffs)
             + "\nUse another --run-dir, or --resume none to start over."
         )
 
@@ -75,8 +82,11 @@ def check_compatible(saved: dict, current: dict, keys: Iterable[str], path: str)
 def check_training_options(saved: dict, current: dict, keys: Iterable[str], path: str, allow: bool, log) -> None:
     """A resumed run whose training options (``keys``) differ from the checkpoint's: refused with one line
     naming each option, unless ``allow`` (``--allow-config-change``), when the differences are logged."""
-    diffs = [f"--{k.replace('_', '-')} {current[k]} (checkpoint: {saved[k]})"
-             for k in keys if k in saved and k in current and saved[k] != current[k]]
+    diffs = [
+        f"--{k.replace('_', '-')} {current[k]} (checkpoint: {saved[k]})"
+        for k in keys
+        if k in saved and k in current and saved[k] != current[k]
+    ]
     if not diffs:
         return
     if allow:
@@ -84,15 +94,18 @@ def check_training_options(saved: dict, current: dict, keys: Iterable[str], path
         return
     raise CheckpointMismatchError(
         f"resuming {path} with other training options than it was written with: {', '.join(diffs)}; give the "
-        "checkpoint's values, or pass --allow-config-change to go on with the new ones")
+        "checkpoint's values, or pass --allow-config-change to go on with the new ones"
+    )
 
 
 def check_steps_taken(name: str, skipped: int, steps: int, log) -> None:
     """A run in which every optimizer step of ``name`` was skipped (non-finite loss or gradient) has learnt
     nothing: ``TrainingDivergedError`` instead of a release that looks trained."""
     if steps > 0 and skipped >= steps:
-        message = (f"every one of the {steps} {name} step(s) of this run was skipped (non-finite loss or gradient); "
-                   "no release written. Check the teacher and the data, or lower --lr")
+        message = (
+            f"every one of the {steps} {name} step(s) of this run was skipped (non-finite loss or gradient); "
+            "no release written. Check the teacher and the data, or lower --lr"
+        )
         log.record(f"error: {message}")
         raise TrainingDivergedError(message)
 
@@ -145,8 +158,16 @@ class RunCheckpoints:
     just saved. ``saved_at`` starts at the resumed step (or -1).
     """
 
-    def __init__(self, ckpt: "CheckpointIO", env, rng: torch.Generator, started: float, seconds_before: float,
-                 saved_at: int, **fields):
+    def __init__(
+        self,
+        ckpt: "CheckpointIO",
+        env,
+        rng: torch.Generator,
+        started: float,
+        seconds_before: float,
+        saved_at: int,
+        **fields,
+    ):
         self.ckpt, self.env, self.rng = ckpt, env, rng
         self.started, self.seconds_before = started, seconds_before
         self.saved_at = saved_at
@@ -180,8 +201,10 @@ def restore_rank_rng(payload: dict, rng: torch.Generator, env, log) -> None:
         restore_rng(states[env.rank], rng)
     else:
         # Another number of processes: the run goes on, with fresh noise streams.
-        log(f"note: checkpoint written by {len(states)} process(es), resuming with {env.world_size}: "
-            "noise streams are re-seeded (the run is not bit-identical to an uninterrupted one)")
+        log(
+            f"note: checkpoint written by {len(states)} process(es), resuming with {env.world_size}: "
+            "noise streams are re-seeded (the run is not bit-identical to an uninterrupted one)"
+        )
         rng.manual_seed(derive_seed(int(payload["step"]), env.rank, 2))
         seed_everything(derive_seed(int(payload["step"]), env.rank, 3) % 2**31)
 

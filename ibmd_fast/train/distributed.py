@@ -15,6 +15,7 @@ Conventions of the trainers: the batch size is global (each rank takes
 is split by ``DistributedSampler``; rank 0 alone prints, writes stats, checkpoints and
 releases; trained modules are wrapped in ``DistributedDataParallel``.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -146,7 +147,7 @@ def local_batch_size(batch_size: int, env: DistEnv) -> int:
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if batch_size % env.world_size:
-        raise ValueError(f"batch_size {batch_size} is global and must be divisible by the number of "
-                         f"processes ({env.world_size})")
+        raise ValueError(
+            f"batch_size {batch_size} is global and must be divisible by the number of processes ({env.world_size})"
+        )
     return batch_size // env.world_size
-

@@ -3,6 +3,7 @@
 The released teacher and generator are EMA weights (MATH.md 5: "EMA 0.99" in the
 paper's settings).
 """
+
 from __future__ import annotations
 
 import copy

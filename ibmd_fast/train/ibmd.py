@@ -50,6 +50,7 @@ At the end: the EMA generator is released as ``generator.safetensors`` and, with
 SSIM, seconds per image, with the corrupted input as the first row; ``comparison.json``) and on
 a whole held-out photograph (``comparison.png``, ``train/report.py``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -90,44 +91,44 @@ GRID_ITEMS = 8
 class DistillConfig:
     """Every setting of ``distill``, with its default."""
 
-    run_dir: str = "runs/distill"       # config.json, stats.jsonl, log.txt, samples, checkpoints, release
-    teacher: str = ""                   # teacher release (.safetensors); "" = ibmd_fast/assets/teacher-inpaint.safetensors
-    data: str = ""                      # data spec (corrupted:dir suffices); "" = the one in the teacher release
-    degradation: str = ""               # "" = from the teacher release
-    masks: str = ""                     # mask file of inpaint-freeform* (Palette's / I2SB's .npz); "" = none
-    image_size: int = 0                 # 0 = from the teacher release
-    nfe: int = 1                        # student steps (1 = one-step generator)
-    inner_steps: int = 5                # L: fake-model steps per generator step
-    steps: int = 200                    # K: generator steps (sized with batch_size so that the embedded default
-                                        # distills in < 10 min on a 2-core CPU; the paper: batch 256, a few thousand)
-    batch_size: int = 8                 # global batch (split over ranks)
-    lr: float = 2e-4                    # generator learning rate (AdamW, constant); the paper's 5e-5 (--recipe)
-                                        # moves a 200-step default too little: on 64 held-out crops the student
-                                        # reaches 24.34 dB at 2e-4 against 24.05 at 5e-5 (teacher NFE 100: 24.95;
-                                        # benchmarks/results/default-lr-sweep-cpu-2core.json)
-    fake_lr: float = 2e-4               # fake-model learning rate (5e-4 for both: 23.46 dB at 100 steps)
-    ema_decay: float = 0.99             # EMA of the generator (with a (1+n)/(10+n) warm-up); the release is the EMA
-    grad_clip: float = 1.0              # max gradient norm for both networks; 0 = off
-    precision: str = "fp32"             # "fp32" | "bf16" | "fp16" (autocast on CUDA only; fp16 with GradScaler)
-    channels_last: bool = False         # NHWC memory format
-    compile: bool = False               # torch.compile the three networks
-    fused_adam: bool = False            # torch's fused AdamW; its step is guarded on the device (no host sync)
+    run_dir: str = "runs/distill"  # config.json, stats.jsonl, log.txt, samples, checkpoints, release
+    teacher: str = ""  # teacher release (.safetensors); "" = ibmd_fast/assets/teacher-inpaint.safetensors
+    data: str = ""  # data spec (corrupted:dir suffices); "" = the one in the teacher release
+    degradation: str = ""  # "" = from the teacher release
+    masks: str = ""  # mask file of inpaint-freeform* (Palette's / I2SB's .npz); "" = none
+    image_size: int = 0  # 0 = from the teacher release
+    nfe: int = 1  # student steps (1 = one-step generator)
+    inner_steps: int = 5  # L: fake-model steps per generator step
+    steps: int = 200  # K: generator steps (sized with batch_size so that the embedded default
+    # distills in < 10 min on a 2-core CPU; the paper: batch 256, a few thousand)
+    batch_size: int = 8  # global batch (split over ranks)
+    lr: float = 2e-4  # generator learning rate (AdamW, constant); the paper's 5e-5 (--recipe)
+    # moves a 200-step default too little: on 64 held-out crops the student
+    # reaches 24.34 dB at 2e-4 against 24.05 at 5e-5 (teacher NFE 100: 24.95;
+    # benchmarks/results/default-lr-sweep-cpu-2core.json)
+    fake_lr: float = 2e-4  # fake-model learning rate (5e-4 for both: 23.46 dB at 100 steps)
+    ema_decay: float = 0.99  # EMA of the generator (with a (1+n)/(10+n) warm-up); the release is the EMA
+    grad_clip: float = 1.0  # max gradient norm for both networks; 0 = off
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (autocast on CUDA only; fp16 with GradScaler)
+    channels_last: bool = False  # NHWC memory format
+    compile: bool = False  # torch.compile the three networks
+    fused_adam: bool = False  # torch's fused AdamW; its step is guarded on the device (no host sync)
     checkpoint_activations: bool = False  # recompute U-Net block activations in backward: memory for time
-    seed: int = 0                       # seeds the data order and each rank's noise (from seed, rank)
-    device: str = "auto"                # auto | cpu | cuda | cuda:N
-    workers: int = 0                    # DataLoader workers per rank
-    log_every: int = 10                 # generator steps between stats.jsonl lines / log lines
-    ckpt_every: int = 100               # generator steps between checkpoints (one is always written at the end)
-    keep_ckpts: int = 3                 # newest checkpoints kept
-    sample_every: int = 0               # write a PNG grid every N generator steps (0: only at the end)
-    resume: str = "auto"                # "auto" (newest complete checkpoint in run_dir) | "none" | path to a checkpoint
-    allow_config_change: bool = False   # resume even when --batch-size / --lr / --fake-lr / --inner-steps differ
-    progress: bool = True               # tqdm (auto-quiet when stderr is not a TTY)
-    eval_items: int = 16                # held-out items for the end-of-run comparison (0 = skip)
+    seed: int = 0  # seeds the data order and each rank's noise (from seed, rank)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    workers: int = 0  # DataLoader workers per rank
+    log_every: int = 10  # generator steps between stats.jsonl lines / log lines
+    ckpt_every: int = 100  # generator steps between checkpoints (one is always written at the end)
+    keep_ckpts: int = 3  # newest checkpoints kept
+    sample_every: int = 0  # write a PNG grid every N generator steps (0: only at the end)
+    resume: str = "auto"  # "auto" (newest complete checkpoint in run_dir) | "none" | path to a checkpoint
+    allow_config_change: bool = False  # resume even when --batch-size / --lr / --fake-lr / --inner-steps differ
+    progress: bool = True  # tqdm (auto-quiet when stderr is not a TTY)
+    eval_items: int = 16  # held-out items for the end-of-run comparison (0 = skip)
     eval_teacher_nfe: tuple = (1, 10, 100)  # teacher NFEs in that comparison
-    recipe: str = ""                    # the paper's settings for a task (train/recipes.py); "" = none
-    multistep: str = "random-stop"      # how a k-NFE student trains: "full" chain (I2SB, B.1) | "random-stop" (DDBM, B.2)
-    noise_input: bool = True            # the student takes noise z (zero-initialized extra input channels)
+    recipe: str = ""  # the paper's settings for a task (train/recipes.py); "" = none
+    multistep: str = "random-stop"  # how a k-NFE student trains: "full" chain (I2SB, B.1) | "random-stop" (DDBM, B.2)
+    noise_input: bool = True  # the student takes noise z (zero-initialized extra input channels)
 
     def validate(self, degradation: Optional[Degradation] = None) -> Optional[Degradation]:
         """Check the settings; returns the degradation they name (None: none named), built here once for
@@ -171,8 +172,15 @@ class IBMD:
     bridge noise seeds.
     """
 
-    def __init__(self, teacher, cfg: DistillConfig, env: distributed.DistEnv, precision: Precision,
-                 inpainting: bool = False, class_conditional: bool = False):
+    def __init__(
+        self,
+        teacher,
+        cfg: DistillConfig,
+        env: distributed.DistEnv,
+        precision: Precision,
+        inpainting: bool = False,
+        class_conditional: bool = False,
+    ):
         self.cfg = cfg
         self.env = env
         self.device = env.device
@@ -189,8 +197,11 @@ class IBMD:
         self.grid = student_grid(self.bridge, self.nfe).tolist()  # t_1 < ... < t_k = T
 
         self.fake = make_fake_model(self.teacher).to(self.device).train()
-        self.generator = Generator(self.teacher, z_channels=None if cfg.noise_input else 0,
-                                   multistep=self.nfe > 1).to(self.device).train()
+        self.generator = (
+            Generator(self.teacher, z_channels=None if cfg.noise_input else 0, multistep=self.nfe > 1)
+            .to(self.device)
+            .train()
+        )
         self.full_chain = cfg.multistep == "full"
         if cfg.channels_last:
             for m in (self.teacher, self.fake, self.generator):
@@ -202,10 +213,12 @@ class IBMD:
         self.fake_opt = make_adamw(self.fake.parameters(), cfg.fake_lr, fused=cfg.fused_adam)
         self.gen_scaler = precision.scaler()
         self.fake_scaler = precision.scaler()
-        self.gen_guard = OptimizerStep("generator", self.gen_opt, list(self.generator.parameters()),
-                                       self.gen_scaler, cfg.grad_clip, env, "--lr")
-        self.fake_guard = OptimizerStep("fake-model", self.fake_opt, list(self.fake.parameters()),
-                                        self.fake_scaler, cfg.grad_clip, env, "--fake-lr")
+        self.gen_guard = OptimizerStep(
+            "generator", self.gen_opt, list(self.generator.parameters()), self.gen_scaler, cfg.grad_clip, env, "--lr"
+        )
+        self.fake_guard = OptimizerStep(
+            "fake-model", self.fake_opt, list(self.fake.parameters()), self.fake_scaler, cfg.grad_clip, env, "--fake-lr"
+        )
         self.rng = torch.Generator().manual_seed(derive_seed(cfg.seed, env.rank, 1))
         self.gen_ddp = self.generator
         self.fake_ddp = self.fake
@@ -219,10 +232,17 @@ class IBMD:
         self.fake_ddp = distributed.wrap_ddp(self.fake, self.env)
 
     def state_objects(self) -> dict:
-        return {"generator": self.generator, "fake": self.fake, "ema": self.ema,
-                "gen_optimizer": self.gen_opt, "fake_optimizer": self.fake_opt,
-                "gen_scaler": self.gen_scaler, "fake_scaler": self.fake_scaler,
-                "gen_guard": self.gen_guard, "fake_guard": self.fake_guard}
+        return {
+            "generator": self.generator,
+            "fake": self.fake,
+            "ema": self.ema,
+            "gen_optimizer": self.gen_opt,
+            "fake_optimizer": self.fake_opt,
+            "gen_scaler": self.gen_scaler,
+            "fake_scaler": self.fake_scaler,
+            "gen_guard": self.gen_guard,
+            "fake_guard": self.fake_guard,
+        }
 
     # -- pieces of Algorithm 1
 
@@ -236,12 +256,18 @@ class IBMD:
         y = None
         if self.class_conditional:
             if "label" not in batch:
-                raise ValueError("a class-conditional teacher needs a \"label\" in every batch")
+                raise ValueError('a class-conditional teacher needs a "label" in every batch')
             y = batch["label"].long()
         return xT, (mask if self.inpainting else None), y
 
-    def generate(self, xT: torch.Tensor, z: torch.Tensor, mask: Optional[torch.Tensor], grad: bool,
-                 y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def generate(
+        self,
+        xT: torch.Tensor,
+        z: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        grad: bool,
+        y: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """x0 from the student: ``G(xT, z)``, or for k > 1 the student's own chain (``multistep``).
 
         In MATH.md 5 terms, with the grid ``t_1 < ... < t_k = T`` and ``x_{t_k} = xT``: for m = k, k-1, ...,
@@ -268,9 +294,20 @@ class IBMD:
             n = int(torch.randint(1, self.nfe + 1, (), generator=self.rng))
         model = self.gen_ddp if grad else self.generator
         with contextlib.nullcontext() if grad else torch.no_grad():
-            return student_chain(self.generator, xT, z, self.nfe, mask=mask, noise=SeededNoise(self.rng),
-                                  stop=n, last_call=model, autocast=self.precision.autocast, grid=self.grid,
-                                  grad_chain=self.full_chain, y=y)
+            return student_chain(
+                self.generator,
+                xT,
+                z,
+                self.nfe,
+                mask=mask,
+                noise=SeededNoise(self.rng),
+                stop=n,
+                last_call=model,
+                autocast=self.precision.autocast,
+                grid=self.grid,
+                grad_chain=self.full_chain,
+                y=y,
+            )
 
     def fake_step(self, batch: dict) -> tuple[float, float, bool]:
         """Algorithm 1, step 1 (one of the L): bridge matching of phi on the generator's samples."""
@@ -298,8 +335,9 @@ class IBMD:
             with self.precision.autocast():
                 x0_teacher = self.teacher.predict_x0(x_t, t, cond, y=y)
                 x0_fake = self.fake.predict_x0(x_t, t, cond, y=y)  # the plain module: no DDP hooks
-            loss = ops.ibmd_loss(_opmath(x0_teacher), _opmath(x0_fake), x0, self.bridge.loss_weight(t),
-                                 mask=mask).mean()
+            loss = ops.ibmd_loss(
+                _opmath(x0_teacher), _opmath(x0_fake), x0, self.bridge.loss_weight(t), mask=mask
+            ).mean()
             result = self.gen_guard(loss)
         finally:
             self.fake.requires_grad_(True)
@@ -308,8 +346,9 @@ class IBMD:
         return result
 
 
-def _resolve(cfg: DistillConfig, degradation: Optional[Degradation] = None
-             ) -> tuple[DistillConfig, dict, Optional[Degradation]]:
+def _resolve(
+    cfg: DistillConfig, degradation: Optional[Degradation] = None
+) -> tuple[DistillConfig, dict, Optional[Degradation]]:
     """Fill the empty settings from the teacher release; returns the config, the release's and the
     degradation (``degradation``: the one ``cfg`` names, built already; None when it names none)."""
     path = cfg.teacher or DEFAULT_TEACHER
@@ -317,7 +356,8 @@ def _resolve(cfg: DistillConfig, degradation: Optional[Degradation] = None
         if not cfg.teacher:
             raise FileNotFoundError(
                 f"no teacher given and the embedded default {DEFAULT_TEACHER} is not installed; "
-                "train one with `ibmd-fast train-teacher` and pass its teacher.safetensors")
+                "train one with `ibmd-fast train-teacher` and pass its teacher.safetensors"
+            )
         raise FileNotFoundError(f"teacher release not found: {path}")
     _, tconf, _ = read_release(path, expect="ibmd_fast.teacher")
     if cfg.recipe:
@@ -359,8 +399,10 @@ def _check_recipe_teacher(cfg: DistillConfig, tconf: dict, path: str) -> None:
     recipe = get_recipe(cfg.recipe)
     task = cfg.degradation or tconf.get("degradation", "")
     if recipe.degradation and task and canonical_name(task) != canonical_name(recipe.degradation):
-        raise ValueError(f"--recipe {recipe.name} is for {recipe.family.upper()} {recipe.degradation} teachers; "
-                         f"{path} records degradation {task!r} (pass --degradation to override)")
+        raise ValueError(
+            f"--recipe {recipe.name} is for {recipe.family.upper()} {recipe.degradation} teachers; "
+            f"{path} records degradation {task!r} (pass --degradation to override)"
+        )
 
 
 def recipe_config(name: str, **overrides) -> DistillConfig:
@@ -399,8 +441,15 @@ class DistillTask(TrainingTask):
     training_keys = _TRAINING_KEYS
     last_keys = ("loss_theta", "loss_phi")
 
-    def __init__(self, cfg: DistillConfig, tconf: dict, degradation: Optional[Degradation],
-                 env: distributed.DistEnv, log: RunLog, precision: Precision):
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        tconf: dict,
+        degradation: Optional[Degradation],
+        env: distributed.DistEnv,
+        log: RunLog,
+        precision: Precision,
+    ):
         self.cfg, self.env, self.log = cfg, env, log
         teacher, _ = load_teacher(cfg.teacher, device=env.device)
         self.channels = channels = int(tconf.get("channels", teacher.image_channels))
@@ -410,18 +459,30 @@ class DistillTask(TrainingTask):
         self.degradation = degradation
         inpainting = degradation is not None and degradation.is_inpainting
         if env.is_main:
-            log(f"distill: teacher {cfg.teacher} ({teacher.bridge_type}, "
+            log(
+                f"distill: teacher {cfg.teacher} ({teacher.bridge_type}, "
                 f"{'conditional' if teacher.conditional else 'unconditional'}"
                 f"{'' if teacher.num_classes is None else f', class-conditional ({teacher.num_classes} classes)'}), "
                 f"{degradation.name if degradation else 'the corruption of the data'}, "
                 f"data {cfg.data!r}, {cfg.image_size}px, NFE {cfg.nfe}, L={cfg.inner_steps}, K={cfg.steps}, "
-                f"{env.world_size} process(es) on {env.device}, precision {precision.name}")
+                f"{env.world_size} process(es) on {env.device}, precision {precision.name}"
+            )
 
         # Corrupted images only (MATH.md 5): distillation never reads x0.
-        self.dataset = shared_dataset(lambda listing: make_dataset(cfg.data, degradation, size=cfg.image_size,
-                                                                   channels=channels, split="train",
-                                                                   corrupted_only=True, seed=cfg.seed,
-                                                                   listing=listing), env, cfg.run_dir)
+        self.dataset = shared_dataset(
+            lambda listing: make_dataset(
+                cfg.data,
+                degradation,
+                size=cfg.image_size,
+                channels=channels,
+                split="train",
+                corrupted_only=True,
+                seed=cfg.seed,
+                listing=listing,
+            ),
+            env,
+            cfg.run_dir,
+        )
         class_conditional = _check_labels(cfg, teacher, _data_labels(self.dataset), log if env.is_main else None)
         self.grid_batch = first_items(self.dataset, GRID_ITEMS) if env.is_main else None
 
@@ -429,9 +490,15 @@ class DistillTask(TrainingTask):
         self.rng = ibmd.rng
         self.guards = {"skipped": ibmd.gen_guard, "skipped_fake": ibmd.fake_guard}
         self.learning_rates = [(ibmd.gen_opt, cfg.lr), (ibmd.fake_opt, cfg.fake_lr)]
-        self.model_config = {"teacher_unet": teacher.net.config, "bridge": teacher.bridge.config(),
-                             "conditional": teacher.conditional, "nfe": cfg.nfe, "image_size": cfg.image_size,
-                             "channels": channels, "degradation": degradation and degradation.name}
+        self.model_config = {
+            "teacher_unet": teacher.net.config,
+            "bridge": teacher.bridge.config(),
+            "conditional": teacher.conditional,
+            "nfe": cfg.nfe,
+            "image_size": cfg.image_size,
+            "channels": channels,
+            "degradation": degradation and degradation.name,
+        }
         self.config_extra = {"teacher_config": tconf}
         self.release = os.path.join(cfg.run_dir, "generator.safetensors")
 
@@ -454,14 +521,21 @@ class DistillTask(TrainingTask):
         meter.add(loss_theta=loss_theta, grad_norm=grad_norm)
 
     def stats(self, means: dict) -> dict:
-        return {"loss_theta": means.get("loss_theta"), "loss_phi": means.get("loss_phi"),
-                "grad_norm": means.get("grad_norm"), "fake_grad_norm": means.get("fake_grad_norm"),
-                "lr": self.ibmd.gen_opt.param_groups[0]["lr"], "fake_lr": self.ibmd.fake_opt.param_groups[0]["lr"]}
+        return {
+            "loss_theta": means.get("loss_theta"),
+            "loss_phi": means.get("loss_phi"),
+            "grad_norm": means.get("grad_norm"),
+            "fake_grad_norm": means.get("fake_grad_norm"),
+            "lr": self.ibmd.gen_opt.param_groups[0]["lr"],
+            "fake_lr": self.ibmd.fake_opt.param_groups[0]["lr"],
+        }
 
     def log_line(self, row: dict) -> str:
-        return (f"step {row['step']:6d}  loss_theta {fmt_value(row['loss_theta'])}  "
-                f"loss_phi {fmt_value(row['loss_phi'])}  grad {fmt_value(row['grad_norm'])}  "
-                f"{row['it_per_s']:.2f} it/s  skipped {row['skipped']}/{row['skipped_fake']}")
+        return (
+            f"step {row['step']:6d}  loss_theta {fmt_value(row['loss_theta'])}  "
+            f"loss_phi {fmt_value(row['loss_phi'])}  grad {fmt_value(row['grad_norm'])}  "
+            f"{row['it_per_s']:.2f} it/s  skipped {row['skipped']}/{row['skipped_fake']}"
+        )
 
     def write_samples(self, step: int) -> None:
         _write_samples(self.cfg, self.ibmd, self.grid_batch, step)
@@ -472,15 +546,21 @@ class DistillTask(TrainingTask):
         if self.env.is_main:
             self.write_samples(step)
             student = ibmd.ema.module
-            save_release(self.release, student.net, GENERATOR_FORMAT, {
-                **student.config(),
-                "nfe": cfg.nfe,
-                "degradation": degradation and degradation.name,
-                "image_size": cfg.image_size,
-                "channels": self.channels,
-                "data": cfg.data,
-                "inpainting": ibmd.inpainting,
-            }, extra={"step": step, "teacher": os.path.abspath(cfg.teacher), **last})
+            save_release(
+                self.release,
+                student.net,
+                GENERATOR_FORMAT,
+                {
+                    **student.config(),
+                    "nfe": cfg.nfe,
+                    "degradation": degradation and degradation.name,
+                    "image_size": cfg.image_size,
+                    "channels": self.channels,
+                    "data": cfg.data,
+                    "inpainting": ibmd.inpainting,
+                },
+                extra={"step": step, "teacher": os.path.abspath(cfg.teacher), **last},
+            )
             self.log(f"generator release: {self.release}")
             if cfg.eval_items > 0:
                 comparison = _evaluate(cfg, ibmd, self.channels, degradation, self.log)
@@ -500,17 +580,23 @@ def _check_labels(cfg: DistillConfig, teacher, labels: Optional[list], log) -> b
     num_classes = teacher.num_classes
     if num_classes is None:
         if labels is not None and log is not None:
-            log(f"note: the data {cfg.data!r} has class labels; the teacher is not class-conditional, so they "
-                "are not used")
+            log(
+                f"note: the data {cfg.data!r} has class labels; the teacher is not class-conditional, so they "
+                "are not used"
+            )
         return False
     if labels is None:
-        raise ValueError(f"the teacher {cfg.teacher} is class-conditional ({num_classes} classes) but the data "
-                         f"{cfg.data!r} has no class labels: give class folders (classes:DIR) or a labels file "
-                         "(classes:DIR,labels.csv)")
+        raise ValueError(
+            f"the teacher {cfg.teacher} is class-conditional ({num_classes} classes) but the data "
+            f"{cfg.data!r} has no class labels: give class folders (classes:DIR) or a labels file "
+            "(classes:DIR,labels.csv)"
+        )
     bad = [y for y in labels if not 0 <= int(y) < num_classes]
     if bad:
-        raise ValueError(f"the data {cfg.data!r} has class label {bad[0]}, out of range for the teacher "
-                         f"{cfg.teacher} ({num_classes} classes: labels 0..{num_classes - 1})")
+        raise ValueError(
+            f"the data {cfg.data!r} has class label {bad[0]}, out of range for the teacher "
+            f"{cfg.teacher} ({num_classes} classes: labels 0..{num_classes - 1})"
+        )
     return True
 
 
@@ -540,15 +626,15 @@ def _write_samples(cfg: DistillConfig, ibmd: IBMD, batch: Optional[dict], step: 
     mask = None if mask is None else mask.to(ibmd.device)
     y = batch["label"].to(ibmd.device) if ibmd.class_conditional else None
     out = sample_student(ibmd.ema.module, xT, cfg.nfe, mask, seed=cfg.seed, autocast=ibmd.precision.autocast, y=y)
-    save_grid([xT, out], os.path.join(cfg.run_dir, f"samples-{step}.png"),
-              titles=["corrupted", f"student NFE {cfg.nfe}"])
+    save_grid(
+        [xT, out], os.path.join(cfg.run_dir, f"samples-{step}.png"), titles=["corrupted", f"student NFE {cfg.nfe}"]
+    )
 
 
 def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -> list[dict]:
     """Teacher at each NFE vs the student on held-out pairs (the test split, never used in training)."""
     try:
-        test = make_dataset(cfg.data, degradation, size=cfg.image_size, channels=channels, split="test",
-                            seed=cfg.seed)
+        test = make_dataset(cfg.data, degradation, size=cfg.image_size, channels=channels, split="test", seed=cfg.seed)
     except (ValueError, FileNotFoundError) as exc:
         log(f"note: no clean held-out images for the comparison ({exc}); skipped")
         return []
@@ -557,12 +643,21 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         items = [test[i] for i in range(n)]
-    batches = [collate(items[i:i + per_batch]) for i in range(0, n, per_batch)]
+    batches = [collate(items[i : i + per_batch]) for i in range(0, n, per_batch)]
     if not ibmd.inpainting:
         batches = [{k: v for k, v in b.items() if k != "mask"} for b in batches]
     log(f"comparison on {n} held-out item(s):")
-    rows, _ = report.compare(ibmd.teacher, ibmd.ema.module, cfg.nfe, batches, cfg.eval_teacher_nfe,
-                      ibmd.device, seed=cfg.seed, autocast=ibmd.precision.autocast, log=log)
+    rows, _ = report.compare(
+        ibmd.teacher,
+        ibmd.ema.module,
+        cfg.nfe,
+        batches,
+        cfg.eval_teacher_nfe,
+        ibmd.device,
+        seed=cfg.seed,
+        autocast=ibmd.precision.autocast,
+        log=log,
+    )
     rows = [report.corrupted_row(batches)] + rows
     write_text(os.path.join(cfg.run_dir, "comparison.json"), json.dumps(rows, indent=2) + "\n")
     if data_layout(cfg.data):
@@ -573,13 +668,25 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
         return rows
     teacher_nfe = max((r["nfe"] for r in rows if r["model"] == "teacher"), default=default_teacher_nfe(ibmd.bridge))
     photo = report.photo_comparison(
-        os.path.join(cfg.run_dir, "comparison.png"), ibmd.teacher, ibmd.ema.module, cfg.nfe, teacher_nfe,
-        degradation, channels, size_multiple(ibmd.teacher.net.config["channel_mult"]), ibmd.device,
-        seed=cfg.seed, autocast=ibmd.precision.autocast,
+        os.path.join(cfg.run_dir, "comparison.png"),
+        ibmd.teacher,
+        ibmd.ema.module,
+        cfg.nfe,
+        teacher_nfe,
+        degradation,
+        channels,
+        size_multiple(ibmd.teacher.net.config["channel_mult"]),
+        ibmd.device,
+        seed=cfg.seed,
+        autocast=ibmd.precision.autocast,
         # the hole of the crops the teacher learned, not half the whole photo (larger than any it saw),
         # restored from the training-size window around it (report.photo_comparison says why)
-        hole=_crop_hole(degradation, cfg.image_size), window=cfg.image_size)
+        hole=_crop_hole(degradation, cfg.image_size),
+        window=cfg.image_size,
+    )
     write_text(os.path.join(cfg.run_dir, "comparison-photo.json"), json.dumps(photo, indent=2) + "\n")
-    log(f"comparison.png: the held-out photo {photo['photo']} ({photo['width']}x{photo['height']}), "
-        + ", ".join(f"{c['title']} {c['psnr']:.2f} dB" for c in photo["columns"] if c["psnr"] is not None))
+    log(
+        f"comparison.png: the held-out photo {photo['photo']} ({photo['width']}x{photo['height']}), "
+        + ", ".join(f"{c['title']} {c['psnr']:.2f} dB" for c in photo["columns"] if c["psnr"] is not None)
+    )
     return rows

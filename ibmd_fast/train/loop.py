@@ -13,6 +13,7 @@ Both therefore share every feature of the loop: fused AdamW with the device-side
 (``OptimizerStep``: the divergence error is raised at log steps, where ``check`` reads the
 counters), the held-back checkpoint while steps are being skipped, bit-identical resumption.
 """
+
 from __future__ import annotations
 
 import abc
@@ -171,8 +172,9 @@ def _loop(cfg, task: TrainingTask, env: distributed.DistEnv, log: RunLog, local_
     fields = {"kind": task.kind, "config": run_config}
     if task.model_config is not None:
         fields["model"] = task.model_config
-    checkpoints = RunCheckpoints(ckpt, env, task.rng, t_start, seconds_before,
-                                 start_step if found is not None else -1, **fields)
+    checkpoints = RunCheckpoints(
+        ckpt, env, task.rng, t_start, seconds_before, start_step if found is not None else -1, **fields
+    )
     bar = progress_bar(cfg.steps, start_step, cfg.progress and env.is_main, task.kind)
 
     at = step  # the step an error is reported at
@@ -190,9 +192,13 @@ def _loop(cfg, task: TrainingTask, env: distributed.DistEnv, log: RunLog, local_
                     guard.check()  # the device-side guards (fused AdamW) raise here, a plain one in its step
                 means = meter.means(env)
                 elapsed = time.perf_counter() - meter.t0
-                row = {"step": step, **task.stats(means), "it_per_s": meter.steps / max(elapsed, 1e-9),
-                       **{key: guard.skipped for key, guard in task.guards.items()},
-                       "seconds": round(seconds_before + time.perf_counter() - t_start, 3)}
+                row = {
+                    "step": step,
+                    **task.stats(means),
+                    "it_per_s": meter.steps / max(elapsed, 1e-9),
+                    **{key: guard.skipped for key, guard in task.guards.items()},
+                    "seconds": round(seconds_before + time.perf_counter() - t_start, 3),
+                }
                 log.stats(row)
                 last = {key: row[key] for key in task.last_keys}
                 log(task.log_line(row))
@@ -213,5 +219,12 @@ def _loop(cfg, task: TrainingTask, env: distributed.DistEnv, log: RunLog, local_
     extra = task.finish(step, last)
     env.barrier()
     seconds = seconds_before + time.perf_counter() - t_start
-    return {"run_dir": cfg.run_dir, "release": task.release, "steps": step, **last,
-            **{key: guard.skipped for key, guard in task.guards.items()}, "seconds": seconds, **extra}
+    return {
+        "run_dir": cfg.run_dir,
+        "release": task.release,
+        "steps": step,
+        **last,
+        **{key: guard.skipped for key, guard in task.guards.items()},
+        "seconds": seconds,
+        **extra,
+    }

@@ -4,6 +4,7 @@
 fused Adam/AdamW (``make_adamw(..., fused=True)``), where nothing inside a training iteration
 waits for the GPU.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,16 @@ class OptimizerStep:
       at most one log interval after the 20th non-finite step in a row.
     """
 
-    def __init__(self, name: str, optimizer: torch.optim.Optimizer, params: list, scaler, grad_clip: float,
-                 env: DistEnv, lr_flag: str = "--lr"):
+    def __init__(
+        self,
+        name: str,
+        optimizer: torch.optim.Optimizer,
+        params: list,
+        scaler,
+        grad_clip: float,
+        env: DistEnv,
+        lr_flag: str = "--lr",
+    ):
         self.name = name
         self.optimizer = optimizer
         self.params = [p for p in params if p.requires_grad]
@@ -152,8 +161,9 @@ class OptimizerStep:
 
 def _takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step`` honours a ``found_inf`` attribute (torch's fused Adam and AdamW do)."""
-    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) \
-        and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(
+        getattr(optimizer, "_step_supports_amp_scaling", False)
+    )
 
 
 def make_adamw(params, lr: float, fused: bool = False) -> torch.optim.AdamW:

@@ -8,6 +8,7 @@
 - ``out_of_memory``: whether an exception is the CPU allocator's or CUDA's out-of-memory error,
   and ``oom_message`` saying to lower ``--batch-size``, with the sizes tried.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,34 +33,41 @@ def check_device(spec: str) -> None:
         return
     if not torch.cuda.is_available():
         build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
-        raise DeviceError(f"--device {spec}: torch sees no CUDA device (torch {torch.__version__}, {build}); "
-                          "use --device cpu or auto")
+        raise DeviceError(
+            f"--device {spec}: torch sees no CUDA device (torch {torch.__version__}, {build}); use --device cpu or auto"
+        )
     if ":" in spec:
         index = spec.split(":", 1)[1]
         if index.isdigit() and int(index) >= torch.cuda.device_count():
             raise DeviceError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
-def check_settings(steps: Optional[int] = None, data: Optional[str] = None, image_size: Optional[int] = None,
-                   sample: int = 16) -> None:
+def check_settings(
+    steps: Optional[int] = None, data: Optional[str] = None, image_size: Optional[int] = None, sample: int = 16
+) -> None:
     """Warn about settings that run but are probably a mistake."""
     if steps == 0:
-        warnings.warn("--steps 0: no training step is taken; the release holds the initial weights",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            "--steps 0: no training step is taken; the release holds the initial weights", UserWarning, stacklevel=2
+        )
     folder = _folder_of(data)
     if folder:
         small = _small_images(folder, sample)
         if small:
             name, (w, h) = small
-            warnings.warn(f"training images as small as {w}x{h} ({name}) in {data}: they are upscaled to "
-                          f"--image-size {image_size} and hold almost no detail", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"training images as small as {w}x{h} ({name}) in {data}: they are upscaled to "
+                f"--image-size {image_size} and hold almost no detail",
+                UserWarning,
+                stacklevel=2,
+            )
 
 
 def _folder_of(data: Optional[str]) -> Optional[str]:
     """The image folder a data spec reads (folder:, corrupted:, the first of paired:), else None."""
     for prefix in ("folder:", "corrupted:", "paired:"):
         if data and data.startswith(prefix):
-            return data[len(prefix):].split(",")[0]
+            return data[len(prefix) :].split(",")[0]
     return None
 
 

@@ -21,6 +21,7 @@ The values are those the issue that asked for recipes lists from Table 7 (the pa
 not readable from this workplace, so they were not checked against the table itself). The number
 of generator steps K is NOT set by any recipe: pass ``--steps``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,18 +56,52 @@ _DDBM = {**_COMMON, "inner_steps": 5, "lr": 1e-5, "fake_lr": 1e-5, "multistep": 
 def _recipes() -> dict[str, Recipe]:
     out = []
     for task in ("sr4x-bicubic", "sr4x-pool", "jpeg-5", "jpeg-10"):
-        out.append(Recipe(task, "i2sb", task, {**_I2SB, "nfe": 1, "noise_input": True},
-                          f"I2SB {task} teacher (ImageNet 256x256): one-step student with noise input"))
-    out.append(Recipe("inpaint-center", "i2sb", "inpaint-center", {**_I2SB, "nfe": 4, "noise_input": False},
-                      "I2SB center-inpainting teacher (ImageNet 256x256): 4-NFE student without noise input"))
+        out.append(
+            Recipe(
+                task,
+                "i2sb",
+                task,
+                {**_I2SB, "nfe": 1, "noise_input": True},
+                f"I2SB {task} teacher (ImageNet 256x256): one-step student with noise input",
+            )
+        )
+    out.append(
+        Recipe(
+            "inpaint-center",
+            "i2sb",
+            "inpaint-center",
+            {**_I2SB, "nfe": 4, "noise_input": False},
+            "I2SB center-inpainting teacher (ImageNet 256x256): 4-NFE student without noise input",
+        )
+    )
     for task, degradation, where in (("e2h", "sketch", "Edges2Handbags 64x64"), ("diode", "", "DIODE 256x256")):
         for nfe in (1, 2):
-            out.append(Recipe(f"{task}-{nfe}nfe", "ddbm", degradation, {**_DDBM, "nfe": nfe, "noise_input": True},
-                              f"DDBM {where} teacher: {nfe}-NFE student"))
-    out.append(Recipe("dbim-inpaint-center", "dbim", "inpaint-center",
-                      {**_COMMON, "nfe": 4, "inner_steps": 1, "lr": 3e-6, "fake_lr": 3e-6,
-                       "multistep": "random-stop", "noise_input": True},
-                      "DBIM ImageNet 256x256 center-inpainting teacher: 4-NFE student, L:K = 1:1"))
+            out.append(
+                Recipe(
+                    f"{task}-{nfe}nfe",
+                    "ddbm",
+                    degradation,
+                    {**_DDBM, "nfe": nfe, "noise_input": True},
+                    f"DDBM {where} teacher: {nfe}-NFE student",
+                )
+            )
+    out.append(
+        Recipe(
+            "dbim-inpaint-center",
+            "dbim",
+            "inpaint-center",
+            {
+                **_COMMON,
+                "nfe": 4,
+                "inner_steps": 1,
+                "lr": 3e-6,
+                "fake_lr": 3e-6,
+                "multistep": "random-stop",
+                "noise_input": True,
+            },
+            "DBIM ImageNet 256x256 center-inpainting teacher: 4-NFE student, L:K = 1:1",
+        )
+    )
     return {r.name: r for r in out}
 
 
@@ -91,4 +126,3 @@ def apply_recipe(cfg, keep: Iterable[str] = ()):
     keep = {k.replace("-", "_") for k in keep}
     values = {k: v for k, v in recipe.settings.items() if k not in keep}
     return dataclasses.replace(cfg, **values)
-

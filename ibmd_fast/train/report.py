@@ -9,6 +9,7 @@
   teacher and the student, in labeled columns corrupted | teacher NFE n | student NFE k | clean,
   with PSNR and milliseconds per image under each (``imageio.draw_columns`` draws it).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,15 +35,22 @@ def corrupted_row(batches: Sequence[dict]) -> dict:
     """The corrupted input scored like a restoration: ``{"model": "corrupted", "nfe": 0, psnr, ssim, 0 s}``."""
     x0 = torch.cat([b["x0"] for b in batches]).float()
     xT = torch.cat([b["xT"] for b in batches]).float().clamp(-1, 1)
-    return {"model": "corrupted", "nfe": 0, "psnr": float(psnr(xT, x0).mean()),
-            "ssim": float(ssim(xT, x0).mean()), "sec_per_image": 0.0}
+    return {
+        "model": "corrupted",
+        "nfe": 0,
+        "psnr": float(psnr(xT, x0).mean()),
+        "ssim": float(ssim(xT, x0).mean()),
+        "sec_per_image": 0.0,
+    }
 
 
 def reading_line(run_dir: Optional[str] = None) -> str:
     """One line: what the numbers mean and where the files are."""
     where = f"; files in {run_dir}/: generator.safetensors, comparison.json, comparison.png" if run_dir else ""
-    return ("PSNR (dB) and SSIM against the clean held-out images: higher is better, and a restoration "
-            "should beat the 'corrupted' row (the input itself); s/image: lower is faster" + where)
+    return (
+        "PSNR (dB) and SSIM against the clean held-out images: higher is better, and a restoration "
+        "should beat the 'corrupted' row (the input itself); s/image: lower is faster" + where
+    )
 
 
 def format_comparison(rows: Sequence[dict], run_dir: Optional[str] = None) -> str:
@@ -58,10 +66,23 @@ def _timed(fn, device):
 
 
 @torch.no_grad()
-def photo_comparison(path: str, teacher, student, student_nfe: int, teacher_nfe: int, degradation,
-                     channels: int, size_multiple: int, device, seed: int = 0, autocast=None,
-                     short_side: int = FIGURE_SHORT_SIDE, zoom: int = 3, hole: Optional[int] = None,
-                     window: Optional[int] = None) -> dict:
+def photo_comparison(
+    path: str,
+    teacher,
+    student,
+    student_nfe: int,
+    teacher_nfe: int,
+    degradation,
+    channels: int,
+    size_multiple: int,
+    device,
+    seed: int = 0,
+    autocast=None,
+    short_side: int = FIGURE_SHORT_SIDE,
+    zoom: int = 3,
+    hole: Optional[int] = None,
+    window: Optional[int] = None,
+) -> dict:
     """Write ``path``: the whole held-out photo (``HELD_OUT_PHOTO``), resized so its shorter side
     is about ``short_side`` pixels, corrupted by ``degradation``, restored by the teacher
     (``teacher_nfe`` calls) and the student, each column enlarged ``zoom`` times.
@@ -96,13 +117,13 @@ def photo_comparison(path: str, teacher, student, student_nfe: int, teacher_nfe:
     if frame is not None:
         x0 = held_out_photo(channels, max(frame[0] / height, frame[1] / width), 1)
         top, left = (x0.shape[-2] - frame[0]) // 2, (x0.shape[-1] - frame[1]) // 2
-        x0 = x0[:, top:top + frame[0], left:left + frame[1]]
+        x0 = x0[:, top : top + frame[0], left : left + frame[1]]
     else:
         x0 = held_out_photo(channels, short_side / min(height, width), multiple)
         if getattr(degradation, "square", False):
             side = min(x0.shape[-2:])
             top, left = (x0.shape[-2] - side) // 2, (x0.shape[-1] - side) // 2
-            x0 = x0[:, top:top + side, left:left + side]
+            x0 = x0[:, top : top + side, left : left + side]
     x0 = x0[None].to(device)
     xT, mask = degradation(x0, rng=torch.Generator().manual_seed(seed))
     mask = None if mask is None else mask.to(device)
@@ -129,8 +150,12 @@ def photo_comparison(path: str, teacher, student, student_nfe: int, teacher_nfe:
     run_student()
     student_out, student_s = _timed(run_student, device)
 
-    entries = [("corrupted", xT, None), (f"teacher NFE {teacher_nfe}", teacher_out, teacher_s),
-               (f"student NFE {student_nfe}", student_out, student_s), ("clean", x0, None)]
+    entries = [
+        ("corrupted", xT, None),
+        (f"teacher NFE {teacher_nfe}", teacher_out, teacher_s),
+        (f"student NFE {student_nfe}", student_out, student_s),
+        ("clean", x0, None),
+    ]
     columns, info = [], []
     for title, image, seconds in entries:
         image = image[0].float().clamp(-1, 1)
@@ -146,8 +171,15 @@ def photo_comparison(path: str, teacher, student, student_nfe: int, teacher_nfe:
     picture = draw_columns(columns, zoom=zoom)
     atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
     hole_side = None if mask is None else int(mask[0, 0].amax(dim=1).sum())  # rows the hole spans
-    return {"photo": HELD_OUT_PHOTO, "height": int(x0.shape[-2]), "width": int(x0.shape[-1]),
-            "hole": hole_side, "window": None if crop is None else int(window), "zoom": zoom, "columns": info}
+    return {
+        "photo": HELD_OUT_PHOTO,
+        "height": int(x0.shape[-2]),
+        "width": int(x0.shape[-1]),
+        "hole": hole_side,
+        "window": None if crop is None else int(window),
+        "zoom": zoom,
+        "columns": info,
+    }
 
 
 def _window(height: int, width: int, window: Optional[int]) -> Optional[tuple[slice, slice]]:
@@ -165,8 +197,17 @@ def _window(height: int, width: int, window: Optional[int]) -> Optional[tuple[sl
 
 
 @torch.no_grad()
-def compare(teacher, student, student_nfe: int, batches: list[dict], teacher_nfes: Sequence[int],
-            device: torch.device, seed: int = 0, autocast=None, log=None) -> tuple[list[dict], dict]:
+def compare(
+    teacher,
+    student,
+    student_nfe: int,
+    batches: list[dict],
+    teacher_nfes: Sequence[int],
+    device: torch.device,
+    seed: int = 0,
+    autocast=None,
+    log=None,
+) -> tuple[list[dict], dict]:
     """PSNR / SSIM / seconds per image of the teacher at each NFE and of the student.
 
     ``batches``: dicts with ``x0``, ``xT`` (and ``mask``; ``label``, which a class-conditional
@@ -174,10 +215,17 @@ def compare(teacher, student, student_nfe: int, batches: list[dict], teacher_nfe
     the table rows and the restored images ``{label: tensor}`` of the first batch (for a grid).
     Each model runs the first batch once untimed before the timed passes.
     """
-    runs = [("teacher", n, lambda xT, m, s, y, n=n: sample_teacher(teacher, xT, n, m, s, autocast, y=y))
-            for n in valid_teacher_nfe(teacher.bridge, teacher_nfes)]
-    runs.append(("student", student_nfe, lambda xT, m, s, y: sample_student(student, xT, student_nfe, m, s,
-                                                                            autocast=autocast, y=y)))
+    runs = [
+        ("teacher", n, lambda xT, m, s, y, n=n: sample_teacher(teacher, xT, n, m, s, autocast, y=y))
+        for n in valid_teacher_nfe(teacher.bridge, teacher_nfes)
+    ]
+    runs.append(
+        (
+            "student",
+            student_nfe,
+            lambda xT, m, s, y: sample_student(student, xT, student_nfe, m, s, autocast=autocast, y=y),
+        )
+    )
     class_conditional = getattr(teacher, "num_classes", None) is not None
 
     def labels(batch):
@@ -187,8 +235,9 @@ def compare(teacher, student, student_nfe: int, batches: list[dict], teacher_nfe
     for name, nfe, run in runs:
         # One untimed pass first: compilation, autotuning and allocator warm-up are not per-image costs.
         first = batches[0]
-        run(first["xT"].to(device), None if first.get("mask") is None else first["mask"].to(device), seed,
-            labels(first))
+        run(
+            first["xT"].to(device), None if first.get("mask") is None else first["mask"].to(device), seed, labels(first)
+        )
         scores_p, scores_s, seconds, count = [], [], 0.0, 0
         for i, batch in enumerate(batches):
             x0 = batch["x0"].to(device)
@@ -213,6 +262,8 @@ def compare(teacher, student, student_nfe: int, batches: list[dict], teacher_nfe
         }
         rows.append(row)
         if log is not None:
-            log(f"  {name:8s} NFE {nfe:4d}: PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.4f}  "
-                f"{row['sec_per_image'] * 1e3:8.2f} ms/image")
+            log(
+                f"  {name:8s} NFE {nfe:4d}: PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.4f}  "
+                f"{row['sec_per_image'] * 1e3:8.2f} ms/image"
+            )
     return rows, pictures

@@ -13,6 +13,7 @@
 - ``finished``: whether the checkpoint found already reaches ``--steps`` and the release exists,
   so that rerunning a finished run leaves the release as it is.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,6 +43,7 @@ RUN_FILES = HISTORY + ("config.json", "comparison.json", "comparison.png", "comp
 
 def write_text(path: str, text: str) -> None:
     """Write a text file atomically."""
+
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -125,8 +127,10 @@ class RunLock:
         except OSError:
             holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
-            raise RunDirInUseError(f"run dir {self.run_dir} is in use by another run (pid {holder}); wait for it "
-                                   "to end or give another --run-dir") from None
+            raise RunDirInUseError(
+                f"run dir {self.run_dir} is in use by another run (pid {holder}); wait for it "
+                "to end or give another --run-dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         self.fd = fd
@@ -215,8 +219,10 @@ def find_resume(resume: str, ckpt: CheckpointIO, env) -> Optional[tuple[str, dic
         env.barrier()
         return None
     if os.path.lexists(ckpt.directory) and not os.path.isdir(ckpt.directory):
-        raise CheckpointError(f"{ckpt.directory} is a file, not a folder of checkpoints; nothing was changed. "
-                              "Move it away, or pass --resume none to move the run's files aside and start over")
+        raise CheckpointError(
+            f"{ckpt.directory} is a file, not a folder of checkpoints; nothing was changed. "
+            "Move it away, or pass --resume none to move the run's files aside and start over"
+        )
     if env.is_main:
         ckpt.remove_stale_temporaries()
     env.barrier()
@@ -229,14 +235,16 @@ def find_resume(resume: str, ckpt: CheckpointIO, env) -> Optional[tuple[str, dic
                 names = ", ".join(os.path.basename(p) for p in corrupt[-3:])
                 raise CheckpointError(
                     f"{ckpt.directory} holds only unreadable checkpoints ({names}); nothing to resume from. "
-                    "Pass --resume none to start over (the damaged files are kept) or --resume PATH")
+                    "Pass --resume none to start over (the damaged files are kept) or --resume PATH"
+                )
             kept = history(run_dir)
             if kept:
                 why = "which is missing" if not os.path.isdir(ckpt.directory) else "which holds none"
                 raise CheckpointError(
                     f"{run_dir} holds a run's history ({', '.join(kept)}) but no readable checkpoint in "
                     f"{ckpt.directory} ({why}), so it cannot go on; nothing was changed. Pass --resume none to "
-                    "move the history aside into previous-<date>/ and start over, or --resume PATH")
+                    "move the history aside into previous-<date>/ and start over, or --resume PATH"
+                )
         paths = env.gather(None if found is None else found[0])
         if len(set(paths)) > 1:
             raise RuntimeError(f"ranks found different checkpoints to resume from: {paths}")
@@ -253,8 +261,15 @@ def finished_summary(run_dir: str, release: str, payload: dict, log: RunLog, ste
     """A rerun of a finished run: say so, leave the release as it is, return its summary."""
     _, _, extra = read_release(release)
     step = int(payload["step"])
-    log(f"the run in {run_dir} is finished (step {step}, --steps {steps}); {release} is left as it is. "
-        "Give a larger --steps to train on, or --resume none to start over")
-    return {"run_dir": run_dir, "release": release, "steps": step, "finished": True,
-            "seconds": float(payload.get("seconds", 0.0)),
-            **{k: v for k, v in extra.items() if k not in ("step", "teacher")}}
+    log(
+        f"the run in {run_dir} is finished (step {step}, --steps {steps}); {release} is left as it is. "
+        "Give a larger --steps to train on, or --resume none to start over"
+    )
+    return {
+        "run_dir": run_dir,
+        "release": release,
+        "steps": step,
+        "finished": True,
+        "seconds": float(payload.get("seconds", 0.0)),
+        **{k: v for k, v in extra.items() if k not in ("step", "teacher")},
+    }

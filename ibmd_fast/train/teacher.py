@@ -25,6 +25,7 @@ Outputs in ``run_dir``: ``config.json``, ``stats.jsonl``, ``log.txt``,
 ``checkpoints/ckpt-<step>.pt`` and, at the end, the release ``teacher.safetensors`` (EMA
 weights).
 """
+
 from __future__ import annotations
 
 import os
@@ -62,38 +63,38 @@ GRID_ITEMS = 8  # pictures per sample grid
 class TeacherConfig:
     """Every setting of ``train_teacher``, with its default."""
 
-    run_dir: str = "runs/teacher"       # config.json, stats.jsonl, log.txt, samples, checkpoints, release
-    data: str = "skimage"               # data spec (make_dataset): skimage, fashion-mnist[:dir], folder:dir, paired:a,b
-    degradation: str = "sr4x-bicubic"   # how xT is made from x0 (ibmd_fast.data.DEGRADATIONS)
-    masks: str = ""                     # mask file of inpaint-freeform* (Palette's / I2SB's .npz); "" = none
-    image_size: int = 32                # training resolution
-    channels: int = 3                   # 1 (grayscale) or 3 (RGB)
-    bridge: str = "i2sb"                # "i2sb" | "vp" | "ve" (DDBM's VE bridge, sigma in [0.002, 80])
-    beta_max: float = 0.3               # I2SB: 0.3 for super-resolution and JPEG, 1.0 for inpainting
-    n_steps: int = 1000                 # I2SB: discrete steps of the bridge
-    conditional: bool = False           # feed xT to the network (channel concat)
-    arch: str = "tiny"                  # U-Net configuration name (ibmd_fast.models.CONFIGS)
-    batch_size: int = 16                # global batch (split over ranks)
-    lr: float = 2e-4                    # AdamW learning rate (constant)
-    steps: int = 2000                   # optimizer steps
-    ema_decay: float = 0.999            # EMA of the weights (with a (1+n)/(10+n) warm-up); the release is the EMA
-    grad_clip: float = 1.0              # max global gradient norm; 0 = off
-    precision: str = "fp32"             # "fp32" | "bf16" | "fp16" (autocast on CUDA only; fp16 with GradScaler)
-    channels_last: bool = False         # NHWC memory format (faster convolutions on recent GPUs)
-    compile: bool = False               # torch.compile the network
-    fused_adam: bool = False            # torch's fused AdamW; its step is guarded on the device (no host sync)
+    run_dir: str = "runs/teacher"  # config.json, stats.jsonl, log.txt, samples, checkpoints, release
+    data: str = "skimage"  # data spec (make_dataset): skimage, fashion-mnist[:dir], folder:dir, paired:a,b
+    degradation: str = "sr4x-bicubic"  # how xT is made from x0 (ibmd_fast.data.DEGRADATIONS)
+    masks: str = ""  # mask file of inpaint-freeform* (Palette's / I2SB's .npz); "" = none
+    image_size: int = 32  # training resolution
+    channels: int = 3  # 1 (grayscale) or 3 (RGB)
+    bridge: str = "i2sb"  # "i2sb" | "vp" | "ve" (DDBM's VE bridge, sigma in [0.002, 80])
+    beta_max: float = 0.3  # I2SB: 0.3 for super-resolution and JPEG, 1.0 for inpainting
+    n_steps: int = 1000  # I2SB: discrete steps of the bridge
+    conditional: bool = False  # feed xT to the network (channel concat)
+    arch: str = "tiny"  # U-Net configuration name (ibmd_fast.models.CONFIGS)
+    batch_size: int = 16  # global batch (split over ranks)
+    lr: float = 2e-4  # AdamW learning rate (constant)
+    steps: int = 2000  # optimizer steps
+    ema_decay: float = 0.999  # EMA of the weights (with a (1+n)/(10+n) warm-up); the release is the EMA
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (autocast on CUDA only; fp16 with GradScaler)
+    channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
+    compile: bool = False  # torch.compile the network
+    fused_adam: bool = False  # torch's fused AdamW; its step is guarded on the device (no host sync)
     checkpoint_activations: bool = False  # recompute U-Net block activations in backward: memory for time
-    seed: int = 0                       # seeds the weights, the data order and each rank's noise (from seed, rank)
-    device: str = "auto"                # auto | cpu | cuda | cuda:N
-    workers: int = 0                    # DataLoader workers per rank
-    log_every: int = 50                 # steps between stats.jsonl lines / log lines
-    ckpt_every: int = 500               # steps between checkpoints (one is always written at the end)
-    keep_ckpts: int = 3                 # newest checkpoints kept
-    sample_every: int = 0               # write a PNG grid every N steps (0: only at the end)
-    sample_nfe: int = 0                 # NFE of the sample grids and of the release (0: 100, at most n_steps - 1)
-    resume: str = "auto"                # "auto" (newest complete checkpoint in run_dir) | "none" | path to a checkpoint
-    allow_config_change: bool = False   # resume even when --batch-size / --lr differ from the checkpoint's
-    progress: bool = True               # tqdm (auto-quiet when stderr is not a TTY)
+    seed: int = 0  # seeds the weights, the data order and each rank's noise (from seed, rank)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    workers: int = 0  # DataLoader workers per rank
+    log_every: int = 50  # steps between stats.jsonl lines / log lines
+    ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep_ckpts: int = 3  # newest checkpoints kept
+    sample_every: int = 0  # write a PNG grid every N steps (0: only at the end)
+    sample_nfe: int = 0  # NFE of the sample grids and of the release (0: 100, at most n_steps - 1)
+    resume: str = "auto"  # "auto" (newest complete checkpoint in run_dir) | "none" | path to a checkpoint
+    allow_config_change: bool = False  # resume even when --batch-size / --lr differ from the checkpoint's
+    progress: bool = True  # tqdm (auto-quiet when stderr is not a TTY)
 
     def validate(self) -> Degradation:
         """Check the settings; returns their degradation, built here once (the trainer uses this one:
@@ -116,8 +117,13 @@ class TeacherConfig:
             raise ValueError(f"--beta-max {self.beta_max}: {exc}") from None
         degradation = get_degradation(self.degradation, masks=self.masks or None)  # unknown names, missing masks
         if self.arch in CONFIGS:
-            check_image_size(CONFIGS[self.arch]["channel_mult"], self.image_size, self.image_size,
-                             f"--image-size {self.image_size}", f"the {self.arch} U-Net")
+            check_image_size(
+                CONFIGS[self.arch]["channel_mult"],
+                self.image_size,
+                self.image_size,
+                f"--image-size {self.image_size}",
+                f"the {self.arch} U-Net",
+            )
         try:
             degradation.check_size(self.image_size, self.image_size)
         except ValueError as exc:
@@ -160,19 +166,32 @@ class TeacherTask(TrainingTask):
     training_keys = _TRAINING_KEYS
     last_keys = ("loss",)
 
-    def __init__(self, cfg: TeacherConfig, degradation: Degradation, env: distributed.DistEnv, log: RunLog,
-                 precision: Precision):
+    def __init__(
+        self, cfg: TeacherConfig, degradation: Degradation, env: distributed.DistEnv, log: RunLog, precision: Precision
+    ):
         self.cfg, self.env, self.log, self.precision = cfg, env, log, precision
         self.device = device = env.device
         if env.is_main:
-            log(f"train-teacher: {cfg.bridge} bridge, {cfg.degradation}, data {cfg.data!r}, {cfg.image_size}px, "
-                f"arch {cfg.arch}, {env.world_size} process(es) on {device}, precision {precision.name}")
+            log(
+                f"train-teacher: {cfg.bridge} bridge, {cfg.degradation}, data {cfg.data!r}, {cfg.image_size}px, "
+                f"arch {cfg.arch}, {env.world_size} process(es) on {device}, precision {precision.name}"
+            )
 
         # Data: (x0, xT[, mask]) pairs; the held-out split only feeds the sample grids.
         self.degradation = degradation
-        self.dataset = shared_dataset(lambda listing: make_dataset(cfg.data, degradation, size=cfg.image_size,
-                                                                   channels=cfg.channels, split="train",
-                                                                   seed=cfg.seed, listing=listing), env, cfg.run_dir)
+        self.dataset = shared_dataset(
+            lambda listing: make_dataset(
+                cfg.data,
+                degradation,
+                size=cfg.image_size,
+                channels=cfg.channels,
+                split="train",
+                seed=cfg.seed,
+                listing=listing,
+            ),
+            env,
+            cfg.run_dir,
+        )
         self.inpainting = degradation.is_inpainting
 
         # Model: the same initial weights on every rank.
@@ -187,8 +206,9 @@ class TeacherTask(TrainingTask):
         self.ema = EMA(self.teacher, cfg.ema_decay)
         self.optimizer = make_adamw(self.teacher.parameters(), cfg.lr, fused=cfg.fused_adam)
         self.scaler = precision.scaler()
-        self.step_fn = OptimizerStep("teacher", self.optimizer, list(self.teacher.parameters()), self.scaler,
-                                     cfg.grad_clip, env)
+        self.step_fn = OptimizerStep(
+            "teacher", self.optimizer, list(self.teacher.parameters()), self.scaler, cfg.grad_clip, env
+        )
         self.guards = {"skipped": self.step_fn}
         self.learning_rates = [(self.optimizer, cfg.lr)]
         self.sample_nfe = cfg.sample_nfe or default_teacher_nfe(self.bridge)
@@ -201,8 +221,13 @@ class TeacherTask(TrainingTask):
         self.rng = torch.Generator().manual_seed(derive_seed(cfg.seed, env.rank, 1))
 
     def state_objects(self) -> dict:
-        return {"teacher": self.teacher, "ema": self.ema, "optimizer": self.optimizer, "scaler": self.scaler,
-                "guard": self.step_fn}
+        return {
+            "teacher": self.teacher,
+            "ema": self.ema,
+            "optimizer": self.optimizer,
+            "scaler": self.scaler,
+            "guard": self.step_fn,
+        }
 
     def prepare(self) -> None:
         if self.cfg.compile:
@@ -220,38 +245,49 @@ class TeacherTask(TrainingTask):
         x_t = bridge.q_sample(x0, xT, t, seed=draw_seed(self.rng))
         with self.precision.autocast():
             x0_hat = self.model(x_t, t, xT if cfg.conditional else None)
-        loss = ops.bridge_loss(x0_hat.float(), x0.float(), bridge.loss_weight(t),
-                               mask=mask if self.inpainting else None).mean()
+        loss = ops.bridge_loss(
+            x0_hat.float(), x0.float(), bridge.loss_weight(t), mask=mask if self.inpainting else None
+        ).mean()
         loss_value, grad_norm, stepped = self.step_fn(loss)
         self.ema.update(self.teacher, when=stepped)  # a device tensor with fused AdamW: no sync
         meter.add(loss=loss_value, grad_norm=grad_norm)
 
     def stats(self, means: dict) -> dict:
-        return {"loss": means.get("loss"), "lr": self.optimizer.param_groups[0]["lr"],
-                "grad_norm": means.get("grad_norm")}
+        return {
+            "loss": means.get("loss"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": means.get("grad_norm"),
+        }
 
     def log_line(self, row: dict) -> str:
-        return (f"step {row['step']:7d}  loss {fmt_value(row['loss'])}  grad {fmt_value(row['grad_norm'])}  "
-                f"{row['it_per_s']:.2f} it/s  skipped {row['skipped']}")
+        return (
+            f"step {row['step']:7d}  loss {fmt_value(row['loss'])}  grad {fmt_value(row['grad_norm'])}  "
+            f"{row['it_per_s']:.2f} it/s  skipped {row['skipped']}"
+        )
 
     def write_samples(self, step: int) -> None:
-        _write_samples(self.cfg, self.ema.module, self.grid_batch, step, self.sample_nfe, self.precision,
-                       self.device)
+        _write_samples(self.cfg, self.ema.module, self.grid_batch, step, self.sample_nfe, self.precision, self.device)
 
     def finish(self, step: int, last: dict) -> dict:
         if self.env.is_main:
             cfg = self.cfg
             self.write_samples(step)
-            save_release(self.release, self.ema.module.net, TEACHER_FORMAT, {
-                "unet": self.ema.module.net.config,
-                "conditional": cfg.conditional,
-                "bridge": self.bridge.config(),
-                "nfe": self.sample_nfe,
-                "degradation": self.degradation.name,
-                "image_size": cfg.image_size,
-                "channels": cfg.channels,
-                "data": cfg.data,
-            }, extra={"step": step, **last})
+            save_release(
+                self.release,
+                self.ema.module.net,
+                TEACHER_FORMAT,
+                {
+                    "unet": self.ema.module.net.config,
+                    "conditional": cfg.conditional,
+                    "bridge": self.bridge.config(),
+                    "nfe": self.sample_nfe,
+                    "degradation": self.degradation.name,
+                    "image_size": cfg.image_size,
+                    "channels": cfg.channels,
+                    "data": cfg.data,
+                },
+                extra={"step": step, **last},
+            )
             self.log(f"teacher release: {self.release}")
         return {}
 
@@ -259,8 +295,9 @@ class TeacherTask(TrainingTask):
 def _grid_batch(cfg: TeacherConfig, degradation: Degradation) -> Optional[dict]:
     """Fixed pictures for the sample grids: the first items of the held-out split."""
     try:
-        data = make_dataset(cfg.data, degradation, size=cfg.image_size, channels=cfg.channels, split="test",
-                            seed=cfg.seed)
+        data = make_dataset(
+            cfg.data, degradation, size=cfg.image_size, channels=cfg.channels, split="test", seed=cfg.seed
+        )
     except (ValueError, FileNotFoundError):
         return None
     return first_items(data, GRID_ITEMS)
@@ -273,5 +310,8 @@ def _write_samples(cfg, teacher, batch, step, nfe, precision, device) -> None:
     mask = batch.get("mask")
     mask = None if mask is None else mask.to(device)
     out = sample_teacher(teacher, xT, nfe, mask, seed=cfg.seed, autocast=precision.autocast)
-    save_grid([xT, out, batch["x0"]], os.path.join(cfg.run_dir, f"samples-{step}.png"),
-              titles=["corrupted", f"teacher NFE {nfe}", "clean"])
+    save_grid(
+        [xT, out, batch["x0"]],
+        os.path.join(cfg.run_dir, f"samples-{step}.png"),
+        titles=["corrupted", f"teacher NFE {nfe}", "clean"],
+    )
