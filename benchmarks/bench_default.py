@@ -170,13 +170,28 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", default=RESULTS, metavar="DIR", help="where the JSON and PNG go")
     parser.add_argument("--no-eval", action="store_true", help="skip `ibmd-fast eval` (no FID)")
     parser.add_argument("--note", default=None, help="a note kept in the JSON (e.g. what else ran on the machine)")
+    parser.add_argument(
+        "--distill-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --from-run: the wall clock of `ibmd-fast distill` as timed around the command by whoever ran "
+        "it (e.g. the README's command on a fresh clone), instead of stats.jsonl's training seconds",
+    )
+    parser.add_argument(
+        "--eval-seconds", type=float, default=None, metavar="S", help="with --from-run: `ibmd-fast eval`'s wall clock"
+    )
     args = parser.parse_args(argv)
+    if (args.distill_seconds is not None or args.eval_seconds is not None) and not args.from_run:
+        parser.error("--distill-seconds and --eval-seconds go with --from-run")
 
     run_dir = args.from_run or args.run_dir
+    timed = False
     distill_dir, eval_dir = os.path.join(run_dir, "distill"), os.path.join(run_dir, "eval")
     if args.from_run:
-        distill_seconds = _recorded_seconds(distill_dir)
-        eval_seconds = None
+        timed = args.distill_seconds is not None
+        distill_seconds = args.distill_seconds if timed else _recorded_seconds(distill_dir)
+        eval_seconds = args.eval_seconds
     else:
         os.makedirs(run_dir, exist_ok=True)
         distill_seconds = _run(
@@ -207,7 +222,7 @@ def main(argv=None) -> int:
         "machine": machine,
         "distill": {
             "wall_seconds": round(distill_seconds, 1),
-            "wall_seconds_source": "stats.jsonl" if args.from_run else "measured around the command",
+            "wall_seconds_source": ("stats.jsonl" if args.from_run and not timed else "measured around the command"),
             "teacher": config.get("teacher"),
             "data": config.get("data"),
             "degradation": config.get("degradation"),
