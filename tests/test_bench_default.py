@@ -135,3 +135,23 @@ def test_bench_default_from_an_unfinished_run_says_what_is_missing(tmp_path):
     )
     assert proc.returncode != 0 and "comparison-photo.json" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_default_from_run_takes_the_times_measured_around_the_commands(tmp_path):
+    """--distill-seconds / --eval-seconds (the README's commands timed on a fresh clone) replace
+    stats.jsonl's training seconds, and the eval time gets its target; alone they are refused."""
+    _fake_run(tmp_path / "run")
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = [sys.executable, str(BENCH / "bench_default.py"), "--machine", "test", "--out-dir", str(tmp_path / "out")]
+    timed = ["--distill-seconds", "660", "--eval-seconds", "75"]
+    proc = subprocess.run(
+        args + ["--from-run", str(tmp_path / "run")] + timed, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "out" / "default-test.json").read_text())
+    assert report["distill"]["wall_seconds"] == 660.0
+    assert report["distill"]["wall_seconds_source"] == "measured around the command"
+    assert report["targets"]["distill_minutes"] == {**report["targets"]["distill_minutes"], "value": 11.0, "met": False}
+    assert report["eval"]["wall_seconds"] == 75.0 and report["targets"]["eval_seconds"]["value"] == 75.0
+    alone = subprocess.run(args + timed, env=env, capture_output=True, text=True, timeout=120)
+    assert alone.returncode != 0 and "go with --from-run" in alone.stderr
