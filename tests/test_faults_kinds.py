@@ -16,12 +16,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_faults import (  # noqa: F401  (image_dir is a fixture)
+from test_faults import (  # noqa: F401  (onnx_model is a fixture; image_dir comes from conftest.py)
     RUNNER,
     _cli_args,
     assert_cli_error,
     assert_runner_error,
-    image_dir,  # noqa: F401  (a fixture: pytest finds it by name in this module)
     invoke,
     onnx_model,  # noqa: F401  (a fixture)
     run_cli,
