@@ -38,6 +38,27 @@ def image_dir(tmp_path_factory) -> Path:
     return write_smooth_images(tmp_path_factory.mktemp("images"), 8)
 
 
+def teacher_kwargs(run_dir, image_dir, **overrides) -> dict:
+    """Settings of a 4-step teacher run on ``image_dir`` (checkpoints every 2 steps) that the training,
+    loop and fault tests share; ``overrides`` change any of them."""
+    kwargs = dict(
+        run_dir=str(run_dir),
+        data=f"folder:{image_dir}",
+        image_size=16,
+        batch_size=4,
+        n_steps=50,
+        steps=4,
+        lr=1e-3,
+        log_every=1,
+        ckpt_every=2,
+        sample_nfe=2,
+        device="cpu",
+        progress=False,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
 def run_torchrun(cmd: list, cwd, env: dict, timeout: float) -> str:
     """Run a ``torch.distributed.run`` command and return its output (stdout and stderr together),
     asserting that it ended within ``timeout`` seconds with exit 0. It runs in a session of its own,

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import teacher_kwargs
 import ibmd_fast
 from ibmd_fast.train import CheckpointError, CheckpointIO, CheckpointWarning, train_teacher
 
@@ -35,25 +36,6 @@ def _env() -> dict:
         "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "OMP_NUM_THREADS": "1",
     }
-
-
-def teacher_kwargs(run_dir, image_dir, **overrides) -> dict:
-    kwargs = dict(
-        run_dir=str(run_dir),
-        data=f"folder:{image_dir}",
-        image_size=16,
-        batch_size=4,
-        n_steps=50,
-        steps=4,
-        lr=1e-3,
-        log_every=1,
-        ckpt_every=2,
-        sample_nfe=2,
-        device="cpu",
-        progress=False,
-    )
-    kwargs.update(overrides)
-    return kwargs
 
 
 def _cli_args(kwargs: dict) -> list[str]:

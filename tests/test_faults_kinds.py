@@ -25,8 +25,8 @@ from test_faults import (  # noqa: F401  (onnx_model is a fixture; image_dir com
     onnx_model,  # noqa: F401  (a fixture)
     run_cli,
     run_runner,
-    teacher_kwargs,
 )
+from conftest import teacher_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import teacher_kwargs
 from ibmd_fast.release import read_release
 from ibmd_fast.train import TeacherConfig, TrainingDivergedError, distill, train_teacher
 from ibmd_fast.train.common import Precision
@@ -20,25 +21,6 @@ from ibmd_fast.train.rundir import RunLog
 from ibmd_fast.train.teacher import TeacherTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _teacher_kwargs(run_dir, image_dir, **overrides) -> dict:
-    kwargs = dict(
-        run_dir=str(run_dir),
-        data=f"folder:{image_dir}",
-        image_size=16,
-        batch_size=4,
-        n_steps=50,
-        steps=4,
-        lr=1e-3,
-        log_every=1,
-        ckpt_every=2,
-        sample_nfe=2,
-        device="cpu",
-        progress=False,
-    )
-    kwargs.update(overrides)
-    return kwargs
 
 
 def _same(a, b, path="") -> None:
@@ -57,14 +39,14 @@ def _same(a, b, path="") -> None:
 
 
 def test_teacher_options_reach_the_optimizer_guard_and_network(tmp_path, image_dir):
-    cfg = TeacherConfig(**_teacher_kwargs(tmp_path, image_dir, fused_adam=True, checkpoint_activations=True))
+    cfg = TeacherConfig(**teacher_kwargs(tmp_path, image_dir, fused_adam=True, checkpoint_activations=True))
     env = DistEnv()
     task = TeacherTask(cfg, cfg.validate(), env, RunLog(str(tmp_path), env, quiet=True), Precision("fp32", env.device))
     assert task.optimizer.defaults.get("fused") is True and task.step_fn.on_device
     blocks = [m for m in task.teacher.net.modules() if hasattr(m, "use_checkpoint") and m is not task.teacher.net]
     assert blocks and all(m.use_checkpoint for m in blocks)
     plain = TeacherTask(
-        TeacherConfig(**_teacher_kwargs(tmp_path, image_dir)),
+        TeacherConfig(**teacher_kwargs(tmp_path, image_dir)),
         cfg.validate(),
         env,
         RunLog(str(tmp_path), env, quiet=True),
@@ -78,9 +60,9 @@ def test_teacher_with_fused_adam_and_checkpointing_resumes_bit_identically(tmp_p
     """A teacher run on the fused optimizer (guard on the device) and activation checkpointing, stopped at its
     step-2 checkpoint and resumed, ends in the very state and release of an uninterrupted run."""
     levers = dict(fused_adam=True, checkpoint_activations=True)
-    whole = train_teacher(**_teacher_kwargs(tmp_path / "whole", image_dir, **levers))
-    train_teacher(**_teacher_kwargs(tmp_path / "cut", image_dir, **{**levers, "steps": 2}))
-    resumed = train_teacher(**_teacher_kwargs(tmp_path / "cut", image_dir, **levers))
+    whole = train_teacher(**teacher_kwargs(tmp_path / "whole", image_dir, **levers))
+    train_teacher(**teacher_kwargs(tmp_path / "cut", image_dir, **{**levers, "steps": 2}))
+    resumed = train_teacher(**teacher_kwargs(tmp_path / "cut", image_dir, **levers))
     assert whole["steps"] == resumed["steps"] == 4 and whole["skipped"] == resumed["skipped"] == 0
     assert whole["loss"] == resumed["loss"] and whole["loss"] is not None
 
@@ -99,7 +81,7 @@ def test_teacher_divergence_on_the_device_guard_stops_at_a_log_step(tmp_path, im
 
     real_loss = teacher_module.ops.bridge_loss
     monkeypatch.setattr(teacher_module.ops, "bridge_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
-    kwargs = _teacher_kwargs(tmp_path, image_dir, steps=40, log_every=25, ckpt_every=100, fused_adam=True)
+    kwargs = teacher_kwargs(tmp_path, image_dir, steps=40, log_every=25, ckpt_every=100, fused_adam=True)
     with pytest.raises(TrainingDivergedError, match="25 consecutive non-finite teacher"):
         train_teacher(**kwargs)
     log = (tmp_path / "log.txt").read_text()
@@ -124,7 +106,7 @@ def test_each_trainer_reads_a_freeform_mask_file_once(tmp_path, image_dir, monke
 
     monkeypatch.setattr(i2sb_corruptions.FreeformMasks, "__init__", counting)
     teacher = train_teacher(
-        **_teacher_kwargs(
+        **teacher_kwargs(
             tmp_path / "teacher",
             image_dir,
             degradation="inpaint-freeform1020",

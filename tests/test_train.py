@@ -43,6 +43,7 @@ from ibmd_fast.train.distributed import DistEnv
 from ibmd_fast.restore import sample_student
 
 from conftest import run_torchrun, write_smooth_images
+from conftest import teacher_kwargs as shared_teacher_kwargs
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "_train_worker.py"
@@ -71,22 +72,8 @@ def image_dir(tmp_path_factory) -> Path:
 
 
 def teacher_kwargs(run_dir, image_dir, **overrides) -> dict:
-    kwargs = dict(
-        run_dir=str(run_dir),
-        data=f"folder:{image_dir}",
-        image_size=16,
-        batch_size=4,
-        n_steps=50,
-        steps=6,
-        lr=1e-3,
-        log_every=1,
-        ckpt_every=3,
-        sample_nfe=2,
-        device="cpu",
-        progress=False,
-    )
-    kwargs.update(overrides)
-    return kwargs
+    """conftest's teacher run, 6 steps with checkpoints every 3."""
+    return shared_teacher_kwargs(run_dir, image_dir, **{"steps": 6, "ckpt_every": 3, **overrides})
 
 
 def distill_kwargs(run_dir, teacher, **overrides) -> dict:
