@@ -489,7 +489,15 @@ def _none_or_path(value: Optional[str]) -> Optional[str]:
     metavar="DIR",
     default=DEFAULT_EVAL_DIR,
     show_default=True,
-    help="Where eval.json, eval-grid.png and the cached classifier go.",
+    help="Where eval.json, eval-grid.png, the cached classifier and the cached teacher restorations go.",
+)
+@click.option(
+    "--reuse-teacher/--resample-teacher",
+    default=True,
+    show_default=True,
+    help="Reuse the teacher rows' restorations cached in RUN_DIR/teacher-restorations by an earlier eval "
+    "with the same teacher, test images and sampling settings (their row says cached, with the time "
+    "per image measured then), or sample them again.",
 )
 @click.option("--seed", type=seed_option_type(), metavar="INT", default=0, show_default=True, help="Noise seed.")
 @click.option(
@@ -523,6 +531,7 @@ def eval_cmd(
     fid_ref,
     bootstrap,
     run_dir,
+    reuse_teacher,
     seed,
     batch_size,
     device,
@@ -576,6 +585,7 @@ def eval_cmd(
         ca=ca,
         fid_ref=fid_ref,
         bootstrap=bootstrap,
+        reuse_teacher=reuse_teacher,
     )
     measured = result["classifier"]["description"]
     if not result["classifier"]["task"].startswith("inception"):

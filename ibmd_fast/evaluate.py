@@ -17,6 +17,7 @@ messages.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ibmd_fast import paper_metrics
+from ibmd_fast import __version__, paper_metrics
 from ibmd_fast.classifier import (
     Classifier,
     classifier_accuracy,
@@ -52,6 +53,8 @@ from ibmd_fast.metrics import (
 from ibmd_fast.models.unet import check_image_size
 from ibmd_fast.paths import DEFAULT_GENERATOR, DEFAULT_TEACHER, EMBEDDED_CLASSIFIER
 from ibmd_fast.release import LoadedModel, atomic_write, load_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from ibmd_fast.restore import (
     check_eta,
     check_labels,
@@ -63,6 +66,7 @@ from ibmd_fast.restore import (
 
 __all__ = [
     "load_eval_data",
+    "teacher_cache_key",
     "classifier_training_data",
     "fit_classifier",
     "get_classifier",
@@ -500,6 +504,7 @@ _COLUMNS = (
     ("is", "IS", "{:.2f}"),
     ("ca", "CA %", "{:.2f}"),
     ("sec_per_image", "s/image", "{:.4f}"),
+    ("cached", "cached", "{}"),  # a teacher row whose restorations (and s/image) come from an earlier eval
 )
 
 
@@ -513,6 +518,8 @@ def format_table(rows: Sequence[dict]) -> str:
         value = row.get(key)
         if value is None:
             return "-"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
         try:
             return fmt.format(value)
         except (ValueError, TypeError):
@@ -570,6 +577,56 @@ def format_differences(differences: Sequence[dict]) -> str:
     )
 
 
+TEACHER_CACHE = "teacher-restorations"  # RUN_DIR/<this>/<key>.safetensors
+
+
+def _release_digest(path: str) -> str:
+    """The release's own content digest (its ``sha256`` metadata), else the sha256 of the file's bytes."""
+    with safe_open(path, framework="pt") as fh:
+        recorded = (fh.metadata() or {}).get("sha256")
+    if recorded:
+        return recorded
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def teacher_cache_key(teacher_path: str, inputs: Sequence[Optional[torch.Tensor]], **settings) -> str:
+    """The name of a teacher row's cached restorations: sha256 of the teacher release's digest, the
+    restoration's settings (NFE, sampler, eta, seed, batch size, device type, versions) and the bytes of
+    its inputs (xT, mask, labels), so any change to the data, the teacher or the sampling misses."""
+    digest = hashlib.sha256(_release_digest(teacher_path).encode())
+    for name in sorted(settings):
+        digest.update(f"{name}={settings[name]}\0".encode())
+    for tensor in inputs:
+        if tensor is None:
+            digest.update(b"none\0")
+        else:
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}|{tuple(t.shape)}\0".encode())
+            digest.update(t.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _cached_teacher_row(path: str, log: Log) -> Optional[tuple[torch.Tensor, float]]:
+    """(restored, seconds per image when made) from a cache file, or None (absent or unreadable)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, framework="pt") as fh:
+            seconds = float((fh.metadata() or {})["sec_per_image"])
+        restored = load_file(path)["restored"]
+    except Exception as exc:  # a damaged cache file is recomputed, never trusted
+        _say(log, f"note: ignoring the unreadable cached restorations {path} ({_one_line(str(exc))})")
+        return None
+    if not torch.isfinite(restored).all():
+        _say(log, f"note: ignoring the cached restorations {path}: they hold NaN or inf")
+        return None
+    return restored, seconds
+
+
 def _write_json(path: str, payload: dict) -> None:
     text = json.dumps(payload, indent=2, default=str) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -620,6 +677,7 @@ def evaluate(
     ca: Optional[str] = None,
     fid_ref: Optional[str] = None,
     bootstrap: Optional[int] = None,
+    reuse_teacher: bool = True,
 ) -> dict[str, Any]:
     """Teacher (at each of ``teacher_nfe``) and student against clean test images (MATH.md 7).
 
@@ -645,6 +703,11 @@ def evaluate(
                         for the student, "fid_differences" against each teacher row (paired). 0: none;
                         None: 1000 where it is cheap (fewer images than features, or features of at
                         most 512 dimensions), else none (``bootstrap_plan`` says why).
+    reuse_teacher    -- keep each teacher row's restorations in ``run_dir/teacher-restorations/`` and
+                        reuse them when the teacher, its inputs and every sampling setting are the
+                        same (``teacher_cache_key``): the teacher's 100 steps run once per test set,
+                        not once per student. Its row then says "cached" and keeps the time per
+                        image measured when they were made. False: always sample.
     Rows: "corrupted" (xT itself, for reference), "teacher" per NFE, "student". Writes
     ``run_dir/eval.json`` and ``run_dir/eval-grid.png`` (corrupted | teacher at its largest NFE |
     student | clean) when ``run_dir`` is given. Returns the eval.json payload.
@@ -779,11 +842,38 @@ def evaluate(
     rows = [{"model": "corrupted", "nfe": 0, **measure(xT, ("corrupted", 0)), "sec_per_image": 0.0}]
     restored_by_row = {}
     for nfe in teacher_nfe:
-        _say(log, f"teacher, NFE {nfe} ...")
-        restored, seconds = timed_restore(
-            t_model, xT, nfe, sampler, mask, seed, batch_size, progress, eta=eta, labels=t_labels
-        )
+        cache = None
+        if reuse_teacher and run_dir is not None:
+            key = teacher_cache_key(
+                t_model.path,
+                (xT, mask, t_labels),
+                nfe=nfe,
+                sampler=sampler or natural_sampler(t_model.bridge_type),
+                eta=used_eta(t_model, sampler, eta),
+                seed=seed,
+                batch_size=batch_size,
+                device=dev.type,
+                torch=torch.__version__,
+                ibmd_fast=__version__,
+            )
+            cache = os.path.join(run_dir, TEACHER_CACHE, f"{key}.safetensors")
+        found = None if cache is None else _cached_teacher_row(cache, log)
+        if found is not None:
+            restored, seconds = found
+            restored = restored.to(xT.device)
+            _say(log, f"teacher, NFE {nfe}: the restorations cached in {cache} (delete it to sample again)")
+        else:
+            _say(log, f"teacher, NFE {nfe} ...")
+            restored, seconds = timed_restore(
+                t_model, xT, nfe, sampler, mask, seed, batch_size, progress, eta=eta, labels=t_labels
+            )
+            if cache is not None:
+                state = {"restored": restored.detach().to("cpu", torch.float32).contiguous()}
+                meta = {"sec_per_image": repr(float(seconds)), "nfe": str(nfe), "teacher": t_model.path}
+                atomic_write(cache, lambda tmp: save_file(state, tmp, metadata=meta))
         rows.append({"model": "teacher", "nfe": nfe, **measure(restored, ("teacher", nfe)), "sec_per_image": seconds})
+        if found is not None:
+            rows[-1]["cached"] = True
         _say(log, _done_line(rows[-1]))
         restored_by_row[("teacher", nfe)] = restored
     if s_model is not None:
