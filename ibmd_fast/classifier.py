@@ -28,7 +28,7 @@ __all__ = [
     "train_classifier",
     "save_classifier",
     "load_classifier",
-    "classifier_accuracy",
+    "top1_fraction",
     "describe_classifier",
     "CLASSIFIER_FORMAT",
     "TASKS",
@@ -356,10 +356,12 @@ def train_classifier(
 
 
 @torch.no_grad()
-def classifier_accuracy(
+def top1_fraction(
     model: Classifier, images: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 256
 ) -> float:
-    """Top-1 accuracy (a fraction) of ``model`` on ``images`` [N, C, H, W] in [-1, 1].
+    """Top-1 accuracy, as a fraction in [0, 1], of ``model`` on ``images`` [N, C, H, W] in [-1, 1]: the
+    classifier's own held-out accuracy (any task). CA, the paper's metric in percent, is
+    ``metrics.classifier_accuracy``.
 
     For a rotation classifier ``labels`` is ignored: every image is scored in its four rotations.
     """
@@ -373,7 +375,7 @@ def classifier_accuracy(
             x, y = _rotation_batch(x)
         else:
             if labels is None:
-                raise ValueError("classifier_accuracy: a label classifier needs labels")
+                raise ValueError("top1_fraction: a label classifier needs labels")
             y = torch.as_tensor(labels[start : start + batch_size]).long().to(device)
         correct += int((model(x).argmax(dim=1) == y).sum())
         seen += y.shape[0]

@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from ibmd_fast import __version__, paper_metrics
 from ibmd_fast.classifier import (
     Classifier,
-    classifier_accuracy,
     describe_classifier,
     load_classifier,
     save_classifier,
+    top1_fraction,
     train_classifier,
 )
 from ibmd_fast.data import collate, get_degradation, make_dataset, make_source
@@ -45,6 +45,7 @@ from ibmd_fast.imageio import save_grid
 from ibmd_fast.data.images import uint8_to_tensor
 from ibmd_fast.metrics import (
     bootstrap_fid,
+    classifier_accuracy,
     compute_features,
     evaluate_restoration,
     fid_from_stats,
@@ -294,7 +295,7 @@ def _test_accuracy(
     labels = {"labels": own, "photo": photos}.get(task)
     if task != "rotation" and labels is None:
         return {}
-    accuracy = classifier_accuracy(model, images, labels)
+    accuracy = top1_fraction(model, images, labels)
     _say(log, f"classifier accuracy on {images.shape[0]} held-out test images: {100.0 * accuracy:.2f}%")
     return {"test_accuracy": round(accuracy, 4), "test_items": int(images.shape[0])}
 
@@ -820,7 +821,7 @@ def evaluate(
         if extractor is None:
             f = features_of(restored)
             if labels is not None and clf.task == "labels":
-                result["ca"] = 100.0 * classifier_accuracy(clf, restored, labels, batch_size)  # a fraction
+                result["ca"] = classifier_accuracy(clf, restored, labels, batch_size)
         else:
             f, logits = features_of(restored)
             if logits is not None:
