@@ -39,6 +39,18 @@ def resolve_device(device: str) -> str:
     return str(resolve(device))
 
 
+def _cpu_model() -> Optional[str]:
+    """The CPU's model name from /proc/cpuinfo (Linux), else ``platform.processor()``; None if unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment(device: str, machine: Optional[str] = None) -> dict[str, Any]:
     """What a reader needs to trust (or discount) a timing: machine, threads, load, versions."""
     import ibmd_fast
@@ -50,6 +62,10 @@ def environment(device: str, machine: Optional[str] = None) -> dict[str, Any]:
         "device": str(device),
         "device_name": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
         "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        # the vector instructions PyTorch's CPU kernels use here (AVX2, AVX512...): CPU timings of
+        # different hosts of the same core count differ about 2x between AVX2 and AVX-512 machines
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),

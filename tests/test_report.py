@@ -227,3 +227,50 @@ def test_held_out_photo_is_whole_and_sized_for_the_network():
     assert full.shape[:2] == (300, 451)
     assert held_out_photo(1, 0.25, 8).shape == (1, 72, 112)
     assert -1 <= float(photo.min()) and float(photo.max()) <= 1 and float(photo.std()) > 0.1
+
+
+def test_photo_comparison_draws_score_further_samples_of_the_same_photo(tmp_path):
+    """``draws``: the photo restored again with other noise (one batch, the seed after the picture's);
+    each draw's PSNR is that of the window's restoration pasted into the photo, as the picture's is."""
+    from ibmd_fast.data.degradations import CenterInpainting
+    from ibmd_fast.restore import sample_student, sample_teacher
+
+    teacher, student = _tiny_pair("inpaint-center")
+    kwargs = dict(short_side=24, zoom=2, hole=8, window=16)
+    info = report.photo_comparison(
+        str(tmp_path / "d.png"),
+        teacher,
+        student,
+        1,
+        2,
+        get_degradation("inpaint-center"),
+        3,
+        2,
+        "cpu",
+        draws=3,
+        **kwargs,
+    )
+    assert info["draws"]["seeds"] == [1, 3]
+    h, w = load_skimage_photo(HELD_OUT_PHOTO).shape[:2]
+    x0 = held_out_photo(3, 24 / min(h, w), 2)[None]
+    xT, mask = CenterInpainting(hole=8)(x0, rng=torch.Generator().manual_seed(0))
+    top, left = (x0.shape[-2] - 16) // 2, (x0.shape[-1] - 16) // 2
+    rows, cols = slice(top, top + 16), slice(left, left + 16)
+    window, hole = xT[..., rows, cols].repeat(3, 1, 1, 1), mask[..., rows, cols].repeat(3, 1, 1, 1)
+    with torch.no_grad():
+        outs = {
+            "teacher": sample_teacher(teacher, window, 2, hole, seed=1),
+            "student": sample_student(student, window, 1, hole, seed=1),
+        }
+    for name, out in outs.items():
+        pasted = xT.repeat(3, 1, 1, 1)
+        pasted[..., rows, cols] = out
+        expected = [float(v) for v in psnr(pasted.clamp(-1, 1), x0.expand(3, -1, -1, -1))]
+        assert info["draws"][name] == pytest.approx(expected, rel=1e-6), name
+    assert len(set(info["draws"]["teacher"])) == 3  # other noise for each draw: three different fills
+    assert info["columns"][1]["psnr"] not in info["draws"]["teacher"]  # the picture's draw is not among them
+    plain = report.photo_comparison(
+        str(tmp_path / "e.png"), teacher, student, 1, 2, get_degradation("inpaint-center"), 3, 2, "cpu", **kwargs
+    )
+    assert "draws" not in plain  # and the draws leave the picture's own columns as they were
+    assert [c["psnr"] for c in plain["columns"]] == [c["psnr"] for c in info["columns"]]

@@ -441,6 +441,9 @@ def test_distill_vp_conditional_inpainting_multistep_student(tmp_path, image_dir
     photo = json.loads((tmp_path / "student" / "comparison-photo.json").read_text())
     assert [c["title"] for c in photo["columns"]] == ["corrupted", "teacher NFE 2", "student NFE 2", "clean"]
     assert photo["hole"] == 8  # the training crops' hole (16 px crops), not half of the whole photo
+    from ibmd_fast.train.ibmd import PHOTO_DRAWS
+
+    assert [len(photo["draws"][m]) for m in ("teacher", "student")] == [PHOTO_DRAWS] * 2  # further draws scored
     with Image.open(tmp_path / "student" / "comparison.png") as picture:  # four columns of the photo, enlarged
         assert picture.width == 6 + 4 * (photo["zoom"] * photo["width"] + 6)
 

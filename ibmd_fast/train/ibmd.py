@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 from dataclasses import dataclass
 from typing import Optional
 
@@ -85,6 +86,9 @@ from ibmd_fast.train.rundir import RunLog, write_text
 __all__ = ["DistillConfig", "distill", "recipe_config", "IBMD", "DistillTask"]
 
 GRID_ITEMS = 8
+# More restorations of comparison.png's photo, each with its own noise, to say how far its one draw's
+# PSNR is typical (comparison-photo.json's "draws"; report.photo_comparison)
+PHOTO_DRAWS = 8
 
 
 @dataclass
@@ -683,10 +687,18 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
         # restored from the training-size window around it (report.photo_comparison says why)
         hole=_crop_hole(degradation, cfg.image_size),
         window=cfg.image_size,
+        draws=PHOTO_DRAWS,
     )
     write_text(os.path.join(cfg.run_dir, "comparison-photo.json"), json.dumps(photo, indent=2) + "\n")
     log(
         f"comparison.png: the held-out photo {photo['photo']} ({photo['width']}x{photo['height']}), "
         + ", ".join(f"{c['title']} {c['psnr']:.2f} dB" for c in photo["columns"] if c["psnr"] is not None)
     )
+    if photo.get("draws"):
+        spread = ", ".join(
+            f"{name} {statistics.fmean(v):.2f} +- {statistics.pstdev(v):.2f} dB"
+            for name, v in photo["draws"].items()
+            if name != "seeds"
+        )
+        log(f"  the same photo over {PHOTO_DRAWS} more draws (mean +- sd; one draw scatters): {spread}")
     return rows

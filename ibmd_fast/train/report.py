@@ -82,6 +82,7 @@ def photo_comparison(
     zoom: int = 3,
     hole: Optional[int] = None,
     window: Optional[int] = None,
+    draws: int = 0,
 ) -> dict:
     """Write ``path``: the whole held-out photo (``HELD_OUT_PHOTO``), resized so its shorter side
     is about ``short_side`` pixels, corrupted by ``degradation``, restored by the teacher
@@ -96,14 +97,22 @@ def photo_comparison(
     (the training crop size) and paste that back into the photo. A network trained on 32x32 crops
     with a centred 16x16 hole, given the whole 72x48 photo, sees a hole fraction it never saw; its
     prediction at t = T (the one-step student, the teacher's first step) then fills the hole with
-    speckle (the teacher's NFE 1: 21.3 dB on the photo, 29.0 dB with the 32x32 window; input 24.7 dB).
+    speckle (the earlier 500-step teacher at NFE 1: 21.3 dB on the photo, 29.0 dB with the 32x32 window;
+    input 24.7 dB).
     The known pixels outside the window are the photo's own either way.
 
     The default 48 pixels is near the data's own scale (``DEFAULT_SCALE`` makes the photo about 75
     pixels high) and keeps the teacher's 100 calls affordable on a CPU: the U-Net's attention
     grows with the square of the pixel count.
 
-    Returns ``{"photo", "height", "width", "columns": [{"title", "psnr", "ms"}]}``. Times are
+    ``draws``: also restore the photo ``draws`` more times, each with its own noise (one batch per
+    model, after the picture's), and return every draw's whole-photo PSNR under ``"draws"``. A
+    restoration of a hole is a sample of the posterior: the PSNR of one draw, the one the picture
+    shows, scatters by about a dB from draw to draw (a sample's expected squared error is twice the
+    posterior mean's), and these say where the picture's draw lies among them.
+
+    Returns ``{"photo", "height", "width", "columns": [{"title", "psnr", "ms"}]}`` (and
+    ``"draws": {"teacher": [...], "student": [...], "seeds"}`` with ``draws``). Times are
     wall-clock milliseconds for this one image after one untimed pass of each model (so one-off
     setup is not counted; the teacher's pass is a single step).
     """
@@ -132,18 +141,20 @@ def photo_comparison(
     def restored(out: torch.Tensor) -> torch.Tensor:  # the window's restoration, pasted into the photo
         if crop is None:
             return out
-        whole = xT.clone()
+        whole = _repeat(xT, out.shape[0]).clone()
         whole[..., crop[0], crop[1]] = out.to(whole.dtype)
         return whole
 
     model_xT = xT if crop is None else xT[..., crop[0], crop[1]]
     model_mask = mask if crop is None or mask is None else mask[..., crop[0], crop[1]]
 
-    def run_teacher(nfe):
-        return restored(sample_teacher(teacher, model_xT, nfe, model_mask, seed=seed, autocast=autocast))
+    def run_teacher(nfe, n=1, seed=seed):
+        xs, ms = _repeat(model_xT, n), _repeat(model_mask, n)
+        return restored(sample_teacher(teacher, xs, nfe, ms, seed=seed, autocast=autocast))
 
-    def run_student():
-        return restored(sample_student(student, model_xT, student_nfe, model_mask, seed=seed, autocast=autocast))
+    def run_student(n=1, seed=seed):
+        xs, ms = _repeat(model_xT, n), _repeat(model_mask, n)
+        return restored(sample_student(student, xs, student_nfe, ms, seed=seed, autocast=autocast))
 
     run_teacher(1)
     teacher_out, teacher_s = _timed(lambda: run_teacher(teacher_nfe), device)
@@ -171,7 +182,7 @@ def photo_comparison(
     picture = draw_columns(columns, zoom=zoom)
     atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
     hole_side = None if mask is None else int(mask[0, 0].amax(dim=1).sum())  # rows the hole spans
-    return {
+    out = {
         "photo": HELD_OUT_PHOTO,
         "height": int(x0.shape[-2]),
         "width": int(x0.shape[-1]),
@@ -180,6 +191,25 @@ def photo_comparison(
         "zoom": zoom,
         "columns": info,
     }
+    if draws > 0:
+        # Seeds after the picture's: the draws are new samples, not the picture's again.
+        def scores(images: torch.Tensor) -> list[float]:
+            clean = x0[0:1].float().expand(images.shape[0], *x0.shape[1:])
+            return [float(v) for v in psnr(images.float().clamp(-1, 1), clean)]
+
+        out["draws"] = {
+            "seeds": [seed + 1, draws],  # the batch's seed and its size: one noise stream per model
+            "teacher": scores(run_teacher(teacher_nfe, draws, seed + 1)),
+            "student": scores(run_student(draws, seed + 1)),
+        }
+    return out
+
+
+def _repeat(x: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    """``x`` (a batch of one) repeated ``n`` times along the batch; None stays None."""
+    if x is None or n == x.shape[0]:
+        return x
+    return x.expand(n, *x.shape[1:]).contiguous()
 
 
 def _window(height: int, width: int, window: Optional[int]) -> Optional[tuple[slice, slice]]:
