@@ -101,9 +101,14 @@ def _beats_input(rows: list[dict], keys: tuple[str, ...]) -> dict:
     return out
 
 
+def _column_psnr(photo: dict) -> dict:
+    """comparison.png's whole-photo PSNR per column, keyed by model (corrupted, teacher, student)."""
+    return {c["title"].split()[0]: c["psnr"] for c in photo.get("columns", []) if c.get("psnr") is not None}
+
+
 def _photo_gain(photo: dict) -> dict:
     """Whole-photo PSNR of each restoration in comparison.png minus the corrupted input's (dB)."""
-    columns = {c["title"].split()[0]: c["psnr"] for c in photo.get("columns", []) if c.get("psnr") is not None}
+    columns = _column_psnr(photo)
     base = columns.get("corrupted")
     if base is None:
         return {}
@@ -112,11 +117,13 @@ def _photo_gain(photo: dict) -> dict:
 
 def _draw_gains(photo: dict) -> dict:
     """Mean, sd, min and max whole-photo PSNR gain over the further draws in comparison-photo.json (dB)."""
-    base = next((c["psnr"] for c in photo.get("columns", []) if c["title"] == "corrupted"), None)
+    base = _column_psnr(photo).get("corrupted")
+    if base is None:
+        return {}
     draws = photo.get("draws") or {}
     out = {}
-    for name in ("teacher", "student"):
-        values = [v - base for v in draws.get(name, [])] if base is not None else []
+    for name in ("teacher", "student"):  # by name: runs written before draw_seed also hold "seeds" here
+        values = [v - base for v in draws.get(name, [])]
         if values:
             out[name] = {
                 "mean": round(statistics.fmean(values), 3),

@@ -698,9 +698,7 @@ def _evaluate(cfg: DistillConfig, ibmd: IBMD, channels: int, degradation, log) -
     )
     if photo.get("draws"):
         spread = ", ".join(
-            f"{name} {statistics.fmean(v):.2f} +- {statistics.pstdev(v):.2f} dB"
-            for name, v in photo["draws"].items()
-            if name != "seeds"
+            f"{name} {statistics.fmean(v):.2f} +- {statistics.pstdev(v):.2f} dB" for name, v in photo["draws"].items()
         )
         log(f"  the same photo over {PHOTO_DRAWS} more draws (mean +- sd; one draw scatters): {spread}")
     return rows

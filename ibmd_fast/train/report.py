@@ -111,8 +111,9 @@ def photo_comparison(
     shows, scatters by about a dB from draw to draw (a sample's expected squared error is twice the
     posterior mean's), and these say where the picture's draw lies among them.
 
-    Returns ``{"photo", "height", "width", "columns": [{"title", "psnr", "ms"}]}`` (and
-    ``"draws": {"teacher": [...], "student": [...], "seeds"}`` with ``draws``). Times are
+    Returns ``{"photo", "height", "width", "columns": [{"title", "psnr", "ms"}]}`` (and, with
+    ``draws``, ``"draws": {"teacher": [...], "student": [...]}`` and ``"draw_seed"``, the seed of the
+    draws' batch). Times are
     wall-clock milliseconds for this one image after one untimed pass of each model (so one-off
     setup is not counted; the teacher's pass is a single step).
     """
@@ -197,8 +198,8 @@ def photo_comparison(
             clean = x0[0:1].float().expand(images.shape[0], *x0.shape[1:])
             return [float(v) for v in psnr(images.float().clamp(-1, 1), clean)]
 
+        out["draw_seed"] = seed + 1  # one batch of `draws` per model, one noise stream each
         out["draws"] = {
-            "seeds": [seed + 1, draws],  # the batch's seed and its size: one noise stream per model
             "teacher": scores(run_teacher(teacher_nfe, draws, seed + 1)),
             "student": scores(run_student(draws, seed + 1)),
         }
